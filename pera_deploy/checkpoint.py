@@ -1,0 +1,172 @@
+"""A Hugging Face base model folder, read lazily: headers up front, one tensor on request.
+
+Shapes and dtypes come from the safetensors headers (or a memory-mapped pickle), so a
+plan can be made and every shape validated before any weight is read.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from .errors import InputError
+from .formats._io import read_json
+from .safetensors_stream import DTYPE_CODES, TensorEntry, read_header
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+# Files that hold weights (never copied as side files into an output folder).
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".onnx_data")
+
+
+def is_weight_file(name: str) -> bool:
+    return name.endswith(WEIGHT_SUFFIXES) or name in (SAFETENSORS_INDEX, BIN_INDEX) or name.endswith(".index.json")
+
+
+class BaseCheckpoint:
+    """Lazy name → tensor access to a model folder (safetensors shards or pytorch_model.bin)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise InputError(f"{self.folder}: base model folder not found")
+        config_path = self.folder / "config.json"
+        self.config: dict[str, Any] = read_json(config_path) if config_path.is_file() else {}
+        self.index_path: Path | None = None
+        self.shards: list[tuple[Path, list[TensorEntry]]] = []
+        self.shard_metadata: dict[Path, dict[str, str]] = {}
+        self._pickled: dict[Path, dict[str, Tensor]] = {}
+        self._handles: dict[Path, Any] = {}
+        self.kind = self._discover()
+        self.entries: dict[str, TensorEntry] = {}
+        for _, entries in self.shards:
+            for entry in entries:
+                if entry.name in self.entries:
+                    raise InputError(f"{entry.file}: tensor {entry.name} is also in {self.entries[entry.name].file}")
+                self.entries[entry.name] = entry
+
+    # -- discovery -------------------------------------------------------------------
+
+    def _discover(self) -> str:
+        f = self.folder
+        if (f / SAFETENSORS_INDEX).is_file():
+            self.index_path = f / SAFETENSORS_INDEX
+            for path in self._files_from_index(self.index_path):
+                entries, metadata = read_header(path)
+                self.shards.append((path, entries))
+                self.shard_metadata[path] = metadata
+            self._check_index(self.index_path)
+            return "safetensors"
+        if (f / SAFETENSORS_SINGLE).is_file():
+            entries, metadata = read_header(f / SAFETENSORS_SINGLE)
+            self.shards.append((f / SAFETENSORS_SINGLE, entries))
+            self.shard_metadata[f / SAFETENSORS_SINGLE] = metadata
+            return "safetensors"
+        if (f / BIN_INDEX).is_file():
+            self.index_path = f / BIN_INDEX
+            for path in self._files_from_index(self.index_path):
+                self.shards.append((path, self._load_pickle(path)))
+            self._check_index(self.index_path)
+            return "bin"
+        if (f / BIN_SINGLE).is_file():
+            self.shards.append((f / BIN_SINGLE, self._load_pickle(f / BIN_SINGLE)))
+            return "bin"
+        raise InputError(
+            f"{f}: no {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX}, {BIN_SINGLE} or {BIN_INDEX}; is this a model folder?"
+        )
+
+    def _weight_map(self, index_path: Path) -> dict[str, str]:
+        index = read_json(index_path)
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise InputError(f"{index_path}: no valid weight_map")
+        return weight_map
+
+    def _files_from_index(self, index_path: Path) -> list[Path]:
+        files = []
+        for name in sorted(set(self._weight_map(index_path).values())):
+            path = self.folder / name
+            if Path(name).is_absolute() or ".." in Path(name).parts:
+                raise InputError(f"{index_path}: shard {name!r} lies outside the model folder")
+            if not path.is_file():
+                raise InputError(f"{index_path}: shard {name} is missing")
+            files.append(path)
+        return files
+
+    def _check_index(self, index_path: Path) -> None:
+        present = {e.name: path.name for path, entries in self.shards for e in entries}
+        for name, file in self._weight_map(index_path).items():
+            if present.get(name) != file:
+                raise InputError(f"{index_path}: tensor {name} is listed in {file} but not found there")
+
+    def _load_pickle(self, path: Path) -> list[TensorEntry]:
+        try:
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):  # legacy (non-zip) pickles cannot be memory-mapped
+                    raise
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise InputError(f"{path}: refused to unpickle: it holds objects other than tensors ({str(exc).splitlines()[0]})") from None
+        except (RuntimeError, EOFError, ValueError) as exc:
+            raise InputError(f"{path}: truncated or corrupt checkpoint ({str(exc).splitlines()[0]})") from None
+        if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
+            raise InputError(f"{path}: expected a flat dict of tensors")
+        entries = []
+        for name, tensor in obj.items():
+            if tensor.dtype not in DTYPE_CODES:
+                raise InputError(f"{path}: tensor {name} has dtype {tensor.dtype}, which pera-deploy does not handle")
+            entries.append(TensorEntry(name, DTYPE_CODES[tensor.dtype], tuple(tensor.shape), path, -1, -1))
+        self._pickled[path] = obj
+        return entries
+
+    # -- access ------------------------------------------------------------------------
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def get(self, name: str) -> Tensor:
+        """One tensor, read now; nothing else is loaded."""
+        entry = self.entries[name]
+        if entry.file in self._pickled:
+            return self._pickled[entry.file][name]
+        handle = self._handles.get(entry.file)
+        if handle is None:
+            handle = self._handles[entry.file] = safe_open(str(entry.file), framework="pt")
+        return handle.get_tensor(name)
+
+    def shared_storage_groups(self) -> list[list[str]]:
+        """Names that share storage in a pickled checkpoint (tied weights saved once)."""
+        groups: dict[tuple[int, int, tuple[int, ...]], list[str]] = {}
+        for obj in self._pickled.values():
+            for name, t in obj.items():
+                key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+                groups.setdefault(key, []).append(name)
+        return [names for names in groups.values() if len(names) > 1]
+
+    @property
+    def weight_files(self) -> list[Path]:
+        files = [path for path, _ in self.shards]
+        return ([self.index_path] if self.index_path else []) + files
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> "BaseCheckpoint":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+

@@ -1,0 +1,288 @@
+"""The `pera-deploy` command: parse, call the API, print text or --json, map errors to exit codes.
+
+Exit status: 0 success, 1 a numerical check failed, 2 bad input (one line on stderr
+naming the file, tensor or module; --debug shows the traceback), 3 an internal error.
+Heavy imports happen inside the commands, so `--help` answers at once.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+EXIT_INTERNAL = 3
+
+
+def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+    if value:
+        ctx.meta["pera_deploy.debug"] = True
+    return value
+
+
+debug_option = click.option(
+    "--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
+    help="Show the full traceback on errors.",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON summary on stdout.")
+
+
+def adapter_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """How to read the adapter: the same options on every command that takes one."""
+    f = click.option(
+        "--missing-coefficients", type=click.Choice(["zero", "one"]), default=None,
+        help="How to read layers saved with no coefficient tensor (otherwise refused as ambiguous): "
+        "'zero' = a plain LoRA, 'one' = an expansion with every coefficient 1.",
+    )(f)
+    f = click.option("--adapter-name", default=None, metavar="NAME",
+                     help="Which adapter of a PEFT folder holding several (a sub-folder name).")(f)
+    f = click.option("--format", "format_", default=None, metavar="FORMAT",
+                     help="Adapter format, instead of detecting it (see `pera-deploy formats`).")(f)
+    return f
+
+
+def _load_options(format_: str | None, adapter_name: str | None, missing_coefficients: str | None) -> dict[str, Any]:
+    return {"format": format_, "adapter_name": adapter_name, "missing_coefficients": missing_coefficients}
+
+
+class _Group(click.Group):
+    """Turns pera-deploy's errors into one stderr line and an exit status."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from .errors import PeraDeployError
+
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except PeraDeployError as exc:
+            if ctx.meta.get("pera_deploy.debug"):
+                raise
+            kind = "check failed" if exc.exit_code == 1 else "error"
+            click.echo(f"pera-deploy: {kind}: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except OSError as exc:
+            if ctx.meta.get("pera_deploy.debug"):
+                raise
+            click.echo(f"pera-deploy: error: {exc}", err=True)
+            ctx.exit(2)
+        except Exception as exc:  # a bug: say so in one line; --debug shows where
+            if ctx.meta.get("pera_deploy.debug"):
+                raise
+            click.echo(f"pera-deploy: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", err=True)
+            ctx.exit(EXIT_INTERNAL)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="pera-deploy", prog_name="pera-deploy")
+@debug_option
+def main() -> None:
+    """Deploy PERA adapters: merge them into their base model, check the result, inspect them.
+
+    \b
+    A PERA adapter's update is ΔW = s·B̂Â, where B̂ and Â extend the LoRA factors with
+    their pairwise (polynomial) products. pera-deploy folds that update into the base
+    weights exactly, streaming one tensor at a time, and proves the result matches the
+    unmerged model.
+
+    \b
+    Start with:
+      pera-deploy inspect ADAPTER
+      pera-deploy merge ADAPTER BASE -o MERGED
+      pera-deploy verify MERGED --adapter ADAPTER --base BASE
+
+    Exit status: 0 success, 1 a numerical check failed, 2 bad input, 3 internal error.
+    """
+
+
+def _emit(as_json: bool, data: dict[str, Any], text: str) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+    else:
+        click.echo(text)
+
+
+def _fmt_list(values: list[Any]) -> str:
+    return ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+
+
+@main.command()
+@click.argument("adapter", type=click.Path(path_type=Path))
+@adapter_options
+@json_option
+@debug_option
+def inspect(adapter: Path, format_: str | None, adapter_name: str | None, missing_coefficients: str | None, as_json: bool) -> None:
+    """Describe a PERA adapter: format, r, R', scaling, coefficient layout, modules, size and ‖ΔW‖ per layer.
+
+    \b
+    Example:
+      pera-deploy inspect fixtures/examples/llama-pera
+    """
+    from .api import inspect_adapter
+
+    info = inspect_adapter(adapter, **_load_options(format_, adapter_name, missing_coefficients))
+    lines = [
+        f"adapter      {info['path']}" + (f" (adapter {info['adapter_name']!r})" if info["adapter_name"] else ""),
+        f"format       {info['format']}" + ("  (a plain LoRA: every PERA coefficient is zero)" if info["plain_lora"] else ""),
+        f"base model   {info['base_model_name_or_path'] or 'not recorded'}",
+        f"r            {_fmt_list(info['r'])}    R' = r + r(r+1)/2 = {_fmt_list(info['R_prime'])}",
+        f"scaling      {_fmt_list(info['scaling'])}",
+        f"coefficients {_fmt_list(info['coefficient_layouts'])}",
+        f"targets      {info['target_modules']}",
+        f"modules      {info['modules']}    parameters {info['parameters']:,}",
+    ]
+    if info["extra_tensors"]:
+        lines.append(f"full tensors {_fmt_list(info['extra_tensors'])}")
+    lines += [f"note         {n}" for n in info["notes"]]
+    lines.append("")
+    width = max(len(layer["module"]) for layer in info["layers"])
+    lines.append(f"{'module':<{width}}  {'r':>3} {'R′':>4} {'in×out':>11} {'scaling':>8}  {'layout':<13} ‖ΔW‖")
+    for layer in info["layers"]:
+        shape = f"{layer['in_features']}×{layer['out_features']}"
+        lines.append(
+            f"{layer['module']:<{width}}  {layer['r']:>3} {layer['R_prime']:>4} {shape:>11} {layer['scaling']:>8.4g}  "
+            f"{layer['coefficient_layout']:<13} {layer['delta_norm']:.6g}"
+        )
+    _emit(as_json, info, "\n".join(lines))
+
+
+@main.command()
+@click.argument("adapter", type=click.Path(path_type=Path))
+@click.argument("base", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="The merged model folder to write.")
+@adapter_options
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True,
+              help="Storage dtype of the output's float tensors; auto keeps each tensor's own.")
+@click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
+              help="Precision ΔW and W0 + ΔW are computed in, before the one rounding to the output dtype.")
+@click.option("--max-shard-size", default=None, metavar="SIZE",
+              help="Re-shard the output (e.g. 2GB, 500MB); by default the base's shard layout is kept.")
+@click.option("--untie-embeddings", is_flag=True,
+              help="Allow merging into a tied embedding by giving the tied pair separate weights.")
+@click.option("--check-forward", is_flag=True,
+              help="Also run the merged and the unmerged model on seeded inputs and compare outputs.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists and is not empty.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
+@json_option
+@debug_option
+def merge(adapter: Path, base: Path, output: Path, format_: str | None, adapter_name: str | None,
+          missing_coefficients: str | None, dtype: str, precision: str, max_shard_size: str | None,
+          untie_embeddings: bool, check_forward: bool, force: bool, progress: bool | None, as_json: bool) -> None:
+    """Merge the PERA adapter ADAPTER into the model folder BASE, writing a new model folder.
+
+    \b
+    The output is a plain Hugging Face model folder: the base's shards and index (merged
+    weights rounded once from float32; every other tensor bit-identical), its config,
+    tokenizer and generation files, and pera_deploy_manifest.json with the sha256 of the
+    inputs, each merged layer's ‖ΔW‖ and the check results. It appears only once every
+    check has passed.
+
+    \b
+    Example:
+      pera-deploy merge fixtures/examples/llama-pera fixtures/examples/llama-base -o merged
+    """
+    from .api import merge as run_merge
+    from .errors import CheckFailed
+
+    started = time.perf_counter()
+    try:
+        report = run_merge(
+            adapter, base, output, **_load_options(format_, adapter_name, missing_coefficients),
+            dtype=dtype, precision=precision, max_shard_size=max_shard_size, untie_embeddings=untie_embeddings,
+            check_forward_pass=check_forward, force=force, progress=progress,
+        )
+    except CheckFailed as exc:
+        if as_json and exc.report is not None:
+            click.echo(json.dumps(exc.report.to_dict(), indent=2, default=str))
+        raise
+    seconds = time.perf_counter() - started
+    m = report.manifest
+    w = m["checks"]["weights"]
+    lines = [
+        f"merged {len(m['merged_layers'])} layers of {m['adapter']['folder']} ({m['adapter']['format']}, "
+        f"r={_fmt_list(m['adapter']['r'])}) into {m['base']['folder']}",
+        f"  weights: {w['merged_layers']} merged tensors within one rounding of W0 + ΔW "
+        f"(worst element at {w['worst_rounding_ratio']:.2g} of the bound), {w['untouched_identical']} untouched tensors identical",
+    ]
+    for key, label in (("replaced_tensors", "replaced"), ("added_tensors", "added")):
+        if m[key]:
+            lines.append(f"  {label}: {', '.join(e['tensor'] for e in m[key])}")
+    if report.forward:
+        f = report.forward
+        lines.append(f"  forward: {f.architecture} {f.output} max rel diff {f.max_rel_diff:.3g} (tolerance {f.tolerance:.3g} "
+                     f"for {f.dtype}), top-1 agreement {f.top1_agreement:.1%}")
+    size = sum(s["bytes"] for s in m["shards"])
+    lines.append(f"wrote {output} ({len(m['shards'])} shard{'s' if len(m['shards']) != 1 else ''}, {size / 1e6:,.1f} MB) in {seconds:.1f} s")
+    _emit(as_json, {**report.to_dict(), "seconds": seconds}, "\n".join(lines))
+
+
+@main.command()
+@click.argument("merged", type=click.Path(path_type=Path))
+@click.option("--adapter", "adapter", required=True, type=click.Path(path_type=Path), help="The adapter that was merged.")
+@click.option("--base", "base", required=True, type=click.Path(path_type=Path), help="The base model it was merged into.")
+@adapter_options
+@click.option("--forward/--no-forward", default=True, show_default=True,
+              help="Also compare outputs of the merged and the unmerged model on seeded inputs.")
+@click.option("--seed", default=0, show_default=True, help="Seed for the forward check's inputs.")
+@click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
+              help="Precision of the recomputed W0 + ΔW.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
+@json_option
+@debug_option
+def verify(merged: Path, adapter: Path, base: Path, format_: str | None, adapter_name: str | None,
+           missing_coefficients: str | None, forward: bool, seed: int, precision: str, progress: bool | None, as_json: bool) -> None:
+    """Check a merged model folder against its base and the adapter (exit 1 if it does not match).
+
+    \b
+    Weights: every merged tensor must equal W0 + ΔW up to one rounding to its dtype, element
+    by element; every other tensor must be identical to the base.
+    Forward: the merged model and the unmerged model (base + live PERA branch) run on the
+    same seeded inputs in float32; the max relative output difference must be within the
+    tolerance of the merged weights' dtype. Max abs/rel difference and top-1 agreement are
+    reported.
+
+    \b
+    Example:
+      pera-deploy verify merged --adapter fixtures/examples/llama-pera --base fixtures/examples/llama-base
+    """
+    from .api import verify as run_verify
+
+    weights, fwd = run_verify(merged, adapter, base, forward=forward, seed=seed, precision=precision, progress=progress,
+                              **_load_options(format_, adapter_name, missing_coefficients))
+    passed = weights.passed and (fwd is None or fwd.passed)
+    data = {"passed": passed, "weights": weights.to_dict(), "forward": fwd.__dict__ if fwd else None}
+    w = data["weights"]
+    lines = [
+        f"weights: {'ok' if weights.passed else 'FAILED'} — {w['merged_layers']} merged tensors, worst element at "
+        f"{w['worst_rounding_ratio']:.2g} of the rounding bound, max relative error {w['max_rel_error']:.3g}; "
+        f"{w['untouched_identical']} untouched tensors identical",
+    ]
+    if fwd:
+        lines.append(
+            f"forward: {'ok' if fwd.passed else 'FAILED'} — {fwd.architecture} ({fwd.dtype}) {fwd.output} "
+            f"max abs diff {fwd.max_abs_diff:.3g}, max rel diff {fwd.max_rel_diff:.3g} (tolerance {fwd.tolerance:.3g}), "
+            f"top-1 agreement {fwd.top1_agreement:.1%}"
+        )
+    _emit(as_json, data, "\n".join(lines))
+    if not passed:
+        message = weights.failure() or (fwd.failure() if fwd else None)
+        click.echo(f"pera-deploy: check failed: {message}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@json_option
+def formats(as_json: bool) -> None:
+    """List the adapter formats pera-deploy reads (for --format)."""
+    from .formats import FORMATS
+
+    data = {name: f.description for name, f in FORMATS.items()}
+    _emit(as_json, data, "\n".join(f"{name:<10} {desc}" for name, desc in data.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,269 @@
+"""Numerical checks of a merged model against its inputs; they report, they never print or exit.
+
+`check_weights` streams every tensor of the merged folder: a targeted weight must equal
+W0 + ΔW up to one rounding to its dtype (checked element by element, not just in norm),
+every other tensor must be bit-identical to the base (or to its converted value when a
+dtype was asked for). `check_forward` runs the merged model and the unmerged one
+(base + live PERA branch) on seeded inputs and compares their outputs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .adapter import PeraAdapter, PeraLayer
+from .checkpoint import BaseCheckpoint
+from .matching import Matching
+from .safetensors_stream import DTYPES, TensorEntry
+
+# Unit roundoff u (|round(x) - x| <= u·|x| for round-to-nearest) and half the smallest
+# subnormal (the absolute error floor) of each storage dtype.
+UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+ABS_FLOOR = {torch.float64: 0.0, torch.float32: 2.0**-150, torch.float16: 2.0**-25, torch.bfloat16: 2.0**-134}
+
+# Forward-check tolerance on max |Δ logits| / max |logits|, by the merged weights' dtype.
+# float32 weights differ from W0 + ΔW by float32 rounding only; the bound for float16 and
+# bfloat16 is a small multiple of their unit roundoff (see README, "Checks").
+FORWARD_TOLERANCE = {torch.float64: 1e-4, torch.float32: 1e-4, torch.float16: 8 * 2.0**-11, torch.bfloat16: 8 * 2.0**-8}
+
+COARSENESS = {"F64": 0, "F32": 1, "F16": 2, "BF16": 3}
+
+BLOCK_ELEMENTS = 1 << 22  # rows are checked in blocks of about this many elements
+
+
+@dataclass
+class LayerCheck:
+    module: str
+    tensor: str
+    dtype: str
+    delta_norm: float  # ‖ΔW‖_F
+    residual_norm: float  # ‖W' − W0 − ΔW‖_F
+    rel_error: float  # residual / ‖ΔW‖
+    rel_bound: float  # u·‖W0 + ΔW‖ / ‖ΔW‖: what rounding to `dtype` may cost, in norm
+    worst_ratio: float  # max over elements of |W' − W0 − ΔW| / (allowed rounding); ≤ 1 passes
+    passed: bool
+
+
+@dataclass
+class WeightReport:
+    layers: list[LayerCheck] = field(default_factory=list)
+    identical: int = 0  # untouched tensors found bit-identical (or equal after a dtype change)
+    changed: list[str] = field(default_factory=list)  # untouched tensors that differ
+    extras_ok: int = 0
+    extras_bad: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.layers) and not (self.changed or self.extras_bad or self.missing or self.unexpected)
+
+    def failure(self) -> str | None:
+        """One line naming what broke, or None."""
+        bad = [c for c in self.layers if not c.passed]
+        if bad:
+            c = max(bad, key=lambda c: c.worst_ratio)
+            return (
+                f"merged weight {c.tensor} (module {c.module}) is off by {c.worst_ratio:.3g}x the {c.dtype} rounding "
+                f"(relative error {c.rel_error:.3g}, bound {c.rel_bound:.3g}); {len(bad)} layer(s) failed"
+            )
+        for what, names in (("differs from the base", self.changed), ("does not equal the adapter's tensor", self.extras_bad),
+                            ("is missing from the merged model", self.missing), ("is in the merged model but not expected", self.unexpected)):
+            if names:
+                more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+                return f"tensor {names[0]}{more} {what}"
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        worst = max((c.worst_ratio for c in self.layers), default=0.0)
+        return {
+            "passed": self.passed,
+            "merged_layers": len(self.layers),
+            "worst_rounding_ratio": worst,
+            "max_rel_error": max((c.rel_error for c in self.layers), default=0.0),
+            "untouched_identical": self.identical,
+            "untouched_changed": self.changed,
+            "extra_tensors_equal": self.extras_ok,
+            "extra_tensors_bad": self.extras_bad,
+            "missing": self.missing,
+            "unexpected": self.unexpected,
+            "layers": [asdict(c) for c in self.layers],
+        }
+
+
+def check_merged_layer(w_merged: Tensor, w0: Tensor, layer: PeraLayer, transpose: bool, precision: torch.dtype = torch.float32) -> LayerCheck:
+    """Is `w_merged` round(W0 + ΔW) to its own dtype? Checked per element, in row blocks.
+
+    Allowed per element: u·|x| (one rounding of x = W0 + ΔW to the stored dtype) plus the
+    difference two `precision` evaluations of x may have, bounded by
+    eps·(4|x| + 2R'·‖left_i‖‖right_j‖) (a dot product of length R' in floating point).
+    """
+    b_hat, a_hat = layer.expanded_factors(precision)
+    left, right = (a_hat.T, b_hat.T) if transpose else (b_hat, a_hat)
+    u = UNIT_ROUNDOFF[w_merged.dtype]
+    floor = ABS_FLOOR[w_merged.dtype]
+    eps = UNIT_ROUNDOFF[precision]
+    k = left.shape[1]
+    left_norms = left.norm(dim=1)
+    right_norms = right.norm(dim=0)
+    rows = max(1, BLOCK_ELEMENTS // max(1, w0.shape[1]))
+    r2 = x2 = 0.0
+    worst = 0.0
+    for start in range(0, w0.shape[0], rows):
+        sl = slice(start, start + rows)
+        x = w0[sl].to(precision, copy=True).addmm_(left[sl], right)
+        residual = w_merged[sl].to(precision) - x
+        ax = x.abs_()
+        allowed = ax * (u + 8 * eps) + (4 * k * eps) * torch.outer(left_norms[sl], right_norms) + 2 * floor
+        r2 += float(residual.double().square().sum())
+        x2 += float(ax.double().square().sum())
+        ratio = residual.abs_().div_(allowed.clamp_min_(torch.finfo(precision).tiny)).max()
+        worst = max(worst, float(ratio))
+    delta = layer.delta_norm()
+    residual_norm = math.sqrt(r2)
+    if delta > 0:
+        rel, bound = residual_norm / delta, u * math.sqrt(x2) / delta
+    else:
+        rel, bound = (0.0 if residual_norm == 0 else math.inf), 0.0
+    return LayerCheck(layer.module, "", str(w_merged.dtype).removeprefix("torch."), delta, residual_norm, rel, bound, worst, worst <= 1.0)
+
+
+def _same_bytes(a: TensorEntry, b: TensorEntry) -> bool:
+    if a.nbytes != b.nbytes:
+        return False
+    with open(a.file, "rb") as fa, open(b.file, "rb") as fb:
+        pos_a, pos_b, left = a.begin, b.begin, a.nbytes
+        while left:
+            n = min(left, 16 << 20)
+            if os.pread(fa.fileno(), n, pos_a) != os.pread(fb.fileno(), n, pos_b):
+                return False
+            pos_a, pos_b, left = pos_a + n, pos_b + n, left - n
+    return True
+
+
+def _same_bits(a: Tensor, b: Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+
+
+def check_weights(merged: BaseCheckpoint, base: BaseCheckpoint, adapter: PeraAdapter, matching: Matching,
+                  precision: torch.dtype = torch.float32, progress: bool | None = None) -> WeightReport:
+    """Stream every tensor of `merged` against what the base and the adapter say it must be."""
+    from tqdm import tqdm
+
+    report = WeightReport()
+    merges = {m.tensor: m for m in matching.layers}
+    extras = {e.tensor: e for e in matching.extras}
+    expected = set(base.names) | set(merges) | set(extras) | set(matching.untied)
+    report.missing = sorted(expected - set(merged.names))
+    report.unexpected = sorted(set(merged.names) - expected)
+    names = [n for n in merged.names if n in expected]
+    for name in tqdm(names, desc="check", unit="tensor", disable=None if progress is None else not progress):
+        out = merged.entries[name]
+        if name in merges:
+            m = merges[name]
+            result = check_merged_layer(merged.get(name), base.get(m.source), adapter.layers[m.module], m.transpose, precision)
+            result.tensor = name
+            report.layers.append(result)
+        elif name in extras:
+            want = adapter.extra_tensors[extras[name].name]
+            got = merged.get(name)
+            if _same_bits(got, want.to(got.dtype)):
+                report.extras_ok += 1
+            else:
+                report.extras_bad.append(name)
+        else:
+            source = base.entries[matching.untied.get(name, name)]
+            if out.dtype == source.dtype and out.begin >= 0 and source.begin >= 0:
+                same = _same_bytes(out, source)
+            else:
+                got = merged.get(name)
+                want = base.get(source.name)
+                same = (got.is_floating_point() == want.is_floating_point()) and _same_bits(got, want.to(got.dtype))
+            if same:
+                report.identical += 1
+            else:
+                report.changed.append(name)
+    return report
+
+
+@dataclass
+class ForwardReport:
+    architecture: str
+    dtype: str  # of the merged weights
+    output: str  # which output was compared ("logits", "last_hidden_state", ...)
+    shape: list[int]
+    max_abs_diff: float
+    max_rel_diff: float  # max |Δ| / max |reference|
+    top1_agreement: float
+    tolerance: float
+    seed: int
+    passed: bool
+
+    def failure(self) -> str | None:
+        if self.passed:
+            return None
+        return (
+            f"{self.architecture} {self.output}: max relative difference {self.max_rel_diff:.3g} "
+            f"exceeds the {self.dtype} tolerance {self.tolerance:.3g} (max abs {self.max_abs_diff:.3g})"
+        )
+
+
+def storage_dtype(checkpoint: BaseCheckpoint) -> torch.dtype:
+    """The coarsest float dtype a model's tensors are stored in (what bounds its accuracy)."""
+    codes = [e.dtype for e in checkpoint.entries.values() if e.dtype in COARSENESS]
+    return DTYPES[max(codes, key=COARSENESS.__getitem__, default="F32")]
+
+
+def seeded_inputs(config: Any, batch: int, seq: int, seed: int) -> dict[str, Tensor]:
+    """Token ids drawn from the whole vocabulary with a fixed generator."""
+    vocab = getattr(config, "vocab_size", None)
+    if not vocab:
+        from .errors import InputError
+
+        raise InputError("the forward check needs a text model with a vocab_size in its config")
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _main_output(outputs: Any) -> tuple[str, Tensor]:
+    for key in ("logits", "last_hidden_state"):
+        value = getattr(outputs, key, None)
+        if isinstance(value, Tensor):
+            return key, value
+    return "output", outputs[0]
+
+
+def check_forward(merged_dir: str | Path, base_dir: str | Path, adapter: PeraAdapter, *, seed: int = 0,
+                  batch: int = 2, seq: int = 16) -> ForwardReport:
+    """Merged model vs base + live PERA branch, both run in float32 on the same seeded inputs.
+
+    Running both in float32 (weights upcast exactly) makes the difference measure only what
+    the merged file's storage rounding costs, not bf16 arithmetic noise in either model.
+    """
+    from .branch import load_model, load_unmerged_model
+
+    merged_model = load_model(merged_dir, torch.float32)
+    reference, branch = load_unmerged_model(base_dir, adapter, torch.float32)
+    inputs = seeded_inputs(merged_model.config, batch, seq, seed)
+    with torch.no_grad(), branch:
+        name, y = _main_output(merged_model(**inputs))
+        _, y_ref = _main_output(reference(**inputs))
+    dtype = storage_dtype(BaseCheckpoint(merged_dir))
+    diff = (y - y_ref).abs()
+    max_abs = float(diff.max())
+    scale = float(y_ref.abs().max())
+    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
+    top1 = float((y.argmax(-1) == y_ref.argmax(-1)).float().mean()) if y.ndim >= 2 else 1.0
+    tol = FORWARD_TOLERANCE[dtype]
+    arch = type(merged_model).__name__
+    return ForwardReport(arch, str(dtype).removeprefix("torch."), name, list(y.shape), max_abs, max_rel, top1, tol, seed, max_rel <= tol)
