@@ -8,7 +8,7 @@ sides. Nothing here reads a weight: shapes and dtypes come from the headers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from .adapter import PeraAdapter
@@ -44,6 +44,17 @@ class Matching:
     # output embeddings saved only as their tie, written out as a copy of it when untying
     untied: dict[str, str] = field(default_factory=dict)
     config_updates: dict[str, Any] = field(default_factory=dict)
+    # prefix given to every base tensor name in the output (see `_model_prefix_to_add`)
+    base_prefix: str = ""
+
+    def output_name(self, base_name: str) -> str:
+        return self.base_prefix + base_name
+
+    def base_name(self, output_name: str) -> str:
+        """The base tensor an output tensor that is not merged or replaced comes from."""
+        if output_name in self.untied:
+            return self.untied[output_name]
+        return output_name[len(self.base_prefix):] if output_name.startswith(self.base_prefix) else output_name
 
 
 def _common_suffix(a: list[str], b: list[str]) -> int:
@@ -165,7 +176,33 @@ def match_adapter(adapter: PeraAdapter, checkpoint: BaseCheckpoint, *, untie_emb
         matching.config_updates["tie_word_embeddings"] = False
         # An output embedding saved only as its tie now needs a weight of its own.
         matching.untied = {o: i for o, i in ties.items() if o not in checkpoint and o not in touched}
+        if matching.untied or any(m.tensor not in checkpoint for m in layers):
+            prefix = _model_prefix_to_add(checkpoint)
+            if prefix:
+                matching.base_prefix = prefix
+                matching.layers = [replace(m, tensor=prefix + m.tensor) if m.tensor in checkpoint else m for m in layers]
+                matching.extras = [replace(e, tensor=prefix + e.tensor) if e.action == "replace" else e for e in extras]
     return matching
+
+
+def _model_prefix_to_add(checkpoint: BaseCheckpoint) -> str:
+    """The base-model prefix (`transformer.` for GPT-2) a checkpoint was saved without.
+
+    Transformers loads a checkpoint saved from the bare base model (the Hub's gpt2, for one)
+    into a task model, but refuses one that mixes such names with a task tensor like
+    `lm_head.weight`. When untying adds that tensor, every other name gets the prefix. The
+    prefix is the architecture's `base_model_prefix`, so only this rare path imports
+    transformers.
+    """
+    arch = (checkpoint.config.get("architectures") or [None])[0]
+    if not arch:
+        return ""
+    import transformers
+
+    prefix = getattr(getattr(transformers, arch, None), "base_model_prefix", "") or ""
+    if prefix and not any(n.startswith(prefix + ".") for n in checkpoint.names):
+        return prefix + "."
+    return ""
 
 
 def _match_extras(adapter: PeraAdapter, checkpoint: BaseCheckpoint, layer_tensors: set[str]) -> list[ExtraMatch]:

@@ -123,7 +123,7 @@ def plan_merge(
     for out_name, source in matching.untied.items():
         untied_by_source.setdefault(source, []).append(out_name)
     for m in matching.layers:  # a targeted output embedding saved only as its tie
-        if m.source != m.tensor:
+        if m.tensor != matching.output_name(m.source):
             untied_by_source.setdefault(m.source, []).append(m.tensor)
 
     def plan_for(name: str, source: str) -> TensorPlan:
@@ -139,7 +139,7 @@ def plan_merge(
     for path, entries in checkpoint.shards:
         tensors = []
         for entry in entries:
-            tensors.append(plan_for(entry.name, entry.name))
+            tensors.append(plan_for(matching.output_name(entry.name), entry.name))
             for out_name in untied_by_source.get(entry.name, []):
                 tensors.append(plan_for(out_name, entry.name))
         groups.append((_output_filename(path.name), tensors))

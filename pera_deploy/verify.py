@@ -162,7 +162,7 @@ def check_weights(merged: BaseCheckpoint, base: BaseCheckpoint, adapter: PeraAda
     report = WeightReport()
     merges = {m.tensor: m for m in matching.layers}
     extras = {e.tensor: e for e in matching.extras}
-    expected = set(base.names) | set(merges) | set(extras) | set(matching.untied)
+    expected = {matching.output_name(n) for n in base.names} | set(merges) | set(extras) | set(matching.untied)
     report.missing = sorted(expected - set(merged.names))
     report.unexpected = sorted(set(merged.names) - expected)
     names = [n for n in merged.names if n in expected]
@@ -181,7 +181,7 @@ def check_weights(merged: BaseCheckpoint, base: BaseCheckpoint, adapter: PeraAda
             else:
                 report.extras_bad.append(name)
         else:
-            source = base.entries[matching.untied.get(name, name)]
+            source = base.entries[matching.base_name(name)]
             if out.dtype == source.dtype and out.begin >= 0 and source.begin >= 0:
                 same = _same_bytes(out, source)
             else:

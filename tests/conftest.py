@@ -1,0 +1,40 @@
+"""Shared fixtures: every model and adapter is built once per session from fixtures/build_fixtures.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from fixtures.build_fixtures import build_all
+from pera_deploy.cli import main
+
+VECTORS = Path(__file__).parent / "vectors"
+
+
+@pytest.fixture(scope="session")
+def fx(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """name → folder of every fixture model and adapter."""
+    return build_all(tmp_path_factory.mktemp("fixtures"))
+
+
+class Cli:
+    """Runs `pera-deploy` in-process; stdout and stderr are kept apart as a pipeline sees them."""
+
+    def __init__(self) -> None:
+        self.runner = CliRunner()
+
+    def __call__(self, *args: object):
+        return self.runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+    def json(self, *args: object) -> dict:
+        result = self(*args, "--json")
+        assert result.exit_code == 0, result.stderr
+        return json.loads(result.stdout)
+
+
+@pytest.fixture
+def cli() -> Cli:
+    return Cli()

@@ -1,0 +1,256 @@
+"""End-to-end merges of every fixture adapter into the three fixture architectures.
+
+Each merged weight is compared with W0 + ΔW computed independently in float64, element by
+element, within one rounding to the stored dtype; each merged model's outputs are compared
+with the unmerged model (base + live PERA branch)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import pera_deploy
+from pera_deploy.branch import load_model, load_unmerged_model
+from pera_deploy.checkpoint import BaseCheckpoint
+from pera_deploy.errors import InputError
+from pera_deploy.verify import FORWARD_TOLERANCE, UNIT_ROUNDOFF, check_forward, seeded_inputs
+
+# float32 evaluation of the unmerged fixture models is itself up to ~1.1e-5 (relative to max
+# |logit|) away from their float64 value, so two float32 evaluations are compared at 1e-4.
+F32 = FORWARD_TOLERANCE[torch.float32]
+
+
+def assert_exact_merge(merged_dir, base_dir, adapter, untied=None, prefix=""):
+    """Every targeted weight within one rounding of the float64 truth; everything else bit-identical.
+
+    `prefix` is what the output puts before every base tensor name; `untied` maps new
+    output tensors to the base tensor they were copied from.
+    """
+    untied = untied or {}
+    def source(name):
+        return untied.get(name) or name.removeprefix(prefix)
+
+    with BaseCheckpoint(merged_dir) as merged, BaseCheckpoint(base_dir) as base:
+        def by_suffix(name):
+            return [n for n in merged.names if n == name or n.endswith("." + name) or name.endswith("." + n)]
+
+        targets = {}
+        for module, layer in adapter.layers.items():
+            hits = by_suffix(module + ".weight")
+            assert len(hits) == 1, (module, hits)
+            targets[hits[0]] = layer
+
+        replaced = {hit for extra in adapter.extra_tensors for hit in by_suffix(extra)}
+        assert {source(n) for n in merged.names} >= set(base.names)  # every base tensor is in the output
+        for name in merged.names:
+            got = merged.get(name)
+            if name in targets:
+                layer = targets[name]
+                w0 = base.get(source(name)).double()
+                b_hat, a_hat = layer.expanded_factors(torch.float64)
+                delta = b_hat @ a_hat
+                abs_prod = b_hat.abs() @ a_hat.abs()
+                if layer.fan_in_fan_out:
+                    delta, abs_prod = delta.T, abs_prod.T
+                exact = w0 + delta
+                # one rounding to the stored dtype, plus the float32 error of an R'-term dot product
+                allowed = UNIT_ROUNDOFF[got.dtype] * exact.abs() + (layer.expanded_rank + 2) * 2.0**-24 * (w0.abs() + abs_prod)
+                err = (got.double() - exact).abs()
+                assert bool((err <= allowed).all()), f"{name}: worst {float((err / allowed).max()):.3g}x the bound"
+                assert float(delta.norm()) > 0
+            elif name not in untied and name not in replaced and source(name) in base:
+                want = base.get(source(name))
+                if got.dtype != want.dtype:
+                    want = want.to(got.dtype)
+                assert torch.equal(got.view(-1).view(torch.uint8), want.contiguous().view(-1).view(torch.uint8)), name
+    return targets
+
+
+def forward_diff(merged_dir, base_dir, adapter, seed=0):
+    """max |merged − unmerged| / max |unmerged| on seeded inputs, both in float32."""
+    merged = load_model(merged_dir)
+    reference, branch = load_unmerged_model(base_dir, adapter)
+    inputs = seeded_inputs(merged.config, 2, 12, seed)
+    with torch.no_grad(), branch:
+        y, y_ref = merged(**inputs).logits, reference(**inputs).logits
+    return float((y - y_ref).abs().max() / y_ref.abs().max())
+
+
+LLAMA_ADAPTERS = [
+    "llama-pera", "llama-ref-full_row", "llama-ref-square_only", "llama-ref-cross_only", "llama-ref-split_both",
+    "llama-ref-full_with_hB", "llama-ref-safetensors", "llama-peft", "llama-peft-rslora", "llama-peft-patterns",
+    "llama-peft-lora",
+]
+
+
+@pytest.mark.parametrize("name", LLAMA_ADAPTERS)
+def test_llama_float32_exact_and_equals_unmerged(fx, tmp_path, name):
+    adapter = pera_deploy.load_adapter(fx[name])
+    report = pera_deploy.merge(adapter, fx["llama-base"], tmp_path / "m", dtype="float32", progress=False)
+    assert report.passed
+    assert_exact_merge(tmp_path / "m", fx["llama-base"], adapter)
+    assert forward_diff(tmp_path / "m", fx["llama-base"], adapter) < F32
+
+
+def test_llama_bfloat16_base_keeps_its_dtype_and_layout(fx, tmp_path):
+    adapter = pera_deploy.load_adapter(fx["llama-pera"])
+    report = pera_deploy.merge(adapter, fx["llama-base"], tmp_path / "m", progress=False, check_forward_pass=True)
+    out = tmp_path / "m"
+    targets = assert_exact_merge(out, fx["llama-base"], adapter)
+    assert len(targets) == 14
+    # the base's shard layout and index are kept
+    base_index = json.loads((fx["llama-base"] / "model.safetensors.index.json").read_text())
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == base_index["weight_map"]
+    assert index["metadata"]["total_size"] == base_index["metadata"]["total_size"]
+    with safe_open(str(out / "model-00001-of-00003.safetensors"), "pt") as f:
+        assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())
+        meta = f.metadata()
+    assert meta["format"] == "pt" and meta["pera_deploy.version"] == pera_deploy.__version__
+    assert meta["pera_deploy.adapter_sha256"] == report.manifest["adapter"]["sha256"] != "0" * 64
+    assert meta["pera_deploy.base_sha256"] == report.manifest["base"]["sha256"]
+    # side files come along; the forward check ran and passed for bfloat16
+    for side in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (out / side).read_bytes() == (fx["llama-base"] / side).read_bytes()
+    fwd = report.forward
+    assert fwd.passed and fwd.dtype == "bfloat16" and fwd.architecture == "LlamaForCausalLM"
+    assert fwd.max_rel_diff <= fwd.tolerance
+
+
+def test_manifest_lists_layers_checks_and_digests(fx, tmp_path):
+    import hashlib
+
+    pera_deploy.merge(fx["llama-pera"], fx["llama-base"], tmp_path / "m", progress=False)
+    manifest = json.loads((tmp_path / "m" / "pera_deploy_manifest.json").read_text())
+    assert len(manifest["merged_layers"]) == 14
+    layer = manifest["merged_layers"][0]
+    assert {"module", "tensor", "r", "R_prime", "scaling", "delta_norm", "rel_error", "worst_rounding_ratio"} <= set(layer)
+    assert layer["R_prime"] == 14 and layer["worst_rounding_ratio"] <= 1
+    for name, digest in manifest["base"]["files"].items():
+        assert hashlib.sha256((fx["llama-base"] / name).read_bytes()).hexdigest() == digest
+    assert manifest["checks"]["weights"]["passed"] is True
+    assert manifest["checks"]["weights"]["untouched_identical"] == 7
+    assert (tmp_path / "m" / "README.md").read_text().startswith("---\nbase_model: llama-base\n")
+
+
+def test_merge_is_deterministic(fx, tmp_path):
+    for out in ("a", "b"):
+        pera_deploy.merge(fx["llama-peft"], fx["llama-base"], tmp_path / out, progress=False)
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "b").iterdir())
+    for name in files:
+        if name != "README.md":  # titled after the output folder
+            assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_max_shard_size_reshards(fx, tmp_path):
+    pera_deploy.merge(fx["llama-pera"], fx["llama-base"], tmp_path / "one", max_shard_size="10MB", progress=False)
+    assert sorted(p.name for p in (tmp_path / "one").glob("*.safetensors")) == ["model.safetensors"]
+    assert not (tmp_path / "one" / "model.safetensors.index.json").exists()
+    pera_deploy.merge(fx["llama-pera"], fx["llama-base"], tmp_path / "many", max_shard_size="12KB", progress=False)
+    shards = sorted(p.name for p in (tmp_path / "many").glob("*.safetensors"))
+    assert len(shards) > 3 and shards[0].endswith(f"-of-{len(shards):05d}.safetensors")
+    adapter = pera_deploy.load_adapter(fx["llama-pera"])
+    for out in ("one", "many"):
+        assert_exact_merge(tmp_path / out, fx["llama-base"], adapter)
+        assert forward_diff(tmp_path / out, fx["llama-base"], adapter) < FORWARD_TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("name", ["gpt2-ref", "gpt2-peft"])
+def test_gpt2_conv1d(fx, tmp_path, name):
+    adapter = pera_deploy.load_adapter(fx[name])
+    report = pera_deploy.merge(adapter, fx["gpt2-base"], tmp_path / "m", progress=False)
+    assert all(m["orientation"].startswith("conv1d") for m in report.manifest["merged_layers"])
+    targets = assert_exact_merge(tmp_path / "m", fx["gpt2-base"], adapter)
+    # Hub names: the adapter's transformer.h.0.attn.c_attn is the base's h.0.attn.c_attn.weight
+    assert "h.0.attn.c_attn.weight" in targets
+    assert forward_diff(tmp_path / "m", fx["gpt2-base"], adapter) < F32
+
+
+def test_gpt2_to_bfloat16(fx, tmp_path):
+    adapter = pera_deploy.load_adapter(fx["gpt2-ref"])
+    report = pera_deploy.merge(adapter, fx["gpt2-base"], tmp_path / "m", dtype="bfloat16", progress=False,
+                               check_forward_pass=True)
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert_exact_merge(tmp_path / "m", fx["gpt2-base"], adapter)
+    assert report.forward.passed and report.forward.dtype == "bfloat16"
+
+
+def test_tied_lm_head_needs_untie(fx, tmp_path):
+    with pytest.raises(InputError, match=r"lm_head\.weight is tied to wte\.weight.*--untie-embeddings"):
+        pera_deploy.merge(fx["gpt2-lm-head"], fx["gpt2-base"], tmp_path / "m", progress=False)
+    assert not (tmp_path / "m").exists()
+    adapter = pera_deploy.load_adapter(fx["gpt2-lm-head"])
+    report = pera_deploy.merge(adapter, fx["gpt2-base"], tmp_path / "m", untie_embeddings=True, progress=False)
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    assert report.manifest["config_updates"] == {"tie_word_embeddings": False}
+    # The Hub's gpt2 names lack `transformer.`; transformers refuses such a checkpoint with an
+    # lm_head.weight in it, so the output names every base tensor the way GPT2LMHeadModel does.
+    assert_exact_merge(tmp_path / "m", fx["gpt2-base"], adapter, untied={"lm_head.weight": "wte.weight"}, prefix="transformer.")
+    with BaseCheckpoint(tmp_path / "m") as merged, BaseCheckpoint(fx["gpt2-base"]) as base:
+        assert torch.equal(merged.get("transformer.wte.weight"), base.get("wte.weight"))  # the input embedding is unchanged
+    assert forward_diff(tmp_path / "m", fx["gpt2-base"], adapter) < F32
+
+
+def test_bert_prefix_biases_and_legacy_bin(fx, tmp_path):
+    adapter = pera_deploy.load_adapter(fx["bert-ref"])
+    report = pera_deploy.merge(adapter, fx["bert-base"], tmp_path / "m", progress=False, check_forward_pass=True)
+    out = tmp_path / "m"
+    assert (out / "model.safetensors").exists() and not list(out.glob("*.bin"))
+    targets = assert_exact_merge(out, fx["bert-base"], adapter)
+    assert "bert.encoder.layer.0.attention.self.query.weight" in targets
+    replaced = {e["tensor"]: e["from"] for e in report.manifest["replaced_tensors"]}
+    assert replaced["bert.encoder.layer.0.attention.self.query.bias"] == "encoder.layer.0.attention.self.query.bias"
+    with BaseCheckpoint(out) as merged:
+        for tensor, source in replaced.items():
+            assert torch.equal(merged.get(tensor), adapter.extra_tensors[source])
+    assert report.forward.passed and report.forward.max_rel_diff < F32
+
+
+def test_bert_modules_to_save_head(fx, tmp_path):
+    adapter = pera_deploy.load_adapter(fx["bert-peft"])
+    report = pera_deploy.merge(adapter, fx["bert-base"], tmp_path / "m", progress=False)
+    assert sorted(e["tensor"] for e in report.manifest["replaced_tensors"]) == ["classifier.bias", "classifier.weight"]
+    assert_exact_merge(tmp_path / "m", fx["bert-base"], adapter)
+    assert forward_diff(tmp_path / "m", fx["bert-base"], adapter) < F32
+
+
+def test_new_head_is_added(fx, tmp_path):
+    """A modules_to_save tensor the base lacks is added, not dropped."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    adapter_dir = tmp_path / "adapter"
+    shutil.copytree(fx["bert-peft"], adapter_dir)
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    tensors["base_model.model.score.weight"] = torch.ones(2, 32)
+    save_file(tensors, str(adapter_dir / "adapter_model.safetensors"))
+    report = pera_deploy.merge(adapter_dir, fx["bert-base"], tmp_path / "m", progress=False)
+    assert report.manifest["added_tensors"] == [{"tensor": "score.weight", "from": "score.weight"}]
+    with BaseCheckpoint(tmp_path / "m") as merged:
+        assert torch.equal(merged.get("score.weight"), torch.ones(2, 32))
+
+
+def test_plain_lora_merge_equals_peft_merge_and_unload(fx, tmp_path):
+    """Our merge of a real PEFT LoRA against PEFT's own merge_and_unload, in float32."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    pera_deploy.merge(fx["llama-peft-lora"], fx["llama-base"], tmp_path / "m", dtype="float32", progress=False)
+    model = AutoModelForCausalLM.from_pretrained(fx["llama-base"], dtype=torch.float32)
+    peft_state = peft.PeftModel.from_pretrained(model, fx["llama-peft-lora"]).merge_and_unload().state_dict()
+    with BaseCheckpoint(tmp_path / "m") as merged:
+        for name in merged.names:
+            torch.testing.assert_close(merged.get(name), peft_state[name], rtol=2e-6, atol=1e-7)
+
+
+def test_forward_check_can_fail(fx):
+    """The forward check sees a model that was not merged: the base itself."""
+    adapter = pera_deploy.load_adapter(fx["llama-pera"])
+    report = check_forward(fx["llama-base"], fx["llama-base"], adapter)
+    assert not report.passed and report.max_rel_diff > 0.1
