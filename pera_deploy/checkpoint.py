@@ -6,16 +6,14 @@ plan can be made and every shape validated before any weight is read.
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import safe_open
 from torch import Tensor
 
 from .errors import InputError
-from .formats._io import read_json
+from .files import load_pickled_tensors, read_json
 from .safetensors_stream import DTYPE_CODES, TensorEntry, read_header
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -107,19 +105,7 @@ class BaseCheckpoint:
                 raise InputError(f"{index_path}: tensor {name} is listed in {file} but not found there")
 
     def _load_pickle(self, path: Path) -> list[TensorEntry]:
-        try:
-            try:
-                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as exc:
-                if "mmap" not in str(exc):  # legacy (non-zip) pickles cannot be memory-mapped
-                    raise
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            raise InputError(f"{path}: refused to unpickle: it holds objects other than tensors ({str(exc).splitlines()[0]})") from None
-        except (RuntimeError, EOFError, ValueError) as exc:
-            raise InputError(f"{path}: truncated or corrupt checkpoint ({str(exc).splitlines()[0]})") from None
-        if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
-            raise InputError(f"{path}: expected a flat dict of tensors")
+        obj = load_pickled_tensors(path, mmap=True)
         entries = []
         for name, tensor in obj.items():
             if tensor.dtype not in DTYPE_CODES:

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..adapter import PeraAdapter
 from ..errors import InputError
+from ..files import read_json
 from . import _io, peft_lora, peft_pera, reference
 from ._assemble import MissingCoefficients
 from .registry import AdapterFormat, LoadOptions
@@ -81,7 +82,7 @@ def load_adapter(
     """
     folder, name = resolve_adapter_folder(Path(path), adapter_name)
     config_path = folder / _io.ADAPTER_CONFIG
-    config = _io.read_json(config_path)
+    config = read_json(config_path)
     if format is not None:
         if format not in FORMATS:
             raise InputError(f"unknown format {format!r}; known formats: {', '.join(FORMATS)}")

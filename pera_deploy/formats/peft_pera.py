@@ -13,6 +13,7 @@ from typing import Any
 
 from ..adapter import PeraAdapter
 from ..errors import InputError
+from ..files import read_tensors, require_finite
 from . import _io
 from ._assemble import assemble_layer
 from .registry import AdapterFormat, LoadOptions
@@ -75,8 +76,8 @@ def load_peft_layout(
     """Both PEFT-layout formats: keys `base_model.model.<module>.lora_A.weight`, etc."""
     config_path = path / _io.ADAPTER_CONFIG
     weights = _io.find_weights_file(path)
-    tensors = _io.read_tensors(weights)
-    _io.require_finite(tensors, weights)
+    tensors = read_tensors(weights)
+    require_finite(tensors, weights)
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
     factor_names = "lora_A / lora_B" if plain_lora else "lora_A / lora_B / pera_h_A / pera_h_B"
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..adapter import PeraAdapter
 from ..errors import InputError
+from ..files import read_tensors, require_finite
 from . import _io
 from ._assemble import assemble_layer
 from .registry import AdapterFormat, LoadOptions
@@ -35,8 +36,8 @@ def detect(path: Path, config: dict[str, Any] | None) -> bool:
 
 def load(path: Path, config: dict[str, Any], options: LoadOptions) -> PeraAdapter:
     weights = _io.find_weights_file(path)
-    tensors = _io.read_tensors(weights)
-    _io.require_finite(tensors, weights)
+    tensors = read_tensors(weights)
+    require_finite(tensors, weights)
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
 
     groups: dict[str, dict[str, Any]] = {}

@@ -1,0 +1,207 @@
+"""Every bad input: one line on stderr naming the file, tensor or module; exit 2; nothing written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def edit_peft_tensors(folder: Path, edit) -> Path:
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path))
+    return folder
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def assert_refused(cli, tmp_path, args, *needles):
+    out = tmp_path / "out"
+    result = cli("merge", *args[:2], "-o", out, *args[2:])
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("pera-deploy: error: ")
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if "pera-deploy-tmp" in p.name]  # no half-written folder either
+    return lines[0]
+
+
+def test_truncated_adapter_pickle(cli, fx, tmp_path):
+    adapter = copy(fx["llama-pera"], tmp_path / "a")
+    truncate(adapter / "adapter_model.bin")
+    assert_refused(cli, tmp_path, [adapter, fx["llama-base"]], "adapter_model.bin", "truncated or corrupt")
+
+
+def test_corrupt_adapter_safetensors(cli, fx, tmp_path):
+    adapter = copy(fx["llama-peft"], tmp_path / "a")
+    (adapter / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    assert_refused(cli, tmp_path, [adapter, fx["llama-base"]], "adapter_model.safetensors", "corrupt")
+
+
+def test_truncated_base_shard(cli, fx, tmp_path):
+    base = copy(fx["llama-base"], tmp_path / "b")
+    truncate(base / "model-00002-of-00003.safetensors")
+    assert_refused(cli, tmp_path, [fx["llama-pera"], base], "model-00002-of-00003.safetensors", "truncated or corrupt")
+
+
+def test_truncated_legacy_bin_base(cli, fx, tmp_path):
+    base = copy(fx["bert-base"], tmp_path / "b")
+    truncate(base / "pytorch_model.bin")
+    assert_refused(cli, tmp_path, [fx["bert-ref"], base], "pytorch_model.bin", "truncated or corrupt")
+
+
+def test_adapter_for_another_base_shape(cli, fx, tmp_path):
+    key = "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"
+    adapter = edit_peft_tensors(copy(fx["llama-peft"], tmp_path / "a"), lambda t: t.__setitem__(key, torch.ones(4, 48)))
+    assert_refused(cli, tmp_path, [adapter, fx["llama-base"]], "model.layers.1.self_attn.q_proj", "does not fit", "(32, 32)")
+
+
+def test_adapter_for_another_architecture(cli, fx, tmp_path):
+    assert_refused(cli, tmp_path, [fx["llama-pera"], fx["gpt2-base"]], "has no base tensor", "was the adapter made for another base")
+
+
+def test_conv1d_orientation_mismatch_gives_a_hint(cli, fx, tmp_path):
+    adapter = copy(fx["gpt2-ref"], tmp_path / "a")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["fan_in_fan_out"] = False
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    assert_refused(cli, tmp_path, [adapter, fx["gpt2-base"]], "does not fit", "fan_in_fan_out=true")
+
+
+def _rename_module(tensors, old, new):
+    for key in [k for k in tensors if f".{old}." in k]:
+        tensors[key.replace(f".{old}.", f".{new}.")] = tensors.pop(key)
+
+
+def test_module_with_no_base_tensor(cli, fx, tmp_path):
+    adapter = edit_peft_tensors(copy(fx["llama-peft"], tmp_path / "a"),
+                                lambda t: _rename_module(t, "model.layers.1.self_attn.q_proj", "model.layers.7.self_attn.q_proj"))
+    assert_refused(cli, tmp_path, [adapter, fx["llama-base"]], "model.layers.7.self_attn.q_proj", "has no base tensor")
+
+
+def test_module_with_several_base_tensors(cli, fx, tmp_path):
+    adapter = edit_peft_tensors(copy(fx["llama-peft"], tmp_path / "a"),
+                                lambda t: _rename_module(t, "model.layers.1.self_attn.q_proj", "self_attn.q_proj"))
+    assert_refused(cli, tmp_path, [adapter, fx["llama-base"]], "self_attn.q_proj", "matches several base tensors",
+                   "model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight")
+
+
+@pytest.mark.parametrize("value, word", [(float("nan"), "NaN"), (float("inf"), "Inf")])
+def test_nan_or_inf_in_adapter(cli, fx, tmp_path, value, word):
+    key = "base_model.model.model.layers.0.mlp.up_proj.pera_h_A"
+
+    def poison(t):
+        t[key][3] = value
+
+    adapter = edit_peft_tensors(copy(fx["llama-peft"], tmp_path / "a"), poison)
+    assert_refused(cli, tmp_path, [adapter, fx["llama-base"]], key, word)
+
+
+def test_ambiguous_coefficients(cli, fx, tmp_path):
+    line = assert_refused(cli, tmp_path, [fx["llama-ref-none"], fx["llama-base"]], "model.layers.0.", "ambiguous",
+                          "--missing-coefficients")
+    assert "adapter_model.bin" in line
+    result = cli("merge", fx["llama-ref-none"], fx["llama-base"], "-o", tmp_path / "ok", "--missing-coefficients", "zero")
+    assert result.exit_code == 0, result.stderr
+
+
+def test_pickle_with_objects(cli, fx, tmp_path):
+    adapter = copy(fx["llama-pera"], tmp_path / "a")
+    tensors = torch.load(adapter / "adapter_model.bin", weights_only=True)
+    tensors["evil"] = torch.nn.Linear(2, 2)
+    torch.save(tensors, adapter / "adapter_model.bin")
+    assert_refused(cli, tmp_path, [adapter, fx["llama-base"]], "adapter_model.bin", "refused to unpickle")
+
+
+def test_pickle_with_non_tensor_values(cli, fx, tmp_path):
+    adapter = copy(fx["llama-pera"], tmp_path / "a")
+    tensors = torch.load(adapter / "adapter_model.bin", weights_only=True)
+    tensors["step"] = 100
+    torch.save(tensors, adapter / "adapter_model.bin")
+    assert_refused(cli, tmp_path, [adapter, fx["llama-base"]], "adapter_model.bin", "'step'", "not a tensor")
+
+
+def test_pickled_base_with_objects(cli, fx, tmp_path):
+    base = copy(fx["bert-base"], tmp_path / "b")
+    state = torch.load(base / "pytorch_model.bin", weights_only=True)
+    state["module"] = torch.nn.Linear(2, 2)
+    torch.save(state, base / "pytorch_model.bin")
+    assert_refused(cli, tmp_path, [fx["bert-ref"], base], "pytorch_model.bin", "refused to unpickle")
+
+
+def test_malformed_adapter_config(cli, fx, tmp_path):
+    adapter = copy(fx["llama-peft"], tmp_path / "a")
+    (adapter / "adapter_config.json").write_text('{"peft_type": "PERA", "r": 4,')
+    assert_refused(cli, tmp_path, [adapter, fx["llama-base"]], "adapter_config.json", "malformed JSON", "line 1")
+
+
+def test_malformed_base_index(cli, fx, tmp_path):
+    base = copy(fx["llama-base"], tmp_path / "b")
+    (base / "model.safetensors.index.json").write_text("{]")
+    assert_refused(cli, tmp_path, [fx["llama-pera"], base], "model.safetensors.index.json", "malformed JSON")
+
+
+def test_missing_base_folder(cli, fx, tmp_path):
+    assert_refused(cli, tmp_path, [fx["llama-pera"], tmp_path / "nowhere"], "nowhere", "base model folder not found")
+
+
+def test_missing_adapter_folder(cli, fx, tmp_path):
+    assert_refused(cli, tmp_path, [tmp_path / "nowhere", fx["llama-base"]], "nowhere", "adapter folder not found")
+
+
+def test_existing_output_folder(cli, fx, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = cli("merge", fx["llama-pera"], fx["llama-base"], "-o", out)
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"pera-deploy: error: {out}: output folder exists and is not empty; pass --force to replace it"
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    result = cli("merge", fx["llama-pera"], fx["llama-base"], "-o", out, "--force")
+    assert result.exit_code == 0, result.stderr
+    assert not (out / "keep.txt").exists() and (out / "pera_deploy_manifest.json").exists()
+
+
+def test_empty_output_folder_is_fine(cli, fx, tmp_path):
+    (tmp_path / "out").mkdir()
+    assert cli("merge", fx["llama-pera"], fx["llama-base"], "-o", tmp_path / "out").exit_code == 0
+
+
+def test_bad_shard_size(cli, fx, tmp_path):
+    assert_refused(cli, tmp_path, [fx["llama-pera"], fx["llama-base"], "--max-shard-size", "lots"], "--max-shard-size")
+
+
+def test_tied_weights_refused_without_untie(cli, fx, tmp_path):
+    assert_refused(cli, tmp_path, [fx["gpt2-lm-head"], fx["gpt2-base"]], "lm_head.weight", "tied", "--untie-embeddings")
+
+
+def test_console_script_exit_status_and_debug(fx, tmp_path):
+    """The installed command, as a pipeline runs it: one line without --debug, a traceback with it."""
+    exe = Path(sys.executable).with_name("pera-deploy")
+    args = [str(exe), "merge", str(fx["llama-ref-none"]), str(fx["llama-base"]), "-o", str(tmp_path / "o")]
+    plain = subprocess.run(args, capture_output=True, text=True)
+    assert plain.returncode == 2
+    assert len(plain.stderr.strip().splitlines()) == 1 and "Traceback" not in plain.stderr
+    debug = subprocess.run(args + ["--debug"], capture_output=True, text=True)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "InputError" in debug.stderr
+    assert not (tmp_path / "o").exists()
