@@ -17,10 +17,10 @@ from .checkpoint import BaseCheckpoint
 from .errors import CheckFailed
 from .formats import load_adapter
 from .formats._assemble import MissingCoefficients
-from .merge import PRECISIONS, MergePlan, execute_plan, plan_merge
+from .merger import PRECISIONS, MergePlan, execute_plan, plan_merge
 from .provenance import InputDigests, combined_digest
 from .safetensors_stream import rewrite_metadata
-from .verify import ForwardReport, WeightReport, check_forward, check_weights
+from .checks import ForwardReport, WeightReport, check_forward, check_weights
 from .writer import OutputFolder, check_target, copy_side_files, parse_size, write_index, write_json
 
 MANIFEST = "pera_deploy_manifest.json"

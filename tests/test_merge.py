@@ -16,7 +16,7 @@ import pera_deploy
 from pera_deploy.branch import load_model, load_unmerged_model
 from pera_deploy.checkpoint import BaseCheckpoint
 from pera_deploy.errors import InputError
-from pera_deploy.verify import FORWARD_TOLERANCE, UNIT_ROUNDOFF, check_forward, seeded_inputs
+from pera_deploy.checks import FORWARD_TOLERANCE, UNIT_ROUNDOFF, check_forward, seeded_inputs
 
 # float32 evaluation of the unmerged fixture models is itself up to ~1.1e-5 (relative to max
 # |logit|) away from their float64 value, so two float32 evaluations are compared at 1e-4.

@@ -1,0 +1,175 @@
+"""The command line as users and pipelines run it: text, --json, exit codes, verify, inspect."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import pera_deploy
+from fixtures.build_fixtures import build_examples
+from pera_deploy.checkpoint import BaseCheckpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_help_teaches(cli):
+    result = cli("--help")
+    assert result.exit_code == 0
+    for word in ("merge", "verify", "inspect", "Exit status"):
+        assert word in result.stdout
+    merge_help = cli("merge", "--help").stdout
+    for option in ("--dtype", "--max-shard-size", "--untie-embeddings", "--check-forward", "--force", "--json", "Example"):
+        assert option in merge_help
+
+
+def test_formats(cli):
+    data = cli.json("formats")
+    assert set(data) == {"peft", "peft-lora", "reference"}
+
+
+def test_inspect_text_and_json(cli, fx):
+    result = cli("inspect", fx["llama-peft-rslora"])
+    assert result.exit_code == 0
+    assert "format       peft" in result.stdout
+    assert "R' = r + r(r+1)/2 = 14" in result.stdout
+    assert "full+hB" in result.stdout
+    info = cli.json("inspect", fx["llama-peft-rslora"])
+    assert info["format"] == "peft" and info["r"] == [4] and info["R_prime"] == [14] and info["scaling"] == [4.0]
+    assert info["modules"] == 14 and len(info["layers"]) == 14
+    adapter = pera_deploy.load_adapter(fx["llama-peft-rslora"])
+    assert info["parameters"] == sum(l.A.numel() + l.B.numel() + l.hA.numel() + l.hB.numel() for l in adapter.layers.values())
+    layer = adapter.layers[info["layers"][0]["module"]]
+    assert info["layers"][0]["delta_norm"] == pytest.approx(float(layer.delta_weight(torch.float64).norm()), rel=1e-12)
+
+
+def test_inspect_plain_lora(cli, fx):
+    result = cli("inspect", fx["llama-peft-lora"])
+    assert "a plain LoRA: every PERA coefficient is zero" in result.stdout
+
+
+def test_merge_json_is_the_only_stdout(cli, fx, tmp_path):
+    result = cli("merge", fx["gpt2-peft"], fx["gpt2-base"], "-o", tmp_path / "m", "--json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["passed"] is True and len(data["merged_layers"]) == 8
+    assert data["checks"]["weights"]["untouched_identical"] > 0
+    assert data["output"] == str(tmp_path / "m") and data["seconds"] > 0
+
+
+def test_merge_text_summary_and_forward(cli, fx, tmp_path):
+    result = cli("merge", fx["bert-peft"], fx["bert-base"], "-o", tmp_path / "m", "--check-forward")
+    assert result.exit_code == 0, result.stderr
+    assert "merged 4 layers of bert-peft (peft, r=4) into bert-base" in result.stdout
+    assert "replaced: classifier.bias, classifier.weight" in result.stdout
+    assert "forward: BertForSequenceClassification logits" in result.stdout
+
+
+def test_verify_passes_on_a_merge(cli, fx, tmp_path):
+    assert cli("merge", fx["llama-pera"], fx["llama-base"], "-o", tmp_path / "m").exit_code == 0
+    result = cli("verify", tmp_path / "m", "--adapter", fx["llama-pera"], "--base", fx["llama-base"])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.startswith("weights: ok") and "forward: ok" in result.stdout
+    data = cli.json("verify", tmp_path / "m", "--adapter", fx["llama-pera"], "--base", fx["llama-base"])
+    assert data["passed"] and data["forward"]["dtype"] == "bfloat16" and data["forward"]["top1_agreement"] > 0.9
+
+
+def test_verify_untied_merge(cli, fx, tmp_path):
+    assert cli("merge", fx["gpt2-lm-head"], fx["gpt2-base"], "-o", tmp_path / "m", "--untie-embeddings").exit_code == 0
+    result = cli("verify", tmp_path / "m", "--adapter", fx["gpt2-lm-head"], "--base", fx["gpt2-base"])
+    assert result.exit_code == 0, result.stdout + result.stderr
+
+
+def _tamper(folder: Path, name: str, edit) -> None:
+    """Edit one tensor of a written model in place (the way a faulty tool might have)."""
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            if name not in f.keys():
+                continue
+            metadata = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        edit(tensors[name])
+        save_file(tensors, str(shard), metadata=metadata)
+        return
+    raise AssertionError(f"{name} not found in {folder}")
+
+
+def test_verify_catches_a_merged_weight_off_by_two_roundings(cli, fx, tmp_path):
+    assert cli("merge", fx["llama-pera"], fx["llama-base"], "-o", tmp_path / "m").exit_code == 0
+    name = "model.layers.1.mlp.up_proj.weight"
+
+    def nudge(t):  # two bf16 steps up in one element
+        bits = t.view(torch.int16)
+        bits[3, 5] += 2 if t[3, 5] > 0 else -2
+
+    _tamper(tmp_path / "m", name, nudge)
+    result = cli("verify", tmp_path / "m", "--adapter", fx["llama-pera"], "--base", fx["llama-base"], "--no-forward")
+    assert result.exit_code == 1
+    assert result.stderr.strip().startswith(f"pera-deploy: check failed: merged weight {name}")
+
+
+def test_verify_catches_a_changed_untouched_tensor(cli, fx, tmp_path):
+    assert cli("merge", fx["llama-pera"], fx["llama-base"], "-o", tmp_path / "m").exit_code == 0
+    name = "model.norm.weight"
+
+    def flip(t):
+        t.view(torch.int16)[0] ^= 1  # the last mantissa bit
+
+    _tamper(tmp_path / "m", name, flip)
+    result = cli("verify", tmp_path / "m", "--adapter", fx["llama-pera"], "--base", fx["llama-base"], "--no-forward")
+    assert result.exit_code == 1
+    assert f"tensor {name} differs from the base" in result.stderr
+
+
+def test_verify_catches_an_unmerged_model(cli, fx):
+    result = cli("verify", fx["llama-base"], "--adapter", fx["llama-pera"], "--base", fx["llama-base"])
+    assert result.exit_code == 1
+    assert "weights: FAILED" in result.stdout and "forward: FAILED" in result.stdout
+
+
+def test_failed_check_exits_1_and_writes_nothing(cli, fx, tmp_path, monkeypatch):
+    """A merge whose result does not match (simulated: ΔW dropped) is caught and not published."""
+    import pera_deploy.merger as merge_module
+
+    monkeypatch.setattr(merge_module, "merged_weight", lambda w0, layer, transpose, out_dtype, compute_dtype: w0.to(out_dtype))
+    result = cli("merge", fx["llama-pera"], fx["llama-base"], "-o", tmp_path / "m", "--json")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("pera-deploy: check failed: merged weight model.layers.")
+    assert json.loads(result.stdout)["passed"] is False
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_adapter_name_option(cli, fx, tmp_path):
+    info = cli.json("inspect", fx["llama-multi"], "--adapter-name", "second")
+    assert info["adapter_name"] == "second" and info["scaling"] == [1.0]
+    result = cli("merge", fx["llama-multi"], fx["llama-base"], "-o", tmp_path / "m", "--adapter-name", "second", "--json")
+    assert json.loads(result.stdout)["adapter"]["adapter_name"] == "second"
+
+
+def test_shipped_example_is_what_the_script_builds(tmp_path):
+    built = build_examples(tmp_path)
+    for name in ("llama-base", "llama-pera"):
+        shipped = ROOT / "fixtures" / "examples" / name
+        assert sorted(p.name for p in shipped.iterdir()) == sorted(p.name for p in built[name].iterdir())
+    with BaseCheckpoint(ROOT / "fixtures/examples/llama-base") as a, BaseCheckpoint(built["llama-base"]) as b:
+        assert a.names == b.names and all(torch.equal(a.get(n), b.get(n)) for n in a.names)
+    shipped = torch.load(ROOT / "fixtures/examples/llama-pera/adapter_model.bin", weights_only=True)
+    rebuilt = torch.load(built["llama-pera"] / "adapter_model.bin", weights_only=True)
+    assert shipped.keys() == rebuilt.keys() and all(torch.equal(shipped[k], rebuilt[k]) for k in shipped)
+
+
+def test_readme_merge_command_runs(cli, tmp_path, monkeypatch):
+    """The first `pera-deploy merge` in the README, run as written from a checkout's root."""
+    readme = (ROOT / "README.md").read_text()
+    line = next(l.strip() for l in readme.splitlines() if l.strip().startswith("pera-deploy merge "))
+    args = shlex.split(line)[1:]
+    (tmp_path / "fixtures").symlink_to(ROOT / "fixtures")
+    monkeypatch.chdir(tmp_path)
+    result = cli(*args)
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / args[args.index("-o") + 1] / "pera_deploy_manifest.json").exists()
