@@ -211,7 +211,8 @@ def _manifest(plan: MergePlan, report: MergeReport, adapter_hashes: dict[str, st
             "delta_norm": c.delta_norm if c else layer.delta_norm(),
             "rel_error": _finite(c.rel_error) if c else None,
             "rel_rounding_bound": c.rel_bound if c else None,
-            "worst_rounding_ratio": c.worst_ratio if c else None,
+            "max_steps_from_correct_rounding": c.max_steps if c else None,
+            "elements_off": c.off_elements if c else None,
             "dtype": c.dtype if c else None,
         })
     weights = report.weights.to_dict()

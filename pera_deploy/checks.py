@@ -1,7 +1,7 @@
 """Numerical checks of a merged model against its inputs; they report, they never print or exit.
 
 `check_weights` streams every tensor of the merged folder: a targeted weight must equal
-W0 + ΔW up to one rounding to its dtype (checked element by element, not just in norm),
+W0 + ΔW, recomputed independently, rounded once to its dtype (element by element),
 every other tensor must be bit-identical to the base (or to its converted value when a
 dtype was asked for). `check_forward` runs the merged model and the unmerged one
 (base + live PERA branch) on seeded inputs and compares their outputs.
@@ -35,7 +35,8 @@ FORWARD_TOLERANCE = {torch.float64: 1e-4, torch.float32: 1e-4, torch.float16: 8 
 
 COARSENESS = {"F64": 0, "F32": 1, "F16": 2, "BF16": 3}
 
-BLOCK_ELEMENTS = 1 << 22  # rows are checked in blocks of about this many elements
+BLOCK_ELEMENTS = 1 << 20  # rows are checked in blocks of about this many elements (cache-sized)
+BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
 
 @dataclass
@@ -44,10 +45,12 @@ class LayerCheck:
     tensor: str
     dtype: str
     delta_norm: float  # ‖ΔW‖_F
-    residual_norm: float  # ‖W' − W0 − ΔW‖_F
-    rel_error: float  # residual / ‖ΔW‖
-    rel_bound: float  # u·‖W0 + ΔW‖ / ‖ΔW‖: what rounding to `dtype` may cost, in norm
-    worst_ratio: float  # max over elements of |W' − W0 − ΔW| / (allowed rounding); ≤ 1 passes
+    residual_norm: float  # ‖W' − (W0 + ΔW)‖_F
+    rel_error: float  # residual / ‖ΔW‖: how much of the update the storage rounding cost
+    rel_bound: float  # u·‖W0 + ΔW‖ / ‖ΔW‖: the most one rounding to `dtype` may cost, in norm
+    max_steps: int  # largest distance, in steps of `dtype`, from the correctly rounded recomputation (0 or 1)
+    off_elements: int  # elements further than one step away (0 unless something is wrong)
+    worst_ratio: float | None  # for those: max |W' − x| / what one rounding allows (≤ 1 still passes)
     passed: bool
 
 
@@ -69,10 +72,11 @@ class WeightReport:
         """One line naming what broke, or None."""
         bad = [c for c in self.layers if not c.passed]
         if bad:
-            c = max(bad, key=lambda c: c.worst_ratio)
+            c = max(bad, key=lambda c: c.worst_ratio or 0.0)
             return (
-                f"merged weight {c.tensor} (module {c.module}) is off by {c.worst_ratio:.3g}x the {c.dtype} rounding "
-                f"(relative error {c.rel_error:.3g}, bound {c.rel_bound:.3g}); {len(bad)} layer(s) failed"
+                f"merged weight {c.tensor} (module {c.module}) is not W0 + ΔW rounded once to {c.dtype}: "
+                f"{c.off_elements} element(s) off, the worst by {c.worst_ratio:.3g}x what one rounding allows "
+                f"(relative error {c.rel_error:.3g} of ‖ΔW‖, bound {c.rel_bound:.3g}); {len(bad)} layer(s) failed"
             )
         for what, names in (("differs from the base", self.changed), ("does not equal the adapter's tensor", self.extras_bad),
                             ("is missing from the merged model", self.missing), ("is in the merged model but not expected", self.unexpected)):
@@ -82,12 +86,13 @@ class WeightReport:
         return None
 
     def to_dict(self) -> dict[str, Any]:
-        worst = max((c.worst_ratio for c in self.layers), default=0.0)
         return {
             "passed": self.passed,
             "merged_layers": len(self.layers),
-            "worst_rounding_ratio": worst,
             "max_rel_error": max((c.rel_error for c in self.layers), default=0.0),
+            "max_rel_bound": max((c.rel_bound for c in self.layers), default=0.0),
+            "max_steps_from_correct_rounding": max((c.max_steps for c in self.layers), default=0),
+            "elements_off": sum(c.off_elements for c in self.layers),
             "untouched_identical": self.identical,
             "untouched_changed": self.changed,
             "extra_tensors_equal": self.extras_ok,
@@ -98,41 +103,54 @@ class WeightReport:
         }
 
 
-def check_merged_layer(w_merged: Tensor, w0: Tensor, layer: PeraLayer, transpose: bool, precision: torch.dtype = torch.float32) -> LayerCheck:
-    """Is `w_merged` round(W0 + ΔW) to its own dtype? Checked per element, in row blocks.
+def check_merged_layer(w_merged: Tensor, w0: Tensor, layer: PeraLayer, transpose: bool, tensor: str,
+                       precision: torch.dtype = torch.float32) -> LayerCheck:
+    """Is `w_merged` W0 + ΔW rounded once to its own dtype? Recomputed independently, per element.
 
-    Allowed per element: u·|x| (one rounding of x = W0 + ΔW to the stored dtype) plus the
-    difference two `precision` evaluations of x may have, bounded by
-    eps·(4|x| + 2R'·‖left_i‖‖right_j‖) (a dot product of length R' in floating point).
+    x = W0 + ΔW is recomputed from the base and the factors. An element passes at once if it
+    is within one step of round(x) (one step: a recomputation on other hardware may round
+    a near-tie the other way). Any other element must satisfy the error bound itself:
+    |W' − x| ≤ u·|x| (one rounding to nearest) plus what two `precision` evaluations of x
+    may differ by, eps·(8|x| + 4R'·‖left_i‖·max_j‖right_j‖) for a dot product of length R'.
     """
     b_hat, a_hat = layer.expanded_factors(precision)
     left, right = (a_hat.T, b_hat.T) if transpose else (b_hat, a_hat)
-    u = UNIT_ROUNDOFF[w_merged.dtype]
-    floor = ABS_FLOOR[w_merged.dtype]
+    stored_dtype = w_merged.dtype
+    u = UNIT_ROUNDOFF[stored_dtype]
     eps = UNIT_ROUNDOFF[precision]
-    k = left.shape[1]
-    left_norms = left.norm(dim=1)
-    right_norms = right.norm(dim=0)
+    bits, wide = BITS[stored_dtype], torch.int64 if stored_dtype in (torch.float32, torch.float64) else torch.int32
+    row_slack = (4 * left.shape[1] * eps * float(right.norm(dim=0).max())) * left.norm(dim=1) + 2 * ABS_FLOOR[stored_dtype]
     rows = max(1, BLOCK_ELEMENTS // max(1, w0.shape[1]))
     r2 = x2 = 0.0
-    worst = 0.0
+    max_steps = off = 0
+    worst: float | None = None
     for start in range(0, w0.shape[0], rows):
-        sl = slice(start, start + rows)
-        x = w0[sl].to(precision, copy=True).addmm_(left[sl], right)
-        residual = w_merged[sl].to(precision) - x
-        ax = x.abs_()
-        allowed = ax * (u + 8 * eps) + (4 * k * eps) * torch.outer(left_norms[sl], right_norms) + 2 * floor
-        r2 += float(residual.double().square().sum())
-        x2 += float(ax.double().square().sum())
-        ratio = residual.abs_().div_(allowed.clamp_min_(torch.finfo(precision).tiny)).max()
-        worst = max(worst, float(ratio))
+        block = slice(start, start + rows)
+        x = w0[block].to(precision, copy=True).addmm_(left[block], right)
+        stored = w_merged[block]
+        steps = (stored.view(bits).to(wide) - x.to(stored_dtype).view(bits).to(wide)).abs_()
+        far = steps > 1
+        if bool(far.any()):
+            rows_idx, cols_idx = far.nonzero(as_tuple=True)
+            xs = x[rows_idx, cols_idx]
+            err = (stored[rows_idx, cols_idx].to(precision) - xs).abs()
+            allowed = xs.abs() * (u + 8 * eps) + row_slack[block][rows_idx]
+            ratio = float((err / allowed).max())
+            worst = ratio if worst is None else max(worst, ratio)
+            off += int(far.sum())
+            steps[far] = 0
+        max_steps = max(max_steps, int(steps.max()))
+        x2 += float(torch.linalg.vector_norm(x)) ** 2
+        r2 += float(torch.linalg.vector_norm(x.sub_(stored.to(precision)))) ** 2
     delta = layer.delta_norm()
-    residual_norm = math.sqrt(r2)
+    residual = r2**0.5
     if delta > 0:
-        rel, bound = residual_norm / delta, u * math.sqrt(x2) / delta
+        rel, bound = residual / delta, u * x2**0.5 / delta
     else:
-        rel, bound = (0.0 if residual_norm == 0 else math.inf), 0.0
-    return LayerCheck(layer.module, "", str(w_merged.dtype).removeprefix("torch."), delta, residual_norm, rel, bound, worst, worst <= 1.0)
+        rel, bound = (0.0 if residual == 0 else math.inf), 0.0
+    passed = (worst is None or worst <= 1.0) and math.isfinite(residual)
+    return LayerCheck(layer.module, tensor, str(stored_dtype).removeprefix("torch."), delta, residual, rel, bound,
+                      max_steps, off, worst, passed)
 
 
 def _same_bytes(a: TensorEntry, b: TensorEntry) -> bool:
@@ -170,9 +188,8 @@ def check_weights(merged: BaseCheckpoint, base: BaseCheckpoint, adapter: PeraAda
         out = merged.entries[name]
         if name in merges:
             m = merges[name]
-            result = check_merged_layer(merged.get(name), base.get(m.source), adapter.layers[m.module], m.transpose, precision)
-            result.tensor = name
-            report.layers.append(result)
+            report.layers.append(check_merged_layer(merged.get(name), base.get(m.source), adapter.layers[m.module],
+                                                    m.transpose, name, precision))
         elif name in extras:
             want = adapter.extra_tensors[extras[name].name]
             got = merged.get(name)

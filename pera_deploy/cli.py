@@ -205,8 +205,8 @@ def merge(adapter: Path, base: Path, output: Path, format_: str | None, adapter_
     lines = [
         f"merged {len(m['merged_layers'])} layers of {m['adapter']['folder']} ({m['adapter']['format']}, "
         f"r={_fmt_list(m['adapter']['r'])}) into {m['base']['folder']}",
-        f"  weights: {w['merged_layers']} merged tensors within one rounding of W0 + ΔW "
-        f"(worst element at {w['worst_rounding_ratio']:.2g} of the bound), {w['untouched_identical']} untouched tensors identical",
+        f"  weights: {w['merged_layers']} merged tensors equal W0 + ΔW rounded once (recomputed; the rounding "
+        f"costs at most {w['max_rel_error']:.2g} of ‖ΔW‖), {w['untouched_identical']} untouched tensors identical",
     ]
     for key, label in (("replaced_tensors", "replaced"), ("added_tensors", "added")):
         if m[key]:
@@ -257,8 +257,9 @@ def verify(merged: Path, adapter: Path, base: Path, format_: str | None, adapter
     data = {"passed": passed, "weights": weights.to_dict(), "forward": fwd.__dict__ if fwd else None}
     w = data["weights"]
     lines = [
-        f"weights: {'ok' if weights.passed else 'FAILED'} — {w['merged_layers']} merged tensors, worst element at "
-        f"{w['worst_rounding_ratio']:.2g} of the rounding bound, max relative error {w['max_rel_error']:.3g}; "
+        f"weights: {'ok' if weights.passed else 'FAILED'} — {w['merged_layers']} merged tensors recomputed: "
+        f"{w['elements_off']} elements off, at most {w['max_steps_from_correct_rounding']} step from correct rounding, "
+        f"relative error at most {w['max_rel_error']:.3g} of ‖ΔW‖; "
         f"{w['untouched_identical']} untouched tensors identical",
     ]
     if fwd:

@@ -70,21 +70,32 @@ class MergePlan:
         return {t.name: s.filename for s in self.shards for t in s.tensors}
 
 
+BLOCK_ELEMENTS = 1 << 20  # rows are merged in blocks of about this many elements (cache-sized)
+
+
 def merged_weight(w0: Tensor, layer: PeraLayer, transpose: bool, out_dtype: torch.dtype, compute_dtype: torch.dtype) -> Tensor:
     """round_out(W0 + ΔW) with W0 upcast and ΔW computed in `compute_dtype`, rounded once.
 
-    For a Conv1D base (W0 stored (in, out)) the update is ΔWᵀ = Âᵀ(s·B̂)ᵀ.
+    Worked through in row blocks that stay in cache, so the float32 working copy is never
+    the size of the weight. For a Conv1D base (W0 stored (in, out)) the update is
+    ΔWᵀ = Âᵀ(s·B̂)ᵀ. NaN, Inf or an overflow of the output dtype is an error naming the layer.
     """
     b_hat, a_hat = layer.expanded_factors(compute_dtype)
-    w = w0.to(compute_dtype, copy=True)
-    if transpose:
-        w.addmm_(a_hat.T, b_hat.T)
-    else:
-        w.addmm_(b_hat, a_hat)
-    out = w.to(out_dtype)
-    if not bool(torch.isfinite(out).all()):
-        cause = "the base weight" if not bool(torch.isfinite(w0).all()) else "the merge"
-        raise InputError(f"merging module {layer.module}: NaN or Inf produced by {cause} (output dtype {out_dtype})")
+    left, right = (a_hat.T, b_hat.T) if transpose else (b_hat, a_hat)
+    out = torch.empty(w0.shape, dtype=out_dtype)
+    limit = torch.finfo(out_dtype).max
+    rows = max(1, BLOCK_ELEMENTS // max(1, w0.shape[1]))
+    for start in range(0, w0.shape[0], rows):
+        block = slice(start, start + rows)
+        x = w0[block].to(compute_dtype, copy=True).addmm_(left[block], right)
+        lo, hi = torch.aminmax(x)
+        if not (-limit <= float(lo) and float(hi) <= limit):  # also false for NaN
+            cause = "the base weight" if not bool(torch.isfinite(w0[block]).all()) else "the merge"
+            raise InputError(
+                f"merging module {layer.module}: NaN, Inf or a value beyond the {str(out_dtype).removeprefix('torch.')} "
+                f"range, produced by {cause}"
+            )
+        out[block].copy_(x)
     return out
 
 

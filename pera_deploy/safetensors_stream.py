@@ -141,8 +141,10 @@ class ShardWriter:
         self.path = path
         self.layout = layout
         self._next = 0
-        header, _ = _header_bytes(layout, metadata)
-        self._fh: BinaryIO = open(path, "wb")
+        header, self._offsets = _header_bytes(layout, metadata)
+        self._data_start = len(header)
+        # unbuffered: tensors are written whole, and byte copies go straight to the fd
+        self._fh: BinaryIO = open(path, "wb", buffering=0)
         self._fh.write(header)
 
     def _expect(self, name: str, nbytes: int) -> None:
@@ -152,6 +154,8 @@ class ShardWriter:
             want *= d
         if name != want_name or nbytes != want:
             raise RuntimeError(f"{self.path}: wrote {name} ({nbytes} B) where {want_name} ({want} B) belongs")
+        if self._fh.tell() != self._data_start + self._offsets[self._next]:
+            raise RuntimeError(f"{self.path}: {name} would not start where the header says")
         self._next += 1
 
     def write_tensor(self, name: str, tensor: torch.Tensor) -> None:
@@ -161,13 +165,13 @@ class ShardWriter:
             raise RuntimeError(f"{self.path}: {name} has dtype {code}, layout says {self.layout[self._next][1]}")
         nbytes = tensor.numel() * tensor.element_size()
         self._expect(name, nbytes)
-        if nbytes:
-            self._fh.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+        view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()) if nbytes else memoryview(b"")
+        while view:  # a raw write may be short (Linux caps one write near 2 GiB)
+            view = view[self._fh.write(view):]
 
     def copy_bytes(self, name: str, source: Path, begin: int, end: int) -> None:
         """Append a tensor's raw bytes from another file, without decoding them."""
         self._expect(name, end - begin)
-        self._fh.flush()
         with open(source, "rb") as src:
             _copy_range(src.fileno(), self._fh.fileno(), begin, end - begin)
 

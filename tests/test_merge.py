@@ -127,8 +127,9 @@ def test_manifest_lists_layers_checks_and_digests(fx, tmp_path):
     manifest = json.loads((tmp_path / "m" / "pera_deploy_manifest.json").read_text())
     assert len(manifest["merged_layers"]) == 14
     layer = manifest["merged_layers"][0]
-    assert {"module", "tensor", "r", "R_prime", "scaling", "delta_norm", "rel_error", "worst_rounding_ratio"} <= set(layer)
-    assert layer["R_prime"] == 14 and layer["worst_rounding_ratio"] <= 1
+    assert {"module", "tensor", "r", "R_prime", "scaling", "delta_norm", "rel_error", "max_steps_from_correct_rounding"} <= set(layer)
+    assert layer["R_prime"] == 14 and 0 < layer["rel_error"] <= layer["rel_rounding_bound"]
+    assert layer["max_steps_from_correct_rounding"] == 0 and layer["elements_off"] == 0  # same machine, same arithmetic
     for name, digest in manifest["base"]["files"].items():
         assert hashlib.sha256((fx["llama-base"] / name).read_bytes()).hexdigest() == digest
     assert manifest["checks"]["weights"]["passed"] is True

@@ -1,0 +1,226 @@
+"""pera-deploy merge vs the usual route (transformers + PEFT merge_and_unload + save_pretrained).
+
+    python bench/merge_bench.py [--workdir bench/out] [--repeats 3] [--layers 14]
+
+Builds (once, cached in the work dir) a synthetic Llama-shaped base of about 1.5 GB in
+bfloat16, in 4 shards, and an r = 8 PERA adapter on all seven projections. The PEFT route
+merges the exactly equivalent plain LoRA of rank R' = r + r(r+1)/2 = 44 (lora_A = Â,
+lora_B = s·B̂, lora_alpha = R', so its scaling is 1). `cp -r` of the base is the I/O floor.
+
+Every command runs as its own process; wall time and peak RSS (`wait4`'s ru_maxrss) are
+measured per run, runs alternate between the routes, and the report gives medians and the
+ratios against PEFT measured in this one run: absolute times on shared machines are noise.
+It also measures how close each route's merged weights are to W0 + ΔW computed in float64.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+HERE = Path(__file__).resolve().parent
+SEED = 8
+RANK = 8
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SHAPE = dict(hidden=2048, intermediate=5632, heads=16, kv_heads=4, vocab=32000)
+
+
+def llama_tensors(layers: int) -> list[tuple[str, tuple[int, int] | tuple[int]]]:
+    h, i, v = SHAPE["hidden"], SHAPE["intermediate"], SHAPE["vocab"]
+    kv = h // SHAPE["heads"] * SHAPE["kv_heads"]
+    names: list[tuple[str, tuple]] = [("model.embed_tokens.weight", (v, h))]
+    for n in range(layers):
+        p = f"model.layers.{n}."
+        names += [
+            (p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (kv, h)),
+            (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, h)),
+            (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)), (p + "mlp.down_proj.weight", (h, i)),
+            (p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,)),
+        ]
+    names += [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
+    return names
+
+
+def build_base(folder: Path, layers: int, shards: int = 4) -> None:
+    """Random bf16 weights written shard by shard, with the config and index transformers expects."""
+    from transformers import LlamaConfig
+
+    folder.mkdir(parents=True)
+    names = llama_tensors(layers)
+    sizes = [2 * torch.Size(shape).numel() for _, shape in names]
+    target = sum(sizes) / shards
+    groups: list[list[int]] = [[]]
+    acc = 0
+    for k, size in enumerate(sizes):
+        if groups[-1] and acc + size > target * 1.02 and len(groups) < shards:
+            groups.append([])
+            acc = 0
+        groups[-1].append(k)
+        acc += size
+    g = torch.Generator().manual_seed(SEED)
+    weight_map = {}
+    for s, group in enumerate(groups):
+        fname = f"model-{s + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {}
+        for k in group:
+            name, shape = names[k]
+            t = torch.ones(shape) if name.endswith("norm.weight") else torch.randn(shape, generator=g) * 0.02
+            tensors[name] = t.to(torch.bfloat16)
+            weight_map[name] = fname
+        save_file(tensors, str(folder / fname), metadata={"format": "pt"})
+        del tensors
+    total = sum(sizes)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    config = LlamaConfig(
+        vocab_size=SHAPE["vocab"], hidden_size=SHAPE["hidden"], intermediate_size=SHAPE["intermediate"],
+        num_hidden_layers=layers, num_attention_heads=SHAPE["heads"], num_key_value_heads=SHAPE["kv_heads"],
+        tie_word_embeddings=False, torch_dtype="bfloat16",
+    )
+    config.architectures = ["LlamaForCausalLM"]
+    config.save_pretrained(folder)
+
+
+def build_adapters(base: Path, pera_dir: Path, lora_dir: Path) -> None:
+    """An r = 8 PEFT-style PERA adapter, and the plain rank-R' LoRA that is exactly the same update."""
+    sys.path.insert(0, str(HERE.parent))
+    from pera_deploy import load_adapter
+
+    g = torch.Generator().manual_seed(SEED + 1)
+    p = RANK * (RANK + 1) // 2
+    pera, lora = {}, {}
+    targets = [(n, s) for n, s in llama_tensors(10**6) if n.split(".")[-2] in PROJECTIONS]
+    with open(base / "model.safetensors.index.json") as fh:
+        present = json.load(fh)["weight_map"]
+    for name, (out_f, in_f) in targets:
+        if name not in present:
+            continue
+        module = "base_model.model." + name[: -len(".weight")]
+        pera[f"{module}.lora_A.weight"] = torch.randn(RANK, in_f, generator=g) / in_f**0.5
+        pera[f"{module}.lora_B.weight"] = torch.randn(out_f, RANK, generator=g) * 0.01
+        pera[f"{module}.pera_h_A"] = torch.randn(p, generator=g)
+    pera_dir.mkdir(parents=True)
+    save_file(pera, str(pera_dir / "adapter_model.safetensors"))
+    (pera_dir / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "PERA", "r": RANK, "lora_alpha": 2 * RANK, "use_rslora": False, "target_modules": PROJECTIONS,
+        "fan_in_fan_out": False, "rank_pattern": {}, "alpha_pattern": {}, "base_model_name_or_path": str(base),
+        "task_type": "CAUSAL_LM", "bias": "none",
+    }, indent=2))
+    adapter = load_adapter(pera_dir)
+    r_prime = RANK + p
+    for module, layer in adapter.layers.items():
+        b_hat, a_hat = layer.expanded_factors(torch.float32)
+        lora[f"base_model.model.{module}.lora_A.weight"] = a_hat.contiguous()
+        lora[f"base_model.model.{module}.lora_B.weight"] = b_hat.contiguous()
+    lora_dir.mkdir(parents=True)
+    save_file(lora, str(lora_dir / "adapter_model.safetensors"))
+    (lora_dir / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": r_prime, "lora_alpha": r_prime, "target_modules": PROJECTIONS, "lora_dropout": 0.0,
+        "fan_in_fan_out": False, "bias": "none", "base_model_name_or_path": str(base), "task_type": "CAUSAL_LM",
+    }, indent=2))
+
+
+PEFT_ROUTE = """
+import sys, torch, peft
+from transformers import AutoModelForCausalLM
+base, lora, out = sys.argv[1:4]
+model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+model = peft.PeftModel.from_pretrained(model, lora).merge_and_unload()
+model.save_pretrained(out)
+"""
+
+
+def measure(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MB) of one command, as GNU time reports them.
+
+    Not this script's own wait4: ru_maxrss survives fork and exec, so a child would
+    inherit this (large) process's peak.
+    """
+    proc = subprocess.run(["/usr/bin/time", "-f", "%e %M", *cmd], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[:3]} failed: {proc.stderr[-2000:]}")
+    seconds, kb = proc.stderr.strip().splitlines()[-1].split()
+    return float(seconds), int(kb) / 1024
+
+
+def rounding_quality(merged: Path, base: Path, adapter_dir: Path, names: list[str]) -> float:
+    """Fraction of merged elements equal to W0 + ΔW (computed in float64) rounded once to bf16."""
+    sys.path.insert(0, str(HERE.parent))
+    from pera_deploy import load_adapter
+    from pera_deploy.checkpoint import BaseCheckpoint
+
+    adapter = load_adapter(adapter_dir)
+    equal = total = 0
+    with BaseCheckpoint(merged) as m, BaseCheckpoint(base) as b:
+        for name in names:
+            layer = adapter.layers[name[: -len(".weight")]]
+            exact = (b.get(name).double() + layer.delta_weight(torch.float64)).to(torch.bfloat16)
+            equal += int((m.get(name).view(torch.int16) == exact.view(torch.int16)).sum())
+            total += exact.numel()
+    return equal / total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", type=Path, default=HERE / "out")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--layers", type=int, default=14, help="decoder layers (14 gives about 1.5 GB)")
+    ap.add_argument("--skip-peft", action="store_true")
+    args = ap.parse_args()
+    work = args.workdir
+    base, pera_dir, lora_dir = work / f"llama-{args.layers}L-base", work / "pera-r8", work / "lora-r44"
+    if not base.exists():
+        print(f"building {base} ...", flush=True)
+        build_base(base, args.layers)
+        shutil.rmtree(pera_dir, ignore_errors=True)
+        shutil.rmtree(lora_dir, ignore_errors=True)
+    if not pera_dir.exists():
+        build_adapters(base, pera_dir, lora_dir)
+    size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
+    print(f"base: {size / 1e9:.2f} GB in {len(list(base.glob('*.safetensors')))} shards; adapter r={RANK}, R'={RANK + RANK * (RANK + 1) // 2}")
+
+    exe = str(Path(sys.executable).with_name("pera-deploy"))
+    routes = {
+        "pera-deploy": lambda out: [exe, "merge", str(pera_dir), str(base), "-o", str(out), "--no-progress"],
+        "cp -r": lambda out: ["cp", "-r", str(base), str(out)],
+    }
+    if not args.skip_peft:
+        routes["peft"] = lambda out: [sys.executable, "-c", PEFT_ROUTE, str(base), str(lora_dir), str(out)]
+    env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    results: dict[str, list[tuple[float, float]]] = {k: [] for k in routes}
+    for rep in range(args.repeats):
+        for name, cmd in routes.items():
+            out = work / f"out-{name.replace(' ', '').replace('-', '')}"
+            shutil.rmtree(out, ignore_errors=True)
+            results[name].append(measure(cmd(out), env))
+            print(f"  run {rep + 1} {name:12} {results[name][-1][0]:6.2f} s  {results[name][-1][1]:7.0f} MB", flush=True)
+
+    med = {k: (statistics.median(t for t, _ in v), statistics.median(m for _, m in v)) for k, v in results.items()}
+    print("\nmedians:")
+    for k, (t, m) in med.items():
+        print(f"  {k:12} {t:6.2f} s  {m:7.0f} MB peak RSS")
+    summary = {"base_gb": size / 1e9, "repeats": args.repeats, "medians": med}
+    if "peft" in med:
+        t_ratio = med["pera-deploy"][0] / med["peft"][0]
+        m_ratio = med["pera-deploy"][1] / med["peft"][1]
+        print(f"\npera-deploy / peft: time {t_ratio:.2f}x, peak memory {m_ratio:.2f}x   (cp -r / peft time: {med['cp -r'][0] / med['peft'][0]:.2f}x)")
+        summary.update(time_ratio=t_ratio, memory_ratio=m_ratio)
+        names = ["model.layers.0.mlp.down_proj.weight", f"model.layers.{args.layers - 1}.self_attn.q_proj.weight"]
+        ours = rounding_quality(work / "out-peradeploy", base, pera_dir, names)
+        theirs = rounding_quality(work / "out-peft", base, pera_dir, names)
+        print(f"merged elements equal to round_bf16(W0 + ΔW computed in float64): pera-deploy {ours:.4%}, peft {theirs:.4%}")
+        summary.update(pera_deploy_correctly_rounded=ours, peft_correctly_rounded=theirs)
+    (work / "merge_bench.json").write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
