@@ -3,25 +3,39 @@
     import pera_deploy
     adapter = pera_deploy.load_adapter("adapter/")
     report = pera_deploy.merge(adapter, "base/", "merged/")
+
+Names are imported on first use (PEP 562), so `import pera_deploy` and `pera-deploy --help`
+do not pay for importing torch.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from .adapter import PeraAdapter, PeraLayer  # noqa: E402
-from .api import inspect_adapter, merge, verify  # noqa: E402
-from .errors import CheckFailed, InputError, PeraDeployError  # noqa: E402
-from .formats import FORMATS, load_adapter  # noqa: E402
+_EXPORTS = {
+    "PeraAdapter": "adapter",
+    "PeraLayer": "adapter",
+    "load_adapter": "formats",
+    "FORMATS": "formats",
+    "inspect_adapter": "api",
+    "merge": "api",
+    "verify": "api",
+    "PeraDeployError": "errors",
+    "InputError": "errors",
+    "CheckFailed": "errors",
+}
 
-__all__ = [
-    "__version__",
-    "PeraAdapter",
-    "PeraLayer",
-    "load_adapter",
-    "inspect_adapter",
-    "merge",
-    "verify",
-    "FORMATS",
-    "PeraDeployError",
-    "InputError",
-    "CheckFailed",
-]
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -7,20 +7,25 @@ output folder only after the numerical checks pass.
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+import torch
 
 from . import __version__
 from .adapter import PeraAdapter
-from .checkpoint import BaseCheckpoint
+from .checkpoint import BaseCheckpoint, WrittenTensors
 from .errors import CheckFailed
 from .formats import load_adapter
 from .formats._assemble import MissingCoefficients
 from .merger import PRECISIONS, MergePlan, execute_plan, plan_merge
-from .provenance import InputDigests, combined_digest
-from .safetensors_stream import rewrite_metadata
-from .checks import ForwardReport, WeightReport, check_forward, check_weights
+from .provenance import Digests, combined_digest
+from .safetensors_stream import TensorEntry, read_header, rewrite_metadata
+from .checks import ForwardReport, WeightReport, check_forward, check_tensors, check_weights, expected_names
 from .writer import OutputFolder, check_target, copy_side_files, parse_size, write_index, write_json
 
 MANIFEST = "pera_deploy_manifest.json"
@@ -105,61 +110,101 @@ def merge(
     check_forward_pass: bool = False,
     force: bool = False,
     progress: bool | None = None,
+    digests: Digests | None = None,
 ) -> MergeReport:
     """Merge `adapter` into the model folder `base`, writing a new model folder `output`.
 
     Streams tensor by tensor; checks every weight (and, with `check_forward_pass`, the
     outputs) against the unmerged model; raises CheckFailed, leaving nothing behind, if a
-    check fails. Bad input raises InputError before anything is written.
+    check fails. Bad input raises InputError before anything is written. `digests` may be
+    a `provenance.Digests` already hashing the inputs (the CLI starts one before torch loads).
     """
-    output = Path(output)
+    own_digests = digests is None
+    digests = digests or Digests()
+    try:
+        return _merge(adapter, base, Path(output), digests, format=format, adapter_name=adapter_name,
+                      missing_coefficients=missing_coefficients, dtype=dtype, precision=precision,
+                      max_shard_size=max_shard_size, untie_embeddings=untie_embeddings,
+                      check_forward_pass=check_forward_pass, force=force, progress=progress)
+    finally:
+        if own_digests:
+            digests.close()
+
+
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    old = torch.get_num_threads()
+    torch.set_num_threads(max(1, n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _merge(adapter: str | Path | PeraAdapter, base: str | Path, output: Path, digests: Digests, *, format: str | None,
+           adapter_name: str | None, missing_coefficients: MissingCoefficients, dtype: str, precision: str,
+           max_shard_size: str | int | None, untie_embeddings: bool, check_forward_pass: bool, force: bool,
+           progress: bool | None) -> MergeReport:
     check_target(output, force)
     adapter = _as_adapter(adapter, format=format, adapter_name=adapter_name, missing_coefficients=missing_coefficients)
     shard_limit = parse_size(max_shard_size) if max_shard_size is not None else None
     with BaseCheckpoint(base) as checkpoint:
         plan = plan_merge(adapter, checkpoint, dtype=dtype, max_shard_size=shard_limit,
                           untie_embeddings=untie_embeddings, precision=precision)
-        adapter_files = {p.name: p for p in adapter.files}
-        base_files = {p.name: p for p in checkpoint.weight_files}
-        digests = InputDigests({**{f"adapter/{k}": v for k, v in adapter_files.items()},
-                                **{f"base/{k}": v for k, v in base_files.items()}})
-        try:
-            with OutputFolder(output, force=force) as out:
-                metadata = {
-                    "format": "pt",
-                    "pera_deploy.version": __version__,
-                    "pera_deploy.adapter_sha256": PLACEHOLDER_DIGEST,
-                    "pera_deploy.base_sha256": PLACEHOLDER_DIGEST,
-                }
-                execute_plan(plan, out.path, metadata, progress)
-                if plan.indexed:
-                    write_index(out.path, plan.weight_map, plan.total_bytes)
-                side_files = copy_side_files(checkpoint.folder, out.path, plan.config_updates)
-                with BaseCheckpoint(out.path) as merged:
-                    weights = check_weights(merged, checkpoint, adapter, plan.matching, plan.compute_dtype, progress)
-                forward = check_forward(out.path, checkpoint.folder, adapter) if check_forward_pass and weights.passed else None
+        digests.prefetch(list(adapter.files) + checkpoint.weight_files)
+        with OutputFolder(output, force=force) as out:
+            metadata = {
+                "format": "pt",
+                "pera_deploy.version": __version__,
+                "pera_deploy.adapter_sha256": PLACEHOLDER_DIGEST,
+                "pera_deploy.base_sha256": PLACEHOLDER_DIGEST,
+            }
+            weights = WeightReport()
+            figures: dict[str, tuple[float, float]] = {}
+            written = WrittenTensors()
+            # The checks follow the merge tensor by tensor in a thread of their own. The
+            # writer, the checker and the hasher each need a core: with more torch threads
+            # than cores left, OpenMP's barriers make every op wait for a thread that is
+            # not running (measured: 15.5 s instead of 10.2 s on 2 cores).
+            with ThreadPoolExecutor(1, thread_name_prefix="pera-deploy-check") as checker, \
+                    _torch_threads(max(1, (os.cpu_count() or 1) // 2)):
+                checks: list[Future[WeightReport]] = []
 
-                hashes = digests.result()
-                adapter_hashes = {k.split("/", 1)[1]: v for k, v in hashes.items() if k.startswith("adapter/")}
-                base_hashes = {k.split("/", 1)[1]: v for k, v in hashes.items() if k.startswith("base/")}
-                metadata["pera_deploy.adapter_sha256"] = combined_digest(adapter_hashes)
-                metadata["pera_deploy.base_sha256"] = combined_digest(base_hashes)
-                for shard in plan.shards:
-                    rewrite_metadata(out.path / shard.filename, metadata)
+                def check_written(entry: TensorEntry) -> None:
+                    written.add(entry)
+                    checks.append(checker.submit(check_tensors, [entry.name], written, checkpoint, adapter,
+                                                 plan.matching, plan.compute_dtype, figures))
 
-                report = MergeReport(output, plan, weights, forward)
-                report.manifest = _manifest(plan, report, adapter_hashes, base_hashes, side_files, {
-                    "dtype": dtype, "precision": precision, "max_shard_size": max_shard_size,
-                    "untie_embeddings": untie_embeddings, "missing_coefficients": missing_coefficients,
-                    "check_forward": check_forward_pass,
-                })
-                write_json(out.path / MANIFEST, report.manifest)
-                (out.path / "README.md").write_text(_model_card(plan, output.name), encoding="utf-8")
-                if not report.passed:
-                    raise CheckFailed(report.failure() or "a check failed", report)
-                out.commit()
-        finally:
-            digests.cancel()
+                execute_plan(plan, out.path, metadata, progress, on_written=check_written, figures=figures)
+                for done in checks:
+                    weights.add(done.result())
+            # Every shard must now be a valid safetensors file holding exactly the expected names.
+            present = {e.name for shard in plan.shards for e in read_header(out.path / shard.filename)[0]}
+            expected = expected_names(checkpoint, plan.matching)
+            weights.missing, weights.unexpected = sorted(expected - present), sorted(present - expected)
+            if plan.indexed:
+                write_index(out.path, plan.weight_map, plan.total_bytes)
+            side_files = copy_side_files(checkpoint.folder, out.path, plan.config_updates)
+            forward = check_forward(out.path, checkpoint.folder, adapter) if check_forward_pass and weights.passed else None
+
+            adapter_hashes = {p.name: digests.sha256(p) for p in adapter.files}
+            base_hashes = {p.name: digests.sha256(p) for p in checkpoint.weight_files}
+            metadata["pera_deploy.adapter_sha256"] = combined_digest(adapter_hashes)
+            metadata["pera_deploy.base_sha256"] = combined_digest(base_hashes)
+            for shard in plan.shards:
+                rewrite_metadata(out.path / shard.filename, metadata)
+
+            report = MergeReport(output, plan, weights, forward)
+            report.manifest = _manifest(plan, report, adapter_hashes, base_hashes, side_files, {
+                "dtype": dtype, "precision": precision, "max_shard_size": max_shard_size,
+                "untie_embeddings": untie_embeddings, "missing_coefficients": missing_coefficients,
+                "check_forward": check_forward_pass,
+            })
+            write_json(out.path / MANIFEST, report.manifest)
+            (out.path / "README.md").write_text(_model_card(plan, output.name), encoding="utf-8")
+            if not report.passed:
+                raise CheckFailed(report.failure() or "a check failed", report)
+            out.commit()
     return report
 
 

@@ -185,20 +185,28 @@ def merge(adapter: Path, base: Path, output: Path, format_: str | None, adapter_
     Example:
       pera-deploy merge fixtures/examples/llama-pera fixtures/examples/llama-base -o merged
     """
-    from .api import merge as run_merge
-    from .errors import CheckFailed
+    from .provenance import Digests, likely_inputs
 
     started = time.perf_counter()
+    # Start hashing the inputs now, while torch is still being imported.
+    digests = Digests()
+    digests.prefetch(likely_inputs(adapter / adapter_name if adapter_name else adapter, base))
     try:
-        report = run_merge(
-            adapter, base, output, **_load_options(format_, adapter_name, missing_coefficients),
-            dtype=dtype, precision=precision, max_shard_size=max_shard_size, untie_embeddings=untie_embeddings,
-            check_forward_pass=check_forward, force=force, progress=progress,
-        )
-    except CheckFailed as exc:
-        if as_json and exc.report is not None:
-            click.echo(json.dumps(exc.report.to_dict(), indent=2, default=str))
-        raise
+        from .api import merge as run_merge
+        from .errors import CheckFailed
+
+        try:
+            report = run_merge(
+                adapter, base, output, **_load_options(format_, adapter_name, missing_coefficients),
+                dtype=dtype, precision=precision, max_shard_size=max_shard_size, untie_embeddings=untie_embeddings,
+                check_forward_pass=check_forward, force=force, progress=progress, digests=digests,
+            )
+        except CheckFailed as exc:
+            if as_json and exc.report is not None:
+                click.echo(json.dumps(exc.report.to_dict(), indent=2, default=str))
+            raise
+    finally:
+        digests.close()
     seconds = time.perf_counter() - started
     m = report.manifest
     w = m["checks"]["weights"]

@@ -8,9 +8,11 @@ At most one weight (plus its float32 working copy) is in memory at a time.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor
@@ -19,7 +21,7 @@ from .adapter import PeraAdapter, PeraLayer
 from .checkpoint import BaseCheckpoint
 from .errors import InputError
 from .matching import Matching, match_adapter
-from .safetensors_stream import DTYPE_CODES, DTYPES, FLOAT_CODES, ShardWriter, itemsize
+from .safetensors_stream import DTYPE_CODES, DTYPES, FLOAT_CODES, ShardWriter, TensorEntry, itemsize
 
 OUTPUT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
@@ -73,30 +75,45 @@ class MergePlan:
 BLOCK_ELEMENTS = 1 << 20  # rows are merged in blocks of about this many elements (cache-sized)
 
 
-def merged_weight(w0: Tensor, layer: PeraLayer, transpose: bool, out_dtype: torch.dtype, compute_dtype: torch.dtype) -> Tensor:
+@dataclass(frozen=True)
+class MergedWeight:
+    tensor: Tensor  # round(x), x = W0 + ΔW
+    residual_norm: float  # ‖round(x) − x‖: what the one rounding cost
+    exact_norm: float  # ‖x‖
+
+
+def merged_weight(w0: Tensor, layer: PeraLayer, transpose: bool, out_dtype: torch.dtype, compute_dtype: torch.dtype) -> MergedWeight:
     """round_out(W0 + ΔW) with W0 upcast and ΔW computed in `compute_dtype`, rounded once.
 
     Worked through in row blocks that stay in cache, so the float32 working copy is never
-    the size of the weight. For a Conv1D base (W0 stored (in, out)) the update is
-    ΔWᵀ = Âᵀ(s·B̂)ᵀ. NaN, Inf or an overflow of the output dtype is an error naming the layer.
+    the size of the weight, and what the rounding cost is measured while the block is hot.
+    For a Conv1D base (W0 stored (in, out)) the update is ΔWᵀ = Âᵀ(s·B̂)ᵀ. NaN, Inf or an
+    overflow of the output dtype is an error naming the layer.
     """
     b_hat, a_hat = layer.expanded_factors(compute_dtype)
     left, right = (a_hat.T, b_hat.T) if transpose else (b_hat, a_hat)
     out = torch.empty(w0.shape, dtype=out_dtype)
-    limit = torch.finfo(out_dtype).max
     rows = max(1, BLOCK_ELEMENTS // max(1, w0.shape[1]))
+    r2 = x2 = 0.0
     for start in range(0, w0.shape[0], rows):
         block = slice(start, start + rows)
         x = w0[block].to(compute_dtype, copy=True).addmm_(left[block], right)
-        lo, hi = torch.aminmax(x)
-        if not (-limit <= float(lo) and float(hi) <= limit):  # also false for NaN
+        stored = out[block]
+        stored.copy_(x)
+        x_norm = float(torch.linalg.vector_norm(x))
+        # (a separate upcast: in-place arithmetic on mixed dtypes takes the slow path)
+        r_norm = float(torch.linalg.vector_norm(x.sub_(stored.to(compute_dtype))))
+        # A NaN or Inf in x, or an overflow when rounding to the output dtype, makes one of
+        # the two norms non-finite (so would weights near 1e19, which are refused too).
+        if not (math.isfinite(x_norm) and math.isfinite(r_norm)):
             cause = "the base weight" if not bool(torch.isfinite(w0[block]).all()) else "the merge"
             raise InputError(
                 f"merging module {layer.module}: NaN, Inf or a value beyond the {str(out_dtype).removeprefix('torch.')} "
                 f"range, produced by {cause}"
             )
-        out[block].copy_(x)
-    return out
+        x2 += x_norm**2
+        r2 += r_norm**2
+    return MergedWeight(out, r2**0.5, x2**0.5)
 
 
 def _output_filename(base_name: str) -> str:
@@ -193,36 +210,69 @@ def _reshard(tensors: list[TensorPlan], limit: int) -> tuple[list[tuple[str, lis
     return [(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)], True
 
 
-def execute_plan(plan: MergePlan, folder: Path, metadata: dict[str, str], progress: bool | None = None) -> None:
-    """Write every shard of the plan into `folder`, one tensor in memory at a time."""
+def _produce(plan: MergePlan, t: TensorPlan, figures: dict[str, tuple[float, float]]) -> Tensor:
+    """The output value of one planned tensor (not a byte copy)."""
+    out_dtype = DTYPES[t.dtype]
+    if t.action == "merge":
+        layer = plan.adapter.layers[t.layer]
+        merged = merged_weight(plan.checkpoint.get(t.source), layer, layer.fan_in_fan_out, out_dtype, plan.compute_dtype)
+        figures[t.name] = (merged.residual_norm, merged.exact_norm)
+        return merged.tensor
+    if t.action in ("copy", "convert"):
+        return plan.checkpoint.get(t.source).to(out_dtype)
+    return plan.adapter.extra_tensors[t.extra].to(out_dtype)  # replace / add
+
+
+def execute_plan(plan: MergePlan, folder: Path, metadata: dict[str, str], progress: bool | None = None,
+                 on_written: Callable[[TensorEntry], None] | None = None,
+                 figures: dict[str, tuple[float, float]] | None = None) -> dict[str, tuple[float, float]]:
+    """Write every shard of the plan into `folder`, one tensor at a time.
+
+    Writing a tensor overlaps with computing the next one (a single writer thread; the
+    kernel write releases the GIL), so at most two tensors are in memory. Each tensor, once
+    its bytes are in the file, is handed to `on_written` (from the writer thread), so the
+    checks can follow the merge tensor by tensor. Fills and returns `figures`: per merged
+    tensor, ‖W' − x‖ and ‖x‖ (x = W0 + ΔW), each before the tensor is handed on.
+    """
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     from tqdm import tqdm
 
-    checkpoint, adapter = plan.checkpoint, plan.adapter
+    figures = {} if figures is None else figures
+    notify = on_written or (lambda entry: None)
+
+    def write(method: Callable[..., TensorEntry], *args: object) -> None:
+        notify(method(*args))
+
+    checkpoint = plan.checkpoint
     # progress=None: tqdm's own choice, a bar on a terminal and silence in a pipe
     bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="merge", disable=None if progress is None else not progress)
-    try:
-        for shard in plan.shards:
-            writer = ShardWriter(folder / shard.filename, [(t.name, t.dtype, t.shape) for t in shard.tensors], metadata)
-            try:
-                for t in shard.tensors:
-                    out_dtype = DTYPES[t.dtype]
-                    if t.action == "copy" and checkpoint.entries[t.source].begin >= 0:
-                        e = checkpoint.entries[t.source]
-                        writer.copy_bytes(t.name, e.file, e.begin, e.end)
-                    elif t.action in ("copy", "convert"):
-                        writer.write_tensor(t.name, checkpoint.get(t.source).to(out_dtype))
-                    elif t.action == "merge":
-                        layer = adapter.layers[t.layer]
-                        transpose = layer.fan_in_fan_out
-                        w = merged_weight(checkpoint.get(t.source), layer, transpose, out_dtype, plan.compute_dtype)
-                        writer.write_tensor(t.name, w)
-                        del w
-                    else:  # replace / add
-                        writer.write_tensor(t.name, adapter.extra_tensors[t.extra].to(out_dtype))
-                    bar.update(t.nbytes)
-            except BaseException:
-                writer.abort()
-                raise
-            writer.close()
-    finally:
-        bar.close()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pera-deploy-writer") as io:
+        pending: Future[None] | None = None
+        try:
+            for shard in plan.shards:
+                writer = ShardWriter(folder / shard.filename, [(t.name, t.dtype, t.shape) for t in shard.tensors], metadata)
+                try:
+                    for t in shard.tensors:
+                        entry = checkpoint.entries.get(t.source) if t.source else None
+                        if t.action == "copy" and entry is not None and entry.begin >= 0:
+                            job = (writer.copy_bytes, t.name, entry.file, entry.begin, entry.end)
+                        else:
+                            job = (writer.write_tensor, t.name, _produce(plan, t, figures))
+                        if pending is not None:
+                            pending.result()
+                        pending = io.submit(write, *job)
+                        bar.update(t.nbytes)
+                    if pending is not None:
+                        pending.result()
+                        pending = None
+                except BaseException:
+                    if pending is not None and not pending.cancel():
+                        pending.exception()  # a write under way: let it finish before closing its file
+                    pending = None
+                    writer.abort()
+                    raise
+                writer.close()
+        finally:
+            bar.close()
+    return figures

@@ -79,10 +79,11 @@ def expand_A(A: Tensor, hA: Tensor) -> Tensor:
 def expand_B(B: Tensor, hB: Tensor | None = None) -> Tensor:
     """B̂ = [B | hB_p · (b_i ⊙ b_j)], shape (out, R'); hB absent means all ones."""
     i, j = pair_indices(B.shape[1])
-    products = B[:, i] * B[:, j]
+    columns = B.T.contiguous()  # gathering rows is much faster than gathering columns
+    products = columns[i] * columns[j]
     if hB is not None:
-        products = products * hB.to(B.dtype)[None, :]
-    return torch.cat([B, products], dim=1)
+        products = products * hB.to(B.dtype)[:, None]
+    return torch.cat([B, products.T], dim=1)
 
 
 def expanded_factors(

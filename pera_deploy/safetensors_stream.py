@@ -112,6 +112,26 @@ def read_header(path: Path) -> tuple[list[TensorEntry], dict[str, str]]:
     return entries, dict(metadata)
 
 
+def read_entry(entry: TensorEntry) -> torch.Tensor:
+    """A tensor read from its bytes with pread, into memory of its own.
+
+    For files still being written (safe_open validates a whole file, so it cannot open a
+    shard before its last tensor is in), and without the memory map safe_open keeps.
+    """
+    dtype = DTYPES[entry.dtype]
+    if entry.nbytes == 0:
+        return torch.empty(entry.shape, dtype=dtype)
+    buf = bytearray(entry.nbytes)
+    with open(entry.file, "rb", buffering=0) as fh:
+        view, pos = memoryview(buf), entry.begin
+        while view:
+            n = os.preadv(fh.fileno(), [view], pos)
+            if n <= 0:
+                raise OSError(f"{entry.file}: unexpected end of file reading {entry.name}")
+            view, pos = view[n:], pos + n
+    return torch.frombuffer(buf, dtype=dtype).reshape(entry.shape)
+
+
 def _header_bytes(layout: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> tuple[bytes, list[int]]:
     header: dict[str, object] = {}
     if metadata:
@@ -147,33 +167,40 @@ class ShardWriter:
         self._fh: BinaryIO = open(path, "wb", buffering=0)
         self._fh.write(header)
 
-    def _expect(self, name: str, nbytes: int) -> None:
+    def _expect(self, name: str, nbytes: int) -> TensorEntry:
+        """The entry the next write must fill; refuses a write that would not match the header."""
         want_name, code, shape = self.layout[self._next]
-        want = itemsize(code)
+        begin = self._data_start + self._offsets[self._next]
+        size = itemsize(code)
         for d in shape:
-            want *= d
-        if name != want_name or nbytes != want:
-            raise RuntimeError(f"{self.path}: wrote {name} ({nbytes} B) where {want_name} ({want} B) belongs")
-        if self._fh.tell() != self._data_start + self._offsets[self._next]:
+            size *= d
+        entry = TensorEntry(want_name, code, shape, self.path, begin, begin + size)
+        if name != want_name or nbytes != entry.nbytes:
+            raise RuntimeError(f"{self.path}: wrote {name} ({nbytes} B) where {want_name} ({entry.nbytes} B) belongs")
+        if self._fh.tell() != begin:
             raise RuntimeError(f"{self.path}: {name} would not start where the header says")
         self._next += 1
+        return entry
 
-    def write_tensor(self, name: str, tensor: torch.Tensor) -> None:
+    def write_tensor(self, name: str, tensor: torch.Tensor) -> TensorEntry:
+        """Append a tensor; returns where its bytes now lie."""
         tensor = tensor.contiguous()
         code = DTYPE_CODES[tensor.dtype]
         if code != self.layout[self._next][1]:
             raise RuntimeError(f"{self.path}: {name} has dtype {code}, layout says {self.layout[self._next][1]}")
         nbytes = tensor.numel() * tensor.element_size()
-        self._expect(name, nbytes)
+        entry = self._expect(name, nbytes)
         view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()) if nbytes else memoryview(b"")
         while view:  # a raw write may be short (Linux caps one write near 2 GiB)
             view = view[self._fh.write(view):]
+        return entry
 
-    def copy_bytes(self, name: str, source: Path, begin: int, end: int) -> None:
+    def copy_bytes(self, name: str, source: Path, begin: int, end: int) -> TensorEntry:
         """Append a tensor's raw bytes from another file, without decoding them."""
-        self._expect(name, end - begin)
+        entry = self._expect(name, end - begin)
         with open(source, "rb") as src:
             _copy_range(src.fileno(), self._fh.fileno(), begin, end - begin)
+        return entry
 
     def abort(self) -> None:
         """Close without the completeness check (the caller is unwinding an error)."""

@@ -136,7 +136,10 @@ def test_failed_check_exits_1_and_writes_nothing(cli, fx, tmp_path, monkeypatch)
     """A merge whose result does not match (simulated: ΔW dropped) is caught and not published."""
     import pera_deploy.merger as merge_module
 
-    monkeypatch.setattr(merge_module, "merged_weight", lambda w0, layer, transpose, out_dtype, compute_dtype: w0.to(out_dtype))
+    def dropped(w0, layer, transpose, out_dtype, compute_dtype):
+        return merge_module.MergedWeight(w0.to(out_dtype), 0.0, 1.0)
+
+    monkeypatch.setattr(merge_module, "merged_weight", dropped)
     result = cli("merge", fx["llama-pera"], fx["llama-base"], "-o", tmp_path / "m", "--json")
     assert result.exit_code == 1
     assert result.stderr.startswith("pera-deploy: check failed: merged weight model.layers.")
