@@ -165,13 +165,17 @@ def inspect(adapter: Path, format_: str | None, adapter_name: str | None, missin
               help="Allow merging into a tied embedding by giving the tied pair separate weights.")
 @click.option("--check-forward", is_flag=True,
               help="Also run the merged and the unmerged model on seeded inputs and compare outputs.")
+@click.option("--full-check", is_flag=True,
+              help="Recompute every merged element independently (by default a sample of rows of every "
+              "merged weight: the first, the last and every 8th block; about 30% slower).")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists and is not empty.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
 @json_option
 @debug_option
 def merge(adapter: Path, base: Path, output: Path, format_: str | None, adapter_name: str | None,
           missing_coefficients: str | None, dtype: str, precision: str, max_shard_size: str | None,
-          untie_embeddings: bool, check_forward: bool, force: bool, progress: bool | None, as_json: bool) -> None:
+          untie_embeddings: bool, check_forward: bool, full_check: bool, force: bool, progress: bool | None,
+          as_json: bool) -> None:
     """Merge the PERA adapter ADAPTER into the model folder BASE, writing a new model folder.
 
     \b
@@ -199,7 +203,8 @@ def merge(adapter: Path, base: Path, output: Path, format_: str | None, adapter_
             report = run_merge(
                 adapter, base, output, **_load_options(format_, adapter_name, missing_coefficients),
                 dtype=dtype, precision=precision, max_shard_size=max_shard_size, untie_embeddings=untie_embeddings,
-                check_forward_pass=check_forward, force=force, progress=progress, digests=digests,
+                check_forward_pass=check_forward, full_check=full_check, force=force, progress=progress,
+                digests=digests,
             )
         except CheckFailed as exc:
             if as_json and exc.report is not None:
@@ -213,8 +218,9 @@ def merge(adapter: Path, base: Path, output: Path, format_: str | None, adapter_
     lines = [
         f"merged {len(m['merged_layers'])} layers of {m['adapter']['folder']} ({m['adapter']['format']}, "
         f"r={_fmt_list(m['adapter']['r'])}) into {m['base']['folder']}",
-        f"  weights: {w['merged_layers']} merged tensors equal W0 + ΔW rounded once (recomputed; the rounding "
-        f"costs at most {w['max_rel_error']:.2g} of ‖ΔW‖), {w['untouched_identical']} untouched tensors identical",
+        f"  weights: {w['merged_layers']} merged tensors are W0 + ΔW rounded once ({w['rows_recomputed']:.0%} of "
+        f"their rows recomputed independently; the rounding costs at most {w['max_rel_error']:.2g} of ‖ΔW‖), "
+        f"{w['untouched_identical']} untouched tensors identical",
     ]
     for key, label in (("replaced_tensors", "replaced"), ("added_tensors", "added")):
         if m[key]:
