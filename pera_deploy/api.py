@@ -164,7 +164,6 @@ def _merge(adapter: str | Path | PeraAdapter, base: str | Path, output: Path, di
                 "pera_deploy.base_sha256": PLACEHOLDER_DIGEST,
             }
             weights = WeightReport()
-            figures: dict[str, tuple[float, float]] = {}
             written = WrittenTensors()
             every = 1 if full_check else SAMPLED_CHECK_EVERY
             # The checks follow the merge tensor by tensor in a thread of their own. The
@@ -179,9 +178,9 @@ def _merge(adapter: str | Path | PeraAdapter, base: str | Path, output: Path, di
                 def check_written(entry: TensorEntry) -> None:
                     written.add(entry)
                     checks.append(checker.submit(check_tensors, [entry.name], written, checkpoint, adapter,
-                                                 plan.matching, plan.compute_dtype, figures, every))
+                                                 plan.matching, plan.compute_dtype, every))
 
-                execute_plan(plan, out.path, metadata, progress, on_written=check_written, figures=figures)
+                execute_plan(plan, out.path, metadata, progress, on_written=check_written)
                 for done in checks:
                     weights.add(done.result())
             # Every shard must now be a valid safetensors file holding exactly the expected names.

@@ -8,7 +8,6 @@ At most one weight (plus its float32 working copy) is in memory at a time.
 
 from __future__ import annotations
 
-import math
 
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,45 +74,34 @@ class MergePlan:
 BLOCK_ELEMENTS = 1 << 20  # rows are merged in blocks of about this many elements (cache-sized)
 
 
-@dataclass(frozen=True)
-class MergedWeight:
-    tensor: Tensor  # round(x), x = W0 + ΔW
-    residual_norm: float  # ‖round(x) − x‖: what the one rounding cost
-    exact_norm: float  # ‖x‖
-
-
-def merged_weight(w0: Tensor, layer: PeraLayer, transpose: bool, out_dtype: torch.dtype, compute_dtype: torch.dtype) -> MergedWeight:
+def merged_weight(w0: Tensor, layer: PeraLayer, transpose: bool, out_dtype: torch.dtype, compute_dtype: torch.dtype) -> Tensor:
     """round_out(W0 + ΔW) with W0 upcast and ΔW computed in `compute_dtype`, rounded once.
 
-    Worked through in row blocks that stay in cache, so the float32 working copy is never
-    the size of the weight, and what the rounding cost is measured while the block is hot.
-    For a Conv1D base (W0 stored (in, out)) the update is ΔWᵀ = Âᵀ(s·B̂)ᵀ. NaN, Inf or an
-    overflow of the output dtype is an error naming the layer.
+    Worked through in row blocks in one reused, cache-sized float32 buffer, so the working
+    copy is never the size of the weight. For a Conv1D base (W0 stored (in, out)) the update
+    is ΔWᵀ = Âᵀ(s·B̂)ᵀ. NaN, Inf or a value the output dtype cannot hold is an error naming
+    the layer.
     """
     b_hat, a_hat = layer.expanded_factors(compute_dtype)
     left, right = (a_hat.T, b_hat.T) if transpose else (b_hat, a_hat)
     out = torch.empty(w0.shape, dtype=out_dtype)
+    limit = torch.finfo(out_dtype).max
     rows = max(1, BLOCK_ELEMENTS // max(1, w0.shape[1]))
-    r2 = x2 = 0.0
+    buffer = torch.empty((min(rows, w0.shape[0]), *w0.shape[1:]), dtype=compute_dtype)
     for start in range(0, w0.shape[0], rows):
         block = slice(start, start + rows)
-        x = w0[block].to(compute_dtype, copy=True).addmm_(left[block], right)
-        stored = out[block]
-        stored.copy_(x)
-        x_norm = float(torch.linalg.vector_norm(x))
-        # (a separate upcast: in-place arithmetic on mixed dtypes takes the slow path)
-        r_norm = float(torch.linalg.vector_norm(x.sub_(stored.to(compute_dtype))))
-        # A NaN or Inf in x, or an overflow when rounding to the output dtype, makes one of
-        # the two norms non-finite (so would weights near 1e19, which are refused too).
-        if not (math.isfinite(x_norm) and math.isfinite(r_norm)):
+        x = buffer[: min(rows, w0.shape[0] - start)]
+        x.copy_(w0[block])
+        x.addmm_(left[block], right)
+        lo, hi = torch.aminmax(x)
+        if not (-limit <= float(lo) and float(hi) <= limit):  # false for NaN too
             cause = "the base weight" if not bool(torch.isfinite(w0[block]).all()) else "the merge"
             raise InputError(
                 f"merging module {layer.module}: NaN, Inf or a value beyond the {str(out_dtype).removeprefix('torch.')} "
                 f"range, produced by {cause}"
             )
-        x2 += x_norm**2
-        r2 += r_norm**2
-    return MergedWeight(out, r2**0.5, x2**0.5)
+        out[block].copy_(x)
+    return out
 
 
 def _output_filename(base_name: str) -> str:
@@ -210,35 +198,30 @@ def _reshard(tensors: list[TensorPlan], limit: int) -> tuple[list[tuple[str, lis
     return [(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)], True
 
 
-def _produce(plan: MergePlan, t: TensorPlan, figures: dict[str, tuple[float, float]]) -> Tensor:
+def _produce(plan: MergePlan, t: TensorPlan) -> Tensor:
     """The output value of one planned tensor (not a byte copy)."""
     out_dtype = DTYPES[t.dtype]
     if t.action == "merge":
         layer = plan.adapter.layers[t.layer]
-        merged = merged_weight(plan.checkpoint.get(t.source), layer, layer.fan_in_fan_out, out_dtype, plan.compute_dtype)
-        figures[t.name] = (merged.residual_norm, merged.exact_norm)
-        return merged.tensor
+        return merged_weight(plan.checkpoint.get(t.source), layer, layer.fan_in_fan_out, out_dtype, plan.compute_dtype)
     if t.action in ("copy", "convert"):
         return plan.checkpoint.get(t.source).to(out_dtype)
     return plan.adapter.extra_tensors[t.extra].to(out_dtype)  # replace / add
 
 
 def execute_plan(plan: MergePlan, folder: Path, metadata: dict[str, str], progress: bool | None = None,
-                 on_written: Callable[[TensorEntry], None] | None = None,
-                 figures: dict[str, tuple[float, float]] | None = None) -> dict[str, tuple[float, float]]:
+                 on_written: Callable[[TensorEntry], None] | None = None) -> None:
     """Write every shard of the plan into `folder`, one tensor at a time.
 
     Writing a tensor overlaps with computing the next one (a single writer thread; the
     kernel write releases the GIL), so at most two tensors are in memory. Each tensor, once
     its bytes are in the file, is handed to `on_written` (from the writer thread), so the
-    checks can follow the merge tensor by tensor. Fills and returns `figures`: per merged
-    tensor, ‖W' − x‖ and ‖x‖ (x = W0 + ΔW), each before the tensor is handed on.
+    checks can follow the merge tensor by tensor.
     """
     from concurrent.futures import Future, ThreadPoolExecutor
 
     from tqdm import tqdm
 
-    figures = {} if figures is None else figures
     notify = on_written or (lambda entry: None)
 
     def write(method: Callable[..., TensorEntry], *args: object) -> None:
@@ -258,7 +241,7 @@ def execute_plan(plan: MergePlan, folder: Path, metadata: dict[str, str], progre
                         if t.action == "copy" and entry is not None and entry.begin >= 0:
                             job = (writer.copy_bytes, t.name, entry.file, entry.begin, entry.end)
                         else:
-                            job = (writer.write_tensor, t.name, _produce(plan, t, figures))
+                            job = (writer.write_tensor, t.name, _produce(plan, t))
                         if pending is not None:
                             pending.result()
                         pending = io.submit(write, *job)
@@ -275,4 +258,3 @@ def execute_plan(plan: MergePlan, folder: Path, metadata: dict[str, str], progre
                 writer.close()
         finally:
             bar.close()
-    return figures

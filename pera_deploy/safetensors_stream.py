@@ -11,7 +11,9 @@ and then streaming each tensor's bytes into place.
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import warnings
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,23 +115,22 @@ def read_header(path: Path) -> tuple[list[TensorEntry], dict[str, str]]:
 
 
 def read_entry(entry: TensorEntry) -> torch.Tensor:
-    """A tensor read from its bytes with pread, into memory of its own.
+    """A tensor viewed straight from its bytes in the file (a private, read-only map of them).
 
-    For files still being written (safe_open validates a whole file, so it cannot open a
-    shard before its last tensor is in), and without the memory map safe_open keeps.
+    For files still being written: safe_open validates a whole file, so it cannot open a
+    shard before its last tensor is in. Only the pages actually read become resident, and
+    the map goes with the tensor.
     """
     dtype = DTYPES[entry.dtype]
     if entry.nbytes == 0:
         return torch.empty(entry.shape, dtype=dtype)
-    buf = bytearray(entry.nbytes)
-    with open(entry.file, "rb", buffering=0) as fh:
-        view, pos = memoryview(buf), entry.begin
-        while view:
-            n = os.preadv(fh.fileno(), [view], pos)
-            if n <= 0:
-                raise OSError(f"{entry.file}: unexpected end of file reading {entry.name}")
-            view, pos = view[n:], pos + n
-    return torch.frombuffer(buf, dtype=dtype).reshape(entry.shape)
+    start = entry.begin - entry.begin % mmap.ALLOCATIONGRANULARITY
+    with open(entry.file, "rb") as fh:
+        mapped = mmap.mmap(fh.fileno(), entry.end - start, access=mmap.ACCESS_COPY, offset=start)
+    view = memoryview(mapped)[entry.begin - start:]
+    with warnings.catch_warnings():  # the map is writable copy-on-write, so nothing is shared back
+        warnings.simplefilter("ignore")
+        return torch.frombuffer(view, dtype=dtype).reshape(entry.shape)
 
 
 def _header_bytes(layout: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> tuple[bytes, list[int]]:

@@ -137,7 +137,7 @@ def test_failed_check_exits_1_and_writes_nothing(cli, fx, tmp_path, monkeypatch)
     import pera_deploy.merger as merge_module
 
     def dropped(w0, layer, transpose, out_dtype, compute_dtype):
-        return merge_module.MergedWeight(w0.to(out_dtype), 0.0, 1.0)
+        return w0.to(out_dtype)
 
     monkeypatch.setattr(merge_module, "merged_weight", dropped)
     result = cli("merge", fx["llama-pera"], fx["llama-base"], "-o", tmp_path / "m", "--json")
