@@ -47,46 +47,113 @@ def load_model(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Mod
     return model
 
 
-class PeraBranch:
-    """Forward hooks that add s·B̂(Â·x) to each targeted module's output.
+def _targets(model: nn.Module, adapter: PeraAdapter) -> dict[str, nn.Module]:
+    """Adapter module path → the model's module it adapts (same suffix rule as merging)."""
+    modules = dict(model.named_modules())
+    by_last: dict[str, list[str]] = {}
+    for name in modules:
+        by_last.setdefault(name.rsplit(".", 1)[-1], []).append(name)
+    targets = {}
+    for path in adapter.layers:
+        hits = resolve_name(path, by_last)
+        if len(hits) != 1:
+            what = "no module" if not hits else "several modules: " + ", ".join(hits)
+            raise InputError(f"adapter module {path} matches {what} in the {type(model).__name__} model")
+        targets[path] = modules[hits[0]]
+    return targets
 
-    Use as a context manager, or call `remove()`; the model's weights are left alone.
-    """
 
-    def __init__(self, model: nn.Module, adapter: PeraAdapter, compute_dtype: torch.dtype = torch.float32):
-        modules = dict(model.named_modules())
-        by_last: dict[str, list[str]] = {}
-        for name in modules:
-            by_last.setdefault(name.rsplit(".", 1)[-1], []).append(name)
-        self.handles = []
-        self.targets: dict[str, str] = {}
-        for path, layer in adapter.layers.items():
-            hits = resolve_name(path, by_last)
-            if len(hits) != 1:
-                self.remove()
-                what = "no module" if not hits else "several modules: " + ", ".join(hits)
-                raise InputError(f"adapter module {path} matches {what} in the {type(model).__name__} model")
-            b_hat, a_hat = layer.expanded_factors(compute_dtype)
-            self.targets[path] = hits[0]
-            self.handles.append(modules[hits[0]].register_forward_hook(_hook(a_hat.T.contiguous(), b_hat.T.contiguous())))
+class _Hooks:
+    """Forward hooks on the adapted modules, removed on exit; the weights are left alone."""
+
+    def __init__(self, handles: list[Any]):
+        self.handles = handles
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles = []
 
-    def __enter__(self) -> "PeraBranch":
+    def __enter__(self) -> "_Hooks":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
 
 
-def _hook(a_hat_t: Tensor, b_hat_t: Tensor):
+class PeraBranch(_Hooks):
+    """Adds s·B̂(Â·x) to each targeted module's output: the unmerged PERA model."""
+
+    def __init__(self, model: nn.Module, adapter: PeraAdapter, compute_dtype: torch.dtype = torch.float32):
+        handles = []
+        for path, module in _targets(model, adapter).items():
+            b_hat, a_hat = adapter.layers[path].expanded_factors(compute_dtype)
+            handles.append(module.register_forward_hook(_branch_hook(a_hat.T.contiguous(), b_hat.T.contiguous())))
+        super().__init__(handles)
+
+
+class RoundingNoise(_Hooks):
+    """The unmerged model as a storage rounding might perturb it: the forward check's noise floor.
+
+    `unit_roundoff` maps adapter modules and other tensor names (as the checkpoint names
+    them) to the unit roundoff u of the dtype they are stored in. Every element of an
+    adapted module's effective weight W0 + ΔW, and of every other listed tensor, gets an
+    independent relative error drawn uniformly from ±u (one rounding to nearest errs by at
+    most u). What this does to the outputs is how far a correctly merged model stored that
+    way may legitimately be from the unmerged one. Other tensors are restored on exit.
+    """
+
+    def __init__(self, model: nn.Module, adapter: PeraAdapter, unit_roundoff: dict[str, float], seed: int = 0):
+        handles = []
+        targets = _targets(model, adapter)
+        for i, (path, module) in enumerate(targets.items()):
+            if unit_roundoff.get(path):
+                handles.append(module.register_forward_hook(
+                    _noise_hook(adapter.layers[path], module, unit_roundoff[path], seed * 100_003 + i)))
+        super().__init__(handles)
+        target_weights = {id(m.weight) for m in targets.values() if hasattr(m, "weight")}
+        params = dict(model.named_parameters(remove_duplicate=True))
+        by_last: dict[str, list[str]] = {}
+        for name in params:
+            by_last.setdefault(name.rsplit(".", 1)[-1], []).append(name)
+        self._saved: list[tuple[Tensor, Tensor]] = []
+        g = torch.Generator().manual_seed(seed * 100_003 + 99_991)
+        for name, u in sorted(unit_roundoff.items()):
+            hits = resolve_name(name, by_last) if name not in adapter.layers else []
+            if len(hits) != 1 or id(params[hits[0]]) in target_weights or not u:
+                continue
+            p = params[hits[0]]
+            self._saved.append((p, p.detach().clone()))
+            with torch.no_grad():
+                p.mul_(1 + (torch.rand(p.shape, generator=g, dtype=p.dtype) * 2 - 1) * u)
+
+    def remove(self) -> None:
+        super().remove()
+        with torch.no_grad():
+            for p, original in self._saved:
+                p.copy_(original)
+        self._saved = []
+
+
+def _branch_hook(a_hat_t: Tensor, b_hat_t: Tensor):
     def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
         x = args[0]
         delta = (x.to(a_hat_t.dtype) @ a_hat_t) @ b_hat_t
         return output + delta.to(output.dtype)
+
+    return hook
+
+
+def _noise_hook(layer: Any, module: nn.Module, unit_roundoff: float, seed: int):
+    def hook(mod: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
+        weight = module.weight.detach().to(torch.float32)
+        delta = layer.delta_weight(torch.float32)
+        effective = weight + (delta.T if layer.fan_in_fan_out else delta)  # in the module's own layout
+        g = torch.Generator().manual_seed(seed)
+        noise = effective * ((torch.rand(effective.shape, generator=g) * 2 - 1) * unit_roundoff)
+        x = args[0].to(torch.float32)
+        extra = x @ noise if layer.fan_in_fan_out else x @ noise.T
+        return output + extra.to(output.dtype)
 
     return hook
 

@@ -22,7 +22,7 @@ from torch import Tensor
 from .adapter import PeraAdapter, PeraLayer
 from .checkpoint import BaseCheckpoint
 from .matching import Matching
-from .safetensors_stream import DTYPES, TensorEntry
+from .safetensors_stream import DTYPE_CODES, DTYPES, TensorEntry
 
 class TensorSource(Protocol):
     """What the checks read a merged model through: a whole folder, or one shard file."""
@@ -37,10 +37,16 @@ class TensorSource(Protocol):
 UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 ABS_FLOOR = {torch.float64: 0.0, torch.float32: 2.0**-150, torch.float16: 2.0**-25, torch.bfloat16: 2.0**-134}
 
-# Forward-check tolerance on max |Δ logits| / max |logits|, by the merged weights' dtype.
-# float32 weights differ from W0 + ΔW by float32 rounding only; the bound for float16 and
-# bfloat16 is a small multiple of their unit roundoff (see README, "Checks").
-FORWARD_TOLERANCE = {torch.float64: 1e-4, torch.float32: 1e-4, torch.float16: 8 * 2.0**-11, torch.bfloat16: 8 * 2.0**-8}
+# Forward-check tolerance on max |Δ output| / max |output|. How much a storage rounding of the
+# merged weights moves the outputs depends on the model (on the fixtures, bfloat16 gives
+# anything from 1e-3 to 0.2), so it is measured: the unmerged model is run again with every
+# tensor the merged file stores rounded perturbed by one rounding's worth of random noise
+# (FORWARD_NOISE_DRAWS draws, the largest effect kept), and the merged model may differ by
+# FORWARD_NOISE_FACTOR times that. FORWARD_FLOOR covers float32 arithmetic: two float32
+# evaluations of the same model differ by up to ~1.5e-5 on the fixtures.
+FORWARD_NOISE_DRAWS = 3
+FORWARD_NOISE_FACTOR = 4.0
+FORWARD_FLOOR = 1e-4
 
 COARSENESS = {"F64": 0, "F32": 1, "F16": 2, "BF16": 3}
 
@@ -274,9 +280,10 @@ class ForwardReport:
     output: str  # which output was compared ("logits", "last_hidden_state", ...)
     shape: list[int]
     max_abs_diff: float
-    max_rel_diff: float  # max |Δ| / max |reference|
+    max_rel_diff: float  # max |merged − unmerged| / max |unmerged|
     top1_agreement: float
-    tolerance: float
+    noise_floor: float  # the same measure for the unmerged model under one rounding's random noise
+    tolerance: float  # max(FORWARD_FLOOR, FORWARD_NOISE_FACTOR · noise_floor)
     seed: int
     passed: bool
 
@@ -284,8 +291,9 @@ class ForwardReport:
         if self.passed:
             return None
         return (
-            f"{self.architecture} {self.output}: max relative difference {self.max_rel_diff:.3g} "
-            f"exceeds the {self.dtype} tolerance {self.tolerance:.3g} (max abs {self.max_abs_diff:.3g})"
+            f"{self.architecture} {self.output}: max relative difference {self.max_rel_diff:.3g} from the unmerged "
+            f"model exceeds the tolerance {self.tolerance:.3g} ({FORWARD_NOISE_FACTOR:g}x what {self.dtype} rounding "
+            f"noise causes in this model, {self.noise_floor:.3g})"
         )
 
 
@@ -293,6 +301,32 @@ def storage_dtype(checkpoint: BaseCheckpoint) -> torch.dtype:
     """The coarsest float dtype a model's tensors are stored in (what bounds its accuracy)."""
     codes = [e.dtype for e in checkpoint.entries.values() if e.dtype in COARSENESS]
     return DTYPES[max(codes, key=COARSENESS.__getitem__, default="F32")]
+
+
+def storage_roundoff(merged: BaseCheckpoint, base: BaseCheckpoint, adapter: PeraAdapter) -> dict[str, float]:
+    """What storing the merged model rounded, as unit roundoffs: per adapter module (W0 + ΔW is
+    rounded to its tensor's dtype) and per base tensor now stored in a coarser dtype."""
+    from .matching import resolve_name
+
+    by_last: dict[str, list[str]] = {}
+    for n in merged.names:
+        by_last.setdefault(n.rsplit(".", 1)[-1], []).append(n)
+
+    def merged_dtype(name: str) -> torch.dtype | None:
+        hits = resolve_name(name, by_last)
+        code = merged.entries[hits[0]].dtype if len(hits) == 1 else None
+        return DTYPES[code] if code in COARSENESS else None
+
+    units: dict[str, float] = {}
+    for module in adapter.layers:
+        d = merged_dtype(module + ".weight")
+        if d is not None:
+            units[module] = UNIT_ROUNDOFF[d]
+    for name, entry in base.entries.items():
+        d = merged_dtype(name)
+        if d is not None and entry.dtype in COARSENESS and COARSENESS[DTYPE_CODES[d]] > COARSENESS[entry.dtype]:
+            units[name] = UNIT_ROUNDOFF[d]
+    return units
 
 
 def seeded_inputs(config: Any, batch: int, seq: int, seed: int) -> dict[str, Tensor]:
@@ -315,27 +349,38 @@ def _main_output(outputs: Any) -> tuple[str, Tensor]:
     return "output", outputs[0]
 
 
+def _relative(y: Tensor, y_ref: Tensor) -> tuple[float, float]:
+    max_abs = float((y - y_ref).abs().max())
+    scale = float(y_ref.abs().max())
+    return max_abs, (max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf))
+
+
 def check_forward(merged_dir: str | Path, base_dir: str | Path, adapter: PeraAdapter, *, seed: int = 0,
                   batch: int = 2, seq: int = 16) -> ForwardReport:
     """Merged model vs base + live PERA branch, both run in float32 on the same seeded inputs.
 
     Running both in float32 (weights upcast exactly) makes the difference measure only what
     the merged file's storage rounding costs, not bf16 arithmetic noise in either model.
+    The tolerance is calibrated on the model itself (see FORWARD_NOISE_FACTOR).
     """
-    from .branch import load_model, load_unmerged_model
+    from .branch import RoundingNoise, load_model, load_unmerged_model
 
     merged_model = load_model(merged_dir, torch.float32)
     reference, branch = load_unmerged_model(base_dir, adapter, torch.float32)
     inputs = seeded_inputs(merged_model.config, batch, seq, seed)
+    merged_ckpt, base_ckpt = BaseCheckpoint(merged_dir), BaseCheckpoint(base_dir)
+    dtype = storage_dtype(merged_ckpt)
     with torch.no_grad(), branch:
         name, y = _main_output(merged_model(**inputs))
         _, y_ref = _main_output(reference(**inputs))
-    dtype = storage_dtype(BaseCheckpoint(merged_dir))
-    diff = (y - y_ref).abs()
-    max_abs = float(diff.max())
-    scale = float(y_ref.abs().max())
-    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
+        units = storage_roundoff(merged_ckpt, base_ckpt, adapter)
+        noise = 0.0
+        for draw in range(FORWARD_NOISE_DRAWS):
+            with RoundingNoise(reference, adapter, units, seed * FORWARD_NOISE_DRAWS + draw):
+                noise = max(noise, _relative(_main_output(reference(**inputs))[1], y_ref)[1])
+    max_abs, max_rel = _relative(y, y_ref)
     top1 = float((y.argmax(-1) == y_ref.argmax(-1)).float().mean()) if y.ndim >= 2 else 1.0
-    tol = FORWARD_TOLERANCE[dtype]
+    tol = max(FORWARD_FLOOR, FORWARD_NOISE_FACTOR * noise)
     arch = type(merged_model).__name__
-    return ForwardReport(arch, str(dtype).removeprefix("torch."), name, list(y.shape), max_abs, max_rel, top1, tol, seed, max_rel <= tol)
+    return ForwardReport(arch, str(dtype).removeprefix("torch."), name, list(y.shape), max_abs, max_rel, top1,
+                         noise, tol, seed, max_rel <= tol)

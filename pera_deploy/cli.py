@@ -106,6 +106,14 @@ def _emit(as_json: bool, data: dict[str, Any], text: str) -> None:
         click.echo(text)
 
 
+def _forward_line(f: Any) -> str:
+    return (
+        f"{f.architecture} ({f.dtype}) {f.output}: max abs diff {f.max_abs_diff:.3g}, max rel diff "
+        f"{f.max_rel_diff:.3g} (tolerance {f.tolerance:.3g}; {f.dtype} rounding noise alone: {f.noise_floor:.3g}), "
+        f"top-1 agreement {f.top1_agreement:.1%}"
+    )
+
+
 def _fmt_list(values: list[Any]) -> str:
     return ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
 
@@ -227,8 +235,7 @@ def merge(adapter: Path, base: Path, output: Path, format_: str | None, adapter_
             lines.append(f"  {label}: {', '.join(e['tensor'] for e in m[key])}")
     if report.forward:
         f = report.forward
-        lines.append(f"  forward: {f.architecture} {f.output} max rel diff {f.max_rel_diff:.3g} (tolerance {f.tolerance:.3g} "
-                     f"for {f.dtype}), top-1 agreement {f.top1_agreement:.1%}")
+        lines.append(f"  forward: {_forward_line(f)}")
     size = sum(s["bytes"] for s in m["shards"])
     lines.append(f"wrote {output} ({len(m['shards'])} shard{'s' if len(m['shards']) != 1 else ''}, {size / 1e6:,.1f} MB) in {seconds:.1f} s")
     _emit(as_json, {**report.to_dict(), "seconds": seconds}, "\n".join(lines))
@@ -255,9 +262,9 @@ def verify(merged: Path, adapter: Path, base: Path, format_: str | None, adapter
     Weights: every merged tensor must equal W0 + ΔW up to one rounding to its dtype, element
     by element; every other tensor must be identical to the base.
     Forward: the merged model and the unmerged model (base + live PERA branch) run on the
-    same seeded inputs in float32; the max relative output difference must be within the
-    tolerance of the merged weights' dtype. Max abs/rel difference and top-1 agreement are
-    reported.
+    same seeded inputs in float32; the max relative output difference must be within 4x
+    what random noise of one rounding (at the merged file's dtypes) causes in the unmerged
+    model, and at least 1e-4. Max abs/rel difference and top-1 agreement are reported.
 
     \b
     Example:
@@ -271,17 +278,13 @@ def verify(merged: Path, adapter: Path, base: Path, format_: str | None, adapter
     data = {"passed": passed, "weights": weights.to_dict(), "forward": fwd.__dict__ if fwd else None}
     w = data["weights"]
     lines = [
-        f"weights: {'ok' if weights.passed else 'FAILED'} — {w['merged_layers']} merged tensors recomputed: "
-        f"{w['elements_off']} elements off, at most {w['max_steps_from_correct_rounding']} step from correct rounding, "
-        f"relative error at most {w['max_rel_error']:.3g} of ‖ΔW‖; "
+        f"weights: {'ok' if weights.passed else 'FAILED'} — {w['merged_layers']} merged tensors recomputed "
+        f"({w['elements_off']} elements more than one step from the recomputation, judged by the error bound), "
+        f"rounding cost at most {w['max_rel_error']:.3g} of ‖ΔW‖; "
         f"{w['untouched_identical']} untouched tensors identical",
     ]
     if fwd:
-        lines.append(
-            f"forward: {'ok' if fwd.passed else 'FAILED'} — {fwd.architecture} ({fwd.dtype}) {fwd.output} "
-            f"max abs diff {fwd.max_abs_diff:.3g}, max rel diff {fwd.max_rel_diff:.3g} (tolerance {fwd.tolerance:.3g}), "
-            f"top-1 agreement {fwd.top1_agreement:.1%}"
-        )
+        lines.append(f"forward: {'ok' if fwd.passed else 'FAILED'} — {_forward_line(fwd)}")
     _emit(as_json, data, "\n".join(lines))
     if not passed:
         message = weights.failure() or (fwd.failure() if fwd else None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,14 @@ from fixtures.build_fixtures import build_all
 from pera_deploy.cli import main
 
 VECTORS = Path(__file__).parent / "vectors"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def digest_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Keep the tests' sha256 cache out of the user's ~/.cache."""
+    folder = tmp_path_factory.mktemp("digest-cache")
+    os.environ["PERA_DEPLOY_CACHE_DIR"] = str(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")

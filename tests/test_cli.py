@@ -67,7 +67,7 @@ def test_merge_text_summary_and_forward(cli, fx, tmp_path):
     assert result.exit_code == 0, result.stderr
     assert "merged 4 layers of bert-peft (peft, r=4) into bert-base" in result.stdout
     assert "replaced: classifier.bias, classifier.weight" in result.stdout
-    assert "forward: BertForSequenceClassification logits" in result.stdout
+    assert "forward: BertForSequenceClassification (float32) logits: max abs diff" in result.stdout
 
 
 def test_verify_passes_on_a_merge(cli, fx, tmp_path):

@@ -1,0 +1,96 @@
+"""The weight check: it passes exact merges, and fails what is not one rounding of W0 + ΔW."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pera_deploy import checks
+from pera_deploy.adapter import PeraLayer
+from pera_deploy.checks import check_merged_layer
+
+
+def make_layer(out_f=300, in_f=64, r=4, scale=0.05, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    p = r * (r + 1) // 2
+    return PeraLayer("m", torch.randn(r, in_f, generator=g) * scale, torch.randn(out_f, r, generator=g) * scale,
+                     torch.randn(p, generator=g), None, 1.0, False, "full")
+
+
+def exact_merge(w0, layer, dtype):
+    return (w0.double() + layer.delta_weight(torch.float64)).to(dtype)
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    monkeypatch.setattr(checks, "BLOCK_ELEMENTS", 64 * 16)  # 16 rows per block, so sampling is visible
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_exact_merge_passes(dtype):
+    layer = make_layer()
+    w0 = (torch.randn(300, 64) * 0.02).to(dtype)
+    result = check_merged_layer(exact_merge(w0, layer, dtype), w0, layer, False, "t")
+    assert result.passed and result.max_steps <= 1
+    if dtype != torch.float32:  # float32 recomputation error can exceed one float32 step; the bound decides there
+        assert result.off_elements == 0
+    assert result.rows_recomputed == 1.0
+    assert 0 < result.rel_error <= result.rel_bound
+
+
+def test_unmerged_bfloat16_weight_fails_even_when_delta_hides_in_the_norm():
+    """ΔW far below bf16 rounding in norm, but some elements cross a rounding step."""
+    layer = make_layer(scale=0.01)
+    w0 = (torch.randn(300, 64) * 0.5).to(torch.bfloat16)
+    delta_rel = float(layer.delta_weight().norm() / w0.float().norm())
+    assert delta_rel < 2.0**-8  # the norm test alone could not tell merged from unmerged
+    merged = exact_merge(w0, layer, torch.bfloat16)
+    assert not torch.equal(merged, w0)
+    result = check_merged_layer(w0, w0, layer, False, "t")
+    assert not result.passed and result.off_elements > 0 and result.worst_ratio > 1
+
+
+def test_two_steps_off_fails_and_is_named():
+    layer = make_layer()
+    w0 = (torch.randn(300, 64) * 0.02).to(torch.bfloat16)
+    merged = exact_merge(w0, layer, torch.bfloat16)
+    merged.view(torch.int16)[7, 3] += 2
+    result = check_merged_layer(merged, w0, layer, False, "t")
+    assert not result.passed and result.off_elements == 1
+
+
+def test_elements_beyond_one_step_but_within_the_bound_pass():
+    """Near cancellation a float32 recomputation may differ by many steps; the bound allows it."""
+    layer = make_layer()
+    delta = layer.delta_weight()
+    w0 = -delta  # x = W0 + ΔW is all cancellation
+    merged = (w0 + delta).clone()  # what one float32 evaluation gives
+    merged[5, 5] = merged[5, 5] + 3e-9  # far beyond one step of ~0, well within eps·R'·‖b̂_i‖‖â_j‖
+    result = check_merged_layer(merged, w0, layer, False, "t")
+    assert result.passed and result.off_elements >= 1 and result.worst_ratio <= 1
+
+
+def test_sampled_check_recomputes_first_last_and_every_nth_block():
+    layer = make_layer()
+    w0 = (torch.randn(300, 64) * 0.02).to(torch.bfloat16)
+    merged = exact_merge(w0, layer, torch.bfloat16)
+    result = check_merged_layer(merged, w0, layer, False, "t", every=8)
+    blocks = range(0, 300, 16)  # 19 blocks: 0, 8, 16 and the last (18)
+    assert result.rows_recomputed == pytest.approx((3 * 16 + 300 - 18 * 16) / 300)
+    wrong_sampled = merged.clone()
+    wrong_sampled.view(torch.int16)[8 * 16 + 2, 0] += 5
+    assert not check_merged_layer(wrong_sampled, w0, layer, False, "t", every=8).passed
+    wrong_elsewhere = merged.clone()
+    wrong_elsewhere.view(torch.int16)[3 * 16 + 2, 0] += 5
+    assert check_merged_layer(wrong_elsewhere, w0, layer, False, "t", every=8).passed  # the sample's limit
+    assert not check_merged_layer(wrong_elsewhere, w0, layer, False, "t").passed  # the full check sees it
+    assert len(blocks) == 19
+
+
+def test_conv1d_orientation():
+    layer = make_layer(out_f=40, in_f=40)  # square, so a missing transpose is not a shape error
+    layer = PeraLayer(layer.module, layer.A, layer.B, layer.hA, None, 2.0, True, "full")
+    w0 = torch.randn(40, 40) * 0.02  # Conv1D: (in, out)
+    delta = layer.delta_weight(torch.float64)
+    assert check_merged_layer((w0.double() + delta.T).float(), w0, layer, True, "t").passed
+    assert not check_merged_layer((w0.double() + delta).float(), w0, layer, True, "t").passed
