@@ -131,7 +131,7 @@ class WeightReport:
 
 
 def check_merged_layer(w_merged: Tensor, w0: Tensor, layer: PeraLayer, transpose: bool, tensor: str,
-                       precision: torch.dtype = torch.float32, every: int = 1) -> LayerCheck:
+                       precision: torch.dtype = torch.float32, every: int = 1, sign: float = 1.0) -> LayerCheck:
     """Is `w_merged` W0 + ΔW rounded once to its own dtype? Recomputed independently, per element.
 
     x = W0 + ΔW is recomputed from the base and the factors. An element passes at once if it
@@ -142,7 +142,8 @@ def check_merged_layer(w_merged: Tensor, w0: Tensor, layer: PeraLayer, transpose
 
     `every` > 1 recomputes only the first, the last and every `every`-th block of rows (the
     merge's own audit, at a fraction of its cost); the norms are then estimated from those
-    rows, scaled to the whole weight.
+    rows, scaled to the whole weight. `sign` −1 checks an unmerge: W' = round(W0 − ΔW), W0
+    then being the merged weight.
     """
     b_hat, a_hat = layer.expanded_factors(precision)
     left, right = (a_hat.T, b_hat.T) if transpose else (b_hat, a_hat)
@@ -162,7 +163,7 @@ def check_merged_layer(w_merged: Tensor, w0: Tensor, layer: PeraLayer, transpose
             continue
         block = slice(start, start + rows)
         recomputed += min(rows, w0.shape[0] - start)
-        x = w0[block].to(precision, copy=True).addmm_(left[block], right)
+        x = w0[block].to(precision, copy=True).addmm_(left[block], right, alpha=sign)
         stored = w_merged[block]
         rounded = x.to(stored_dtype)
         x2 += float(torch.linalg.vector_norm(x)) ** 2
@@ -221,7 +222,8 @@ def expected_names(base: BaseCheckpoint, matching: Matching) -> set[str]:
 
 
 def check_tensors(names: Iterable[str], merged: TensorSource, base: BaseCheckpoint, adapter: PeraAdapter,
-                  matching: Matching, precision: torch.dtype = torch.float32, every: int = 1) -> WeightReport:
+                  matching: Matching, precision: torch.dtype = torch.float32, every: int = 1,
+                  sign: float = 1.0) -> WeightReport:
     """Check the named tensors of `merged` against what the base and the adapter say they must be.
 
     Targeted weights: recomputed independently (`check_merged_layer`, on every `every`-th
@@ -236,7 +238,7 @@ def check_tensors(names: Iterable[str], merged: TensorSource, base: BaseCheckpoi
         if name in merges:
             m = merges[name]
             report.layers.append(check_merged_layer(merged.get(name), base.get(m.source), adapter.layers[m.module],
-                                                    m.transpose, name, precision, every))
+                                                    m.transpose, name, precision, every, sign))
         elif name in extras:
             want = adapter.extra_tensors[extras[name].name]
             got = merged.get(name)

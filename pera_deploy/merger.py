@@ -61,6 +61,7 @@ class MergePlan:
     indexed: bool  # write model.safetensors.index.json
     compute_dtype: torch.dtype = torch.float32
     config_updates: dict[str, object] = field(default_factory=dict)
+    sign: float = 1.0  # +1 merges W0 + ΔW; −1 unmerges W' − ΔW
 
     @property
     def total_bytes(self) -> int:
@@ -74,8 +75,11 @@ class MergePlan:
 BLOCK_ELEMENTS = 1 << 20  # rows are merged in blocks of about this many elements (cache-sized)
 
 
-def merged_weight(w0: Tensor, layer: PeraLayer, transpose: bool, out_dtype: torch.dtype, compute_dtype: torch.dtype) -> Tensor:
+def merged_weight(w0: Tensor, layer: PeraLayer, transpose: bool, out_dtype: torch.dtype, compute_dtype: torch.dtype,
+                  sign: float = 1.0) -> Tensor:
     """round_out(W0 + ΔW) with W0 upcast and ΔW computed in `compute_dtype`, rounded once.
+
+    `sign` −1 takes the update back out of a merged weight (unmerge): round_out(W' − ΔW).
 
     Worked through in row blocks in one reused, cache-sized float32 buffer, so the working
     copy is never the size of the weight. For a Conv1D base (W0 stored (in, out)) the update
@@ -92,7 +96,7 @@ def merged_weight(w0: Tensor, layer: PeraLayer, transpose: bool, out_dtype: torc
         block = slice(start, start + rows)
         x = buffer[: min(rows, w0.shape[0] - start)]
         x.copy_(w0[block])
-        x.addmm_(left[block], right)
+        x.addmm_(left[block], right, alpha=sign)
         lo, hi = torch.aminmax(x)
         if not (-limit <= float(lo) and float(hi) <= limit):  # false for NaN too
             cause = "the base weight" if not bool(torch.isfinite(w0[block]).all()) else "the merge"
@@ -121,8 +125,13 @@ def plan_merge(
     max_shard_size: int | None = None,
     untie_embeddings: bool = False,
     precision: str = "float32",
+    unmerge: bool = False,
 ) -> MergePlan:
-    """Decide, from headers only, what every output tensor is and where it goes."""
+    """Decide, from headers only, what every output tensor is and where it goes.
+
+    With `unmerge`, `checkpoint` is a merged model and the update is taken back out; the
+    trained full tensors the merge put in are left as they are (what they replaced is gone).
+    """
     if dtype != "auto" and dtype not in OUTPUT_DTYPES:
         raise InputError(f"--dtype {dtype!r}: expected auto, {', '.join(OUTPUT_DTYPES)}")
     if precision not in PRECISIONS:
@@ -134,7 +143,7 @@ def plan_merge(
         return target_code if target_code and code in FLOAT_CODES else code
 
     merges = {m.tensor: m for m in matching.layers}
-    replaces = {e.tensor: e for e in matching.extras if e.action == "replace"}
+    replaces = {} if unmerge else {e.tensor: e for e in matching.extras if e.action == "replace"}
     untied_by_source: dict[str, list[str]] = {}
     for out_name, source in matching.untied.items():
         untied_by_source.setdefault(source, []).append(out_name)
@@ -159,7 +168,7 @@ def plan_merge(
             for out_name in untied_by_source.get(entry.name, []):
                 tensors.append(plan_for(out_name, entry.name))
         groups.append((_output_filename(path.name), tensors))
-    for extra in matching.extras:
+    for extra in [] if unmerge else matching.extras:
         if extra.action == "add":
             t = adapter.extra_tensors[extra.name]
             if t.dtype not in DTYPE_CODES:
@@ -179,7 +188,8 @@ def plan_merge(
     if dtype != "auto":
         key = "torch_dtype" if "torch_dtype" in checkpoint.config and "dtype" not in checkpoint.config else "dtype"
         config_updates[key] = dtype
-    return MergePlan(adapter, checkpoint, matching, shards, indexed, PRECISIONS[precision], config_updates)
+    return MergePlan(adapter, checkpoint, matching, shards, indexed, PRECISIONS[precision], config_updates,
+                     -1.0 if unmerge else 1.0)
 
 
 def _reshard(tensors: list[TensorPlan], limit: int) -> tuple[list[tuple[str, list[TensorPlan]]], bool]:
@@ -203,7 +213,8 @@ def _produce(plan: MergePlan, t: TensorPlan) -> Tensor:
     out_dtype = DTYPES[t.dtype]
     if t.action == "merge":
         layer = plan.adapter.layers[t.layer]
-        return merged_weight(plan.checkpoint.get(t.source), layer, layer.fan_in_fan_out, out_dtype, plan.compute_dtype)
+        return merged_weight(plan.checkpoint.get(t.source), layer, layer.fan_in_fan_out, out_dtype, plan.compute_dtype,
+                             plan.sign)
     if t.action in ("copy", "convert"):
         return plan.checkpoint.get(t.source).to(out_dtype)
     return plan.adapter.extra_tensors[t.extra].to(out_dtype)  # replace / add

@@ -1,0 +1,199 @@
+"""A PERA adapter as a plain PEFT LoRA adapter: exact at rank R', or reduced by a factored SVD.
+
+ΔW = (s·B̂)·Â exactly, so `lora_B = s·B̂` and `lora_A = Â` is a plain LoRA that every LoRA
+runtime (PEFT, vLLM, llama.cpp's converter) serves unchanged. Expansion terms whose
+coefficient is exactly zero (plain LoRA, square-only, cross-only layouts) are dropped, as
+they contribute nothing. By default every module is padded with zero rows and columns to
+one rank and `lora_alpha` equals that rank, so the scaling is exactly 1 in PEFT, vLLM and
+llama.cpp alike (the latter two ignore per-module patterns).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .adapter import PeraAdapter, PeraLayer
+from .errors import InputError
+from .lowrank import choose_rank, factored_svd, total_relative_error
+
+LORA_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoraModule:
+    module: str  # module path as written into the adapter
+    source: str  # the PERA adapter's module path
+    full_rank: int  # R' after dropping zero-coefficient terms: the exact rank
+    rank: int  # kept rank
+    delta_norm: float  # ‖ΔW‖_F
+    rel_error: float  # ‖ΔW − lora_B·lora_A‖_F / ‖ΔW‖_F (0 when exact)
+    lora_B: Tensor = field(repr=False)  # (out, rank), scaling folded in
+    lora_A: Tensor = field(repr=False)  # (rank, in)
+
+
+@dataclass
+class LoraExport:
+    modules: list[LoraModule]
+    extras: dict[str, Tensor]  # key under base_model.model. → trained full tensor
+    modules_to_save: list[str]
+    bias: str  # "none", "lora_only" or "all", as PEFT's config says
+    pad: bool
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def r(self) -> int:
+        """The config's r: the common (padded) rank, or the most frequent one without padding."""
+        ranks = [m.rank for m in self.modules]
+        if self.pad:
+            return max(ranks)
+        return max(set(ranks), key=lambda k: (ranks.count(k), k))
+
+    @property
+    def exact(self) -> bool:
+        return all(m.rank == m.full_rank for m in self.modules)
+
+    @property
+    def total_rel_error(self) -> float:
+        return total_relative_error([m.delta_norm for m in self.modules], [m.rel_error for m in self.modules])
+
+
+def exact_factors(layer: PeraLayer, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """(s·B̂, Â) without the expansion terms whose coefficient is exactly zero."""
+    b_hat, a_hat = layer.expanded_factors(dtype)
+    weight = layer.hA if layer.hB is None else layer.hA * layer.hB
+    keep = torch.cat([torch.ones(layer.r, dtype=torch.bool), weight != 0])
+    return b_hat[:, keep], a_hat[keep]
+
+
+def lora_module(layer: PeraLayer, name: str, *, rank: int | None = None, tol: float | None = None,
+                max_rank: int | None = None, warnings: list[str] | None = None) -> LoraModule:
+    """One module's LoRA factors: exact, or the best approximation of the chosen rank."""
+    b_hat, a_hat = exact_factors(layer)
+    full = b_hat.shape[1]
+    delta_norm = layer.delta_norm()
+    if rank is not None and rank >= full:
+        if rank > full and warnings is not None:
+            warnings.append(f"--rank {rank} is more than module {layer.module}'s exact rank {full}; kept {full}, exactly")
+        rank = None
+    reduce = rank is not None or tol is not None or (max_rank is not None and max_rank < full)
+    if not reduce:
+        return LoraModule(name, layer.module, full, full, delta_norm, 0.0, b_hat, a_hat)
+    svd = factored_svd(b_hat, a_hat)
+    keep = choose_rank(svd, rank=rank, tol=tol, max_rank=max_rank)
+    if keep >= full:  # nothing to gain: keep the exact factors
+        return LoraModule(name, layer.module, full, full, delta_norm, 0.0, b_hat, a_hat)
+    lora_b, lora_a = svd.factors(keep)
+    return LoraModule(name, layer.module, full, keep, delta_norm, float(svd.relative_errors()[keep]),
+                      lora_b.to(torch.float32), lora_a.to(torch.float32))
+
+
+def validate_rank_options(rank: int | None, tol: float | None, max_rank: int | None) -> None:
+    if rank is not None and rank < 1:
+        raise InputError(f"--rank {rank}: must be at least 1")
+    if tol is not None and not 0 <= tol < 1:
+        raise InputError(f"--tol {tol}: must be in [0, 1), a relative Frobenius error")
+    if max_rank is not None and max_rank < 1:
+        raise InputError(f"--max-rank {max_rank}: must be at least 1")
+    if rank is not None and tol is not None:
+        raise InputError("--rank and --tol exclude each other: give a rank, or an error to stay within")
+
+
+def plan_lora_export(adapter: PeraAdapter, *, rank: int | None = None, tol: float | None = None,
+                     max_rank: int | None = None, pad: bool = True,
+                     names: dict[str, str] | None = None) -> LoraExport:
+    """Factors for every module, and the trained full tensors laid out the way PEFT keeps them.
+
+    `names` renames adapter module paths (and extra tensors) to the paths of the model the
+    LoRA will be loaded into; by default the adapter's own paths are kept.
+    """
+    validate_rank_options(rank, tol, max_rank)
+    names = names or {}
+    warnings: list[str] = []
+    modules = [
+        lora_module(layer, names.get(path, path), rank=rank, tol=tol, max_rank=max_rank, warnings=warnings)
+        for path, layer in adapter.layers.items()
+    ]
+    targeted = {m.module for m in modules}
+    extras: dict[str, Tensor] = {}
+    to_save: set[str] = set()
+    bias = "none"
+    for name, tensor in adapter.extra_tensors.items():
+        name = names.get(name, name)
+        module, _, leaf = name.rpartition(".")
+        if module in targeted:
+            if leaf != "bias":
+                raise InputError(f"adapter tensor {name} belongs to an adapted module; PEFT's LoRA format has no place for it")
+            extras[f"{module}.base_layer.bias"] = tensor  # where PEFT keeps a wrapped layer's bias
+            bias = "all" if bias == "all" else "lora_only"
+        elif leaf == "bias" and adapter.config.get("bias") == "all":
+            extras[name] = tensor
+            bias = "all"
+        else:
+            extras[name] = tensor
+            to_save.add(module)
+    if to_save and adapter.config.get("modules_to_save"):
+        to_save = set(adapter.config["modules_to_save"])  # the names training used, as PEFT matches them
+    return LoraExport(modules, extras, sorted(to_save), bias, pad, warnings)
+
+
+def lora_state_dict(export: LoraExport, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    """PEFT's saved keys: base_model.model.<module>.lora_A.weight / lora_B.weight, plus extras."""
+    r = export.r
+    state: dict[str, Tensor] = {}
+    for m in export.modules:
+        lora_b, lora_a = m.lora_B, m.lora_A
+        if export.pad and m.rank < r:
+            lora_b = torch.cat([lora_b, lora_b.new_zeros(lora_b.shape[0], r - m.rank)], dim=1)
+            lora_a = torch.cat([lora_a, lora_a.new_zeros(r - m.rank, lora_a.shape[1])], dim=0)
+        state[f"base_model.model.{m.module}.lora_A.weight"] = lora_a.to(dtype).contiguous()
+        state[f"base_model.model.{m.module}.lora_B.weight"] = lora_b.to(dtype).contiguous()
+    for key, tensor in export.extras.items():
+        state[f"base_model.model.{key}"] = tensor.contiguous()
+    return state
+
+
+def lora_config(export: LoraExport, adapter: PeraAdapter) -> dict[str, Any]:
+    """adapter_config.json for PEFT: scaling lora_alpha / r is exactly 1 for every module."""
+    r = export.r
+    rank_pattern = {} if export.pad else {m.module: m.rank for m in export.modules if m.rank != r}
+    source = adapter.config
+    target = source.get("target_modules") or sorted({m.module.rsplit(".", 1)[-1] for m in export.modules})
+    return {
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": r,
+        "use_rslora": False,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": dict(rank_pattern),  # alpha = rank per module: scaling 1
+        "target_modules": target,
+        "fan_in_fan_out": bool(source.get("fan_in_fan_out", False)),
+        "bias": export.bias,
+        "modules_to_save": export.modules_to_save or None,
+        "lora_dropout": 0.0,
+        "init_lora_weights": True,
+        "use_dora": False,
+        "base_model_name_or_path": adapter.base_model_name_or_path,
+        "task_type": source.get("task_type"),
+        "inference_mode": True,
+    }
+
+
+def export_summary(export: LoraExport) -> dict[str, Any]:
+    return {
+        "r": export.r,
+        "padded": export.pad,
+        "exact": export.exact,
+        "total_rel_error": export.total_rel_error,
+        "modules": [
+            {"module": m.module, "pera_module": m.source, "exact_rank": m.full_rank, "rank": m.rank,
+             "delta_norm": m.delta_norm, "rel_error": m.rel_error}
+            for m in export.modules
+        ],
+        "modules_to_save": export.modules_to_save,
+        "bias": export.bias,
+        "warnings": export.warnings,
+    }
