@@ -6,19 +6,24 @@ output folder only after the numerical checks pass.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 
+from . import __version__
 from .adapter import PeraAdapter
 from .checkpoint import BaseCheckpoint
 from .formats import load_adapter
 from .formats._assemble import MissingCoefficients
-from .checks import ForwardReport, WeightReport, check_forward, check_weights
+from .checks import ForwardReport, LoraCheck, WeightReport, check_forward, check_lora_module, check_weights, reconstruction_report
+from .errors import CheckFailed, InputError
+from .lora_export import (LORA_DTYPES, LoraExport, export_summary, plan_lora_export, validate_rank_options,
+                          write_lora_folder)
 from .merger import PRECISIONS, plan_merge
-from .pipeline import MergeReport, write_model
-from .provenance import Digests
-from .writer import check_target, parse_size
+from .pipeline import MANIFEST, MergeReport, write_model
+from .provenance import Digests, combined_digest, sha256_file
+from .writer import BASE_FILE_MODES, OutputFolder, check_target, parse_size, place_base_files, write_json
 
 
 def _as_adapter(adapter: str | Path | PeraAdapter, **load_options: Any) -> PeraAdapter:
@@ -148,3 +153,266 @@ def verify(
     return weights, fwd
 
 
+
+
+# -- keeping PERA as a separate low-rank branch (plain LoRA) -------------------------------
+
+
+@dataclass
+class LoraReport:
+    """What `export_lora` (or `merge(..., keep_branch=True)`) wrote and how it was checked."""
+
+    output: Path
+    export: LoraExport
+    checks: list[LoraCheck]
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def failure(self) -> str | None:
+        bad = [c for c in self.checks if not c.passed]
+        if not bad:
+            return None
+        c = max(bad, key=lambda c: c.rel_error - c.allowed)
+        return (f"LoRA factors of {c.module} reproduce ΔW only to {c.rel_error:.3g} (allowed {c.allowed:.3g}); "
+                f"{len(bad)} module(s) failed")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"output": str(self.output), "passed": self.passed, **self.manifest}
+
+
+def peft_names(adapter: PeraAdapter, base: str | Path) -> dict[str, str]:
+    """Adapter module and tensor paths → the names the base's transformers model uses.
+
+    PEFT matches an adapter's keys against the model's own module names, which an adapter
+    trained on another class (BertModel vs BertForSequenceClassification) or a checkpoint
+    saved without its prefix does not share. Also validates the adapter against the base's
+    shapes. Imports transformers (the model is built on the meta device: nothing is read).
+    """
+    from .branch import model_names
+    from .matching import match_adapter, resolve_name
+
+    with BaseCheckpoint(base) as checkpoint:
+        match_adapter(adapter, checkpoint, untie_embeddings=True)
+    modules, params = model_names(base)
+    names: dict[str, str] = {}
+    for pool, wanted in ((modules, list(adapter.layers)), (params, list(adapter.extra_tensors))):
+        index: dict[str, list[str]] = {}
+        for n in pool:
+            index.setdefault(n.rsplit(".", 1)[-1], []).append(n)
+        for name in wanted:
+            hits = resolve_name(name, index)
+            if len(hits) != 1:
+                what = "nothing" if not hits else "several: " + ", ".join(hits)
+                raise InputError(f"adapter {'module' if pool is modules else 'tensor'} {name} matches {what} "
+                                 f"in the model of {base}")
+            names[name] = hits[0]
+    return names
+
+
+def _write_lora(export: LoraExport, adapter: PeraAdapter, folder: Path, dtype: str,
+                metadata: dict[str, str]) -> list[LoraCheck]:
+    state = write_lora_folder(folder, export, adapter, LORA_DTYPES[dtype], metadata)
+    return [
+        check_lora_module(adapter.layers[m.source], m.module, state[f"base_model.model.{m.module}.lora_B.weight"],
+                          state[f"base_model.model.{m.module}.lora_A.weight"], m.rel_error)
+        for m in export.modules
+    ]
+
+
+def export_lora(
+    adapter: str | Path | PeraAdapter,
+    output: str | Path,
+    *,
+    rank: int | None = None,
+    tol: float | None = None,
+    max_rank: int | None = None,
+    pad: bool = True,
+    dtype: str = "float32",
+    base: str | Path | None = None,
+    force: bool = False,
+    **load_options: Any,
+) -> LoraReport:
+    """Write `adapter` as a plain PEFT LoRA adapter folder.
+
+    Exact (rank R') by default; `rank`, `tol` (relative Frobenius error) and `max_rank`
+    choose a best low-rank approximation per module instead. `base` renames modules to the
+    base model's own module names (and checks the shapes); by default the adapter's paths
+    are kept. Every module's stored factors are checked against ΔW before publishing.
+    """
+    output = Path(output)
+    check_target(output, force)
+    if dtype not in LORA_DTYPES:
+        raise InputError(f"--dtype {dtype!r}: expected {', '.join(LORA_DTYPES)}")
+    validate_rank_options(rank, tol, max_rank)
+    adapter = _as_adapter(adapter, **load_options)
+    names = peft_names(adapter, base) if base is not None else None
+    export = plan_lora_export(adapter, rank=rank, tol=tol, max_rank=max_rank, pad=pad, names=names)
+    adapter_hashes = {p.name: sha256_file(p) for p in adapter.files}
+    metadata = {"format": "pt", "pera_deploy.version": __version__,
+                "pera_deploy.adapter_sha256": combined_digest(adapter_hashes)}
+    with OutputFolder(output, force=force) as out:
+        checks = _write_lora(export, adapter, out.path, dtype, metadata)
+        report = LoraReport(output, export, checks)
+        report.manifest = {
+            "pera_deploy_version": __version__,
+            "command": "export-lora",
+            "adapter": _adapter_record(adapter, adapter_hashes),
+            "options": {"rank": rank, "tol": tol, "max_rank": max_rank, "pad": pad, "dtype": dtype,
+                        "base": Path(base).name if base is not None else None},
+            "lora": export_summary(export),
+            "checks": [c.__dict__ for c in checks],
+        }
+        write_json(out.path / MANIFEST, report.manifest)
+        if not report.passed:
+            raise CheckFailed(report.failure() or "a check failed", report)
+        out.commit()
+    return report
+
+
+def keep_branch(
+    adapter: str | Path | PeraAdapter,
+    base: str | Path,
+    output: str | Path,
+    *,
+    base_files: str = "copy",
+    dtype: str = "float32",
+    force: bool = False,
+    digests: Digests | None = None,
+    **load_options: Any,
+) -> LoraReport:
+    """The deployable pair for multi-adapter serving: `output/base` (the base, untouched:
+    copied, hard-linked or symlinked) and `output/adapter` (the exact plain LoRA, named as
+    the base model names its modules)."""
+    output = Path(output)
+    check_target(output, force)
+    if base_files not in BASE_FILE_MODES:
+        raise InputError(f"--base-files {base_files!r}: expected one of {', '.join(BASE_FILE_MODES)}")
+    adapter = _as_adapter(adapter, **load_options)
+    names = peft_names(adapter, base)
+    export = plan_lora_export(adapter, names=names)
+    own_digests = digests is None
+    digests = digests or Digests()
+    try:
+        with BaseCheckpoint(base) as checkpoint:
+            weight_files = checkpoint.weight_files
+        digests.prefetch(list(adapter.files) + weight_files)
+        with OutputFolder(output, force=force) as out:
+            placed = place_base_files(Path(base), out.path / "base", base_files)
+            adapter_hashes = {p.name: digests.sha256(p) for p in adapter.files}
+            base_hashes = {p.name: digests.sha256(p) for p in weight_files}
+            metadata = {"format": "pt", "pera_deploy.version": __version__,
+                        "pera_deploy.adapter_sha256": combined_digest(adapter_hashes),
+                        "pera_deploy.base_sha256": combined_digest(base_hashes)}
+            checks = _write_lora(export, adapter, out.path / "adapter", dtype, metadata)
+            report = LoraReport(output, export, checks)
+            report.manifest = {
+                "pera_deploy_version": __version__,
+                "command": "merge --keep-branch",
+                "adapter": _adapter_record(adapter, adapter_hashes),
+                "base": {"folder": Path(base).name, "sha256": combined_digest(base_hashes), "files": base_hashes,
+                         "placed_as": base_files, "placed": placed},
+                "options": {"base_files": base_files, "dtype": dtype},
+                "lora": export_summary(export),
+                "checks": [c.__dict__ for c in checks],
+            }
+            write_json(out.path / MANIFEST, report.manifest)
+            (out.path / "README.md").write_text(_branch_card(output.name, export), encoding="utf-8")
+            if not report.passed:
+                raise CheckFailed(report.failure() or "a check failed", report)
+            out.commit()
+    finally:
+        if own_digests:
+            digests.close()
+    return report
+
+
+def _adapter_record(adapter: PeraAdapter, hashes: dict[str, str]) -> dict[str, Any]:
+    return {
+        "folder": adapter.path.name if adapter.path else None,
+        "adapter_name": adapter.name,
+        "format": adapter.format,
+        "base_model_name_or_path": adapter.base_model_name_or_path,
+        "sha256": combined_digest(hashes),
+        "files": hashes,
+        "r": adapter.ranks,
+        "scaling": adapter.scalings,
+        "coefficient_layouts": adapter.layouts,
+    }
+
+
+def _branch_card(title: str, export: LoraExport) -> str:
+    return (
+        f"# {title}\n\n"
+        "A base model and a PERA adapter kept apart for multi-adapter serving, written by "
+        f"pera-deploy {__version__}. `adapter/` is a plain PEFT LoRA (rank {export.r}, lora_alpha {export.r}, "
+        "scaling 1) whose update equals the PERA adapter's exactly.\n\n"
+        "With PEFT:\n\n"
+        "```python\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "from peft import PeftModel\n"
+        "model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(\"base\"), \"adapter\")\n"
+        "```\n\n"
+        "With vLLM (the rank must fit `--max-lora-rank`):\n\n"
+        "```bash\n"
+        f"vllm serve base --enable-lora --max-lora-rank {vllm_rank(export.r)} --lora-modules pera=adapter\n"
+        "```\n"
+    )
+
+
+def vllm_rank(r: int) -> int:
+    """The smallest of vLLM's --max-lora-rank choices that holds rank r."""
+    return next((k for k in (8, 16, 32, 64, 128, 256, 320, 512) if k >= r), r)
+
+
+# -- taking the update back out --------------------------------------------------------------
+
+
+def unmerge(
+    merged: str | Path,
+    adapter: str | Path | PeraAdapter,
+    output: str | Path,
+    *,
+    check_against: str | Path | None = None,
+    precision: str = "float32",
+    full_check: bool = False,
+    force: bool = False,
+    progress: bool | None = None,
+    digests: Digests | None = None,
+    **load_options: Any,
+) -> MergeReport:
+    """Recover W0 = round(W' − ΔW) from a merged model folder, streamed like a merge.
+
+    The rounding the merge applied cannot be undone: each recovered element can be up to
+    about two storage steps from the original (one from the merge, one from this). With
+    `check_against` (the original base) the recovered model is compared with it and the
+    figures go into the report. Tensors the merge replaced (modules_to_save, biases) cannot
+    be recovered; they are kept as merged and listed.
+    """
+    output = Path(output)
+    check_target(output, force)
+    adapter = _as_adapter(adapter, **load_options)
+    own_digests = digests is None
+    digests = digests or Digests()
+    try:
+        with BaseCheckpoint(merged) as checkpoint:
+            plan = plan_merge(adapter, checkpoint, untie_embeddings=True, precision=precision, unmerge=True)
+            plan.config_updates = {}
+            against = None
+            if check_against is not None:
+                against = BaseCheckpoint(check_against)  # validated now, before anything is written
+                against.close()
+
+            def reconstruction(folder: Path) -> dict[str, Any]:
+                return reconstruction_report(folder, plan, against.folder if against else None)
+
+            options = {"precision": precision, "full_check": full_check,
+                       "check_against": Path(check_against).name if check_against is not None else None}
+            return write_model(plan, output, digests, force=force, progress=progress, full_check=full_check,
+                               check_forward_pass=False, options=options, command="unmerge",
+                               extra_report=reconstruction)
+    finally:
+        if own_digests:
+            digests.close()

@@ -19,8 +19,8 @@ from .errors import InputError
 from .matching import resolve_name
 
 
-def load_model(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A transformers model from a local folder, by the class its config names.
+def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, architecture: str | None = None) -> nn.Module:
+    """A transformers model from a local folder, by the class its config names (or `architecture`).
 
     Only classes that ship with transformers are used (never remote code), and nothing is
     downloaded.
@@ -32,7 +32,7 @@ def load_model(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Mod
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise InputError(f"{folder}/config.json: not a transformers config ({str(exc).splitlines()[0]})") from None
-    arch = (getattr(config, "architectures", None) or [None])[0]
+    arch = architecture or (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, arch, None) if arch else transformers.AutoModel
     if cls is None:
         raise InputError(f"{folder}/config.json: architecture {arch} is not one transformers provides")
@@ -61,6 +61,30 @@ def _targets(model: nn.Module, adapter: PeraAdapter) -> dict[str, nn.Module]:
             raise InputError(f"adapter module {path} matches {what} in the {type(model).__name__} model")
         targets[path] = modules[hits[0]]
     return targets
+
+
+def model_names(folder: str | Path) -> tuple[list[str], list[str]]:
+    """The module paths and parameter names of the model a folder's config describes.
+
+    Built on the meta device from the config alone: no weight is read or allocated. These
+    are the names PEFT matches adapter keys against, which can differ from a checkpoint's
+    own tensor names (the Hub's gpt2 saves `h.0...`; GPT2LMHeadModel calls it
+    `transformer.h.0...`).
+    """
+    import transformers
+
+    folder = Path(folder)
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"{folder}/config.json: not a transformers config ({str(exc).splitlines()[0]})") from None
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        raise InputError(f"{folder}/config.json: architecture {arch} is not one transformers provides")
+    with torch.device("meta"):
+        model = cls._from_config(config)
+    return [n for n, _ in model.named_modules() if n], [n for n, _ in model.named_parameters()]
 
 
 class _Hooks:
@@ -178,8 +202,9 @@ def apply_extra_tensors(model: nn.Module, adapter: PeraAdapter) -> list[str]:
     return sorted(updates)
 
 
-def load_unmerged_model(base: str | Path, adapter: PeraAdapter, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, PeraBranch]:
+def load_unmerged_model(base: str | Path, adapter: PeraAdapter, dtype: torch.dtype = torch.float32,
+                        architecture: str | None = None) -> tuple[nn.Module, PeraBranch]:
     """The base model in `dtype` with the adapter's extra tensors set and its branch live."""
-    model = load_model(base, dtype)
+    model = load_model(base, dtype, architecture)
     apply_extra_tensors(model, adapter)
     return model, PeraBranch(model, adapter, compute_dtype=dtype)

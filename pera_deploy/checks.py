@@ -196,6 +196,87 @@ def check_merged_layer(w_merged: Tensor, w0: Tensor, layer: PeraLayer, transpose
                       max_steps, off, worst, fraction, passed)
 
 
+@dataclass
+class LoraCheck:
+    module: str
+    rank: int
+    rel_error: float  # ‖ΔW − lora_B·lora_A‖_F / ‖ΔW‖_F, of the factors as stored
+    expected: float  # the truncation error the rank choice predicted (0 when exact)
+    allowed: float  # expected + what storing the factors in their dtype may add
+    passed: bool
+
+
+def check_lora_module(layer: PeraLayer, module: str, lora_b: Tensor, lora_a: Tensor, expected: float) -> LoraCheck:
+    """Does the stored LoRA reproduce ΔW (exactly, or to its predicted truncation error)?
+
+    Measured from the factors alone: ΔW − B·A = [s·B̂, −B]·[Â; A]. Storing the factors rounds
+    each element by at most u, which moves the product by at most 2u·‖B‖·‖A‖.
+    """
+    from .lowrank import factored_norm
+
+    b_hat, a_hat = layer.expanded_factors(torch.float64)
+    delta = layer.delta_norm()
+    residual = factored_norm(torch.cat([b_hat, -lora_b.double()], dim=1), torch.cat([a_hat, lora_a.double()], dim=0))
+    rel = residual / delta if delta > 0 else (0.0 if residual == 0 else math.inf)
+    u = UNIT_ROUNDOFF[lora_b.dtype]
+    storage = 2.01 * u * float(lora_b.double().norm()) * float(lora_a.double().norm()) / delta if delta > 0 else 0.0
+    allowed = expected + storage + 1e-12
+    return LoraCheck(module, lora_a.shape[0], rel, expected, allowed, rel <= allowed)
+
+
+def reconstruction_report(folder: Path, plan: Any, base: Path | None) -> dict[str, Any]:
+    """How close an unmerge (in `folder`) came to the original base, if it is given.
+
+    A merge rounds W0 + ΔW once; taking ΔW back out rounds again, so each element may end
+    up about two storage steps from W0: the first rounding cannot be undone.
+    """
+    from .matching import resolve_name
+
+    result: dict[str, Any] = {
+        "expected": "within about two roundings of the stored dtype of the original (the merge's own rounding "
+                    "cannot be undone; this one adds another)",
+        "not_restored": sorted(e.tensor for e in plan.matching.extras if e.action == "replace"),
+    }
+    if base is None:
+        return result
+    targeted = {m.tensor for m in plan.matching.layers}
+    layers, identical, changed = [], 0, []
+    with BaseCheckpoint(folder) as recovered, BaseCheckpoint(base) as original:
+        index: dict[str, list[str]] = {}
+        for n in original.names:
+            index.setdefault(n.rsplit(".", 1)[-1], []).append(n)
+        for name in recovered.names:
+            hits = resolve_name(name, index)
+            if len(hits) != 1:
+                continue  # a tensor the merge added
+            got, want = recovered.get(name), original.get(hits[0])
+            same_dtype = want.to(got.dtype) if got.is_floating_point() else want
+            if name in targeted:
+                w0, error = want.double(), (got.double() - want.double()).norm()
+                merged_norm = float(plan.checkpoint.get(name).double().norm())
+                layers.append({
+                    "tensor": name,
+                    "rel_error": float(error / w0.norm()) if float(w0.norm()) else 0.0,
+                    "exact_fraction": float((got == same_dtype).double().mean()),
+                    # ‖W_rec − W0‖ in units of what one rounding of the merged weight may cost
+                    "roundings": float(error) / (UNIT_ROUNDOFF[got.dtype] * merged_norm) if merged_norm else 0.0,
+                })
+            elif _same_bits(got, same_dtype):
+                identical += 1
+            else:
+                changed.append(name)
+    result.update({
+        "compared_with": base.name,
+        "layers": layers,
+        "max_rel_error": max((l["rel_error"] for l in layers), default=0.0),
+        "min_exact_fraction": min((l["exact_fraction"] for l in layers), default=1.0),
+        "max_roundings": max((l["roundings"] for l in layers), default=0.0),
+        "untouched_identical": identical,
+        "untouched_changed": sorted(set(changed) - set(result["not_restored"])),
+    })
+    return result
+
+
 def _same_bytes(a: TensorEntry, b: TensorEntry) -> bool:
     if a.nbytes != b.nbytes:
         return False

@@ -94,6 +94,8 @@ def main() -> None:
       pera-deploy inspect ADAPTER
       pera-deploy merge ADAPTER BASE -o MERGED
       pera-deploy verify MERGED --adapter ADAPTER --base BASE
+      pera-deploy export-lora ADAPTER -o LORA        (serve PERA with any LoRA runtime)
+      pera-deploy unmerge MERGED --adapter ADAPTER -o BASE
 
     Exit status: 0 success, 1 a numerical check failed, 2 bad input, 3 internal error.
     """
@@ -176,14 +178,19 @@ def inspect(adapter: Path, format_: str | None, adapter_name: str | None, missin
 @click.option("--full-check", is_flag=True,
               help="Recompute every merged element independently (by default a sample of rows of every "
               "merged weight: the first, the last and every 8th block; about 30% slower).")
+@click.option("--keep-branch", is_flag=True,
+              help="Do not merge: write OUTPUT/base (the base, untouched) and OUTPUT/adapter (the adapter as an "
+              "exact plain PEFT LoRA) for multi-adapter serving with PEFT or vLLM.")
+@click.option("--base-files", type=click.Choice(["copy", "hardlink", "symlink"]), default="copy", show_default=True,
+              help="With --keep-branch: how OUTPUT/base holds the base's files.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists and is not empty.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
 @json_option
 @debug_option
 def merge(adapter: Path, base: Path, output: Path, format_: str | None, adapter_name: str | None,
           missing_coefficients: str | None, dtype: str, precision: str, max_shard_size: str | None,
-          untie_embeddings: bool, check_forward: bool, full_check: bool, force: bool, progress: bool | None,
-          as_json: bool) -> None:
+          untie_embeddings: bool, check_forward: bool, full_check: bool, keep_branch: bool, base_files: str, force: bool,
+          progress: bool | None, as_json: bool) -> None:
     """Merge the PERA adapter ADAPTER into the model folder BASE, writing a new model folder.
 
     \b
@@ -194,10 +201,38 @@ def merge(adapter: Path, base: Path, output: Path, format_: str | None, adapter_
     check has passed.
 
     \b
-    Example:
+    With --keep-branch nothing is merged: OUTPUT/base is the base as it is and
+    OUTPUT/adapter the exact plain LoRA (see export-lora), the pair multi-adapter servers load.
+
+    \b
+    Examples:
       pera-deploy merge fixtures/examples/llama-pera fixtures/examples/llama-base -o merged
+      pera-deploy merge fixtures/examples/llama-pera fixtures/examples/llama-base -o served --keep-branch
     """
     from .provenance import Digests, likely_inputs
+
+    if keep_branch:
+        given = [flag for flag, on in (("--dtype", dtype != "auto"), ("--max-shard-size", max_shard_size is not None),
+                                       ("--untie-embeddings", untie_embeddings), ("--check-forward", check_forward),
+                                       ("--full-check", full_check), ("--precision", precision != "float32")) if on]
+        if given:
+            from .errors import InputError
+
+            raise InputError(f"{', '.join(given)} do(es) not apply with --keep-branch: the base is written untouched")
+        from .api import keep_branch as run_keep_branch
+        from .api import vllm_rank
+
+        report = run_keep_branch(adapter, base, output, base_files=base_files, force=force,
+                                 **_load_options(format_, adapter_name, missing_coefficients))
+        lora = report.manifest["lora"]
+        _emit(as_json, report.to_dict(), "\n".join([
+            f"wrote {output}/base ({base_files} of {base}) and {output}/adapter: a plain LoRA of rank {lora['r']} "
+            f"(lora_alpha {lora['r']}, scaling 1) equal to the PERA update "
+            f"(largest factor error {max(c.rel_error for c in report.checks):.2g} of ‖ΔW‖, float32 storage)",
+            f"serve: vllm serve {output}/base --enable-lora --max-lora-rank {vllm_rank(lora['r'])} "
+            f"--lora-modules pera={output}/adapter",
+        ]))
+        return
 
     started = time.perf_counter()
     # Start hashing the inputs now, while torch is still being imported.
@@ -290,6 +325,107 @@ def verify(merged: Path, adapter: Path, base: Path, format_: str | None, adapter
         message = weights.failure() or (fwd.failure() if fwd else None)
         click.echo(f"pera-deploy: check failed: {message}", err=True)
         sys.exit(1)
+
+
+@main.command("export-lora")
+@click.argument("adapter", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="The LoRA adapter folder to write.")
+@adapter_options
+@click.option("--rank", type=int, default=None, help="Keep the best rank-K approximation of every module.")
+@click.option("--tol", type=float, default=None,
+              help="Per module, the smallest rank whose relative Frobenius error is at most T.")
+@click.option("--max-rank", type=int, default=None, help="Cap every module's rank at M.")
+@click.option("--pad/--no-pad", default=True, show_default=True,
+              help="Pad all modules to one rank (scaling exactly 1 in PEFT, vLLM and llama.cpp); --no-pad writes "
+              "each at its own rank with rank_pattern / alpha_pattern.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
+              help="Storage dtype of the LoRA factors.")
+@click.option("--base", type=click.Path(path_type=Path), default=None,
+              help="Name modules as this base model's transformers class does (what PEFT matches), and check shapes.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists and is not empty.")
+@json_option
+@debug_option
+def export_lora(adapter: Path, output: Path, format_: str | None, adapter_name: str | None, missing_coefficients: str | None,
+                rank: int | None, tol: float | None, max_rank: int | None, pad: bool, dtype: str, base: Path | None,
+                force: bool, as_json: bool) -> None:
+    """Write a PERA adapter as a plain PEFT LoRA adapter, which every LoRA runtime serves.
+
+    \b
+    ΔW = (s·B̂)·Â exactly, so lora_B = s·B̂ and lora_A = Â is an exact LoRA of rank
+    R' = r + r(r+1)/2 (44 for r = 8). --rank / --tol / --max-rank keep instead the best
+    approximation per module (a truncated SVD computed from the factors) and report its
+    relative error per module and in total. Each module's stored factors are checked
+    against ΔW before the folder is published.
+
+    \b
+    Examples:
+      pera-deploy export-lora fixtures/examples/llama-pera -o lora-exact
+      pera-deploy export-lora fixtures/examples/llama-pera -o lora-r8 --rank 8
+    """
+    from .api import export_lora as run_export
+
+    report = run_export(adapter, output, rank=rank, tol=tol, max_rank=max_rank, pad=pad, dtype=dtype, base=base,
+                        force=force, **_load_options(format_, adapter_name, missing_coefficients))
+    lora = report.manifest["lora"]
+    lines = [f"pera-deploy: warning: {w}" for w in lora["warnings"]]
+    for line in lines:
+        click.echo(line, err=True)
+    width = max(len(m["module"]) for m in lora["modules"])
+    rows = [f"{'module':<{width}}  {'exact':>5} {'rank':>5}  relative error"]
+    rows += [f"{m['module']:<{width}}  {m['exact_rank']:>5} {m['rank']:>5}  {m['rel_error']:.3g}" for m in lora["modules"]]
+    summary = (f"wrote {output}: plain LoRA, rank {lora['r']} ({'padded' if lora['padded'] else 'per-module ranks'}), "
+               + ("exact" if lora["exact"] else f"total relative error {lora['total_rel_error']:.3g}"))
+    _emit(as_json, report.to_dict(), "\n".join(rows + [summary]))
+
+
+@main.command()
+@click.argument("merged", type=click.Path(path_type=Path))
+@click.option("--adapter", "adapter", required=True, type=click.Path(path_type=Path), help="The adapter that was merged.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="The recovered model folder to write.")
+@adapter_options
+@click.option("--check-against", type=click.Path(path_type=Path), default=None,
+              help="The original base: compare the recovered weights with it and report the figures.")
+@click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
+              help="Precision of W' − ΔW before the one rounding.")
+@click.option("--full-check", is_flag=True, help="Recompute every recovered element independently (default: a sample of rows).")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists and is not empty.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
+@json_option
+@debug_option
+def unmerge(merged: Path, adapter: Path, output: Path, format_: str | None, adapter_name: str | None,
+            missing_coefficients: str | None, check_against: Path | None, precision: str, full_check: bool, force: bool,
+            progress: bool | None, as_json: bool) -> None:
+    """Take a PERA update back out of a merged model: W0 = W' − ΔW, streamed like a merge.
+
+    \b
+    The merge rounded W0 + ΔW once to its dtype, and that cannot be undone: each recovered
+    weight can be off by about two roundings (in bfloat16, 2·2⁻⁸ relative per element).
+    With --check-against the recovered model is compared with the original base and the
+    figures reported. Tensors the merge replaced (modules_to_save, trained biases) cannot be
+    recovered; they are kept as merged and listed.
+
+    \b
+    Example:
+      pera-deploy unmerge merged --adapter fixtures/examples/llama-pera -o recovered \\
+          --check-against fixtures/examples/llama-base
+    """
+    from .api import unmerge as run_unmerge
+
+    report = run_unmerge(merged, adapter, output, check_against=check_against, precision=precision, full_check=full_check,
+                         force=force, progress=progress, **_load_options(format_, adapter_name, missing_coefficients))
+    rec = report.manifest["reconstruction"]
+    lines = [f"took the update of {len(report.plan.matching.layers)} layers out of {merged}; wrote {output}"]
+    if "compared_with" in rec:
+        lines.append(
+            f"  against {rec['compared_with']}: relative error at most {rec['max_rel_error']:.3g}, at most "
+            f"{rec['max_roundings']:.2f} roundings of the merged dtype; {rec['min_exact_fraction']:.1%} or more of each "
+            f"weight's elements recovered exactly; {rec['untouched_identical']} untouched tensors identical"
+        )
+    else:
+        lines.append(f"  expected: {rec['expected']}")
+    if rec["not_restored"]:
+        lines.append(f"  not restored (the merge replaced them): {', '.join(rec['not_restored'])}")
+    _emit(as_json, report.to_dict(), "\n".join(lines))
 
 
 @main.command()

@@ -11,6 +11,7 @@ llama.cpp alike (the latter two ignore per-module patterns).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +21,8 @@ from .adapter import PeraAdapter, PeraLayer
 from .errors import InputError
 from .lowrank import choose_rank, factored_svd, total_relative_error
 
+# PEFT task types whose model wraps a task head as modules_to_save, expecting its weights.
+HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
 LORA_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -31,7 +34,7 @@ class LoraModule:
     rank: int  # kept rank
     delta_norm: float  # ‖ΔW‖_F
     rel_error: float  # ‖ΔW − lora_B·lora_A‖_F / ‖ΔW‖_F (0 when exact)
-    lora_B: Tensor = field(repr=False)  # (out, rank), scaling folded in
+    lora_B: Tensor = field(repr=False)  # (out, rank), scaling folded in; float64 until stored
     lora_A: Tensor = field(repr=False)  # (rank, in)
 
 
@@ -42,6 +45,7 @@ class LoraExport:
     modules_to_save: list[str]
     bias: str  # "none", "lora_only" or "all", as PEFT's config says
     pad: bool
+    task_type: str | None
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -71,13 +75,17 @@ def exact_factors(layer: PeraLayer, dtype: torch.dtype = torch.float32) -> tuple
 
 def lora_module(layer: PeraLayer, name: str, *, rank: int | None = None, tol: float | None = None,
                 max_rank: int | None = None, warnings: list[str] | None = None) -> LoraModule:
-    """One module's LoRA factors: exact, or the best approximation of the chosen rank."""
-    b_hat, a_hat = exact_factors(layer)
+    """One module's LoRA factors: exact, or the best approximation of the chosen rank.
+
+    A `rank` above the exact rank keeps the exact factors and appends the module to `warnings`.
+    """
+    # float64, so that stored factors are rounded once and the SVD sees the exact update
+    b_hat, a_hat = exact_factors(layer, torch.float64)
     full = b_hat.shape[1]
     delta_norm = layer.delta_norm()
     if rank is not None and rank >= full:
         if rank > full and warnings is not None:
-            warnings.append(f"--rank {rank} is more than module {layer.module}'s exact rank {full}; kept {full}, exactly")
+            warnings.append(layer.module)
         rank = None
     reduce = rank is not None or tol is not None or (max_rank is not None and max_rank < full)
     if not reduce:
@@ -87,8 +95,7 @@ def lora_module(layer: PeraLayer, name: str, *, rank: int | None = None, tol: fl
     if keep >= full:  # nothing to gain: keep the exact factors
         return LoraModule(name, layer.module, full, full, delta_norm, 0.0, b_hat, a_hat)
     lora_b, lora_a = svd.factors(keep)
-    return LoraModule(name, layer.module, full, keep, delta_norm, float(svd.relative_errors()[keep]),
-                      lora_b.to(torch.float32), lora_a.to(torch.float32))
+    return LoraModule(name, layer.module, full, keep, delta_norm, float(svd.relative_errors()[keep]), lora_b, lora_a)
 
 
 def validate_rank_options(rank: int | None, tol: float | None, max_rank: int | None) -> None:
@@ -113,10 +120,15 @@ def plan_lora_export(adapter: PeraAdapter, *, rank: int | None = None, tol: floa
     validate_rank_options(rank, tol, max_rank)
     names = names or {}
     warnings: list[str] = []
+    above: list[str] = []
     modules = [
-        lora_module(layer, names.get(path, path), rank=rank, tol=tol, max_rank=max_rank, warnings=warnings)
+        lora_module(layer, names.get(path, path), rank=rank, tol=tol, max_rank=max_rank, warnings=above)
         for path, layer in adapter.layers.items()
     ]
+    if above:
+        exact = max(m.full_rank for m in modules if m.source in above)
+        warnings.append(f"--rank {rank} is more than the exact rank of {len(above)} module(s) (up to {exact}, e.g. "
+                        f"{above[0]}); they are kept at their exact rank, with no approximation")
     targeted = {m.module for m in modules}
     extras: dict[str, Tensor] = {}
     to_save: set[str] = set()
@@ -137,7 +149,12 @@ def plan_lora_export(adapter: PeraAdapter, *, rank: int | None = None, tol: floa
             to_save.add(module)
     if to_save and adapter.config.get("modules_to_save"):
         to_save = set(adapter.config["modules_to_save"])  # the names training used, as PEFT matches them
-    return LoraExport(modules, extras, sorted(to_save), bias, pad, warnings)
+    task_type = adapter.config.get("task_type")
+    if task_type in HEAD_TASKS and not to_save:
+        warnings.append(f"task_type {task_type} left out of the LoRA config: PEFT would then expect a trained "
+                        "classification head, and this adapter has none")
+        task_type = None
+    return LoraExport(modules, extras, sorted(to_save), bias, pad, task_type, warnings)
 
 
 def lora_state_dict(export: LoraExport, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
@@ -177,7 +194,7 @@ def lora_config(export: LoraExport, adapter: PeraAdapter) -> dict[str, Any]:
         "init_lora_weights": True,
         "use_dora": False,
         "base_model_name_or_path": adapter.base_model_name_or_path,
-        "task_type": source.get("task_type"),
+        "task_type": export.task_type,
         "inference_mode": True,
     }
 
@@ -197,3 +214,40 @@ def export_summary(export: LoraExport) -> dict[str, Any]:
         "bias": export.bias,
         "warnings": export.warnings,
     }
+
+
+def write_lora_folder(folder: Path, export: LoraExport, adapter: PeraAdapter, dtype: torch.dtype,
+                      metadata: dict[str, str]) -> dict[str, Tensor]:
+    """adapter_config.json, adapter_model.safetensors and a model card, as PEFT saves an adapter.
+
+    A LoRA adapter is small (adapter-sized), so its state is built in memory and written
+    with safetensors' own save_file. Returns the state as stored.
+    """
+    from safetensors.torch import save_file
+
+    from .writer import write_json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = lora_state_dict(export, dtype)
+    save_file(state, str(folder / "adapter_model.safetensors"), metadata=metadata)
+    write_json(folder / "adapter_config.json", lora_config(export, adapter))
+    (folder / "README.md").write_text(_model_card(export, adapter), encoding="utf-8")
+    return state
+
+
+def _model_card(export: LoraExport, adapter: PeraAdapter) -> str:
+    front = ["---", "library_name: peft"]
+    if adapter.base_model_name_or_path:
+        front.append(f"base_model: {adapter.base_model_name_or_path}")
+    front += ["tags:", "- lora", "- pera", "- pera-deploy", "---", ""]
+    how = ("exactly (every expansion term kept: lora_B·lora_A is ΔW)" if export.exact else
+           f"approximately: total relative error {export.total_rel_error:.3g} (best rank per module by a truncated SVD)")
+    rows = ["| module | exact rank | rank | relative error |", "| --- | --- | --- | --- |"]
+    rows += [f"| {m.module} | {m.full_rank} | {m.rank} | {m.rel_error:.3g} |" for m in export.modules]
+    return "\n".join(front) + (
+        f"# PERA adapter `{adapter.path.name if adapter.path else ''}` as a plain LoRA\n\n"
+        f"Written by pera-deploy from a {adapter.format}-format PERA adapter (r = "
+        f"{', '.join(map(str, adapter.ranks))}), {how}. Rank {export.r}, lora_alpha {export.r}: the scaling is 1 "
+        f"{'for every module (zero-padded to one rank)' if export.pad else '(per-module ranks in rank_pattern / alpha_pattern)'}.\n\n"
+        + "\n".join(rows) + "\n"
+    )

@@ -51,6 +51,15 @@ def factored_svd(left: Tensor, right: Tensor) -> FactoredSVD:
     return FactoredSVD(q_left @ u, s, q_right @ vh.T)
 
 
+def factored_norm(left: Tensor, right: Tensor) -> float:
+    """‖left @ right‖_F from the factors, stably (QR, not Gram matrices, so a product that is
+    tiny next to its factors, like the difference of two nearly equal updates, keeps its
+    digits), in float64."""
+    _, t_left = torch.linalg.qr(left.to(torch.float64), mode="reduced")
+    _, t_right = torch.linalg.qr(right.to(torch.float64).T, mode="reduced")
+    return float(torch.linalg.matrix_norm(t_left @ t_right.T))
+
+
 def choose_rank(svd: FactoredSVD, *, rank: int | None = None, tol: float | None = None,
                 max_rank: int | None = None) -> int:
     """The rank to keep: `rank` as given, else the smallest whose relative error is ≤ `tol`,

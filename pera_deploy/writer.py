@@ -107,3 +107,31 @@ def parse_size(text: str | int) -> int:
     if value < 1:
         raise InputError(f"--max-shard-size {text!r}: must be positive")
     return int(value)
+
+
+BASE_FILE_MODES = ("copy", "hardlink", "symlink")
+
+
+def place_base_files(base: Path, target: Path, mode: str) -> list[str]:
+    """Put every top-level file of the model folder `base` into `target`: copied, hard-linked
+    (falling back to a copy across file systems) or symlinked (absolute links: the base must
+    stay where it is)."""
+    if mode not in BASE_FILE_MODES:
+        raise InputError(f"--base-files {mode!r}: expected one of {', '.join(BASE_FILE_MODES)}")
+    target.mkdir(parents=True, exist_ok=True)
+    placed = []
+    for item in sorted(base.iterdir()):
+        if not item.is_file() or item.name.startswith("."):
+            continue
+        dest = target / item.name
+        if mode == "symlink":
+            os.symlink(item.resolve(), dest)
+        elif mode == "hardlink":
+            try:
+                os.link(item, dest)
+            except OSError:
+                shutil.copy2(item, dest)
+        else:
+            shutil.copy2(item, dest)
+        placed.append(item.name)
+    return placed

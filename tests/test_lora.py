@@ -1,0 +1,289 @@
+"""PERA kept as a separate branch: exact plain-LoRA export, rank reduction, --keep-branch, unmerge."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import pera_deploy
+from pera_deploy.branch import load_model, load_unmerged_model
+from pera_deploy.checkpoint import BaseCheckpoint
+from pera_deploy.checks import FORWARD_FLOOR, seeded_inputs
+from pera_deploy.lowrank import choose_rank, factored_norm, factored_svd
+
+# -- the factored SVD against a dense one --------------------------------------------------
+
+
+@pytest.mark.parametrize("out_f, in_f, k", [(30, 20, 9), (12, 40, 14), (8, 6, 14)])
+def test_factored_svd_equals_dense_svd(out_f, in_f, k):
+    g = torch.Generator().manual_seed(out_f * in_f)
+    left = torch.randn(out_f, k, generator=g, dtype=torch.float64)
+    right = torch.randn(k, in_f, generator=g, dtype=torch.float64)
+    dense = left @ right
+    svd = factored_svd(left, right)
+    s_dense = torch.linalg.svdvals(dense)
+    n = min(out_f, in_f, k)
+    torch.testing.assert_close(svd.singular_values[:n], s_dense[:n], rtol=1e-10, atol=1e-10)
+    errors = svd.relative_errors()
+    for rank in range(n + 1):
+        b, a = svd.factors(rank)
+        measured = float((dense - b @ a).norm() / dense.norm())
+        best = float(s_dense[rank:].norm() / s_dense.norm())  # Eckart–Young
+        assert measured == pytest.approx(best, abs=1e-10)
+        assert float(errors[rank]) == pytest.approx(best, abs=1e-10)
+    assert all(errors[i + 1] <= errors[i] + 1e-15 for i in range(len(errors) - 1))  # never grows with K
+    assert float(errors[n]) < 1e-12
+
+
+def test_factored_norm_keeps_digits_of_tiny_differences():
+    g = torch.Generator().manual_seed(1)
+    left, right = torch.randn(50, 10, generator=g, dtype=torch.float64), torch.randn(10, 40, generator=g, dtype=torch.float64)
+    nudged = left.clone()
+    nudged[3, 4] += 1e-9
+    dense = float((left @ right - nudged @ right).norm())
+    assert factored_norm(torch.cat([left, -nudged], 1), torch.cat([right, right], 0)) == pytest.approx(dense, rel=1e-6)
+
+
+def test_choose_rank():
+    svd = factored_svd(torch.diag(torch.tensor([4.0, 3.0, 0.1], dtype=torch.float64)), torch.eye(3, dtype=torch.float64))
+    assert choose_rank(svd) == 3
+    assert choose_rank(svd, rank=1) == 1
+    assert choose_rank(svd, tol=0.05) == 2  # dropping 0.1 costs 0.1/5.001 = 0.02
+    assert choose_rank(svd, tol=0.0) == 3
+    assert choose_rank(svd, tol=0.05, max_rank=1) == 1
+
+
+# -- exact export, loaded by PEFT -------------------------------------------------------------
+
+
+def peft_vs_unmerged(base, lora_dir, pera_adapter, model_class=None):
+    """max |PEFT(base + LoRA) − unmerged PERA| / max |unmerged|, both float32, seeded inputs."""
+    import peft
+
+    model = load_model(base, torch.float32, model_class)
+    peft_model = peft.PeftModel.from_pretrained(model, lora_dir)
+    peft_model.eval()
+    reference, branch = load_unmerged_model(base, pera_adapter, torch.float32, model_class)
+    inputs = seeded_inputs(model.config, 2, 12, 0)
+    with torch.no_grad(), branch:
+        y = peft_model(**inputs)[0]
+        y_ref = reference(**inputs)[0]
+    loaded = {k: v for k, v in peft_model.state_dict().items() if "lora_B" in k}
+    assert loaded and all(float(v.abs().max()) > 0 for v in loaded.values())  # PEFT really loaded the factors
+    return float((y - y_ref).abs().max() / y_ref.abs().max())
+
+
+@pytest.mark.parametrize("name, base, model_class", [
+    ("llama-pera", "llama-base", None),
+    ("llama-ref-square_only", "llama-base", None),
+    ("llama-ref-full_with_hB", "llama-base", None),
+    ("llama-peft-rslora", "llama-base", None),
+    ("llama-peft-lora", "llama-base", None),
+    ("gpt2-ref", "gpt2-base", None),
+    ("gpt2-lm-head", "gpt2-base", None),
+    ("bert-peft", "bert-base", None),
+    # bert-ref was trained on BertModel (no `bert.` in its paths): see test_base_renames_...
+])
+def test_exact_export_loads_in_peft_and_matches(fx, tmp_path, name, base, model_class):
+    adapter = pera_deploy.load_adapter(fx[name])
+    report = pera_deploy.export_lora(adapter, tmp_path / "lora")
+    assert report.passed and report.export.exact
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["lora_alpha"] == config["r"]
+    assert config["fan_in_fan_out"] == adapter.config.get("fan_in_fan_out", False)
+    assert peft_vs_unmerged(fx[base], tmp_path / "lora", adapter, model_class) < FORWARD_FLOOR
+
+
+def test_factors_are_s_b_hat_and_a_hat(fx, tmp_path):
+    adapter = pera_deploy.load_adapter(fx["llama-peft"])  # s = 2
+    pera_deploy.export_lora(adapter, tmp_path / "lora")
+    state = load_file(str(tmp_path / "lora" / "adapter_model.safetensors"))
+    layer = adapter.layers["model.layers.0.self_attn.q_proj"]
+    b_hat, a_hat = (t.float() for t in layer.expanded_factors(torch.float64))  # computed exactly, rounded once
+    assert torch.equal(state["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"], b_hat)
+    assert torch.equal(state["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"], a_hat)
+
+
+def test_zero_coefficient_terms_are_dropped(fx, tmp_path):
+    lora = pera_deploy.export_lora(fx["llama-peft-lora"], tmp_path / "a")  # a plain LoRA: rank r, not R'
+    assert lora.export.r == 4 and lora.export.exact
+    square = pera_deploy.export_lora(fx["llama-ref-square_only"], tmp_path / "b")  # r + r squares
+    assert square.export.r == 8
+
+
+def test_base_renames_to_the_models_module_names(fx, tmp_path):
+    report = pera_deploy.export_lora(fx["bert-ref"], tmp_path / "lora", base=fx["bert-base"])
+    state = load_file(str(tmp_path / "lora" / "adapter_model.safetensors"))
+    assert "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight" in state
+    assert "base_model.model.bert.encoder.layer.0.attention.self.query.base_layer.bias" in state
+    assert report.manifest["lora"]["bias"] == "lora_only"
+    adapter = pera_deploy.load_adapter(fx["bert-ref"])
+    assert peft_vs_unmerged(fx["bert-base"], tmp_path / "lora", adapter) < FORWARD_FLOOR
+
+
+def test_modules_to_save_travel_as_peft_keeps_them(fx, tmp_path):
+    pera_deploy.export_lora(fx["bert-peft"], tmp_path / "lora")
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["classifier"]
+    state = load_file(str(tmp_path / "lora" / "adapter_model.safetensors"))
+    assert "base_model.model.classifier.weight" in state and "base_model.model.classifier.bias" in state
+
+
+def test_no_pad_writes_rank_and_alpha_patterns(fx, tmp_path):
+    adapter = pera_deploy.load_adapter(fx["llama-peft-patterns"])  # q_proj r = 2, others r = 4
+    pera_deploy.export_lora(adapter, tmp_path / "lora", pad=False)
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["r"] == 14
+    assert config["rank_pattern"] == config["alpha_pattern"]
+    assert set(config["rank_pattern"].values()) == {5}  # R' of r = 2
+    assert peft_vs_unmerged(fx["llama-base"], tmp_path / "lora", adapter) < FORWARD_FLOOR
+    pera_deploy.export_lora(adapter, tmp_path / "padded")
+    assert json.loads((tmp_path / "padded" / "adapter_config.json").read_text())["rank_pattern"] == {}
+    assert peft_vs_unmerged(fx["llama-base"], tmp_path / "padded", adapter) < FORWARD_FLOOR
+
+
+# -- rank reduction ------------------------------------------------------------------------
+
+
+def test_reduced_rank_error_is_the_dense_svd_tail(fx, tmp_path):
+    adapter = pera_deploy.load_adapter(fx["llama-pera"])
+    previous = None
+    for rank in (2, 6, 10, 14):
+        report = pera_deploy.export_lora(adapter, tmp_path / f"r{rank}", rank=rank)
+        assert report.passed
+        state = load_file(str(tmp_path / f"r{rank}" / "adapter_model.safetensors"))
+        for m in report.export.modules:
+            layer = adapter.layers[m.source]
+            dense = layer.delta_weight(torch.float64)
+            s = torch.linalg.svdvals(dense)
+            keep = min(rank, m.full_rank)
+            assert m.rank == keep
+            assert m.rel_error == pytest.approx(float(s[keep:].norm() / s.norm()), abs=1e-9)
+            b = state[f"base_model.model.{m.module}.lora_B.weight"].double()
+            a = state[f"base_model.model.{m.module}.lora_A.weight"].double()
+            assert float((dense - b @ a).norm() / dense.norm()) == pytest.approx(m.rel_error, abs=1e-6)
+        total = report.export.total_rel_error
+        assert previous is None or total <= previous + 1e-12  # never grows when K grows
+        previous = total
+    assert previous < 1e-12  # rank 14 = R': exact
+
+
+def test_tol_and_max_rank(fx, tmp_path):
+    adapter = pera_deploy.load_adapter(fx["llama-pera"])
+    report = pera_deploy.export_lora(adapter, tmp_path / "tol", tol=0.05)
+    for m in report.export.modules:
+        assert m.rel_error <= 0.05
+        svd = factored_svd(*adapter.layers[m.source].expanded_factors(torch.float64))
+        assert m.rank == 0 or float(svd.relative_errors()[m.rank - 1]) > 0.05  # the smallest such rank
+    capped = pera_deploy.export_lora(adapter, tmp_path / "cap", tol=0.001, max_rank=3)
+    assert max(m.rank for m in capped.export.modules) == 3
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--rank", "0"], "--rank 0: must be at least 1"),
+    (["--tol", "-0.1"], "--tol -0.1: must be in [0, 1)"),
+    (["--max-rank", "0"], "--max-rank 0"),
+    (["--rank", "4", "--tol", "0.1"], "exclude each other"),
+])
+def test_bad_rank_options(cli, fx, tmp_path, args, needle):
+    result = cli("export-lora", fx["llama-pera"], "-o", tmp_path / "out", *args)
+    assert result.exit_code == 2 and needle in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_rank_above_exact_warns_and_stays_exact(cli, fx, tmp_path):
+    result = cli("export-lora", fx["llama-pera"], "-o", tmp_path / "out", "--rank", "99", "--json")
+    assert result.exit_code == 0
+    assert "warning: --rank 99 is more than the exact rank" in result.stderr
+    assert json.loads(result.stdout)["lora"]["exact"] is True
+
+
+def test_export_lora_cli_reports_errors(cli, fx, tmp_path):
+    result = cli("export-lora", fx["gpt2-ref"], "-o", tmp_path / "out", "--rank", "4")
+    assert result.exit_code == 0
+    assert "total relative error" in result.stdout and "transformer.h.0.attn.c_attn" in result.stdout
+    manifest = json.loads((tmp_path / "out" / "pera_deploy_manifest.json").read_text())
+    assert manifest["lora"]["total_rel_error"] > 0 and manifest["checks"][0]["passed"]
+    assert "relative error" in (tmp_path / "out" / "README.md").read_text()
+
+
+# -- --keep-branch --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["copy", "hardlink", "symlink"])
+def test_keep_branch(cli, fx, tmp_path, mode):
+    out = tmp_path / "served"
+    result = cli("merge", fx["gpt2-lm-head"], fx["gpt2-base"], "-o", out, "--keep-branch", "--base-files", mode)
+    assert result.exit_code == 0, result.stderr
+    assert "vllm serve" in result.stdout
+    base_files = sorted(p.name for p in fx["gpt2-base"].iterdir())
+    assert sorted(p.name for p in (out / "base").iterdir()) == base_files
+    for name in base_files:
+        placed = out / "base" / name
+        assert placed.read_bytes() == (fx["gpt2-base"] / name).read_bytes()
+        assert placed.is_symlink() == (mode == "symlink")
+        if mode == "hardlink":
+            assert os.stat(placed).st_ino == os.stat(fx["gpt2-base"] / name).st_ino
+    adapter = pera_deploy.load_adapter(fx["gpt2-lm-head"])
+    assert peft_vs_unmerged(out / "base", out / "adapter", adapter) < FORWARD_FLOOR
+    manifest = json.loads((out / "pera_deploy_manifest.json").read_text())
+    assert manifest["base"]["placed_as"] == mode and len(manifest["base"]["sha256"]) == 64
+
+
+def test_keep_branch_names_follow_the_base_model(cli, fx, tmp_path):
+    assert cli("merge", fx["bert-ref"], fx["bert-base"], "-o", tmp_path / "s", "--keep-branch").exit_code == 0
+    adapter = pera_deploy.load_adapter(fx["bert-ref"])
+    assert peft_vs_unmerged(tmp_path / "s" / "base", tmp_path / "s" / "adapter", adapter) < FORWARD_FLOOR
+
+
+def test_keep_branch_refuses_merge_only_options(cli, fx, tmp_path):
+    result = cli("merge", fx["llama-pera"], fx["llama-base"], "-o", tmp_path / "s", "--keep-branch", "--dtype", "float16")
+    assert result.exit_code == 2 and "--dtype" in result.stderr
+    assert not (tmp_path / "s").exists()
+
+
+# -- unmerge --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, base, dtype", [("llama-pera", "llama-base", "auto"), ("gpt2-ref", "gpt2-base", "auto"),
+                                               ("bert-peft", "bert-base", "auto"), ("llama-peft", "llama-base", "float32")])
+def test_unmerge_recovers_the_base_to_its_rounding(cli, fx, tmp_path, name, base, dtype):
+    assert cli("merge", fx[name], fx[base], "-o", tmp_path / "m", "--dtype", dtype).exit_code == 0
+    result = cli("unmerge", tmp_path / "m", "--adapter", fx[name], "-o", tmp_path / "u",
+                 "--check-against", fx[base], "--json")
+    assert result.exit_code == 0, result.stderr
+    rec = json.loads(result.stdout)["reconstruction"]
+    assert rec["untouched_changed"] == []
+    assert 0 < rec["max_roundings"] <= 2  # in norm: the merge's rounding plus this one
+    if name == "bert-peft":
+        assert rec["not_restored"] == ["classifier.bias", "classifier.weight"]
+    adapter = pera_deploy.load_adapter(fx[name])
+    with BaseCheckpoint(tmp_path / "u") as u, BaseCheckpoint(fx[base]) as b:
+        for module in adapter.layers:
+            tensor = next(n for n in u.names if n.endswith(module.removeprefix("transformer.") + ".weight"))
+            w0 = b.get(tensor).double()
+            w_rec = u.get(tensor).double()
+            merged = (w0 + (adapter.layers[module].delta_weight(torch.float64).T if adapter.layers[module].fan_in_fan_out
+                            else adapter.layers[module].delta_weight(torch.float64)))
+            # each element: one rounding of W0 + ΔW, then one of W' − ΔW (both relative to their own size)
+            u_ = 2.0**-8 if u.entries[tensor].dtype == "BF16" else 2.0**-24
+            bound = u_ * merged.abs() * 1.01 + u_ * w0.abs() * 1.01 + 1e-30 + 64 * 2.0**-24 * (w0.abs() + merged.abs())
+            assert bool(((w_rec - w0).abs() <= bound + u_ * (w_rec - w0).abs()).all()), tensor
+
+
+def test_unmerge_without_base_says_what_to_expect(cli, fx, tmp_path):
+    pera_deploy.merge(fx["llama-pera"], fx["llama-base"], tmp_path / "m", progress=False)
+    result = cli("unmerge", tmp_path / "m", "--adapter", fx["llama-pera"], "-o", tmp_path / "u")
+    assert result.exit_code == 0 and "two roundings" in result.stdout
+    assert json.loads((tmp_path / "u" / "pera_deploy_manifest.json").read_text())["command"] == "unmerge"
+
+
+def test_unmerge_refuses_a_folder_that_does_not_fit(cli, fx, tmp_path):
+    pera_deploy.merge(fx["llama-pera"], fx["llama-base"], tmp_path / "m", progress=False)
+    result = cli("unmerge", tmp_path / "m", "--adapter", fx["gpt2-ref"], "-o", tmp_path / "u")
+    assert result.exit_code == 2 and "has no base tensor" in result.stderr
+    assert not (tmp_path / "u").exists()
