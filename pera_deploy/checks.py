@@ -209,17 +209,28 @@ class LoraCheck:
 def check_lora_module(layer: PeraLayer, module: str, lora_b: Tensor, lora_a: Tensor, expected: float) -> LoraCheck:
     """Does the stored LoRA reproduce ΔW (exactly, or to its predicted truncation error)?
 
-    Measured from the factors alone: ΔW − B·A = [s·B̂, −B]·[Â; A]. Storing the factors rounds
-    each element by at most u, which moves the product by at most 2u·‖B‖·‖A‖.
+    Measured from the factors alone, in float64. For an exact export (stored factors are
+    s·B̂ and Â rounded, possibly zero-padded) ΔW − B·A = (s·B̂ − B)·Â + B·(Â − A), a sum of
+    small terms whose norm the R'×R' Gram matrices give cheaply and without cancellation;
+    otherwise ΔW − B·A = [s·B̂, −B]·[Â; A] through QR. Storing the factors rounds each element
+    by at most u, which moves the product by at most 2u·‖B‖·‖A‖.
     """
+    from .lora_export import exact_factors
     from .lowrank import factored_norm
+    from .pera import factored_frobenius_norm
 
-    b_hat, a_hat = layer.expanded_factors(torch.float64)
+    exact_b, exact_a = exact_factors(layer, torch.float64)
+    k = exact_b.shape[1]
+    b, a = lora_b.double(), lora_a.double()
+    if expected == 0 and b.shape[1] >= k and not b[:, k:].any() and not a[k:].any():
+        b, a = b[:, :k], a[:k]
+        residual = factored_frobenius_norm(torch.cat([exact_b - b, b], dim=1), torch.cat([exact_a, exact_a - a], dim=0))
+    else:
+        residual = factored_norm(torch.cat([exact_b, -b], dim=1), torch.cat([exact_a, a], dim=0))
     delta = layer.delta_norm()
-    residual = factored_norm(torch.cat([b_hat, -lora_b.double()], dim=1), torch.cat([a_hat, lora_a.double()], dim=0))
     rel = residual / delta if delta > 0 else (0.0 if residual == 0 else math.inf)
     u = UNIT_ROUNDOFF[lora_b.dtype]
-    storage = 2.01 * u * float(lora_b.double().norm()) * float(lora_a.double().norm()) / delta if delta > 0 else 0.0
+    storage = 2.01 * u * float(b.norm()) * float(a.norm()) / delta if delta > 0 else 0.0
     allowed = expected + storage + 1e-12
     return LoraCheck(module, lora_a.shape[0], rel, expected, allowed, rel <= allowed)
 
