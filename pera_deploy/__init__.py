@@ -26,6 +26,7 @@ _EXPORTS = {
     "export_lora": "api",
     "keep_branch": "api",
     "unmerge": "api",
+    "export_onnx": "api",
     "PeraDeployError": "errors",
     "InputError": "errors",
     "CheckFailed": "errors",

@@ -47,11 +47,10 @@ def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, architect
     return model
 
 
-def _targets(model: nn.Module, adapter: PeraAdapter) -> dict[str, nn.Module]:
-    """Adapter module path → the model's module it adapts (same suffix rule as merging)."""
-    modules = dict(model.named_modules())
+def targets_in_model(model: nn.Module, adapter: PeraAdapter) -> dict[str, str]:
+    """Adapter module path → the path of the model's module it adapts (same suffix rule as merging)."""
     by_last: dict[str, list[str]] = {}
-    for name in modules:
+    for name, _ in model.named_modules():
         by_last.setdefault(name.rsplit(".", 1)[-1], []).append(name)
     targets = {}
     for path in adapter.layers:
@@ -59,8 +58,14 @@ def _targets(model: nn.Module, adapter: PeraAdapter) -> dict[str, nn.Module]:
         if len(hits) != 1:
             what = "no module" if not hits else "several modules: " + ", ".join(hits)
             raise InputError(f"adapter module {path} matches {what} in the {type(model).__name__} model")
-        targets[path] = modules[hits[0]]
+        targets[path] = hits[0]
     return targets
+
+
+def _targets(model: nn.Module, adapter: PeraAdapter) -> dict[str, nn.Module]:
+    """Adapter module path → the model's module it adapts."""
+    modules = dict(model.named_modules())
+    return {path: modules[name] for path, name in targets_in_model(model, adapter).items()}
 
 
 def model_names(folder: str | Path) -> tuple[list[str], list[str]]:

@@ -95,6 +95,7 @@ def main() -> None:
       pera-deploy merge ADAPTER BASE -o MERGED
       pera-deploy verify MERGED --adapter ADAPTER --base BASE
       pera-deploy export-lora ADAPTER -o LORA        (serve PERA with any LoRA runtime)
+      pera-deploy export-onnx BASE --adapter ADAPTER -o ONNX
       pera-deploy unmerge MERGED --adapter ADAPTER -o BASE
 
     Exit status: 0 success, 1 a numerical check failed, 2 bad input, 3 internal error.
@@ -426,6 +427,73 @@ def unmerge(merged: Path, adapter: Path, output: Path, format_: str | None, adap
     if rec["not_restored"]:
         lines.append(f"  not restored (the merge replaced them): {', '.join(rec['not_restored'])}")
     _emit(as_json, report.to_dict(), "\n".join(lines))
+
+
+@main.command("export-onnx")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="The ONNX folder to write.")
+@click.option("--adapter", "adapter_specs", multiple=True, metavar="[NAME=]PATH",
+              help="A PERA adapter: merged into MODEL before export, or with --branch, one swappable adapter file "
+              "NAME.onnx_adapter (repeat for several).")
+@click.option("--branch", is_flag=True,
+              help="Export MODEL (the base) with a swappable PERA branch at every targeted layer instead of merging.")
+@click.option("--task", default=None, help="Optimum task (default: from the config's architecture; decoders with past).")
+@click.option("--opset", type=int, default=None, help="ONNX opset (default: Optimum's for the architecture).")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="float16 converts the float32 graph (and adapter files) after export; checked with a wider tolerance.")
+@click.option("--format", "format_", default=None, metavar="FORMAT", help="Adapter format, instead of detecting it.")
+@click.option("--missing-coefficients", type=click.Choice(["zero", "one"]), default=None,
+              help="How to read layers saved with no coefficient tensor (see merge --help).")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists and is not empty.")
+@json_option
+@debug_option
+def export_onnx(model: Path, output: Path, adapter_specs: tuple[str, ...], branch: bool, task: str | None,
+                opset: int | None, dtype: str, format_: str | None, missing_coefficients: str | None, force: bool,
+                as_json: bool) -> None:
+    """Export to ONNX, checked with ONNX Runtime against the unmerged PyTorch model.
+
+    \b
+    MODEL alone is a (merged) model folder, exported as it is. With one --adapter, MODEL is
+    the base: the adapter is merged on the fly (nothing but the ONNX folder is left behind).
+    With --branch, MODEL is the base and every --adapter NAME=PATH becomes NAME.onnx_adapter:
+    the graph computes x·W0ᵀ + (x·Âᵀ)·(s·B̂)ᵀ at each targeted layer, with the factors as
+    inputs of rank 0 by default (so with no adapter it is the base model), and ONNX Runtime
+    swaps adapters per request (RunOptions.add_active_adapter). Decoders get the KV-cache
+    graph. Every graph is run in ONNX Runtime (prefill and one decoding step for decoders)
+    and compared with PyTorch: float32 within 1e-4 relative, float16 within 2e-2, or exit 1.
+
+    \b
+    Examples:
+      pera-deploy export-onnx fixtures/examples/llama-base --adapter fixtures/examples/llama-pera -o onnx-merged
+      pera-deploy export-onnx fixtures/examples/llama-base --branch -o onnx-branch \\
+          --adapter pera=fixtures/examples/llama-pera --adapter second=fixtures/examples/llama-pera-2
+    """
+    from .api import export_onnx as run_export
+
+    adapters = {}
+    for spec in adapter_specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec).name, spec
+        if name in adapters:
+            from .errors import InputError
+
+            raise InputError(f"--adapter {name}: the name is given twice")
+        adapters[name] = Path(path)
+    report = run_export(model, output, adapters=adapters, branch=branch, task=task, opset=opset, dtype=dtype, force=force,
+                        format=format_, missing_coefficients=missing_coefficients)
+    lines = []
+    for run in dict.fromkeys(c.run for c in report.checks):
+        checks = [c for c in report.checks if c.run == run]
+        worst = max(checks, key=lambda c: c.max_rel_diff)
+        logits = [f"{c.step} {c.max_rel_diff:.2g}" for c in checks if c.output == "logits"]
+        lines.append(f"  {run}: logits max rel diff {', '.join(logits)}; worst output {worst.output} "
+                     f"{worst.max_rel_diff:.2g} (tolerance {worst.tolerance:.0e})")
+    m = report.manifest
+    files = sorted(p.name for p in output.iterdir() if p.suffix in (".onnx", ".onnx_adapter", ".onnx_data"))
+    _emit(as_json, report.to_dict(), "\n".join(
+        [f"wrote {output}: {m['graph']} graph, task {m['task']}, {m['dtype']} ({', '.join(files)})",
+         "checked with ONNX Runtime against the unmerged PyTorch model:"] + lines))
 
 
 @main.command()

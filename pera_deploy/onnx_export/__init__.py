@@ -1,0 +1,10 @@
+"""ONNX export: merged graphs, and graphs whose PERA branch ONNX Runtime swaps at run time.
+
+Needs the `onnx` extra (onnx, onnxruntime, optimum-onnx). One job per module:
+
+* `tasks`: which Optimum task a model folder exports as (decoders with their KV cache);
+* `export`: the Optimum export of a merged folder, and of a base with branch placeholders;
+* `graph`: editing the exported protobuf (branch factors into inputs, metadata, float16);
+* `adapters`: ONNX Runtime adapter files (`onnxruntime.AdapterFormat`);
+* `validate`: ONNX Runtime against the PyTorch reference, output by output.
+"""
