@@ -578,11 +578,12 @@ def _export_onnx_branch(base: Path, output: Path, adapters: dict[str, PeraAdapte
         export_branch_graph(base, out.path, task, opset, modules, model)
         if dtype == "float16":
             to_float16(out.path / "model.onnx")
-        files = {}
+        files, ranks = {}, {}
         for name, adapter in adapters.items():
             files[name] = out.path / f"{name}.onnx_adapter"
-            write_adapter_file(files[name], branch_factors(adapter, targets[name],
-                                                           torch.float16 if dtype == "float16" else torch.float32))
+            arrays = branch_factors(adapter, targets[name], torch.float16 if dtype == "float16" else torch.float32)
+            write_adapter_file(files[name], arrays)
+            ranks[name] = max(int(v.shape[1]) for k, v in arrays.items() if k.endswith(".lora_At"))
         metadata = {
             "pera_deploy.version": __version__,
             "pera_deploy.base": base.name,
@@ -599,8 +600,6 @@ def _export_onnx_branch(base: Path, output: Path, adapters: dict[str, PeraAdapte
         checks = validate(out.path / "model.onnx", model, runs, dtype == "float16")
         manifest = {"pera_deploy_version": __version__, "command": "export-onnx --branch", "task": task, "dtype": dtype,
                     "opset": opset, "graph": "branch", "metadata": metadata,
-                    "adapters": {name: {"file": files[name].name, "format": a.format, "r": a.ranks,
-                                        "rank": max(int(v.shape[1]) for k, v in branch_factors(a, targets[name], torch.float32).items()
-                                                    if k.endswith("lora_At"))}
+                    "adapters": {name: {"file": files[name].name, "format": a.format, "r": a.ranks, "rank": ranks[name]}
                                  for name, a in adapters.items()}}
         return _finish_onnx(out, OnnxReport(output, checks), manifest)

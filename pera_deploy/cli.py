@@ -460,7 +460,7 @@ def export_onnx(model: Path, output: Path, adapter_specs: tuple[str, ...], branc
     inputs of rank 0 by default (so with no adapter it is the base model), and ONNX Runtime
     swaps adapters per request (RunOptions.add_active_adapter). Decoders get the KV-cache
     graph. Every graph is run in ONNX Runtime (prefill and one decoding step for decoders)
-    and compared with PyTorch: float32 within 1e-4 relative, float16 within 2e-2, or exit 1.
+    and compared with PyTorch: float32 within 1e-4 relative, float16 within 1e-2, or exit 1.
 
     \b
     Examples:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import pera_deploy
 from fixtures.build_fixtures import build_examples
@@ -156,13 +156,16 @@ def test_adapter_name_option(cli, fx, tmp_path):
 
 def test_shipped_example_is_what_the_script_builds(tmp_path):
     built = build_examples(tmp_path)
-    for name in ("llama-base", "llama-pera"):
+    for name in ("llama-base", "llama-pera", "llama-pera-2"):
         shipped = ROOT / "fixtures" / "examples" / name
         assert sorted(p.name for p in shipped.iterdir()) == sorted(p.name for p in built[name].iterdir())
     with BaseCheckpoint(ROOT / "fixtures/examples/llama-base") as a, BaseCheckpoint(built["llama-base"]) as b:
         assert a.names == b.names and all(torch.equal(a.get(n), b.get(n)) for n in a.names)
     shipped = torch.load(ROOT / "fixtures/examples/llama-pera/adapter_model.bin", weights_only=True)
     rebuilt = torch.load(built["llama-pera"] / "adapter_model.bin", weights_only=True)
+    assert shipped.keys() == rebuilt.keys() and all(torch.equal(shipped[k], rebuilt[k]) for k in shipped)
+    shipped = load_file(str(ROOT / "fixtures/examples/llama-pera-2/adapter_model.safetensors"))
+    rebuilt = load_file(str(built["llama-pera-2"] / "adapter_model.safetensors"))
     assert shipped.keys() == rebuilt.keys() and all(torch.equal(shipped[k], rebuilt[k]) for k in shipped)
 
 

@@ -18,13 +18,13 @@ import torch
 from torch import nn
 
 # max |ONNX − PyTorch| / max |PyTorch|, per output. float32 graphs differ from PyTorch by
-# float32 arithmetic only (the 1e-4; measured up to 2e-6 on the fixtures). A
-# float16 graph rounds every weight, activation and cache to float16 (u = 2⁻¹¹ ≈ 4.9e-4);
-# on the fixtures that moved logits by up to 6e-3 relative and caches by up to 3e-3:
-# FLOAT16_TOLERANCE leaves about 3x room over that, still 50x below what one adapter's
-# update does to the outputs.
+# float32 arithmetic only: the usual 1e-4 (measured at most 1.5e-6 on the fixtures). A
+# float16 graph rounds every weight, activation and cache to float16 (u = 2⁻¹¹ ≈ 4.9e-4):
+# on the fixtures that moved logits by up to 2.3e-3 and caches by up to 1.7e-3 (about 5u);
+# FLOAT16_TOLERANCE = 1e-2 (about 20u) leaves 4x room, and stays far below what an adapter
+# that is missing or wrong does to the outputs (0.1 to 1 relative on the fixtures).
 FLOAT32_TOLERANCE = 1e-4
-FLOAT16_TOLERANCE = 2e-2
+FLOAT16_TOLERANCE = 1e-2
 
 BATCH, SEQ = 2, 7
 

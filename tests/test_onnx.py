@@ -1,0 +1,138 @@
+"""export-onnx: merged and branch graphs on the fixture Llama (with past), GPT-2 and BERT,
+each checked by ONNX Runtime against the unmerged PyTorch model."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import pera_deploy
+from pera_deploy.onnx_export.validate import FLOAT16_TOLERANCE, FLOAT32_TOLERANCE
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def metadata(path: Path) -> dict[str, str]:
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+@pytest.mark.parametrize("base, adapter, task", [
+    ("llama-base", "llama-pera", "text-generation-with-past"),
+    ("gpt2-base", "gpt2-ref", "text-generation-with-past"),
+    ("bert-base", "bert-peft", "text-classification"),
+])
+def test_merged_on_the_fly(cli, fx, tmp_path, base, adapter, task):
+    out = tmp_path / "onnx"
+    result = cli("export-onnx", fx[base], "--adapter", fx[adapter], "-o", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["passed"] and report["task"] == task and report["graph"] == "merged"
+    checks = report["validation"]
+    assert all(c["max_rel_diff"] <= FLOAT32_TOLERANCE for c in checks)
+    steps = {c["step"] for c in checks}
+    assert steps == ({"prefill", "decode"} if "with-past" in task else {"forward"})
+    if "with-past" in task:
+        assert any(c["output"].startswith("present.") for c in checks)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx"]  # the scratch merge is gone
+    assert metadata(out / "model.onnx")["pera_deploy.adapter_sha256"] == report["metadata"]["pera_deploy.adapter_sha256"]
+
+
+def test_merged_folder_as_it_is(cli, fx, tmp_path):
+    pera_deploy.merge(fx["gpt2-peft"], fx["gpt2-base"], tmp_path / "merged", progress=False)
+    result = cli("export-onnx", tmp_path / "merged", "-o", tmp_path / "onnx")
+    assert result.exit_code == 0, result.stderr
+    assert "merged: logits max rel diff prefill" in result.stdout
+
+
+@pytest.mark.parametrize("base, adapters", [
+    ("llama-base", ["llama-pera", "llama-peft-rslora"]),
+    ("gpt2-base", ["gpt2-ref", "gpt2-peft"]),
+    ("bert-base", ["bert-ref"]),
+])
+def test_branch_with_adapters(cli, fx, tmp_path, base, adapters):
+    out = tmp_path / "onnx"
+    specs = [arg for i, name in enumerate(adapters) for arg in ("--adapter", f"a{i}={fx[name]}")]
+    result = cli("export-onnx", fx[base], "--branch", "-o", out, *specs, "--json")
+    if adapters == ["bert-ref"]:  # trained biases: not low-rank, cannot ride in an adapter file
+        assert result.exit_code == 2 and "trains full tensors" in result.stderr
+        return
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    runs = {c["run"] for c in report["validation"]}
+    assert runs == {"no adapter"} | {f"adapter a{i}" for i in range(len(adapters))}
+    assert all(c["passed"] for c in report["validation"])
+    assert sorted(p.name for p in out.glob("*.onnx_adapter")) == [f"a{i}.onnx_adapter" for i in range(len(adapters))]
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    inits = {t.name: t for t in model.graph.initializer}
+    branch_inputs = [i for i in model.graph.input if i.name.endswith((".lora_At", ".lora_Bt"))]
+    modules = json.loads(metadata(out / "model.onnx")["pera_deploy.modules"])
+    assert len(branch_inputs) == 2 * len(modules) == 2 * len(pera_deploy.load_adapter(fx[adapters[0]]).layers)
+    for graph_input in branch_inputs:
+        dims = [d.dim_param or d.dim_value for d in graph_input.type.tensor_type.shape.dim]
+        module = graph_input.name.rsplit(".", 1)[0]
+        assert f"{module}.rank" in dims  # a rank symbol per module
+        assert 0 in list(inits[graph_input.name].dims)  # the default: rank 0, i.e. the base model
+
+
+def test_branch_float16(cli, fx, tmp_path):
+    result = cli("export-onnx", fx["llama-base"], "--branch", "-o", tmp_path / "onnx", "--dtype", "float16",
+                 "--adapter", f"a={fx['llama-pera']}", "--json")
+    assert result.exit_code == 0, result.stderr
+    checks = json.loads(result.stdout)["validation"]
+    assert all(c["tolerance"] == FLOAT16_TOLERANCE and c["passed"] for c in checks)
+    assert max(c["max_rel_diff"] for c in checks) > FLOAT32_TOLERANCE  # it really is float16
+
+
+def test_readme_onnx_example_runs(cli, tmp_path, monkeypatch):
+    """The README's branch export and its ONNX Runtime snippet, as written."""
+    readme = (ROOT / "README.md").read_text()
+    command = next(l.strip() for l in readme.splitlines() if l.strip().startswith("pera-deploy export-onnx") and "--branch" in l)
+    snippet = re.search(r"Running the branch graph.*?```python\n(.*?)```", readme, re.S).group(1)
+    (tmp_path / "fixtures").symlink_to(ROOT / "fixtures")
+    monkeypatch.chdir(tmp_path)
+    result = cli(*shlex.split(command)[1:])
+    assert result.exit_code == 0, result.stderr
+    printed = []
+    exec(compile(snippet, "README.md", "exec"), {"print": lambda *a: printed.append(a)})
+    assert [p[0] for p in printed] == ["base", "pera", "second"]
+    values = [np.asarray(p[1]) for p in printed]
+    assert not np.allclose(values[0], values[1]) and not np.allclose(values[1], values[2])
+
+
+def test_bad_inputs(cli, fx, tmp_path):
+    def refused(*args, needle):
+        result = cli("export-onnx", *args, "-o", tmp_path / "out")
+        assert result.exit_code == 2, (result.stdout, result.stderr)
+        assert needle in result.stderr and len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+        assert not (tmp_path / "out").exists()
+
+    refused(fx["llama-base"], "--task", "image-classification", needle="not exportable for llama; supported:")
+    refused(fx["llama-base"], "--adapter", fx["gpt2-ref"], needle="has no base tensor")
+    refused(fx["llama-base"], "--branch", "--adapter", f"a={fx['gpt2-ref']}", needle="has no base tensor")
+    refused(fx["llama-base"], "--branch", "--adapter", f"a={fx['llama-pera']}", "--adapter", f"b={fx['llama-peft-lora']}",
+            needle="target different modules")
+    refused(fx["llama-base"], "--adapter", f"a={fx['llama-pera']}", "--adapter", f"b={fx['llama-peft']}",
+            needle="several adapters need --branch")
+    refused(fx["llama-base"], "--branch", needle="--branch needs at least one --adapter")
+    refused(tmp_path / "nowhere", needle="model folder not found")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("")
+    result = cli("export-onnx", fx["llama-base"], "-o", tmp_path / "out")
+    assert result.exit_code == 2 and "pass --force" in result.stderr
+
+
+def test_validation_can_fail(cli, fx, tmp_path, monkeypatch):
+    """Adapter files that do not hold the adapter's update: caught, exit 1, nothing published."""
+    import pera_deploy.onnx_export.adapters as adapters
+
+    real = adapters.branch_factors
+    monkeypatch.setattr(adapters, "branch_factors", lambda *a: {k: v * 1.05 for k, v in real(*a).items()})
+    result = cli("export-onnx", fx["llama-base"], "--branch", "-o", tmp_path / "out", "--adapter", f"a={fx['llama-pera']}")
+    assert result.exit_code == 1 and "check failed: ONNX Runtime (adapter a" in result.stderr
+    assert not (tmp_path / "out").exists()
