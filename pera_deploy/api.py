@@ -162,12 +162,11 @@ def verify(
 
 
 @dataclass
-class LoraReport:
-    """What `export_lora` (or `merge(..., keep_branch=True)`) wrote and how it was checked."""
+class CheckedReport:
+    """What a command wrote, the checks it ran on it, and its manifest."""
 
     output: Path
-    export: LoraExport
-    checks: list[LoraCheck]
+    checks: list[Any]
     manifest: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -176,14 +175,24 @@ class LoraReport:
 
     def failure(self) -> str | None:
         bad = [c for c in self.checks if not c.passed]
-        if not bad:
-            return None
-        c = max(bad, key=lambda c: c.rel_error - c.allowed)
-        return (f"LoRA factors of {c.module} reproduce ΔW only to {c.rel_error:.3g} (allowed {c.allowed:.3g}); "
-                f"{len(bad)} module(s) failed")
+        return f"{self._describe(bad)}; {len(bad)} failed" if bad else None
+
+    def _describe(self, bad: list[Any]) -> str:
+        raise NotImplementedError
 
     def to_dict(self) -> dict[str, Any]:
         return {"output": str(self.output), "passed": self.passed, **self.manifest}
+
+
+@dataclass
+class LoraReport(CheckedReport):
+    """What `export_lora` or `keep_branch` wrote: `checks` are LoraCheck, one per module."""
+
+    export: LoraExport | None = None
+
+    def _describe(self, bad: list[LoraCheck]) -> str:
+        c = max(bad, key=lambda c: c.rel_error - c.allowed)
+        return f"LoRA factors of {c.module} reproduce ΔW only to {c.rel_error:.3g} (allowed {c.allowed:.3g})"
 
 
 def peft_names(adapter: PeraAdapter, base: str | Path) -> dict[str, str]:
@@ -258,7 +267,7 @@ def export_lora(
                 "pera_deploy.adapter_sha256": combined_digest(adapter_hashes)}
     with OutputFolder(output, force=force) as out:
         checks = _write_lora(export, adapter, out.path, dtype, metadata)
-        report = LoraReport(output, export, checks)
+        report = LoraReport(output, checks, export=export)
         report.manifest = {
             "pera_deploy_version": __version__,
             "command": "export-lora",
@@ -310,7 +319,7 @@ def keep_branch(
                         "pera_deploy.adapter_sha256": combined_digest(adapter_hashes),
                         "pera_deploy.base_sha256": combined_digest(base_hashes)}
             checks = _write_lora(export, adapter, out.path / "adapter", dtype, metadata)
-            report = LoraReport(output, export, checks)
+            report = LoraReport(output, checks, export=export)
             report.manifest = {
                 "pera_deploy_version": __version__,
                 "command": "merge --keep-branch",
@@ -427,25 +436,13 @@ _ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 @dataclass
-class OnnxReport:
-    output: Path
-    checks: list[Any]  # onnx_export.validate.OutputCheck
-    manifest: dict[str, Any] = field(default_factory=dict)
+class OnnxReport(CheckedReport):
+    """What `export_onnx` wrote: `checks` are onnx_export.validate.OutputCheck, one per output."""
 
-    @property
-    def passed(self) -> bool:
-        return all(c.passed for c in self.checks)
-
-    def failure(self) -> str | None:
-        bad = [c for c in self.checks if not c.passed]
-        if not bad:
-            return None
+    def _describe(self, bad: list[Any]) -> str:
         c = max(bad, key=lambda c: c.max_rel_diff / c.tolerance)
         return (f"ONNX Runtime ({c.run}, {c.step}) {c.output} differs from PyTorch by {c.max_rel_diff:.3g} relative "
-                f"(tolerance {c.tolerance:.3g}); {len(bad)} output(s) failed")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"output": str(self.output), "passed": self.passed, **self.manifest}
+                f"(tolerance {c.tolerance:.3g})")
 
 
 def export_onnx(

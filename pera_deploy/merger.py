@@ -20,7 +20,7 @@ from .adapter import PeraAdapter, PeraLayer
 from .checkpoint import BaseCheckpoint
 from .errors import InputError
 from .matching import Matching, match_adapter
-from .safetensors_stream import DTYPE_CODES, DTYPES, FLOAT_CODES, ShardWriter, TensorEntry, itemsize
+from .safetensors_stream import DTYPE_CODES, DTYPES, FLOAT_CODES, ShardWriter, TensorEntry, byte_size, itemsize
 
 OUTPUT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
@@ -40,10 +40,7 @@ class TensorPlan:
 
     @property
     def nbytes(self) -> int:
-        n = itemsize(self.dtype)
-        for d in self.shape:
-            n *= d
-        return n
+        return byte_size(self.dtype, self.shape)
 
 
 @dataclass(frozen=True)

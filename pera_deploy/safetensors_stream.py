@@ -51,6 +51,14 @@ def itemsize(code: str) -> int:
     return DTYPES[code].itemsize
 
 
+def byte_size(code: str, shape: tuple[int, ...]) -> int:
+    """Bytes a tensor of this dtype code and shape takes in a safetensors file."""
+    n = itemsize(code)
+    for d in shape:
+        n *= d
+    return n
+
+
 @dataclass(frozen=True)
 class TensorEntry:
     """Where a tensor lies in a file, read from the header alone."""
@@ -64,10 +72,7 @@ class TensorEntry:
 
     @property
     def nbytes(self) -> int:
-        n = itemsize(self.dtype)
-        for d in self.shape:
-            n *= d
-        return n
+        return byte_size(self.dtype, self.shape)
 
     @property
     def numel(self) -> int:
@@ -140,9 +145,7 @@ def _header_bytes(layout: list[tuple[str, str, tuple[int, ...]]], metadata: dict
     offsets = []
     pos = 0
     for name, code, shape in layout:
-        n = itemsize(code)
-        for d in shape:
-            n *= d
+        n = byte_size(code, shape)
         header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [pos, pos + n]}
         offsets.append(pos)
         pos += n
@@ -172,10 +175,7 @@ class ShardWriter:
         """The entry the next write must fill; refuses a write that would not match the header."""
         want_name, code, shape = self.layout[self._next]
         begin = self._data_start + self._offsets[self._next]
-        size = itemsize(code)
-        for d in shape:
-            size *= d
-        entry = TensorEntry(want_name, code, shape, self.path, begin, begin + size)
+        entry = TensorEntry(want_name, code, shape, self.path, begin, begin + byte_size(code, shape))
         if name != want_name or nbytes != entry.nbytes:
             raise RuntimeError(f"{self.path}: wrote {name} ({nbytes} B) where {want_name} ({entry.nbytes} B) belongs")
         if self._fh.tell() != begin:

@@ -53,6 +53,7 @@ def test_merged_folder_as_it_is(cli, fx, tmp_path):
 @pytest.mark.parametrize("base, adapters", [
     ("llama-base", ["llama-pera", "llama-peft-rslora"]),
     ("gpt2-base", ["gpt2-ref", "gpt2-peft"]),
+    ("bert-base", ["bert-branch-a", "bert-branch-b"]),
     ("bert-base", ["bert-ref"]),
 ])
 def test_branch_with_adapters(cli, fx, tmp_path, base, adapters):
