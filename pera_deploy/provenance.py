@@ -110,10 +110,6 @@ class Digests:
             if key not in self._futures and key.is_file():
                 self._futures[key] = self._pool.submit(self._compute, key)
 
-    @property
-    def busy(self) -> bool:
-        return any(not f.done() for f in self._futures.values())
-
     def sha256(self, path: Path) -> str:
         key = Path(path).absolute()
         if key not in self._futures:

@@ -79,11 +79,3 @@ def to_float16(path: Path) -> None:
     else:
         onnx.save(model, str(path))
 
-
-def io_names(path: Path) -> tuple[list[str], list[str]]:
-    """(inputs a caller feeds, outputs), without the overridable branch factors."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    inits = {t.name for t in model.graph.initializer}
-    return [i.name for i in model.graph.input if i.name not in inits], [o.name for o in model.graph.output]
