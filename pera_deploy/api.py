@@ -1,17 +1,15 @@
-"""The Python API the CLI wraps: `load_adapter`, `inspect_adapter`, `merge`, `verify`.
+"""The Python API the CLI wraps: inspect, merge, verify, export_lora, keep_branch, unmerge, export_onnx.
 
-Each call validates all its inputs before it writes anything, and `merge` publishes its
-output folder only after the numerical checks pass.
+Each call validates all its inputs before it writes anything, and publishes its output
+folder only after the numerical checks pass.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 
 
 from . import __version__
@@ -25,6 +23,7 @@ from .lora_export import (LORA_DTYPES, LoraExport, export_summary, plan_lora_exp
                           write_lora_folder)
 from .merger import PRECISIONS, plan_merge
 from .pipeline import MANIFEST, MergeReport, write_model
+from .reports import LoraReport, OnnxReport
 from .provenance import Digests, combined_digest, sha256_file
 from .writer import BASE_FILE_MODES, OutputFolder, check_target, parse_size, place_base_files, write_json
 
@@ -159,40 +158,6 @@ def verify(
 
 
 # -- keeping PERA as a separate low-rank branch (plain LoRA) -------------------------------
-
-
-@dataclass
-class CheckedReport:
-    """What a command wrote, the checks it ran on it, and its manifest."""
-
-    output: Path
-    checks: list[Any]
-    manifest: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def passed(self) -> bool:
-        return all(c.passed for c in self.checks)
-
-    def failure(self) -> str | None:
-        bad = [c for c in self.checks if not c.passed]
-        return f"{self._describe(bad)}; {len(bad)} failed" if bad else None
-
-    def _describe(self, bad: list[Any]) -> str:
-        raise NotImplementedError
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"output": str(self.output), "passed": self.passed, **self.manifest}
-
-
-@dataclass
-class LoraReport(CheckedReport):
-    """What `export_lora` or `keep_branch` wrote: `checks` are LoraCheck, one per module."""
-
-    export: LoraExport | None = None
-
-    def _describe(self, bad: list[LoraCheck]) -> str:
-        c = max(bad, key=lambda c: c.rel_error - c.allowed)
-        return f"LoRA factors of {c.module} reproduce ΔW only to {c.rel_error:.3g} (allowed {c.allowed:.3g})"
 
 
 def peft_names(adapter: PeraAdapter, base: str | Path) -> dict[str, str]:
@@ -435,16 +400,6 @@ def unmerge(
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
-@dataclass
-class OnnxReport(CheckedReport):
-    """What `export_onnx` wrote: `checks` are onnx_export.validate.OutputCheck, one per output."""
-
-    def _describe(self, bad: list[Any]) -> str:
-        c = max(bad, key=lambda c: c.max_rel_diff / c.tolerance)
-        return (f"ONNX Runtime ({c.run}, {c.step}) {c.output} differs from PyTorch by {c.max_rel_diff:.3g} relative "
-                f"(tolerance {c.tolerance:.3g})")
-
-
 def export_onnx(
     model: str | Path,
     output: str | Path,
@@ -492,111 +447,8 @@ def export_onnx(
     from .onnx_export.tasks import derive_task
 
     task = derive_task(model, task)
+    from .onnx_export.pipeline import export_branch_folder, export_merged_folder
+
     if branch:
-        return _export_onnx_branch(model, output, loaded, task, opset, dtype, force)
-    return _export_onnx_merged(model, output, next(iter(loaded.items()), None), task, opset, dtype, force)
-
-
-def _finish_onnx(out: OutputFolder, report: OnnxReport, manifest: dict[str, Any]) -> OnnxReport:
-    report.manifest = {**manifest, "validation": [c.__dict__ for c in report.checks]}
-    write_json(out.path / MANIFEST, report.manifest)
-    if not report.passed:
-        raise CheckFailed(report.failure() or "a check failed", report)
-    out.commit()
-    return report
-
-
-def _export_onnx_merged(model: Path, output: Path, adapter: tuple[str, PeraAdapter] | None, task: str,
-                        opset: int | None, dtype: str, force: bool) -> OnnxReport:
-    import tempfile
-    from contextlib import nullcontext
-
-    from .branch import load_model, load_unmerged_model
-    from .onnx_export.export import export_model
-    from .onnx_export.graph import set_metadata, to_float16
-    from .onnx_export.validate import validate
-
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.pera-deploy-merge-") as scratch:
-        folder, metadata = model, {"pera_deploy.version": __version__, "pera_deploy.source": model.name}
-        if adapter is not None:  # merged on the fly, in float32: nothing is lost before the float32 export
-            folder = Path(scratch) / "merged"
-            merged = merge(adapter[1], model, folder, dtype="float32", progress=False)
-            metadata.update({"pera_deploy.base": model.name, "pera_deploy.adapter": adapter[0],
-                             "pera_deploy.adapter_sha256": merged.manifest["adapter"]["sha256"],
-                             "pera_deploy.base_sha256": merged.manifest["base"]["sha256"]})
-        with OutputFolder(output, force=force) as out:
-            export_model(folder, out.path, task, opset)
-            if dtype == "float16":
-                to_float16(out.path / "model.onnx")
-            set_metadata(out.path / "model.onnx", metadata)
-            if adapter is None:
-                reference, state = load_model(folder, torch.float32), nullcontext()
-            else:
-                reference, state = load_unmerged_model(model, adapter[1], torch.float32)
-            with state:
-                checks = validate(out.path / "model.onnx", reference, [("merged", None, nullcontext)], dtype == "float16")
-            manifest = {"pera_deploy_version": __version__, "command": "export-onnx", "task": task, "dtype": dtype,
-                        "opset": opset, "graph": "merged", "metadata": metadata}
-            return _finish_onnx(out, OnnxReport(output, checks), manifest)
-
-
-def _export_onnx_branch(base: Path, output: Path, adapters: dict[str, PeraAdapter], task: str, opset: int | None,
-                        dtype: str, force: bool) -> OnnxReport:
-    import json
-
-    from .branch import PeraBranch, load_model, targets_in_model
-    from .matching import match_adapter
-    from .onnx_export.adapters import branch_factors, write_adapter_file
-    from .onnx_export.export import export_branch_graph
-    from .onnx_export.graph import set_metadata, to_float16
-    from .onnx_export.validate import no_hooks, validate
-
-    with BaseCheckpoint(base) as checkpoint:
-        for name, adapter in adapters.items():
-            if adapter.extra_tensors:
-                raise InputError(f"adapter {name} trains full tensors ({', '.join(sorted(adapter.extra_tensors)[:3])}); "
-                                 "a swappable ONNX adapter holds only low-rank factors: merge it instead")
-            match_adapter(adapter, checkpoint, untie_embeddings=True)  # shapes: "made for another base?"
-        weight_files = checkpoint.weight_files
-    model = load_model(base, torch.float32)
-    targets = {name: targets_in_model(model, adapter) for name, adapter in adapters.items()}
-    first_name, first = next(iter(targets.items()))
-    for name, mapping in targets.items():
-        if set(mapping.values()) != set(first.values()):
-            only_here = sorted(set(mapping.values()) - set(first.values()))
-            only_there = sorted(set(first.values()) - set(mapping.values()))
-            raise InputError(f"adapters {first_name} and {name} target different modules "
-                             f"(only in {name}: {', '.join(only_here[:3]) or 'none'}; "
-                             f"only in {first_name}: {', '.join(only_there[:3]) or 'none'})")
-    modules = {path: module for path, module in model.named_modules() if path in set(first.values())}
-    base_hashes = {p.name: sha256_file(p) for p in weight_files}
-    with OutputFolder(output, force=force) as out:
-        export_branch_graph(base, out.path, task, opset, modules, model)
-        if dtype == "float16":
-            to_float16(out.path / "model.onnx")
-        files, ranks = {}, {}
-        for name, adapter in adapters.items():
-            files[name] = out.path / f"{name}.onnx_adapter"
-            arrays = branch_factors(adapter, targets[name], torch.float16 if dtype == "float16" else torch.float32)
-            write_adapter_file(files[name], arrays)
-            ranks[name] = max(int(v.shape[1]) for k, v in arrays.items() if k.endswith(".lora_At"))
-        metadata = {
-            "pera_deploy.version": __version__,
-            "pera_deploy.base": base.name,
-            "pera_deploy.base_sha256": combined_digest(base_hashes),
-            "pera_deploy.modules": json.dumps(sorted(modules)),
-            "pera_deploy.branch_inputs": "<module>.lora_At (in, <module>.rank) and <module>.lora_Bt (<module>.rank, out)",
-            "pera_deploy.adapters": json.dumps(sorted(adapters)),
-        }
-        set_metadata(out.path / "model.onnx", metadata)
-        runs = [("no adapter", None, no_hooks)] + [
-            (f"adapter {name}", files[name], lambda adapter=adapter: PeraBranch(model, adapter))
-            for name, adapter in adapters.items()
-        ]
-        checks = validate(out.path / "model.onnx", model, runs, dtype == "float16")
-        manifest = {"pera_deploy_version": __version__, "command": "export-onnx --branch", "task": task, "dtype": dtype,
-                    "opset": opset, "graph": "branch", "metadata": metadata,
-                    "adapters": {name: {"file": files[name].name, "format": a.format, "r": a.ranks, "rank": ranks[name]}
-                                 for name, a in adapters.items()}}
-        return _finish_onnx(out, OnnxReport(output, checks), manifest)
+        return export_branch_folder(model, output, loaded, task, opset, dtype, force)
+    return export_merged_folder(model, output, next(iter(loaded.items()), None), task, opset, dtype, force)
