@@ -19,8 +19,8 @@ from .errors import InputError
 from .matching import resolve_name
 
 
-def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, architecture: str | None = None) -> nn.Module:
-    """A transformers model from a local folder, by the class its config names (or `architecture`).
+def load_model(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A transformers model from a local folder, by the class its config names.
 
     Only classes that ship with transformers are used (never remote code), and nothing is
     downloaded.
@@ -32,7 +32,7 @@ def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, architect
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise InputError(f"{folder}/config.json: not a transformers config ({str(exc).splitlines()[0]})") from None
-    arch = architecture or (getattr(config, "architectures", None) or [None])[0]
+    arch = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, arch, None) if arch else transformers.AutoModel
     if cls is None:
         raise InputError(f"{folder}/config.json: architecture {arch} is not one transformers provides")
@@ -207,9 +207,9 @@ def apply_extra_tensors(model: nn.Module, adapter: PeraAdapter) -> list[str]:
     return sorted(updates)
 
 
-def load_unmerged_model(base: str | Path, adapter: PeraAdapter, dtype: torch.dtype = torch.float32,
-                        architecture: str | None = None) -> tuple[nn.Module, PeraBranch]:
+def load_unmerged_model(base: str | Path, adapter: PeraAdapter,
+                        dtype: torch.dtype = torch.float32) -> tuple[nn.Module, PeraBranch]:
     """The base model in `dtype` with the adapter's extra tensors set and its branch live."""
-    model = load_model(base, dtype, architecture)
+    model = load_model(base, dtype)
     apply_extra_tensors(model, adapter)
     return model, PeraBranch(model, adapter, compute_dtype=dtype)

@@ -60,14 +60,14 @@ def test_choose_rank():
 # -- exact export, loaded by PEFT -------------------------------------------------------------
 
 
-def peft_vs_unmerged(base, lora_dir, pera_adapter, model_class=None):
+def peft_vs_unmerged(base, lora_dir, pera_adapter):
     """max |PEFT(base + LoRA) − unmerged PERA| / max |unmerged|, both float32, seeded inputs."""
     import peft
 
-    model = load_model(base, torch.float32, model_class)
+    model = load_model(base, torch.float32)
     peft_model = peft.PeftModel.from_pretrained(model, lora_dir)
     peft_model.eval()
-    reference, branch = load_unmerged_model(base, pera_adapter, torch.float32, model_class)
+    reference, branch = load_unmerged_model(base, pera_adapter, torch.float32)
     inputs = seeded_inputs(model.config, 2, 12, 0)
     with torch.no_grad(), branch:
         y = peft_model(**inputs)[0]
@@ -77,25 +77,26 @@ def peft_vs_unmerged(base, lora_dir, pera_adapter, model_class=None):
     return float((y - y_ref).abs().max() / y_ref.abs().max())
 
 
-@pytest.mark.parametrize("name, base, model_class", [
-    ("llama-pera", "llama-base", None),
-    ("llama-ref-square_only", "llama-base", None),
-    ("llama-ref-full_with_hB", "llama-base", None),
-    ("llama-peft-rslora", "llama-base", None),
-    ("llama-peft-lora", "llama-base", None),
-    ("gpt2-ref", "gpt2-base", None),
-    ("gpt2-lm-head", "gpt2-base", None),
-    ("bert-peft", "bert-base", None),
+@pytest.mark.parametrize("name, base", [
+    *[(name, "llama-base") for name in (
+        "llama-pera", "llama-ref-full_row", "llama-ref-square_only", "llama-ref-cross_only", "llama-ref-split_both",
+        "llama-ref-full_with_hB", "llama-ref-safetensors", "llama-peft", "llama-peft-rslora", "llama-peft-patterns",
+        "llama-peft-lora", "llama-multi")],
+    ("gpt2-ref", "gpt2-base"),
+    ("gpt2-peft", "gpt2-base"),
+    ("gpt2-lm-head", "gpt2-base"),
+    ("bert-peft", "bert-base"),
+    ("bert-branch-a", "bert-base"),
     # bert-ref was trained on BertModel (no `bert.` in its paths): see test_base_renames_...
 ])
-def test_exact_export_loads_in_peft_and_matches(fx, tmp_path, name, base, model_class):
+def test_exact_export_loads_in_peft_and_matches(fx, tmp_path, name, base):
     adapter = pera_deploy.load_adapter(fx[name])
     report = pera_deploy.export_lora(adapter, tmp_path / "lora")
     assert report.passed and report.export.exact
     config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["lora_alpha"] == config["r"]
     assert config["fan_in_fan_out"] == adapter.config.get("fan_in_fan_out", False)
-    assert peft_vs_unmerged(fx[base], tmp_path / "lora", adapter, model_class) < FORWARD_FLOOR
+    assert peft_vs_unmerged(fx[base], tmp_path / "lora", adapter) < FORWARD_FLOOR
 
 
 def test_factors_are_s_b_hat_and_a_hat(fx, tmp_path):
