@@ -19,6 +19,21 @@ from .errors import InputError
 from .matching import resolve_name
 
 
+def _model_class(folder: Path) -> tuple[Any, type]:
+    """A folder's config and the transformers class it names (AutoModel if it names none)."""
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"{folder}/config.json: not a transformers config ({str(exc).splitlines()[0]})") from None
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else transformers.AutoModel
+    if cls is None:
+        raise InputError(f"{folder}/config.json: architecture {arch} is not one transformers provides")
+    return config, cls
+
+
 def load_model(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A transformers model from a local folder, by the class its config names.
 
@@ -28,14 +43,7 @@ def load_model(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Mod
     import transformers
 
     folder = Path(folder)
-    try:
-        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise InputError(f"{folder}/config.json: not a transformers config ({str(exc).splitlines()[0]})") from None
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else transformers.AutoModel
-    if cls is None:
-        raise InputError(f"{folder}/config.json: architecture {arch} is not one transformers provides")
+    _, cls = _model_class(folder)
     progress_was_on = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()
     try:
@@ -76,19 +84,9 @@ def model_names(folder: str | Path) -> tuple[list[str], list[str]]:
     own tensor names (the Hub's gpt2 saves `h.0...`; GPT2LMHeadModel calls it
     `transformer.h.0...`).
     """
-    import transformers
-
-    folder = Path(folder)
-    try:
-        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise InputError(f"{folder}/config.json: not a transformers config ({str(exc).splitlines()[0]})") from None
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    if cls is None:
-        raise InputError(f"{folder}/config.json: architecture {arch} is not one transformers provides")
+    config, cls = _model_class(Path(folder))
     with torch.device("meta"):
-        model = cls._from_config(config)
+        model = cls._from_config(config) if hasattr(cls, "_from_config") else cls.from_config(config)
     return [n for n, _ in model.named_modules() if n], [n for n, _ in model.named_parameters()]
 
 
