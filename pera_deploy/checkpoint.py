@@ -6,6 +6,7 @@ plan can be made and every shape validated before any weight is read.
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,8 @@ class BaseCheckpoint:
         self.index_path: Path | None = None
         self.shards: list[tuple[Path, list[TensorEntry]]] = []
         self.shard_metadata: dict[Path, dict[str, str]] = {}
-        self._pickled: dict[Path, dict[str, Tensor]] = {}
+        self._pickled: dict[Path, dict[str, Tensor]] = {}  # legacy pickles, which cannot be mapped
+        self._shared: list[list[str]] = []
         self.kind = self._discover()
         self.entries: dict[str, TensorEntry] = {}
         for _, entries in self.shards:
@@ -104,13 +106,24 @@ class BaseCheckpoint:
                 raise InputError(f"{index_path}: tensor {name} is listed in {file} but not found there")
 
     def _load_pickle(self, path: Path) -> list[TensorEntry]:
+        """Entries (and tied storages) of a torch.save'd shard, read through a memory map.
+
+        The map is let go again: every page a tensor touches would stay resident as long as
+        it lives, so `get` maps the file anew per tensor. A legacy (non-zip) pickle cannot be
+        mapped at all and is kept in memory.
+        """
         obj = load_pickled_tensors(path, mmap=True)
         entries = []
+        storages: dict[tuple[int, int, tuple[int, ...]], list[str]] = {}
         for name, tensor in obj.items():
             if tensor.dtype not in DTYPE_CODES:
                 raise InputError(f"{path}: tensor {name} has dtype {tensor.dtype}, which pera-deploy does not handle")
             entries.append(TensorEntry(name, DTYPE_CODES[tensor.dtype], tuple(tensor.shape), path, -1, -1))
-        self._pickled[path] = obj
+            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+            storages.setdefault(key, []).append(name)
+        self._shared += [names for names in storages.values() if len(names) > 1]
+        if not zipfile.is_zipfile(path):
+            self._pickled[path] = obj
         return entries
 
     # -- access ------------------------------------------------------------------------
@@ -130,16 +143,13 @@ class BaseCheckpoint:
         entry = self.entries[name]
         if entry.file in self._pickled:
             return self._pickled[entry.file][name]
+        if entry.begin < 0:  # a torch.save'd shard: its own map, released with the tensor
+            return load_pickled_tensors(entry.file, mmap=True)[name]
         return read_tensor(entry.file, name)
 
     def shared_storage_groups(self) -> list[list[str]]:
         """Names that share storage in a pickled checkpoint (tied weights saved once)."""
-        groups: dict[tuple[int, int, tuple[int, ...]], list[str]] = {}
-        for obj in self._pickled.values():
-            for name, t in obj.items():
-                key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-                groups.setdefault(key, []).append(name)
-        return [names for names in groups.values() if len(names) > 1]
+        return list(self._shared)
 
     @property
     def weight_files(self) -> list[Path]:
