@@ -172,8 +172,8 @@ def test_shipped_example_is_what_the_script_builds(tmp_path):
 def test_readme_merge_command_runs(cli, tmp_path, monkeypatch):
     """The first `pera-deploy merge` in the README, run as written from a checkout's root."""
     readme = (ROOT / "README.md").read_text()
-    line = next(l.strip() for l in readme.splitlines() if l.strip().startswith("pera-deploy merge "))
-    args = shlex.split(line)[1:]
+    line = next(l.strip() for l in readme.splitlines() if l.strip().startswith("pera-deploy merge fixtures/"))
+    args = shlex.split(line, comments=True)[1:]
     (tmp_path / "fixtures").symlink_to(ROOT / "fixtures")
     monkeypatch.chdir(tmp_path)
     result = cli(*args)

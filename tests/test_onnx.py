@@ -93,11 +93,12 @@ def test_branch_float16(cli, fx, tmp_path):
 def test_readme_onnx_example_runs(cli, tmp_path, monkeypatch):
     """The README's branch export and its ONNX Runtime snippet, as written."""
     readme = (ROOT / "README.md").read_text()
-    command = next(l.strip() for l in readme.splitlines() if l.strip().startswith("pera-deploy export-onnx") and "--branch" in l)
+    command = next(l.strip() for l in readme.splitlines()
+                   if l.strip().startswith("pera-deploy export-onnx fixtures/") and "--branch" in l)
     snippet = re.search(r"Running the branch graph.*?```python\n(.*?)```", readme, re.S).group(1)
     (tmp_path / "fixtures").symlink_to(ROOT / "fixtures")
     monkeypatch.chdir(tmp_path)
-    result = cli(*shlex.split(command)[1:])
+    result = cli(*shlex.split(command, comments=True)[1:])
     assert result.exit_code == 0, result.stderr
     printed = []
     exec(compile(snippet, "README.md", "exec"), {"print": lambda *a: printed.append(a)})
