@@ -194,7 +194,7 @@ def _write_lora(export: LoraExport, adapter: PeraAdapter, folder: Path, dtype: s
     state = write_lora_folder(folder, export, adapter, LORA_DTYPES[dtype], metadata)
     return [
         check_lora_module(adapter.layers[m.source], m.module, state[f"base_model.model.{m.module}.lora_B.weight"],
-                          state[f"base_model.model.{m.module}.lora_A.weight"], m.rel_error)
+                          state[f"base_model.model.{m.module}.lora_A.weight"], m.rel_error, m.delta_norm)
         for m in export.modules
     ]
 
@@ -376,7 +376,6 @@ def unmerge(
     try:
         with BaseCheckpoint(merged) as checkpoint:
             plan = plan_merge(adapter, checkpoint, untie_embeddings=True, precision=precision, unmerge=True)
-            plan.config_updates = {}
             against = None
             if check_against is not None:
                 against = BaseCheckpoint(check_against)  # validated now, before anything is written

@@ -206,14 +206,15 @@ class LoraCheck:
     passed: bool
 
 
-def check_lora_module(layer: PeraLayer, module: str, lora_b: Tensor, lora_a: Tensor, expected: float) -> LoraCheck:
+def check_lora_module(layer: PeraLayer, module: str, lora_b: Tensor, lora_a: Tensor, expected: float,
+                      delta: float) -> LoraCheck:
     """Does the stored LoRA reproduce ΔW (exactly, or to its predicted truncation error)?
 
     Measured from the factors alone, in float64. For an exact export (stored factors are
     s·B̂ and Â rounded, possibly zero-padded) ΔW − B·A = (s·B̂ − B)·Â + B·(Â − A), a sum of
     small terms whose norm the R'×R' Gram matrices give cheaply and without cancellation;
     otherwise ΔW − B·A = [s·B̂, −B]·[Â; A] through QR. Storing the factors rounds each element
-    by at most u, which moves the product by at most 2u·‖B‖·‖A‖.
+    by at most u, which moves the product by at most 2u·‖B‖·‖A‖. `delta` is ‖ΔW‖_F.
     """
     from .lora_export import exact_factors
     from .lowrank import factored_norm
@@ -227,7 +228,6 @@ def check_lora_module(layer: PeraLayer, module: str, lora_b: Tensor, lora_a: Ten
         residual = factored_frobenius_norm(torch.cat([exact_b - b, b], dim=1), torch.cat([exact_a, exact_a - a], dim=0))
     else:
         residual = factored_norm(torch.cat([exact_b, -b], dim=1), torch.cat([exact_a, a], dim=0))
-    delta = layer.delta_norm()
     rel = residual / delta if delta > 0 else (0.0 if residual == 0 else math.inf)
     u = UNIT_ROUNDOFF[lora_b.dtype]
     storage = 2.01 * u * float(b.norm()) * float(a.norm()) / delta if delta > 0 else 0.0

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .adapter import PeraAdapter, PeraLayer
+from .pera import factored_frobenius_norm
 from .errors import InputError
 from .lowrank import choose_rank, factored_svd, total_relative_error
 
@@ -82,7 +83,7 @@ def lora_module(layer: PeraLayer, name: str, *, rank: int | None = None, tol: fl
     # float64, so that stored factors are rounded once and the SVD sees the exact update
     b_hat, a_hat = exact_factors(layer, torch.float64)
     full = b_hat.shape[1]
-    delta_norm = layer.delta_norm()
+    delta_norm = factored_frobenius_norm(b_hat, a_hat)  # ‖ΔW‖ from the factors already at hand
     if rank is not None and rank >= full:
         if rank > full and warnings is not None:
             warnings.append(layer.module)

@@ -181,7 +181,8 @@ def plan_merge(
         ShardPlan(name, tuple(sorted(ts, key=lambda t: -itemsize(t.dtype))))
         for name, ts in groups
     ]
-    config_updates = dict(matching.config_updates)
+    # an unmerge keeps the merged folder's config: it only takes the update back out
+    config_updates = {} if unmerge else dict(matching.config_updates)
     if dtype != "auto":
         key = "torch_dtype" if "torch_dtype" in checkpoint.config and "dtype" not in checkpoint.config else "dtype"
         config_updates[key] = dtype
