@@ -155,11 +155,11 @@ def rounding_quality(merged: Path, base: Path, adapter_dir: Path, names: list[st
     """Fraction of merged elements equal to W0 + ΔW (computed in float64) rounded once to bf16."""
     sys.path.insert(0, str(HERE.parent))
     from pera_deploy import load_adapter
-    from pera_deploy.checkpoint import BaseCheckpoint
+    from pera_deploy.io.model_folder import ModelFolder
 
     adapter = load_adapter(adapter_dir)
     equal = total = 0
-    with BaseCheckpoint(merged) as m, BaseCheckpoint(base) as b:
+    with ModelFolder(merged) as m, ModelFolder(base) as b:
         for name in names:
             layer = adapter.layers[name[: -len(".weight")]]
             exact = (b.get(name).double() + layer.delta_weight(torch.float64)).to(torch.bfloat16)

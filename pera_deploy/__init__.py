@@ -16,8 +16,9 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "PeraAdapter": "adapter",
-    "PeraLayer": "adapter",
+    "PeraAdapter": "core.adapter",
+    "PeraLayer": "core.adapter",
+    "Report": "checks.base",
     "load_adapter": "formats",
     "FORMATS": "formats",
     "inspect_adapter": "api",
@@ -30,6 +31,8 @@ _EXPORTS = {
     "PeraDeployError": "errors",
     "InputError": "errors",
     "CheckFailed": "errors",
+    "InternalError": "errors",
+    "EnvironmentFailure": "errors",
 }
 
 __all__ = ["__version__", *_EXPORTS]

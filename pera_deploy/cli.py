@@ -1,38 +1,53 @@
-"""The `pera-deploy` command: parse, call the API, print text or --json, map errors to exit codes.
+"""The `pera-deploy` command: parse, call the API, print text or --json. No policy lives here.
 
-Exit status: 0 success, 1 a numerical check failed, 2 bad input (one line on stderr
-naming the file, tensor or module; --debug shows the traceback), 3 an internal error.
-Heavy imports happen inside the commands, so `--help` answers at once.
+Exit status (errors.py): 0 success, 1 a numerical check failed, 2 bad input, 3 internal
+error, 4 the environment failed (disk full, permission, I/O error on output). Failures
+print one line on stderr; --debug adds the traceback and keeps the exit status. With
+--json, stdout holds one JSON object on success and on failure alike. Heavy imports happen
+inside the commands, so `--help` answers at once.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
 import click
 
-EXIT_INTERNAL = 3
+from .errors import EXIT_INTERNAL, EXIT_OK, CheckFailed, InputError, PeraDeployError, classify_os_error
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+
+JSON_KEY = "pera_deploy.json"
+DEBUG_KEY = "pera_deploy.debug"
 
 
-def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
-    if value:
-        ctx.meta["pera_deploy.debug"] = True
-    return value
+def _flag(key: str) -> Callable[[click.Context, click.Parameter, bool], bool]:
+    def remember(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+        if value:
+            ctx.meta[key] = True  # ctx.meta is shared by the group and its command: the error handler sees it
+        return value
+
+    return remember
 
 
 debug_option = click.option(
-    "--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
-    help="Show the full traceback on errors.",
+    "--debug", is_flag=True, expose_value=False, is_eager=True, callback=_flag(DEBUG_KEY),
+    help="On failure, also print the traceback (the exit status stays the same).",
 )
-json_option = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON summary on stdout.")
+json_option = click.option(
+    "--json", "as_json", is_flag=True, is_eager=True, callback=_flag(JSON_KEY),
+    help="Print one JSON object on stdout, on success and on failure (with exit_code and error).",
+)
 
 
 def adapter_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """How to read the adapter: the same options on every command that takes one."""
+    f = click.option("--config", "config", type=click.Path(path_type=Path), default=None, metavar="FILE",
+                     help="An adapter_config.json for adapter tensors that come without one.")(f)
     f = click.option(
         "--missing-coefficients", type=click.Choice(["zero", "one"]), default=None,
         help="How to read layers saved with no coefficient tensor (otherwise refused as ambiguous): "
@@ -45,36 +60,50 @@ def adapter_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-def _load_options(format_: str | None, adapter_name: str | None, missing_coefficients: str | None) -> dict[str, Any]:
-    return {"format": format_, "adapter_name": adapter_name, "missing_coefficients": missing_coefficients}
+def _load_options(format_: str | None, adapter_name: str | None, missing_coefficients: str | None,
+                  config: Path | None) -> dict[str, Any]:
+    return {"format": format_, "adapter_name": adapter_name, "missing_coefficients": missing_coefficients,
+            "config": config}
+
+
+def _fail(ctx: click.Context, exc: BaseException, code: int, kind: str, message: str) -> None:
+    """One line on stderr (plus the traceback with --debug), the JSON result with --json, and the exit."""
+    if ctx.meta.get(JSON_KEY):
+        report = getattr(exc, "report", None)
+        data = report.to_dict() if report is not None else {}
+        data.update({"exit_code": code, "error": {"kind": kind, "message": message}})
+        click.echo(json.dumps(data, indent=2, default=str))
+    if ctx.meta.get(DEBUG_KEY):
+        traceback.print_exception(exc)
+    label = {"check_failed": "check failed", "bad_input": "error", "environment_error": "error",
+             "interrupted": "interrupted"}.get(kind, "internal error")
+    hint = " (run with --debug for the traceback)" if code == EXIT_INTERNAL and not ctx.meta.get(DEBUG_KEY) else ""
+    click.echo(f"pera-deploy: {label}: {message}{hint}", err=True)
+    ctx.exit(code)
 
 
 class _Group(click.Group):
-    """Turns pera-deploy's errors into one stderr line and an exit status."""
+    """Turns every failure into one stderr line, the --json result and an exit status."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        from .errors import PeraDeployError
-
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        except (click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except click.ClickException as exc:
+            if ctx.meta.get(JSON_KEY):
+                data = {"exit_code": exc.exit_code, "error": {"kind": "usage", "message": exc.format_message()}}
+                click.echo(json.dumps(data, indent=2))
             raise
         except PeraDeployError as exc:
-            if ctx.meta.get("pera_deploy.debug"):
-                raise
-            kind = "check failed" if exc.exit_code == 1 else "error"
-            click.echo(f"pera-deploy: {kind}: {exc}", err=True)
-            ctx.exit(exc.exit_code)
+            _fail(ctx, exc, exc.exit_code, exc.kind, str(exc))
         except OSError as exc:
-            if ctx.meta.get("pera_deploy.debug"):
-                raise
-            click.echo(f"pera-deploy: error: {exc}", err=True)
-            ctx.exit(2)
+            error = classify_os_error(exc)
+            _fail(ctx, exc, error.exit_code, error.kind, str(error))
+        except KeyboardInterrupt as exc:
+            _fail(ctx, exc, EXIT_INTERRUPTED, "interrupted", "stopped; nothing was written")
         except Exception as exc:  # a bug: say so in one line; --debug shows where
-            if ctx.meta.get("pera_deploy.debug"):
-                raise
-            click.echo(f"pera-deploy: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", err=True)
-            ctx.exit(EXIT_INTERNAL)
+            _fail(ctx, exc, EXIT_INTERNAL, "internal_error", f"{type(exc).__name__}: {exc}")
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -98,15 +127,27 @@ def main() -> None:
       pera-deploy export-onnx BASE --adapter ADAPTER -o ONNX
       pera-deploy unmerge MERGED --adapter ADAPTER -o BASE
 
-    Exit status: 0 success, 1 a numerical check failed, 2 bad input, 3 internal error.
+    \b
+    Exit status: 0 success, 1 a numerical check failed, 2 bad input, 3 internal error,
+    4 the environment failed (disk full, permission denied, I/O error on output).
+    With --json every command prints one JSON object on stdout, on failure too.
     """
 
 
-def _emit(as_json: bool, data: dict[str, Any], text: str) -> None:
+def _run(as_json: bool, call: Callable[[], Any], render: Callable[[Any], str],
+         to_dict: Callable[[Any], dict[str, Any]] = lambda r: r.to_dict()) -> None:
+    """Call the API; print its result as text or JSON. A failed check still prints the
+    report's text summary (the error line follows on stderr)."""
+    try:
+        result = call()
+    except CheckFailed as exc:
+        if not as_json and exc.report is not None:
+            click.echo(render(exc.report))
+        raise
     if as_json:
-        click.echo(json.dumps(data, indent=2, default=str))
+        click.echo(json.dumps({**to_dict(result), "exit_code": EXIT_OK}, indent=2, default=str))
     else:
-        click.echo(text)
+        click.echo(render(result))
 
 
 def _forward_line(f: Any) -> str:
@@ -115,6 +156,12 @@ def _forward_line(f: Any) -> str:
         f"{f.max_rel_diff:.3g} (tolerance {f.tolerance:.3g}; {f.dtype} rounding noise alone: {f.noise_floor:.3g}), "
         f"top-1 agreement {f.top1_agreement:.1%}"
     )
+
+
+def _weights_line(w: dict[str, Any]) -> str:
+    return (f"{w['merged_layers']} merged tensors are W0 + ΔW rounded once ({w['rows_recomputed']:.0%} of their rows "
+            f"recomputed independently; {w['elements_off']} elements more than one step off; the rounding costs at "
+            f"most {w['max_rel_error']:.2g} of ‖ΔW‖), {w['untouched_identical']} untouched tensors identical")
 
 
 def _fmt_list(values: list[Any]) -> str:
@@ -126,8 +173,11 @@ def _fmt_list(values: list[Any]) -> str:
 @adapter_options
 @json_option
 @debug_option
-def inspect(adapter: Path, format_: str | None, adapter_name: str | None, missing_coefficients: str | None, as_json: bool) -> None:
+def inspect(adapter: Path, format_: str | None, adapter_name: str | None, missing_coefficients: str | None,
+            config: Path | None, as_json: bool) -> None:
     """Describe a PERA adapter: format, r, R', scaling, coefficient layout, modules, size and ‖ΔW‖ per layer.
+
+    ADAPTER is a folder or a file (with --config when it comes without its adapter_config.json).
 
     \b
     Example:
@@ -135,30 +185,33 @@ def inspect(adapter: Path, format_: str | None, adapter_name: str | None, missin
     """
     from .api import inspect_adapter
 
-    info = inspect_adapter(adapter, **_load_options(format_, adapter_name, missing_coefficients))
-    lines = [
-        f"adapter      {info['path']}" + (f" (adapter {info['adapter_name']!r})" if info["adapter_name"] else ""),
-        f"format       {info['format']}" + ("  (a plain LoRA: every PERA coefficient is zero)" if info["plain_lora"] else ""),
-        f"base model   {info['base_model_name_or_path'] or 'not recorded'}",
-        f"r            {_fmt_list(info['r'])}    R' = r + r(r+1)/2 = {_fmt_list(info['R_prime'])}",
-        f"scaling      {_fmt_list(info['scaling'])}",
-        f"coefficients {_fmt_list(info['coefficient_layouts'])}",
-        f"targets      {info['target_modules']}",
-        f"modules      {info['modules']}    parameters {info['parameters']:,}",
-    ]
-    if info["extra_tensors"]:
-        lines.append(f"full tensors {_fmt_list(info['extra_tensors'])}")
-    lines += [f"note         {n}" for n in info["notes"]]
-    lines.append("")
-    width = max(len(layer["module"]) for layer in info["layers"])
-    lines.append(f"{'module':<{width}}  {'r':>3} {'R′':>4} {'in×out':>11} {'scaling':>8}  {'layout':<13} ‖ΔW‖")
-    for layer in info["layers"]:
-        shape = f"{layer['in_features']}×{layer['out_features']}"
-        lines.append(
-            f"{layer['module']:<{width}}  {layer['r']:>3} {layer['R_prime']:>4} {shape:>11} {layer['scaling']:>8.4g}  "
-            f"{layer['coefficient_layout']:<13} {layer['delta_norm']:.6g}"
-        )
-    _emit(as_json, info, "\n".join(lines))
+    def render(info: dict[str, Any]) -> str:
+        lines = [
+            f"adapter      {info['path']}" + (f" (adapter {info['adapter_name']!r})" if info["adapter_name"] else ""),
+            f"format       {info['format']}" + ("  (a plain LoRA: every PERA coefficient is zero)" if info["plain_lora"] else ""),
+            f"base model   {info['base_model_name_or_path'] or 'not recorded'}",
+            f"r            {_fmt_list(info['r'])}    R' = r + r(r+1)/2 = {_fmt_list(info['R_prime'])}",
+            f"scaling      {_fmt_list(info['scaling'])}",
+            f"coefficients {_fmt_list(info['coefficient_layouts'])}",
+            f"targets      {info['target_modules']}",
+            f"modules      {info['modules']}    parameters {info['parameters']:,}",
+        ]
+        if info["extra_tensors"]:
+            lines.append(f"full tensors {_fmt_list(info['extra_tensors'])}")
+        lines += [f"note         {n}" for n in info["notes"]]
+        lines.append("")
+        width = max(len(layer["module"]) for layer in info["layers"])
+        lines.append(f"{'module':<{width}}  {'r':>3} {'R′':>4} {'in×out':>11} {'scaling':>8}  {'layout':<13} ‖ΔW‖")
+        for layer in info["layers"]:
+            shape = f"{layer['in_features']}×{layer['out_features']}"
+            lines.append(
+                f"{layer['module']:<{width}}  {layer['r']:>3} {layer['R_prime']:>4} {shape:>11} "
+                f"{layer['scaling']:>8.4g}  {layer['coefficient_layout']:<13} {layer['delta_norm']:.6g}"
+            )
+        return "\n".join(lines)
+
+    _run(as_json, lambda: inspect_adapter(adapter, **_load_options(format_, adapter_name, missing_coefficients, config)),
+         render, to_dict=dict)
 
 
 @main.command()
@@ -189,17 +242,17 @@ def inspect(adapter: Path, format_: str | None, adapter_name: str | None, missin
 @json_option
 @debug_option
 def merge(adapter: Path, base: Path, output: Path, format_: str | None, adapter_name: str | None,
-          missing_coefficients: str | None, dtype: str, precision: str, max_shard_size: str | None,
-          untie_embeddings: bool, check_forward: bool, full_check: bool, keep_branch: bool, base_files: str, force: bool,
-          progress: bool | None, as_json: bool) -> None:
+          missing_coefficients: str | None, config: Path | None, dtype: str, precision: str,
+          max_shard_size: str | None, untie_embeddings: bool, check_forward: bool, full_check: bool,
+          keep_branch: bool, base_files: str, force: bool, progress: bool | None, as_json: bool) -> None:
     """Merge the PERA adapter ADAPTER into the model folder BASE, writing a new model folder.
 
     \b
     The output is a plain Hugging Face model folder: the base's shards and index (merged
     weights rounded once from float32; every other tensor bit-identical), its config,
     tokenizer and generation files, and pera_deploy_manifest.json with the sha256 of the
-    inputs, each merged layer's ‖ΔW‖ and the check results. It appears only once every
-    check has passed.
+    inputs, each merged layer and the check results. It appears only once every check
+    has passed.
 
     \b
     With --keep-branch nothing is merged: OUTPUT/base is the base as it is and
@@ -210,71 +263,66 @@ def merge(adapter: Path, base: Path, output: Path, format_: str | None, adapter_
       pera-deploy merge fixtures/examples/llama-pera fixtures/examples/llama-base -o merged
       pera-deploy merge fixtures/examples/llama-pera fixtures/examples/llama-base -o served --keep-branch
     """
-    from .provenance import Digests, likely_inputs
+    from .io.digests import Digests, likely_inputs
 
+    load = _load_options(format_, adapter_name, missing_coefficients, config)
     if keep_branch:
         given = [flag for flag, on in (("--dtype", dtype != "auto"), ("--max-shard-size", max_shard_size is not None),
                                        ("--untie-embeddings", untie_embeddings), ("--check-forward", check_forward),
                                        ("--full-check", full_check), ("--precision", precision != "float32")) if on]
         if given:
-            from .errors import InputError
-
             raise InputError(f"{', '.join(given)} do(es) not apply with --keep-branch: the base is written untouched")
         from .api import keep_branch as run_keep_branch
-        from .api import vllm_rank
+        from .export.keep_branch import vllm_rank
 
-        report = run_keep_branch(adapter, base, output, base_files=base_files, force=force,
-                                 **_load_options(format_, adapter_name, missing_coefficients))
-        lora = report.manifest["lora"]
-        _emit(as_json, report.to_dict(), "\n".join([
-            f"wrote {output}/base ({base_files} of {base}) and {output}/adapter: a plain LoRA of rank {lora['r']} "
-            f"(lora_alpha {lora['r']}, scaling 1) equal to the PERA update "
-            f"(largest factor error {max(c.rel_error for c in report.checks):.2g} of ‖ΔW‖, float32 storage)",
-            f"serve: vllm serve {output}/base --enable-lora --max-lora-rank {vllm_rank(lora['r'])} "
-            f"--lora-modules pera={output}/adapter",
-        ]))
+        def render_branch(report: Any) -> str:
+            lora = report.manifest["lora"]
+            check = report.check("lora_factors").to_dict()
+            return "\n".join([
+                f"wrote {output}/base ({base_files} of {base}) and {output}/adapter: a plain LoRA of rank {lora['r']} "
+                f"(lora_alpha {lora['r']}, scaling 1) equal to the PERA update "
+                f"(largest factor error {check['max_rel_error']:.2g} of ‖ΔW‖, float32 storage)",
+                f"serve: vllm serve {output}/base --enable-lora --max-lora-rank {vllm_rank(lora['r'])} "
+                f"--lora-modules pera={output}/adapter",
+            ])
+
+        _run(as_json, lambda: run_keep_branch(adapter, base, output, base_files=base_files, force=force, **load),
+             render_branch)
         return
 
     started = time.perf_counter()
     # Start hashing the inputs now, while torch is still being imported.
     digests = Digests()
     digests.prefetch(likely_inputs(adapter / adapter_name if adapter_name else adapter, base))
+
+    def render(report: Any) -> str:
+        m = report.manifest
+        lines = [f"merged {len(m['merged_layers'])} layers of {m['adapter']['source']} ({m['adapter']['format']}, "
+                 f"r={_fmt_list(m['adapter']['r'])}) into {m['base']['source']}"]
+        if "weights" in m["checks"]:
+            lines.append(f"  weights: {_weights_line(m['checks']['weights'])}")
+        for key, label in (("replaced_tensors", "replaced"), ("added_tensors", "added")):
+            if m[key]:
+                lines.append(f"  {label}: {', '.join(e['tensor'] for e in m[key])}")
+        if report.check("forward"):
+            lines.append(f"  forward: {_forward_line(report.check('forward'))}")
+        if report.passed:
+            size = sum(s["bytes"] for s in m["shards"])
+            shards = len(m["shards"])
+            lines.append(f"wrote {output} ({shards} shard{'s' if shards != 1 else ''}, {size / 1e6:,.1f} MB) "
+                         f"in {time.perf_counter() - started:.1f} s")
+        return "\n".join(lines)
+
     try:
         from .api import merge as run_merge
-        from .errors import CheckFailed
 
-        try:
-            report = run_merge(
-                adapter, base, output, **_load_options(format_, adapter_name, missing_coefficients),
-                dtype=dtype, precision=precision, max_shard_size=max_shard_size, untie_embeddings=untie_embeddings,
-                check_forward_pass=check_forward, full_check=full_check, force=force, progress=progress,
-                digests=digests,
-            )
-        except CheckFailed as exc:
-            if as_json and exc.report is not None:
-                click.echo(json.dumps(exc.report.to_dict(), indent=2, default=str))
-            raise
+        _run(as_json, lambda: run_merge(
+            adapter, base, output, dtype=dtype, precision=precision, max_shard_size=max_shard_size,
+            untie_embeddings=untie_embeddings, check_forward_pass=check_forward, full_check=full_check, force=force,
+            progress=progress, digests=digests, **load), render,
+            to_dict=lambda report: {**report.to_dict(), "seconds": time.perf_counter() - started})
     finally:
         digests.close()
-    seconds = time.perf_counter() - started
-    m = report.manifest
-    w = m["checks"]["weights"]
-    lines = [
-        f"merged {len(m['merged_layers'])} layers of {m['adapter']['folder']} ({m['adapter']['format']}, "
-        f"r={_fmt_list(m['adapter']['r'])}) into {m['base']['folder']}",
-        f"  weights: {w['merged_layers']} merged tensors are W0 + ΔW rounded once ({w['rows_recomputed']:.0%} of "
-        f"their rows recomputed independently; the rounding costs at most {w['max_rel_error']:.2g} of ‖ΔW‖), "
-        f"{w['untouched_identical']} untouched tensors identical",
-    ]
-    for key, label in (("replaced_tensors", "replaced"), ("added_tensors", "added")):
-        if m[key]:
-            lines.append(f"  {label}: {', '.join(e['tensor'] for e in m[key])}")
-    if report.forward:
-        f = report.forward
-        lines.append(f"  forward: {_forward_line(f)}")
-    size = sum(s["bytes"] for s in m["shards"])
-    lines.append(f"wrote {output} ({len(m['shards'])} shard{'s' if len(m['shards']) != 1 else ''}, {size / 1e6:,.1f} MB) in {seconds:.1f} s")
-    _emit(as_json, {**report.to_dict(), "seconds": seconds}, "\n".join(lines))
 
 
 @main.command()
@@ -291,7 +339,8 @@ def merge(adapter: Path, base: Path, output: Path, format_: str | None, adapter_
 @json_option
 @debug_option
 def verify(merged: Path, adapter: Path, base: Path, format_: str | None, adapter_name: str | None,
-           missing_coefficients: str | None, forward: bool, seed: int, precision: str, progress: bool | None, as_json: bool) -> None:
+           missing_coefficients: str | None, config: Path | None, forward: bool, seed: int, precision: str,
+           progress: bool | None, as_json: bool) -> None:
     """Check a merged model folder against its base and the adapter (exit 1 if it does not match).
 
     \b
@@ -308,24 +357,16 @@ def verify(merged: Path, adapter: Path, base: Path, format_: str | None, adapter
     """
     from .api import verify as run_verify
 
-    weights, fwd = run_verify(merged, adapter, base, forward=forward, seed=seed, precision=precision, progress=progress,
-                              **_load_options(format_, adapter_name, missing_coefficients))
-    passed = weights.passed and (fwd is None or fwd.passed)
-    data = {"passed": passed, "weights": weights.to_dict(), "forward": fwd.__dict__ if fwd else None}
-    w = data["weights"]
-    lines = [
-        f"weights: {'ok' if weights.passed else 'FAILED'} — {w['merged_layers']} merged tensors recomputed "
-        f"({w['elements_off']} elements more than one step from the recomputation, judged by the error bound), "
-        f"rounding cost at most {w['max_rel_error']:.3g} of ‖ΔW‖; "
-        f"{w['untouched_identical']} untouched tensors identical",
-    ]
-    if fwd:
-        lines.append(f"forward: {'ok' if fwd.passed else 'FAILED'} — {_forward_line(fwd)}")
-    _emit(as_json, data, "\n".join(lines))
-    if not passed:
-        message = weights.failure() or (fwd.failure() if fwd else None)
-        click.echo(f"pera-deploy: check failed: {message}", err=True)
-        sys.exit(1)
+    def render(report: Any) -> str:
+        weights, fwd = report.check("weights"), report.check("forward")
+        lines = [f"weights: {'ok' if weights.passed else 'FAILED'} — {_weights_line(weights.to_dict())}"]
+        if fwd:
+            lines.append(f"forward: {'ok' if fwd.passed else 'FAILED'} — {_forward_line(fwd)}")
+        return "\n".join(lines)
+
+    _run(as_json, lambda: run_verify(merged, adapter, base, forward=forward, seed=seed, precision=precision,
+                                     progress=progress,
+                                     **_load_options(format_, adapter_name, missing_coefficients, config)), render)
 
 
 @main.command("export-lora")
@@ -346,9 +387,9 @@ def verify(merged: Path, adapter: Path, base: Path, format_: str | None, adapter
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists and is not empty.")
 @json_option
 @debug_option
-def export_lora(adapter: Path, output: Path, format_: str | None, adapter_name: str | None, missing_coefficients: str | None,
-                rank: int | None, tol: float | None, max_rank: int | None, pad: bool, dtype: str, base: Path | None,
-                force: bool, as_json: bool) -> None:
+def export_lora(adapter: Path, output: Path, format_: str | None, adapter_name: str | None,
+                missing_coefficients: str | None, config: Path | None, rank: int | None, tol: float | None,
+                max_rank: int | None, pad: bool, dtype: str, base: Path | None, force: bool, as_json: bool) -> None:
     """Write a PERA adapter as a plain PEFT LoRA adapter, which every LoRA runtime serves.
 
     \b
@@ -365,18 +406,24 @@ def export_lora(adapter: Path, output: Path, format_: str | None, adapter_name: 
     """
     from .api import export_lora as run_export
 
-    report = run_export(adapter, output, rank=rank, tol=tol, max_rank=max_rank, pad=pad, dtype=dtype, base=base,
-                        force=force, **_load_options(format_, adapter_name, missing_coefficients))
-    lora = report.manifest["lora"]
-    lines = [f"pera-deploy: warning: {w}" for w in lora["warnings"]]
-    for line in lines:
-        click.echo(line, err=True)
-    width = max(len(m["module"]) for m in lora["modules"])
-    rows = [f"{'module':<{width}}  {'exact':>5} {'rank':>5}  relative error"]
-    rows += [f"{m['module']:<{width}}  {m['exact_rank']:>5} {m['rank']:>5}  {m['rel_error']:.3g}" for m in lora["modules"]]
-    summary = (f"wrote {output}: plain LoRA, rank {lora['r']} ({'padded' if lora['padded'] else 'per-module ranks'}), "
-               + ("exact" if lora["exact"] else f"total relative error {lora['total_rel_error']:.3g}"))
-    _emit(as_json, report.to_dict(), "\n".join(rows + [summary]))
+    def render(report: Any) -> str:
+        lora = report.manifest["lora"]
+        width = max(len(m["module"]) for m in lora["modules"])
+        rows = [f"{'module':<{width}}  {'exact':>5} {'rank':>5}  relative error"]
+        rows += [f"{m['module']:<{width}}  {m['exact_rank']:>5} {m['rank']:>5}  {m['rel_error']:.3g}"
+                 for m in lora["modules"]]
+        rows.append(f"wrote {output}: plain LoRA, rank {lora['r']} ({'padded' if lora['padded'] else 'per-module ranks'}), "
+                    + ("exact" if lora["exact"] else f"total relative error {lora['total_rel_error']:.3g}"))
+        return "\n".join(rows)
+
+    def call() -> Any:
+        report = run_export(adapter, output, rank=rank, tol=tol, max_rank=max_rank, pad=pad, dtype=dtype, base=base,
+                            force=force, **_load_options(format_, adapter_name, missing_coefficients, config))
+        for warning in report.manifest["lora"]["warnings"]:
+            click.echo(f"pera-deploy: warning: {warning}", err=True)
+        return report
+
+    _run(as_json, call, render)
 
 
 @main.command()
@@ -385,7 +432,8 @@ def export_lora(adapter: Path, output: Path, format_: str | None, adapter_name: 
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="The recovered model folder to write.")
 @adapter_options
 @click.option("--check-against", type=click.Path(path_type=Path), default=None,
-              help="The original base: compare the recovered weights with it and report the figures.")
+              help="The original base: compare the recovered weights with it (exit 1 if clearly further off than "
+              "the merge's rounding explains).")
 @click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
               help="Precision of W' − ΔW before the one rounding.")
 @click.option("--full-check", is_flag=True, help="Recompute every recovered element independently (default: a sample of rows).")
@@ -394,8 +442,8 @@ def export_lora(adapter: Path, output: Path, format_: str | None, adapter_name: 
 @json_option
 @debug_option
 def unmerge(merged: Path, adapter: Path, output: Path, format_: str | None, adapter_name: str | None,
-            missing_coefficients: str | None, check_against: Path | None, precision: str, full_check: bool, force: bool,
-            progress: bool | None, as_json: bool) -> None:
+            missing_coefficients: str | None, config: Path | None, check_against: Path | None, precision: str,
+            full_check: bool, force: bool, progress: bool | None, as_json: bool) -> None:
     """Take a PERA update back out of a merged model: W0 = W' − ΔW, streamed like a merge.
 
     \b
@@ -412,21 +460,27 @@ def unmerge(merged: Path, adapter: Path, output: Path, format_: str | None, adap
     """
     from .api import unmerge as run_unmerge
 
-    report = run_unmerge(merged, adapter, output, check_against=check_against, precision=precision, full_check=full_check,
-                         force=force, progress=progress, **_load_options(format_, adapter_name, missing_coefficients))
-    rec = report.manifest["reconstruction"]
-    lines = [f"took the update of {len(report.plan.matching.layers)} layers out of {merged}; wrote {output}"]
-    if "compared_with" in rec:
-        lines.append(
-            f"  against {rec['compared_with']}: relative error at most {rec['max_rel_error']:.3g}, at most "
-            f"{rec['max_roundings']:.2f} roundings of the merged dtype; {rec['min_exact_fraction']:.1%} or more of each "
-            f"weight's elements recovered exactly; {rec['untouched_identical']} untouched tensors identical"
-        )
-    else:
-        lines.append(f"  expected: {rec['expected']}")
-    if rec["not_restored"]:
-        lines.append(f"  not restored (the merge replaced them): {', '.join(rec['not_restored'])}")
-    _emit(as_json, report.to_dict(), "\n".join(lines))
+    def render(report: Any) -> str:
+        m = report.manifest
+        lines = [f"took the update of {len(m['merged_layers'])} layers out of {merged}"
+                 + (f"; wrote {output}" if report.passed else "")]
+        rec = m["checks"].get("reconstruction")
+        if rec:
+            lines.append(
+                f"  against {rec['compared_with']}: relative error at most {rec['max_rel_error']:.3g}, at most "
+                f"{rec['max_roundings']:.2f} roundings of the merged dtype (allowed {rec['allowed_roundings']:g}); "
+                f"{rec['min_exact_fraction']:.1%} or more of each weight's elements recovered exactly; "
+                f"{rec['untouched_identical']} untouched tensors identical"
+            )
+        else:
+            lines.append(f"  expected: {m['unmerge']['expected']}")
+        if m["unmerge"]["not_restored"]:
+            lines.append(f"  not restored (the merge replaced them): {', '.join(m['unmerge']['not_restored'])}")
+        return "\n".join(lines)
+
+    _run(as_json, lambda: run_unmerge(merged, adapter, output, check_against=check_against, precision=precision,
+                                      full_check=full_check, force=force, progress=progress,
+                                      **_load_options(format_, adapter_name, missing_coefficients, config)), render)
 
 
 @main.command("export-onnx")
@@ -444,12 +498,14 @@ def unmerge(merged: Path, adapter: Path, output: Path, format_: str | None, adap
 @click.option("--format", "format_", default=None, metavar="FORMAT", help="Adapter format, instead of detecting it.")
 @click.option("--missing-coefficients", type=click.Choice(["zero", "one"]), default=None,
               help="How to read layers saved with no coefficient tensor (see merge --help).")
+@click.option("--config", "config", type=click.Path(path_type=Path), default=None, metavar="FILE",
+              help="An adapter_config.json for adapter tensors that come without one.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists and is not empty.")
 @json_option
 @debug_option
 def export_onnx(model: Path, output: Path, adapter_specs: tuple[str, ...], branch: bool, task: str | None,
-                opset: int | None, dtype: str, format_: str | None, missing_coefficients: str | None, force: bool,
-                as_json: bool) -> None:
+                opset: int | None, dtype: str, format_: str | None, missing_coefficients: str | None,
+                config: Path | None, force: bool, as_json: bool) -> None:
     """Export to ONNX, checked with ONNX Runtime against the unmerged PyTorch model.
 
     \b
@@ -460,7 +516,8 @@ def export_onnx(model: Path, output: Path, adapter_specs: tuple[str, ...], branc
     inputs of rank 0 by default (so with no adapter it is the base model), and ONNX Runtime
     swaps adapters per request (RunOptions.add_active_adapter). Decoders get the KV-cache
     graph. Every graph is run in ONNX Runtime (prefill and one decoding step for decoders)
-    and compared with PyTorch: float32 within 1e-4 relative, float16 within 1e-2, or exit 1.
+    and compared with PyTorch, output by output: float32 within 1e-4 relative, float16
+    within 1e-2, or exit 1.
 
     \b
     Examples:
@@ -470,40 +527,45 @@ def export_onnx(model: Path, output: Path, adapter_specs: tuple[str, ...], branc
     """
     from .api import export_onnx as run_export
 
-    adapters = {}
+    adapters: dict[str, Path] = {}
     for spec in adapter_specs:
         name, sep, path = spec.partition("=")
         if not sep:
             name, path = Path(spec).name, spec
         if name in adapters:
-            from .errors import InputError
-
             raise InputError(f"--adapter {name}: the name is given twice")
         adapters[name] = Path(path)
-    report = run_export(model, output, adapters=adapters, branch=branch, task=task, opset=opset, dtype=dtype, force=force,
-                        format=format_, missing_coefficients=missing_coefficients)
-    lines = []
-    for run in dict.fromkeys(c.run for c in report.checks):
-        checks = [c for c in report.checks if c.run == run]
-        worst = max(checks, key=lambda c: c.max_rel_diff)
-        logits = [f"{c.step} {c.max_rel_diff:.2g}" for c in checks if c.output == "logits"]
-        lines.append(f"  {run}: logits max rel diff {', '.join(logits)}; worst output {worst.output} "
-                     f"{worst.max_rel_diff:.2g} (tolerance {worst.tolerance:.0e})")
-    m = report.manifest
-    files = sorted(p.name for p in output.iterdir() if p.suffix in (".onnx", ".onnx_adapter", ".onnx_data"))
-    _emit(as_json, report.to_dict(), "\n".join(
-        [f"wrote {output}: {m['graph']} graph, task {m['task']}, {m['dtype']} ({', '.join(files)})",
-         "checked with ONNX Runtime against the unmerged PyTorch model:"] + lines))
+
+    def render(report: Any) -> str:
+        m = report.manifest
+        outputs = report.check("onnx_outputs").outputs
+        lines = []
+        for run in dict.fromkeys(c.run for c in outputs):
+            checks = [c for c in outputs if c.run == run]
+            worst = max(checks, key=lambda c: c.max_rel_diff)
+            main_outputs = [f"{c.step} {c.output} {c.max_rel_diff:.2g}" for c in checks
+                            if c.output in ("logits", "last_hidden_state")]
+            lines.append(f"  {run}: {', '.join(main_outputs) or 'no main output'}; worst output {worst.output} "
+                         f"{worst.max_rel_diff:.2g} (tolerance {worst.tolerance:.0e})")
+        written = f"wrote {output}" if report.passed else f"did not write {output}"
+        return "\n".join([f"{written}: {m['graph']} graph, task {m['task']}, {m['options']['dtype']}",
+                          "checked with ONNX Runtime against the unmerged PyTorch model:"] + lines)
+
+    _run(as_json, lambda: run_export(model, output, adapters=adapters, branch=branch, task=task, opset=opset,
+                                     dtype=dtype, force=force, format=format_,
+                                     missing_coefficients=missing_coefficients, config=config), render)
 
 
 @main.command()
 @json_option
+@debug_option
 def formats(as_json: bool) -> None:
-    """List the adapter formats pera-deploy reads (for --format)."""
+    """List the adapter formats pera-deploy reads (for --format), in the order detection tries them."""
     from .formats import FORMATS
 
     data = {name: f.description for name, f in FORMATS.items()}
-    _emit(as_json, data, "\n".join(f"{name:<10} {desc}" for name, desc in data.items()))
+    _run(as_json, lambda: data, lambda d: "\n".join(f"{name:<10} {desc}" for name, desc in d.items()),
+         to_dict=lambda d: {"formats": d})
 
 
 if __name__ == "__main__":

@@ -1,25 +1,84 @@
-"""The two ways pera-deploy can refuse: bad input (exit 2) and a failed check (exit 1)."""
+"""How pera-deploy fails, and the exit status of each way (README, "Exit status and --json").
+
+| exit | class | meaning |
+| --- | --- | --- |
+| 1 | `CheckFailed` | a numerical check failed; carries the report |
+| 2 | `InputError` | bad input: the user's files or options |
+| 3 | `InternalError` | a bug in pera-deploy |
+| 4 | `EnvironmentFailure` | the machine failed us: disk full, permission denied, I/O error on output |
+
+Every other exception that escapes is reported as an internal error too.
+"""
 
 from __future__ import annotations
 
+import errno
+from pathlib import Path
+from typing import Any
+
+EXIT_OK = 0
+EXIT_CHECK_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 3
+EXIT_ENVIRONMENT = 4
+
 
 class PeraDeployError(Exception):
-    """Base class; `exit_code` is what the CLI exits with."""
+    """Base class; `exit_code` is what the CLI exits with, `kind` what --json calls it."""
 
-    exit_code = 1
+    exit_code = EXIT_INTERNAL
+    kind = "internal_error"
 
 
 class InputError(PeraDeployError):
-    """The input cannot be used as given. The message names the file, tensor or module."""
+    """The input cannot be used as given. The message names the file, tensor, module or option."""
 
-    exit_code = 2
+    exit_code = EXIT_BAD_INPUT
+    kind = "bad_input"
 
 
 class CheckFailed(PeraDeployError):
     """A numerical check failed: the artifact does not reproduce the unmerged model."""
 
-    exit_code = 1
+    exit_code = EXIT_CHECK_FAILED
+    kind = "check_failed"
 
-    def __init__(self, message: str, report: object | None = None) -> None:
+    def __init__(self, message: str, report: Any | None = None) -> None:
         super().__init__(message)
         self.report = report
+
+
+class InternalError(PeraDeployError):
+    """Something pera-deploy did wrong: a broken invariant, not the user's input."""
+
+    exit_code = EXIT_INTERNAL
+    kind = "internal_error"
+
+
+class EnvironmentFailure(PeraDeployError):
+    """Writing failed for a reason outside the inputs: disk full, permission, I/O error."""
+
+    exit_code = EXIT_ENVIRONMENT
+    kind = "environment_error"
+
+
+# OS errors that say the machine, not the input, failed.
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS, errno.ENOMEM,
+                                errno.EMFILE, errno.ENFILE})
+
+
+def environment_failure(exc: OSError, path: Path | str | None = None) -> EnvironmentFailure:
+    """An OSError met while writing, as one line naming the path and the OS error."""
+    where = exc.filename or path or "output"
+    reason = exc.strerror or str(exc)
+    code = errno.errorcode.get(exc.errno or 0, "")
+    return EnvironmentFailure(f"{where}: {reason}{f' ({code})' if code else ''}")
+
+
+def classify_os_error(exc: OSError) -> PeraDeployError:
+    """An OSError that escaped every reader and writer: the machine's fault (exit 4) when its
+    errno says so, otherwise a path the user gave that does not work (exit 2)."""
+    if exc.errno in ENVIRONMENT_ERRNOS:
+        return environment_failure(exc)
+    where = f"{exc.filename}: " if exc.filename else ""
+    return InputError(f"{where}{exc.strerror or exc}")

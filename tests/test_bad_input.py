@@ -166,7 +166,7 @@ def test_missing_base_folder(cli, fx, tmp_path):
 
 
 def test_missing_adapter_folder(cli, fx, tmp_path):
-    assert_refused(cli, tmp_path, [tmp_path / "nowhere", fx["llama-base"]], "nowhere", "adapter folder not found")
+    assert_refused(cli, tmp_path, [tmp_path / "nowhere", fx["llama-base"]], "nowhere", "adapter not found")
 
 
 def test_existing_output_folder(cli, fx, tmp_path):

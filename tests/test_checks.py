@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pera_deploy import checks
-from pera_deploy.adapter import PeraLayer
-from pera_deploy.checks import check_merged_layer
+from pera_deploy.checks import weights as checks
+from pera_deploy.core.adapter import PeraLayer
+from pera_deploy.checks.weights import check_merged_layer
 
 
 def make_layer(out_f=300, in_f=64, r=4, scale=0.05, seed=0):

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import pera_deploy
 from fixtures.build_fixtures import build_examples
-from pera_deploy.checkpoint import BaseCheckpoint
+from pera_deploy.io.model_folder import ModelFolder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +30,7 @@ def test_help_teaches(cli):
 
 def test_formats(cli):
     data = cli.json("formats")
-    assert set(data) == {"peft", "peft-lora", "reference"}
+    assert set(data["formats"]) == {"peft", "peft-lora", "reference"} and data["exit_code"] == 0
 
 
 def test_inspect_text_and_json(cli, fx):
@@ -76,7 +76,8 @@ def test_verify_passes_on_a_merge(cli, fx, tmp_path):
     assert result.exit_code == 0, result.stderr
     assert result.stdout.startswith("weights: ok") and "forward: ok" in result.stdout
     data = cli.json("verify", tmp_path / "m", "--adapter", fx["llama-pera"], "--base", fx["llama-base"])
-    assert data["passed"] and data["forward"]["dtype"] == "bfloat16" and data["forward"]["top1_agreement"] > 0.9
+    forward = data["checks"]["forward"]
+    assert data["passed"] and forward["dtype"] == "bfloat16" and forward["top1_agreement"] > 0.9
 
 
 def test_verify_untied_merge(cli, fx, tmp_path):
@@ -134,7 +135,7 @@ def test_verify_catches_an_unmerged_model(cli, fx):
 
 def test_failed_check_exits_1_and_writes_nothing(cli, fx, tmp_path, monkeypatch):
     """A merge whose result does not match (simulated: ΔW dropped) is caught and not published."""
-    import pera_deploy.merger as merge_module
+    import pera_deploy.merging.execute as merge_module
 
     def dropped(w0, layer, transpose, out_dtype, compute_dtype, sign=1.0):
         return w0.to(out_dtype)
@@ -159,7 +160,7 @@ def test_shipped_example_is_what_the_script_builds(tmp_path):
     for name in ("llama-base", "llama-pera", "llama-pera-2"):
         shipped = ROOT / "fixtures" / "examples" / name
         assert sorted(p.name for p in shipped.iterdir()) == sorted(p.name for p in built[name].iterdir())
-    with BaseCheckpoint(ROOT / "fixtures/examples/llama-base") as a, BaseCheckpoint(built["llama-base"]) as b:
+    with ModelFolder(ROOT / "fixtures/examples/llama-base") as a, ModelFolder(built["llama-base"]) as b:
         assert a.names == b.names and all(torch.equal(a.get(n), b.get(n)) for n in a.names)
     shipped = torch.load(ROOT / "fixtures/examples/llama-pera/adapter_model.bin", weights_only=True)
     rebuilt = torch.load(built["llama-pera"] / "adapter_model.bin", weights_only=True)

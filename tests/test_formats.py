@@ -9,7 +9,7 @@ import torch
 
 import pera_deploy
 from fixtures.build_fixtures import LLAMA_TARGETS, SEED, module_shapes, random_factors
-from pera_deploy import pera
+from pera_deploy.core import pera
 from pera_deploy.errors import InputError
 
 
@@ -159,7 +159,7 @@ def test_extra_tensors_are_kept(fx):
 
 
 def test_peft_base_layer_bias_names_are_normalized():
-    from pera_deploy.formats._io import normalize_extra_name
+    from pera_deploy.formats.peft_folder import normalize_extra_name
 
     assert normalize_extra_name("base_model.model.bert.encoder.layer.0.attention.self.query.base_layer.bias") == (
         "bert.encoder.layer.0.attention.self.query.bias"

@@ -10,10 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 import pera_deploy
-from pera_deploy.branch import load_model, load_unmerged_model
-from pera_deploy.checkpoint import BaseCheckpoint
-from pera_deploy.checks import FORWARD_FLOOR, seeded_inputs
-from pera_deploy.lowrank import choose_rank, factored_norm, factored_svd
+from pera_deploy.io.hf_model import load_model
+from pera_deploy.checks.reference_model import load_unmerged_model
+from pera_deploy.io.model_folder import ModelFolder
+from pera_deploy.checks.forward import FORWARD_FLOOR, seeded_inputs
+from pera_deploy.core.lowrank import choose_rank, factored_norm, factored_svd
 
 # -- the factored SVD against a dense one --------------------------------------------------
 
@@ -92,7 +93,7 @@ def peft_vs_unmerged(base, lora_dir, pera_adapter):
 def test_exact_export_loads_in_peft_and_matches(fx, tmp_path, name, base):
     adapter = pera_deploy.load_adapter(fx[name])
     report = pera_deploy.export_lora(adapter, tmp_path / "lora")
-    assert report.passed and report.export.exact
+    assert report.passed and report.plan.exact
     config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["lora_alpha"] == config["r"]
     assert config["fan_in_fan_out"] == adapter.config.get("fan_in_fan_out", False)
@@ -111,9 +112,9 @@ def test_factors_are_s_b_hat_and_a_hat(fx, tmp_path):
 
 def test_zero_coefficient_terms_are_dropped(fx, tmp_path):
     lora = pera_deploy.export_lora(fx["llama-peft-lora"], tmp_path / "a")  # a plain LoRA: rank r, not R'
-    assert lora.export.r == 4 and lora.export.exact
+    assert lora.plan.r == 4 and lora.plan.exact
     square = pera_deploy.export_lora(fx["llama-ref-square_only"], tmp_path / "b")  # r + r squares
-    assert square.export.r == 8
+    assert square.plan.r == 8
 
 
 def test_base_renames_to_the_models_module_names(fx, tmp_path):
@@ -157,7 +158,7 @@ def test_reduced_rank_error_is_the_dense_svd_tail(fx, tmp_path):
         report = pera_deploy.export_lora(adapter, tmp_path / f"r{rank}", rank=rank)
         assert report.passed
         state = load_file(str(tmp_path / f"r{rank}" / "adapter_model.safetensors"))
-        for m in report.export.modules:
+        for m in report.plan.modules:
             layer = adapter.layers[m.source]
             dense = layer.delta_weight(torch.float64)
             s = torch.linalg.svdvals(dense)
@@ -167,7 +168,7 @@ def test_reduced_rank_error_is_the_dense_svd_tail(fx, tmp_path):
             b = state[f"base_model.model.{m.module}.lora_B.weight"].double()
             a = state[f"base_model.model.{m.module}.lora_A.weight"].double()
             assert float((dense - b @ a).norm() / dense.norm()) == pytest.approx(m.rel_error, abs=1e-6)
-        total = report.export.total_rel_error
+        total = report.plan.total_rel_error
         assert previous is None or total <= previous + 1e-12  # never grows when K grows
         previous = total
     assert previous < 1e-12  # rank 14 = R': exact
@@ -176,16 +177,16 @@ def test_reduced_rank_error_is_the_dense_svd_tail(fx, tmp_path):
 def test_tol_and_max_rank(fx, tmp_path):
     adapter = pera_deploy.load_adapter(fx["llama-pera"])
     report = pera_deploy.export_lora(adapter, tmp_path / "tol", tol=0.05)
-    for m in report.export.modules:
+    for m in report.plan.modules:
         assert m.rel_error <= 0.05
         svd = factored_svd(*adapter.layers[m.source].expanded_factors(torch.float64))
         assert m.rank == 0 or float(svd.relative_errors()[m.rank - 1]) > 0.05  # the smallest such rank
     capped = pera_deploy.export_lora(adapter, tmp_path / "cap", tol=0.001, max_rank=3)
-    assert max(m.rank for m in capped.export.modules) == 3
+    assert max(m.rank for m in capped.plan.modules) == 3
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--rank", "0"], "--rank 0: must be at least 1"),
+    (["--rank", "0"], "--rank 0: must be an integer of at least 1"),
     (["--tol", "-0.1"], "--tol -0.1: must be in [0, 1)"),
     (["--max-rank", "0"], "--max-rank 0"),
     (["--rank", "4", "--tol", "0.1"], "exclude each other"),
@@ -208,7 +209,7 @@ def test_export_lora_cli_reports_errors(cli, fx, tmp_path):
     assert result.exit_code == 0
     assert "total relative error" in result.stdout and "transformer.h.0.attn.c_attn" in result.stdout
     manifest = json.loads((tmp_path / "out" / "pera_deploy_manifest.json").read_text())
-    assert manifest["lora"]["total_rel_error"] > 0 and manifest["checks"][0]["passed"]
+    assert manifest["lora"]["total_rel_error"] > 0 and manifest["checks"]["lora_factors"]["passed"]
     assert "relative error" in (tmp_path / "out" / "README.md").read_text()
 
 
@@ -232,7 +233,7 @@ def test_keep_branch(cli, fx, tmp_path, mode):
     adapter = pera_deploy.load_adapter(fx["gpt2-lm-head"])
     assert peft_vs_unmerged(out / "base", out / "adapter", adapter) < FORWARD_FLOOR
     manifest = json.loads((out / "pera_deploy_manifest.json").read_text())
-    assert manifest["base"]["placed_as"] == mode and len(manifest["base"]["sha256"]) == 64
+    assert manifest["base_files"]["placed_as"] == mode and len(manifest["base"]["sha256"]) == 64
 
 
 def test_keep_branch_names_follow_the_base_model(cli, fx, tmp_path):
@@ -257,13 +258,13 @@ def test_unmerge_recovers_the_base_to_its_rounding(cli, fx, tmp_path, name, base
     result = cli("unmerge", tmp_path / "m", "--adapter", fx[name], "-o", tmp_path / "u",
                  "--check-against", fx[base], "--json")
     assert result.exit_code == 0, result.stderr
-    rec = json.loads(result.stdout)["reconstruction"]
+    rec = json.loads(result.stdout)["checks"]["reconstruction"]
     assert rec["untouched_changed"] == []
     assert 0 < rec["max_roundings"] <= 2  # in norm: the merge's rounding plus this one
     if name == "bert-peft":
         assert rec["not_restored"] == ["classifier.bias", "classifier.weight"]
     adapter = pera_deploy.load_adapter(fx[name])
-    with BaseCheckpoint(tmp_path / "u") as u, BaseCheckpoint(fx[base]) as b:
+    with ModelFolder(tmp_path / "u") as u, ModelFolder(fx[base]) as b:
         for module in adapter.layers:
             tensor = next(n for n in u.names if n.endswith(module.removeprefix("transformer.") + ".weight"))
             w0 = b.get(tensor).double()
@@ -291,7 +292,7 @@ def test_unmerge_refuses_a_folder_that_does_not_fit(cli, fx, tmp_path):
 
 
 def test_export_check_catches_wrong_factors(cli, fx, tmp_path, monkeypatch):
-    import pera_deploy.lora_export as lora_export
+    import pera_deploy.export.lora as lora_export
 
     real = lora_export.lora_state_dict
 

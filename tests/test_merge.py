@@ -13,10 +13,12 @@ import torch
 from safetensors import safe_open
 
 import pera_deploy
-from pera_deploy.branch import load_model, load_unmerged_model
-from pera_deploy.checkpoint import BaseCheckpoint
+from pera_deploy.io.hf_model import load_model
+from pera_deploy.checks.reference_model import load_unmerged_model
+from pera_deploy.io.model_folder import ModelFolder
 from pera_deploy.errors import InputError
-from pera_deploy.checks import FORWARD_FLOOR, UNIT_ROUNDOFF, check_forward, seeded_inputs
+from pera_deploy.checks.forward import FORWARD_FLOOR, check_forward, seeded_inputs
+from pera_deploy.checks.numerics import UNIT_ROUNDOFF
 
 # float32 evaluation of the unmerged fixture models is itself up to ~1.1e-5 (relative to max
 # |logit|) away from their float64 value, so two float32 evaluations are compared at 1e-4.
@@ -33,7 +35,7 @@ def assert_exact_merge(merged_dir, base_dir, adapter, untied=None, prefix=""):
     def source(name):
         return untied.get(name) or name.removeprefix(prefix)
 
-    with BaseCheckpoint(merged_dir) as merged, BaseCheckpoint(base_dir) as base:
+    with ModelFolder(merged_dir) as merged, ModelFolder(base_dir) as base:
         def by_suffix(name):
             return [n for n in merged.names if n == name or n.endswith("." + name) or name.endswith("." + n)]
 
@@ -115,7 +117,7 @@ def test_llama_bfloat16_base_keeps_its_dtype_and_layout(fx, tmp_path):
     # side files come along; the forward check ran and passed for bfloat16
     for side in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         assert (out / side).read_bytes() == (fx["llama-base"] / side).read_bytes()
-    fwd = report.forward
+    fwd = report.check("forward")
     assert fwd.passed and fwd.dtype == "bfloat16" and fwd.architecture == "LlamaForCausalLM"
     assert fwd.max_rel_diff <= fwd.tolerance
 
@@ -127,14 +129,18 @@ def test_manifest_lists_layers_checks_and_digests(fx, tmp_path):
     manifest = json.loads((tmp_path / "m" / "pera_deploy_manifest.json").read_text())
     assert len(manifest["merged_layers"]) == 14
     layer = manifest["merged_layers"][0]
-    assert {"module", "tensor", "r", "R_prime", "scaling", "delta_norm", "rel_error", "max_steps_from_correct_rounding"} <= set(layer)
-    assert layer["R_prime"] == 14 and 0 < layer["rel_error"] <= layer["rel_rounding_bound"]
-    assert layer["max_steps_from_correct_rounding"] == 0 and layer["elements_off"] == 0  # same machine, same arithmetic
+    assert {"module", "tensor", "r", "R_prime", "scaling", "coefficient_layout", "orientation"} <= set(layer)
+    assert layer["R_prime"] == 14
+    check = next(c for c in manifest["checks"]["weights"]["layers"] if c["tensor"] == layer["tensor"])
+    assert check["module"] == layer["module"] and check["delta_norm"] > 0
+    assert 0 < check["rel_error"] <= check["rel_bound"]
+    assert check["max_steps"] == 0 and check["off_elements"] == 0  # same machine, same arithmetic
+    assert manifest["schema_version"] == 1 and manifest["command"] == "merge"
     for name, digest in manifest["base"]["files"].items():
         assert hashlib.sha256((fx["llama-base"] / name).read_bytes()).hexdigest() == digest
     assert manifest["checks"]["weights"]["passed"] is True
     assert manifest["checks"]["weights"]["untouched_identical"] == 7
-    assert (tmp_path / "m" / "README.md").read_text().startswith("---\nbase_model: llama-base\n")
+    assert (tmp_path / "m" / "README.md").read_text().startswith('---\nbase_model: "llama-base"\n')
 
 
 def test_merge_is_deterministic(fx, tmp_path):
@@ -177,7 +183,7 @@ def test_gpt2_to_bfloat16(fx, tmp_path):
                                check_forward_pass=True)
     assert json.loads((tmp_path / "m" / "config.json").read_text())["dtype"] == "bfloat16"
     assert_exact_merge(tmp_path / "m", fx["gpt2-base"], adapter)
-    assert report.forward.passed and report.forward.dtype == "bfloat16"
+    assert report.check("forward").passed and report.check("forward").dtype == "bfloat16"
 
 
 def test_tied_lm_head_needs_untie(fx, tmp_path):
@@ -192,7 +198,7 @@ def test_tied_lm_head_needs_untie(fx, tmp_path):
     # The Hub's gpt2 names lack `transformer.`; transformers refuses such a checkpoint with an
     # lm_head.weight in it, so the output names every base tensor the way GPT2LMHeadModel does.
     assert_exact_merge(tmp_path / "m", fx["gpt2-base"], adapter, untied={"lm_head.weight": "wte.weight"}, prefix="transformer.")
-    with BaseCheckpoint(tmp_path / "m") as merged, BaseCheckpoint(fx["gpt2-base"]) as base:
+    with ModelFolder(tmp_path / "m") as merged, ModelFolder(fx["gpt2-base"]) as base:
         assert torch.equal(merged.get("transformer.wte.weight"), base.get("wte.weight"))  # the input embedding is unchanged
     assert forward_diff(tmp_path / "m", fx["gpt2-base"], adapter) < F32
 
@@ -206,10 +212,10 @@ def test_bert_prefix_biases_and_legacy_bin(fx, tmp_path):
     assert "bert.encoder.layer.0.attention.self.query.weight" in targets
     replaced = {e["tensor"]: e["from"] for e in report.manifest["replaced_tensors"]}
     assert replaced["bert.encoder.layer.0.attention.self.query.bias"] == "encoder.layer.0.attention.self.query.bias"
-    with BaseCheckpoint(out) as merged:
+    with ModelFolder(out) as merged:
         for tensor, source in replaced.items():
             assert torch.equal(merged.get(tensor), adapter.extra_tensors[source])
-    assert report.forward.passed and report.forward.max_rel_diff < F32
+    assert report.check("forward").passed and report.check("forward").max_rel_diff < F32
 
 
 def test_bert_modules_to_save_head(fx, tmp_path):
@@ -233,7 +239,7 @@ def test_new_head_is_added(fx, tmp_path):
     save_file(tensors, str(adapter_dir / "adapter_model.safetensors"))
     report = pera_deploy.merge(adapter_dir, fx["bert-base"], tmp_path / "m", progress=False)
     assert report.manifest["added_tensors"] == [{"tensor": "score.weight", "from": "score.weight"}]
-    with BaseCheckpoint(tmp_path / "m") as merged:
+    with ModelFolder(tmp_path / "m") as merged:
         assert torch.equal(merged.get("score.weight"), torch.ones(2, 32))
 
 
@@ -245,7 +251,7 @@ def test_plain_lora_merge_equals_peft_merge_and_unload(fx, tmp_path):
     pera_deploy.merge(fx["llama-peft-lora"], fx["llama-base"], tmp_path / "m", dtype="float32", progress=False)
     model = AutoModelForCausalLM.from_pretrained(fx["llama-base"], dtype=torch.float32)
     peft_state = peft.PeftModel.from_pretrained(model, fx["llama-peft-lora"]).merge_and_unload().state_dict()
-    with BaseCheckpoint(tmp_path / "m") as merged:
+    with ModelFolder(tmp_path / "m") as merged:
         for name in merged.names:
             torch.testing.assert_close(merged.get(name), peft_state[name], rtol=2e-6, atol=1e-7)
 

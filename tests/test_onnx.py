@@ -13,7 +13,7 @@ import onnx
 import pytest
 
 import pera_deploy
-from pera_deploy.onnx_export.validate import FLOAT16_TOLERANCE, FLOAT32_TOLERANCE
+from pera_deploy.checks.onnx_outputs import FLOAT16_TOLERANCE, FLOAT32_TOLERANCE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,7 @@ def test_merged_on_the_fly(cli, fx, tmp_path, base, adapter, task):
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["passed"] and report["task"] == task and report["graph"] == "merged"
-    checks = report["validation"]
+    checks = report["checks"]["onnx_outputs"]["outputs"]
     assert all(c["max_rel_diff"] <= FLOAT32_TOLERANCE for c in checks)
     steps = {c["step"] for c in checks}
     assert steps == ({"prefill", "decode"} if "with-past" in task else {"forward"})
@@ -47,7 +47,7 @@ def test_merged_folder_as_it_is(cli, fx, tmp_path):
     pera_deploy.merge(fx["gpt2-peft"], fx["gpt2-base"], tmp_path / "merged", progress=False)
     result = cli("export-onnx", tmp_path / "merged", "-o", tmp_path / "onnx")
     assert result.exit_code == 0, result.stderr
-    assert "merged: logits max rel diff prefill" in result.stdout
+    assert "merged: prefill logits" in result.stdout
 
 
 @pytest.mark.parametrize("base, adapters", [
@@ -65,9 +65,9 @@ def test_branch_with_adapters(cli, fx, tmp_path, base, adapters):
         return
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
-    runs = {c["run"] for c in report["validation"]}
+    runs = {c["run"] for c in report["checks"]["onnx_outputs"]["outputs"]}
     assert runs == {"no adapter"} | {f"adapter a{i}" for i in range(len(adapters))}
-    assert all(c["passed"] for c in report["validation"])
+    assert all(c["passed"] for c in report["checks"]["onnx_outputs"]["outputs"])
     assert sorted(p.name for p in out.glob("*.onnx_adapter")) == [f"a{i}.onnx_adapter" for i in range(len(adapters))]
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     inits = {t.name: t for t in model.graph.initializer}
@@ -85,7 +85,7 @@ def test_branch_float16(cli, fx, tmp_path):
     result = cli("export-onnx", fx["llama-base"], "--branch", "-o", tmp_path / "onnx", "--dtype", "float16",
                  "--adapter", f"a={fx['llama-pera']}", "--json")
     assert result.exit_code == 0, result.stderr
-    checks = json.loads(result.stdout)["validation"]
+    checks = json.loads(result.stdout)["checks"]["onnx_outputs"]["outputs"]
     assert all(c["tolerance"] == FLOAT16_TOLERANCE and c["passed"] for c in checks)
     assert max(c["max_rel_diff"] for c in checks) > FLOAT32_TOLERANCE  # it really is float16
 
@@ -131,7 +131,7 @@ def test_bad_inputs(cli, fx, tmp_path):
 
 def test_validation_can_fail(cli, fx, tmp_path, monkeypatch):
     """Adapter files that do not hold the adapter's update: caught, exit 1, nothing published."""
-    import pera_deploy.onnx_export.adapters as adapters
+    import pera_deploy.export.onnx.folders as adapters
 
     real = adapters.branch_factors
     monkeypatch.setattr(adapters, "branch_factors", lambda *a: {k: v * 1.05 for k, v in real(*a).items()})

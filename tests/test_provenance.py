@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from pera_deploy import provenance
-from pera_deploy.provenance import Digests, combined_digest
+from pera_deploy.io import digests as provenance
+from pera_deploy.io.digests import Digests, combined_digest
 
 
 def test_digest_is_sha256_and_cached(tmp_path, monkeypatch):

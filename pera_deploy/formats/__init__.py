@@ -1,70 +1,40 @@
 """Adapter formats: one module each, picked by `detect` or named with `--format`.
 
-A new training-framework container (PERA_FORMATS.md 2.3) is one more module with a
-`FORMAT` entry added to `FORMATS`; nothing downstream changes.
+Each format module defines `FORMAT = AdapterFormat(name, description, detect, load)`:
+`detect(path, options)` says whether a file or folder is its own, `load(path, options)`
+reads it into the canonical `PeraAdapter`. A new source (a training-framework container,
+docs/formats.md) is one more module and one more entry in `FORMATS`; nothing downstream
+changes. Formats are tried in order: the first whose `detect` says yes reads the path.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-from ..adapter import PeraAdapter
+from ..core.adapter import PeraAdapter
 from ..errors import InputError
-from ..files import read_json
-from . import _io, peft_lora, peft_pera, reference
-from ._assemble import MissingCoefficients
-from .registry import AdapterFormat, LoadOptions
+from ..options import MISSING_COEFFICIENTS, choose
+from . import peft_folder, peft_lora, peft_pera, reference
+from .registry import AdapterFormat, LoadOptions, MissingCoefficients
 
 FORMATS: dict[str, AdapterFormat] = {f.name: f for f in (peft_pera.FORMAT, peft_lora.FORMAT, reference.FORMAT)}
 
-__all__ = ["FORMATS", "AdapterFormat", "LoadOptions", "detect_format", "load_adapter", "resolve_adapter_folder"]
+__all__ = ["FORMATS", "AdapterFormat", "LoadOptions", "detect_format", "load_adapter"]
 
 
-def resolve_adapter_folder(path: Path, adapter_name: str | None = None) -> tuple[Path, str | None]:
-    """The folder that holds the wanted adapter, following PEFT's multi-adapter layout.
-
-    PEFT saves the adapter named "default" at the top and every other one in a sub-folder
-    named after it. Without a name, a folder with no adapter at the top but exactly one in
-    a sub-folder resolves to that one; several are an error that lists them.
-    """
-    path = Path(path)
+def detect_format(path: Path, options: LoadOptions) -> AdapterFormat:
+    """The first format that recognises `path`; an InputError listing them when none does."""
     if not path.exists():
-        raise InputError(f"{path}: adapter folder not found")
-    if path.is_file():
-        if path.name in _io.ADAPTER_WEIGHTS or path.name == _io.ADAPTER_CONFIG:
-            path = path.parent
-        else:
-            raise InputError(f"{path}: give the adapter's folder, not a file")
-    if adapter_name not in (None, "default"):
-        sub = path / adapter_name
-        if not (sub / _io.ADAPTER_CONFIG).is_file():
-            names = ", ".join(_sub_adapters(path)) or "none"
-            raise InputError(f"{path}: no adapter named {adapter_name!r} (sub-folder adapters: {names})")
-        return sub, adapter_name
-    if (path / _io.ADAPTER_CONFIG).is_file():
-        return path, None
-    subs = _sub_adapters(path)
-    if len(subs) == 1:
-        return path / subs[0], subs[0]
-    if subs:
-        raise InputError(f"{path}: holds several adapters ({', '.join(subs)}); choose one with --adapter-name")
-    raise InputError(f"{path}: no {_io.ADAPTER_CONFIG} here or in a sub-folder; is this an adapter folder?")
-
-
-def _sub_adapters(path: Path) -> list[str]:
-    return sorted(p.name for p in path.iterdir() if p.is_dir() and (p / _io.ADAPTER_CONFIG).is_file())
-
-
-def detect_format(folder: Path, config: dict[str, Any] | None) -> AdapterFormat:
+        raise InputError(f"{path}: adapter not found")
     for fmt in FORMATS.values():
-        if fmt.detect(folder, config):
+        if fmt.detect(path, options):
             return fmt
-    peft_type = (config or {}).get("peft_type")
-    raise InputError(
-        f"{folder / _io.ADAPTER_CONFIG}: not a format pera-deploy reads (peft_type {peft_type!r}); "
-        f"known formats: {', '.join(FORMATS)}"
-    )
+    files = peft_folder.locate(path, options)
+    if files is not None:
+        raise InputError(f"{files.config_path}: not a format pera-deploy reads (peft_type "
+                         f"{files.config.get('peft_type')!r}); known formats: {', '.join(FORMATS)}")
+    raise InputError(f"{path}: no adapter pera-deploy can read here (no {peft_folder.ADAPTER_CONFIG} here or in a "
+                     f"sub-folder; for tensors without one, give it with --config); known formats: {', '.join(FORMATS)}")
 
 
 def load_adapter(
@@ -73,22 +43,25 @@ def load_adapter(
     format: str | None = None,
     adapter_name: str | None = None,
     missing_coefficients: MissingCoefficients = None,
+    config: str | Path | None = None,
 ) -> PeraAdapter:
-    """Load any supported adapter into the canonical `PeraAdapter`.
+    """Load any supported adapter, from a file or a folder, into the canonical `PeraAdapter`.
 
-    `format` overrides detection; `adapter_name` picks a sub-folder adapter;
+    `format` overrides detection; `adapter_name` picks one adapter of several;
     `missing_coefficients` ("zero" or "one") says how to read layers that carry no
-    coefficient tensor, which is otherwise refused as ambiguous.
+    coefficient tensor, which is otherwise refused as ambiguous; `config` is an
+    adapter_config.json for tensors that come without one.
     """
-    folder, name = resolve_adapter_folder(Path(path), adapter_name)
-    config_path = folder / _io.ADAPTER_CONFIG
-    config = read_json(config_path)
+    choose("--missing-coefficients", missing_coefficients, MISSING_COEFFICIENTS)
+    options = LoadOptions(missing_coefficients=missing_coefficients, adapter_name=adapter_name,
+                          config=Path(config) if config is not None else None)
+    path = Path(path)
     if format is not None:
-        if format not in FORMATS:
-            raise InputError(f"unknown format {format!r}; known formats: {', '.join(FORMATS)}")
-        fmt = FORMATS[format]
+        fmt = FORMATS.get(format)
+        if fmt is None:
+            raise InputError(f"--format {format!r}: unknown format; known formats are {', '.join(FORMATS)}")
+        if not path.exists():
+            raise InputError(f"{path}: adapter not found")
     else:
-        fmt = detect_format(folder, config)
-    adapter = fmt.load(folder, config, LoadOptions(missing_coefficients=missing_coefficients))
-    adapter.name = name
-    return adapter
+        fmt = detect_format(path, options)
+    return fmt.load(path, options)

@@ -1,17 +1,16 @@
 """A plain PEFT LoRA adapter (peft_type LORA with `r`): PERA with every coefficient zero.
 
 Accepted so the same merge, checks and exports serve ordinary LoRA adapters too
-(PERA_FORMATS.md 1.4, last row). LoRA variants whose update is not B·A are refused.
+(docs/formats.md, "Coefficient layouts", last row). LoRA variants whose update is not B·A are refused.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-from ..adapter import PeraAdapter
+from ..core.adapter import PeraAdapter
 from ..errors import InputError
-from . import _io
+from . import peft_folder
 from .peft_pera import load_peft_layout
 from .registry import AdapterFormat, LoadOptions
 
@@ -28,19 +27,17 @@ UNSUPPORTED = {
 }
 
 
-def detect(path: Path, config: dict[str, Any] | None) -> bool:
-    return (
-        config is not None
-        and str(config.get("peft_type", "")).upper() == "LORA"
-        and "r_ab" not in config
-    )
+def detect(path: Path, options: LoadOptions) -> bool:
+    files = peft_folder.locate(path, options)
+    return files is not None and files.peft_type == "LORA" and "r_ab" not in files.config
 
 
-def load(path: Path, config: dict[str, Any], options: LoadOptions) -> PeraAdapter:
+def load(path: Path, options: LoadOptions) -> PeraAdapter:
+    files = peft_folder.require(path, options, NAME)
     for key, what in UNSUPPORTED.items():
-        if config.get(key):
-            raise InputError(f"{path / _io.ADAPTER_CONFIG}: {key} is set; {what} is not supported")
-    return load_peft_layout(path, config, options, plain_lora=True, format_name=NAME)
+        if files.config.get(key):
+            raise InputError(f"{files.config_path}: {key} is set; {what} is not supported")
+    return load_peft_layout(files, options, plain_lora=True, format_name=NAME)
 
 
 FORMAT = AdapterFormat(

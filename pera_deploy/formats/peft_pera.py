@@ -1,4 +1,4 @@
-"""PEFT-style PERA, the canonical format (PERA_FORMATS.md 2.2), and PEFT's own conventions.
+"""PEFT-style PERA, the canonical format (docs/formats.md, "PEFT-style PERA"), and PEFT's conventions.
 
 `peft_lora` reuses `load_peft_layout` with `plain_lora=True`: a plain PEFT LoRA is a PERA
 adapter whose coefficients are all zero.
@@ -11,11 +11,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..adapter import PeraAdapter
+from ..core.adapter import PeraAdapter
 from ..errors import InputError
-from ..files import read_tensors, require_finite
-from . import _io
-from ._assemble import assemble_layer
+from ..io.files import read_tensors, require_finite
+from . import peft_folder
+from .layers import build_layers, group_tensors
 from .registry import AdapterFormat, LoadOptions
 
 NAME = "peft"
@@ -28,8 +28,9 @@ ROLE_SUFFIXES = (
 )
 
 
-def detect(path: Path, config: dict[str, Any] | None) -> bool:
-    return config is not None and str(config.get("peft_type", "")).upper() == "PERA"
+def detect(path: Path, options: LoadOptions) -> bool:
+    files = peft_folder.locate(path, options)
+    return files is not None and files.peft_type == "PERA"
 
 
 def pattern_key(patterns: dict[str, Any], module: str) -> str | None:
@@ -70,63 +71,29 @@ def peft_scaling(config: dict[str, Any], module: str, rank: int, path: Path) -> 
     return alpha / math.sqrt(r) if config.get("use_rslora", False) else alpha / r
 
 
-def load_peft_layout(
-    path: Path, config: dict[str, Any], options: LoadOptions, *, plain_lora: bool, format_name: str
-) -> PeraAdapter:
+def load_peft_layout(files: peft_folder.PeftFiles, options: LoadOptions, *, plain_lora: bool,
+                     format_name: str) -> PeraAdapter:
     """Both PEFT-layout formats: keys `base_model.model.<module>.lora_A.weight`, etc."""
-    config_path = path / _io.ADAPTER_CONFIG
-    weights = _io.find_weights_file(path)
+    config, weights = files.config, files.weights
     tensors = read_tensors(weights)
     require_finite(tensors, weights)
-    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
-    factor_names = "lora_A / lora_B" if plain_lora else "lora_A / lora_B / pera_h_A / pera_h_B"
-
-    groups: dict[str, dict[str, Any]] = {}
-    extras = {}
-    for key, tensor in tensors.items():
-        stripped = _io.strip_peft_prefix(key)
-        for suffix, role in ROLE_SUFFIXES:
-            if stripped.endswith(suffix):
-                if plain_lora and role in ("hA", "hB"):
-                    raise InputError(f"{weights}: tensor {key} is a PERA coefficient, but the config says peft_type LORA")
-                groups.setdefault(stripped[: -len(suffix)], {})[role] = tensor
-                break
-        else:
-            if "lora_" in stripped or "pera_" in stripped:
-                raise InputError(f"{weights}: tensor {key} is not one of the {factor_names} tensors this format holds")
-            extras[_io.normalize_extra_name(key)] = tensor
-    if not groups:
-        raise InputError(f"{weights}: no adapter layers (no *.lora_A.weight / *.lora_B.weight tensors)")
-
-    layers = {}
-    for module in sorted(groups):
-        parts = groups[module]
-        rank = parts["A"].shape[0] if "A" in parts and parts["A"].ndim == 2 else -1
-        layers[module] = assemble_layer(
-            module,
-            parts,
-            scaling=peft_scaling(config, module, rank, config_path) if rank > 0 else 1.0,
-            fan_in_fan_out=fan_in_fan_out,
-            path=weights,
-            missing_coefficients=options.missing_coefficients,
-            plain_lora=plain_lora,
-        )
-    notes = ()
-    if plain_lora:
-        notes = ("plain PEFT LoRA: read as a PERA adapter whose coefficients are all zero",)
-    return PeraAdapter(
-        layers=layers,
-        extra_tensors=extras,
-        format=format_name,
-        path=path,
-        files=(config_path, weights),
-        config=config,
-        notes=notes,
+    suffixes = ROLE_SUFFIXES[:2] if plain_lora else ROLE_SUFFIXES
+    groups, extras = group_tensors(
+        tensors, suffixes, weights, factor_markers=("lora_", "pera_"),
+        factor_names="lora_A.weight / lora_B.weight" + ("" if plain_lora else " / pera_h_A / pera_h_B"),
     )
+    layers = build_layers(
+        groups, weights, scaling=lambda module, rank: peft_scaling(config, module, rank, files.config_path),
+        fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
+        missing_coefficients=options.missing_coefficients, plain_lora=plain_lora,
+    )
+    notes = ("plain PEFT LoRA: read as a PERA adapter whose coefficients are all zero",) if plain_lora else ()
+    return PeraAdapter(layers=layers, extra_tensors=extras, format=format_name, path=files.root,
+                       files=(files.config_path, weights), config=config, name=files.name, notes=notes)
 
 
-def load(path: Path, config: dict[str, Any], options: LoadOptions) -> PeraAdapter:
-    return load_peft_layout(path, config, options, plain_lora=False, format_name=NAME)
+def load(path: Path, options: LoadOptions) -> PeraAdapter:
+    return load_peft_layout(peft_folder.require(path, options, NAME), options, plain_lora=False, format_name=NAME)
 
 
 FORMAT = AdapterFormat(

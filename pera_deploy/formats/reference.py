@@ -1,4 +1,4 @@
-"""The PERA authors' own training output (PERA_FORMATS.md 2.1).
+"""The PERA authors' own training output (docs/formats.md, "The authors' format").
 
 An early-PEFT fork: `adapter_config.json` with the rank under `r_ab`, and a flat dict of
 tensors whose keys carry no `.weight` suffix and no adapter name. The reference forward
@@ -8,13 +8,12 @@ applies no scaling at all (s = 1), whatever `lora_alpha` or `scale_ab` say.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-from ..adapter import PeraAdapter
+from ..core.adapter import PeraAdapter
 from ..errors import InputError
-from ..files import read_tensors, require_finite
-from . import _io
-from ._assemble import assemble_layer
+from ..io.files import read_tensors, require_finite
+from . import peft_folder
+from .layers import build_layers, group_tensors
 from .registry import AdapterFormat, LoadOptions
 
 NAME = "reference"
@@ -30,52 +29,28 @@ ROLE_SUFFIXES = (
 )
 
 
-def detect(path: Path, config: dict[str, Any] | None) -> bool:
-    return config is not None and str(config.get("peft_type", "")).upper() == "LORA" and "r_ab" in config
+def detect(path: Path, options: LoadOptions) -> bool:
+    files = peft_folder.locate(path, options)
+    return files is not None and files.peft_type == "LORA" and "r_ab" in files.config
 
 
-def load(path: Path, config: dict[str, Any], options: LoadOptions) -> PeraAdapter:
-    weights = _io.find_weights_file(path)
+def load(path: Path, options: LoadOptions) -> PeraAdapter:
+    files = peft_folder.require(path, options, NAME)
+    weights = files.weights
     tensors = read_tensors(weights)
     require_finite(tensors, weights)
-    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
-
-    groups: dict[str, dict[str, Any]] = {}
-    extras = {}
-    for key, tensor in tensors.items():
-        stripped = _io.strip_peft_prefix(key)
-        for suffix, role in ROLE_SUFFIXES:
-            if stripped.endswith(suffix):
-                groups.setdefault(stripped[: -len(suffix)], {})[role] = tensor
-                break
-        else:
-            if "lora_" in stripped:
-                raise InputError(f"{weights}: tensor {key} is not a name the reference format uses")
-            extras[_io.normalize_extra_name(key)] = tensor
-    if not groups:
-        raise InputError(f"{weights}: no PERA layers (no *.lora_A / *.lora_B tensors)")
-
-    r_ab = config.get("r_ab")
-    layers = {}
-    for module in sorted(groups):
-        layer = assemble_layer(
-            module,
-            groups[module],
-            scaling=1.0,
-            fan_in_fan_out=fan_in_fan_out,
-            path=weights,
-            missing_coefficients=options.missing_coefficients,
-        )
+    groups, extras = group_tensors(tensors, ROLE_SUFFIXES, weights, factor_markers=("lora_",),
+                                   factor_names="lora_A / lora_B / lora_A_parameter[_square|_cross] / lora_B_parameter")
+    layers = build_layers(groups, weights, scaling=lambda module, rank: 1.0,
+                          fan_in_fan_out=bool(files.config.get("fan_in_fan_out", False)),
+                          missing_coefficients=options.missing_coefficients)
+    r_ab = files.config.get("r_ab")
+    for module, layer in layers.items():
         if isinstance(r_ab, int) and layer.r != r_ab:
-            raise InputError(f"{weights}: module {module} has rank {layer.r}, but adapter_config.json says r_ab={r_ab}")
-        layers[module] = layer
+            raise InputError(f"{weights}: module {module} has rank {layer.r}, but {files.config_path.name} says r_ab={r_ab}")
     return PeraAdapter(
-        layers=layers,
-        extra_tensors=extras,
-        format=NAME,
-        path=path,
-        files=(path / _io.ADAPTER_CONFIG, weights),
-        config=config,
+        layers=layers, extra_tensors=extras, format=NAME, path=files.root, files=(files.config_path, weights),
+        config=files.config, name=files.name,
         notes=("reference format: scaling is 1 (lora_alpha and scale_ab are ignored, as the authors' forward does)",),
     )
 

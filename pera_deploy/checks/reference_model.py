@@ -1,0 +1,158 @@
+"""The reference every equivalence check compares against: the unmerged model.
+
+Any transformers model with the PERA branch live: y = W0·x + b + s·B̂(Â·x) is added by a
+forward hook on each targeted module, so the base weights are never touched and any
+architecture works (Linear or GPT-2's Conv1D alike: the branch only sees the module's
+input and output). Also its rounding-noise twin, which calibrates the forward check.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..core.adapter import PeraAdapter
+from ..core.names import NameIndex
+from ..errors import InputError
+from ..io.hf_model import load_model
+
+
+def targets_in_model(model: nn.Module, adapter: PeraAdapter) -> dict[str, str]:
+    """Adapter module path → the path of the model's module it adapts (same suffix rule as merging)."""
+    index = NameIndex(name for name, _ in model.named_modules())
+    targets = {}
+    for path in adapter.layers:
+        hits = index.resolve(path)
+        if len(hits) != 1:
+            what = "no module" if not hits else "several modules: " + ", ".join(hits)
+            raise InputError(f"adapter module {path} matches {what} in the {type(model).__name__} model")
+        targets[path] = hits[0]
+    return targets
+
+
+def _targets(model: nn.Module, adapter: PeraAdapter) -> dict[str, nn.Module]:
+    """Adapter module path → the model's module it adapts."""
+    modules = dict(model.named_modules())
+    return {path: modules[name] for path, name in targets_in_model(model, adapter).items()}
+
+
+class _Hooks:
+    """Forward hooks on the adapted modules, removed on exit; the weights are left alone."""
+
+    def __init__(self, handles: list[Any]):
+        self.handles = handles
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def __enter__(self) -> "_Hooks":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+class PeraBranch(_Hooks):
+    """Adds s·B̂(Â·x) to each targeted module's output: the unmerged PERA model."""
+
+    def __init__(self, model: nn.Module, adapter: PeraAdapter, compute_dtype: torch.dtype = torch.float32):
+        handles = []
+        for path, module in _targets(model, adapter).items():
+            b_hat, a_hat = adapter.layers[path].expanded_factors(compute_dtype)
+            handles.append(module.register_forward_hook(_branch_hook(a_hat.T.contiguous(), b_hat.T.contiguous())))
+        super().__init__(handles)
+
+
+class RoundingNoise(_Hooks):
+    """The unmerged model as a storage rounding might perturb it: the forward check's noise floor.
+
+    `unit_roundoff` maps adapter modules and other tensor names (as the checkpoint names
+    them) to the unit roundoff u of the dtype they are stored in. Every element of an
+    adapted module's effective weight W0 + ΔW, and of every other listed tensor, gets an
+    independent relative error drawn uniformly from ±u (one rounding to nearest errs by at
+    most u). What this does to the outputs is how far a correctly merged model stored that
+    way may legitimately be from the unmerged one. Other tensors are restored on exit.
+    """
+
+    def __init__(self, model: nn.Module, adapter: PeraAdapter, unit_roundoff: dict[str, float], seed: int = 0):
+        handles = []
+        targets = _targets(model, adapter)
+        for i, (path, module) in enumerate(targets.items()):
+            if unit_roundoff.get(path):
+                handles.append(module.register_forward_hook(
+                    _noise_hook(adapter.layers[path], module, unit_roundoff[path], seed * 100_003 + i)))
+        super().__init__(handles)
+        target_weights = {id(m.weight) for m in targets.values() if hasattr(m, "weight")}
+        params = dict(model.named_parameters(remove_duplicate=True))
+        index = NameIndex(params)
+        self._saved: list[tuple[Tensor, Tensor]] = []
+        g = torch.Generator().manual_seed(seed * 100_003 + 99_991)
+        for name, u in sorted(unit_roundoff.items()):
+            hits = index.resolve(name) if name not in adapter.layers else []
+            if len(hits) != 1 or id(params[hits[0]]) in target_weights or not u:
+                continue
+            p = params[hits[0]]
+            self._saved.append((p, p.detach().clone()))
+            with torch.no_grad():
+                p.mul_(1 + (torch.rand(p.shape, generator=g, dtype=p.dtype) * 2 - 1) * u)
+
+    def remove(self) -> None:
+        super().remove()
+        with torch.no_grad():
+            for p, original in self._saved:
+                p.copy_(original)
+        self._saved = []
+
+
+def _branch_hook(a_hat_t: Tensor, b_hat_t: Tensor):
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
+        x = args[0]
+        delta = (x.to(a_hat_t.dtype) @ a_hat_t) @ b_hat_t
+        return output + delta.to(output.dtype)
+
+    return hook
+
+
+def _noise_hook(layer: Any, module: nn.Module, unit_roundoff: float, seed: int):
+    def hook(mod: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
+        weight = module.weight.detach().to(torch.float32)
+        delta = layer.delta_weight(torch.float32)
+        effective = weight + (delta.T if layer.fan_in_fan_out else delta)  # in the module's own layout
+        g = torch.Generator().manual_seed(seed)
+        noise = effective * ((torch.rand(effective.shape, generator=g) * 2 - 1) * unit_roundoff)
+        x = args[0].to(torch.float32)
+        extra = x @ noise if layer.fan_in_fan_out else x @ noise.T
+        return output + extra.to(output.dtype)
+
+    return hook
+
+
+def apply_extra_tensors(model: nn.Module, adapter: PeraAdapter) -> list[str]:
+    """Put the adapter's trained full tensors (modules_to_save, biases) into the model.
+
+    They are part of the fine-tuned model itself (PERA_FORMATS.md 2.4), so the reference
+    must carry them too. Returns the model names that were set.
+    """
+    state = model.state_dict()
+    index = NameIndex(state)
+    updates = {}
+    for name, tensor in adapter.extra_tensors.items():
+        hits = index.resolve(name)
+        if len(hits) != 1:
+            raise InputError(f"adapter tensor {name} matches {len(hits)} tensors in the {type(model).__name__} model")
+        updates[hits[0]] = tensor.to(state[hits[0]].dtype)
+    model.load_state_dict(updates, strict=False)
+    return sorted(updates)
+
+
+def load_unmerged_model(base: str | Path, adapter: PeraAdapter,
+                        dtype: torch.dtype = torch.float32) -> tuple[nn.Module, PeraBranch]:
+    """The base model in `dtype` with the adapter's extra tensors set and its branch live."""
+    model = load_model(base, dtype)
+    apply_extra_tensors(model, adapter)
+    return model, PeraBranch(model, adapter, compute_dtype=dtype)

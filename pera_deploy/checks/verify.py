@@ -1,0 +1,38 @@
+"""Checking a model folder that already exists (pera-deploy's or another tool's) against its
+base and adapter: the same weight and forward checks a merge runs on its own output."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..core.adapter import PeraAdapter
+from ..errors import CheckFailed
+from ..io.model_folder import ModelFolder
+from ..merging.matching import match_adapter
+from ..merging.plan import COMPUTE_DTYPES
+from ..options import PRECISIONS, choose
+from .base import Check, Report
+from .forward import check_forward
+from .weights import check_weights
+
+
+def verify_merged(merged: Path, adapter: PeraAdapter, base: Path, *, forward: bool = True,
+                  precision: str = "float32", untie_embeddings: bool | None = None, seed: int = 0,
+                  progress: bool | None = None) -> Report:
+    """The report of the checks; raises CheckFailed (carrying it) when one fails.
+
+    Untied embeddings are accepted when the merged config no longer ties them.
+    """
+    choose("--precision", precision, PRECISIONS)
+    checks: list[Check] = []
+    with ModelFolder(base) as base_folder, ModelFolder(merged) as merged_folder:
+        if untie_embeddings is None:
+            untie_embeddings = merged_folder.config.get("tie_word_embeddings", True) is False
+        matching = match_adapter(adapter, base_folder, untie_embeddings=untie_embeddings)
+        checks.append(check_weights(merged_folder, base_folder, adapter, matching, COMPUTE_DTYPES[precision], progress))
+    if forward:
+        checks.append(check_forward(merged, base, adapter, seed=seed))
+    report = Report("verify", None, checks)
+    if not report.passed:
+        raise CheckFailed(report.failure() or "a check failed", report)
+    return report

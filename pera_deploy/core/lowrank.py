@@ -1,0 +1,88 @@
+"""Best low-rank approximations of a factored update ΔW = L·R, without forming ΔW.
+
+A PERA update is (s·B̂)·Â with inner size R' (44 for r = 8, 152 for r = 16), so its SVD
+comes from small matrices: orthogonalise both factors (L = Q_L·T_L, Rᵀ = Q_R·T_R), take
+the SVD of the R'×R' core T_L·T_Rᵀ = U·Σ·Vᵀ, and rotate back: ΔW = (Q_L·U)·Σ·(Q_R·V)ᵀ.
+That costs O((out + in)·R'²) instead of O(out·in·R') for the dense product, and keeping the
+K largest singular triplets is the best rank-K approximation (Eckart–Young). Pure torch,
+computed in float64.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class FactoredSVD:
+    """ΔW = left_basis · diag(singular_values) · right_basisᵀ, singular values descending."""
+
+    left_basis: Tensor  # (out, k), orthonormal columns
+    singular_values: Tensor  # (k,)
+    right_basis: Tensor  # (in, k), orthonormal columns
+
+    @property
+    def norm(self) -> float:
+        """‖ΔW‖_F."""
+        return float(self.singular_values.norm())
+
+    def relative_errors(self) -> Tensor:
+        """Entry K: ‖ΔW − ΔW_K‖_F / ‖ΔW‖_F for K = 0..k (non-increasing in K, 0 at K = k)."""
+        s2 = self.singular_values.double().square()
+        tail = torch.cat([s2.flip(0).cumsum(0).flip(0), s2.new_zeros(1)])  # Σ_{i ≥ K} σ_i²
+        total = float(s2.sum())
+        return (tail / total).sqrt() if total > 0 else torch.zeros_like(tail)
+
+    def factors(self, rank: int) -> tuple[Tensor, Tensor]:
+        """(lora_B, lora_A) of the best rank-`rank` approximation, balanced: each gets √σ."""
+        root = self.singular_values[:rank].sqrt()
+        return self.left_basis[:, :rank] * root, (self.right_basis[:, :rank] * root).T
+
+
+def factored_svd(left: Tensor, right: Tensor) -> FactoredSVD:
+    """The SVD of left @ right (left: (out, R'), right: (R', in)) from the factors alone."""
+    q_left, t_left = torch.linalg.qr(left.to(torch.float64), mode="reduced")
+    q_right, t_right = torch.linalg.qr(right.to(torch.float64).T, mode="reduced")
+    u, s, vh = torch.linalg.svd(t_left @ t_right.T, full_matrices=False)
+    return FactoredSVD(q_left @ u, s, q_right @ vh.T)
+
+
+def factored_norm(left: Tensor, right: Tensor) -> float:
+    """‖left @ right‖_F from the factors alone, in float64, without forming the product.
+
+    Through QR (left = Q_L·T_L, rightᵀ = Q_R·T_R, so ‖left·right‖ = ‖T_L·T_Rᵀ‖): it costs
+    O((out + in)·k²) for inner size k, and unlike the Gram-matrix identity
+    ‖LR‖² = trace((LᵀL)(RRᵀ)) it keeps its digits when the product is tiny next to its
+    factors (the difference of two nearly equal updates, say).
+    """
+    _, t_left = torch.linalg.qr(left.to(torch.float64), mode="reduced")
+    _, t_right = torch.linalg.qr(right.to(torch.float64).T, mode="reduced")
+    return float(torch.linalg.matrix_norm(t_left @ t_right.T))
+
+
+def choose_rank(svd: FactoredSVD, *, rank: int | None = None, tol: float | None = None,
+                max_rank: int | None = None) -> int:
+    """The rank to keep: `rank` as given, else the smallest whose relative error is ≤ `tol`,
+    capped by `max_rank` and by the number of singular values; None of them: all."""
+    available = svd.singular_values.numel()
+    if rank is not None:
+        keep = rank
+    elif tol is not None:
+        errors = svd.relative_errors()
+        keep = next(k for k in range(available + 1) if float(errors[k]) <= tol or k == available)
+    else:
+        keep = available
+    if max_rank is not None:
+        keep = min(keep, max_rank)
+    return max(0, min(keep, available))
+
+
+def total_relative_error(norms: list[float], errors: list[float]) -> float:
+    """‖all ΔW − approximations‖ / ‖all ΔW‖ over several layers, from per-layer figures."""
+    num = sum((n * e) ** 2 for n, e in zip(norms, errors))
+    den = sum(n**2 for n in norms)
+    return math.sqrt(num / den) if den > 0 else 0.0

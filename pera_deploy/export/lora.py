@@ -1,0 +1,294 @@
+"""A PERA adapter as a plain PEFT LoRA adapter: exact at rank R', or reduced by a factored SVD.
+
+ΔW = (s·B̂)·Â exactly, so `lora_B = s·B̂` and `lora_A = Â` is a plain LoRA that every LoRA
+runtime (PEFT, vLLM, llama.cpp's converter) serves unchanged. Expansion terms whose
+coefficient is exactly zero (plain LoRA, square-only, cross-only layouts) are dropped, as
+they contribute nothing. By default every module is padded with zero rows and columns to
+one rank and `lora_alpha` equals that rank, so the scaling is exactly 1 in PEFT, vLLM and
+llama.cpp alike (the latter two ignore per-module patterns).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import __version__
+from ..checks.base import Report
+from ..checks.lora_factors import LoraFactorsCheck, check_lora_module
+from ..core.adapter import PeraAdapter, PeraLayer
+from ..core.lowrank import choose_rank, factored_norm, factored_svd, total_relative_error
+from ..core.names import NameIndex
+from ..errors import InputError
+from ..io.digests import Digests
+from ..io.model_files import write_json
+from ..io.model_folder import ModelFolder
+from ..merging.matching import match_adapter
+from ..options import rank_options
+from ..publish import Written, publish
+from ..publish.manifest import adapter_record, model_record
+from ..publish.model_card import ModelCard
+
+# PEFT task types whose model wraps a task head as modules_to_save, expecting its weights.
+HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
+LORA_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class LoraModule:
+    module: str  # module path as written into the adapter
+    source: str  # the PERA adapter's module path
+    full_rank: int  # R' after dropping zero-coefficient terms: the exact rank
+    rank: int  # kept rank
+    delta_norm: float  # ‖ΔW‖_F
+    rel_error: float  # ‖ΔW − lora_B·lora_A‖_F / ‖ΔW‖_F (0 when exact)
+    lora_B: Tensor = field(repr=False)  # (out, rank), scaling folded in; float64 until stored
+    lora_A: Tensor = field(repr=False)  # (rank, in)
+
+
+@dataclass
+class LoraExport:
+    modules: list[LoraModule]
+    extras: dict[str, Tensor]  # key under base_model.model. → trained full tensor
+    modules_to_save: list[str]
+    bias: str  # "none", "lora_only" or "all", as PEFT's config says
+    pad: bool
+    task_type: str | None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def r(self) -> int:
+        """The config's r: the common (padded) rank, or the most frequent one without padding."""
+        ranks = [m.rank for m in self.modules]
+        if self.pad:
+            return max(ranks)
+        return max(set(ranks), key=lambda k: (ranks.count(k), k))
+
+    @property
+    def exact(self) -> bool:
+        return all(m.rank == m.full_rank for m in self.modules)
+
+    @property
+    def total_rel_error(self) -> float:
+        return total_relative_error([m.delta_norm for m in self.modules], [m.rel_error for m in self.modules])
+
+
+def lora_module(layer: PeraLayer, name: str, *, rank: int | None = None, tol: float | None = None,
+                max_rank: int | None = None, warnings: list[str] | None = None) -> LoraModule:
+    """One module's LoRA factors: exact, or the best approximation of the chosen rank.
+
+    A `rank` above the exact rank keeps the exact factors and appends the module to `warnings`.
+    """
+    # float64, so that stored factors are rounded once and the SVD sees the exact update
+    b_hat, a_hat = layer.exact_factors(torch.float64)
+    full = b_hat.shape[1]
+    delta_norm = factored_norm(b_hat, a_hat)  # ‖ΔW‖ from the factors already at hand
+    if rank is not None and rank >= full:
+        if rank > full and warnings is not None:
+            warnings.append(layer.module)
+        rank = None
+    reduce = rank is not None or tol is not None or (max_rank is not None and max_rank < full)
+    if not reduce:
+        return LoraModule(name, layer.module, full, full, delta_norm, 0.0, b_hat, a_hat)
+    svd = factored_svd(b_hat, a_hat)
+    keep = choose_rank(svd, rank=rank, tol=tol, max_rank=max_rank)
+    if keep >= full:  # nothing to gain: keep the exact factors
+        return LoraModule(name, layer.module, full, full, delta_norm, 0.0, b_hat, a_hat)
+    lora_b, lora_a = svd.factors(keep)
+    return LoraModule(name, layer.module, full, keep, delta_norm, float(svd.relative_errors()[keep]), lora_b, lora_a)
+
+
+def plan_lora_export(adapter: PeraAdapter, *, rank: int | None = None, tol: float | None = None,
+                     max_rank: int | None = None, pad: bool = True,
+                     names: dict[str, str] | None = None) -> LoraExport:
+    """Factors for every module, and the trained full tensors laid out the way PEFT keeps them.
+
+    `names` renames adapter module paths (and extra tensors) to the paths of the model the
+    LoRA will be loaded into; by default the adapter's own paths are kept.
+    """
+    rank_options(rank, tol, max_rank)
+    names = names or {}
+    warnings: list[str] = []
+    above: list[str] = []
+    modules = [
+        lora_module(layer, names.get(path, path), rank=rank, tol=tol, max_rank=max_rank, warnings=above)
+        for path, layer in adapter.layers.items()
+    ]
+    if above:
+        exact = max(m.full_rank for m in modules if m.source in above)
+        warnings.append(f"--rank {rank} is more than the exact rank of {len(above)} module(s) (up to {exact}, e.g. "
+                        f"{above[0]}); they are kept at their exact rank, with no approximation")
+    targeted = {m.module for m in modules}
+    extras: dict[str, Tensor] = {}
+    to_save: set[str] = set()
+    bias = "none"
+    for name, tensor in adapter.extra_tensors.items():
+        name = names.get(name, name)
+        module, _, leaf = name.rpartition(".")
+        if module in targeted:
+            if leaf != "bias":
+                raise InputError(f"adapter tensor {name} belongs to an adapted module; PEFT's LoRA format has no place for it")
+            extras[f"{module}.base_layer.bias"] = tensor  # where PEFT keeps a wrapped layer's bias
+            bias = "all" if bias == "all" else "lora_only"
+        elif leaf == "bias" and adapter.config.get("bias") == "all":
+            extras[name] = tensor
+            bias = "all"
+        else:
+            extras[name] = tensor
+            to_save.add(module)
+    if to_save and adapter.config.get("modules_to_save"):
+        to_save = set(adapter.config["modules_to_save"])  # the names training used, as PEFT matches them
+    task_type = adapter.config.get("task_type")
+    if task_type in HEAD_TASKS and not to_save:
+        warnings.append(f"task_type {task_type} left out of the LoRA config: PEFT would then expect a trained "
+                        "classification head, and this adapter has none")
+        task_type = None
+    return LoraExport(modules, extras, sorted(to_save), bias, pad, task_type, warnings)
+
+
+def lora_state_dict(export: LoraExport, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    """PEFT's saved keys: base_model.model.<module>.lora_A.weight / lora_B.weight, plus extras."""
+    r = export.r
+    state: dict[str, Tensor] = {}
+    for m in export.modules:
+        lora_b, lora_a = m.lora_B, m.lora_A
+        if export.pad and m.rank < r:
+            lora_b = torch.cat([lora_b, lora_b.new_zeros(lora_b.shape[0], r - m.rank)], dim=1)
+            lora_a = torch.cat([lora_a, lora_a.new_zeros(r - m.rank, lora_a.shape[1])], dim=0)
+        state[f"{PEFT_PREFIX}{m.module}.lora_A.weight"] = lora_a.to(dtype).contiguous()
+        state[f"{PEFT_PREFIX}{m.module}.lora_B.weight"] = lora_b.to(dtype).contiguous()
+    for key, tensor in export.extras.items():
+        state[f"{PEFT_PREFIX}{key}"] = tensor.contiguous()
+    return state
+
+
+def lora_config(export: LoraExport, adapter: PeraAdapter) -> dict[str, Any]:
+    """adapter_config.json for PEFT: scaling lora_alpha / r is exactly 1 for every module."""
+    r = export.r
+    rank_pattern = {} if export.pad else {m.module: m.rank for m in export.modules if m.rank != r}
+    source = adapter.config
+    target = source.get("target_modules") or sorted({m.module.rsplit(".", 1)[-1] for m in export.modules})
+    return {
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": r,
+        "use_rslora": False,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": dict(rank_pattern),  # alpha = rank per module: scaling 1
+        "target_modules": target,
+        "fan_in_fan_out": bool(source.get("fan_in_fan_out", False)),
+        "bias": export.bias,
+        "modules_to_save": export.modules_to_save or None,
+        "lora_dropout": 0.0,
+        "init_lora_weights": True,
+        "use_dora": False,
+        "base_model_name_or_path": adapter.base_model_name_or_path,
+        "task_type": export.task_type,
+        "inference_mode": True,
+    }
+
+
+def export_summary(export: LoraExport) -> dict[str, Any]:
+    return {
+        "r": export.r,
+        "padded": export.pad,
+        "exact": export.exact,
+        "total_rel_error": export.total_rel_error,
+        "modules": [
+            {"module": m.module, "pera_module": m.source, "exact_rank": m.full_rank, "rank": m.rank,
+             "delta_norm": m.delta_norm, "rel_error": m.rel_error}
+            for m in export.modules
+        ],
+        "modules_to_save": export.modules_to_save,
+        "bias": export.bias,
+        "warnings": export.warnings,
+    }
+
+
+def write_lora_folder(folder: Path, export: LoraExport, adapter: PeraAdapter, dtype: torch.dtype,
+                      metadata: dict[str, str]) -> LoraFactorsCheck:
+    """adapter_config.json, adapter_model.safetensors and a model card, as PEFT saves an adapter,
+    and the check of every module's stored factors against ΔW.
+
+    A LoRA adapter is small (adapter-sized), so its state is built in memory and written
+    with safetensors' own save_file.
+    """
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = lora_state_dict(export, dtype)
+    save_file(state, str(folder / "adapter_model.safetensors"), metadata=metadata)
+    write_json(folder / "adapter_config.json", lora_config(export, adapter))
+    (folder / "README.md").write_text(lora_card(export, adapter).render(), encoding="utf-8")
+    return LoraFactorsCheck([
+        check_lora_module(adapter.layers[m.source], m.module, state[f"{PEFT_PREFIX}{m.module}.lora_B.weight"],
+                          state[f"{PEFT_PREFIX}{m.module}.lora_A.weight"], m.rel_error, m.delta_norm)
+        for m in export.modules
+    ])
+
+
+def lora_card(export: LoraExport, adapter: PeraAdapter) -> ModelCard:
+    how = ("exactly (every expansion term kept: lora_B·lora_A is ΔW)" if export.exact else
+           f"approximately: total relative error {export.total_rel_error:.3g} (best rank per module by a truncated SVD)")
+    rows = ["| module | exact rank | rank | relative error |", "| --- | --- | --- | --- |"]
+    rows += [f"| {m.module} | {m.full_rank} | {m.rank} | {m.rel_error:.3g} |" for m in export.modules]
+    scaling = ("for every module (zero-padded to one rank)" if export.pad
+               else "(per-module ranks in rank_pattern / alpha_pattern)")
+    body = (f"Written by pera-deploy from a {adapter.format}-format PERA adapter (r = "
+            f"{', '.join(map(str, adapter.ranks))}), {how}. Rank {export.r}, lora_alpha {export.r}: the scaling is 1 "
+            f"{scaling}.\n\n" + "\n".join(rows))
+    return ModelCard(f"PERA adapter `{adapter.path.name if adapter.path else ''}` as a plain LoRA", body,
+                     base_model=adapter.base_model_name_or_path, library_name="peft", tags=["lora"])
+
+
+def peft_names(adapter: PeraAdapter, base: ModelFolder) -> dict[str, str]:
+    """Adapter module and tensor paths → the names the base's transformers model uses.
+
+    PEFT matches an adapter's keys against the model's own module names, which an adapter
+    trained on another class (BertModel vs BertForSequenceClassification) or a checkpoint
+    saved without its prefix does not share. Also validates the adapter against the base's
+    shapes. Imports transformers (the model is built on the meta device: nothing is read).
+    """
+    from ..io.hf_model import model_names
+
+    match_adapter(adapter, base, untie_embeddings=True)
+    modules, params = model_names(base.folder)
+    names: dict[str, str] = {}
+    for pool, wanted, what in ((modules, list(adapter.layers), "module"), (params, list(adapter.extra_tensors), "tensor")):
+        index = NameIndex(pool)
+        for name in wanted:
+            hits = index.resolve(name)
+            if len(hits) != 1:
+                found = "nothing" if not hits else "several: " + ", ".join(hits)
+                raise InputError(f"adapter {what} {name} matches {found} in the model of {base.folder}")
+            names[name] = hits[0]
+    return names
+
+
+def export_lora_folder(adapter: PeraAdapter, output: Path, digests: Digests, *, rank: int | None = None,
+                       tol: float | None = None, max_rank: int | None = None, pad: bool = True,
+                       dtype: str = "float32", base: Path | None = None, force: bool = False,
+                       options: dict[str, Any] | None = None) -> Report:
+    """`adapter` as a plain PEFT LoRA folder, its factors checked against ΔW before publishing."""
+    names, base_files = None, []
+    if base is not None:
+        with ModelFolder(base) as checkpoint:
+            names, base_files = peft_names(adapter, checkpoint), checkpoint.weight_files
+    export = plan_lora_export(adapter, rank=rank, tol=tol, max_rank=max_rank, pad=pad, names=names)
+    digests.prefetch(list(adapter.files) + base_files)
+
+    def write(folder: Path) -> Written:
+        inputs = {"adapter": adapter_record(adapter, digests)}
+        if base is not None:
+            inputs["base"] = model_record(base, base_files, digests)
+        metadata = {"format": "pt", "pera_deploy.version": __version__,
+                    "pera_deploy.adapter_sha256": inputs["adapter"]["sha256"]}
+        check = write_lora_folder(folder, export, adapter, LORA_DTYPES[dtype], metadata)
+        return Written([check], inputs, {"lora": export_summary(export)}, plan=export)
+
+    return publish(output, "export-lora", write, options=options or {}, force=force)

@@ -1,0 +1,40 @@
+"""ONNX Runtime adapter files: a PERA adapter's branch factors, swappable per request.
+
+`NAME.onnx_adapter` holds, for every module, At = Âᵀ (in, R') and Bt = (s·B̂)ᵀ (R', out)
+under the branch graph's input names. Load with `onnxruntime.LoraAdapter().Load(path)`,
+activate with `RunOptions.add_active_adapter(adapter)`; keep the LoraAdapter object alive
+while it is active (ONNX Runtime silently runs the base model otherwise).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ...core.adapter import PeraAdapter
+from .graph import factor_names
+
+
+def branch_factors(adapter: PeraAdapter, names: dict[str, str], dtype: torch.dtype) -> dict[str, np.ndarray]:
+    """Graph input name → array, exact (zero-coefficient terms dropped), computed in float64 and
+    rounded once to `dtype`."""
+    arrays = {}
+    for path, layer in adapter.layers.items():
+        b_hat, a_hat = layer.exact_factors(torch.float64)
+        at_name, bt_name = factor_names(names[path])
+        arrays[at_name] = np.ascontiguousarray(a_hat.T.to(dtype).numpy())
+        arrays[bt_name] = np.ascontiguousarray(b_hat.T.to(dtype).numpy())
+    return arrays
+
+
+def write_adapter_file(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    import onnxruntime as ort
+
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(1)
+    fmt.set_model_version(1)
+    # ortvalue_from_numpy does not copy: `arrays` stays referenced until the export below
+    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()})
+    fmt.export_adapter(str(path))

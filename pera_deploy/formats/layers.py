@@ -1,0 +1,149 @@
+"""Turn the raw tensors a format found into canonical `PeraLayer`s.
+
+Every format maps its own key names onto the same few roles (A, B, full / square / cross
+coefficients, hB) with `group_tensors`, and builds layers with `assemble_layer`, so the key
+grouping and the coefficient-layout rules (docs/formats.md, "Coefficient layouts") live
+in one place.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Literal, Sequence
+
+import torch
+from torch import Tensor
+
+from ..core import pera
+from ..core.adapter import PeraLayer
+from ..errors import InputError
+from .peft_folder import normalize_extra_name, strip_peft_prefix
+from .registry import MissingCoefficients
+
+Role = Literal["A", "B", "hA", "hA_square", "hA_cross", "hB"]
+
+MISSING_COEFFICIENTS_HELP = (
+    "pass --missing-coefficients zero to read it as a plain LoRA, "
+    "or --missing-coefficients one for an expansion with every coefficient 1"
+)
+
+
+def assemble_layer(
+    module: str,
+    parts: dict[Role, Tensor],
+    *,
+    scaling: float,
+    fan_in_fan_out: bool,
+    path: Path,
+    missing_coefficients: MissingCoefficients = None,
+    plain_lora: bool = False,
+) -> PeraLayer:
+    """Validate shapes and build the layer; every error names the module and the file."""
+    where = f"{path}: module {module}"
+    if "A" not in parts or "B" not in parts:
+        have = ", ".join(sorted(parts)) or "nothing"
+        raise InputError(f"{where}: needs both lora_A and lora_B, found {have}")
+    A, B = parts["A"], parts["B"]
+    for role, t in (("lora_A", A), ("lora_B", B)):
+        if t.ndim != 2:
+            raise InputError(f"{where}: {role} has shape {tuple(t.shape)}, expected a matrix")
+    r = A.shape[0]
+    if B.shape[1] != r:
+        raise InputError(
+            f"{where}: lora_A is {tuple(A.shape)} and lora_B is {tuple(B.shape)}; their ranks differ"
+        )
+    if r == 0:
+        raise InputError(f"{where}: rank 0")
+    p = pera.num_pairs(r)
+    has_coefficients = any(k in parts for k in ("hA", "hA_square", "hA_cross"))
+
+    if plain_lora:
+        if has_coefficients or "hB" in parts:
+            raise InputError(f"{where}: a plain LoRA adapter carries PERA coefficients")
+        hA, layout = torch.zeros(p, dtype=torch.float32), "lora"
+    elif not has_coefficients:
+        if "hB" in parts:
+            raise InputError(f"{where}: has B-side coefficients but no A-side ones")
+        if missing_coefficients is None:
+            raise InputError(
+                f"{where}: no coefficient tensor, so it is ambiguous (plain LoRA, or all coefficients 1); "
+                + MISSING_COEFFICIENTS_HELP
+            )
+        if missing_coefficients == "zero":
+            hA, layout = torch.zeros(p, dtype=torch.float32), "lora"
+        else:
+            hA, layout = torch.ones(p, dtype=torch.float32), "all_ones"
+    else:
+        try:
+            hA = pera.coefficients_from_parts(
+                r, full=parts.get("hA"), square=parts.get("hA_square"), cross=parts.get("hA_cross")
+            )
+        except ValueError as exc:
+            raise InputError(f"{where}: {exc}") from None
+        if "hA" in parts:
+            layout = "full"
+        elif "hA_square" in parts and "hA_cross" in parts:
+            layout = "square+cross"
+        elif "hA_square" in parts:
+            layout = "square_only"
+        else:
+            layout = "cross_only"
+
+    hB = None
+    if "hB" in parts:
+        t = parts["hB"]
+        if tuple(t.shape) not in ((p,), (1, p)):
+            raise InputError(f"{where}: B-side coefficient shape {tuple(t.shape)} fits neither ({p},) nor (1, {p})")
+        hB = t.reshape(p)
+        layout += "+hB"
+
+    return PeraLayer(
+        module=module,
+        A=A,
+        B=B,
+        hA=hA,
+        hB=hB,
+        scaling=float(scaling),
+        fan_in_fan_out=bool(fan_in_fan_out),
+        layout=layout,
+    )
+
+
+def group_tensors(tensors: dict[str, Tensor], suffixes: Sequence[tuple[str, Role]], path: Path, *,
+                  factor_markers: Sequence[str], factor_names: str) -> tuple[dict[str, dict[Role, Tensor]], dict[str, Tensor]]:
+    """Module path → role → tensor, and the full tensors trained beside them (extras).
+
+    `suffixes` are tried in order (longest first where one ends another). A key that fits
+    none but contains one of `factor_markers` is a factor this format does not know, and is
+    refused rather than mistaken for a full tensor.
+    """
+    groups: dict[str, dict[Role, Tensor]] = {}
+    extras: dict[str, Tensor] = {}
+    for key, tensor in tensors.items():
+        stripped = strip_peft_prefix(key)
+        for suffix, role in suffixes:
+            if stripped.endswith(suffix):
+                groups.setdefault(stripped[: -len(suffix)], {})[role] = tensor
+                break
+        else:
+            if any(marker in stripped for marker in factor_markers):
+                raise InputError(f"{path}: tensor {key} is not one of the {factor_names} tensors this format holds")
+            extras[normalize_extra_name(key)] = tensor
+    if not groups:
+        raise InputError(f"{path}: no adapter layers (no {factor_names} tensors)")
+    return groups, extras
+
+
+def build_layers(groups: dict[str, dict[Role, Tensor]], path: Path, *, scaling: Callable[[str, int], float],
+                 fan_in_fan_out: bool, missing_coefficients: MissingCoefficients = None,
+                 plain_lora: bool = False) -> dict[str, PeraLayer]:
+    """Every module's layer, in sorted module order; `scaling(module, r)` gives its s."""
+    layers = {}
+    for module in sorted(groups):
+        parts = groups[module]
+        rank = parts["A"].shape[0] if "A" in parts and parts["A"].ndim == 2 else 0
+        layers[module] = assemble_layer(
+            module, parts, scaling=scaling(module, rank) if rank > 0 else 1.0, fan_in_fan_out=fan_in_fan_out,
+            path=path, missing_coefficients=missing_coefficients, plain_lora=plain_lora,
+        )
+    return layers

@@ -1,0 +1,104 @@
+"""Reading JSON, safetensors and pickled files, with every failure turned into one clear line.
+
+Adapters, training containers and base models all come through here, so no module opens a
+pickle or parses JSON its own way: pickles are only ever opened with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor
+
+from ..errors import InputError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+TENSOR_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`; malformed or non-object JSON is an InputError naming the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a folder, expected a JSON file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read: {exc}") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    except RecursionError:
+        raise InputError(f"{path}: JSON nested too deeply") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
+
+
+def read_tensors(path: Path) -> dict[str, Tensor]:
+    """A flat name → tensor mapping from a .safetensors or pickled (.bin/.pt/...) file."""
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except SafetensorError as exc:
+            raise InputError(f"{path}: truncated or corrupt safetensors file ({exc})") from None
+        except OSError as exc:
+            raise InputError(f"{path}: cannot read: {exc}") from None
+    return flat_tensors(load_pickle(path), path)
+
+
+def load_pickle(path: Path, mmap: bool = False) -> Any:
+    """Whatever a torch.save'd file holds, opened only with `weights_only=True`.
+
+    Containers (dicts, lists, nested) of tensors and plain data come back as they are; a
+    pickle naming any other object is refused. `mmap` maps the storages instead of reading
+    them (only the tensors actually used are paged in); legacy non-zip pickles, which
+    cannot be mapped, are read normally.
+    """
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as exc:
+            if not mmap or "mmap" not in str(exc):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        reason = next((line for line in lines if "Unsupported" in line or "GLOBAL" in line), lines[0] if lines else "")
+        raise InputError(f"{path}: refused to unpickle: it holds objects other than tensors ({reason})") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a folder, expected a checkpoint file") from None
+    except (FileNotFoundError, PermissionError) as exc:
+        raise InputError(f"{path}: cannot read: {exc.strerror}") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise InputError(f"{path}: truncated or corrupt checkpoint ({first})") from None
+
+
+def flat_tensors(obj: Any, path: Path) -> dict[str, Tensor]:
+    """`obj` as a flat dict of tensors, or an InputError naming the first entry that is not one."""
+    if not isinstance(obj, dict):
+        raise InputError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    for key, value in obj.items():
+        if not isinstance(key, str) or not isinstance(value, Tensor):
+            raise InputError(
+                f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor; "
+                "only a flat dict of tensors is accepted"
+            )
+    return obj
+
+
+def require_finite(tensors: dict[str, Tensor], path: Path) -> None:
+    """NaN or Inf anywhere in an adapter is an error naming the tensor."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
+            raise InputError(f"{path}: tensor {key} contains {bad}")

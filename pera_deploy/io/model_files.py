@@ -1,0 +1,76 @@
+"""The files of a Hugging Face model folder besides its weights, written into an output folder.
+
+One copier for side files (config, tokenizer, generation, sentence-transformers files) is
+shared by every writer, so a merged folder, a recovered one and an ONNX folder carry the
+same files the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+from .files import read_json
+from .model_folder import side_files
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def write_index(folder: Path, weight_map: dict[str, str], total_size: int,
+                name: str = "model.safetensors.index.json") -> None:
+    """The Hugging Face shard index: total parameter bytes and tensor → shard file."""
+    write_json(folder / name, {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))})
+
+
+def copy_side_files(source: Path, out: Path, config_updates: dict[str, Any] | None = None,
+                    keep_existing: bool = False) -> list[str]:
+    """Copy every side file of the model folder `source` (see `model_folder.side_files`) into `out`.
+
+    `config_updates` are applied to config.json (untied embeddings, a new dtype);
+    `keep_existing` leaves files `out` already has (an exporter that wrote its own config).
+    """
+    copied = []
+    for item in side_files(source):
+        dest = out / item.name
+        if keep_existing and dest.exists():
+            continue
+        if item.name == "config.json" and config_updates:
+            write_json(dest, {**read_json(item), **config_updates})
+        else:
+            shutil.copy2(item, dest)
+        copied.append(item.name)
+    return copied
+
+
+BASE_FILE_MODES = ("copy", "hardlink", "symlink")
+
+
+def place_files(source: Path, target: Path, mode: str) -> list[str]:
+    """Put every top-level file of the model folder `source` into `target`: copied, hard-linked
+    (falling back to a copy across file systems) or symlinked (absolute links: the source must
+    stay where it is)."""
+    if mode not in BASE_FILE_MODES:
+        raise InputError(f"--base-files {mode!r}: expected one of {', '.join(BASE_FILE_MODES)}")
+    target.mkdir(parents=True, exist_ok=True)
+    placed = []
+    for item in sorted(source.iterdir()):
+        if not item.is_file() or item.name.startswith("."):
+            continue
+        dest = target / item.name
+        if mode == "symlink":
+            os.symlink(item.resolve(), dest)
+        elif mode == "hardlink":
+            try:
+                os.link(item, dest)
+            except OSError:
+                shutil.copy2(item, dest)
+        else:
+            shutil.copy2(item, dest)
+        placed.append(item.name)
+    return placed

@@ -1,0 +1,275 @@
+"""The safetensors file layout, read and written one tensor at a time.
+
+safetensors' own `safe_open` reads lazily, and pera-deploy uses it for tensors it computes
+with; but it does not expose where a tensor's bytes lie, and `save_file` needs a whole
+shard in memory. The format is a little-endian u64 header length, a JSON header, then
+the data, so this module reads the header to copy untouched tensors byte for byte
+(`os.copy_file_range`, no decoding), and writes a shard by laying out its header first
+and then streaming each tensor's bytes into place.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import errno
+import os
+import struct
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..errors import InputError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+for _code, _name in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
+    if hasattr(torch, _name):
+        DTYPES[_code] = getattr(torch, _name)
+DTYPE_CODES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+FLOAT_CODES = ("F64", "F32", "F16", "BF16")
+
+MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+
+
+def itemsize(code: str) -> int:
+    return DTYPES[code].itemsize
+
+
+def byte_size(code: str, shape: tuple[int, ...]) -> int:
+    """Bytes a tensor of this dtype code and shape takes in a safetensors file."""
+    n = itemsize(code)
+    for d in shape:
+        n *= d
+    return n
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where a tensor lies in a file, read from the header alone."""
+
+    name: str
+    dtype: str  # safetensors code: "BF16", "F32", ...
+    shape: tuple[int, ...]
+    file: Path
+    begin: int  # absolute byte offsets in the file; -1 for tensors from a pickle
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return byte_size(self.dtype, self.shape)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def read_header(path: Path) -> tuple[list[TensorEntry], dict[str, str]]:
+    """Validated entries (in data order) and metadata; any fault names the file and tensor.
+
+    safe_open validates first (it refuses truncated and malformed files); the header is
+    then parsed here to learn the byte offsets it does not expose.
+    """
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except SafetensorError as exc:
+        raise InputError(f"{path}: truncated or corrupt safetensors file ({exc})") from None
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {exc}") from None
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        if n > MAX_HEADER or 8 + n > size:
+            raise InputError(f"{path}: corrupt safetensors header length {n}")
+        header = json.loads(fh.read(n))
+    data_start = 8 + n
+    metadata = header.pop("__metadata__", None) or {}
+    entries = []
+    for name, info in header.items():
+        code = info.get("dtype")
+        if code not in DTYPES:
+            raise InputError(f"{path}: tensor {name} has dtype {code!r}, which pera-deploy does not handle")
+        begin, end = info["data_offsets"]
+        entry = TensorEntry(name, code, tuple(int(d) for d in info["shape"]), path, data_start + begin, data_start + end)
+        if entry.end - entry.begin != entry.nbytes or entry.end > size:
+            raise InputError(f"{path}: tensor {name}: data offsets do not fit its shape and dtype")
+        entries.append(entry)
+    entries.sort(key=lambda e: e.begin)
+    return entries, dict(metadata)
+
+
+def read_entry(entry: TensorEntry) -> torch.Tensor:
+    """A tensor viewed straight from its bytes in the file (a private, read-only map of them).
+
+    For files still being written: safe_open validates a whole file, so it cannot open a
+    shard before its last tensor is in. Only the pages actually read become resident, and
+    the map goes with the tensor.
+    """
+    dtype = DTYPES[entry.dtype]
+    if entry.nbytes == 0:
+        return torch.empty(entry.shape, dtype=dtype)
+    start = entry.begin - entry.begin % mmap.ALLOCATIONGRANULARITY
+    with open(entry.file, "rb") as fh:
+        mapped = mmap.mmap(fh.fileno(), entry.end - start, access=mmap.ACCESS_COPY, offset=start)
+    view = memoryview(mapped)[entry.begin - start:]
+    with warnings.catch_warnings():  # the map is writable copy-on-write, so nothing is shared back
+        warnings.simplefilter("ignore")
+        return torch.frombuffer(view, dtype=dtype).reshape(entry.shape)
+
+
+def _header_bytes(layout: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> tuple[bytes, list[int]]:
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    offsets = []
+    pos = 0
+    for name, code, shape in layout:
+        n = byte_size(code, shape)
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [pos, pos + n]}
+        offsets.append(pos)
+        pos += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    return struct.pack("<Q", len(raw)) + raw, offsets
+
+
+class ShardWriter:
+    """Write one safetensors file tensor by tensor, in a layout fixed up front.
+
+    Peak memory is one tensor (or none, for byte copies): the header is written first
+    from shapes and dtypes, then each tensor is appended in order.
+    """
+
+    def __init__(self, path: Path, layout: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]):
+        self.path = path
+        self.layout = layout
+        self._next = 0
+        header, self._offsets = _header_bytes(layout, metadata)
+        self._data_start = len(header)
+        # unbuffered: tensors are written whole, and byte copies go straight to the fd
+        self._fh: BinaryIO = open(path, "wb", buffering=0)
+        write_all(self._fh.fileno(), header)
+
+    def _expect(self, name: str, nbytes: int) -> TensorEntry:
+        """The entry the next write must fill; refuses a write that would not match the header."""
+        want_name, code, shape = self.layout[self._next]
+        begin = self._data_start + self._offsets[self._next]
+        entry = TensorEntry(want_name, code, shape, self.path, begin, begin + byte_size(code, shape))
+        if name != want_name or nbytes != entry.nbytes:
+            raise RuntimeError(f"{self.path}: wrote {name} ({nbytes} B) where {want_name} ({entry.nbytes} B) belongs")
+        if self._fh.tell() != begin:
+            raise RuntimeError(f"{self.path}: {name} would not start where the header says")
+        self._next += 1
+        return entry
+
+    def write_tensor(self, name: str, tensor: torch.Tensor) -> TensorEntry:
+        """Append a tensor; returns where its bytes now lie."""
+        tensor = tensor.contiguous()
+        code = DTYPE_CODES[tensor.dtype]
+        if code != self.layout[self._next][1]:
+            raise RuntimeError(f"{self.path}: {name} has dtype {code}, layout says {self.layout[self._next][1]}")
+        nbytes = tensor.numel() * tensor.element_size()
+        entry = self._expect(name, nbytes)
+        if nbytes:
+            write_all(self._fh.fileno(), tensor.reshape(-1).view(torch.uint8).numpy())
+        return entry
+
+    def copy_bytes(self, name: str, source: Path, begin: int, end: int) -> TensorEntry:
+        """Append a tensor's raw bytes from another file, without decoding them."""
+        entry = self._expect(name, end - begin)
+        with open(source, "rb") as src:
+            _copy_range(src.fileno(), self._fh.fileno(), begin, end - begin)
+        return entry
+
+    def abort(self) -> None:
+        """Close without the completeness check (the caller is unwinding an error)."""
+        self._fh.close()
+
+    def close(self) -> None:
+        if self._next != len(self.layout):
+            missing = self.layout[self._next][0]
+            self._fh.close()
+            raise RuntimeError(f"{self.path}: closed before {missing} was written")
+        self._fh.close()
+
+
+# copy_file_range failing with these means "not here" (old kernel, another file system,
+# a file type it does not handle): copy through user space instead. Any other error (a full
+# disk, an I/O error) is real and is raised.
+_NO_COPY_FILE_RANGE = {errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM, errno.EBADF}
+
+
+def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
+    """Copy `count` bytes from `src_fd` at `offset` to the current end of `dst_fd`."""
+    copy = getattr(os, "copy_file_range", None)
+    while count > 0:
+        done = 0
+        if copy is not None:
+            try:
+                done = copy(src_fd, dst_fd, min(count, 1 << 30), offset)
+            except OSError as exc:
+                if exc.errno not in _NO_COPY_FILE_RANGE:
+                    raise
+                copy = None
+        if not done:
+            chunk = os.pread(src_fd, min(count, 16 << 20), offset)
+            if not chunk:
+                raise InputError(f"unexpected end of file while copying {count} bytes: was the input truncated?")
+            write_all(dst_fd, chunk)
+            done = len(chunk)
+        offset += done
+        count -= done
+
+
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """os.write until every byte is written: a single write may be short (a signal, a nearly
+    full disk, Linux's cap near 2 GiB); the error that follows a short write is raised."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def rewrite_metadata(path: Path, metadata: dict[str, str]) -> None:
+    """Replace a written shard's metadata in place; the new header must not be longer.
+
+    Used to fill in values known only after the data is written (input digests computed
+    alongside the merge). Values of equal length keep the header's size and every offset.
+    """
+    with open(path, "r+b") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+        header["__metadata__"] = metadata
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        if len(raw) > n:
+            raise RuntimeError(f"{path}: new metadata does not fit the header")
+        write_all_at(fh.fileno(), raw + b" " * (n - len(raw)), 8)
+
+
+def write_all_at(fd: int, data: bytes, offset: int) -> None:
+    """os.pwrite until every byte is written (see `write_all`)."""
+    view = memoryview(data)
+    while view:
+        done = os.pwrite(fd, view, offset)
+        view, offset = view[done:], offset + done

@@ -1,0 +1,115 @@
+"""Execute a merge plan: walk the output shard by shard, tensor by tensor, into files.
+
+Untouched tensors are copied byte for byte; targeted ones become round(float32(W0) + s·B̂Â),
+computed in cache-sized blocks of rows. At most one weight (plus a float32 block) is in
+memory at a time, and writing one tensor overlaps with computing the next.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from ..core.adapter import PeraLayer
+from ..errors import InputError
+from ..io.safetensors_stream import DTYPES, ShardWriter, TensorEntry
+from .plan import MergePlan, TensorPlan
+
+BLOCK_ELEMENTS = 1 << 20  # rows are merged in blocks of about this many elements (cache-sized)
+
+
+def merged_weight(w0: Tensor, layer: PeraLayer, transpose: bool, out_dtype: torch.dtype, compute_dtype: torch.dtype,
+                  sign: float = 1.0) -> Tensor:
+    """round_out(W0 + ΔW) with W0 upcast and ΔW computed in `compute_dtype`, rounded once.
+
+    `sign` −1 takes the update back out of a merged weight (unmerge): round_out(W' − ΔW).
+
+    Worked through in row blocks in one reused, cache-sized float32 buffer, so the working
+    copy is never the size of the weight. For a Conv1D base (W0 stored (in, out)) the update
+    is ΔWᵀ = Âᵀ(s·B̂)ᵀ. NaN, Inf or a value the output dtype cannot hold is an error naming
+    the layer.
+    """
+    b_hat, a_hat = layer.expanded_factors(compute_dtype)
+    left, right = (a_hat.T, b_hat.T) if transpose else (b_hat, a_hat)
+    out = torch.empty(w0.shape, dtype=out_dtype)
+    limit = torch.finfo(out_dtype).max
+    rows = max(1, BLOCK_ELEMENTS // max(1, w0.shape[1]))
+    buffer = torch.empty((min(rows, w0.shape[0]), *w0.shape[1:]), dtype=compute_dtype)
+    for start in range(0, w0.shape[0], rows):
+        block = slice(start, start + rows)
+        x = buffer[: min(rows, w0.shape[0] - start)]
+        x.copy_(w0[block])
+        x.addmm_(left[block], right, alpha=sign)
+        lo, hi = torch.aminmax(x)
+        if not (-limit <= float(lo) and float(hi) <= limit):  # false for NaN too
+            cause = "the base weight" if not bool(torch.isfinite(w0[block]).all()) else "the merge"
+            raise InputError(
+                f"merging module {layer.module}: NaN, Inf or a value beyond the {str(out_dtype).removeprefix('torch.')} "
+                f"range, produced by {cause}"
+            )
+        out[block].copy_(x)
+    return out
+
+
+def _produce(plan: MergePlan, t: TensorPlan) -> Tensor:
+    """The output value of one planned tensor (not a byte copy)."""
+    out_dtype = DTYPES[t.dtype]
+    if t.action == "merge":
+        layer = plan.adapter.layers[t.layer]
+        return merged_weight(plan.checkpoint.get(t.source), layer, layer.fan_in_fan_out, out_dtype, plan.compute_dtype,
+                             plan.sign)
+    if t.action in ("copy", "convert"):
+        return plan.checkpoint.get(t.source).to(out_dtype)
+    return plan.adapter.extra_tensors[t.extra].to(out_dtype)  # replace / add
+
+
+def execute_plan(plan: MergePlan, folder: Path, metadata: dict[str, str], progress: bool | None = None,
+                 on_written: Callable[[TensorEntry], None] | None = None) -> None:
+    """Write every shard of the plan into `folder`, one tensor at a time.
+
+    Writing a tensor overlaps with computing the next one (a single writer thread; the
+    kernel write releases the GIL), so at most two tensors are in memory. Each tensor, once
+    its bytes are in the file, is handed to `on_written` (from the writer thread), so the
+    checks can follow the merge tensor by tensor.
+    """
+    notify = on_written or (lambda entry: None)
+
+    def write(method: Callable[..., TensorEntry], *args: object) -> None:
+        notify(method(*args))
+
+    checkpoint = plan.checkpoint
+    # progress=None: tqdm's own choice, a bar on a terminal and silence in a pipe
+    bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="merge", disable=None if progress is None else not progress)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pera-deploy-writer") as io:
+        pending: Future[None] | None = None
+        try:
+            for shard in plan.shards:
+                writer = ShardWriter(folder / shard.filename, [(t.name, t.dtype, t.shape) for t in shard.tensors], metadata)
+                try:
+                    for t in shard.tensors:
+                        entry = checkpoint.entries.get(t.source) if t.source else None
+                        if t.action == "copy" and entry is not None and entry.begin >= 0:
+                            job = (writer.copy_bytes, t.name, entry.file, entry.begin, entry.end)
+                        else:
+                            job = (writer.write_tensor, t.name, _produce(plan, t))
+                        if pending is not None:
+                            pending.result()
+                        pending = io.submit(write, *job)
+                        bar.update(t.nbytes)
+                    if pending is not None:
+                        pending.result()
+                        pending = None
+                except BaseException:
+                    if pending is not None and not pending.cancel():
+                        pending.exception()  # a write under way: let it finish before closing its file
+                    pending = None
+                    writer.abort()
+                    raise
+                writer.close()
+        finally:
+            bar.close()

@@ -1,0 +1,55 @@
+"""publish(): the one path every command that writes a folder goes through.
+
+    temporary folder beside the target → the command writes and checks into it →
+    manifest → model card → CheckFailed if a check failed, else the atomic rename
+
+so no command can forget a step or publish an output that failed its checks, and an
+OS error while writing (a full disk, a permission) becomes one line and exit 4 with
+nothing left behind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..checks.base import Check, Report
+from ..errors import ENVIRONMENT_ERRNOS, CheckFailed, environment_failure
+from ..io.model_files import write_json
+from .manifest import MANIFEST, build_manifest
+from .model_card import ModelCard
+from .output_folder import OutputFolder
+
+
+@dataclass
+class Written:
+    """What a command's write step left in the temporary folder, and what it found."""
+
+    checks: list[Check]
+    inputs: dict[str, Any]  # manifest records of the inputs ("adapter", "base", ...), see manifest.py
+    sections: dict[str, Any] = field(default_factory=dict)  # what the command wrote, for the manifest
+    card: ModelCard | None = None
+    plan: Any = None  # the in-memory plan, handed to the caller in the report
+
+
+def publish(target: Path, command: str, write: Callable[[Path], Written], *, options: dict[str, Any],
+            force: bool = False) -> Report:
+    """Run `write(temporary_folder)`, record and check what it wrote, and publish it as `target`."""
+    target = Path(target)
+    with OutputFolder(target, force=force) as out:
+        try:
+            written = write(out.path)
+            manifest = build_manifest(command, written.inputs, options, written.sections, written.checks)
+            write_json(out.path / MANIFEST, manifest)
+            if written.card is not None:
+                (out.path / "README.md").write_text(written.card.render(), encoding="utf-8")
+        except OSError as exc:
+            if exc.errno in ENVIRONMENT_ERRNOS:
+                raise environment_failure(exc, out.path) from exc
+            raise
+        report = Report(command, target, written.checks, manifest, written.plan)
+        if not report.passed:
+            raise CheckFailed(report.failure() or "a check failed", report)
+        out.commit()
+    return report
