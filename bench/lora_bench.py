@@ -58,13 +58,14 @@ def main() -> None:
         report = pera_deploy.export_lora(adapter, out, rank=rank, force=True)
         results[f"rank {rank} total relative error"] = report.plan.total_rel_error
         worst = max(m.rel_error for m in report.plan.modules)
-        print(f"rank {rank:2}: total relative error {report.plan.total_rel_error:.3g} (worst module {worst:.3g})", flush=True)
+        print(f"rank {rank:2}: total relative error {report.plan.total_rel_error:.3g} (worst module {worst:.3g})",
+              flush=True)
 
     import peft
     from transformers import AutoModelForCausalLM
 
-    from pera_deploy.checks.reference_model import PeraBranch
     from pera_deploy.checks.forward import seeded_inputs
+    from pera_deploy.checks.reference_model import PeraBranch
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     model.eval()

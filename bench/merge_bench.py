@@ -79,7 +79,8 @@ def build_base(folder: Path, layers: int, shards: int = 4) -> None:
         save_file(tensors, str(folder / fname), metadata={"format": "pt"})
         del tensors
     total = sum(sizes)
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                     "weight_map": weight_map}, indent=2))
     config = LlamaConfig(
         vocab_size=SHAPE["vocab"], hidden_size=SHAPE["hidden"], intermediate_size=SHAPE["intermediate"],
         num_hidden_layers=layers, num_attention_heads=SHAPE["heads"], num_key_value_heads=SHAPE["kv_heads"],
@@ -185,7 +186,8 @@ def main() -> None:
     if not pera_dir.exists():
         build_adapters(base, pera_dir, lora_dir)
     size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
-    print(f"base: {size / 1e9:.2f} GB in {len(list(base.glob('*.safetensors')))} shards; adapter r={RANK}, R'={RANK + RANK * (RANK + 1) // 2}")
+    shards = len(list(base.glob('*.safetensors')))
+    print(f"base: {size / 1e9:.2f} GB in {shards} shards; adapter r={RANK}, R'={RANK + RANK * (RANK + 1) // 2}")
 
     exe = str(Path(sys.executable).with_name("pera-deploy"))
     merge = [exe, "merge", str(pera_dir), str(base), "--no-progress", "-o"]

@@ -17,8 +17,17 @@ from .core.adapter import PeraAdapter
 from .errors import InputError
 from .formats import load_adapter
 from .io.digests import Digests
-from .options import (BASE_FILE_MODES, LORA_DTYPES, ONNX_DTYPES, OUTPUT_DTYPES, PRECISIONS, adapter_name, choose,
-                      parse_size, rank_options)
+from .options import (
+    BASE_FILE_MODES,
+    LORA_DTYPES,
+    ONNX_DTYPES,
+    OUTPUT_DTYPES,
+    PRECISIONS,
+    adapter_name,
+    choose,
+    parse_size,
+    rank_options,
+)
 from .scoped import offline
 
 AdapterLike = str | Path | PeraAdapter

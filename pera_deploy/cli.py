@@ -188,7 +188,8 @@ def inspect(adapter: Path, format_: str | None, adapter_name: str | None, missin
     def render(info: dict[str, Any]) -> str:
         lines = [
             f"adapter      {info['path']}" + (f" (adapter {info['adapter_name']!r})" if info["adapter_name"] else ""),
-            f"format       {info['format']}" + ("  (a plain LoRA: every PERA coefficient is zero)" if info["plain_lora"] else ""),
+            f"format       {info['format']}"
+            + ("  (a plain LoRA: every PERA coefficient is zero)" if info["plain_lora"] else ""),
             f"base model   {info['base_model_name_or_path'] or 'not recorded'}",
             f"r            {_fmt_list(info['r'])}    R' = r + r(r+1)/2 = {_fmt_list(info['R_prime'])}",
             f"scaling      {_fmt_list(info['scaling'])}",
@@ -436,7 +437,8 @@ def export_lora(adapter: Path, output: Path, format_: str | None, adapter_name: 
               "the merge's rounding explains).")
 @click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
               help="Precision of W' − ΔW before the one rounding.")
-@click.option("--full-check", is_flag=True, help="Recompute every recovered element independently (default: a sample of rows).")
+@click.option("--full-check", is_flag=True,
+              help="Recompute every recovered element independently (default: a sample of rows).")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists and is not empty.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
 @json_option

@@ -67,12 +67,14 @@ ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.E
                                 errno.EMFILE, errno.ENFILE})
 
 
-def environment_failure(exc: OSError, path: Path | str | None = None) -> EnvironmentFailure:
-    """An OSError met while writing, as one line naming the path and the OS error."""
-    where = exc.filename or path or "output"
+def environment_failure(exc: OSError, target: Path | str | None = None) -> EnvironmentFailure:
+    """An OSError met while writing `target`, as one line naming it and the OS error."""
     reason = exc.strerror or str(exc)
     code = errno.errorcode.get(exc.errno or 0, "")
-    return EnvironmentFailure(f"{where}: {reason}{f' ({code})' if code else ''}")
+    written = exc.filename2 or exc.filename  # a copy names its source first, the file it was writing second
+    where = str(target or written or "output")
+    file = f" (writing {written})" if written and target and str(written) != str(target) else ""
+    return EnvironmentFailure(f"{where}: {reason}{f' ({code})' if code else ''}{file}; nothing was written")
 
 
 def classify_os_error(exc: OSError) -> PeraDeployError:

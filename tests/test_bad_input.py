@@ -77,7 +77,8 @@ def test_adapter_for_another_base_shape(cli, fx, tmp_path):
 
 
 def test_adapter_for_another_architecture(cli, fx, tmp_path):
-    assert_refused(cli, tmp_path, [fx["llama-pera"], fx["gpt2-base"]], "has no base tensor", "was the adapter made for another base")
+    assert_refused(cli, tmp_path, [fx["llama-pera"], fx["gpt2-base"]], "has no base tensor",
+                   "was the adapter made for another base")
 
 
 def test_conv1d_orientation_mismatch_gives_a_hint(cli, fx, tmp_path):
@@ -95,7 +96,8 @@ def _rename_module(tensors, old, new):
 
 def test_module_with_no_base_tensor(cli, fx, tmp_path):
     adapter = edit_peft_tensors(copy(fx["llama-peft"], tmp_path / "a"),
-                                lambda t: _rename_module(t, "model.layers.1.self_attn.q_proj", "model.layers.7.self_attn.q_proj"))
+                                lambda t: _rename_module(t, "model.layers.1.self_attn.q_proj",
+                                                         "model.layers.7.self_attn.q_proj"))
     assert_refused(cli, tmp_path, [adapter, fx["llama-base"]], "model.layers.7.self_attn.q_proj", "has no base tensor")
 
 
@@ -175,7 +177,8 @@ def test_existing_output_folder(cli, fx, tmp_path):
     (out / "keep.txt").write_text("mine")
     result = cli("merge", fx["llama-pera"], fx["llama-base"], "-o", out)
     assert result.exit_code == 2
-    assert result.stderr.strip() == f"pera-deploy: error: {out}: output folder exists and is not empty; pass --force to replace it"
+    expected = f"pera-deploy: error: {out}: output folder exists and is not empty; pass --force to replace it"
+    assert result.stderr.strip() == expected
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     result = cli("merge", fx["llama-pera"], fx["llama-base"], "-o", out, "--force")
     assert result.exit_code == 0, result.stderr

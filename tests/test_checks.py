@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from pera_deploy.checks import weights as checks
-from pera_deploy.core.adapter import PeraLayer
 from pera_deploy.checks.weights import check_merged_layer
+from pera_deploy.core.adapter import PeraLayer
 
 
 def make_layer(out_f=300, in_f=64, r=4, scale=0.05, seed=0):

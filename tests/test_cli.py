@@ -43,7 +43,8 @@ def test_inspect_text_and_json(cli, fx):
     assert info["format"] == "peft" and info["r"] == [4] and info["R_prime"] == [14] and info["scaling"] == [4.0]
     assert info["modules"] == 14 and len(info["layers"]) == 14
     adapter = pera_deploy.load_adapter(fx["llama-peft-rslora"])
-    assert info["parameters"] == sum(l.A.numel() + l.B.numel() + l.hA.numel() + l.hB.numel() for l in adapter.layers.values())
+    layers = adapter.layers.values()
+    assert info["parameters"] == sum(l.A.numel() + l.B.numel() + l.hA.numel() + l.hB.numel() for l in layers)
     layer = adapter.layers[info["layers"][0]["module"]]
     assert info["layers"][0]["delta_norm"] == pytest.approx(float(layer.delta_weight(torch.float64).norm()), rel=1e-12)
 

@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 import pera_deploy
-from pera_deploy.io.hf_model import load_model
-from pera_deploy.checks.reference_model import load_unmerged_model
-from pera_deploy.io.model_folder import ModelFolder
 from pera_deploy.checks.forward import FORWARD_FLOOR, seeded_inputs
+from pera_deploy.checks.reference_model import load_unmerged_model
 from pera_deploy.core.lowrank import choose_rank, factored_norm, factored_svd
+from pera_deploy.io.hf_model import load_model
+from pera_deploy.io.model_folder import ModelFolder
 
 # -- the factored SVD against a dense one --------------------------------------------------
 
@@ -42,7 +42,8 @@ def test_factored_svd_equals_dense_svd(out_f, in_f, k):
 
 def test_factored_norm_keeps_digits_of_tiny_differences():
     g = torch.Generator().manual_seed(1)
-    left, right = torch.randn(50, 10, generator=g, dtype=torch.float64), torch.randn(10, 40, generator=g, dtype=torch.float64)
+    left, right = torch.randn(50, 10, generator=g, dtype=torch.float64), torch.randn(10, 40, generator=g,
+                                                                                     dtype=torch.float64)
     nudged = left.clone()
     nudged[3, 4] += 1e-9
     dense = float((left @ right - nudged @ right).norm())

@@ -13,12 +13,12 @@ import torch
 from safetensors import safe_open
 
 import pera_deploy
-from pera_deploy.io.hf_model import load_model
-from pera_deploy.checks.reference_model import load_unmerged_model
-from pera_deploy.io.model_folder import ModelFolder
-from pera_deploy.errors import InputError
 from pera_deploy.checks.forward import FORWARD_FLOOR, check_forward, seeded_inputs
 from pera_deploy.checks.numerics import UNIT_ROUNDOFF
+from pera_deploy.checks.reference_model import load_unmerged_model
+from pera_deploy.errors import InputError
+from pera_deploy.io.hf_model import load_model
+from pera_deploy.io.model_folder import ModelFolder
 
 # float32 evaluation of the unmerged fixture models is itself up to ~1.1e-5 (relative to max
 # |logit|) away from their float64 value, so two float32 evaluations are compared at 1e-4.
@@ -59,7 +59,8 @@ def assert_exact_merge(merged_dir, base_dir, adapter, untied=None, prefix=""):
                     delta, abs_prod = delta.T, abs_prod.T
                 exact = w0 + delta
                 # one rounding to the stored dtype, plus the float32 error of an R'-term dot product
-                allowed = UNIT_ROUNDOFF[got.dtype] * exact.abs() + (layer.expanded_rank + 2) * 2.0**-24 * (w0.abs() + abs_prod)
+                float32_slack = (layer.expanded_rank + 2) * 2.0**-24 * (w0.abs() + abs_prod)
+                allowed = UNIT_ROUNDOFF[got.dtype] * exact.abs() + float32_slack
                 err = (got.double() - exact).abs()
                 assert bool((err <= allowed).all()), f"{name}: worst {float((err / allowed).max()):.3g}x the bound"
                 assert float(delta.norm()) > 0
@@ -115,7 +116,8 @@ def test_llama_bfloat16_base_keeps_its_dtype_and_layout(fx, tmp_path):
     assert meta["pera_deploy.adapter_sha256"] == report.manifest["adapter"]["sha256"] != "0" * 64
     assert meta["pera_deploy.base_sha256"] == report.manifest["base"]["sha256"]
     # side files come along; the forward check ran and passed for bfloat16
-    for side in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    for side in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json"):
         assert (out / side).read_bytes() == (fx["llama-base"] / side).read_bytes()
     fwd = report.check("forward")
     assert fwd.passed and fwd.dtype == "bfloat16" and fwd.architecture == "LlamaForCausalLM"
@@ -197,7 +199,8 @@ def test_tied_lm_head_needs_untie(fx, tmp_path):
     assert report.manifest["config_updates"] == {"tie_word_embeddings": False}
     # The Hub's gpt2 names lack `transformer.`; transformers refuses such a checkpoint with an
     # lm_head.weight in it, so the output names every base tensor the way GPT2LMHeadModel does.
-    assert_exact_merge(tmp_path / "m", fx["gpt2-base"], adapter, untied={"lm_head.weight": "wte.weight"}, prefix="transformer.")
+    assert_exact_merge(tmp_path / "m", fx["gpt2-base"], adapter, untied={"lm_head.weight": "wte.weight"},
+                       prefix="transformer.")
     with ModelFolder(tmp_path / "m") as merged, ModelFolder(fx["gpt2-base"]) as base:
         assert torch.equal(merged.get("transformer.wte.weight"), base.get("wte.weight"))  # the input embedding is unchanged
     assert forward_diff(tmp_path / "m", fx["gpt2-base"], adapter) < F32

@@ -91,7 +91,8 @@ def write_case(meta: dict, t: dict[str, torch.Tensor], root: Path) -> tuple[Path
         tensors = {f"{key}.lora_A.weight": t["A"], f"{key}.lora_B.weight": t["B"], f"{key}.pera_h_A": t["hA"]}
         save_file(tensors, str(adapter / "adapter_model.safetensors"))
     else:
-        config = {"peft_type": "LORA", "r_ab": meta["r"], "lora_alpha": 16, "target_modules": ["layer"], "fan_in_fan_out": conv1d}
+        config = {"peft_type": "LORA", "r_ab": meta["r"], "lora_alpha": 16, "target_modules": ["layer"],
+                  "fan_in_fan_out": conv1d}
         tensors = {f"{key}.lora_A": t["A"], f"{key}.lora_B": t["B"]}
         names = {"hA": "lora_A_parameter", "hA_square": "lora_A_parameter_square",
                  "hA_cross": "lora_A_parameter_cross", "hB": "lora_B_parameter"}

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+
 @runtime_checkable
 class Check(Protocol):
     """One numerical check of an artifact."""

@@ -49,7 +49,8 @@ class ReconstructionCheck:
         if self.max_roundings > MAX_ROUNDINGS:
             worst = max(self.layers, key=lambda layer: layer["roundings"])
             return (f"recovered {worst['tensor']} is {worst['roundings']:.3g} roundings from {self.compared_with} "
-                    f"(a correct unmerge is within about 2, at most {MAX_ROUNDINGS:g}): was this the adapter that was merged?")
+                    f"(a correct unmerge is within about 2, at most {MAX_ROUNDINGS:g}): "
+                    "was this the adapter that was merged?")
         return None
 
     def to_dict(self) -> dict[str, Any]:

@@ -50,7 +50,7 @@ class _Hooks:
             handle.remove()
         self.handles = []
 
-    def __enter__(self) -> "_Hooks":
+    def __enter__(self) -> _Hooks:
         return self
 
     def __exit__(self, *exc: object) -> None:

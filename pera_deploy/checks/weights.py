@@ -64,9 +64,10 @@ class WeightCheck:
 
     @property
     def passed(self) -> bool:
-        return all(c.passed for c in self.layers) and not (self.changed or self.extras_bad or self.missing or self.unexpected)
+        problems = self.changed or self.extras_bad or self.missing or self.unexpected
+        return all(c.passed for c in self.layers) and not problems
 
-    def add(self, other: "WeightCheck") -> None:
+    def add(self, other: WeightCheck) -> None:
         """Fold in the report of another part of the same model (one shard, say)."""
         self.layers += other.layers
         self.identical += other.identical
@@ -86,8 +87,10 @@ class WeightCheck:
                 f"{c.off_elements} element(s) off, the worst by {c.worst_ratio:.3g}x what one rounding allows "
                 f"(relative error {c.rel_error:.3g} of ‖ΔW‖, bound {c.rel_bound:.3g}); {len(bad)} layer(s) failed"
             )
-        for what, names in (("differs from the base", self.changed), ("does not equal the adapter's tensor", self.extras_bad),
-                            ("is missing from the merged model", self.missing), ("is in the merged model but not expected", self.unexpected)):
+        for what, names in (("differs from the base", self.changed), ("does not equal the adapter's tensor",
+                                                                      self.extras_bad),
+                            ("is missing from the merged model",
+                             self.missing), ("is in the merged model but not expected", self.unexpected)):
             if names:
                 more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
                 return f"tensor {names[0]}{more} {what}"

@@ -56,7 +56,7 @@ def coefficients_from_parts(
     if square is None and cross is None:
         raise ValueError("no coefficient tensor")
     mask = square_mask(r)
-    dtype = (square if square is not None else cross).dtype
+    dtype = square.dtype if square is not None else cross.dtype  # type: ignore[union-attr]  # one is set
     h = torch.zeros(p, dtype=dtype)
     if square is not None:
         if tuple(square.shape) != (r,):

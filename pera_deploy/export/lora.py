@@ -27,6 +27,7 @@ from ..errors import InputError
 from ..io.digests import Digests
 from ..io.model_files import write_json
 from ..io.model_folder import ModelFolder
+from ..io.safetensors_stream import save_tensors
 from ..merging.matching import match_adapter
 from ..options import rank_options
 from ..publish import Written, publish
@@ -132,7 +133,8 @@ def plan_lora_export(adapter: PeraAdapter, *, rank: int | None = None, tol: floa
         module, _, leaf = name.rpartition(".")
         if module in targeted:
             if leaf != "bias":
-                raise InputError(f"adapter tensor {name} belongs to an adapted module; PEFT's LoRA format has no place for it")
+                raise InputError(f"adapter tensor {name} belongs to an adapted module; "
+                                 "PEFT's LoRA format has no place for it")
             extras[f"{module}.base_layer.bias"] = tensor  # where PEFT keeps a wrapped layer's bias
             bias = "all" if bias == "all" else "lora_only"
         elif leaf == "bias" and adapter.config.get("bias") == "all":
@@ -218,11 +220,9 @@ def write_lora_folder(folder: Path, export: LoraExport, adapter: PeraAdapter, dt
     A LoRA adapter is small (adapter-sized), so its state is built in memory and written
     with safetensors' own save_file.
     """
-    from safetensors.torch import save_file
-
     folder.mkdir(parents=True, exist_ok=True)
     state = lora_state_dict(export, dtype)
-    save_file(state, str(folder / "adapter_model.safetensors"), metadata=metadata)
+    save_tensors(folder / "adapter_model.safetensors", state, metadata)
     write_json(folder / "adapter_config.json", lora_config(export, adapter))
     (folder / "README.md").write_text(lora_card(export, adapter).render(), encoding="utf-8")
     return LoraFactorsCheck([

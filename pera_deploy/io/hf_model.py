@@ -16,7 +16,7 @@ from ..errors import InputError
 from ..scoped import quiet_transformers
 
 
-def model_class(folder: Path) -> tuple[Any, type]:
+def model_class(folder: Path) -> tuple[Any, Any]:
     """A folder's config and the transformers class it names (AutoModel if it names none)."""
     import transformers
 

@@ -132,7 +132,7 @@ class ModelFolder:
             if tensor.dtype not in DTYPE_CODES:
                 raise InputError(f"{path}: tensor {name} has dtype {tensor.dtype}, which pera-deploy does not handle")
             entries.append(TensorEntry(name, DTYPE_CODES[tensor.dtype], tuple(tensor.shape), path, -1, -1))
-            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+            key = (tensor.untyped_storage().data_ptr(), int(tensor.storage_offset()), tuple(tensor.shape))
             storages.setdefault(key, []).append(name)
         self._shared += [names for names in storages.values() if len(names) > 1]
         if not zipfile.is_zipfile(path):
@@ -172,7 +172,7 @@ class ModelFolder:
     def close(self) -> None:
         self._pickled.clear()
 
-    def __enter__(self) -> "ModelFolder":
+    def __enter__(self) -> ModelFolder:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -10,10 +10,11 @@ and then streaming each tensor's bytes into place.
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
-import errno
 import os
+import re
 import struct
 import warnings
 from dataclasses import dataclass
@@ -193,7 +194,7 @@ class ShardWriter:
         nbytes = tensor.numel() * tensor.element_size()
         entry = self._expect(name, nbytes)
         if nbytes:
-            write_all(self._fh.fileno(), tensor.reshape(-1).view(torch.uint8).numpy())
+            write_all(self._fh.fileno(), tensor.reshape(-1).view(torch.uint8).numpy().data)
         return entry
 
     def copy_bytes(self, name: str, source: Path, begin: int, end: int) -> TensorEntry:
@@ -265,6 +266,21 @@ def rewrite_metadata(path: Path, metadata: dict[str, str]) -> None:
         if len(raw) > n:
             raise RuntimeError(f"{path}: new metadata does not fit the header")
         write_all_at(fh.fileno(), raw + b" " * (n - len(raw)), 8)
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """safetensors' own save_file, for small in-memory states (adapters), with its I/O
+    failures raised as the OSError they are (it reports them as SafetensorError text)."""
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as exc:
+        found = re.search(r"os error (\d+)", str(exc))
+        if found:
+            code = int(found.group(1))
+            raise OSError(code, os.strerror(code), str(path)) from None
+        raise
 
 
 def write_all_at(fd: int, data: bytes, offset: int) -> None:

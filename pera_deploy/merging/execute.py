@@ -84,7 +84,8 @@ def execute_plan(plan: MergePlan, folder: Path, metadata: dict[str, str], progre
 
     checkpoint = plan.checkpoint
     # progress=None: tqdm's own choice, a bar on a terminal and silence in a pipe
-    bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="merge", disable=None if progress is None else not progress)
+    bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="merge",
+               disable=None if progress is None else not progress)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pera-deploy-writer") as io:
         pending: Future[None] | None = None
         try:

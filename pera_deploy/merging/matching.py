@@ -19,7 +19,8 @@ from ..io.safetensors_stream import FLOAT_CODES
 
 # Tied-embedding pairs, by the last part of the tensor name. Transformers ties the output
 # embedding to the input one when the config says `tie_word_embeddings` (default true).
-INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "tok_embeddings.weight", "shared.weight")
+INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",
+                    "tok_embeddings.weight", "shared.weight")
 OUTPUT_EMBEDDINGS = ("lm_head.weight", "predictions.decoder.weight", "embed_out.weight")
 
 
@@ -111,13 +112,15 @@ def match_adapter(adapter: PeraAdapter, checkpoint: ModelFolder, *, untie_embedd
         entry = checkpoint.entries[source]
         if entry.dtype not in FLOAT_CODES:
             raise InputError(
-                f"base tensor {tensor} in {base} has dtype {entry.dtype}; merging needs a float weight (is the base quantized?)"
+                f"base tensor {tensor} in {base} has dtype {entry.dtype}; "
+                "merging needs a float weight (is the base quantized?)"
             )
         want = layer.base_shape
         if entry.shape != want:
             hint = ""
             if entry.shape == want[::-1]:
-                hint = f" (it would fit with fan_in_fan_out={str(not layer.fan_in_fan_out).lower()}; check the adapter config)"
+                flipped = str(not layer.fan_in_fan_out).lower()
+                hint = f" (it would fit with fan_in_fan_out={flipped}; check the adapter config)"
             raise InputError(
                 f"adapter module {module} (in={layer.in_features}, out={layer.out_features}) does not fit base tensor "
                 f"{tensor} of shape {entry.shape} in {base}{hint}; was the adapter made for another base?"
@@ -197,7 +200,8 @@ def _match_extras(adapter: PeraAdapter, checkpoint: ModelFolder, layer_tensors: 
         module = name.rsplit(".", 1)[0]
         if any(m == module or m.endswith("." + module) or module.endswith("." + m) for m in layer_modules):
             raise InputError(
-                f"adapter tensor {name} belongs to an adapted module whose base layer has no such tensor in {checkpoint.folder}"
+                f"adapter tensor {name} belongs to an adapted module whose base layer has no such tensor "
+                f"in {checkpoint.folder}"
             )
         extras.append(ExtraMatch(name, name, "add"))
     return extras

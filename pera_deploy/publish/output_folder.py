@@ -32,7 +32,7 @@ class OutputFolder:
         self.path = self.target.parent / f".{self.target.name}.pera-deploy-tmp-{secrets.token_hex(4)}"
         self._committed = False
 
-    def __enter__(self) -> "OutputFolder":
+    def __enter__(self) -> OutputFolder:
         check_target(self.target, self.force)
         try:
             self.target.parent.mkdir(parents=True, exist_ok=True)

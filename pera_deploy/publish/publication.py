@@ -46,7 +46,7 @@ def publish(target: Path, command: str, write: Callable[[Path], Written], *, opt
                 (out.path / "README.md").write_text(written.card.render(), encoding="utf-8")
         except OSError as exc:
             if exc.errno in ENVIRONMENT_ERRNOS:
-                raise environment_failure(exc, out.path) from exc
+                raise environment_failure(exc, target) from exc
             raise
         report = Report(command, target, written.checks, manifest, written.plan)
         if not report.passed:

@@ -12,4 +12,5 @@ def require_onnx() -> None:
         import onnxruntime  # noqa: F401
         import optimum.exporters.onnx  # noqa: F401
     except ImportError as exc:
-        raise InputError(f"export-onnx needs the onnx extra ({exc.name} is missing): pip install 'pera-deploy[onnx]'") from None
+        raise InputError(f"export-onnx needs the onnx extra ({exc.name} is missing): "
+                         "pip install 'pera-deploy[onnx]'") from None
