@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 
 @contextmanager
@@ -68,9 +68,12 @@ def quiet_transformers() -> Iterator[None]:
     logging = transformers.utils.logging
     level = logging.get_verbosity()
     bars = logging.is_progress_bar_enabled()
-    optimum_logging = None
-    if "optimum" in sys.modules:
-        from optimum.utils import logging as optimum_logging
+    optimum_logging: Any = None
+    if sys.modules.get("optimum") is not None:  # only quieten Optimum when it is already loaded
+        try:
+            from optimum.utils import logging as optimum_logging
+        except ImportError:
+            optimum_logging = None
     optimum_level = optimum_logging.get_verbosity() if optimum_logging else None
     logging.set_verbosity_error()
     logging.disable_progress_bar()

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -196,15 +194,3 @@ def test_bad_shard_size(cli, fx, tmp_path):
 
 def test_tied_weights_refused_without_untie(cli, fx, tmp_path):
     assert_refused(cli, tmp_path, [fx["gpt2-lm-head"], fx["gpt2-base"]], "lm_head.weight", "tied", "--untie-embeddings")
-
-
-def test_console_script_exit_status_and_debug(fx, tmp_path):
-    """The installed command, as a pipeline runs it: one line without --debug, a traceback with it."""
-    exe = Path(sys.executable).with_name("pera-deploy")
-    args = [str(exe), "merge", str(fx["llama-ref-none"]), str(fx["llama-base"]), "-o", str(tmp_path / "o")]
-    plain = subprocess.run(args, capture_output=True, text=True)
-    assert plain.returncode == 2
-    assert len(plain.stderr.strip().splitlines()) == 1 and "Traceback" not in plain.stderr
-    debug = subprocess.run(args + ["--debug"], capture_output=True, text=True)
-    assert debug.returncode != 0 and "Traceback" in debug.stderr and "InputError" in debug.stderr
-    assert not (tmp_path / "o").exists()

@@ -64,7 +64,7 @@ def test_choose_rank():
 
 def peft_vs_unmerged(base, lora_dir, pera_adapter):
     """max |PEFT(base + LoRA) − unmerged PERA| / max |unmerged|, both float32, seeded inputs."""
-    import peft
+    peft = pytest.importorskip("peft")
 
     model = load_model(base, torch.float32)
     peft_model = peft.PeftModel.from_pretrained(model, lora_dir)
@@ -79,6 +79,7 @@ def peft_vs_unmerged(base, lora_dir, pera_adapter):
     return float((y - y_ref).abs().max() / y_ref.abs().max())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, base", [
     *[(name, "llama-base") for name in (
         "llama-pera", "llama-ref-full_row", "llama-ref-square_only", "llama-ref-cross_only", "llama-ref-split_both",

@@ -9,11 +9,15 @@ import shlex
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 
 import pera_deploy
 from pera_deploy.checks.onnx_outputs import FLOAT16_TOLERANCE, FLOAT32_TOLERANCE
+
+onnx = pytest.importorskip("onnx")  # the `onnx` extra: these tests skip cleanly without it
+pytest.importorskip("onnxruntime")
+pytest.importorskip("optimum.exporters.onnx")
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,0 +1,267 @@
+"""The error contract (README, "Exit status and --json"), command by command.
+
+0 success, 1 a failed check, 2 bad input, 3 internal error, 4 the environment failed.
+With --json, stdout is one JSON object in every case: the result and exit_code 0 on
+success; exit_code, error.kind, error.message (and the report, for a failed check) on
+failure. Exit statuses do not depend on --debug, which only adds the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import pera_deploy
+from pera_deploy.errors import InputError
+
+KIND = {0: None, 1: "check_failed", 2: "bad_input", 3: "internal_error", 4: "environment_error"}
+
+
+def run_json(cli, *args):
+    result = cli(*args, "--json")
+    data = json.loads(result.stdout)  # stdout is exactly one JSON object
+    assert data["exit_code"] == result.exit_code, (result.stdout, result.stderr)
+    if result.exit_code:
+        assert data["error"]["kind"] == KIND[result.exit_code]
+        assert data["error"]["message"] in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    else:
+        assert "error" not in data and result.stderr.strip() == ""
+    return result.exit_code, data
+
+
+def no_output_beside(folder: Path) -> None:
+    assert not folder.exists()
+    assert not [p for p in folder.parent.iterdir() if "pera-deploy" in p.name]
+
+
+def dropped_delta(monkeypatch):
+    """Simulate a merge that forgets ΔW: its own check must catch it."""
+    import pera_deploy.merging.execute as execute
+
+    monkeypatch.setattr(execute, "merged_weight", lambda w0, layer, transpose, out, compute, sign=1.0: w0.to(out))
+
+
+def wrong_lora_factors(monkeypatch):
+    import pera_deploy.export.lora as lora
+
+    real = lora.lora_state_dict
+
+    def off(export, dtype):
+        state = real(export, dtype)
+        key = next(k for k in state if k.endswith("lora_B.weight"))
+        state[key] = state[key] * 1.01
+        return state
+
+    monkeypatch.setattr(lora, "lora_state_dict", off)
+
+
+def test_inspect_and_formats(cli, fx, tmp_path):
+    code, data = run_json(cli, "inspect", fx["llama-pera"])
+    assert code == 0 and data["format"] == "reference"
+    code, data = run_json(cli, "inspect", tmp_path / "missing")
+    assert code == 2 and "missing" in data["error"]["message"]
+    code, data = run_json(cli, "formats")
+    assert code == 0 and "peft" in data["formats"]
+
+
+def test_merge(cli, fx, tmp_path, monkeypatch):
+    code, data = run_json(cli, "merge", fx["llama-pera"], fx["llama-base"], "-o", tmp_path / "ok")
+    assert code == 0 and data["passed"] and data["checks"]["weights"]["passed"]
+    code, data = run_json(cli, "merge", fx["llama-pera"], fx["llama-base"], "-o", tmp_path / "ok")
+    assert code == 2 and "--force" in data["error"]["message"]
+    dropped_delta(monkeypatch)
+    code, data = run_json(cli, "merge", fx["llama-pera"], fx["llama-base"], "-o", tmp_path / "bad")
+    assert code == 1 and data["passed"] is False and data["checks"]["weights"]["passed"] is False
+    no_output_beside(tmp_path / "bad")
+
+
+def test_keep_branch(cli, fx, tmp_path, monkeypatch):
+    code, data = run_json(cli, "merge", fx["llama-pera"], fx["llama-base"], "-o", tmp_path / "ok", "--keep-branch")
+    assert code == 0 and data["checks"]["lora_factors"]["passed"]
+    code, data = run_json(cli, "merge", fx["llama-pera"], fx["llama-base"], "-o", tmp_path / "x", "--keep-branch",
+                          "--dtype", "float16")
+    assert code == 2 and "--dtype" in data["error"]["message"]
+    wrong_lora_factors(monkeypatch)
+    code, data = run_json(cli, "merge", fx["llama-pera"], fx["llama-base"], "-o", tmp_path / "bad", "--keep-branch")
+    assert code == 1 and data["checks"]["lora_factors"]["passed"] is False
+    no_output_beside(tmp_path / "bad")
+
+
+def test_verify(cli, fx, tmp_path):
+    pera_deploy.merge(fx["llama-pera"], fx["llama-base"], tmp_path / "m", progress=False)
+    code, data = run_json(cli, "verify", tmp_path / "m", "--adapter", fx["llama-pera"], "--base", fx["llama-base"])
+    assert code == 0 and data["checks"]["weights"]["passed"] and data["checks"]["forward"]["passed"]
+    code, data = run_json(cli, "verify", fx["llama-base"], "--adapter", fx["llama-pera"], "--base", fx["llama-base"])
+    assert code == 1 and data["checks"]["weights"]["passed"] is False and data["checks"]["forward"]["passed"] is False
+    code, data = run_json(cli, "verify", tmp_path / "m", "--adapter", fx["gpt2-ref"], "--base", fx["llama-base"])
+    assert code == 2
+
+
+def test_export_lora(cli, fx, tmp_path, monkeypatch):
+    code, data = run_json(cli, "export-lora", fx["llama-pera"], "-o", tmp_path / "ok")
+    assert code == 0 and data["lora"]["exact"] and data["checks"]["lora_factors"]["passed"]
+    code, data = run_json(cli, "export-lora", fx["llama-pera"], "-o", tmp_path / "x", "--rank", "2", "--tol", "0.1")
+    assert code == 2 and "--rank and --tol" in data["error"]["message"]
+    wrong_lora_factors(monkeypatch)
+    code, data = run_json(cli, "export-lora", fx["llama-pera"], "-o", tmp_path / "bad")
+    assert code == 1 and data["checks"]["lora_factors"]["passed"] is False
+    no_output_beside(tmp_path / "bad")
+
+
+def test_unmerge(cli, fx, tmp_path):
+    pera_deploy.merge(fx["llama-pera"], fx["llama-base"], tmp_path / "m", progress=False)
+    code, data = run_json(cli, "unmerge", tmp_path / "m", "--adapter", fx["llama-pera"], "-o", tmp_path / "ok",
+                          "--check-against", fx["llama-base"])
+    assert code == 0 and data["checks"]["reconstruction"]["max_roundings"] <= 2
+    # the wrong adapter (same base, other factors): the reconstruction is hundreds of roundings off
+    code, data = run_json(cli, "unmerge", tmp_path / "m", "--adapter", fx["llama-peft"], "-o", tmp_path / "bad",
+                          "--check-against", fx["llama-base"])
+    assert code == 1 and data["checks"]["reconstruction"]["max_roundings"] > 50
+    assert "was this the adapter that was merged" in data["error"]["message"]
+    no_output_beside(tmp_path / "bad")
+    code, data = run_json(cli, "unmerge", tmp_path / "m", "--adapter", fx["gpt2-ref"], "-o", tmp_path / "x")
+    assert code == 2
+
+
+def test_export_onnx(cli, fx, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("optimum.exporters.onnx")
+    import pera_deploy.export.onnx.folders as folders
+
+    code, data = run_json(cli, "export-onnx", fx["gpt2-base"], "--adapter", fx["gpt2-peft"], "-o", tmp_path / "ok")
+    assert code == 0 and data["checks"]["onnx_outputs"]["passed"] and data["checks"]["onnx_outputs"]["compared"] > 0
+    code, data = run_json(cli, "export-onnx", fx["gpt2-base"], "--adapter", fx["gpt2-peft"], "--adapter",
+                          fx["gpt2-ref"], "-o", tmp_path / "x")
+    assert code == 2 and "--branch" in data["error"]["message"]
+    real = folders.branch_factors
+    monkeypatch.setattr(folders, "branch_factors", lambda *a: {k: v * 1.05 for k, v in real(*a).items()})
+    code, data = run_json(cli, "export-onnx", fx["gpt2-base"], "--branch", "--adapter", f"a={fx['gpt2-peft']}",
+                          "-o", tmp_path / "bad")
+    assert code == 1 and data["checks"]["onnx_outputs"]["passed"] is False
+    no_output_beside(tmp_path / "bad")
+
+
+def test_usage_errors_are_json_too(cli, fx):
+    result = cli("merge", fx["llama-pera"], "--json")  # no BASE, no -o
+    assert result.exit_code == 2 and json.loads(result.stdout)["error"]["kind"] == "usage"
+
+
+def test_internal_error_is_3_with_and_without_debug(cli, fx, tmp_path, monkeypatch):
+    import pera_deploy.merging.execute as execute
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("an invariant broke")
+
+    monkeypatch.setattr(execute, "merged_weight", broken)
+    code, data = run_json(cli, "merge", fx["llama-pera"], fx["llama-base"], "-o", tmp_path / "m")
+    assert code == 3 and "RuntimeError: an invariant broke" in data["error"]["message"]
+    result = cli("merge", fx["llama-pera"], fx["llama-base"], "-o", tmp_path / "m")
+    assert "run with --debug" in result.stderr
+    debug = cli("merge", fx["llama-pera"], fx["llama-base"], "-o", tmp_path / "m", "--debug")
+    assert debug.exit_code == 3 and "Traceback" in debug.stderr
+    no_output_beside(tmp_path / "m")
+
+
+def test_interrupt_is_130_and_writes_nothing(cli, fx, tmp_path, monkeypatch):
+    import pera_deploy.merging.execute as execute
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(execute, "merged_weight", interrupted)
+    result = cli("merge", fx["llama-pera"], fx["llama-base"], "-o", tmp_path / "m")
+    assert result.exit_code == 130 and "interrupted" in result.stderr
+    no_output_beside(tmp_path / "m")
+
+
+def test_bad_input_is_2_with_debug_too(fx, tmp_path):
+    """The installed command, as a pipeline runs it: --debug adds the traceback, not another status."""
+    exe = Path(sys.executable).with_name("pera-deploy")
+    args = [str(exe), "merge", str(fx["llama-ref-none"]), str(fx["llama-base"]), "-o", str(tmp_path / "o")]
+    plain = subprocess.run(args, capture_output=True, text=True)
+    debug = subprocess.run(args + ["--debug"], capture_output=True, text=True)
+    assert plain.returncode == debug.returncode == 2
+    assert "Traceback" not in plain.stderr and "Traceback" in debug.stderr and "InputError" in debug.stderr
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 40 KB tmpfs: too small for any fixture output. Needs root (CI runs as root here)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40k", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+@pytest.mark.parametrize("command", [
+    ["merge", "{llama-pera}", "{llama-base}"],
+    ["merge", "{llama-pera}", "{llama-base}", "--keep-branch"],
+    ["export-lora", "{llama-pera}"],
+    ["unmerge", "{merged}", "--adapter", "{llama-pera}"],
+])
+def test_disk_full_is_4_and_leaves_nothing(cli, fx, tmp_path, tiny_disk, command):
+    pera_deploy.merge(fx["llama-pera"], fx["llama-base"], tmp_path / "merged", progress=False)
+    names = {**{k: str(v) for k, v in fx.items()}, "merged": str(tmp_path / "merged")}
+    args = [a.format(**names) if a.startswith("{") else a for a in command]
+    code, data = run_json(cli, *args, "-o", tiny_disk / "out")
+    assert code == 4 and "No space left on device" in data["error"]["message"]
+    assert str(tiny_disk / "out") in data["error"]["message"]
+    assert list(tiny_disk.iterdir()) == []
+
+
+# -- the same contract from Python ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("call", [
+    lambda fx, out: pera_deploy.verify(out, fx["llama-pera"], fx["llama-base"], precision="bf16"),
+    lambda fx, out: pera_deploy.merge(fx["llama-pera"], fx["llama-base"], out, dtype="fp8"),
+    lambda fx, out: pera_deploy.merge(fx["llama-pera"], fx["llama-base"], out, max_shard_size=0),
+    lambda fx, out: pera_deploy.export_lora(fx["llama-pera"], out, dtype="int8"),
+    lambda fx, out: pera_deploy.export_lora(fx["llama-pera"], out, rank=0),
+    lambda fx, out: pera_deploy.export_lora(fx["llama-pera"], out, tol=1.5),
+    lambda fx, out: pera_deploy.keep_branch(fx["llama-pera"], fx["llama-base"], out, base_files="move"),
+    lambda fx, out: pera_deploy.unmerge(out, fx["llama-pera"], out, precision="half"),
+    lambda fx, out: pera_deploy.export_onnx(fx["llama-base"], out, dtype="bfloat16"),
+    lambda fx, out: pera_deploy.export_onnx(fx["llama-base"], out, adapters={"../x": fx["llama-pera"]}, branch=True),
+    lambda fx, out: pera_deploy.load_adapter(fx["llama-pera"], missing_coefficients="maybe"),
+])
+def test_api_validates_its_options(fx, tmp_path, call):
+    with pytest.raises(InputError):
+        call(fx, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_library_calls_leave_process_state_as_they_found_it(fx, tmp_path):
+    import transformers
+
+    threads = torch.get_num_threads()
+    offline = os.environ.get("HF_HUB_OFFLINE")
+    verbosity = transformers.utils.logging.get_verbosity()
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    pera_deploy.merge(fx["llama-pera"], fx["llama-base"], tmp_path / "m", progress=False, check_forward_pass=True)
+    pera_deploy.verify(tmp_path / "m", fx["llama-pera"], fx["llama-base"])
+    pera_deploy.export_lora(fx["llama-pera"], tmp_path / "l", base=fx["llama-base"])
+    if _has_onnx():
+        pera_deploy.export_onnx(fx["bert-base"], tmp_path / "o", adapters={"a": fx["bert-peft"]})
+    assert torch.get_num_threads() == threads
+    assert os.environ.get("HF_HUB_OFFLINE") == offline
+    assert transformers.utils.logging.get_verbosity() == verbosity
+    assert transformers.utils.logging.is_progress_bar_enabled() == bars
+
+
+def _has_onnx() -> bool:
+    try:
+        import optimum.exporters.onnx  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -1,0 +1,333 @@
+"""The seams the architecture step introduced, and the guards that keep them honest: PEFT's
+pattern matching, the streaming writer's fallback and abort, the merge's NaN/Inf refusal,
+formats that take any path, the model-card writer, the ONNX check's protocol, and the
+import graph (no cycles; each package only imports the layers below it)."""
+
+from __future__ import annotations
+
+import ast
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import pera_deploy
+from pera_deploy.core.adapter import PeraLayer
+from pera_deploy.errors import InputError
+from pera_deploy.formats.peft_pera import pattern_key
+from pera_deploy.io import safetensors_stream
+from pera_deploy.io.safetensors_stream import ShardWriter, read_header
+from pera_deploy.merging.execute import merged_weight
+
+PACKAGE = Path(pera_deploy.__file__).parent
+
+
+# -- rank_pattern / alpha_pattern match as PEFT matches ---------------------------------------------
+
+
+@pytest.mark.parametrize("patterns, module", [
+    ({"q_proj": 8}, "model.layers.0.self_attn.q_proj"),
+    ({"q_proj": 8}, "model.layers.0.self_attn.qq_proj"),  # anchored: a suffix of a component is not a match
+    ({"proj": 8}, "model.layers.0.self_attn.q_proj"),
+    ({"layers.0.self_attn.q_proj": 8, "q_proj": 4}, "model.layers.0.self_attn.q_proj"),  # first key wins
+    ({"q_proj": 4, "layers.0.self_attn.q_proj": 8}, "model.layers.0.self_attn.q_proj"),
+    ({r"layers\.[01]\..*proj": 2}, "model.layers.1.mlp.up_proj"),
+    ({"self_attn": 3}, "model.layers.0.self_attn.q_proj"),  # not the last component: no match
+    ({"model.layers.0.self_attn.q_proj": 3}, "model.layers.0.self_attn.q_proj"),
+    ({"q_proj$": 1, "k_proj": 2}, "model.layers.0.self_attn.k_proj"),
+])
+def test_pattern_key_matches_peft(patterns, module):
+    from peft.utils.other import get_pattern_key
+
+    peft_key = get_pattern_key(list(patterns), module)
+    ours = pattern_key(patterns, module)
+    assert ours == (peft_key if peft_key in patterns else None)
+
+
+# -- the streaming writer ----------------------------------------------------------------------------
+
+
+def _layout(tensors: dict[str, torch.Tensor]) -> list[tuple[str, str, tuple[int, ...]]]:
+    return [(name, safetensors_stream.DTYPE_CODES[t.dtype], tuple(t.shape)) for name, t in tensors.items()]
+
+
+def test_byte_copies_fall_back_when_copy_file_range_is_not_supported(tmp_path, monkeypatch):
+    source = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(5, dtype=torch.bfloat16)}
+    from safetensors.torch import save_file
+
+    save_file(source, str(tmp_path / "in.safetensors"))
+    entries = {e.name: e for e in read_header(tmp_path / "in.safetensors")[0]}
+    calls = []
+
+    def unsupported(*args):
+        calls.append(args)
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", unsupported)
+    writer = ShardWriter(tmp_path / "out.safetensors", _layout(source), {})
+    for name in source:
+        e = entries[name]
+        writer.copy_bytes(name, e.file, e.begin, e.end)
+    writer.close()
+    assert calls  # copy_file_range was tried, and the pread/write path took over
+    out = load_file(str(tmp_path / "out.safetensors"))
+    assert all(torch.equal(out[k], v) for k, v in source.items())
+
+
+def test_a_real_copy_error_is_not_swallowed(tmp_path, monkeypatch):
+    source = {"a": torch.zeros(4)}
+    from safetensors.torch import save_file
+
+    save_file(source, str(tmp_path / "in.safetensors"))
+    (e,) = read_header(tmp_path / "in.safetensors")[0]
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "copy_file_range", full)
+    writer = ShardWriter(tmp_path / "out.safetensors", _layout(source), {})
+    with pytest.raises(OSError) as raised:
+        writer.copy_bytes("a", e.file, e.begin, e.end)
+    assert raised.value.errno == errno.ENOSPC
+    writer.abort()
+
+
+def test_writer_refuses_out_of_layout_writes_and_abort_closes(tmp_path):
+    tensors = {"a": torch.zeros(2), "b": torch.ones(3)}
+    writer = ShardWriter(tmp_path / "x.safetensors", _layout(tensors), {})
+    with pytest.raises(RuntimeError, match="where a"):
+        writer.write_tensor("b", tensors["b"])
+    writer.abort()
+    assert writer._fh.closed
+    incomplete = ShardWriter(tmp_path / "y.safetensors", _layout(tensors), {})
+    incomplete.write_tensor("a", tensors["a"])
+    with pytest.raises(RuntimeError, match="closed before b"):
+        incomplete.close()
+
+
+def test_a_failure_mid_merge_leaves_no_temporary_folder(fx, tmp_path, monkeypatch):
+    """The writer aborts its shard and publish removes the folder, whatever fails inside."""
+    import pera_deploy.merging.execute as execute
+
+    real, seen = execute.merged_weight, []
+
+    def fail_on_third(*args, **kwargs):
+        seen.append(1)
+        if len(seen) == 3:
+            raise InputError("simulated: bad tensor")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(execute, "merged_weight", fail_on_third)
+    with pytest.raises(InputError, match="simulated"):
+        pera_deploy.merge(fx["llama-pera"], fx["llama-base"], tmp_path / "m", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- the merge refuses NaN, Inf and overflow, naming the layer -----------------------------------------
+
+
+def _layer(out_f=8, in_f=6, r=2, scale=1.0):
+    g = torch.Generator().manual_seed(1)
+    return PeraLayer("model.layers.0.mlp.up_proj", torch.randn(r, in_f, generator=g) * scale,
+                     torch.randn(out_f, r, generator=g) * scale, torch.ones(3), None, 1.0, False, "full")
+
+
+@pytest.mark.parametrize("value, cause", [(float("nan"), "the base weight"), (float("inf"), "the base weight")])
+def test_nan_or_inf_in_the_base_is_refused(value, cause):
+    w0 = torch.zeros(8, 6)
+    w0[5, 2] = value
+    with pytest.raises(InputError, match=f"merging module model.layers.0.mlp.up_proj: NaN, Inf.*{cause}"):
+        merged_weight(w0, _layer(), False, torch.float32, torch.float32)
+
+
+def test_a_merge_beyond_the_output_range_is_refused():
+    with pytest.raises(InputError, match="beyond the float16 range, produced by the merge"):
+        merged_weight(torch.zeros(8, 6, dtype=torch.float16), _layer(scale=30.0), False, torch.float16, torch.float32)
+
+
+# -- formats take any path -------------------------------------------------------------------------------
+
+
+def test_a_weights_file_is_an_adapter_too(fx):
+    folder = pera_deploy.load_adapter(fx["llama-peft"])
+    for path in (fx["llama-peft"] / "adapter_model.safetensors", fx["llama-peft"] / "adapter_config.json"):
+        adapter = pera_deploy.load_adapter(path)
+        assert adapter.format == "peft" and adapter.path == fx["llama-peft"]
+        assert all(torch.equal(adapter.layers[m].hA, folder.layers[m].hA) for m in folder.layers)
+
+
+def test_tensors_without_a_config_need_config(fx, tmp_path):
+    weights = shutil.copy(fx["llama-peft"] / "adapter_model.safetensors", tmp_path / "trained.safetensors")
+    with pytest.raises(InputError, match="--config"):
+        pera_deploy.load_adapter(weights)
+    adapter = pera_deploy.load_adapter(weights, config=fx["llama-peft"] / "adapter_config.json")
+    assert adapter.format == "peft" and Path(adapter.files[0]).name == "adapter_config.json"
+    assert adapter.files[1] == weights
+
+
+def test_config_option_from_the_cli(cli, fx, tmp_path):
+    weights = shutil.copy(fx["llama-pera"] / "adapter_model.bin", tmp_path / "step-100.pt")
+    result = cli("inspect", weights)
+    assert result.exit_code == 2 and "--config" in result.stderr
+    info = cli.json("inspect", weights, "--config", fx["llama-pera"] / "adapter_config.json")
+    assert info["format"] == "reference" and info["modules"] == 14
+    result = cli("merge", weights, fx["llama-base"], "-o", tmp_path / "m", "--config", tmp_path / "nope.json")
+    assert result.exit_code == 2 and "nope.json" in result.stderr
+
+
+def test_nested_containers_are_read_as_data(tmp_path):
+    from pera_deploy.io.files import flat_tensors, load_pickle
+
+    torch.save({"state_dict": {"x": torch.ones(2)}, "epoch": 3, "names": ["a", "b"]}, tmp_path / "c.pt")
+    obj = load_pickle(tmp_path / "c.pt")
+    assert obj["epoch"] == 3 and torch.equal(obj["state_dict"]["x"], torch.ones(2))
+    with pytest.raises(InputError, match="entry 'state_dict' is a dict, not a tensor"):
+        flat_tensors(obj, tmp_path / "c.pt")
+
+
+# -- publishing: one card writer, one manifest schema -----------------------------------------------------
+
+
+def test_card_values_cannot_break_the_front_matter():
+    from pera_deploy.publish.model_card import ModelCard
+
+    card = ModelCard("x\n# injected", "body", base_model="org/model\nlicense: mit\n---\n<script>")
+    text = card.render()
+    front = text.split("---\n")[1]
+    assert "license: mit" not in front.splitlines()  # kept inside one quoted scalar
+    assert front.splitlines()[0] == 'base_model: "org/model\\nlicense: mit\\n---\\n<script>"'
+    assert "# x # injected" in text
+
+
+def test_every_published_folder_carries_the_same_adapter_record(fx, tmp_path):
+    pera_deploy.merge(fx["llama-pera"], fx["llama-base"], tmp_path / "m", progress=False)
+    pera_deploy.export_lora(fx["llama-pera"], tmp_path / "l")
+    pera_deploy.keep_branch(fx["llama-pera"], fx["llama-base"], tmp_path / "k")
+    manifests = [json.loads((tmp_path / f / "pera_deploy_manifest.json").read_text()) for f in ("m", "l", "k")]
+    assert manifests[0]["adapter"] == manifests[1]["adapter"] == manifests[2]["adapter"]
+    assert manifests[0]["base"] == manifests[2]["base"]
+    assert {m["schema_version"] for m in manifests} == {1}
+    assert [m["command"] for m in manifests] == ["merge", "export-lora", "merge --keep-branch"]
+
+
+# -- the ONNX check: by the graph's own names, and nothing compared is a failure ----------------------------
+
+
+def test_onnx_check_that_compared_nothing_fails():
+    from pera_deploy.checks.onnx_outputs import OnnxOutputsCheck, OutputCheck
+
+    assert not OnnxOutputsCheck([]).passed and "compared with nothing" in OnnxOutputsCheck([]).failure()
+    missing = OutputCheck("merged", "forward", "pooler_output", float("inf"), float("inf"), 1e-4, False)
+    fine = OutputCheck("merged", "forward", "logits", 0.0, 0.0, 1e-4, True)
+    check = OnnxOutputsCheck([fine, missing])
+    assert not check.passed and "pooler_output, which the PyTorch model does not" in check.failure()
+
+
+def test_named_outputs_follow_optimum_names():
+    from transformers.cache_utils import DynamicCache
+    from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithPast
+
+    from pera_deploy.checks.onnx_outputs import named_outputs
+
+    cache = DynamicCache()
+    cache.update(torch.zeros(1, 2, 3, 4), torch.ones(1, 2, 3, 4), 0)
+    names = named_outputs(CausalLMOutputWithPast(logits=torch.zeros(1, 3, 5), past_key_values=cache))
+    assert set(names) == {"logits", "present.0.key", "present.0.value"}
+    pooled = BaseModelOutputWithPooling(last_hidden_state=torch.zeros(1, 3, 4), pooler_output=torch.zeros(1, 4))
+    encoder = named_outputs(pooled)
+    assert set(encoder) == {"last_hidden_state", "pooler_output"}
+
+
+def test_onnx_branch_on_a_layer_that_is_not_linear_is_bad_input(cli, fx, tmp_path):
+    pytest.importorskip("optimum.exporters.onnx")
+    from safetensors.torch import save_file
+
+    adapter = tmp_path / "emb"
+    shutil.copytree(fx["llama-peft-lora"], adapter)
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    vocab, hidden = 64, 32  # the fixture Llama's embedding
+    with pera_deploy.io.model_folder.ModelFolder(fx["llama-base"]) as base:
+        vocab, hidden = base.entries["model.embed_tokens.weight"].shape
+    tensors = {"base_model.model.model.embed_tokens.lora_A.weight": torch.ones(4, hidden) * 0.01,
+               "base_model.model.model.embed_tokens.lora_B.weight": torch.ones(vocab, 4) * 0.01}
+    save_file(tensors, str(adapter / "adapter_model.safetensors"))
+    result = cli("export-onnx", fx["llama-base"], "--branch", "--adapter", f"e={adapter}", "-o", tmp_path / "o")
+    assert result.exit_code == 2, result.stderr
+    assert "model.embed_tokens is a Embedding" in result.stderr and "Linear and Conv1D" in result.stderr
+
+
+# -- the import graph -------------------------------------------------------------------------------------
+
+# What each package may import (besides itself and the top-level errors / options / scoped modules).
+LAYERS = {
+    "core": set(),
+    "io": {"core"},
+    "formats": {"core", "io"},
+    "merging": {"core", "io"},
+    "checks": {"core", "io", "merging"},
+    "publish": {"core", "io", "checks"},
+    "export": {"core", "io", "merging", "checks", "publish"},
+}
+TOP = {"errors", "options", "scoped", "__init__", "__version__"}
+
+
+def _imports() -> dict[str, set[str]]:
+    """module (dotted, relative to pera_deploy) → the pera_deploy modules it imports."""
+    graph = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+        module = ".".join(parts)
+        package = parts[:-1]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package[: len(package) - node.level + 1] if node.level > 1 else package
+                target = ".".join(base + ([node.module] if node.module else []))
+                names = [target] if node.module else [".".join(base + [a.name]) for a in node.names]
+                found.update(n for n in names if n)
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pera_deploy."):
+                found.add(node.module.removeprefix("pera_deploy."))
+        graph[module] = found
+    return graph
+
+
+def test_no_import_cycles():
+    graph = _imports()
+    modules = set(graph)
+
+    def resolve(name: str) -> str | None:
+        while name and name not in modules and f"{name}.__init__" not in modules:
+            name = name.rpartition(".")[0]
+        return name if name in modules else (f"{name}.__init__" if name else None)
+
+    edges = {m: {t for t in (resolve(n) for n in targets) if t and t != m} for m, targets in graph.items()}
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for nxt in edges.get(node, ()):
+            if state.get(nxt) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(trail[trail.index(nxt):] + [nxt]))
+            if nxt not in state:
+                visit(nxt, trail + [nxt])
+        state[node] = 2
+
+    for node in edges:
+        if node not in state:
+            visit(node, [node])
+
+
+def test_packages_import_only_the_layers_below_them():
+    for module, targets in _imports().items():
+        home = module.split(".")[0]
+        if home not in LAYERS:
+            continue  # api, cli and the top-level helpers
+        for target in targets:
+            top = target.split(".")[0]
+            assert top == home or top in LAYERS[home] or top in TOP or target == "", \
+                f"{module} imports {target}: {home}/ may only import {sorted(LAYERS[home] | TOP)}"
