@@ -47,3 +47,19 @@ class Cli:
 @pytest.fixture
 def cli() -> Cli:
     return Cli()
+
+
+@pytest.fixture
+def corrupt_lora_factors(monkeypatch):
+    """Make every LoRA export store lora_B 1% off in one module: its factor check must catch it."""
+    import pera_deploy.export.lora as lora
+
+    real = lora.lora_state_dict
+
+    def off_by_a_percent(export, dtype):
+        state = real(export, dtype)
+        key = next(k for k in state if k.endswith("lora_B.weight"))
+        state[key] = state[key] * 1.01
+        return state
+
+    monkeypatch.setattr(lora, "lora_state_dict", off_by_a_percent)

@@ -48,20 +48,6 @@ def dropped_delta(monkeypatch):
     monkeypatch.setattr(execute, "merged_weight", lambda w0, layer, transpose, out, compute, sign=1.0: w0.to(out))
 
 
-def wrong_lora_factors(monkeypatch):
-    import pera_deploy.export.lora as lora
-
-    real = lora.lora_state_dict
-
-    def off(export, dtype):
-        state = real(export, dtype)
-        key = next(k for k in state if k.endswith("lora_B.weight"))
-        state[key] = state[key] * 1.01
-        return state
-
-    monkeypatch.setattr(lora, "lora_state_dict", off)
-
-
 def test_inspect_and_formats(cli, fx, tmp_path):
     code, data = run_json(cli, "inspect", fx["llama-pera"])
     assert code == 0 and data["format"] == "reference"
@@ -82,13 +68,13 @@ def test_merge(cli, fx, tmp_path, monkeypatch):
     no_output_beside(tmp_path / "bad")
 
 
-def test_keep_branch(cli, fx, tmp_path, monkeypatch):
+def test_keep_branch(cli, fx, tmp_path, request):
     code, data = run_json(cli, "merge", fx["llama-pera"], fx["llama-base"], "-o", tmp_path / "ok", "--keep-branch")
     assert code == 0 and data["checks"]["lora_factors"]["passed"]
     code, data = run_json(cli, "merge", fx["llama-pera"], fx["llama-base"], "-o", tmp_path / "x", "--keep-branch",
                           "--dtype", "float16")
     assert code == 2 and "--dtype" in data["error"]["message"]
-    wrong_lora_factors(monkeypatch)
+    request.getfixturevalue("corrupt_lora_factors")
     code, data = run_json(cli, "merge", fx["llama-pera"], fx["llama-base"], "-o", tmp_path / "bad", "--keep-branch")
     assert code == 1 and data["checks"]["lora_factors"]["passed"] is False
     no_output_beside(tmp_path / "bad")
@@ -104,12 +90,12 @@ def test_verify(cli, fx, tmp_path):
     assert code == 2
 
 
-def test_export_lora(cli, fx, tmp_path, monkeypatch):
+def test_export_lora(cli, fx, tmp_path, request):
     code, data = run_json(cli, "export-lora", fx["llama-pera"], "-o", tmp_path / "ok")
     assert code == 0 and data["lora"]["exact"] and data["checks"]["lora_factors"]["passed"]
     code, data = run_json(cli, "export-lora", fx["llama-pera"], "-o", tmp_path / "x", "--rank", "2", "--tol", "0.1")
     assert code == 2 and "--rank and --tol" in data["error"]["message"]
-    wrong_lora_factors(monkeypatch)
+    request.getfixturevalue("corrupt_lora_factors")
     code, data = run_json(cli, "export-lora", fx["llama-pera"], "-o", tmp_path / "bad")
     assert code == 1 and data["checks"]["lora_factors"]["passed"] is False
     no_output_beside(tmp_path / "bad")

@@ -293,18 +293,7 @@ def test_unmerge_refuses_a_folder_that_does_not_fit(cli, fx, tmp_path):
     assert not (tmp_path / "u").exists()
 
 
-def test_export_check_catches_wrong_factors(cli, fx, tmp_path, monkeypatch):
-    import pera_deploy.export.lora as lora_export
-
-    real = lora_export.lora_state_dict
-
-    def off_by_a_percent(export, dtype):
-        state = real(export, dtype)
-        key = next(k for k in state if k.endswith("lora_B.weight"))
-        state[key] = state[key] * 1.01
-        return state
-
-    monkeypatch.setattr(lora_export, "lora_state_dict", off_by_a_percent)
+def test_export_check_catches_wrong_factors(cli, fx, tmp_path, corrupt_lora_factors):
     result = cli("export-lora", fx["llama-pera"], "-o", tmp_path / "out")
     assert result.exit_code == 1 and "check failed: LoRA factors of" in result.stderr
     assert not (tmp_path / "out").exists()

@@ -1,4 +1,4 @@
-"""The worked examples of PERA_FORMATS.md (computed independently in float64), reproduced
+"""The worked examples of the PERA formats contract, docs/formats.md (computed independently in float64), reproduced
 by the math alone and through the whole pipeline: adapter files on disk → loader → merge."""
 
 from __future__ import annotations

@@ -135,7 +135,7 @@ def _noise_hook(layer: Any, module: nn.Module, unit_roundoff: float, seed: int):
 def apply_extra_tensors(model: nn.Module, adapter: PeraAdapter) -> list[str]:
     """Put the adapter's trained full tensors (modules_to_save, biases) into the model.
 
-    They are part of the fine-tuned model itself (PERA_FORMATS.md 2.4), so the reference
+    They are part of the fine-tuned model itself (docs/formats.md, "Other trained tensors"), so the reference
     must carry them too. Returns the model names that were set.
     """
     state = model.state_dict()
