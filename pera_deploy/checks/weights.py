@@ -18,6 +18,7 @@ from torch import Tensor
 from ..core.adapter import PeraAdapter, PeraLayer
 from ..io.model_folder import ModelFolder
 from ..io.safetensors_stream import TensorEntry
+from ..merging.execute import working_dtype
 from ..merging.matching import Matching
 from .numerics import ABS_FLOOR, BITS, UNIT_ROUNDOFF, same_bits, same_bytes
 
@@ -130,6 +131,7 @@ def check_merged_layer(w_merged: Tensor, w0: Tensor, layer: PeraLayer, transpose
     rows, scaled to the whole weight. `sign` −1 checks an unmerge: W' = round(W0 − ΔW), W0
     then being the merged weight.
     """
+    precision = working_dtype(w0.dtype, precision)
     b_hat, a_hat = layer.expanded_factors(precision)
     left, right = (a_hat.T, b_hat.T) if transpose else (b_hat, a_hat)
     stored_dtype = w_merged.dtype

@@ -23,6 +23,12 @@ from .plan import MergePlan, TensorPlan
 BLOCK_ELEMENTS = 1 << 20  # rows are merged in blocks of about this many elements (cache-sized)
 
 
+def working_dtype(stored: torch.dtype, precision: torch.dtype) -> torch.dtype:
+    """The precision W0 + ΔW is formed in: `precision`, or float64 for a float64 weight, which
+    a float32 working copy would round before the one rounding the merge allows."""
+    return torch.float64 if stored == torch.float64 else precision
+
+
 def merged_weight(w0: Tensor, layer: PeraLayer, transpose: bool, out_dtype: torch.dtype, compute_dtype: torch.dtype,
                   sign: float = 1.0) -> Tensor:
     """round_out(W0 + ΔW) with W0 upcast and ΔW computed in `compute_dtype`, rounded once.
@@ -34,6 +40,7 @@ def merged_weight(w0: Tensor, layer: PeraLayer, transpose: bool, out_dtype: torc
     is ΔWᵀ = Âᵀ(s·B̂)ᵀ. NaN, Inf or a value the output dtype cannot hold is an error naming
     the layer.
     """
+    compute_dtype = working_dtype(w0.dtype, compute_dtype)
     b_hat, a_hat = layer.expanded_factors(compute_dtype)
     left, right = (a_hat.T, b_hat.T) if transpose else (b_hat, a_hat)
     out = torch.empty(w0.shape, dtype=out_dtype)
