@@ -53,6 +53,12 @@ def _digests(given: Digests | None) -> Iterator[Digests]:
         own.close()
 
 
+def _given(*paths: Any) -> list[Path]:
+    """The input paths a caller named, for refusing an output over them before any work;
+    the exporters check again with every file they found."""
+    return [Path(p) for p in paths if isinstance(p, (str, Path))]
+
+
 def inspect_adapter(adapter: AdapterLike, **load_options: Any) -> dict[str, Any]:
     """What an adapter is: format, ranks, R', scaling, layout, modules, size, per-layer ‖ΔW‖."""
     return _load(adapter, load_options).describe()
@@ -75,7 +81,7 @@ def merge(adapter: AdapterLike, base: str | Path, output: str | Path, *, dtype: 
     choose("--precision", precision, PRECISIONS)
     shard_limit = parse_size(max_shard_size) if max_shard_size is not None else None
     output = Path(output)
-    check_target(output, force)
+    check_target(output, force, _given(adapter, base, load_options.get("config")))
     loaded = _load(adapter, load_options)
     options = {"dtype": dtype, "precision": precision, "max_shard_size": max_shard_size,
                "untie_embeddings": untie_embeddings, "missing_coefficients": load_options.get("missing_coefficients"),
@@ -118,7 +124,7 @@ def export_lora(adapter: AdapterLike, output: str | Path, *, rank: int | None = 
     choose("--dtype", dtype, LORA_DTYPES)
     rank_options(rank, tol, max_rank)
     output = Path(output)
-    check_target(output, force)
+    check_target(output, force, _given(adapter, base, load_options.get("config")))
     loaded = _load(adapter, load_options)
     options = {"rank": rank, "tol": tol, "max_rank": max_rank, "pad": pad, "dtype": dtype,
                "base": Path(base).name if base is not None else None}
@@ -139,7 +145,7 @@ def keep_branch(adapter: AdapterLike, base: str | Path, output: str | Path, *, b
     choose("--base-files", base_files, BASE_FILE_MODES)
     choose("--dtype", dtype, LORA_DTYPES)
     output = Path(output)
-    check_target(output, force)
+    check_target(output, force, _given(adapter, base, load_options.get("config")))
     loaded = _load(adapter, load_options)
     with _digests(digests) as hasher, offline():
         return keep_branch_folder(loaded, Path(base), output, hasher, base_files=base_files, dtype=dtype, force=force,
@@ -161,7 +167,7 @@ def unmerge(merged: str | Path, adapter: AdapterLike, output: str | Path, *, che
 
     choose("--precision", precision, PRECISIONS)
     output = Path(output)
-    check_target(output, force)
+    check_target(output, force, _given(adapter, merged, check_against, load_options.get("config")))
     loaded = _load(adapter, load_options)
     options = {"precision": precision, "full_check": full_check,
                "check_against": Path(check_against).name if check_against is not None else None}
@@ -192,7 +198,7 @@ def export_onnx(model: str | Path, output: str | Path, *, adapters: dict[str, Ad
 
     choose("--dtype", dtype, ONNX_DTYPES)
     output, model = Path(output), Path(model)
-    check_target(output, force)
+    check_target(output, force, _given(model, *(adapters or {}).values(), load_options.get("config")))
     if not model.is_dir():
         raise InputError(f"{model}: model folder not found")
     if branch and not adapters:

@@ -10,6 +10,7 @@ inside the commands, so `--help` answers at once.
 from __future__ import annotations
 
 import json
+import signal
 import time
 import traceback
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any, Callable
 
 import click
 
-from .errors import EXIT_INTERNAL, EXIT_OK, CheckFailed, InputError, PeraDeployError, classify_os_error
+from .errors import EXIT_INTERNAL, EXIT_OK, CheckFailed, InputError, Interrupted, PeraDeployError, classify_os_error
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
@@ -82,10 +83,27 @@ def _fail(ctx: click.Context, exc: BaseException, code: int, kind: str, message:
     ctx.exit(code)
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _stop(signum: int, _frame: Any) -> None:
+    raise Interrupted(signum)
+
+
 class _Group(click.Group):
     """Turns every failure into one stderr line, the --json result and an exit status."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        # SIGTERM and SIGHUP unwind like Ctrl-C does, so temporary folders are removed; the
+        # handlers are the command's, and the caller's come back afterwards.
+        previous = {sig: signal.signal(sig, _stop) for sig in STOP_SIGNALS}
+        try:
+            return self._invoke(ctx)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort):
@@ -101,7 +119,10 @@ class _Group(click.Group):
             error = classify_os_error(exc)
             _fail(ctx, exc, error.exit_code, error.kind, str(error))
         except KeyboardInterrupt as exc:
-            _fail(ctx, exc, EXIT_INTERRUPTED, "interrupted", "stopped; nothing was written")
+            _fail(ctx, exc, EXIT_INTERRUPTED, "interrupted", "stopped by Ctrl-C; nothing was written")
+        except Interrupted as exc:
+            name = signal.Signals(exc.signum).name
+            _fail(ctx, exc, 128 + exc.signum, "interrupted", f"stopped by {name}; nothing was written")
         except Exception as exc:  # a bug: say so in one line; --debug shows where
             _fail(ctx, exc, EXIT_INTERNAL, "internal_error", f"{type(exc).__name__}: {exc}")
 

@@ -84,3 +84,13 @@ def classify_os_error(exc: OSError) -> PeraDeployError:
         return environment_failure(exc)
     where = f"{exc.filename}: " if exc.filename else ""
     return InputError(f"{where}{exc.strerror or exc}")
+
+
+class Interrupted(BaseException):
+    """A signal asked the process to stop: SIGTERM from a CI runner, a container or `timeout`,
+    SIGHUP from a closed terminal. Raised in the main thread so that every `finally` runs
+    (temporary folders are removed); the CLI exits 128 + the signal number, as shells do."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum

@@ -162,7 +162,7 @@ def test_malformed_base_index(cli, fx, tmp_path):
 
 
 def test_missing_base_folder(cli, fx, tmp_path):
-    assert_refused(cli, tmp_path, [fx["llama-pera"], tmp_path / "nowhere"], "nowhere", "base model folder not found")
+    assert_refused(cli, tmp_path, [fx["llama-pera"], tmp_path / "nowhere"], "nowhere", "model folder not found")
 
 
 def test_missing_adapter_folder(cli, fx, tmp_path):
@@ -178,9 +178,16 @@ def test_existing_output_folder(cli, fx, tmp_path):
     expected = f"pera-deploy: error: {out}: output folder exists and is not empty; pass --force to replace it"
     assert result.stderr.strip() == expected
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    # --force replaces only an earlier output of pera-deploy (or an empty folder)
     result = cli("merge", fx["llama-pera"], fx["llama-base"], "-o", out, "--force")
+    assert result.exit_code == 2 and "not an output of pera-deploy" in result.stderr and "keep.txt" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    assert cli("merge", fx["llama-pera"], fx["llama-base"], "-o", out).exit_code == 0
+    result = cli("merge", fx["llama-peft"], fx["llama-base"], "-o", out, "--force")
     assert result.exit_code == 0, result.stderr
-    assert not (out / "keep.txt").exists() and (out / "pera_deploy_manifest.json").exists()
+    manifest = (out / "pera_deploy_manifest.json").read_text()
+    assert '"source": "llama-peft"' in manifest
 
 
 def test_empty_output_folder_is_fine(cli, fx, tmp_path):

@@ -83,6 +83,7 @@ def write_case(meta: dict, t: dict[str, torch.Tensor], root: Path) -> tuple[Path
     adapter.mkdir()
     base.mkdir()
     save_file({"encoder.layer.weight": t["W0"]}, str(base / "model.safetensors"), metadata={"format": "pt"})
+    (base / "config.json").write_text("{}")
     conv1d = meta["W0_layout"].startswith("conv1d")
     key = "base_model.model.encoder.layer"
     if meta["case"].startswith("peft_"):

@@ -12,7 +12,7 @@ from ..core.adapter import PeraAdapter
 from ..io.digests import Digests
 from ..io.model_files import place_files
 from ..io.model_folder import ModelFolder
-from ..publish import Written, publish
+from ..publish import Written, adapter_inputs, publish
 from ..publish.manifest import adapter_record, model_record
 from ..publish.model_card import ModelCard
 from .lora import LORA_DTYPES, LoraExport, export_summary, peft_names, plan_lora_export, write_lora_folder
@@ -32,6 +32,7 @@ def keep_branch_folder(adapter: PeraAdapter, base: Path, output: Path, digests: 
     with ModelFolder(base) as checkpoint:
         names = peft_names(adapter, checkpoint)
         weight_files = checkpoint.weight_files
+        inputs = [*adapter_inputs(adapter), *checkpoint.input_paths()]
     export = plan_lora_export(adapter, names=names)
     digests.prefetch(list(adapter.files) + weight_files)
 
@@ -45,7 +46,7 @@ def keep_branch_folder(adapter: PeraAdapter, base: Path, output: Path, digests: 
         sections = {"base_files": {"placed_as": base_files, "files": placed}, "lora": export_summary(export)}
         return Written([check], inputs, sections, card=_card(output.name, export), plan=export)
 
-    return publish(output, "merge --keep-branch", write, options=options or {}, force=force)
+    return publish(output, "merge --keep-branch", write, options=options or {}, inputs=inputs, force=force)
 
 
 def _card(title: str, export: LoraExport) -> ModelCard:

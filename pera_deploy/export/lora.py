@@ -30,7 +30,7 @@ from ..io.model_folder import ModelFolder
 from ..io.safetensors_stream import save_tensors
 from ..merging.matching import match_adapter
 from ..options import rank_options
-from ..publish import Written, publish
+from ..publish import Written, adapter_inputs, publish
 from ..publish.manifest import adapter_record, model_record
 from ..publish.model_card import ModelCard
 
@@ -275,10 +275,11 @@ def export_lora_folder(adapter: PeraAdapter, output: Path, digests: Digests, *, 
                        dtype: str = "float32", base: Path | None = None, force: bool = False,
                        options: dict[str, Any] | None = None) -> Report:
     """`adapter` as a plain PEFT LoRA folder, its factors checked against ΔW before publishing."""
-    names, base_files = None, []
+    names, base_files, inputs = None, [], adapter_inputs(adapter)
     if base is not None:
         with ModelFolder(base) as checkpoint:
             names, base_files = peft_names(adapter, checkpoint), checkpoint.weight_files
+            inputs += checkpoint.input_paths()
     export = plan_lora_export(adapter, rank=rank, tol=tol, max_rank=max_rank, pad=pad, names=names)
     digests.prefetch(list(adapter.files) + base_files)
 
@@ -291,4 +292,4 @@ def export_lora_folder(adapter: PeraAdapter, output: Path, digests: Digests, *, 
         check = write_lora_folder(folder, export, adapter, LORA_DTYPES[dtype], metadata)
         return Written([check], inputs, {"lora": export_summary(export)}, plan=export)
 
-    return publish(output, "export-lora", write, options=options or {}, force=force)
+    return publish(output, "export-lora", write, options=options or {}, inputs=inputs, force=force)

@@ -25,7 +25,7 @@ from ..io.model_folder import ModelFolder, WrittenTensors
 from ..io.safetensors_stream import TensorEntry, read_header, rewrite_metadata
 from ..merging.execute import execute_plan
 from ..merging.plan import MergePlan, plan_merge
-from ..publish import Written, publish
+from ..publish import Written, adapter_inputs, publish
 from ..publish.manifest import MANIFEST, adapter_record, model_record
 from ..publish.model_card import ModelCard
 from ..scoped import torch_threads
@@ -50,7 +50,8 @@ def merge_folder(adapter: PeraAdapter, base: Path, output: Path, digests: Digest
             written.card = _card(plan, output.name, "merge")
             return written
 
-        return publish(output, "merge", write, options=options or {}, force=force)
+        inputs = [*adapter_inputs(adapter), *checkpoint.input_paths()]
+        return publish(output, "merge", write, options=options or {}, inputs=inputs, force=force)
 
 
 def unmerge_folder(merged: Path, adapter: PeraAdapter, output: Path, digests: Digests, *,
@@ -65,9 +66,11 @@ def unmerge_folder(merged: Path, adapter: PeraAdapter, output: Path, digests: Di
     with ModelFolder(merged) as checkpoint:
         plan = plan_merge(adapter, checkpoint, untie_embeddings=True, precision=precision, unmerge=True)
         against = None
+        inputs = [*adapter_inputs(adapter), *checkpoint.input_paths()]
         if check_against is not None:
             with ModelFolder(check_against) as original:  # validated now, before anything is written
                 against = (original.folder, original.weight_files)
+                inputs += original.input_paths()
 
         def write(folder: Path) -> Written:
             written = _write_plan(plan, folder, digests, full_check=full_check, progress=progress, base_role="merged")
@@ -78,7 +81,7 @@ def unmerge_folder(merged: Path, adapter: PeraAdapter, output: Path, digests: Di
             written.card = _card(plan, output.name, "unmerge")
             return written
 
-        return publish(output, "unmerge", write, options=options or {}, force=force)
+        return publish(output, "unmerge", write, options=options or {}, inputs=inputs, force=force)
 
 
 def _write_plan(plan: MergePlan, folder: Path, digests: Digests, *, full_check: bool, progress: bool | None,
@@ -100,17 +103,21 @@ def _write_plan(plan: MergePlan, folder: Path, digests: Digests, *, full_check: 
     # OpenMP's barriers make every op wait for a thread that is not running (measured: 15.5 s
     # instead of 10.2 s on 2 cores).
     cores = os.cpu_count() or 1
-    with ThreadPoolExecutor(1, thread_name_prefix="pera-deploy-check") as checker, torch_threads(max(1, cores // 2)):
-        pending: list[Future[WeightCheck]] = []
+    checker = ThreadPoolExecutor(1, thread_name_prefix="pera-deploy-check")
+    try:
+        with torch_threads(max(1, cores // 2)):
+            pending: list[Future[WeightCheck]] = []
 
-        def check_written(entry: TensorEntry) -> None:
-            written.add(entry)
-            pending.append(checker.submit(check_tensors, [entry.name], written, checkpoint, adapter,
-                                          plan.matching, plan.compute_dtype, every, plan.sign))
+            def check_written(entry: TensorEntry) -> None:
+                written.add(entry)
+                pending.append(checker.submit(check_tensors, [entry.name], written, checkpoint, adapter,
+                                              plan.matching, plan.compute_dtype, every, plan.sign))
 
-        execute_plan(plan, folder, metadata, progress, on_written=check_written)
-        for done in pending:
-            weights.add(done.result())
+            execute_plan(plan, folder, metadata, progress, on_written=check_written)
+            for done in pending:
+                weights.add(done.result())
+    finally:  # on an error or a signal, the checks still queued are dropped, not run
+        checker.shutdown(wait=True, cancel_futures=True)
     # Every shard must now be a valid safetensors file holding exactly the expected names.
     present = {e.name for shard in plan.shards for e in read_header(folder / shard.filename)[0]}
     expected = expected_names(checkpoint, plan.matching)

@@ -21,6 +21,8 @@ from .peft_folder import normalize_extra_name, strip_peft_prefix
 from .registry import MissingCoefficients
 
 Role = Literal["A", "B", "hA", "hA_square", "hA_cross", "hB"]
+ROLE_NAMES = {"A": "lora_A", "B": "lora_B", "hA": "the A-side coefficients", "hA_square": "the square coefficients",
+              "hA_cross": "the cross coefficients", "hB": "the B-side coefficients"}
 
 MISSING_COEFFICIENTS_HELP = (
     "pass --missing-coefficients zero to read it as a plain LoRA, "
@@ -43,6 +45,10 @@ def assemble_layer(
     if "A" not in parts or "B" not in parts:
         have = ", ".join(sorted(parts)) or "nothing"
         raise InputError(f"{where}: needs both lora_A and lora_B, found {have}")
+    for role, t in parts.items():
+        if not t.is_floating_point():
+            raise InputError(f"{where}: {ROLE_NAMES[role]} has dtype {str(t.dtype).removeprefix('torch.')}; "
+                             "adapter factors and coefficients must be floating point")
     A, B = parts["A"], parts["B"]
     for role, t in (("lora_A", A), ("lora_B", B)):
         if t.ndim != 2:

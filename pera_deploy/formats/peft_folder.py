@@ -15,6 +15,7 @@ from typing import Any
 
 from ..errors import InputError
 from ..io.files import TENSOR_SUFFIXES, read_json
+from .config_schema import validate_adapter_config
 from .registry import LoadOptions
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -66,7 +67,7 @@ def locate(path: Path, options: LoadOptions) -> PeftFiles | None:
         if options.config is not None:
             raise InputError(f"{config_path}: --config file not found")
         return None
-    return PeftFiles(folder, weights, config_path, read_json(config_path), name)
+    return PeftFiles(folder, weights, config_path, validate_adapter_config(read_json(config_path), config_path), name)
 
 
 def _adapter_folder(path: Path, options: LoadOptions) -> tuple[Path, str | None] | None:

@@ -7,9 +7,10 @@ adapter whose coefficients are all zero.
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Any
+
+import regex
 
 from ..core.adapter import PeraAdapter
 from ..errors import InputError
@@ -33,15 +34,27 @@ def detect(path: Path, options: LoadOptions) -> bool:
     return files is not None and files.peft_type == "PERA"
 
 
-def pattern_key(patterns: dict[str, Any], module: str) -> str | None:
+# A pattern is matched against one module path (a few dozen characters); a second is far
+# beyond what any pattern needs, and bounds the cost of one written to backtrack forever.
+PATTERN_TIMEOUT = 1.0
+
+
+def pattern_key(patterns: dict[str, Any], module: str, where: Path | str = "adapter_config.json") -> str | None:
     """The rank_pattern / alpha_pattern key that applies to `module`, exactly as PEFT picks it.
 
     PEFT (utils.other.get_pattern_key) takes the first key, in dict order, for which
-    `(.*\\.)?(key)$` matches the module path.
+    `(.*\\.)?(key)$` matches the module path. The `regex` module matches the same patterns
+    as `re` here, but with a timeout, so a catastrophically backtracking key is refused
+    instead of hanging the command.
     """
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return key
+        try:
+            if regex.match(rf"(.*\.)?({key})$", module, timeout=PATTERN_TIMEOUT):
+                return key
+        except TimeoutError:
+            raise InputError(f"{where}: pattern {key!r} takes over {PATTERN_TIMEOUT:g} s to match {module}") from None
+        except regex.error as exc:
+            raise InputError(f"{where}: pattern {key!r} is not a valid regular expression ({exc})") from None
     return None
 
 
@@ -60,10 +73,10 @@ def peft_scaling(config: dict[str, Any], module: str, rank: int, path: Path) -> 
     alpha_pattern = config.get("alpha_pattern") or {}
     if not isinstance(rank_pattern, dict) or not isinstance(alpha_pattern, dict):
         raise InputError(f"{path}: rank_pattern and alpha_pattern must be JSON objects")
-    key = pattern_key(rank_pattern, module)
+    key = pattern_key(rank_pattern, module, path)
     if key is not None:
         r = _number(rank_pattern, key, r, path)
-    key = pattern_key(alpha_pattern, module)
+    key = pattern_key(alpha_pattern, module, path)
     if key is not None:
         alpha = _number(alpha_pattern, key, alpha, path)
     if rank != r:

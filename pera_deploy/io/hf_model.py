@@ -6,14 +6,27 @@ downloaded. Importing this module is cheap; each function imports transformers.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 from ..errors import InputError
 from ..scoped import quiet_transformers
+
+
+@contextmanager
+def _built_from(folder: Path, cls: Any) -> Iterator[None]:
+    """transformers building a model from a folder's config and files: whatever it raises
+    about them (a null where a size belongs, a missing weight) is about the user's folder."""
+    try:
+        yield
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, RuntimeError, OSError) as exc:
+        first = (str(exc).splitlines() or [""])[0][:200]
+        raise InputError(f"{folder}: transformers cannot build {getattr(cls, '__name__', cls)} from this folder "
+                         f"({type(exc).__name__}: {first})") from None
 
 
 def model_class(folder: Path) -> tuple[Any, Any]:
@@ -35,7 +48,7 @@ def load_model(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Mod
     """A transformers model from a local folder, by the class its config names, in eval mode."""
     folder = Path(folder)
     _, cls = model_class(folder)
-    with quiet_transformers():
+    with quiet_transformers(), _built_from(folder, cls):
         model = cls.from_pretrained(folder, dtype=dtype, local_files_only=True)
     model.eval()
     return model
@@ -50,6 +63,6 @@ def model_names(folder: str | Path) -> tuple[list[str], list[str]]:
     `transformer.h.0...`).
     """
     config, cls = model_class(Path(folder))
-    with torch.device("meta"):
+    with torch.device("meta"), _built_from(Path(folder), cls):
         model = cls._from_config(config) if hasattr(cls, "_from_config") else cls.from_config(config)
     return [n for n, _ in model.named_modules() if n], [n for n, _ in model.named_parameters()]

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..errors import InputError
 from .files import read_json
-from .model_folder import side_files
+from .model_folder import folder_files, side_files
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -59,9 +59,7 @@ def place_files(source: Path, target: Path, mode: str) -> list[str]:
         raise InputError(f"--base-files {mode!r}: expected one of {', '.join(BASE_FILE_MODES)}")
     target.mkdir(parents=True, exist_ok=True)
     placed = []
-    for item in sorted(source.iterdir()):
-        if not item.is_file() or item.name.startswith("."):
-            continue
+    for item in folder_files(source):
         dest = target / item.name
         if mode == "symlink":
             os.symlink(item.resolve(), dest)

@@ -7,6 +7,7 @@ and every shape validated before any weight is read.
 
 from __future__ import annotations
 
+import os
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from torch import Tensor
 from ..errors import InputError
 from .files import flat_tensors, load_pickle, read_json
 from .safetensors_stream import DTYPE_CODES, TensorEntry, read_entry, read_header
+from .schema import boolean, mapping, optional, string, string_list, validate
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -26,6 +28,16 @@ BIN_SINGLE = "pytorch_model.bin"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".onnx_data")
 
 
+# The config.json fields pera-deploy reads, strictly typed (others are kept as they are).
+MODEL_CONFIG_SCHEMA = {
+    "tie_word_embeddings": boolean,
+    "architectures": optional(string_list),
+    "model_type": string,
+    "torch_dtype": optional(string),
+    "dtype": optional(string),
+}
+INDEX_SCHEMA = {"weight_map": mapping(string, string), "metadata": optional(mapping(string, lambda v: v))}
+
 # Files of a model folder that describe the old model, not a new one written from it.
 NOT_CARRIED = ("README.md", ".gitattributes")
 
@@ -34,12 +46,52 @@ def is_weight_file(name: str) -> bool:
     return name.endswith(WEIGHT_SUFFIXES) or name in (SAFETENSORS_INDEX, BIN_INDEX) or name.endswith(".index.json")
 
 
+def allowed_roots(folder: Path) -> tuple[Path, ...]:
+    """Where the files of a model folder may really lie: inside the folder itself, and, for a
+    Hugging Face cache snapshot (`models--org--name/snapshots/REV/`, whose files all link
+    into `../../blobs/`), inside that repository's cache folder."""
+    real = folder.resolve()
+    return (real, real.parent.parent) if real.parent.name == "snapshots" else (real,)
+
+
+def checked_file(path: Path, roots: tuple[Path, ...]) -> Path:
+    """`path` if it is a regular file that really lies inside `roots`; one line naming it otherwise.
+
+    A link that leaves the model folder would have its target read, hashed, and copied into
+    an output that may be published: a `notes.txt` linked to /etc/shadow must not travel.
+    """
+    if path.is_symlink():
+        target = path.resolve()
+        if not target.exists():
+            raise InputError(f"{path}: a dangling link (to {os.readlink(path)})")
+        if not any(target.is_relative_to(root) for root in roots):
+            where = "the model folder and its Hub cache repository" if len(roots) > 1 else "the model folder"
+            raise InputError(f"{path}: a link to {target}, outside {where}; refused")
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, expected a file")
+    if not path.is_file():
+        raise InputError(f"{path}: not a regular file")
+    return path
+
+
+def folder_files(folder: Path) -> list[Path]:
+    """Every top-level file of a model folder (hidden files aside), each checked by `checked_file`;
+    sub-folders are not files and are left out."""
+    roots = allowed_roots(folder)
+    found = []
+    for item in sorted(folder.iterdir()):
+        if item.name.startswith(".") or (item.is_dir() and not item.is_symlink()):
+            continue
+        if item.is_symlink() and item.resolve().is_dir() and any(item.resolve().is_relative_to(r) for r in roots):
+            continue  # a linked sub-folder inside the model: not a file either
+        found.append(checked_file(item, roots))
+    return found
+
+
 def side_files(folder: Path) -> list[Path]:
     """Config, tokenizer, generation and other top-level files that are not weights: what a
     model written from this one carries over (its README describes this model, not that one)."""
-    return [item for item in sorted(folder.iterdir())
-            if item.is_file() and not is_weight_file(item.name) and item.name not in NOT_CARRIED
-            and not item.name.startswith(".")]
+    return [item for item in folder_files(folder) if not is_weight_file(item.name) and item.name not in NOT_CARRIED]
 
 
 class ModelFolder:
@@ -48,9 +100,13 @@ class ModelFolder:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         if not self.folder.is_dir():
-            raise InputError(f"{self.folder}: base model folder not found")
+            raise InputError(f"{self.folder}: model folder not found")
+        self.roots = allowed_roots(self.folder)
         config_path = self.folder / "config.json"
-        self.config: dict[str, Any] = read_json(config_path) if config_path.is_file() else {}
+        if not config_path.exists() and not config_path.is_symlink():
+            raise InputError(f"{config_path}: missing; a model folder needs its config.json")
+        self.config: dict[str, Any] = validate(read_json(checked_file(config_path, self.roots)), MODEL_CONFIG_SCHEMA,
+                                               config_path)
         self.index_path: Path | None = None
         self.shards: list[tuple[Path, list[TensorEntry]]] = []
         self.shard_metadata: dict[Path, dict[str, str]] = {}
@@ -66,9 +122,18 @@ class ModelFolder:
 
     # -- discovery -------------------------------------------------------------------
 
+    def _present(self, name: str) -> bool:
+        """Whether the folder has a file of that name (a dangling or escaping link, or a folder
+        of that name, is an error rather than an absence)."""
+        path = self.folder / name
+        if not path.exists() and not path.is_symlink():
+            return False
+        checked_file(path, self.roots)
+        return True
+
     def _discover(self) -> str:
         f = self.folder
-        if (f / SAFETENSORS_INDEX).is_file():
+        if self._present(SAFETENSORS_INDEX):
             self.index_path = f / SAFETENSORS_INDEX
             for path in self._files_from_index(self.index_path):
                 entries, metadata = read_header(path)
@@ -76,18 +141,18 @@ class ModelFolder:
                 self.shard_metadata[path] = metadata
             self._check_index(self.index_path)
             return "safetensors"
-        if (f / SAFETENSORS_SINGLE).is_file():
+        if self._present(SAFETENSORS_SINGLE):
             entries, metadata = read_header(f / SAFETENSORS_SINGLE)
             self.shards.append((f / SAFETENSORS_SINGLE, entries))
             self.shard_metadata[f / SAFETENSORS_SINGLE] = metadata
             return "safetensors"
-        if (f / BIN_INDEX).is_file():
+        if self._present(BIN_INDEX):
             self.index_path = f / BIN_INDEX
             for path in self._files_from_index(self.index_path):
                 self.shards.append((path, self._load_pickle(path)))
             self._check_index(self.index_path)
             return "bin"
-        if (f / BIN_SINGLE).is_file():
+        if self._present(BIN_SINGLE):
             self.shards.append((f / BIN_SINGLE, self._load_pickle(f / BIN_SINGLE)))
             return "bin"
         raise InputError(
@@ -95,11 +160,10 @@ class ModelFolder:
         )
 
     def _weight_map(self, index_path: Path) -> dict[str, str]:
-        index = read_json(index_path)
-        weight_map = index.get("weight_map")
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise InputError(f"{index_path}: no valid weight_map")
-        return weight_map
+        index = validate(read_json(index_path), INDEX_SCHEMA, index_path)
+        if "weight_map" not in index:
+            raise InputError(f"{index_path}: no weight_map")
+        return index["weight_map"]
 
     def _files_from_index(self, index_path: Path) -> list[Path]:
         files = []
@@ -107,9 +171,9 @@ class ModelFolder:
             path = self.folder / name
             if Path(name).is_absolute() or ".." in Path(name).parts:
                 raise InputError(f"{index_path}: shard {name!r} lies outside the model folder")
-            if not path.is_file():
+            if not path.exists() and not path.is_symlink():
                 raise InputError(f"{index_path}: shard {name} is missing")
-            files.append(path)
+            files.append(checked_file(path, self.roots))
         return files
 
     def _check_index(self, index_path: Path) -> None:
@@ -168,6 +232,12 @@ class ModelFolder:
     def weight_files(self) -> list[Path]:
         files = [path for path, _ in self.shards]
         return ([self.index_path] if self.index_path else []) + files
+
+    def input_paths(self) -> list[Path]:
+        """Everything this folder's reading touches (the folder, the Hub cache repository it
+        belongs to, every file, and where their links lead): what no output may overwrite."""
+        files = [self.folder / "config.json", *self.weight_files, *side_files(self.folder)]
+        return [*self.roots, *files, *(f.resolve() for f in files if f.is_symlink())]
 
     def close(self) -> None:
         self._pickled.clear()

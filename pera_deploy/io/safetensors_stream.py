@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import InputError
+from .strict_json import parse_json
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -104,17 +105,25 @@ def read_header(path: Path) -> tuple[list[TensorEntry], dict[str, str]]:
         (n,) = struct.unpack("<Q", fh.read(8))
         if n > MAX_HEADER or 8 + n > size:
             raise InputError(f"{path}: corrupt safetensors header length {n}")
-        header = json.loads(fh.read(n))
+        header = parse_json(fh.read(n), path)
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: corrupt safetensors header (not a JSON object)")
     data_start = 8 + n
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise InputError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
     entries = []
     for name, info in header.items():
+        shape, offsets = (info.get("shape"), info.get("data_offsets")) if isinstance(info, dict) else (None, None)
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+                and isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise InputError(f"{path}: tensor {name}: corrupt header entry")
         code = info.get("dtype")
         if code not in DTYPES:
             raise InputError(f"{path}: tensor {name} has dtype {code!r}, which pera-deploy does not handle")
-        begin, end = info["data_offsets"]
-        entry = TensorEntry(name, code, tuple(int(d) for d in info["shape"]), path, data_start + begin, data_start + end)
-        if entry.end - entry.begin != entry.nbytes or entry.end > size:
+        begin, end = offsets
+        entry = TensorEntry(name, code, tuple(shape), path, data_start + begin, data_start + end)
+        if begin < 0 or entry.end - entry.begin != entry.nbytes or entry.end > size:
             raise InputError(f"{path}: tensor {name}: data offsets do not fit its shape and dtype")
         entries.append(entry)
     entries.sort(key=lambda e: e.begin)

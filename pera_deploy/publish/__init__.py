@@ -6,6 +6,6 @@
 * `model_card`: the one README.md writer.
 """
 
-from .publication import Written, publish
+from .publication import Written, adapter_inputs, publish
 
-__all__ = ["Written", "publish"]
+__all__ = ["Written", "adapter_inputs", "publish"]

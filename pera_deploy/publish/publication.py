@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from ..checks.base import Check, Report
+from ..core.adapter import PeraAdapter
 from ..errors import ENVIRONMENT_ERRNOS, CheckFailed, environment_failure
 from ..io.model_files import write_json
 from .manifest import MANIFEST, build_manifest
@@ -34,10 +35,14 @@ class Written:
 
 
 def publish(target: Path, command: str, write: Callable[[Path], Written], *, options: dict[str, Any],
-            force: bool = False) -> Report:
-    """Run `write(temporary_folder)`, record and check what it wrote, and publish it as `target`."""
+            inputs: Iterable[Path], force: bool = False) -> Report:
+    """Run `write(temporary_folder)`, record and check what it wrote, and publish it as `target`.
+
+    `inputs` are every path the command reads: the output may not be, contain or lie inside
+    any of them (see output_folder.py).
+    """
     target = Path(target)
-    with OutputFolder(target, force=force) as out:
+    with OutputFolder(target, force=force, inputs=inputs) as out:
         try:
             written = write(out.path)
             manifest = build_manifest(command, written.inputs, options, written.sections, written.checks)
@@ -53,3 +58,9 @@ def publish(target: Path, command: str, write: Callable[[Path], Written], *, opt
             raise CheckFailed(report.failure() or "a check failed", report)
         out.commit()
     return report
+
+
+def adapter_inputs(adapter: PeraAdapter) -> list[Path]:
+    """The paths an adapter was read from (its folder or file, every file, where links lead)."""
+    files = [Path(f) for f in adapter.files]
+    return [*([adapter.path] if adapter.path else []), *files, *(f.resolve() for f in files if f.is_symlink())]

@@ -8,6 +8,8 @@ while it is active (ONNX Runtime silently runs the base model otherwise).
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
 import numpy as np
@@ -37,4 +39,13 @@ def write_adapter_file(path: Path, arrays: dict[str, np.ndarray]) -> None:
     fmt.set_model_version(1)
     # ortvalue_from_numpy does not copy: `arrays` stays referenced until the export below
     fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()})
-    fmt.export_adapter(str(path))
+    try:
+        fmt.export_adapter(str(path))
+    except RuntimeError as exc:
+        if "Failed to write" not in str(exc):
+            raise
+        # ONNX Runtime reports a failed write with no errno: tell a full disk from other I/O errors
+        needed = sum(v.nbytes for v in arrays.values())
+        stat = os.statvfs(path.parent)
+        code = errno.ENOSPC if stat.f_bavail * stat.f_frsize < needed + (1 << 16) else errno.EIO
+        raise OSError(code, os.strerror(code), str(path)) from None

@@ -7,7 +7,7 @@ against the PyTorch reference (`checks.onnx_outputs`) and published through `pub
 from __future__ import annotations
 
 import json
-import tempfile
+import shutil
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from ...io.digests import Digests
 from ...io.hf_model import load_model
 from ...io.model_folder import ModelFolder
 from ...merging.matching import match_adapter
-from ...publish import Written, publish
+from ...publish import Written, adapter_inputs, publish
 from ...publish.manifest import adapter_record, model_record
 from ..merged import merge_folder
 from .adapters import branch_factors, write_adapter_file
@@ -36,37 +36,39 @@ def export_merged_folder(model: Path, output: Path, adapter: tuple[str, PeraAdap
                          opset: int | None, dtype: str, force: bool, digests: Digests,
                          options: dict[str, Any]) -> Report:
     """`model` exported as it is, or with `adapter` merged into it first (in float32, in a
-    scratch folder beside the output that is removed afterwards)."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.pera-deploy-merge-") as scratch:
+    scratch folder inside the temporary output folder, removed before publishing)."""
+    with ModelFolder(model) as checkpoint:
+        weight_files = checkpoint.weight_files
+        input_paths = [*checkpoint.input_paths(), *(adapter_inputs(adapter[1]) if adapter else [])]
+
+    def write(out: Path) -> Written:
         folder = model
         if adapter is not None:  # merged on the fly, in float32: nothing is lost before the float32 export
-            folder = Path(scratch) / "merged"
+            folder = out / ".merged"
             merged = merge_folder(adapter[1], model, folder, digests, dtype="float32", progress=False)
             inputs = {"adapter": merged.manifest["adapter"], "base": merged.manifest["base"]}
         else:
-            with ModelFolder(model) as checkpoint:
-                inputs = {"model": model_record(model, checkpoint.weight_files, digests)}
+            inputs = {"model": model_record(model, weight_files, digests)}
         metadata = {"pera_deploy.version": __version__, "pera_deploy.source": model.name}
         if adapter is not None:
             metadata.update({"pera_deploy.base": model.name, "pera_deploy.adapter": adapter[0],
                              "pera_deploy.adapter_sha256": inputs["adapter"]["sha256"],
                              "pera_deploy.base_sha256": inputs["base"]["sha256"]})
+        export_model(folder, out, task, opset)
+        if dtype == "float16":
+            to_float16(out / "model.onnx")
+        set_metadata(out / "model.onnx", metadata)
+        if adapter is None:
+            reference, state = load_model(folder, torch.float32), nullcontext()
+        else:
+            reference, state = load_unmerged_model(model, adapter[1], torch.float32)
+        with state:
+            check = validate(out / "model.onnx", reference, [("merged", None, nullcontext)], dtype == "float16")
+        if folder != model:
+            shutil.rmtree(folder)
+        return Written([check], inputs, {"graph": "merged", "task": task, "metadata": metadata})
 
-        def write(out: Path) -> Written:
-            export_model(folder, out, task, opset)
-            if dtype == "float16":
-                to_float16(out / "model.onnx")
-            set_metadata(out / "model.onnx", metadata)
-            if adapter is None:
-                reference, state = load_model(folder, torch.float32), nullcontext()
-            else:
-                reference, state = load_unmerged_model(model, adapter[1], torch.float32)
-            with state:
-                check = validate(out / "model.onnx", reference, [("merged", None, nullcontext)], dtype == "float16")
-            return Written([check], inputs, {"graph": "merged", "task": task, "metadata": metadata})
-
-        return publish(output, "export-onnx", write, options=options, force=force)
+    return publish(output, "export-onnx", write, options=options, inputs=input_paths, force=force)
 
 
 def export_branch_folder(base: Path, output: Path, adapters: dict[str, PeraAdapter], task: str, opset: int | None,
@@ -80,6 +82,7 @@ def export_branch_folder(base: Path, output: Path, adapters: dict[str, PeraAdapt
                                  "a swappable ONNX adapter holds only low-rank factors: merge it instead")
             match_adapter(adapter, checkpoint, untie_embeddings=True)  # shapes: "made for another base?"
         weight_files = checkpoint.weight_files
+        input_paths = [*checkpoint.input_paths(), *(p for a in adapters.values() for p in adapter_inputs(a))]
     digests.prefetch([f for a in adapters.values() for f in a.files] + weight_files)
     model = load_model(base, torch.float32)
     targets = {name: targets_in_model(model, adapter) for name, adapter in adapters.items()}
@@ -123,4 +126,4 @@ def export_branch_folder(base: Path, output: Path, adapters: dict[str, PeraAdapt
                     "adapter_files": {name: {"file": files[name].name, "rank": ranks[name]} for name in adapters}}
         return Written([check], inputs, sections)
 
-    return publish(output, "export-onnx --branch", write, options=options, force=force)
+    return publish(output, "export-onnx --branch", write, options=options, inputs=input_paths, force=force)
