@@ -136,8 +136,48 @@ def mutate_pickle(path: Path, mutation: Any) -> None:
 pickle_mutation = st.tuples(st.sampled_from(["truncate", "bytes"]), st.integers(0, 10**7),
                             st.binary(min_size=1, max_size=16))
 
+@st.composite
+def tensor_mutation(draw: Any) -> Any:
+    kind = draw(st.sampled_from(["shape", "dtype", "drop", "rename", "add", "values"]))
+    shape = draw(st.lists(st.integers(0, 40), min_size=0, max_size=3))
+    dtype = draw(st.sampled_from(["float32", "float16", "bfloat16", "float64", "int32", "int8", "bool", "uint8"]))
+    suffix = draw(st.sampled_from([".lora_A.weight", ".lora_B.weight", ".pera_h_A", ".pera_h_B", ".lora_A",
+                                   ".lora_A_parameter", ".lora_A_parameter_square", ".lora_E", ".bias", ".weight",
+                                   ".lora_A.default.weight", ""]))
+    value = draw(st.sampled_from([0.0, 1e30, -1e30, float("nan"), float("inf"), 1e-40]))
+    return kind, draw(st.integers(0, 10**6)), shape, dtype, suffix, value
+
+
+def mutate_tensors(path: Path, mutation: Any) -> None:
+    """A well-formed file holding wrong tensors: shapes, dtypes, names and values that make no adapter."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    kind, n, shape, dtype, suffix, value = mutation
+    tensors = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, weights_only=True)
+    keys = sorted(tensors)
+    key = keys[n % len(keys)]
+    if kind == "shape":
+        tensors[key] = torch.randn(shape) if shape or n % 2 else torch.tensor(1.0)
+    elif kind == "dtype":
+        tensors[key] = tensors[key].to(getattr(torch, dtype))
+    elif kind == "drop":
+        del tensors[key]
+    elif kind == "rename":
+        tensors[key.rsplit(".", 1)[0] + suffix] = tensors.pop(key)
+    elif kind == "add":
+        tensors[f"base_model.model.model.layers.{n % 3}.extra{suffix}"] = torch.randn(shape or [2])
+    else:
+        tensors[key] = tensors[key].clone()
+        tensors[key].view(-1)[n % tensors[key].numel()] = value
+    if path.suffix == ".safetensors":
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    else:
+        torch.save(tensors, path)
+
+
 target = st.sampled_from(["adapter-safetensors", "adapter-config", "pera-pickle", "pera-config", "base-header",
-                          "base-index", "base-config"])
+                          "base-index", "base-config", "adapter-tensors", "pera-tensors"])
 
 
 def _run(fx: dict[str, Path], cli: Any, which: str, mutation: Any, command: list[str]) -> None:
@@ -152,6 +192,10 @@ def _run(fx: dict[str, Path], cli: Any, which: str, mutation: Any, command: list
             mutate_json(adapter / "adapter_config.json", CONFIG_KEYS, mutation)
         elif which == "pera-pickle":
             mutate_pickle(adapter / "adapter_model.bin", mutation)
+        elif which == "adapter-tensors":
+            mutate_tensors(adapter / "adapter_model.safetensors", mutation)
+        elif which == "pera-tensors":
+            mutate_tensors(adapter / "adapter_model.bin", mutation)
         elif which == "base-header":
             mutate_safetensors(base / f"model-0000{mutation[1] % 3 + 1}-of-00003.safetensors", mutation)
         elif which == "base-index":
@@ -176,6 +220,8 @@ def test_mutated_inputs_never_crash(fx, cli, which, data, command):
         mutation = data.draw(header_mutation())
     elif which == "pera-pickle":
         mutation = data.draw(pickle_mutation)
+    elif which.endswith("-tensors"):
+        mutation = data.draw(tensor_mutation())
     else:
         mutation = data.draw(json_mutation)
     _run(fx, cli, which, mutation, command)

@@ -42,8 +42,8 @@ def test_factored_svd_equals_dense_svd(out_f, in_f, k):
 
 def test_factored_norm_keeps_digits_of_tiny_differences():
     g = torch.Generator().manual_seed(1)
-    left, right = torch.randn(50, 10, generator=g, dtype=torch.float64), torch.randn(10, 40, generator=g,
-                                                                                     dtype=torch.float64)
+    left = torch.randn(50, 10, generator=g, dtype=torch.float64)
+    right = torch.randn(10, 40, generator=g, dtype=torch.float64)
     nudged = left.clone()
     nudged[3, 4] += 1e-9
     dense = float((left @ right - nudged @ right).norm())

@@ -396,3 +396,21 @@ def test_a_full_disk_while_onnx_runtime_writes_an_adapter_file_is_4(cli, fx, tmp
     assert result.exit_code == 4, result.stderr
     assert "No space left on device" in result.stderr and "a.onnx_adapter" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fuzz_a_huge_but_finite_adapter_value_is_checked_not_crashed(fx, tmp_path):
+    """Corrupt bytes that made a factor ~1e11 (finite) overflowed the weight check's float32
+    norms and crashed its failure message (exit 3); norms now accumulate in float64."""
+    from pera_deploy.checks.weights import LayerCheck, WeightCheck
+
+    check = WeightCheck([LayerCheck("m", "m.weight", "bfloat16", 1.0, float("inf"), float("inf"), 0.0, 0, 0, None,
+                                    1.0, False)])
+    assert "is not finite" in check.failure()
+    folder = shutil.copytree(fx["llama-peft"], tmp_path / "a")
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    key = next(k for k in tensors if k.endswith("lora_B.weight"))
+    tensors[key] = tensors[key].clone()
+    tensors[key][17, 0] = 1.38e11  # squared by the expansion: ΔW near 1e22, the residual near 6e19
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    report = pera_deploy.merge(folder, fx["llama-base"], tmp_path / "m", progress=False)
+    assert report.passed and max(c.residual_norm for c in report.check("weights").layers) > 1e19

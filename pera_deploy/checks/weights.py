@@ -82,16 +82,19 @@ class WeightCheck:
         """One line naming what broke, or None."""
         bad = [c for c in self.layers if not c.passed]
         if bad:
-            c = max(bad, key=lambda c: c.worst_ratio or 0.0)
+            c = max(bad, key=lambda c: c.worst_ratio or math.inf)
+            if c.worst_ratio is None:  # no element is off, but the error itself is not finite
+                return (f"merged weight {c.tensor} (module {c.module}): the error of W0 + ΔW rounded to {c.dtype} is not "
+                        f"finite (residual {c.residual_norm:.3g}); {len(bad)} layer(s) failed")
             return (
                 f"merged weight {c.tensor} (module {c.module}) is not W0 + ΔW rounded once to {c.dtype}: "
                 f"{c.off_elements} element(s) off, the worst by {c.worst_ratio:.3g}x what one rounding allows "
                 f"(relative error {c.rel_error:.3g} of ‖ΔW‖, bound {c.rel_bound:.3g}); {len(bad)} layer(s) failed"
             )
-        for what, names in (("differs from the base", self.changed), ("does not equal the adapter's tensor",
-                                                                      self.extras_bad),
-                            ("is missing from the merged model",
-                             self.missing), ("is in the merged model but not expected", self.unexpected)):
+        problems = (("differs from the base", self.changed), ("does not equal the adapter's tensor", self.extras_bad),
+                    ("is missing from the merged model", self.missing),
+                    ("is in the merged model but not expected", self.unexpected))
+        for what, names in problems:
             if names:
                 more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
                 return f"tensor {names[0]}{more} {what}"
@@ -153,8 +156,9 @@ def check_merged_layer(w_merged: Tensor, w0: Tensor, layer: PeraLayer, transpose
         x = w0[block].to(precision, copy=True).addmm_(left[block], right, alpha=sign)
         stored = w_merged[block]
         rounded = x.to(stored_dtype)
-        x2 += float(torch.linalg.vector_norm(x)) ** 2
-        r2 += float(torch.linalg.vector_norm(stored.to(precision, copy=True).sub_(x))) ** 2
+        # norms accumulated in float64: a float32 sum of squares overflows for weights near 1e19
+        x2 += float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2
+        r2 += float(torch.linalg.vector_norm(stored.to(precision, copy=True).sub_(x), dtype=torch.float64)) ** 2
         # The usual case: every element is round(x) exactly. (numpy compares the bits about
         # five times faster than torch.equal does.)
         if np.array_equal(stored.view(bits).numpy(), rounded.view(bits).numpy()):

@@ -116,8 +116,8 @@ def assemble_layer(
 
 
 def group_tensors(tensors: dict[str, Tensor], suffixes: Sequence[tuple[str, Role]], path: Path, *,
-                  factor_markers: Sequence[str], factor_names: str) -> tuple[dict[str, dict[Role, Tensor]], dict[str,
-                                                                                                                 Tensor]]:
+                  factor_markers: Sequence[str],
+                  factor_names: str) -> tuple[dict[str, dict[Role, Tensor]], dict[str, Tensor]]:
     """Module path → role → tensor, and the full tensors trained beside them (extras).
 
     `suffixes` are tried in order (longest first where one ends another). A key that fits

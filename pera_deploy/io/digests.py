@@ -130,7 +130,7 @@ def likely_inputs(adapter: Path, base: Path) -> list[Path]:
             names = sorted(os.listdir(folder))
         except OSError:
             return []
-        return [folder / n for n in names if n.endswith((".safetensors", ".bin",
-                                                         ".index.json")) or n == "adapter_config.json"]
+        wanted = (".safetensors", ".bin", ".index.json")
+        return [folder / n for n in names if n.endswith(wanted) or n == "adapter_config.json"]
 
     return weights(Path(adapter)) + weights(Path(base))
