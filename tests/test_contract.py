@@ -194,11 +194,15 @@ def tiny_disk(tmp_path):
     ["merge", "{llama-pera}", "{llama-base}", "--keep-branch"],
     ["export-lora", "{llama-pera}"],
     ["unmerge", "{merged}", "--adapter", "{llama-pera}"],
+    ["export-onnx", "{llama-base}", "--adapter", "{llama-pera}"],
+    ["export-onnx", "{llama-base}", "--branch", "--adapter", "a={llama-pera}"],
 ])
 def test_disk_full_is_4_and_leaves_nothing(cli, fx, tmp_path, tiny_disk, command):
+    if command[0] == "export-onnx":
+        pytest.importorskip("optimum.exporters.onnx")
     pera_deploy.merge(fx["llama-pera"], fx["llama-base"], tmp_path / "merged", progress=False)
     names = {**{k: str(v) for k, v in fx.items()}, "merged": str(tmp_path / "merged")}
-    args = [a.format(**names) if a.startswith("{") else a for a in command]
+    args = [a.format(**names) if "{" in a else a for a in command]
     code, data = run_json(cli, *args, "-o", tiny_disk / "out")
     assert code == 4 and "No space left on device" in data["error"]["message"]
     assert str(tiny_disk / "out") in data["error"]["message"]

@@ -414,3 +414,17 @@ def test_fuzz_a_huge_but_finite_adapter_value_is_checked_not_crashed(fx, tmp_pat
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     report = pera_deploy.merge(folder, fx["llama-base"], tmp_path / "m", progress=False)
     assert report.passed and max(c.residual_norm for c in report.check("weights").layers) > 1e19
+
+
+def test_hashing_never_follows_a_link_out_of_the_folder(tmp_path):
+    """The CLI starts hashing before it validates anything: a base file linked to a device or to
+    a file elsewhere must not be read by that head start either."""
+    from pera_deploy.io.digests import likely_inputs
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "model.safetensors").symlink_to("/dev/zero")
+    (tmp_path / "elsewhere.bin").write_bytes(b"x")
+    (base / "pytorch_model.bin").symlink_to(tmp_path / "elsewhere.bin")
+    (base / "model.safetensors.index.json").write_text("{}")
+    assert likely_inputs(tmp_path / "nope", base) == [base / "model.safetensors.index.json"]

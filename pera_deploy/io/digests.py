@@ -16,17 +16,26 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+
+from .paths import allowed_roots, inside
 
 CHUNK = 8 << 20
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-def sha256_file(path: Path) -> str:
+class Stopped(Exception):
+    """Hashing was abandoned because its Digests was closed."""
+
+
+def sha256_file(path: Path, stop: threading.Event | None = None) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(CHUNK):
+            if stop is not None and stop.is_set():
+                raise Stopped(str(path))
             h.update(chunk)
     return h.hexdigest()
 
@@ -94,12 +103,13 @@ class Digests:
         self.cache = DigestCache(folder) if use_cache and folder is not None else None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pera-deploy-sha256")
         self._futures: dict[Path, Future[str]] = {}
+        self._stop = threading.Event()
 
     def _compute(self, path: Path) -> str:
         known = _hub_blob_digest(path) or (self.cache.get(path) if self.cache else None)
         if known:
             return known
-        digest = sha256_file(path)
+        digest = sha256_file(path, self._stop)
         if self.cache:
             self.cache.put(path, digest)
         return digest
@@ -117,20 +127,27 @@ class Digests:
         return self._futures[key].result()
 
     def close(self) -> None:
+        """Stop hashing: queued files are dropped and the file being hashed is abandoned within
+        one chunk, so a refused input does not keep the process alive hashing a large base."""
+        self._stop.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def likely_inputs(adapter: Path, base: Path) -> list[Path]:
     """The files a merge of `adapter` into `base` will most likely read, to start hashing them.
 
-    Only a head start: the merge asks for exactly the files it uses.
+    Only a head start: the merge asks for exactly the files it uses. Only regular files that
+    really lie inside their folder are taken: a link out of it, to a device or to a huge file
+    elsewhere, is refused by the merge, and must not keep a hashing thread busy meanwhile.
     """
     def weights(folder: Path) -> list[Path]:
         try:
             names = sorted(os.listdir(folder))
+            roots = allowed_roots(folder)
         except OSError:
             return []
         wanted = (".safetensors", ".bin", ".index.json")
-        return [folder / n for n in names if n.endswith(wanted) or n == "adapter_config.json"]
+        return [folder / n for n in names if (n.endswith(wanted) or n == "adapter_config.json")
+                and (folder / n).is_file() and inside(folder / n, roots)]
 
     return weights(Path(adapter)) + weights(Path(base))

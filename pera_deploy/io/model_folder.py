@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ..errors import InputError
 from .files import flat_tensors, load_pickle, read_json
+from .paths import allowed_roots, inside
 from .safetensors_stream import DTYPE_CODES, TensorEntry, read_entry, read_header
 from .schema import boolean, mapping, optional, string, string_list, validate
 
@@ -46,14 +47,6 @@ def is_weight_file(name: str) -> bool:
     return name.endswith(WEIGHT_SUFFIXES) or name in (SAFETENSORS_INDEX, BIN_INDEX) or name.endswith(".index.json")
 
 
-def allowed_roots(folder: Path) -> tuple[Path, ...]:
-    """Where the files of a model folder may really lie: inside the folder itself, and, for a
-    Hugging Face cache snapshot (`models--org--name/snapshots/REV/`, whose files all link
-    into `../../blobs/`), inside that repository's cache folder."""
-    real = folder.resolve()
-    return (real, real.parent.parent) if real.parent.name == "snapshots" else (real,)
-
-
 def checked_file(path: Path, roots: tuple[Path, ...]) -> Path:
     """`path` if it is a regular file that really lies inside `roots`; one line naming it otherwise.
 
@@ -64,7 +57,7 @@ def checked_file(path: Path, roots: tuple[Path, ...]) -> Path:
         target = path.resolve()
         if not target.exists():
             raise InputError(f"{path}: a dangling link (to {os.readlink(path)})")
-        if not any(target.is_relative_to(root) for root in roots):
+        if not inside(target, roots):
             where = "the model folder and its Hub cache repository" if len(roots) > 1 else "the model folder"
             raise InputError(f"{path}: a link to {target}, outside {where}; refused")
     if path.is_dir():
@@ -82,7 +75,7 @@ def folder_files(folder: Path) -> list[Path]:
     for item in sorted(folder.iterdir()):
         if item.name.startswith(".") or (item.is_dir() and not item.is_symlink()):
             continue
-        if item.is_symlink() and item.resolve().is_dir() and any(item.resolve().is_relative_to(r) for r in roots):
+        if item.is_symlink() and item.resolve().is_dir() and inside(item, roots):
             continue  # a linked sub-folder inside the model: not a file either
         found.append(checked_file(item, roots))
     return found
