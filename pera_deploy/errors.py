@@ -61,6 +61,10 @@ class EnvironmentFailure(PeraDeployError):
     exit_code = EXIT_ENVIRONMENT
     kind = "environment_error"
 
+    def __init__(self, message: str, os_error: OSError | None = None) -> None:
+        super().__init__(message)
+        self.os_error = os_error
+
 
 # OS errors that say the machine, not the input, failed.
 ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS, errno.ENOMEM,
@@ -74,7 +78,7 @@ def environment_failure(exc: OSError, target: Path | str | None = None) -> Envir
     written = exc.filename2 or exc.filename  # a copy names its source first, the file it was writing second
     where = str(target or written or "output")
     file = f" (writing {written})" if written and target and str(written) != str(target) else ""
-    return EnvironmentFailure(f"{where}: {reason}{f' ({code})' if code else ''}{file}; nothing was written")
+    return EnvironmentFailure(f"{where}: {reason}{f' ({code})' if code else ''}{file}; nothing was written", exc)
 
 
 def classify_os_error(exc: OSError) -> PeraDeployError:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable
 
 from ..checks.base import Check, Report
 from ..core.adapter import PeraAdapter
-from ..errors import ENVIRONMENT_ERRNOS, CheckFailed, environment_failure
+from ..errors import ENVIRONMENT_ERRNOS, CheckFailed, EnvironmentFailure, environment_failure
 from ..io.model_files import write_json
 from .manifest import MANIFEST, build_manifest
 from .model_card import ModelCard
@@ -53,6 +53,10 @@ def publish(target: Path, command: str, write: Callable[[Path], Written], *, opt
             if exc.errno in ENVIRONMENT_ERRNOS:
                 raise environment_failure(exc, target) from exc
             raise
+        except EnvironmentFailure as exc:  # a folder published inside this one (a scratch merge): name ours
+            if exc.os_error is None:
+                raise
+            raise environment_failure(exc.os_error, target) from exc
         report = Report(command, target, written.checks, manifest, written.plan)
         if not report.passed:
             raise CheckFailed(report.failure() or "a check failed", report)
