@@ -166,16 +166,18 @@ def test_tensors_without_a_config_need_config(fx, tmp_path):
     with pytest.raises(InputError, match="--config"):
         pera_deploy.load_adapter(weights)
     adapter = pera_deploy.load_adapter(weights, config=fx["llama-peft"] / "adapter_config.json")
-    assert adapter.format == "peft" and Path(adapter.files[0]).name == "adapter_config.json"
-    assert adapter.files[1] == weights
+    folder = pera_deploy.load_adapter(fx["llama-peft"])
+    assert adapter.format == "state-dict" and adapter.files == (weights, fx["llama-peft"] / "adapter_config.json")
+    assert adapter.scalings == folder.scalings and sorted(adapter.layers) == sorted(folder.layers)
+    assert all(torch.equal(adapter.layers[m].hA, folder.layers[m].hA) for m in folder.layers)
 
 
 def test_config_option_from_the_cli(cli, fx, tmp_path):
-    weights = shutil.copy(fx["llama-pera"] / "adapter_model.bin", tmp_path / "step-100.pt")
-    result = cli("inspect", weights)
+    weights = shutil.copy(fx["llama-peft"] / "adapter_model.safetensors", tmp_path / "step-100.safetensors")
+    result = cli("inspect", weights)  # PEFT's names: the scaling needs the config
     assert result.exit_code == 2 and "--config" in result.stderr
-    info = cli.json("inspect", weights, "--config", fx["llama-pera"] / "adapter_config.json")
-    assert info["format"] == "reference" and info["modules"] == 14
+    info = cli.json("inspect", weights, "--config", fx["llama-peft"] / "adapter_config.json")
+    assert info["format"] == "state-dict" and info["modules"] == 14 and info["scaling"] == [2.0]
     result = cli("merge", weights, fx["llama-base"], "-o", tmp_path / "m", "--config", tmp_path / "nope.json")
     assert result.exit_code == 2 and "nope.json" in result.stderr
 

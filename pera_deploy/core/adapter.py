@@ -95,6 +95,9 @@ class PeraAdapter:
     config: dict[str, Any] = field(default_factory=dict)
     name: str | None = None  # which adapter of a multi-adapter folder, if any
     notes: tuple[str, ...] = ()
+    # where the tensors came from, for a training checkpoint: the container, the prefixes
+    # stripped, where each setting came from, tensors taken and ignored, the step, ...
+    source: dict[str, Any] = field(default_factory=dict)
 
     @property
     def base_model_name_or_path(self) -> str | None:
@@ -154,5 +157,6 @@ class PeraAdapter:
             "parameters": self.parameter_count,
             "extra_tensors": sorted(self.extra_tensors),
             "notes": list(self.notes),
+            "source": self.source,
             "layers": layers,
         }

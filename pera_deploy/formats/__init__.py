@@ -14,10 +14,15 @@ from pathlib import Path
 from ..core.adapter import PeraAdapter
 from ..errors import InputError
 from ..options import MISSING_COEFFICIENTS, choose
-from . import peft_folder, peft_lora, peft_pera, reference
+from . import dcp, deepspeed, hf_trainer, lightning, peft_folder, peft_lora, peft_pera, reference, state_dict
 from .registry import AdapterFormat, LoadOptions, MissingCoefficients
 
-FORMATS: dict[str, AdapterFormat] = {f.name: f for f in (peft_pera.FORMAT, peft_lora.FORMAT, reference.FORMAT)}
+# In detection order: an HF Trainer folder also holds a PEFT adapter and a DeepSpeed folder,
+# and a PEFT adapter's weights file is also a state dict, so the more specific come first.
+FORMATS: dict[str, AdapterFormat] = {f.name: f for f in (
+    hf_trainer.FORMAT, peft_pera.FORMAT, peft_lora.FORMAT, reference.FORMAT,
+    deepspeed.FORMAT, lightning.FORMAT, dcp.FORMAT, state_dict.FORMAT,
+)}
 
 __all__ = ["FORMATS", "AdapterFormat", "LoadOptions", "detect_format", "load_adapter"]
 
@@ -29,12 +34,15 @@ def detect_format(path: Path, options: LoadOptions) -> AdapterFormat:
     for fmt in FORMATS.values():
         if fmt.detect(path, options):
             return fmt
+    if path.is_dir() and (path / peft_folder.ADAPTER_CONFIG).is_file():
+        raise InputError(f"{path}: has an {peft_folder.ADAPTER_CONFIG} but no {' or '.join(peft_folder.ADAPTER_WEIGHTS)}, "
+                         "and is no training checkpoint pera-deploy reads")
     files = peft_folder.locate(path, options)
     if files is not None:
         raise InputError(f"{files.config_path}: not a format pera-deploy reads (peft_type "
                          f"{files.config.get('peft_type')!r}); known formats: {', '.join(FORMATS)}")
-    raise InputError(f"{path}: no adapter pera-deploy can read here (no {peft_folder.ADAPTER_CONFIG} here or in a "
-                     f"sub-folder; for tensors without one, give it with --config); known formats: {', '.join(FORMATS)}")
+    raise InputError(f"{path}: no adapter pera-deploy can read here (not an adapter folder, a training checkpoint "
+                     f"or a state dict file); known formats: {', '.join(FORMATS)}")
 
 
 def load_adapter(

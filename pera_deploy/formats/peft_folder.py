@@ -4,7 +4,8 @@ The three PEFT-family formats (the authors' `reference`, `peft` PERA, plain `pef
 share the layout: an `adapter_config.json` beside an `adapter_model.safetensors` (or
 `.bin`), several adapters as PEFT saves them (the default at the top, each other one in a
 sub-folder named after it), and keys under `base_model.model.`. A path may be the folder,
-either file, or any tensor file with its config given by `--config`.
+either file (a training checkpoint or any other tensor file is read by the container formats,
+training_keys.py).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from ..io.files import TENSOR_SUFFIXES, read_json
+from ..io.files import read_json
 from .config_schema import validate_adapter_config
 from .registry import LoadOptions
 
@@ -52,15 +53,17 @@ def locate(path: Path, options: LoadOptions) -> PeftFiles | None:
         folder = path.parent
         if path.name == ADAPTER_CONFIG:
             weights = find_weights_file(folder)
-        elif path.name.endswith(TENSOR_SUFFIXES):
+        elif path.name in ADAPTER_WEIGHTS:
             weights = path
         else:
-            return None
+            return None  # any other tensor file is a state dict or a training checkpoint (their own formats)
     else:
         found = _adapter_folder(path, options)
         if found is None:
             return None
         folder, name = found
+        if not _weights_in(folder):
+            return None  # a config without adapter weights: a training folder (DeepSpeed, ...) may be next to it
         weights = find_weights_file(folder)
     config_path = options.config or folder / ADAPTER_CONFIG
     if not config_path.is_file():

@@ -55,6 +55,7 @@ def adapter_record(adapter: PeraAdapter, digests: Digests) -> dict[str, Any]:
         "coefficient_layouts": adapter.layouts,
         "modules": len(adapter.layers),
         "notes": list(adapter.notes),
+        **({"container": adapter.source} if adapter.source else {}),
     }
 
 

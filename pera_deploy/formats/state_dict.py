@@ -1,0 +1,108 @@
+"""A flat state dict saved by a custom training loop: one `.pt`, `.pth`, `.bin` or
+`.safetensors` file, or several listed by an index json (`{"weight_map": {name: file}}`).
+
+Pickles may hold more than tensors (`{"model": ..., "optimizer": ..., "epoch": 3}`): they are
+read with the safe unpickler, memory-mapped, and every nested dict of tensors is a state dict
+whose own keys name the tensors. Safetensors files are opened lazily. Only the adapter's
+tensors are ever read (training_keys.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from safetensors import safe_open
+from torch import Tensor
+
+from ..core.adapter import PeraAdapter
+from ..errors import InputError
+from ..io.files import TENSOR_SUFFIXES, read_json
+from ..io.model_folder import read_tensor
+from ..io.safe_unpickle import load_checkpoint
+from ..io.safetensors_stream import read_header
+from .registry import AdapterFormat, LoadOptions
+from .training_keys import Found, read_adapter
+
+NAME = "state-dict"
+
+
+def tensor_files(path: Path) -> list[Path] | None:
+    """The files of a state dict at `path` (a file, an index json, or a folder holding exactly one
+    of either), or None when `path` is not laid out like one."""
+    if path.is_dir():
+        indexes = sorted(path.glob("*.index.json"))
+        singles = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(TENSOR_SUFFIXES))
+        if len(indexes) == 1:
+            path = indexes[0]
+        elif not indexes and len(singles) == 1:
+            path = singles[0]
+        else:
+            return None
+    if path.name.endswith(".index.json"):
+        weight_map = read_json(path).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise InputError(f"{path}: no valid weight_map")
+        files = []
+        for name in sorted(set(weight_map.values())):
+            if Path(name).is_absolute() or ".." in Path(name).parts:
+                raise InputError(f"{path}: shard {name!r} lies outside its folder")
+            if not (path.parent / name).is_file():
+                raise InputError(f"{path}: shard {name} is missing")
+            files.append(path.parent / name)
+        return files
+    return [path] if path.is_file() and path.name.endswith(TENSOR_SUFFIXES) else None
+
+
+def tensors_in(obj: Any, path: Path, found: dict[str, Callable[[], Tensor]], holders: dict[str, str],
+               container: str = "") -> None:
+    """Every tensor of every dict nested in `obj`, by its key in the innermost dict (a state
+    dict's own names); `holders` records which container each came from."""
+    if not isinstance(obj, dict):
+        return
+    for key, value in obj.items():
+        if not isinstance(key, str):
+            continue  # optimizer state: {0: {"exp_avg": ...}}
+        if isinstance(value, Tensor):
+            if key in found and holders[key] != container:
+                raise InputError(f"{path}: tensor {key} is both under {holders[key] or 'the top level'} and under "
+                                 f"{container or 'the top level'}; pera-deploy cannot tell which is the adapter")
+            found[key] = (lambda t=value: t)
+            holders[key] = container
+        elif isinstance(value, dict):
+            tensors_in(value, path, found, holders, f"{container}.{key}" if container else key)
+
+
+def read_state_dict_files(files: list[Path]) -> dict[str, Callable[[], Tensor]]:
+    tensors: dict[str, Callable[[], Tensor]] = {}
+    holders: dict[str, str] = {}
+    for file in files:
+        if file.suffix == ".safetensors":
+            read_header(file)  # strict header checks first
+            with safe_open(str(file), framework="pt") as handle:
+                keys = list(handle.keys())
+            for key in keys:
+                tensors[key] = (lambda f=file, k=key: read_tensor(f, k))
+        else:
+            tensors_in(load_checkpoint(file), file, tensors, holders)
+    return tensors
+
+
+def detect(path: Path, options: LoadOptions) -> bool:
+    return tensor_files(path) is not None
+
+
+def load(path: Path, options: LoadOptions) -> PeraAdapter:
+    files = tensor_files(path)
+    if files is None:
+        raise InputError(f"{path}: not a state dict file, nor a folder holding one (or an index json)")
+    found = Found(read_state_dict_files(files), f"a state dict ({len(files)} file{'s' * (len(files) > 1)})", path, files)
+    return read_adapter(found, options, NAME)
+
+
+FORMAT = AdapterFormat(
+    name=NAME,
+    description="a flat state dict from a training loop: .pt/.pth/.bin/.safetensors, or shards with an index json",
+    detect=detect,
+    load=load,
+)
