@@ -28,6 +28,7 @@ _EXPORTS = {
     "keep_branch": "api",
     "unmerge": "api",
     "export_onnx": "api",
+    "extract": "api",
     "PeraDeployError": "errors",
     "InputError": "errors",
     "CheckFailed": "errors",

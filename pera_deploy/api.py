@@ -33,7 +33,7 @@ from .scoped import offline
 AdapterLike = str | Path | PeraAdapter
 
 __all__ = ["load_adapter", "inspect_adapter", "merge", "verify", "export_lora", "keep_branch", "unmerge",
-           "export_onnx"]
+           "export_onnx", "extract"]
 
 
 def _load(adapter: AdapterLike, load_options: dict[str, Any]) -> PeraAdapter:
@@ -220,3 +220,20 @@ def export_onnx(model: str | Path, output: str | Path, *, adapters: dict[str, Ad
             return export_branch_folder(model, output, loaded, task, opset, dtype, force, hasher, options)
         return export_merged_folder(model, output, next(iter(loaded.items()), None), task, opset, dtype, force,
                                     hasher, options)
+
+
+def extract(checkpoint: AdapterLike, output: str | Path, *, base: str | Path | None = None, force: bool = False,
+            digests: Digests | None = None, **load_options: Any) -> Report:
+    """Write the adapter found in any container (a training checkpoint, a state dict, an
+    adapter folder of any format) as a canonical PEFT-style PERA folder, bit-exact to the
+    tensors taken, with where they came from in its config and manifest. `base` renames the
+    modules to the base model's own module names (what PEFT matches)."""
+    from .export.extract import extract_folder
+    from .publish.output_folder import check_target
+
+    output = Path(output)
+    check_target(output, force, _given(checkpoint, base, load_options.get("config")))
+    loaded = _load(checkpoint, load_options)
+    with _digests(digests) as hasher, offline():
+        return extract_folder(loaded, output, hasher, base=Path(base) if base is not None else None, force=force,
+                              options={"base": Path(base).name if base is not None else None})

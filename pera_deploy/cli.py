@@ -125,6 +125,11 @@ class _Group(click.Group):
             _fail(ctx, exc, 128 + exc.signum, "interrupted", f"stopped by {name}; nothing was written")
         except Exception as exc:  # a bug: say so in one line; --debug shows where
             _fail(ctx, exc, EXIT_INTERNAL, "internal_error", f"{type(exc).__name__}: {exc}")
+        except BaseException as exc:  # a library's own BaseException (torch's CheckpointException is one)
+            if isinstance(exc, (SystemExit, GeneratorExit)):
+                raise
+            first = (str(exc).splitlines() or [""])[0]
+            _fail(ctx, exc, EXIT_INTERNAL, "internal_error", f"{type(exc).__name__}: {first}")
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -147,6 +152,7 @@ def main() -> None:
       pera-deploy export-lora ADAPTER -o LORA        (serve PERA with any LoRA runtime)
       pera-deploy export-onnx BASE --adapter ADAPTER -o ONNX
       pera-deploy unmerge MERGED --adapter ADAPTER -o BASE
+      pera-deploy extract CHECKPOINT -o ADAPTER      (from DeepSpeed, Lightning, DCP, HF Trainer)
 
     \b
     Exit status: 0 success, 1 a numerical check failed, 2 bad input, 3 internal error,
@@ -221,6 +227,19 @@ def inspect(adapter: Path, format_: str | None, adapter_name: str | None, missin
         if info["extra_tensors"]:
             lines.append(f"full tensors {_fmt_list(info['extra_tensors'])}")
         lines += [f"note         {n}" for n in info["notes"]]
+        source = info.get("source") or {}
+        if source:
+            lines.append(f"container    {source.get('container')}")
+            for key, label in (("naming", "naming"), ("adapter_name", "adapter name"), ("zero_stage", "ZeRO stage"),
+                               ("ranks", "ranks"), ("step", "step"), ("weights", "weights")):
+                if source.get(key) is not None:
+                    lines.append(f"  {label:<15}{source[key]}")
+            if source.get("prefixes_stripped"):
+                lines.append(f"  {'stripped':<15}{', '.join(source['prefixes_stripped'])}")
+            for what, where in (source.get("settings") or {}).items():
+                lines.append(f"  {what:<15}from {where}")
+            if "tensors_taken" in source:
+                lines.append(f"  {'tensors':<15}{source['tensors_taken']} taken, {source['tensors_ignored']} ignored")
         lines.append("")
         width = max(len(layer["module"]) for layer in info["layers"])
         lines.append(f"{'module':<{width}}  {'r':>3} {'R′':>4} {'in×out':>11} {'scaling':>8}  {'layout':<13} ‖ΔW‖")
@@ -577,6 +596,49 @@ def export_onnx(model: Path, output: Path, adapter_specs: tuple[str, ...], branc
     _run(as_json, lambda: run_export(model, output, adapters=adapters, branch=branch, task=task, opset=opset,
                                      dtype=dtype, force=force, format=format_,
                                      missing_coefficients=missing_coefficients, config=config), render)
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="The adapter folder to write.")
+@adapter_options
+@click.option("--base", type=click.Path(path_type=Path), default=None,
+              help="Name modules as this base model's transformers class does (what PEFT matches), and check shapes.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it is an earlier output of pera-deploy.")
+@json_option
+@debug_option
+def extract(checkpoint: Path, output: Path, format_: str | None, adapter_name: str | None,
+            missing_coefficients: str | None, config: Path | None, base: Path | None, force: bool, as_json: bool) -> None:
+    """Write the PERA adapter found in a training checkpoint as a canonical PEFT-style PERA folder.
+
+    \b
+    CHECKPOINT is anything pera-deploy reads (see `pera-deploy formats`): a DeepSpeed folder
+    (ZeRO 0-3, the root with `latest` or one global_stepN), a Lightning .ckpt, a
+    torch.distributed.checkpoint folder, an HF Trainer checkpoint-N, a state dict file, or an
+    adapter folder. OUTPUT gets adapter_model.safetensors and adapter_config.json (peft_type
+    PERA), the tensors bit for bit as taken, the scaling of every module kept, and where they
+    came from (container, step, tensor count, sha256 of the source files) in the config and the
+    manifest. It is read back and compared before it is published.
+
+    \b
+    Examples:
+      pera-deploy extract checkpoints/ -o adapter            (DeepSpeed: the folder with 'latest')
+      pera-deploy extract lightning_logs/step1.ckpt -o adapter --config adapter_config.json
+    """
+    from .api import extract as run_extract
+
+    def render(report: Any) -> str:
+        m = report.manifest
+        source = m["adapter"].get("container", {})
+        lines = [f"wrote {output}: {m['adapter']['modules']} modules, r={_fmt_list(m['adapter']['r'])}, "
+                 f"from {m['extracted']['extracted_from']['container']}"]
+        if source:
+            lines.append(f"  took {source.get('tensors_taken')} tensors, ignored {source.get('tensors_ignored')}"
+                         + (f"; weights: {source['weights']}" if source.get("weights") else ""))
+        return "\n".join(lines)
+
+    _run(as_json, lambda: run_extract(checkpoint, output, base=base, force=force,
+                                      **_load_options(format_, adapter_name, missing_coefficients, config)), render)
 
 
 @main.command()

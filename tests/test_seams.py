@@ -273,7 +273,7 @@ LAYERS = {
     "merging": {"core", "io"},
     "checks": {"core", "io", "merging"},
     "publish": {"core", "io", "checks"},
-    "export": {"core", "io", "merging", "checks", "publish"},
+    "export": {"core", "io", "formats", "merging", "checks", "publish"},
 }
 TOP = {"errors", "options", "scoped", "__init__", "__version__"}
 

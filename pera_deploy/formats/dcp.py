@@ -9,6 +9,7 @@ tensors are requested, each into a buffer of its own size.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -82,11 +83,14 @@ def read_found(path: Path) -> Found:
     def load_all() -> None:
         """Every adapter tensor at once, each into a buffer of its own size (one pass over the files)."""
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
         buffers = {fqn: torch.empty(tuple(entries[fqn].size), dtype=entries[fqn].properties.dtype) for fqn in wanted}
         try:
-            dcp.load(buffers, storage_reader=_reader(path, metadata), no_dist=True)
-        except Exception as exc:  # noqa: BLE001  torch read the user's files: whatever broke is about them
+            with warnings.catch_warnings():  # "torch.distributed is disabled ...: a single process": as intended
+                warnings.simplefilter("ignore", UserWarning)
+                dcp.load(buffers, storage_reader=_reader(path, metadata), no_dist=True)
+        except (Exception, CheckpointException) as exc:  # torch read the user's files: whatever broke is about them
             first = (str(exc).splitlines() or [""])[0][:200]
             raise InputError(f"{path}: truncated or corrupt distributed checkpoint ({type(exc).__name__}: {first})") \
                 from None

@@ -27,8 +27,9 @@ def load(path: Path, options: LoadOptions) -> PeraAdapter:
         raise InputError(f"{path}: not a Lightning checkpoint (no state_dict in it)")
     tensors: dict = {}
     tensors_in(checkpoint["state_dict"], path, tensors, {})
-    details = {key: checkpoint[key] for key in ("epoch", "global_step", "pytorch-lightning_version")
-               if isinstance(checkpoint.get(key), (int, str))}
+    details = {ours: checkpoint[theirs] for ours, theirs in (("step", "global_step"), ("epoch", "epoch"),
+                                                              ("lightning_version", "pytorch-lightning_version"))
+               if isinstance(checkpoint.get(theirs), (int, str))}
     found = Found(tensors, "a Lightning checkpoint", path, [path], details, attribute_prefix=True)
     return read_adapter(found, options, NAME)
 

@@ -1,0 +1,176 @@
+"""`extract`: the adapter found in any container, as a canonical PEFT-style PERA folder
+(docs/formats.md, "PEFT-style PERA"): `adapter_model.safetensors` and `adapter_config.json`.
+
+The tensors are written bit for bit as they were taken (the coefficients scattered into
+pair order, which only adds the zeros a split layout leaves out). The config gives every
+module the scaling it had: a PEFT-named source keeps its own `r`, `lora_alpha`,
+`use_rslora` and patterns; the authors' naming (scaling 1) gets `lora_alpha = r` and, for
+modules of another rank, `rank_pattern` = `alpha_pattern` = their rank. Where the tensors
+came from is recorded under `pera_deploy` in the config and in the manifest; extracting an
+extracted folder keeps that record, and so reproduces the adapter files byte for byte.
+
+The folder is read back with pera-deploy's own loader before it is published, and must
+give every tensor and every scaling exactly (`ExtractCheck`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..checks.base import Report
+from ..core.adapter import PeraAdapter
+from ..errors import InputError
+from ..io.digests import Digests
+from ..io.model_files import write_json
+from ..io.model_folder import ModelFolder
+from ..io.safetensors_stream import save_tensors
+from ..publish import Written, adapter_inputs, publish
+from ..publish.manifest import adapter_record
+from ..publish.model_card import ModelCard
+from .lora import peft_names
+
+PREFIX = "base_model.model."
+PROVENANCE = "pera_deploy"
+
+
+def canonical_state(adapter: PeraAdapter, names: dict[str, str]) -> dict[str, Tensor]:
+    """PEFT's keys for every factor, coefficient and trained full tensor, as stored."""
+    state: dict[str, Tensor] = {}
+    for module, layer in adapter.layers.items():
+        key = PREFIX + names.get(module, module)
+        state[f"{key}.lora_A.weight"] = layer.A.contiguous()
+        state[f"{key}.lora_B.weight"] = layer.B.contiguous()
+        if layer.layout != "lora":
+            state[f"{key}.pera_h_A"] = layer.hA.contiguous()
+        if layer.hB is not None:
+            state[f"{key}.pera_h_B"] = layer.hB.contiguous()
+    for name, tensor in adapter.extra_tensors.items():
+        state[PREFIX + names.get(name, name)] = tensor.contiguous()
+    return state
+
+
+def _scaling_config(adapter: PeraAdapter, names: dict[str, str]) -> dict[str, Any]:
+    """r, lora_alpha, use_rslora and the patterns that give every module its scaling."""
+    source = adapter.config
+    if "r" in source and "r_ab" not in source and adapter.format != "reference":
+        return {key: source[key] for key in ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern")
+                if key in source}
+    scalings = {layer.scaling for layer in adapter.layers.values()}
+    if scalings != {1.0}:
+        raise InputError(f"{adapter.path}: scalings {sorted(scalings)} without a PEFT config to carry them")
+    ranks = {names.get(m, m): layer.r for m, layer in adapter.layers.items()}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    others = {re.escape(m): rank for m, rank in sorted(ranks.items()) if rank != r}
+    return {"r": r, "lora_alpha": r, "use_rslora": False, "rank_pattern": others, "alpha_pattern": dict(others)}
+
+
+def canonical_config(adapter: PeraAdapter, names: dict[str, str], digests: Digests) -> dict[str, Any]:
+    source = adapter.config
+    provenance = source.get(PROVENANCE) or {"extracted_from": {
+        "container": adapter.source.get("container", f"a {adapter.format}-format adapter"),
+        "format": adapter.format,
+        "source": adapter.path.name if adapter.path else None,
+        "step": adapter.source.get("step"),
+        "weights": adapter.source.get("weights"),
+        "tensors_taken": adapter.source.get("tensors_taken"),
+        "files": adapter_record(adapter, digests)["files"],
+    }}
+    targets = source.get("target_modules") or sorted({m.rsplit(".", 1)[-1] for m in adapter.layers})
+    plain = adapter.is_plain_lora
+    return {
+        "peft_type": "LORA" if plain else "PERA",
+        **_scaling_config(adapter, names),
+        "target_modules": targets,
+        "fan_in_fan_out": any(layer.fan_in_fan_out for layer in adapter.layers.values()),
+        "bias": source.get("bias", "none"),
+        "modules_to_save": source.get("modules_to_save"),
+        "base_model_name_or_path": adapter.base_model_name_or_path,
+        "task_type": source.get("task_type"),
+        "inference_mode": True,
+        PROVENANCE: provenance,
+    }
+
+
+@dataclass
+class ExtractCheck:
+    """The written folder, read back, against the adapter taken: every tensor bit for bit,
+    every scaling exactly."""
+
+    modules: int = 0
+    mismatches: list[str] = field(default_factory=list)
+    kind = "extract"
+
+    @property
+    def passed(self) -> bool:
+        return self.modules > 0 and not self.mismatches
+
+    def failure(self) -> str | None:
+        if self.passed:
+            return None
+        if not self.mismatches:
+            return "the extracted folder holds no module"
+        return f"the extracted folder does not give back {self.mismatches[0]} exactly ({len(self.mismatches)} differ)"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "modules": self.modules, "mismatches": self.mismatches}
+
+
+def _same(a: Tensor | None, b: Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+def check_extracted(folder: Path, adapter: PeraAdapter, names: dict[str, str]) -> ExtractCheck:
+    from ..formats import load_adapter
+
+    again = load_adapter(folder)
+    check = ExtractCheck(len(again.layers))
+    for module, layer in adapter.layers.items():
+        other = again.layers.get(names.get(module, module))
+        if other is None:
+            check.mismatches.append(f"module {module}")
+            continue
+        for what, x, y in (("lora_A", layer.A, other.A), ("lora_B", layer.B, other.B), ("hA", layer.hA, other.hA),
+                           ("hB", layer.hB, other.hB)):
+            if not _same(x, y):
+                check.mismatches.append(f"{what} of {module}")
+        if layer.scaling != other.scaling:
+            check.mismatches.append(f"the scaling of {module} ({other.scaling} instead of {layer.scaling})")
+    for name, tensor in adapter.extra_tensors.items():
+        if not _same(tensor, again.extra_tensors.get(names.get(name, name))):
+            check.mismatches.append(f"tensor {name}")
+    return check
+
+
+def extract_folder(adapter: PeraAdapter, output: Path, digests: Digests, *, base: Path | None = None,
+                   force: bool = False, options: dict[str, Any] | None = None) -> Report:
+    names: dict[str, str] = {}
+    inputs = adapter_inputs(adapter)
+    if base is not None:
+        with ModelFolder(base) as checkpoint:
+            names = peft_names(adapter, checkpoint)
+            inputs += checkpoint.input_paths()
+    digests.prefetch(list(adapter.files))
+
+    def write(folder: Path) -> Written:
+        config = canonical_config(adapter, names, digests)
+        save_tensors(folder / "adapter_model.safetensors", canonical_state(adapter, names), {"format": "pt"})
+        write_json(folder / "adapter_config.json", config)
+        check = check_extracted(folder, adapter, names)
+        record = adapter_record(adapter, digests)
+        card = ModelCard(f"PERA adapter extracted from {adapter.path.name if adapter.path else 'a checkpoint'}",
+                         f"The PERA adapter found in {config[PROVENANCE]['extracted_from']['container']}, written by "
+                         "pera-deploy in the PEFT-style PERA layout (adapter_model.safetensors, adapter_config.json), "
+                         "its tensors bit for bit as they were taken.",
+                         base_model=adapter.base_model_name_or_path, library_name="peft", tags=["extracted"])
+        return Written([check], {"adapter": record}, {"extracted": config[PROVENANCE]}, card=card)
+
+    return publish(output, "extract", write, options=options or {}, inputs=inputs, force=force)
