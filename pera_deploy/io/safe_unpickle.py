@@ -88,11 +88,13 @@ class _InertMeta(type):
     """The metaclass of stand-ins: pickle's REDUCE calls a global; for a stand-in that call
     either makes inert data or is refused. NEWOBJ (`cls.__new__`) never gets here."""
 
+    __inert_name__: str
+    __inert_callable__: bool
+
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
-        name = cls.__inert_name__
         if not cls.__inert_callable__:
-            raise Refused(name)
-        obj = cls.__new__(cls)
+            raise Refused(cls.__inert_name__)
+        obj: Any = object.__new__(cls)  # type: ignore[arg-type]
         obj.__dict__["args"] = args
         return obj
 
