@@ -250,3 +250,20 @@ def test_a_checkpoint_that_calls_something_is_refused_and_nothing_runs(cli, trai
     exe = Path(sys.executable).with_name("pera-deploy")
     run = subprocess.run([str(exe), "extract", str(path), "-o", str(tmp_path / "out")], capture_output=True, text=True)
     assert run.returncode == 2 and not marker.exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["deepspeed-zero3", "lightning"])
+def test_every_command_takes_a_container(cli, fx, trained, tmp_path, name):
+    checkpoint, base = trained[name], fx["llama-base"]
+    for args in (["merge", checkpoint, base, "-o", tmp_path / "m"],
+                 ["verify", tmp_path / "m", "--adapter", checkpoint, "--base", base],
+                 ["unmerge", tmp_path / "m", "--adapter", checkpoint, "-o", tmp_path / "u", "--check-against", base],
+                 ["merge", checkpoint, base, "-o", tmp_path / "k", "--keep-branch"]):
+        result = cli(*args)
+        assert result.exit_code == 0, (args[0], result.stderr)
+    try:
+        import optimum.exporters.onnx  # noqa: F401
+    except ImportError:
+        return
+    result = cli("export-onnx", base, "--adapter", checkpoint, "-o", tmp_path / "o")
+    assert result.exit_code == 0, result.stderr
