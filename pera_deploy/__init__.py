@@ -29,6 +29,7 @@ _EXPORTS = {
     "unmerge": "api",
     "export_onnx": "api",
     "extract": "api",
+    "combine": "api",
     "PeraDeployError": "errors",
     "InputError": "errors",
     "CheckFailed": "errors",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from .checks.base import Report
 from .core.adapter import PeraAdapter
@@ -33,7 +33,7 @@ from .scoped import offline
 AdapterLike = str | Path | PeraAdapter
 
 __all__ = ["load_adapter", "inspect_adapter", "merge", "verify", "export_lora", "keep_branch", "unmerge",
-           "export_onnx", "extract"]
+           "export_onnx", "extract", "combine"]
 
 
 def _load(adapter: AdapterLike, load_options: dict[str, Any]) -> PeraAdapter:
@@ -53,6 +53,33 @@ def _digests(given: Digests | None) -> Iterator[Digests]:
         own.close()
 
 
+def _sources(adapter: AdapterLike | Sequence[AdapterLike]) -> list[AdapterLike]:
+    return list(adapter) if isinstance(adapter, (list, tuple)) else [adapter]
+
+
+def _weights(weights: Sequence[float] | None) -> list[float] | None:
+    return None if weights is None else [float(w) if isinstance(w, (int, float)) else w for w in weights]
+
+
+def _load_weighted(sources: list[AdapterLike], weights: Sequence[float] | None,
+                   load_options: dict[str, Any]) -> PeraAdapter:
+    """One adapter as it is, or several (or one with a weight) as their weighted sum."""
+    from .core.combination import combine
+
+    if len(sources) == 1 and weights is None:
+        return _load(sources[0], load_options)
+    if weights is not None and len(weights) != len(sources):
+        raise InputError(f"--weights: {len(weights)} weight(s) for {len(sources)} adapter(s)")
+    loaded = [_load(source, load_options) for source in sources]
+    names: list[str] = []
+    for adapter in loaded:
+        name = adapter.label
+        while name in names:
+            name = f"{adapter.label}-{len(names) + 1}"
+        names.append(name)
+    return combine(list(zip(names, loaded)), weights)
+
+
 def _given(*paths: Any) -> list[Path]:
     """The input paths a caller named, for refusing an output over them before any work;
     the exporters check again with every file they found."""
@@ -64,12 +91,15 @@ def inspect_adapter(adapter: AdapterLike, **load_options: Any) -> dict[str, Any]
     return _load(adapter, load_options).describe()
 
 
-def merge(adapter: AdapterLike, base: str | Path, output: str | Path, *, dtype: str = "auto",
-          precision: str = "float32", max_shard_size: str | int | None = None, untie_embeddings: bool = False,
-          check_forward_pass: bool = False, full_check: bool = False, force: bool = False,
-          progress: bool | None = None, digests: Digests | None = None, **load_options: Any) -> Report:
+def merge(adapter: AdapterLike | Sequence[AdapterLike], base: str | Path, output: str | Path, *,
+          weights: Sequence[float] | None = None, dtype: str = "auto", precision: str = "float32",
+          max_shard_size: str | int | None = None, untie_embeddings: bool = False, check_forward_pass: bool = False,
+          full_check: bool = False, force: bool = False, progress: bool | None = None, digests: Digests | None = None,
+          **load_options: Any) -> Report:
     """Merge `adapter` into the model folder `base`, writing a new model folder `output`.
 
+    Several adapters (a list) are merged as their weighted sum Σ wᵢ ΔWᵢ (`weights`, default
+    all 1, negative allowed), in the same single streaming pass and single rounding.
     Streams tensor by tensor. The weight check recomputes W0 + ΔW independently for a sample
     of every merged weight's rows (the first, the last and every 8th block), or all of them
     with `full_check`; `check_forward_pass` also compares the outputs with the unmerged model.
@@ -81,9 +111,10 @@ def merge(adapter: AdapterLike, base: str | Path, output: str | Path, *, dtype: 
     choose("--precision", precision, PRECISIONS)
     shard_limit = parse_size(max_shard_size) if max_shard_size is not None else None
     output = Path(output)
-    check_target(output, force, _given(adapter, base, load_options.get("config")))
-    loaded = _load(adapter, load_options)
-    options = {"dtype": dtype, "precision": precision, "max_shard_size": max_shard_size,
+    sources = _sources(adapter)
+    check_target(output, force, _given(*sources, base, load_options.get("config")))
+    loaded = _load_weighted(sources, weights, load_options)
+    options = {"dtype": dtype, "precision": precision, "max_shard_size": max_shard_size, "weights": _weights(weights),
                "untie_embeddings": untie_embeddings, "missing_coefficients": load_options.get("missing_coefficients"),
                "check_forward": check_forward_pass, "full_check": full_check}
     with _digests(digests) as hasher, offline():
@@ -237,3 +268,33 @@ def extract(checkpoint: AdapterLike, output: str | Path, *, base: str | Path | N
     with _digests(digests) as hasher, offline():
         return extract_folder(loaded, output, hasher, base=Path(base) if base is not None else None, force=force,
                               options={"base": Path(base).name if base is not None else None})
+
+
+def combine(adapters: Sequence[AdapterLike], output: str | Path, *, weights: Sequence[float] | None = None,
+            rank: int | None = None, tol: float | None = None, max_rank: int | None = None, pad: bool = True,
+            dtype: str = "float32", base: str | Path | None = None, force: bool = False,
+            digests: Digests | None = None, **load_options: Any) -> Report:
+    """Σᵢ wᵢ ΔWᵢ of several adapters (PERA or LoRA) as one plain PEFT LoRA.
+
+    Exactly, by default: its factors are the stacked wᵢsᵢB̂ᵢ and Âᵢ, of rank ΣR′ᵢ. With `rank`,
+    `tol` or `max_rank`, the best approximation of the sum per module instead (the factored
+    SVD of export_lora), each module's error reported. Modules only some adapters target are
+    fine; adapters for different bases are refused.
+    """
+    from .export.lora import export_lora_folder
+    from .publish.output_folder import check_target
+
+    choose("--dtype", dtype, LORA_DTYPES)
+    rank_options(rank, tol, max_rank)
+    sources = _sources(adapters)
+    if len(sources) < 2 and weights is None:
+        raise InputError("combine needs two adapters or more (or --weights for one)")
+    output = Path(output)
+    check_target(output, force, _given(*sources, base, load_options.get("config")))
+    combined = _load_weighted(sources, weights if weights is not None else [1.0] * len(sources), load_options)
+    options = {"weights": [w for _, w, _ in combined.members], "rank": rank, "tol": tol, "max_rank": max_rank,
+               "pad": pad, "dtype": dtype, "base": Path(base).name if base is not None else None}
+    with _digests(digests) as hasher, offline():
+        return export_lora_folder(combined, output, hasher, rank=rank, tol=tol, max_rank=max_rank, pad=pad,
+                                  dtype=dtype, base=Path(base) if base is not None else None, force=force,
+                                  options=options, command="combine")

@@ -177,6 +177,30 @@ def _run(as_json: bool, call: Callable[[], Any], render: Callable[[Any], str],
         click.echo(render(result))
 
 
+def parse_weights(text: str | None) -> list[float] | None:
+    """--weights 0.7,0.3 → [0.7, 0.3]; anything else is an InputError naming it."""
+    if text is None:
+        return None
+    values = []
+    for part in text.split(","):
+        try:
+            values.append(float(part))
+        except ValueError:
+            raise InputError(f"--weights {text!r}: {part.strip()!r} is not a number") from None
+    return values
+
+
+def _adapters_and_base(paths: tuple[Path, ...], adapter_opts: tuple[Path, ...],
+                       base_opt: Path | None) -> tuple[list[Path], Path]:
+    """ADAPTER... BASE, or --adapter ... --base ..., or a mix: the adapters and the base."""
+    positional = list(paths)
+    base = base_opt if base_opt is not None else (positional.pop() if positional else None)
+    adapters = [*adapter_opts, *positional]
+    if base is None or not adapters:
+        raise click.UsageError("give the adapter(s) and the base: ADAPTER... BASE, or --adapter PATH --base BASE")
+    return adapters, base
+
+
 def _forward_line(f: Any) -> str:
     return (
         f"{f.architecture} ({f.dtype}) {f.output}: max abs diff {f.max_abs_diff:.3g}, max rel diff "
@@ -256,9 +280,15 @@ def inspect(adapter: Path, format_: str | None, adapter_name: str | None, missin
 
 
 @main.command()
-@click.argument("adapter", type=click.Path(path_type=Path))
-@click.argument("base", type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path), metavar="ADAPTER... BASE")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="The merged model folder to write.")
+@click.option("--adapter", "adapter_opts", multiple=True, type=click.Path(path_type=Path), metavar="PATH",
+              help="An adapter, as an option (repeatable); the positional form ADAPTER... BASE works too.")
+@click.option("--base", "base_opt", type=click.Path(path_type=Path), default=None,
+              help="The base model folder, as an option (then every positional path is an adapter).")
+@click.option("--weights", default=None, metavar="W1,W2,...",
+              help="Merge the adapters' weighted sum Σ wᵢ ΔWᵢ (one weight per adapter; negative subtracts); "
+              "several adapters default to all 1.")
 @adapter_options
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True,
               help="Storage dtype of the output's float tensors; auto keeps each tensor's own.")
@@ -282,11 +312,15 @@ def inspect(adapter: Path, format_: str | None, adapter_name: str | None, missin
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
 @json_option
 @debug_option
-def merge(adapter: Path, base: Path, output: Path, format_: str | None, adapter_name: str | None,
+def merge(paths: tuple[Path, ...], output: Path, adapter_opts: tuple[Path, ...], base_opt: Path | None,
+          weights: str | None, format_: str | None, adapter_name: str | None,
           missing_coefficients: str | None, config: Path | None, dtype: str, precision: str,
           max_shard_size: str | None, untie_embeddings: bool, check_forward: bool, full_check: bool,
           keep_branch: bool, base_files: str, force: bool, progress: bool | None, as_json: bool) -> None:
     """Merge the PERA adapter ADAPTER into the model folder BASE, writing a new model folder.
+
+    Several adapters are merged as their weighted sum (--weights, default all 1), exactly, in
+    the same single pass and single rounding as one.
 
     \b
     The output is a plain Hugging Face model folder: the base's shards and index (merged
@@ -302,11 +336,18 @@ def merge(adapter: Path, base: Path, output: Path, format_: str | None, adapter_
     \b
     Examples:
       pera-deploy merge fixtures/examples/llama-pera fixtures/examples/llama-base -o merged
+      pera-deploy merge fixtures/examples/llama-pera fixtures/examples/llama-pera-2 fixtures/examples/llama-base \\
+          -o merged-sum --weights 0.7,0.3
       pera-deploy merge fixtures/examples/llama-pera fixtures/examples/llama-base -o served --keep-branch
     """
     from .io.digests import Digests, likely_inputs
 
+    adapters, base = _adapters_and_base(paths, adapter_opts, base_opt)
+    weight_list = parse_weights(weights)
     load = _load_options(format_, adapter_name, missing_coefficients, config)
+    adapter: Any = adapters[0] if len(adapters) == 1 else list(adapters)
+    if keep_branch and (len(adapters) > 1 or weight_list is not None):
+        raise InputError("--keep-branch writes one adapter; for several, see `pera-deploy bundle`")
     if keep_branch:
         given = [flag for flag, on in (("--dtype", dtype != "auto"), ("--max-shard-size", max_shard_size is not None),
                                        ("--untie-embeddings", untie_embeddings), ("--check-forward", check_forward),
@@ -334,12 +375,16 @@ def merge(adapter: Path, base: Path, output: Path, format_: str | None, adapter_
     started = time.perf_counter()
     # Start hashing the inputs now, while torch is still being imported.
     digests = Digests()
-    digests.prefetch(likely_inputs(adapter / adapter_name if adapter_name else adapter, base))
+    for path in adapters:
+        digests.prefetch(likely_inputs(path / adapter_name if adapter_name else path, base))
 
     def render(report: Any) -> str:
         m = report.manifest
-        lines = [f"merged {len(m['merged_layers'])} layers of {m['adapter']['source']} ({m['adapter']['format']}, "
-                 f"r={_fmt_list(m['adapter']['r'])}) into {m['base']['source']}"]
+        record = m["adapter"]
+        what = (" + ".join(f"{c['weight']:g}·{c['name']}" for c in record["combination"]) if "combination" in record
+                else record["source"])
+        lines = [f"merged {len(m['merged_layers'])} layers of {what} ({record['format']}, "
+                 f"r={_fmt_list(record['r'])}) into {m['base']['source']}"]
         if "weights" in m["checks"]:
             lines.append(f"  weights: {_weights_line(m['checks']['weights'])}")
         for key, label in (("replaced_tensors", "replaced"), ("added_tensors", "added")):
@@ -358,7 +403,7 @@ def merge(adapter: Path, base: Path, output: Path, format_: str | None, adapter_
         from .api import merge as run_merge
 
         _run(as_json, lambda: run_merge(
-            adapter, base, output, dtype=dtype, precision=precision, max_shard_size=max_shard_size,
+            adapter, base, output, weights=weight_list, dtype=dtype, precision=precision, max_shard_size=max_shard_size,
             untie_embeddings=untie_embeddings, check_forward_pass=check_forward, full_check=full_check, force=force,
             progress=progress, digests=digests, **load), render,
             to_dict=lambda report: {**report.to_dict(), "seconds": time.perf_counter() - started})
@@ -465,6 +510,53 @@ def export_lora(adapter: Path, output: Path, format_: str | None, adapter_name: 
         return report
 
     _run(as_json, call, render)
+
+
+@main.command()
+@click.argument("adapters", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="ADAPTER...")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="The LoRA adapter folder to write.")
+@click.option("--weights", default=None, metavar="W1,W2,...",
+              help="One weight per adapter (default all 1; negative subtracts an adapter).")
+@adapter_options
+@click.option("--rank", type=int, default=None, help="Keep the best rank-K approximation of the sum, per module.")
+@click.option("--tol", type=float, default=None,
+              help="Per module, the smallest rank whose relative Frobenius error is at most T.")
+@click.option("--max-rank", type=int, default=None, help="Cap every module's rank at M.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
+              help="Storage dtype of the LoRA factors.")
+@click.option("--base", type=click.Path(path_type=Path), default=None,
+              help="Name modules as this base model's transformers class does (what PEFT matches), and check shapes.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it is an earlier output of pera-deploy.")
+@json_option
+@debug_option
+def combine(adapters: tuple[Path, ...], output: Path, weights: str | None, format_: str | None,
+            adapter_name: str | None, missing_coefficients: str | None, config: Path | None, rank: int | None,
+            tol: float | None, max_rank: int | None, dtype: str, base: Path | None, force: bool, as_json: bool) -> None:
+    """Write the weighted sum of several adapters (PERA or LoRA) as one plain PEFT LoRA.
+
+    \b
+    Σ wᵢ ΔWᵢ is exactly the LoRA whose factors are the stacked wᵢ·sᵢ·B̂ᵢ and Âᵢ (rank ΣR′ᵢ):
+    that is what is written, with no approximation, unless --rank, --tol or --max-rank ask
+    for the best approximation of the sum per module (a factored SVD; each module's error
+    is reported). Modules targeted by only some adapters are fine.
+
+    \b
+    Example:
+      pera-deploy combine fixtures/examples/llama-pera fixtures/examples/llama-pera-2 -o combined \\
+          --weights 0.7,0.3
+    """
+    from .api import combine as run_combine
+
+    def render(report: Any) -> str:
+        lora = report.manifest["lora"]
+        members = report.manifest["adapter"]["combination"]
+        what = " + ".join(f"{m['weight']:g}·{m['name']}" for m in members)
+        exact = "exact" if lora["exact"] else f"total relative error {lora['total_rel_error']:.3g}"
+        return f"wrote {output}: {what} as a plain LoRA of rank {lora['r']}, {exact}"
+
+    _run(as_json, lambda: run_combine(list(adapters), output, weights=parse_weights(weights), rank=rank, tol=tol,
+                                      max_rank=max_rank, dtype=dtype, base=base, force=force,
+                                      **_load_options(format_, adapter_name, missing_coefficients, config)), render)
 
 
 @main.command()

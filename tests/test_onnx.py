@@ -121,8 +121,6 @@ def test_bad_inputs(cli, fx, tmp_path):
     refused(fx["llama-base"], "--task", "image-classification", needle="not exportable for llama; supported:")
     refused(fx["llama-base"], "--adapter", fx["gpt2-ref"], needle="has no base tensor")
     refused(fx["llama-base"], "--branch", "--adapter", f"a={fx['gpt2-ref']}", needle="has no base tensor")
-    refused(fx["llama-base"], "--branch", "--adapter", f"a={fx['llama-pera']}", "--adapter", f"b={fx['llama-peft-lora']}",
-            needle="target different modules")
     refused(fx["llama-base"], "--adapter", f"a={fx['llama-pera']}", "--adapter", f"b={fx['llama-peft']}",
             needle="several adapters need --branch")
     refused(fx["llama-base"], "--branch", needle="--branch needs at least one --adapter")
@@ -142,3 +140,16 @@ def test_validation_can_fail(cli, fx, tmp_path, monkeypatch):
     result = cli("export-onnx", fx["llama-base"], "--branch", "-o", tmp_path / "out", "--adapter", f"a={fx['llama-pera']}")
     assert result.exit_code == 1 and "check failed: ONNX Runtime (adapter a" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_branch_takes_adapters_of_different_modules(cli, fx, tmp_path):
+    """The graph's branches cover the union; an adapter leaves the others' modules at rank 0."""
+    out = tmp_path / "onnx"
+    data = cli.json("export-onnx", fx["llama-base"], "--branch", "-o", out, "--adapter", f"a={fx['llama-pera']}",
+                    "--adapter", f"b={fx['llama-peft-lora']}")
+    files = data["adapter_files"]
+    union = set(json.loads(metadata(out / "model.onnx")["pera_deploy.modules"]))
+    assert set(files["a"]["modules"]) | set(files["b"]["modules"]) == union
+    assert set(files["a"]["modules"]) != set(files["b"]["modules"])
+    runs = {c["run"] for c in data["checks"]["onnx_outputs"]["outputs"]}
+    assert runs == {"no adapter", "adapter a", "adapter b"} and data["passed"]

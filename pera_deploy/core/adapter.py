@@ -98,6 +98,15 @@ class PeraAdapter:
     # where the tensors came from, for a training checkpoint: the container, the prefixes
     # stripped, where each setting came from, tensors taken and ignored, the step, ...
     source: dict[str, Any] = field(default_factory=dict)
+    # for a weighted sum of adapters (core/combination.py): (name, weight, adapter) of each
+    members: tuple[tuple[str, float, PeraAdapter], ...] = ()
+
+    @property
+    def label(self) -> str:
+        """How reports name it: its folder or file, or the adapters it sums."""
+        if self.members:
+            return " + ".join(f"{w:g}·{name}" for name, w, _ in self.members)
+        return self.path.name if self.path else "adapter"
 
     @property
     def base_model_name_or_path(self) -> str | None:

@@ -242,7 +242,7 @@ def lora_card(export: LoraExport, adapter: PeraAdapter) -> ModelCard:
     body = (f"Written by pera-deploy from a {adapter.format}-format PERA adapter (r = "
             f"{', '.join(map(str, adapter.ranks))}), {how}. Rank {export.r}, lora_alpha {export.r}: the scaling is 1 "
             f"{scaling}.\n\n" + "\n".join(rows))
-    return ModelCard(f"PERA adapter `{adapter.path.name if adapter.path else ''}` as a plain LoRA", body,
+    return ModelCard(f"PERA adapter `{adapter.label}` as a plain LoRA", body,
                      base_model=adapter.base_model_name_or_path, library_name="peft", tags=["lora"])
 
 
@@ -273,7 +273,7 @@ def peft_names(adapter: PeraAdapter, base: ModelFolder) -> dict[str, str]:
 def export_lora_folder(adapter: PeraAdapter, output: Path, digests: Digests, *, rank: int | None = None,
                        tol: float | None = None, max_rank: int | None = None, pad: bool = True,
                        dtype: str = "float32", base: Path | None = None, force: bool = False,
-                       options: dict[str, Any] | None = None) -> Report:
+                       options: dict[str, Any] | None = None, command: str = "export-lora") -> Report:
     """`adapter` as a plain PEFT LoRA folder, its factors checked against ΔW before publishing."""
     names, base_files, inputs = None, [], adapter_inputs(adapter)
     if base is not None:
@@ -292,4 +292,4 @@ def export_lora_folder(adapter: PeraAdapter, output: Path, digests: Digests, *, 
         check = write_lora_folder(folder, export, adapter, LORA_DTYPES[dtype], metadata)
         return Written([check], inputs, {"lora": export_summary(export)}, plan=export)
 
-    return publish(output, "export-lora", write, options=options or {}, inputs=inputs, force=force)
+    return publish(output, command, write, options=options or {}, inputs=inputs, force=force)

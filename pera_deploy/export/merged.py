@@ -166,7 +166,7 @@ def _card(plan: MergePlan, title: str, command: str) -> ModelCard:
     adapter = plan.adapter
     ranks = ", ".join(str(r) for r in adapter.ranks)
     source = plan.checkpoint.folder.name
-    name = adapter.path.name if adapter.path else ""
+    name = adapter.label
     if command == "unmerge":
         what = (f"The model `{source}` with the update of the PERA adapter `{name}` ({adapter.format} format, "
                 f"r = {ranks}) taken back out of {len(plan.matching.layers)} weights")

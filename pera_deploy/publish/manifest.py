@@ -40,7 +40,19 @@ def file_digests(files: list[Path], root: Path | None, digests: Digests) -> dict
 
 
 def adapter_record(adapter: PeraAdapter, digests: Digests) -> dict[str, Any]:
-    """Where an adapter came from and what it is."""
+    """Where an adapter came from and what it is; for a weighted sum, its members' records."""
+    if adapter.members:
+        members = [{"name": name, "weight": weight, **adapter_record(member, digests)}
+                   for name, weight, member in adapter.members]
+        return {
+            "combination": members,
+            "sha256": combined_digest({f"{i}:{m['name']}": m["sha256"] for i, m in enumerate(members)}),
+            "format": adapter.format,
+            "r": adapter.ranks,
+            "R_prime": sorted({layer.expanded_rank for layer in adapter.layers.values()}),
+            "modules": len(adapter.layers),
+            "notes": list(adapter.notes),
+        }
     hashes = file_digests(list(adapter.files), adapter.path, digests)
     return {
         "source": adapter.path.name if adapter.path else None,

@@ -65,6 +65,9 @@ def publish(target: Path, command: str, write: Callable[[Path], Written], *, opt
 
 
 def adapter_inputs(adapter: PeraAdapter) -> list[Path]:
-    """The paths an adapter was read from (its folder or file, every file, where links lead)."""
+    """The paths an adapter was read from (its folder or file, every file, where links lead;
+    for a weighted sum, those of every member)."""
+    if adapter.members:
+        return [p for _, _, member in adapter.members for p in adapter_inputs(member)]
     files = [Path(f) for f in adapter.files]
     return [*([adapter.path] if adapter.path else []), *files, *(f.resolve() for f in files if f.is_symlink())]

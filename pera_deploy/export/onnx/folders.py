@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch
 
 from ... import __version__
 from ...checks.base import Report
-from ...checks.onnx_outputs import no_hooks, validate
+from ...checks.onnx_outputs import OnnxOutputsCheck, no_hooks, validate
 from ...checks.reference_model import PeraBranch, load_unmerged_model, targets_in_model
 from ...core.adapter import PeraAdapter
 from ...errors import InputError
@@ -71,59 +72,81 @@ def export_merged_folder(model: Path, output: Path, adapter: tuple[str, PeraAdap
     return publish(output, "export-onnx", write, options=options, inputs=input_paths, force=force)
 
 
-def export_branch_folder(base: Path, output: Path, adapters: dict[str, PeraAdapter], task: str, opset: int | None,
-                         dtype: str, force: bool, digests: Digests, options: dict[str, Any]) -> Report:
-    """The base graph with a swappable branch at every targeted module, and one
-    `NAME.onnx_adapter` per adapter; validated with no adapter and with each."""
+@dataclass
+class BranchExport:
+    """A base model, loaded, with the adapters whose branches its graph will carry: every
+    module any of them targets (the union), each adapter leaving the others' at rank 0."""
+
+    base: Path
+    adapters: dict[str, PeraAdapter]
+    model: Any
+    targets: dict[str, dict[str, str]]  # adapter → (its module path → the model's module path)
+    modules: dict[str, Any]  # the model's module path → module, for every branch of the graph
+
+
+def prepare_branch(base: Path, adapters: dict[str, PeraAdapter]) -> BranchExport:
+    """Validate the adapters against the base (shapes, full tensors) and find their modules."""
     with ModelFolder(base) as checkpoint:
         for name, adapter in adapters.items():
             if adapter.extra_tensors:
                 raise InputError(f"adapter {name} trains full tensors ({', '.join(sorted(adapter.extra_tensors)[:3])}); "
                                  "a swappable ONNX adapter holds only low-rank factors: merge it instead")
             match_adapter(adapter, checkpoint, untie_embeddings=True)  # shapes: "made for another base?"
+    model = load_model(base, torch.float32)
+    targets = {name: targets_in_model(model, adapter) for name, adapter in adapters.items()}
+    union = {path for mapping in targets.values() for path in mapping.values()}
+    modules = {path: module for path, module in model.named_modules() if path in union}
+    return BranchExport(base, adapters, model, targets, modules)
+
+
+def write_branch_graph(out: Path, branch: BranchExport, task: str, opset: int | None, dtype: str,
+                       base_sha256: str) -> tuple[OnnxOutputsCheck, dict[str, Any]]:
+    """model.onnx with the branch inputs and NAME.onnx_adapter for each adapter in `out`,
+    validated with no adapter and with each; returns the check and the manifest sections."""
+    export_branch_graph(branch.base, out, task, opset, branch.modules, branch.model)
+    if dtype == "float16":
+        to_float16(out / "model.onnx")
+    files, ranks = {}, {}
+    for name, adapter in branch.adapters.items():
+        files[name] = out / f"{name}.onnx_adapter"
+        arrays = branch_factors(adapter, branch.targets[name], torch.float16 if dtype == "float16" else torch.float32)
+        write_adapter_file(files[name], arrays)
+        ranks[name] = max(int(v.shape[1]) for k, v in arrays.items() if k.endswith(".lora_At"))
+    metadata = {
+        "pera_deploy.version": __version__,
+        "pera_deploy.base": branch.base.name,
+        "pera_deploy.base_sha256": base_sha256,
+        "pera_deploy.modules": json.dumps(sorted(branch.modules)),
+        "pera_deploy.branch_inputs": "<module>.lora_At (in, <module>.rank) and <module>.lora_Bt (<module>.rank, out)",
+        "pera_deploy.adapters": json.dumps(sorted(branch.adapters)),
+    }
+    set_metadata(out / "model.onnx", metadata)
+    runs = [("no adapter", None, no_hooks)] + [
+        (f"adapter {name}", files[name], lambda adapter=adapter: PeraBranch(branch.model, adapter))
+        for name, adapter in branch.adapters.items()
+    ]
+    check = validate(out / "model.onnx", branch.model, runs, dtype == "float16")
+    sections = {"graph": "branch", "task": task, "metadata": metadata,
+                "adapter_files": {name: {"file": files[name].name, "rank": ranks[name],
+                                         "modules": sorted(branch.targets[name].values())}
+                                  for name in branch.adapters}}
+    return check, sections
+
+
+def export_branch_folder(base: Path, output: Path, adapters: dict[str, PeraAdapter], task: str, opset: int | None,
+                         dtype: str, force: bool, digests: Digests, options: dict[str, Any]) -> Report:
+    """The base graph with a swappable branch at every module any adapter targets, and one
+    `NAME.onnx_adapter` per adapter; validated with no adapter and with each."""
+    with ModelFolder(base) as checkpoint:
         weight_files = checkpoint.weight_files
         input_paths = [*checkpoint.input_paths(), *(p for a in adapters.values() for p in adapter_inputs(a))]
     digests.prefetch([f for a in adapters.values() for f in a.files] + weight_files)
-    model = load_model(base, torch.float32)
-    targets = {name: targets_in_model(model, adapter) for name, adapter in adapters.items()}
-    first_name, first = next(iter(targets.items()))
-    for name, mapping in targets.items():
-        if set(mapping.values()) != set(first.values()):
-            only_here = sorted(set(mapping.values()) - set(first.values()))
-            only_there = sorted(set(first.values()) - set(mapping.values()))
-            raise InputError(f"adapters {first_name} and {name} target different modules "
-                             f"(only in {name}: {', '.join(only_here[:3]) or 'none'}; "
-                             f"only in {first_name}: {', '.join(only_there[:3]) or 'none'})")
-    modules = {path: module for path, module in model.named_modules() if path in set(first.values())}
+    branch = prepare_branch(base, adapters)
 
     def write(out: Path) -> Written:
         inputs = {"base": model_record(base, weight_files, digests),
                   "adapters": {name: adapter_record(a, digests) for name, a in adapters.items()}}
-        export_branch_graph(base, out, task, opset, modules, model)
-        if dtype == "float16":
-            to_float16(out / "model.onnx")
-        files, ranks = {}, {}
-        for name, adapter in adapters.items():
-            files[name] = out / f"{name}.onnx_adapter"
-            arrays = branch_factors(adapter, targets[name], torch.float16 if dtype == "float16" else torch.float32)
-            write_adapter_file(files[name], arrays)
-            ranks[name] = max(int(v.shape[1]) for k, v in arrays.items() if k.endswith(".lora_At"))
-        metadata = {
-            "pera_deploy.version": __version__,
-            "pera_deploy.base": base.name,
-            "pera_deploy.base_sha256": inputs["base"]["sha256"],
-            "pera_deploy.modules": json.dumps(sorted(modules)),
-            "pera_deploy.branch_inputs": "<module>.lora_At (in, <module>.rank) and <module>.lora_Bt (<module>.rank, out)",
-            "pera_deploy.adapters": json.dumps(sorted(adapters)),
-        }
-        set_metadata(out / "model.onnx", metadata)
-        runs = [("no adapter", None, no_hooks)] + [
-            (f"adapter {name}", files[name], lambda adapter=adapter: PeraBranch(model, adapter))
-            for name, adapter in adapters.items()
-        ]
-        check = validate(out / "model.onnx", model, runs, dtype == "float16")
-        sections = {"graph": "branch", "task": task, "metadata": metadata,
-                    "adapter_files": {name: {"file": files[name].name, "rank": ranks[name]} for name in adapters}}
+        check, sections = write_branch_graph(out, branch, task, opset, dtype, inputs["base"]["sha256"])
         return Written([check], inputs, sections)
 
     return publish(output, "export-onnx --branch", write, options=options, inputs=input_paths, force=force)
