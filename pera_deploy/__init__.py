@@ -30,6 +30,8 @@ _EXPORTS = {
     "export_onnx": "api",
     "extract": "api",
     "combine": "api",
+    "bundle": "api",
+    "load_bundle": "api",
     "PeraDeployError": "errors",
     "InputError": "errors",
     "CheckFailed": "errors",

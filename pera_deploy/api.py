@@ -33,7 +33,7 @@ from .scoped import offline
 AdapterLike = str | Path | PeraAdapter
 
 __all__ = ["load_adapter", "inspect_adapter", "merge", "verify", "export_lora", "keep_branch", "unmerge",
-           "export_onnx", "extract", "combine"]
+           "export_onnx", "extract", "combine", "bundle", "load_bundle"]
 
 
 def _load(adapter: AdapterLike, load_options: dict[str, Any]) -> PeraAdapter:
@@ -124,19 +124,81 @@ def merge(adapter: AdapterLike | Sequence[AdapterLike], base: str | Path, output
                             progress=progress, options=options)
 
 
-def verify(merged: str | Path, adapter: AdapterLike, base: str | Path, *, forward: bool = True,
-           precision: str = "float32", untie_embeddings: bool | None = None, seed: int = 0,
+def verify(merged: str | Path, adapter: AdapterLike | None = None, base: str | Path | None = None, *,
+           forward: bool = True, precision: str = "float32", untie_embeddings: bool | None = None, seed: int = 0,
            progress: bool | None = None, **load_options: Any) -> Report:
     """Check an existing merged folder (pera-deploy's or another tool's) against its base and
     adapter. Returns the report (`report.check("weights")`, `report.check("forward")`);
-    raises CheckFailed, carrying it, when a check fails."""
-    from .checks.verify import verify_merged
+    raises CheckFailed, carrying it, when a check fails.
+
+    A bundle (`pera-deploy bundle`) needs neither: each of its adapters is checked against
+    its recorded source (sha256, then the outputs of base + LoRA against base + PERA).
+    """
+    from .checks.bundle import is_bundle
 
     choose("--precision", precision, PRECISIONS)
+    merged = Path(merged)
+    if is_bundle(merged):
+        return _verify_bundle(merged, seed, load_options)
+    if adapter is None or base is None:
+        raise InputError(f"{merged}: not a bundle, so verify needs the adapter and the base (--adapter, --base)")
+    from .checks.verify import verify_merged
+
     loaded = _load(adapter, load_options)
     with offline():
-        return verify_merged(Path(merged), loaded, Path(base), forward=forward, precision=precision,
+        return verify_merged(merged, loaded, Path(base), forward=forward, precision=precision,
                              untie_embeddings=untie_embeddings, seed=seed, progress=progress)
+
+
+def _verify_bundle(folder: Path, seed: int, load_options: dict[str, Any]) -> Report:
+    from .checks.bundle import verify_bundle
+    from .errors import CheckFailed
+    from .publish.manifest import adapter_record
+
+    with _digests(None) as hasher, offline():
+        report = verify_bundle(folder, lambda path: _load(path, load_options),
+                               lambda adapter: adapter_record(adapter, hasher)["sha256"], hasher.sha256, seed)
+    if not report.passed:
+        raise CheckFailed(report.failure() or "a check failed", report)
+    return report
+
+
+def bundle(base: str | Path, output: str | Path, adapters: dict[str, AdapterLike], *, base_files: str = "copy",
+           onnx: bool = False, task: str | None = None, opset: int | None = None, force: bool = False,
+           digests: Digests | None = None, **load_options: Any) -> Report:
+    """One base and several adapters, packaged for every runtime (export/bundle.py): `base/`,
+    `adapters/NAME/` (exact plain PEFT LoRAs named for the base), `onnx/` with `onnx`,
+    `bundle.json` and a README with the real names. Names must be filesystem-safe and unique."""
+    from .export.bundle import bundle_folder
+    from .publish.output_folder import check_target
+
+    choose("--base-files", base_files, BASE_FILE_MODES)
+    if not adapters:
+        raise InputError("bundle needs at least one --adapter NAME=PATH")
+    names = [adapter_name(name) for name in adapters]
+    output = Path(output)
+    check_target(output, force, _given(base, *adapters.values(), load_options.get("config")))
+    if onnx:
+        from .export.onnx.requirements import require_onnx
+
+        require_onnx()
+    loaded = {name: _load(source, load_options) for name, source in zip(names, adapters.values())}
+    sources = {name: str(source) if isinstance(source, (str, Path)) else loaded[name].label
+               for name, source in zip(names, adapters.values())}
+    options = {"base_files": base_files, "onnx": onnx, "task": task, "opset": opset}
+    from .scoped import quiet_transformers
+
+    with _digests(digests) as hasher, offline(), quiet_transformers():
+        return bundle_folder(Path(base), output, loaded, sources, hasher, base_files=base_files, onnx=onnx, task=task,
+                             opset=opset, force=force, options=options)
+
+
+def load_bundle(folder: str | Path) -> Any:
+    """A bundle's base model with every adapter loaded into PEFT under its own name (needs peft)."""
+    from .export.bundle import load_bundle as load
+
+    with offline():
+        return load(Path(folder))
 
 
 def export_lora(adapter: AdapterLike, output: str | Path, *, rank: int | None = None, tol: float | None = None,

@@ -153,6 +153,8 @@ def main() -> None:
       pera-deploy export-onnx BASE --adapter ADAPTER -o ONNX
       pera-deploy unmerge MERGED --adapter ADAPTER -o BASE
       pera-deploy extract CHECKPOINT -o ADAPTER      (from DeepSpeed, Lightning, DCP, HF Trainer)
+      pera-deploy bundle BASE -o BUNDLE --adapter a=A1 --adapter b=A2
+      pera-deploy combine A1 A2 -o LORA --weights 0.7,0.3
 
     \b
     Exit status: 0 success, 1 a numerical check failed, 2 bad input, 3 internal error,
@@ -413,8 +415,10 @@ def merge(paths: tuple[Path, ...], output: Path, adapter_opts: tuple[Path, ...],
 
 @main.command()
 @click.argument("merged", type=click.Path(path_type=Path))
-@click.option("--adapter", "adapter", required=True, type=click.Path(path_type=Path), help="The adapter that was merged.")
-@click.option("--base", "base", required=True, type=click.Path(path_type=Path), help="The base model it was merged into.")
+@click.option("--adapter", "adapter", type=click.Path(path_type=Path), default=None,
+              help="The adapter that was merged (not for a bundle).")
+@click.option("--base", "base", type=click.Path(path_type=Path), default=None,
+              help="The base model it was merged into (not for a bundle).")
 @adapter_options
 @click.option("--forward/--no-forward", default=True, show_default=True,
               help="Also compare outputs of the merged and the unmerged model on seeded inputs.")
@@ -424,7 +428,7 @@ def merge(paths: tuple[Path, ...], output: Path, adapter_opts: tuple[Path, ...],
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
 @json_option
 @debug_option
-def verify(merged: Path, adapter: Path, base: Path, format_: str | None, adapter_name: str | None,
+def verify(merged: Path, adapter: Path | None, base: Path | None, format_: str | None, adapter_name: str | None,
            missing_coefficients: str | None, config: Path | None, forward: bool, seed: int, precision: str,
            progress: bool | None, as_json: bool) -> None:
     """Check a merged model folder against its base and the adapter (exit 1 if it does not match).
@@ -438,12 +442,23 @@ def verify(merged: Path, adapter: Path, base: Path, format_: str | None, adapter
     model, and at least 1e-4. Max abs/rel difference and top-1 agreement are reported.
 
     \b
-    Example:
+    MERGED may also be a bundle (`pera-deploy bundle`): each adapter is then checked against
+    its recorded source (sha256), and base + its LoRA against base + the PERA adapter.
+
+    \b
+    Examples:
       pera-deploy verify merged --adapter fixtures/examples/llama-pera --base fixtures/examples/llama-base
+      pera-deploy verify bundle
     """
     from .api import verify as run_verify
 
     def render(report: Any) -> str:
+        if report.check("bundle base") is not None:
+            return "\n".join(
+                f"{c.kind}: {'ok' if c.passed else 'FAILED'}" + (
+                    f" — source unchanged: {c.source_unchanged}; base + LoRA vs base + PERA: max rel diff "
+                    f"{c.max_rel_diff:.2g} (tolerance {c.tolerance:.0e})" if hasattr(c, "source") else "")
+                for c in report.checks)
         weights, fwd = report.check("weights"), report.check("forward")
         lines = [f"weights: {'ok' if weights.passed else 'FAILED'} — {_weights_line(weights.to_dict())}"]
         if fwd:
@@ -731,6 +746,64 @@ def extract(checkpoint: Path, output: Path, format_: str | None, adapter_name: s
 
     _run(as_json, lambda: run_extract(checkpoint, output, base=base, force=force,
                                       **_load_options(format_, adapter_name, missing_coefficients, config)), render)
+
+
+@main.command()
+@click.argument("base", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="The bundle folder to write.")
+@click.option("--adapter", "adapter_specs", multiple=True, required=True, metavar="NAME=PATH",
+              help="An adapter and the name it is served under (repeat for each).")
+@click.option("--base-files", type=click.Choice(["copy", "hardlink", "symlink"]), default="copy", show_default=True,
+              help="How BUNDLE/base holds the base's files.")
+@click.option("--onnx", is_flag=True, help="Also BUNDLE/onnx: one branch graph and NAME.onnx_adapter per adapter.")
+@click.option("--task", default=None, help="With --onnx: the Optimum task (default: from the architecture).")
+@click.option("--format", "format_", default=None, metavar="FORMAT", help="Adapter format, instead of detecting it.")
+@click.option("--missing-coefficients", type=click.Choice(["zero", "one"]), default=None,
+              help="How to read layers saved with no coefficient tensor (see merge --help).")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it is an earlier output of pera-deploy.")
+@json_option
+@debug_option
+def bundle(base: Path, output: Path, adapter_specs: tuple[str, ...], base_files: str, onnx: bool, task: str | None,
+           format_: str | None, missing_coefficients: str | None, force: bool, as_json: bool) -> None:
+    """Package one base and several PERA (or LoRA) adapters for PEFT, vLLM and ONNX Runtime.
+
+    \b
+    BUNDLE/base/            the base (--base-files copy, hardlink or symlink)
+    BUNDLE/adapters/NAME/   each adapter as an exact plain PEFT LoRA named for the base
+    BUNDLE/onnx/            with --onnx: one branch graph, NAME.onnx_adapter each
+    BUNDLE/bundle.json      sources, sha256, ranks, modules, ‖ΔW‖, checks, vLLM's --max-lora-rank
+    BUNDLE/README.md        how to serve it, with these names
+
+    \b
+    Example:
+      pera-deploy bundle fixtures/examples/llama-base -o bundle \\
+          --adapter pera=fixtures/examples/llama-pera --adapter second=fixtures/examples/llama-pera-2
+    """
+    from .api import bundle as run_bundle
+    from .options import adapter_name
+
+    adapters: dict[str, Path] = {}
+    for spec in adapter_specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            raise InputError(f"--adapter {spec!r}: expected NAME=PATH")
+        adapter_name(name)
+        if name in adapters:
+            raise InputError(f"--adapter {name}: the name is given twice")
+        adapters[name] = Path(path)
+
+    def render(report: Any) -> str:
+        m = report.manifest
+        lines = [f"wrote {output}: {len(adapters)} adapters on {m['base']['source']} ({base_files})"]
+        for name, summary in m["adapters_written"].items():
+            lines.append(f"  adapters/{name}: plain LoRA of rank {summary['r']}, exact")
+        if "onnx" in m:
+            lines.append(f"  onnx/: one branch graph over {len(json.loads(m['onnx']['metadata']['pera_deploy.modules']))} "
+                         "modules, " + ", ".join(f"{n}.onnx_adapter" for n in adapters))
+        return "\n".join(lines)
+
+    _run(as_json, lambda: run_bundle(base, output, adapters, base_files=base_files, onnx=onnx, task=task, force=force,
+                                     format=format_, missing_coefficients=missing_coefficients), render)
 
 
 @main.command()

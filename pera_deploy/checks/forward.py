@@ -102,7 +102,7 @@ def seeded_inputs(config: Any, batch: int, seq: int, seed: int) -> dict[str, Ten
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def _main_output(outputs: Any) -> tuple[str, Tensor]:
+def main_output(outputs: Any) -> tuple[str, Tensor]:
     for key in ("logits", "last_hidden_state"):
         value = getattr(outputs, key, None)
         if isinstance(value, Tensor):
@@ -110,7 +110,7 @@ def _main_output(outputs: Any) -> tuple[str, Tensor]:
     return "output", outputs[0]
 
 
-def _relative(y: Tensor, y_ref: Tensor) -> tuple[float, float]:
+def relative(y: Tensor, y_ref: Tensor) -> tuple[float, float]:
     max_abs = float((y - y_ref).abs().max())
     scale = float(y_ref.abs().max())
     return max_abs, (max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf))
@@ -133,14 +133,14 @@ def check_forward(merged_dir: str | Path, base_dir: str | Path, adapter: PeraAda
     merged_ckpt, base_ckpt = ModelFolder(merged_dir), ModelFolder(base_dir)
     dtype = storage_dtype(merged_ckpt)
     with torch.no_grad(), branch:
-        name, y = _main_output(merged_model(**inputs))
-        _, y_ref = _main_output(reference(**inputs))
+        name, y = main_output(merged_model(**inputs))
+        _, y_ref = main_output(reference(**inputs))
         units = storage_roundoff(merged_ckpt, base_ckpt, adapter)
         noise = 0.0
         for draw in range(FORWARD_NOISE_DRAWS):
             with RoundingNoise(reference, adapter, units, seed * FORWARD_NOISE_DRAWS + draw):
-                noise = max(noise, _relative(_main_output(reference(**inputs))[1], y_ref)[1])
-    max_abs, max_rel = _relative(y, y_ref)
+                noise = max(noise, relative(main_output(reference(**inputs))[1], y_ref)[1])
+    max_abs, max_rel = relative(y, y_ref)
     top1 = float((y.argmax(-1) == y_ref.argmax(-1)).float().mean()) if y.ndim >= 2 else 1.0
     tol = max(FORWARD_FLOOR, FORWARD_NOISE_FACTOR * noise)
     arch = type(merged_model).__name__

@@ -48,7 +48,7 @@ class LoraFactorsCheck:
     """Every module of a plain-LoRA export: its stored factors against ΔW."""
 
     modules: list[LoraCheck]
-    kind = "lora_factors"
+    kind: str = "lora_factors"  # a bundle names one per adapter: "lora_factors[NAME]"
 
     @property
     def passed(self) -> bool:
