@@ -242,3 +242,24 @@ def test_bad_bundles_and_combinations(cli, fx, tmp_path):
     assert cli("bundle", llama, "-o", out, "--adapter", f"a={pera}").exit_code == 0
     refused(cli("bundle", llama, "-o", out, "--adapter", f"a={pera}"), "--force")
     assert not (tmp_path / "c").exists() and not (tmp_path / "m").exists()
+
+
+def test_readme_bundle_and_combination_examples_run_as_written(cli, tmp_path, monkeypatch):
+    """Every `pera-deploy bundle`, `verify bundle`, `combine` and multi-adapter `merge` line of the
+    README's bundles section, and its Python snippet, from a checkout's root."""
+    import re
+    import shlex
+
+    root = Path(__file__).resolve().parents[1]
+    section = (root / "README.md").read_text().split("## Bundles and combinations")[1].split("\n## ")[0]
+    lines = [l.strip() for l in section.splitlines() if l.strip().startswith("pera-deploy ")]
+    assert [shlex.split(l)[1] for l in lines] == ["bundle", "verify", "combine", "merge"]
+    (tmp_path / "fixtures").symlink_to(root / "fixtures")
+    monkeypatch.chdir(tmp_path)
+    for line in lines:
+        result = cli(*shlex.split(line, comments=True)[1:])
+        assert result.exit_code == 0, (line, result.stderr)
+    snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    printed = []
+    exec(compile(snippet, "README.md", "exec"), {"print": printed.append})
+    assert printed == [["pera", "second"]]
