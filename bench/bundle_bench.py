@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,15 +25,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 
-
-def measure(cmd: list[str]) -> tuple[float, float]:
-    proc = subprocess.run(["/usr/bin/time", "-f", "%e %M", *cmd], capture_output=True, text=True,
-                          env={**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"})
-    if proc.returncode != 0:
-        raise RuntimeError(f"{cmd[:3]} failed: {proc.stderr[-2000:]}")
-    seconds, kb = proc.stderr.strip().splitlines()[-1].split()
-    return float(seconds), int(kb) / 1024
+from common import measure  # noqa: E402
 
 
 def more_adapters(first: Path, work: Path, count: int) -> list[Path]:

@@ -22,10 +22,8 @@ stay within about 2x, whatever the size of the base in the same file.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -33,16 +31,13 @@ import torch
 from safetensors.torch import load_file
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from common import measure  # noqa: E402
+
 sys.path.insert(0, str(HERE.parent))
 
 
-def measure(cmd: list[str]) -> tuple[float, float]:
-    proc = subprocess.run(["/usr/bin/time", "-f", "%e %M", *cmd], capture_output=True, text=True,
-                          env={**os.environ, "TQDM_DISABLE": "1"})
-    if proc.returncode != 0:
-        raise RuntimeError(f"{cmd[:3]} failed: {proc.stderr[-2000:]}")
-    seconds, kb = proc.stderr.strip().splitlines()[-1].split()
-    return float(seconds), int(kb) / 1024
 
 
 def build(work: Path, base: Path, pera_dir: Path) -> tuple[Path, Path, int]:

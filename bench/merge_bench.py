@@ -28,6 +28,10 @@ import torch
 from safetensors.torch import save_file
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from common import measure  # noqa: E402
+
 SEED = 8
 RANK = 8
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -139,17 +143,6 @@ model.save_pretrained(out)
 """
 
 
-def measure(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MB) of one command, as GNU time reports them.
-
-    Not this script's own wait4: ru_maxrss survives fork and exec, so a child would
-    inherit this (large) process's peak.
-    """
-    proc = subprocess.run(["/usr/bin/time", "-f", "%e %M", *cmd], capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{cmd[:3]} failed: {proc.stderr[-2000:]}")
-    seconds, kb = proc.stderr.strip().splitlines()[-1].split()
-    return float(seconds), int(kb) / 1024
 
 
 def rounding_quality(merged: Path, base: Path, adapter_dir: Path, names: list[str]) -> float:

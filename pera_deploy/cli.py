@@ -61,6 +61,31 @@ def adapter_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+def lora_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """How to write a plain LoRA: the same options on export-lora and combine."""
+    for option in reversed([
+        click.option("--rank", type=int, default=None, help="Keep the best rank-K approximation, per module."),
+        click.option("--tol", type=float, default=None,
+                     help="Per module, the smallest rank whose relative Frobenius error is at most T."),
+        click.option("--max-rank", type=int, default=None, help="Cap every module's rank at M."),
+        click.option("--pad/--no-pad", default=True, show_default=True,
+                     help="Pad all modules to one rank (scaling exactly 1 in PEFT, vLLM and llama.cpp); --no-pad "
+                     "writes each at its own rank with rank_pattern / alpha_pattern."),
+        click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
+                     show_default=True, help="Storage dtype of the LoRA factors."),
+        click.option("--base", type=click.Path(path_type=Path), default=None,
+                     help="Name modules as this base model's transformers class does (what PEFT matches), and check "
+                     "shapes."),
+    ]):
+        f = option(f)
+    return f
+
+
+force_option = click.option(
+    "--force", is_flag=True,
+    help="Replace OUTPUT if it is an earlier output of pera-deploy (or an empty folder); nothing else is replaced.")
+
+
 def _load_options(format_: str | None, adapter_name: str | None, missing_coefficients: str | None,
                   config: Path | None) -> dict[str, Any]:
     return {"format": format_, "adapter_name": adapter_name, "missing_coefficients": missing_coefficients,
@@ -310,7 +335,7 @@ def inspect(adapter: Path, format_: str | None, adapter_name: str | None, missin
               "exact plain PEFT LoRA) for multi-adapter serving with PEFT or vLLM.")
 @click.option("--base-files", type=click.Choice(["copy", "hardlink", "symlink"]), default="copy", show_default=True,
               help="With --keep-branch: how OUTPUT/base holds the base's files.")
-@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists and is not empty.")
+@force_option
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
 @json_option
 @debug_option
@@ -474,18 +499,8 @@ def verify(merged: Path, adapter: Path | None, base: Path | None, format_: str |
 @click.argument("adapter", type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="The LoRA adapter folder to write.")
 @adapter_options
-@click.option("--rank", type=int, default=None, help="Keep the best rank-K approximation of every module.")
-@click.option("--tol", type=float, default=None,
-              help="Per module, the smallest rank whose relative Frobenius error is at most T.")
-@click.option("--max-rank", type=int, default=None, help="Cap every module's rank at M.")
-@click.option("--pad/--no-pad", default=True, show_default=True,
-              help="Pad all modules to one rank (scaling exactly 1 in PEFT, vLLM and llama.cpp); --no-pad writes "
-              "each at its own rank with rank_pattern / alpha_pattern.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
-              help="Storage dtype of the LoRA factors.")
-@click.option("--base", type=click.Path(path_type=Path), default=None,
-              help="Name modules as this base model's transformers class does (what PEFT matches), and check shapes.")
-@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists and is not empty.")
+@lora_options
+@force_option
 @json_option
 @debug_option
 def export_lora(adapter: Path, output: Path, format_: str | None, adapter_name: str | None,
@@ -533,20 +548,14 @@ def export_lora(adapter: Path, output: Path, format_: str | None, adapter_name: 
 @click.option("--weights", default=None, metavar="W1,W2,...",
               help="One weight per adapter (default all 1; negative subtracts an adapter).")
 @adapter_options
-@click.option("--rank", type=int, default=None, help="Keep the best rank-K approximation of the sum, per module.")
-@click.option("--tol", type=float, default=None,
-              help="Per module, the smallest rank whose relative Frobenius error is at most T.")
-@click.option("--max-rank", type=int, default=None, help="Cap every module's rank at M.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
-              help="Storage dtype of the LoRA factors.")
-@click.option("--base", type=click.Path(path_type=Path), default=None,
-              help="Name modules as this base model's transformers class does (what PEFT matches), and check shapes.")
-@click.option("--force", is_flag=True, help="Replace OUTPUT if it is an earlier output of pera-deploy.")
+@lora_options
+@force_option
 @json_option
 @debug_option
 def combine(adapters: tuple[Path, ...], output: Path, weights: str | None, format_: str | None,
             adapter_name: str | None, missing_coefficients: str | None, config: Path | None, rank: int | None,
-            tol: float | None, max_rank: int | None, dtype: str, base: Path | None, force: bool, as_json: bool) -> None:
+            tol: float | None, max_rank: int | None, pad: bool, dtype: str, base: Path | None, force: bool,
+            as_json: bool) -> None:
     """Write the weighted sum of several adapters (PERA or LoRA) as one plain PEFT LoRA.
 
     \b
@@ -570,7 +579,7 @@ def combine(adapters: tuple[Path, ...], output: Path, weights: str | None, forma
         return f"wrote {output}: {what} as a plain LoRA of rank {lora['r']}, {exact}"
 
     _run(as_json, lambda: run_combine(list(adapters), output, weights=parse_weights(weights), rank=rank, tol=tol,
-                                      max_rank=max_rank, dtype=dtype, base=base, force=force,
+                                      max_rank=max_rank, pad=pad, dtype=dtype, base=base, force=force,
                                       **_load_options(format_, adapter_name, missing_coefficients, config)), render)
 
 
@@ -586,7 +595,7 @@ def combine(adapters: tuple[Path, ...], output: Path, weights: str | None, forma
               help="Precision of W' − ΔW before the one rounding.")
 @click.option("--full-check", is_flag=True,
               help="Recompute every recovered element independently (default: a sample of rows).")
-@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists and is not empty.")
+@force_option
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
 @json_option
 @debug_option
@@ -649,7 +658,7 @@ def unmerge(merged: Path, adapter: Path, output: Path, format_: str | None, adap
               help="How to read layers saved with no coefficient tensor (see merge --help).")
 @click.option("--config", "config", type=click.Path(path_type=Path), default=None, metavar="FILE",
               help="An adapter_config.json for adapter tensors that come without one.")
-@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists and is not empty.")
+@force_option
 @json_option
 @debug_option
 def export_onnx(model: Path, output: Path, adapter_specs: tuple[str, ...], branch: bool, task: str | None,
@@ -711,7 +720,7 @@ def export_onnx(model: Path, output: Path, adapter_specs: tuple[str, ...], branc
 @adapter_options
 @click.option("--base", type=click.Path(path_type=Path), default=None,
               help="Name modules as this base model's transformers class does (what PEFT matches), and check shapes.")
-@click.option("--force", is_flag=True, help="Replace OUTPUT if it is an earlier output of pera-deploy.")
+@force_option
 @json_option
 @debug_option
 def extract(checkpoint: Path, output: Path, format_: str | None, adapter_name: str | None,
@@ -760,7 +769,7 @@ def extract(checkpoint: Path, output: Path, format_: str | None, adapter_name: s
 @click.option("--format", "format_", default=None, metavar="FORMAT", help="Adapter format, instead of detecting it.")
 @click.option("--missing-coefficients", type=click.Choice(["zero", "one"]), default=None,
               help="How to read layers saved with no coefficient tensor (see merge --help).")
-@click.option("--force", is_flag=True, help="Replace OUTPUT if it is an earlier output of pera-deploy.")
+@force_option
 @json_option
 @debug_option
 def bundle(base: Path, output: Path, adapter_specs: tuple[str, ...], base_files: str, onnx: bool, task: str | None,

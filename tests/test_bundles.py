@@ -22,6 +22,7 @@ from pera_deploy.checks.reference_model import load_unmerged_model
 from pera_deploy.core.names import NameIndex
 from pera_deploy.io.hf_model import load_model
 from pera_deploy.io.model_folder import ModelFolder
+from tests.helpers import refused
 
 pytestmark = pytest.mark.slow
 
@@ -210,11 +211,6 @@ def test_a_reduced_combination_is_within_one_percent_of_optimal(fx, tmp_path):
 # -- bad input ------------------------------------------------------------------------------------
 
 
-def refused(result, *needles):
-    assert result.exit_code == 2, (result.stdout, result.stderr)
-    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr
-    for needle in needles:
-        assert needle in result.stderr, result.stderr
 
 
 def test_bad_bundles_and_combinations(cli, fx, tmp_path):

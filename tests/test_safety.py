@@ -20,15 +20,7 @@ from safetensors.torch import load_file, save_file
 
 import pera_deploy
 from pera_deploy.publish.output_folder import LOCK_FILE, OLD_MARK, TMP_MARK, OutputFolder, sweep
-
-
-def refused(result, *needles):
-    assert result.exit_code == 2, (result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
+from tests.helpers import refused
 
 
 def tree(folder: Path) -> dict[str, str]:

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 import pera_deploy
 from fixtures.training_checkpoints import ALPHA, R
+from tests.helpers import refused
 
 pytest.importorskip("deepspeed")
 pytest.importorskip("lightning")
@@ -147,12 +148,6 @@ def test_inspect_says_where_everything_came_from(cli, trained):
 # -- bad input -----------------------------------------------------------------------------------
 
 
-def refused(result, *needles):
-    assert result.exit_code == 2, (result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def test_a_container_without_pera_tensors(cli, fx, tmp_path):
