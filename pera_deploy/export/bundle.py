@@ -30,20 +30,23 @@ from ..publish import Written, adapter_inputs, publish
 from ..publish.manifest import adapter_record, file_digests, model_record
 from ..publish.model_card import ModelCard
 from .keep_branch import vllm_rank
-from .lora import LORA_DTYPES, LoraExport, export_summary, peft_names, plan_lora_export, write_lora_folder
+from .lora import LORA_DTYPES, export_summary, peft_names, plan_lora_export, write_lora_folder
 
 
 def bundle_folder(base: Path, output: Path, adapters: dict[str, PeraAdapter], sources: dict[str, str],
                   digests: Digests, *, base_files: str = "copy", onnx: bool = False, task: str | None = None,
                   opset: int | None = None, force: bool = False, options: dict[str, Any] | None = None) -> Report:
     """Write the bundle; `sources` are the adapter paths as the user gave them (for bundle.json)."""
-    exports: dict[str, LoraExport] = {}
+    from ..io.hf_model import model_names
+
+    names: dict[str, dict[str, str]] = {}
     with ModelFolder(base) as checkpoint:
         weight_files = checkpoint.weight_files
         all_files = [checkpoint.folder / "config.json", *weight_files]
         inputs = list(checkpoint.input_paths())
-        for name, adapter in adapters.items():
-            exports[name] = plan_lora_export(adapter, names=peft_names(adapter, checkpoint))
+        model = model_names(base)
+        for name, adapter in adapters.items():  # every adapter validated against the base before anything is written
+            names[name] = peft_names(adapter, checkpoint, model)
             inputs += adapter_inputs(adapter)
     digests.prefetch([f for a in adapters.values() for f in a.files] + weight_files)
     branch = None
@@ -57,14 +60,18 @@ def bundle_folder(base: Path, output: Path, adapters: dict[str, PeraAdapter], so
         records = {name: adapter_record(adapter, digests) for name, adapter in adapters.items()}
         base_record = model_record(base, weight_files, digests)
         checks: list[Check] = []
-        for name, adapter in adapters.items():
+        summaries: dict[str, dict[str, Any]] = {}
+        for name, adapter in adapters.items():  # one adapter's factors in memory at a time
+            export = plan_lora_export(adapter, names=names[name])
             metadata = {"format": "pt", "pera_deploy.version": __version__,
                         "pera_deploy.adapter_sha256": records[name]["sha256"],
                         "pera_deploy.base_sha256": base_record["sha256"]}
-            check = write_lora_folder(folder / "adapters" / name, exports[name], adapter, LORA_DTYPES["float32"], metadata)
+            check = write_lora_folder(folder / "adapters" / name, export, adapter, LORA_DTYPES["float32"], metadata)
             check.kind = f"lora_factors[{name}]"
             checks.append(check)
-        sections: dict[str, Any] = {"adapters_written": {name: export_summary(e) for name, e in exports.items()}}
+            summaries[name] = export_summary(export)
+            del export
+        sections: dict[str, Any] = {"adapters_written": summaries}
         if branch is not None:
             from .onnx.folders import write_branch_graph
             from .onnx.tasks import derive_task
@@ -75,7 +82,7 @@ def bundle_folder(base: Path, output: Path, adapters: dict[str, PeraAdapter], so
                                                       base_record["sha256"])
             checks.append(check)
             sections["onnx"] = onnx_sections
-        max_rank = vllm_rank(max(e.r for e in exports.values()))
+        max_rank = vllm_rank(max(summary["r"] for summary in summaries.values()))
         bundle = {
             "base": {"path": str(base), "files": file_digests(all_files, base, digests),
                      "sha256": base_record["sha256"], "placed_as": base_files, "placed": placed},
@@ -87,9 +94,9 @@ def bundle_folder(base: Path, output: Path, adapters: dict[str, PeraAdapter], so
                     "files": records[name].get("files", {}),
                     "r": adapter.ranks,
                     "R_prime": records[name]["R_prime"],
-                    "exported_rank": exports[name].r,
-                    "modules": sorted(m.module for m in exports[name].modules),
-                    "delta_norm": {m.module: m.delta_norm for m in exports[name].modules},
+                    "exported_rank": summaries[name]["r"],
+                    "modules": sorted(m["module"] for m in summaries[name]["modules"]),
+                    "delta_norm": {m["module"]: m["delta_norm"] for m in summaries[name]["modules"]},
                     "folder": f"adapters/{name}",
                     "onnx_adapter": f"onnx/{name}.onnx_adapter" if branch is not None else None,
                 }
@@ -99,20 +106,21 @@ def bundle_folder(base: Path, output: Path, adapters: dict[str, PeraAdapter], so
             "checks": {c.kind: c.to_dict() for c in checks},
         }
         write_json(folder / BUNDLE_FILE, bundle)
-        card = _card(output.name, list(adapters), exports, max_rank, branch is not None)
+        card = _card(output.name, list(adapters), {n: summary["r"] for n, summary in summaries.items()}, max_rank,
+                     branch is not None)
         return Written(checks, {"base": base_record, "adapters": records}, sections, card=card)
 
     return publish(output, "bundle", write, options=options or {}, inputs=inputs, force=force)
 
 
-def _card(title: str, names: list[str], exports: dict[str, LoraExport], max_rank: int, onnx: bool) -> ModelCard:
+def _card(title: str, names: list[str], ranks: dict[str, int], max_rank: int, onnx: bool) -> ModelCard:
     first, rest = names[0], names[1:]
     loads = "".join(f'model.load_adapter("adapters/{n}", adapter_name="{n}")\n' for n in rest)
     modules = " ".join(f"{n}=adapters/{n}" for n in names)
     body = (
         f"One base model and {len(names)} PERA adapters ({', '.join(names)}), written by pera-deploy {__version__}. "
         "Each adapter is a plain PEFT LoRA whose update equals the PERA adapter's exactly (ranks: "
-        + ", ".join(f"{n} {exports[n].r}" for n in names) + "); `bundle.json` records the sources, their "
+        + ", ".join(f"{n} {ranks[n]}" for n in names) + "); `bundle.json` records the sources, their "
         "sha256, every layer's ‖ΔW‖ and the checks.\n\n"
         "With PEFT, one model, every adapter, switched per call:\n\n"
         "```python\n"

@@ -246,18 +246,20 @@ def lora_card(export: LoraExport, adapter: PeraAdapter) -> ModelCard:
                      base_model=adapter.base_model_name_or_path, library_name="peft", tags=["lora"])
 
 
-def peft_names(adapter: PeraAdapter, base: ModelFolder) -> dict[str, str]:
+def peft_names(adapter: PeraAdapter, base: ModelFolder,
+               model: tuple[list[str], list[str]] | None = None) -> dict[str, str]:
     """Adapter module and tensor paths → the names the base's transformers model uses.
 
     PEFT matches an adapter's keys against the model's own module names, which an adapter
     trained on another class (BertModel vs BertForSequenceClassification) or a checkpoint
     saved without its prefix does not share. Also validates the adapter against the base's
-    shapes. Imports transformers (the model is built on the meta device: nothing is read).
+    shapes. `model` is the base's (module names, parameter names) when the caller has them
+    already; otherwise they are found with transformers (on the meta device: nothing is read).
     """
     from ..io.hf_model import model_names
 
     match_adapter(adapter, base, untie_embeddings=True)
-    modules, params = model_names(base.folder)
+    modules, params = model or model_names(base.folder)
     names: dict[str, str] = {}
     for pool, wanted, what in ((modules, list(adapter.layers), "module"), (params, list(adapter.extra_tensors), "tensor")):
         index = NameIndex(pool)
