@@ -359,8 +359,8 @@ def test_fuzz_a_model_config_transformers_cannot_build_is_bad_input(cli, copies)
     config = json.loads((base / "config.json").read_text())
     config["vocab_size"] = None
     (base / "config.json").write_text(json.dumps(config))
-    refused(cli("merge", adapter, base, "-o", parent / "out", "--keep-branch"), str(base),
-            "transformers cannot build LlamaForCausalLM")
+    line = refused(cli("merge", adapter, base, "-o", parent / "out", "--keep-branch"), str(base))
+    assert "transformers cannot build LlamaForCausalLM" in line or "not a transformers config" in line  # 4.x, 5.x
 
 
 def test_fuzz_a_corrupt_pickle_that_trips_an_assertion_in_torch_is_bad_input(cli, fx, tmp_path):

@@ -129,14 +129,23 @@ def named_outputs(outputs: Any) -> dict[str, np.ndarray]:
     its tensor fields by their own names, its KV cache as `present.<layer>.key/value`."""
     named: dict[str, np.ndarray] = {}
     for key, value in outputs.items():
-        if key == "past_key_values" and value is not None:
-            layers = value.to_legacy_cache() if hasattr(value, "to_legacy_cache") else value
-            for i, (k, v) in enumerate(layers):
+        if key in ("past_key_values", "cache") and value is not None:  # transformers 5 calls it `cache`
+            for i, (k, v) in enumerate(cache_layers(value)):
                 named[f"present.{i}.key"] = k.float().numpy()
                 named[f"present.{i}.value"] = v.float().numpy()
         elif isinstance(value, torch.Tensor):
             named[key] = value.float().numpy()
     return named
+
+
+def cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(key, value) per layer of a transformers KV cache, in 4.x (tuples, `to_legacy_cache`)
+    and 5.x (`cache.layers[i].keys / .values`) alike."""
+    if hasattr(cache, "layers") and all(hasattr(layer, "keys") for layer in cache.layers):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    if hasattr(cache, "to_legacy_cache"):
+        cache = cache.to_legacy_cache()
+    return [(entry[0], entry[1]) for entry in cache]
 
 
 def _torch_outputs(model: nn.Module, ids: np.ndarray, decoder: bool) -> dict[tuple[str, str], np.ndarray]:

@@ -35,8 +35,9 @@ def model_class(folder: Path) -> tuple[Any, Any]:
 
     try:
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise InputError(f"{folder}/config.json: not a transformers config ({str(exc).splitlines()[0]})") from None
+    except Exception as exc:  # noqa: BLE001  transformers read the user's config: whatever it says is about it
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise InputError(f"{folder}/config.json: not a transformers config ({first})") from None
     arch = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, arch, None) if arch else transformers.AutoModel
     if cls is None:
