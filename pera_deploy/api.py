@@ -164,8 +164,8 @@ def _verify_bundle(folder: Path, seed: int, load_options: dict[str, Any]) -> Rep
 
 
 def bundle(base: str | Path, output: str | Path, adapters: dict[str, AdapterLike], *, base_files: str = "copy",
-           onnx: bool = False, task: str | None = None, opset: int | None = None, force: bool = False,
-           digests: Digests | None = None, **load_options: Any) -> Report:
+           onnx: bool = False, task: str | None = None, opset: int | None = None, genai: bool | None = None,
+           force: bool = False, digests: Digests | None = None, **load_options: Any) -> Report:
     """One base and several adapters, packaged for every runtime (export/bundle.py): `base/`,
     `adapters/NAME/` (exact plain PEFT LoRAs named for the base), `onnx/` with `onnx`,
     `bundle.json` and a README with the real names. Names must be filesystem-safe and unique."""
@@ -185,12 +185,12 @@ def bundle(base: str | Path, output: str | Path, adapters: dict[str, AdapterLike
     loaded = {name: _load(source, load_options) for name, source in zip(names, adapters.values())}
     sources = {name: str(source) if isinstance(source, (str, Path)) else loaded[name].label
                for name, source in zip(names, adapters.values())}
-    options = {"base_files": base_files, "onnx": onnx, "task": task, "opset": opset}
+    options = {"base_files": base_files, "onnx": onnx, "task": task, "opset": opset, "genai": genai if onnx else None}
     from .scoped import quiet_transformers
 
     with _digests(digests) as hasher, offline(), quiet_transformers():
         return bundle_folder(Path(base), output, loaded, sources, hasher, base_files=base_files, onnx=onnx, task=task,
-                             opset=opset, force=force, options=options)
+                             opset=opset, genai=genai, force=force, options=options)
 
 
 def load_bundle(folder: str | Path) -> Any:
@@ -273,7 +273,8 @@ def unmerge(merged: str | Path, adapter: AdapterLike, output: str | Path, *, che
 
 def export_onnx(model: str | Path, output: str | Path, *, adapters: dict[str, AdapterLike] | None = None,
                 branch: bool = False, task: str | None = None, opset: int | None = None, dtype: str = "float32",
-                force: bool = False, digests: Digests | None = None, **load_options: Any) -> Report:
+                genai: bool | None = None, force: bool = False, digests: Digests | None = None,
+                **load_options: Any) -> Report:
     """Export to ONNX through Optimum and check the graph with ONNX Runtime against PyTorch.
 
     * `model` alone: a (merged) model folder as it is.
@@ -284,7 +285,8 @@ def export_onnx(model: str | Path, output: str | Path, *, adapters: dict[str, Ad
       with each adapter (= base + that adapter's live branch).
 
     The graph is exported in float32; `dtype="float16"` converts it afterwards (and checks
-    it with its own wider tolerance).
+    it with its own wider tolerance). Decoders ONNX Runtime GenAI runs get `genai_config.json`
+    beside the graph and tokenizer (`genai=None`: where it can; True: or bad input; False: never).
     """
     from .export.onnx.requirements import require_onnx
     from .publish.output_folder import check_target
@@ -300,19 +302,21 @@ def export_onnx(model: str | Path, output: str | Path, *, adapters: dict[str, Ad
         raise InputError("several adapters need --branch (a merged graph holds one)")
     loaded = {adapter_name(name): _load(source, load_options) for name, source in (adapters or {}).items()}
     require_onnx()
-    options = {"branch": branch, "task": task, "opset": opset, "dtype": dtype}
+    options = {"branch": branch, "task": task, "opset": opset, "dtype": dtype, "genai": genai}
     from .scoped import quiet_transformers
 
     with _digests(digests) as hasher, offline(), quiet_transformers():
         from .export.onnx.folders import export_branch_folder, export_merged_folder
+        from .export.onnx.genai import genai_wanted
         from .export.onnx.tasks import derive_task
 
         task = derive_task(model, task)
-        options["task"] = task
+        wanted = genai_wanted(model, task, genai)
+        options.update(task=task, genai=wanted)
         if branch:
-            return export_branch_folder(model, output, loaded, task, opset, dtype, force, hasher, options)
+            return export_branch_folder(model, output, loaded, task, opset, dtype, force, hasher, options, wanted)
         return export_merged_folder(model, output, next(iter(loaded.items()), None), task, opset, dtype, force,
-                                    hasher, options)
+                                    hasher, options, wanted)
 
 
 def extract(checkpoint: AdapterLike, output: str | Path, *, base: str | Path | None = None, force: bool = False,

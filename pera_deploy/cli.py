@@ -651,6 +651,9 @@ def unmerge(merged: Path, adapter: Path, output: Path, format_: str | None, adap
               help="Export MODEL (the base) with a swappable PERA branch at every targeted layer instead of merging.")
 @click.option("--task", default=None, help="Optimum task (default: from the config's architecture; decoders with past).")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: Optimum's for the architecture).")
+@click.option("--genai/--no-genai", default=None,
+              help="Write genai_config.json for ONNX Runtime GenAI (default: for every decoder it runs, which then "
+                   "needs the model's tokenizer.json; --genai makes a model it cannot run an error).")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="float16 converts the float32 graph (and adapter files) after export; checked with a wider tolerance.")
 @click.option("--format", "format_", default=None, metavar="FORMAT", help="Adapter format, instead of detecting it.")
@@ -662,8 +665,8 @@ def unmerge(merged: Path, adapter: Path, output: Path, format_: str | None, adap
 @json_option
 @debug_option
 def export_onnx(model: Path, output: Path, adapter_specs: tuple[str, ...], branch: bool, task: str | None,
-                opset: int | None, dtype: str, format_: str | None, missing_coefficients: str | None,
-                config: Path | None, force: bool, as_json: bool) -> None:
+                opset: int | None, genai: bool | None, dtype: str, format_: str | None,
+                missing_coefficients: str | None, config: Path | None, force: bool, as_json: bool) -> None:
     """Export to ONNX, checked with ONNX Runtime against the unmerged PyTorch model.
 
     \b
@@ -675,7 +678,9 @@ def export_onnx(model: Path, output: Path, adapter_specs: tuple[str, ...], branc
     swaps adapters per request (RunOptions.add_active_adapter). Decoders get the KV-cache
     graph. Every graph is run in ONNX Runtime (prefill and one decoding step for decoders)
     and compared with PyTorch, output by output: float32 within 1e-4 relative, float16
-    within 1e-2, or exit 1.
+    within 1e-2, or exit 1. Decoders get genai_config.json beside the graph and tokenizer,
+    so onnxruntime_genai.Model(ONNX) runs the folder as written (og.Adapters loads the
+    .onnx_adapter files).
 
     \b
     Examples:
@@ -706,11 +711,12 @@ def export_onnx(model: Path, output: Path, adapter_specs: tuple[str, ...], branc
             lines.append(f"  {run}: {', '.join(main_outputs) or 'no main output'}; worst output {worst.output} "
                          f"{worst.max_rel_diff:.2g} (tolerance {worst.tolerance:.0e})")
         written = f"wrote {output}" if report.passed else f"did not write {output}"
-        return "\n".join([f"{written}: {m['graph']} graph, task {m['task']}, {m['options']['dtype']}",
+        genai = f", with {m['genai_config']} for ONNX Runtime GenAI" if m.get("genai_config") else ""
+        return "\n".join([f"{written}: {m['graph']} graph, task {m['task']}, {m['options']['dtype']}{genai}",
                           "checked with ONNX Runtime against the unmerged PyTorch model:"] + lines)
 
     _run(as_json, lambda: run_export(model, output, adapters=adapters, branch=branch, task=task, opset=opset,
-                                     dtype=dtype, force=force, format=format_,
+                                     dtype=dtype, genai=genai, force=force, format=format_,
                                      missing_coefficients=missing_coefficients, config=config), render)
 
 
@@ -766,6 +772,8 @@ def extract(checkpoint: Path, output: Path, format_: str | None, adapter_name: s
               help="How BUNDLE/base holds the base's files.")
 @click.option("--onnx", is_flag=True, help="Also BUNDLE/onnx: one branch graph and NAME.onnx_adapter per adapter.")
 @click.option("--task", default=None, help="With --onnx: the Optimum task (default: from the architecture).")
+@click.option("--genai/--no-genai", default=None,
+              help="With --onnx: genai_config.json for ONNX Runtime GenAI (as export-onnx: by default for decoders).")
 @click.option("--format", "format_", default=None, metavar="FORMAT", help="Adapter format, instead of detecting it.")
 @click.option("--missing-coefficients", type=click.Choice(["zero", "one"]), default=None,
               help="How to read layers saved with no coefficient tensor (see merge --help).")
@@ -773,13 +781,15 @@ def extract(checkpoint: Path, output: Path, format_: str | None, adapter_name: s
 @json_option
 @debug_option
 def bundle(base: Path, output: Path, adapter_specs: tuple[str, ...], base_files: str, onnx: bool, task: str | None,
-           format_: str | None, missing_coefficients: str | None, force: bool, as_json: bool) -> None:
+           genai: bool | None, format_: str | None, missing_coefficients: str | None, force: bool,
+           as_json: bool) -> None:
     """Package one base and several PERA (or LoRA) adapters for PEFT, vLLM and ONNX Runtime.
 
     \b
     BUNDLE/base/            the base (--base-files copy, hardlink or symlink)
     BUNDLE/adapters/NAME/   each adapter as an exact plain PEFT LoRA named for the base
     BUNDLE/onnx/            with --onnx: one branch graph, NAME.onnx_adapter each
+                            (and genai_config.json for decoders: ONNX Runtime GenAI)
     BUNDLE/bundle.json      sources, sha256, ranks, modules, ‖ΔW‖, checks, vLLM's --max-lora-rank
     BUNDLE/README.md        how to serve it, with these names
 
@@ -811,8 +821,8 @@ def bundle(base: Path, output: Path, adapter_specs: tuple[str, ...], base_files:
                          "modules, " + ", ".join(f"{n}.onnx_adapter" for n in adapters))
         return "\n".join(lines)
 
-    _run(as_json, lambda: run_bundle(base, output, adapters, base_files=base_files, onnx=onnx, task=task, force=force,
-                                     format=format_, missing_coefficients=missing_coefficients), render)
+    _run(as_json, lambda: run_bundle(base, output, adapters, base_files=base_files, onnx=onnx, task=task, genai=genai,
+                                     force=force, format=format_, missing_coefficients=missing_coefficients), render)
 
 
 @main.command()

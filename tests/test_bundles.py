@@ -109,6 +109,10 @@ def test_onnx_graph_with_each_adapter(bundled):
     assert check["passed"] and {c["run"] for c in check["outputs"]} == {"no adapter"} | {f"adapter {n}" for n in adapters}
     files = manifest["onnx"]["adapter_files"]
     assert len({tuple(f["modules"]) for f in files.values()}) == 3  # one graph, the union of three module sets
+    # a decoder ONNX Runtime GenAI runs gets its config (test_genai.py runs such folders); encoders none
+    genai = family == "llama"
+    assert manifest["onnx"]["genai_config"] == ("genai_config.json" if genai else None)
+    assert (out / "onnx" / "genai_config.json").is_file() == genai
 
 
 def test_verify_a_bundle(cli, bundled, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +126,14 @@ def test_bad_inputs(cli, fx, tmp_path):
             needle="several adapters need --branch")
     refused(fx["llama-base"], "--branch", needle="--branch needs at least one --adapter")
     refused(tmp_path / "nowhere", needle="model folder not found")
+    for arch, model_type, needle in (("BertForPreTraining", "bert", "Optimum cannot export BertForPreTraining (it maps "
+                                      "the class to no task); pass --task, one of the tasks Optimum offers for bert: "
+                                      "feature-extraction, fill-mask"),
+                                     ("MambaForCausalLM", "mamba", "MambaForCausalLM (model type 'mamba') has no ONNX")):
+        other = shutil.copytree(fx["bert-base"], tmp_path / arch)
+        config = json.loads((other / "config.json").read_text())
+        (other / "config.json").write_text(json.dumps({**config, "architectures": [arch], "model_type": model_type}))
+        refused(other, needle=needle)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "x").write_text("")
     result = cli("export-onnx", fx["llama-base"], "-o", tmp_path / "out")

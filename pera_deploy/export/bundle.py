@@ -35,8 +35,10 @@ from .lora import LORA_DTYPES, export_summary, peft_names, plan_lora_export, wri
 
 def bundle_folder(base: Path, output: Path, adapters: dict[str, PeraAdapter], sources: dict[str, str],
                   digests: Digests, *, base_files: str = "copy", onnx: bool = False, task: str | None = None,
-                  opset: int | None = None, force: bool = False, options: dict[str, Any] | None = None) -> Report:
-    """Write the bundle; `sources` are the adapter paths as the user gave them (for bundle.json)."""
+                  opset: int | None = None, genai: bool | None = None, force: bool = False,
+                  options: dict[str, Any] | None = None) -> Report:
+    """Write the bundle; `sources` are the adapter paths as the user gave them (for bundle.json).
+    With `onnx`, `genai` is export-onnx's: genai_config.json beside the graph where GenAI runs it."""
     from ..io.hf_model import model_names
 
     names: dict[str, dict[str, str]] = {}
@@ -49,10 +51,16 @@ def bundle_folder(base: Path, output: Path, adapters: dict[str, PeraAdapter], so
             names[name] = peft_names(adapter, checkpoint, model)
             inputs += adapter_inputs(adapter)
     digests.prefetch([f for a in adapters.values() for f in a.files] + weight_files)
-    branch = None
+    branch, chosen, wanted = None, None, False
     if onnx:
         from .onnx.folders import prepare_branch
+        from .onnx.genai import genai_wanted
+        from .onnx.tasks import derive_task
 
+        chosen = derive_task(base, task)
+        wanted = genai_wanted(base, chosen, genai)
+        if options is not None:
+            options.update(task=chosen, genai=wanted)
         branch = prepare_branch(base, adapters)
 
     def write(folder: Path) -> Written:
@@ -72,14 +80,12 @@ def bundle_folder(base: Path, output: Path, adapters: dict[str, PeraAdapter], so
             summaries[name] = export_summary(export)
             del export
         sections: dict[str, Any] = {"adapters_written": summaries}
-        if branch is not None:
+        if branch is not None and chosen is not None:
             from .onnx.folders import write_branch_graph
-            from .onnx.tasks import derive_task
 
             (folder / "onnx").mkdir()
-            chosen = derive_task(base, task)
             check, onnx_sections = write_branch_graph(folder / "onnx", branch, chosen, opset, "float32",
-                                                      base_record["sha256"])
+                                                      base_record["sha256"], wanted)
             checks.append(check)
             sections["onnx"] = onnx_sections
         max_rank = vllm_rank(max(summary["r"] for summary in summaries.values()))

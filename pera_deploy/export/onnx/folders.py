@@ -29,13 +29,14 @@ from ...publish import Written, adapter_inputs, publish
 from ...publish.manifest import adapter_record, model_record
 from ..merged import merge_folder
 from .adapters import branch_factors, write_adapter_file
+from .genai import write_genai_config
 from .graph import set_metadata, to_float16
 from .trace import export_branch_graph, export_model
 
 
 def export_merged_folder(model: Path, output: Path, adapter: tuple[str, PeraAdapter] | None, task: str,
                          opset: int | None, dtype: str, force: bool, digests: Digests,
-                         options: dict[str, Any]) -> Report:
+                         options: dict[str, Any], genai: bool = False) -> Report:
     """`model` exported as it is, or with `adapter` merged into it first (in float32, in a
     scratch folder inside the temporary output folder, removed before publishing)."""
     with ModelFolder(model) as checkpoint:
@@ -67,7 +68,9 @@ def export_merged_folder(model: Path, output: Path, adapter: tuple[str, PeraAdap
             check = validate(out / "model.onnx", reference, [("merged", None, nullcontext)], dtype == "float16")
         if folder != model:
             shutil.rmtree(folder)
-        return Written([check], inputs, {"graph": "merged", "task": task, "metadata": metadata})
+        sections = {"graph": "merged", "task": task, "metadata": metadata,
+                    "genai_config": write_genai_config(out, model) if genai else None}
+        return Written([check], inputs, sections)
 
     return publish(output, "export-onnx", write, options=options, inputs=input_paths, force=force)
 
@@ -100,7 +103,7 @@ def prepare_branch(base: Path, adapters: dict[str, PeraAdapter]) -> BranchExport
 
 
 def write_branch_graph(out: Path, branch: BranchExport, task: str, opset: int | None, dtype: str,
-                       base_sha256: str) -> tuple[OnnxOutputsCheck, dict[str, Any]]:
+                       base_sha256: str, genai: bool = False) -> tuple[OnnxOutputsCheck, dict[str, Any]]:
     """model.onnx with the branch inputs and NAME.onnx_adapter for each adapter in `out`,
     validated with no adapter and with each; returns the check and the manifest sections."""
     export_branch_graph(branch.base, out, task, opset, branch.modules, branch.model)
@@ -129,12 +132,14 @@ def write_branch_graph(out: Path, branch: BranchExport, task: str, opset: int | 
     sections = {"graph": "branch", "task": task, "metadata": metadata,
                 "adapter_files": {name: {"file": files[name].name, "rank": ranks[name],
                                          "modules": sorted(branch.targets[name].values())}
-                                  for name in branch.adapters}}
+                                  for name in branch.adapters},
+                "genai_config": write_genai_config(out, branch.base) if genai else None}
     return check, sections
 
 
 def export_branch_folder(base: Path, output: Path, adapters: dict[str, PeraAdapter], task: str, opset: int | None,
-                         dtype: str, force: bool, digests: Digests, options: dict[str, Any]) -> Report:
+                         dtype: str, force: bool, digests: Digests, options: dict[str, Any],
+                         genai: bool = False) -> Report:
     """The base graph with a swappable branch at every module any adapter targets, and one
     `NAME.onnx_adapter` per adapter; validated with no adapter and with each."""
     with ModelFolder(base) as checkpoint:
@@ -146,7 +151,7 @@ def export_branch_folder(base: Path, output: Path, adapters: dict[str, PeraAdapt
     def write(out: Path) -> Written:
         inputs = {"base": model_record(base, weight_files, digests),
                   "adapters": {name: adapter_record(a, digests) for name, a in adapters.items()}}
-        check, sections = write_branch_graph(out, branch, task, opset, dtype, inputs["base"]["sha256"])
+        check, sections = write_branch_graph(out, branch, task, opset, dtype, inputs["base"]["sha256"], genai)
         return Written([check], inputs, sections)
 
     return publish(output, "export-onnx --branch", write, options=options, inputs=input_paths, force=force)

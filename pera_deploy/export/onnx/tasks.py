@@ -32,19 +32,23 @@ def derive_task(folder: Path, task: str | None = None) -> str:
     config = read_json(folder / "config.json")
     model_type = config.get("model_type")
     supported = supported_tasks(model_type) if model_type else []
+    arch = (config.get("architectures") or [None])[0]
     if not supported:
-        raise InputError(f"{folder / 'config.json'}: model type {model_type!r} has no ONNX export in Optimum; "
-                         "supported include llama, gpt2, bert, mistral, qwen2, phi3, t5, roberta, ...")
+        raise InputError(f"{folder / 'config.json'}: {arch or 'the model'} (model type {model_type!r}) has no ONNX "
+                         "export in Optimum; supported include llama, gpt2, bert, mistral, qwen2, phi3, t5, roberta, ...")
     if task is not None:
         if task not in supported:
             raise InputError(f"--task {task!r} is not exportable for {model_type}; supported: {', '.join(supported)}")
         return task
-    arch = (config.get("architectures") or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
     if cls is None:
         raise InputError(f"{folder / 'config.json'}: no architecture transformers knows ({arch!r}); pass --task "
                          f"(supported for {model_type}: {', '.join(supported)})")
-    derived = TasksManager.infer_task_from_model(cls)
+    try:
+        derived = TasksManager.infer_task_from_model(cls)
+    except (KeyError, ValueError):  # a class Optimum maps to no task (BertForPreTraining, GPT2DoubleHeadsModel, ...)
+        raise InputError(f"{folder / 'config.json'}: Optimum cannot export {arch} (it maps the class to no task); "
+                         f"pass --task, one of the tasks Optimum offers for {model_type}: {', '.join(supported)}") from None
     if derived not in supported:
         raise InputError(f"{arch} exports as task {derived!r}, which Optimum does not support for {model_type}; "
                          f"pass --task (supported: {', '.join(supported)})")

@@ -1,0 +1,133 @@
+"""`genai_config.json`: what ONNX Runtime GenAI needs to run a decoder folder as written
+(`onnxruntime_genai.Model(folder)`), merged or with swappable adapters.
+
+Its fields follow onnxruntime-genai's own model builder (`make_genai_config`): the model type
+and geometry from `config.json`, the graph's real input and output names, bos/eos/pad,
+context length and vocabulary size, and the search defaults (from `generation_config.json`
+where the model has one). Optimum's decoder graph concatenates the past with the new keys
+and values rather than writing into a preallocated buffer, so `past_present_share_buffer`
+is false: true fails on it (a `present.0.key` shape error in GenAI).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ...errors import InputError, InternalError
+from ...io.model_files import write_json
+from ...io.strict_json import read_json
+
+GENAI_CONFIG = "genai_config.json"
+# what GenAI's tokenizer reads beside the graph
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# decoder model types GenAI runs from a generic config like this one, whose Optimum graph has the
+# usual inputs (input_ids, attention_mask, position_ids, past_key_values.N.key/value); llama (and
+# its relatives below) is what the tests run, generation included
+GENAI_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "olmo", "smollm3"})
+
+
+def genai_wanted(folder: Path, task: str, requested: bool | None) -> bool:
+    """Whether to write genai_config.json: by default for every decoder GenAI can run; asked
+    for explicitly (`--genai`) where it cannot, or without the tokenizer it needs, it is bad
+    input (checked before anything is written)."""
+    if requested is False:
+        return False
+    model_type = read_json(folder / "config.json").get("model_type")
+    if not task.startswith("text-generation"):
+        if requested:
+            raise InputError(f"--genai: {folder} exports as task {task!r}; ONNX Runtime GenAI runs decoders "
+                             "(text-generation) only")
+        return False
+    if model_type not in GENAI_MODEL_TYPES:
+        if requested:
+            raise InputError(f"--genai: model type {model_type!r} of {folder / 'config.json'} is not one pera-deploy "
+                             f"writes {GENAI_CONFIG} for ({', '.join(sorted(GENAI_MODEL_TYPES))})")
+        return False
+    require_tokenizer(folder)
+    return True
+
+
+def genai_config(folder: Path, graph: Path) -> dict[str, Any]:
+    """The config for the decoder graph `graph`, exported from the model folder `folder`."""
+    import onnx
+
+    config = read_json(folder / "config.json")
+    generation = read_json(folder / "generation_config.json") if (folder / "generation_config.json").is_file() else {}
+    model = onnx.load(str(graph), load_external_data=False)
+    inputs = {i.name for i in model.graph.input}
+    outputs = {o.name for o in model.graph.output}
+    heads = config.get("num_attention_heads") or config.get("n_head")
+    hidden = config.get("hidden_size") or config.get("n_embd")
+    layers = config.get("num_hidden_layers") or config.get("n_layer")
+    context = config.get("max_position_embeddings") or config.get("n_positions") or 2048
+    if not (heads and hidden and layers):
+        raise InputError(f"{folder / 'config.json'}: no attention heads, hidden size or layer count for "
+                         f"{GENAI_CONFIG}")
+
+    def token(name: str) -> Any:
+        value = generation.get(name, config.get(name))
+        return value[0] if isinstance(value, list) and len(value) == 1 else value
+
+    names: dict[str, str] = {name: name for name in ("input_ids", "attention_mask", "position_ids") if name in inputs}
+    if any(n.startswith("past_key_values.") for n in inputs):
+        names.update(past_key_names="past_key_values.%d.key", past_value_names="past_key_values.%d.value")
+    out_names = {"logits": "logits"} if "logits" in outputs else {}
+    if any(n.startswith("present.") for n in outputs):
+        out_names.update(present_key_names="present.%d.key", present_value_names="present.%d.value")
+    eos = token("eos_token_id")
+    return {
+        "model": {
+            "bos_token_id": token("bos_token_id"),
+            "context_length": context,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": graph.name,
+                "head_size": config.get("head_dim") or hidden // heads,
+                "hidden_size": hidden,
+                "inputs": names,
+                "outputs": out_names,
+                "num_attention_heads": heads,
+                "num_hidden_layers": layers,
+                "num_key_value_heads": config.get("num_key_value_heads") or heads,
+            },
+            "eos_token_id": eos,
+            "pad_token_id": token("pad_token_id") if token("pad_token_id") is not None else eos,
+            "type": config.get("model_type"),
+            "vocab_size": config.get("vocab_size"),
+        },
+        "search": {
+            "diversity_penalty": 0.0,
+            "do_sample": bool(generation.get("do_sample", False)),
+            "early_stopping": True,
+            "length_penalty": 1.0,
+            "max_length": context,
+            "min_length": 0,
+            "no_repeat_ngram_size": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "past_present_share_buffer": False,
+            "repetition_penalty": generation.get("repetition_penalty", 1.0),
+            "temperature": generation.get("temperature", 1.0),
+            "top_k": generation.get("top_k", 50),
+            "top_p": generation.get("top_p", 1.0),
+        },
+    }
+
+
+def require_tokenizer(folder: Path) -> None:
+    """GenAI runs a folder only with its tokenizer beside the graph: say what is missing."""
+    missing = [name for name in TOKENIZER_FILES if not (folder / name).is_file()]
+    if missing:
+        raise InputError(f"{folder}: no {' or '.join(missing)}: ONNX Runtime GenAI ({GENAI_CONFIG}) needs the "
+                         "model's tokenizer beside the graph; add the tokenizer files, or pass --no-genai")
+
+
+def write_genai_config(out: Path, folder: Path) -> str:
+    """genai_config.json for `out/model.onnx` (exported from `folder`, whose tokenizer files
+    the export copied beside it); returns the file's name for the manifest."""
+    write_json(out / GENAI_CONFIG, genai_config(folder, out / "model.onnx"))
+    missing = [name for name in TOKENIZER_FILES if not (out / name).is_file()]
+    if missing:  # copied by the export from the folder require_tokenizer checked
+        raise InternalError(f"{', '.join(missing)} not copied beside the graph")
+    return GENAI_CONFIG
