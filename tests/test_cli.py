@@ -176,10 +176,13 @@ def test_shipped_examples_are_what_the_script_builds(tmp_path):
     built = build_examples(tmp_path)
     for name, folder in built.items():
         shipped = ROOT / "fixtures" / "examples" / name
-        assert sorted(p.name for p in shipped.iterdir()) == sorted(p.name for p in folder.iterdir()), name
-        for path in shipped.iterdir():
+        files = sorted(p.relative_to(shipped).as_posix() for p in shipped.rglob("*"))
+        assert files == sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")), name
+        for path in shipped.rglob("*"):
             if path.suffix in (".bin", ".safetensors"):
-                assert _same_tensors(path, folder / path.name), path
+                assert _same_tensors(path, folder / path.relative_to(shipped)), path
+            elif path.is_file() and path.parent != shipped:  # sentence-transformers module files
+                assert path.read_bytes() == (folder / path.relative_to(shipped)).read_bytes(), path
         if (shipped / "config.json").is_file():
             with ModelFolder(shipped) as a, ModelFolder(folder) as b:
                 assert a.names == b.names and all(torch.equal(a.get(n), b.get(n)) for n in a.names)

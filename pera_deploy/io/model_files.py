@@ -15,7 +15,7 @@ from typing import Any
 
 from ..errors import InputError
 from .files import read_json
-from .model_folder import folder_files, side_files
+from .model_folder import folder_files, module_folder_files, side_files
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -30,7 +30,8 @@ def write_index(folder: Path, weight_map: dict[str, str], total_size: int,
 
 def copy_side_files(source: Path, out: Path, config_updates: dict[str, Any] | None = None,
                     keep_existing: bool = False) -> list[str]:
-    """Copy every side file of the model folder `source` (see `model_folder.side_files`) into `out`.
+    """Copy every side file of the model folder `source` (see `model_folder.side_files`) into
+    `out`, and its sentence-transformers module folders (`model_folder.module_folder_files`).
 
     `config_updates` are applied to config.json (untied embeddings, a new dtype);
     `keep_existing` leaves files `out` already has (an exporter that wrote its own config).
@@ -45,6 +46,14 @@ def copy_side_files(source: Path, out: Path, config_updates: dict[str, Any] | No
         else:
             shutil.copy2(item, dest)
         copied.append(item.name)
+    for item in module_folder_files(source):
+        name = item.relative_to(source).as_posix()
+        dest = out / name
+        if keep_existing and dest.exists():
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(item, dest)
+        copied.append(name)
     return copied
 
 
@@ -52,15 +61,18 @@ BASE_FILE_MODES = ("copy", "hardlink", "symlink")
 
 
 def place_files(source: Path, target: Path, mode: str) -> list[str]:
-    """Put every top-level file of the model folder `source` into `target`: copied, hard-linked
+    """Put every top-level file of the model folder `source` (and its sentence-transformers module
+    folders) into `target`: copied, hard-linked
     (falling back to a copy across file systems) or symlinked (absolute links: the source must
     stay where it is)."""
     if mode not in BASE_FILE_MODES:
         raise InputError(f"--base-files {mode!r}: expected one of {', '.join(BASE_FILE_MODES)}")
     target.mkdir(parents=True, exist_ok=True)
     placed = []
-    for item in folder_files(source):
-        dest = target / item.name
+    for item in [*folder_files(source), *module_folder_files(source)]:
+        name = item.relative_to(source).as_posix()
+        dest = target / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
         if mode == "symlink":
             os.symlink(item.resolve(), dest)
         elif mode == "hardlink":
@@ -70,5 +82,5 @@ def place_files(source: Path, target: Path, mode: str) -> list[str]:
                 shutil.copy2(item, dest)
         else:
             shutil.copy2(item, dest)
-        placed.append(item.name)
+        placed.append(name)
     return placed

@@ -20,6 +20,7 @@ from .files import flat_tensors, load_pickle, read_json
 from .paths import allowed_roots, inside
 from .safetensors_stream import DTYPE_CODES, TensorEntry, read_entry, read_header
 from .schema import boolean, mapping, optional, string, string_list, validate
+from .strict_json import parse_json
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -85,6 +86,44 @@ def side_files(folder: Path) -> list[Path]:
     """Config, tokenizer, generation and other top-level files that are not weights: what a
     model written from this one carries over (its README describes this model, not that one)."""
     return [item for item in folder_files(folder) if not is_weight_file(item.name) and item.name not in NOT_CARRIED]
+
+
+MODULES_SCHEMA = {"path": optional(string)}
+
+
+def module_folder_files(folder: Path) -> list[Path]:
+    """The files of a sentence-transformers model's module folders (`1_Pooling/config.json`,
+    `2_Dense/model.safetensors`, ...), which modules.json names: a model written from this one
+    needs them to load as the same SentenceTransformer. Only folders modules.json names travel
+    (an `onnx/` or `original/` folder holds the old weights, stale once merged); each must lie
+    inside the model folder, and each file is checked as `checked_file` does."""
+    listing = folder / "modules.json"
+    if not listing.exists() and not listing.is_symlink():
+        return []
+    roots = allowed_roots(folder)
+    modules = parse_json(checked_file(listing, roots).read_bytes(), listing)
+    if not isinstance(modules, list):
+        raise InputError(f"{listing}: expected a list of modules")
+    found: list[Path] = []
+    for i, module in enumerate(modules):
+        if not isinstance(module, dict):
+            raise InputError(f"{listing}: module {i} is not an object")
+        path = validate(module, MODULES_SCHEMA, listing).get("path") or ""
+        if not path:
+            continue  # the transformer itself, at the folder's top level
+        sub = folder / path
+        if Path(path).is_absolute() or ".." in Path(path).parts or not inside(sub, roots):
+            raise InputError(f"{listing}: module path {path!r} leaves the model folder")
+        if not sub.exists():
+            continue  # modules without files (Normalize) may have no folder
+        if not sub.is_dir():
+            raise InputError(f"{sub}: modules.json names it as a module folder, but it is not a folder")
+        for item in sorted(sub.rglob("*")):
+            rel = item.relative_to(folder)
+            if any(part.startswith(".") for part in rel.parts) or (item.is_dir() and not item.is_symlink()):
+                continue
+            found.append(checked_file(item, roots))
+    return found
 
 
 class ModelFolder:
@@ -229,7 +268,8 @@ class ModelFolder:
     def input_paths(self) -> list[Path]:
         """Everything this folder's reading touches (the folder, the Hub cache repository it
         belongs to, every file, and where their links lead): what no output may overwrite."""
-        files = [self.folder / "config.json", *self.weight_files, *side_files(self.folder)]
+        files = [self.folder / "config.json", *self.weight_files, *side_files(self.folder),
+                 *module_folder_files(self.folder)]
         return [*self.roots, *files, *(f.resolve() for f in files if f.is_symlink())]
 
     def close(self) -> None:
