@@ -25,6 +25,7 @@ _EXPORTS = {
     "merge": "api",
     "verify": "api",
     "export_lora": "api",
+    "export_gguf": "api",
     "keep_branch": "api",
     "unmerge": "api",
     "export_onnx": "api",

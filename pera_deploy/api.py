@@ -33,7 +33,7 @@ from .scoped import offline
 AdapterLike = str | Path | PeraAdapter
 
 __all__ = ["load_adapter", "inspect_adapter", "merge", "verify", "export_lora", "keep_branch", "unmerge",
-           "export_onnx", "extract", "combine", "bundle", "load_bundle"]
+           "export_onnx", "extract", "combine", "bundle", "load_bundle", "export_gguf"]
 
 
 def _load(adapter: AdapterLike, load_options: dict[str, Any]) -> PeraAdapter:
@@ -364,3 +364,28 @@ def combine(adapters: Sequence[AdapterLike], output: str | Path, *, weights: Seq
         return export_lora_folder(combined, output, hasher, rank=rank, tol=tol, max_rank=max_rank, pad=pad,
                                   dtype=dtype, base=Path(base) if base is not None else None, force=force,
                                   options=options, command="combine")
+
+
+def export_gguf(adapter: AdapterLike, output: str | Path, *, base: str | Path, rank: int | None = None,
+                tol: float | None = None, max_rank: int | None = None, pad: bool = True, dtype: str = "float32",
+                force: bool = False, digests: Digests | None = None, **load_options: Any) -> Report:
+    """Write `adapter` as a llama.cpp LoRA adapter file (GGUF) for the model folder `base`.
+
+    The factors are export_lora's (exact by default; `rank`, `tol`, `max_rank` and `pad` as
+    there), named by the gguf package for the base's architecture, q/k rows in llama.cpp's
+    rotary order, `adapter.lora.alpha` = the rank. The file is read back and every tensor
+    checked (and ΔW as llama.cpp computes it) before it appears; `force` replaces only an
+    earlier pera-deploy GGUF. Needs the `gguf` extra.
+    """
+    from .export.gguf import GGUF_DTYPES, check_output_file, export_gguf_file, require_gguf
+
+    choose("--dtype", dtype, GGUF_DTYPES)
+    rank_options(rank, tol, max_rank)
+    require_gguf()
+    output, base = Path(output), Path(base)
+    check_output_file(output, force, _given(adapter, base, load_options.get("config")))
+    loaded = _load(adapter, load_options)
+    options = {"rank": rank, "tol": tol, "max_rank": max_rank, "pad": pad, "dtype": dtype, "base": base.name}
+    with _digests(digests) as hasher, offline():
+        return export_gguf_file(loaded, output, base, hasher, rank=rank, tol=tol, max_rank=max_rank, pad=pad,
+                                dtype=dtype, force=force, options=options)

@@ -61,13 +61,22 @@ def adapter_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-def lora_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """How to write a plain LoRA: the same options on export-lora and combine."""
+def rank_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Which rank a LoRA export keeps: the same options on export-lora, combine and export-gguf."""
     for option in reversed([
         click.option("--rank", type=int, default=None, help="Keep the best rank-K approximation, per module."),
         click.option("--tol", type=float, default=None,
                      help="Per module, the smallest rank whose relative Frobenius error is at most T."),
         click.option("--max-rank", type=int, default=None, help="Cap every module's rank at M."),
+    ]):
+        f = option(f)
+    return f
+
+
+def lora_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """How to write a plain LoRA: the same options on export-lora and combine."""
+    for option in reversed([
+        rank_options,
         click.option("--pad/--no-pad", default=True, show_default=True,
                      help="Pad all modules to one rank (scaling exactly 1 in PEFT, vLLM and llama.cpp); --no-pad "
                      "writes each at its own rank with rank_pattern / alpha_pattern."),
@@ -534,6 +543,74 @@ def export_lora(adapter: Path, output: Path, format_: str | None, adapter_name: 
 
     def call() -> Any:
         report = run_export(adapter, output, rank=rank, tol=tol, max_rank=max_rank, pad=pad, dtype=dtype, base=base,
+                            force=force, **_load_options(format_, adapter_name, missing_coefficients, config))
+        for warning in report.manifest["lora"]["warnings"]:
+            click.echo(f"pera-deploy: warning: {warning}", err=True)
+        return report
+
+    _run(as_json, call, render)
+
+
+@main.command("export-gguf")
+@click.argument("adapter", type=click.Path(path_type=Path))
+@click.option("--base", required=True, type=click.Path(path_type=Path),
+              help="The base model folder the adapter is for: its architecture names the tensors and orders the q/k "
+              "rows; the adapter's shapes are checked against it.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+              help="The .gguf file to write.")
+@adapter_options
+@rank_options
+@click.option("--pad/--no-pad", default=True, show_default=True,
+              help="Pad all modules to one rank, so llama.cpp's alpha / rank is exactly 1; --no-pad keeps each "
+              "module's rank and folds rank / r into its lora_b instead.")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="Storage type of lora_a and lora_b (GGUF F32 or F16).")
+@click.option("--force", is_flag=True,
+              help="Replace OUTPUT if it is a GGUF written by pera-deploy; nothing else is replaced.")
+@json_option
+@debug_option
+def export_gguf(adapter: Path, base: Path, output: Path, format_: str | None, adapter_name: str | None,
+                missing_coefficients: str | None, config: Path | None, rank: int | None, tol: float | None,
+                max_rank: int | None, pad: bool, dtype: str, force: bool, as_json: bool) -> None:
+    """Write a PERA adapter as a llama.cpp LoRA adapter file (GGUF), for `llama-cli --lora`.
+
+    \b
+    The tensors are the exact plain LoRA of export-lora (lora_B = s·B̂, lora_A = Â, rank
+    R' = 44 for r = 8; or --rank / --tol / --max-rank), named as llama.cpp names the base's
+    tensors (blk.0.attn_q.weight.lora_a / .lora_b, from the gguf package's name map), with
+    q/k rows in llama.cpp's rotary order and adapter.lora.alpha = the rank, so llama.cpp's
+    scale alpha / rank is 1: tensor for tensor what llama.cpp's convert_lora_to_gguf.py
+    writes from `export-lora --base BASE`. The file is read back and every tensor checked,
+    and ΔW as llama.cpp computes it, before it appears. Bases: Llama, Mistral, Qwen2, Qwen3.
+    Needs the gguf extra: pip install 'pera-deploy[gguf]'.
+
+    \b
+    Examples:
+      pera-deploy export-gguf fixtures/examples/small-llama-pera --base fixtures/examples/small-llama-base \\
+          -o small-llama-pera.gguf
+      pera-deploy export-gguf fixtures/examples/small-llama-pera --base fixtures/examples/small-llama-base \\
+          -o small-llama-pera-r8-f16.gguf --rank 8 --dtype float16
+    \b
+    Then, with the base converted by llama.cpp's convert_hf_to_gguf.py:
+      llama-cli -m small-llama-base.gguf --lora small-llama-pera.gguf
+    """
+    from .api import export_gguf as run_export
+
+    def render(report: Any) -> str:
+        m = report.manifest
+        lora, gguf = m["lora"], m["gguf"]
+        rows = [f"wrote {output}: {gguf['tensors']} tensors ({gguf['dtype']}) for llama.cpp architecture "
+                f"{gguf['architecture']}, rank {lora['r']} ({'padded' if lora['padded'] else 'per-module ranks'}), "
+                f"alpha {gguf['alpha']:g}, "
+                + ("exact" if lora["exact"] else f"total relative error {lora['total_rel_error']:.3g}")]
+        factors = m["checks"]["lora_factors"]
+        rows.append(f"  read back: every tensor as written; ΔW as llama.cpp computes it within "
+                    f"{factors['max_rel_error']:.2g} of the adapter's (relative)")
+        rows.append(f"  use: llama-cli -m BASE.gguf --lora {output}")
+        return "\n".join(rows)
+
+    def call() -> Any:
+        report = run_export(adapter, output, base=base, rank=rank, tol=tol, max_rank=max_rank, pad=pad, dtype=dtype,
                             force=force, **_load_options(format_, adapter_name, missing_coefficients, config))
         for warning in report.manifest["lora"]["warnings"]:
             click.echo(f"pera-deploy: warning: {warning}", err=True)

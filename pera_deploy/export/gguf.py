@@ -1,0 +1,459 @@
+"""A PERA adapter as a llama.cpp LoRA adapter file (GGUF), exact by default.
+
+The tensors are the plain-LoRA factors of `export-lora --base BASE` (export/lora.py), laid
+out as llama.cpp's own `convert_lora_to_gguf.py` lays out that PEFT folder, so llama.cpp
+(`--lora FILE`, `llama-export-lora`) and llama-cpp-python load it unchanged:
+
+* **Names** come from the gguf package's name map for the base's architecture
+  (`gguf.get_tensor_name_map(arch, n_blocks)`): `model.layers.0.self_attn.q_proj` →
+  `blk.0.attn_q.weight`, written as `blk.0.attn_q.weight.lora_a` (rank, in) and
+  `.lora_b` (out, rank), both float32 or both float16. Tensors come in the converter's
+  order: the PEFT keys' (safetensors sorts them), lora_a before lora_b.
+* **Rotary order.** llama.cpp keeps Llama's q/k rows in its own rotary layout: its HF
+  converter permutes q_proj and k_proj weights (`LlamaModel.permute`, with n_head for q and
+  n_head_kv for k), and the LoRA converter permutes `lora_b` of q/k the same way (a row
+  permutation of B·A is one of B; `lora_a` is unchanged). Which HF classes are permuted is a
+  property of llama.cpp's converter, not of the gguf package, so `CONVERTERS` names the
+  classes whose conversion was checked against it; any other architecture is refused.
+* **Scale.** llama.cpp applies `scale = alpha / rank` per tensor (`llama_adapter_lora_weight::
+  get_scale` in src/llama-adapter.h, and llama-export-lora), with one `adapter.lora.alpha`
+  per file and `rank = lora_b->ne[0]`, each tensor's own rank. With padding (the default)
+  every module has rank r and alpha = r: the scale is exactly 1 and the file equals the
+  converter's tensor for tensor. With --no-pad a module of rank r_m gets scale r / r_m, so
+  its lora_b carries r_m / r (folded in float64, rounded once): the product is ΔW to
+  within one more float32 rounding of the scale. (The converter itself ignores PEFT's
+  alpha_pattern there, and would scale those modules by r / r_m.)
+* **Header.** general.architecture, general.type = adapter, adapter.type = lora,
+  adapter.lora.alpha (float32) and general.quantization_version, as the converter writes
+  them; general.name (the adapter), the base's name and tags; and provenance keys llama.cpp
+  ignores: pera_deploy.version, pera_deploy.adapter_sha256, pera_deploy.base_sha256,
+  pera_deploy.exact.
+
+The file is written into a locked staging folder beside the target (swept after a
+SIGKILL like every temporary output), read back with `gguf.GGUFReader` and checked tensor
+by tensor against the planned factors, and against ΔW as llama.cpp will compute it
+(un-permuted, scaled by alpha / rank). Only then is it renamed into place.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .. import __version__
+from ..checks.base import Report
+from ..checks.lora_factors import LoraCheck, LoraFactorsCheck
+from ..checks.numerics import UNIT_ROUNDOFF
+from ..core.adapter import PeraAdapter, PeraLayer
+from ..core.lowrank import factored_norm
+from ..errors import ENVIRONMENT_ERRNOS, CheckFailed, InputError, environment_failure
+from ..io.digests import Digests
+from ..io.model_folder import ModelFolder
+from ..publish import adapter_inputs
+from ..publish.manifest import adapter_record, build_manifest, model_record
+from ..publish.output_folder import OutputFolder, refuse_overlap
+from .lora import LoraExport, LoraModule, export_summary, peft_names, plan_lora_export
+
+GGUF_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+PROVENANCE_KEY = "pera_deploy.version"  # what marks a GGUF as ours (what --force may replace)
+
+# HF class (config.json "architectures"[0]) → (gguf architecture name, q/k rows permuted),
+# as llama.cpp's convert_hf_to_gguf.py registers it (conversion/llama.py, conversion/qwen.py):
+# the classes whose 2-D projection weights it converts with nothing but the name map and,
+# for LlamaModel, the rotary permutation. Names themselves always come from the gguf package.
+CONVERTERS: dict[str, tuple[str, bool]] = {
+    "LlamaForCausalLM": ("llama", True),
+    "LLaMAForCausalLM": ("llama", True),
+    "MistralForCausalLM": ("llama", True),
+    "Qwen2ForCausalLM": ("qwen2", False),
+    "Qwen3ForCausalLM": ("qwen3", False),
+}
+
+
+def require_gguf() -> ModuleType:
+    """The gguf package (an optional extra), or bad input saying how to install it."""
+    try:
+        import gguf
+    except ImportError:
+        raise InputError("export-gguf needs the gguf package: pip install 'pera-deploy[gguf]'") from None
+    return gguf
+
+
+@dataclass(frozen=True)
+class GgufArch:
+    """What llama.cpp calls the base, and how its converter treats it."""
+
+    hf_class: str
+    name: str  # gguf architecture name, general.architecture
+    permute_qk: bool
+    n_blocks: int
+    n_head: int
+    n_head_kv: int
+    tied_embeddings: bool
+
+
+def _positive_int(config: dict[str, Any], key: str, folder: Path, default: int | None = None) -> int:
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{folder}/config.json: {key} {value!r} is not a positive integer")
+    return value
+
+
+def gguf_architecture(base: Path, config: dict[str, Any]) -> GgufArch:
+    """The base's llama.cpp architecture, or bad input naming the one it does not convert."""
+    gguf = require_gguf()
+    hf_class = (config.get("architectures") or [None])[0]
+    if hf_class not in CONVERTERS:
+        what = hf_class or f"model_type {config.get('model_type')!r} (no architectures)"
+        raise InputError(f"{base}: export-gguf does not support architecture {what}; it writes llama.cpp LoRAs for "
+                         f"{', '.join(sorted(CONVERTERS))}")
+    name, permute = CONVERTERS[hf_class]
+    if name not in gguf.MODEL_ARCH_NAMES.values():
+        raise InputError(f"{base}: the installed gguf package does not know architecture {name} ({hf_class}); "
+                         "upgrade it: pip install -U gguf")
+    n_head = _positive_int(config, "num_attention_heads", base)
+    return GgufArch(hf_class, name, permute, _positive_int(config, "num_hidden_layers", base), n_head,
+                    _positive_int(config, "num_key_value_heads", base, n_head),
+                    bool(config.get("tie_word_embeddings", False)))
+
+
+# -- the plan: names, scales, permutation ----------------------------------------------------
+
+
+@dataclass
+class GgufModule:
+    """One module as llama.cpp will hold it."""
+
+    lora: LoraModule
+    tensor: str  # gguf base name, e.g. blk.0.attn_q.weight
+    heads: int | None  # rows permuted into llama.cpp's rotary order with this head count, or None
+    fold: float  # factor carried by lora_b so that llama.cpp's alpha / rank scale gives ΔW (1 when padded)
+    lora_a: np.ndarray = field(repr=False)  # (rank, in) as stored
+    lora_b: np.ndarray = field(repr=False)  # (out, rank) as stored, permuted and folded
+
+
+@dataclass
+class GgufPlan:
+    arch: GgufArch
+    alpha: float
+    dtype: str
+    export: LoraExport
+    modules: list[GgufModule]
+
+    def tensors(self) -> list[tuple[str, np.ndarray]]:
+        """(name, array) in the order they are written."""
+        return [(f"{m.tensor}.{part}", data) for m in self.modules
+                for part, data in (("lora_a", m.lora_a), ("lora_b", m.lora_b))]
+
+
+def rotary_rows(t: Tensor, n_head: int) -> Tensor:
+    """llama.cpp's row order for q/k (convert_hf_to_gguf's LlamaModel.permute): within each
+    head of d rows, HF's two rotary halves interleaved: row 2j is HF row j, row 2j + 1 is HF row j + d/2."""
+    return t.reshape(n_head, 2, t.shape[0] // n_head // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+
+def hf_rows(t: Tensor, n_head: int) -> Tensor:
+    """The inverse of `rotary_rows`: llama.cpp's q/k rows back in Hugging Face order."""
+    return t.reshape(n_head, t.shape[0] // n_head // 2, 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+
+def tensor_names(export: LoraExport, arch: GgufArch) -> dict[str, tuple[str, int | None]]:
+    """Module → (gguf tensor name, heads to permute with or None), from the gguf package's map."""
+    gguf = require_gguf()
+    kind = gguf.MODEL_TENSOR
+    arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch.name)
+    name_map = gguf.get_tensor_name_map(arch_id, arch.n_blocks)
+    names: dict[str, tuple[str, int | None]] = {}
+    for m in export.modules:
+        found = name_map.get_type_and_name(f"{m.module}.weight", try_suffixes=(".weight",))
+        if found is None:
+            raise InputError(f"adapter module {m.module} has no llama.cpp tensor in architecture {arch.name}")
+        tensor_type, tensor = found
+        if tensor_type == kind.TOKEN_EMBD:
+            raise InputError(f"adapter module {m.module}: llama.cpp applies a LoRA on {tensor} differently "
+                             "(an embedding lookup); export-gguf writes projections only")
+        if tensor_type == kind.OUTPUT and arch.tied_embeddings:
+            raise InputError(f"adapter module {m.module}: the base ties lm_head to the embeddings, so its GGUF has "
+                             f"no {tensor} for llama.cpp to apply the LoRA to")
+        heads = None
+        if arch.permute_qk and tensor_type in (kind.ATTN_Q, kind.ATTN_K):
+            heads = arch.n_head if tensor_type == kind.ATTN_Q else arch.n_head_kv
+            rows = m.lora_B.shape[0]
+            if rows % (2 * heads):
+                raise InputError(f"adapter module {m.module}: {rows} rows do not split into {heads} rotary heads")
+        names[m.module] = (tensor, heads)
+    return names
+
+
+def gguf_module(m: LoraModule, tensor: str, heads: int | None, rank: int, pad: bool, dtype: torch.dtype) -> GgufModule:
+    """One module's stored factors: padded (or folded) to give ΔW under alpha / rank, permuted."""
+    lora_b, lora_a = m.lora_B, m.lora_A  # float64, scaling already in lora_B
+    fold = 1.0
+    if pad and m.rank < rank:
+        lora_b = torch.cat([lora_b, lora_b.new_zeros(lora_b.shape[0], rank - m.rank)], dim=1)
+        lora_a = torch.cat([lora_a, lora_a.new_zeros(rank - m.rank, lora_a.shape[1])], dim=0)
+    elif m.rank != rank:  # llama.cpp scales this module by rank / m.rank
+        fold = m.rank / rank
+        lora_b = lora_b * fold
+    if heads is not None:
+        lora_b = rotary_rows(lora_b, heads)
+    return GgufModule(m, tensor, heads, fold, lora_a.to(dtype).contiguous().numpy(),
+                      lora_b.to(dtype).contiguous().numpy())
+
+
+def plan_gguf(adapter: PeraAdapter, base: ModelFolder, arch: GgufArch, *, rank: int | None = None,
+              tol: float | None = None, max_rank: int | None = None, pad: bool = True,
+              dtype: str = "float32") -> GgufPlan:
+    """The export-lora factors of `adapter`, named, ordered and laid out as llama.cpp holds them."""
+    export = plan_lora_export(adapter, rank=rank, tol=tol, max_rank=max_rank, pad=pad,
+                              names=peft_names(adapter, base))
+    if export.extras:
+        raise InputError(f"adapter tensor {next(iter(export.extras))} (a trained bias or modules_to_save) has no place "
+                         "in a llama.cpp LoRA, which holds lora_a and lora_b only")
+    names = tensor_names(export, arch)
+    # the converter's order: PEFT keys as safetensors sorts them (lora_A first)
+    ordered = sorted(export.modules, key=lambda m: f"{m.module}.lora_A.weight")
+    modules = [gguf_module(m, *names[m.module], export.r, pad, GGUF_DTYPES[dtype]) for m in ordered]
+    return GgufPlan(arch, float(export.r), dtype, export, modules)
+
+
+# -- writing and reading back ----------------------------------------------------------------
+
+
+def header_values(plan: GgufPlan, adapter: PeraAdapter, base: Path, provenance: dict[str, str]) -> dict[str, Any]:
+    """The KVs written after general.architecture, in order (the converter's first), each as
+    (value, GGUF value type)."""
+    gguf = require_gguf()
+    keys, kind = gguf.Keys, gguf.GGUFValueType
+    return {
+        keys.General.TYPE: (gguf.GGUFType.ADAPTER, kind.STRING),
+        keys.Adapter.TYPE: ("lora", kind.STRING),
+        keys.General.NAME: (adapter.label, kind.STRING),
+        keys.General.BASE_MODEL_COUNT: (1, kind.UINT32),
+        keys.General.BASE_MODEL_NAME.format(id=0): (base.resolve().name, kind.STRING),
+        keys.General.TAGS: (["pera", "pera-deploy", "lora"], kind.ARRAY),
+        keys.Adapter.LORA_ALPHA: (plan.alpha, kind.FLOAT32),
+        keys.General.QUANTIZATION_VERSION: (gguf.GGML_QUANT_VERSION, kind.UINT32),
+        PROVENANCE_KEY: (__version__, kind.STRING),
+        "pera_deploy.adapter_sha256": (provenance["adapter"], kind.STRING),
+        "pera_deploy.base_sha256": (provenance["base"], kind.STRING),
+        "pera_deploy.exact": (plan.export.exact, kind.BOOL),
+    }
+
+
+def write_gguf(path: Path, plan: GgufPlan, header: dict[str, Any]) -> None:
+    """The GGUF file: header, KVs, tensors (gguf's writer, little-endian, default alignment)."""
+    gguf = require_gguf()
+    writer = gguf.GGUFWriter(path, plan.arch.name)
+    try:
+        for key, (value, kind) in header.items():
+            writer.add_key_value(key, value, kind)
+        for name, data in plan.tensors():
+            writer.add_tensor(name, data)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    except OSError as exc:
+        with suppress(OSError):
+            writer.close()
+        raise short_write(exc, path, sum(data.nbytes for _, data in plan.tensors())) from exc
+
+
+def short_write(exc: OSError, path: Path, size: int) -> OSError:
+    """numpy's tofile (what gguf writes tensors with) reports a short write as an OSError with
+    no errno ("N requested and M written"): a full disk when the space is gone, else an I/O error."""
+    if exc.errno is not None:
+        return exc
+    try:
+        stat = os.statvfs(path.parent)
+        full = stat.f_bavail * stat.f_frsize < size
+    except OSError:
+        full = False
+    code = errno.ENOSPC if full else errno.EIO
+    return OSError(code, f"{os.strerror(code)} ({exc})", str(path))
+
+
+@dataclass
+class GgufTensorCheck:
+    name: str  # as read back
+    expected: str
+    shape: list[int]  # numpy order: lora_a (rank, in), lora_b (out, rank)
+    dtype: str
+    identical: bool  # name, shape, dtype and every byte as planned
+
+
+@dataclass
+class GgufFileCheck:
+    """The file read back with gguf.GGUFReader: header KVs and every tensor, in order."""
+
+    tensors: list[GgufTensorCheck]
+    header: dict[str, bool]  # key → read back as written
+    count: tuple[int, int]  # (read, planned)
+    kind: str = "gguf_file"
+
+    @property
+    def passed(self) -> bool:
+        return (self.count[0] == self.count[1] and bool(self.tensors) and all(t.identical for t in self.tensors)
+                and all(self.header.values()))
+
+    def failure(self) -> str | None:
+        if self.passed:
+            return None
+        if self.count[0] != self.count[1]:
+            return f"the GGUF holds {self.count[0]} tensors, {self.count[1]} were written"
+        bad = next((t for t in self.tensors if not t.identical), None)
+        if bad is not None:
+            return f"GGUF tensor {bad.name} is not what was written as {bad.expected}"
+        key = next(k for k, ok in self.header.items() if not ok)
+        return f"GGUF header key {key} does not read back as written"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "tensors": self.count[0], "identical": sum(t.identical for t in self.tensors),
+                "header": self.header}
+
+
+def read_back(path: Path, plan: GgufPlan, header: dict[str, Any]) -> tuple[GgufFileCheck, dict[str, np.ndarray]]:
+    """Every tensor and KV of the written file against the plan; the tensors as read."""
+    gguf = require_gguf()
+    reader = gguf.GGUFReader(path)
+    planned = plan.tensors()
+    checks, found = [], {}
+    for tensor, (name, data) in zip(reader.tensors, planned):
+        read = np.array(tensor.data)
+        found[tensor.name] = read
+        same = (tensor.name == name and read.dtype == data.dtype and read.shape == data.shape
+                and read.tobytes() == data.tobytes())
+        checks.append(GgufTensorCheck(tensor.name, name, list(read.shape), str(read.dtype), same))
+    wanted = {gguf.Keys.General.ARCHITECTURE: plan.arch.name, **{key: value for key, (value, _) in header.items()}}
+    kvs = {key: bool(key in reader.fields and reader.fields[key].contents() == value) for key, value in wanted.items()}
+    return GgufFileCheck(checks, kvs, (len(reader.tensors), len(planned))), found
+
+
+def runtime_check(layer: PeraLayer, m: GgufModule, alpha: float, lora_b: np.ndarray, lora_a: np.ndarray) -> LoraCheck:
+    """Does ΔW as llama.cpp computes it — scale·B·A, scale = alpha / rank in float32, B's
+    rows back in HF order — reproduce the PERA update? As check_lora_module, from the
+    factors alone in float64; storage may move the product by 2u·‖B‖‖A‖, and a scale other
+    than 1 by one more float32 rounding."""
+    rank = lora_a.shape[0]
+    scale = float(np.float32(alpha) / np.float32(rank))
+    b = torch.from_numpy(lora_b).double() * scale
+    if m.heads is not None:
+        b = hf_rows(b, m.heads)
+    a = torch.from_numpy(lora_a).double()
+    exact_b, exact_a = layer.exact_factors(torch.float64)
+    residual = factored_norm(torch.cat([exact_b, -b], dim=1), torch.cat([exact_a, a], dim=0))
+    delta = m.lora.delta_norm
+    rel = residual / delta if delta > 0 else (0.0 if residual == 0 else float("inf"))
+    u = 2.01 * UNIT_ROUNDOFF[torch.from_numpy(lora_b).dtype] + (UNIT_ROUNDOFF[torch.float32] if scale != 1 else 0)
+    allowed = m.lora.rel_error + (u * float(b.norm()) * float(a.norm()) / delta if delta > 0 else 0.0) + 1e-12
+    return LoraCheck(m.lora.module, rank, rel, m.lora.rel_error, allowed, rel <= allowed)
+
+
+def check_gguf(path: Path, plan: GgufPlan, adapter: PeraAdapter, header: dict[str, Any]) -> list[Any]:
+    """The file's own check, and llama.cpp's ΔW of every module against the adapter's."""
+    file_check, found = read_back(path, plan, header)
+    factors = LoraFactorsCheck([
+        runtime_check(adapter.layers[m.lora.source], m, plan.alpha, found[f"{m.tensor}.lora_b"],
+                      found[f"{m.tensor}.lora_a"])
+        for m in plan.modules if f"{m.tensor}.lora_a" in found and f"{m.tensor}.lora_b" in found
+    ])
+    return [file_check, factors]
+
+
+# -- the output file -------------------------------------------------------------------------
+
+
+def written_by_us(path: Path) -> bool:
+    """Whether `path` is a GGUF file pera-deploy wrote (the only kind --force replaces)."""
+    try:
+        return PROVENANCE_KEY in require_gguf().GGUFReader(path).fields
+    except Exception:  # not a GGUF at all: gguf raises whatever its parser meets
+        return False
+
+
+def check_output_file(target: Path, force: bool, inputs: list[Path]) -> None:
+    """Refuse an output over an input, a folder or link, or an existing file without --force
+    (with it, only an earlier pera-deploy GGUF). Run before any work and again before the rename."""
+    refuse_overlap(target, inputs)
+    if target.is_symlink() or target.is_dir():
+        raise InputError(f"{target}: output path exists and is not a file")
+    if not target.exists():
+        return
+    if not force:
+        raise InputError(f"{target}: output file exists; pass --force to replace it")
+    if not written_by_us(target):
+        raise InputError(f"{target}: not a GGUF written by pera-deploy (no {PROVENANCE_KEY} key); "
+                         "--force replaces only those")
+
+
+def publish_file(target: Path, staged: Path, force: bool, inputs: list[Path]) -> None:
+    """Rename the checked file into place: fsync it, rename, fsync the folder."""
+    check_output_file(target, force, inputs)
+    fd = os.open(staged, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(staged, target)
+    fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def gguf_summary(target: Path, plan: GgufPlan) -> dict[str, Any]:
+    return {
+        "file": target.name,
+        "architecture": plan.arch.name,
+        "hf_architecture": plan.arch.hf_class,
+        "alpha": plan.alpha,
+        "dtype": plan.dtype,
+        "tensors": 2 * len(plan.modules),
+        "permuted": [m.tensor for m in plan.modules if m.heads is not None],
+        "folded": {m.tensor: m.fold for m in plan.modules if m.fold != 1.0},
+        "names": {m.lora.module: m.tensor for m in plan.modules},
+    }
+
+
+def export_gguf_file(adapter: PeraAdapter, output: Path, base: Path, digests: Digests, *, rank: int | None = None,
+                     tol: float | None = None, max_rank: int | None = None, pad: bool = True, dtype: str = "float32",
+                     force: bool = False, options: dict[str, Any] | None = None,
+                     command: str = "export-gguf") -> Report:
+    """`adapter` as a llama.cpp LoRA GGUF for `base`, read back and checked before it is published."""
+    with ModelFolder(base) as checkpoint:
+        arch = gguf_architecture(base, checkpoint.config)
+        inputs = adapter_inputs(adapter) + checkpoint.input_paths()
+        check_output_file(output, force, inputs)
+        plan = plan_gguf(adapter, checkpoint, arch, rank=rank, tol=tol, max_rank=max_rank, pad=pad, dtype=dtype)
+        base_files = checkpoint.weight_files
+    digests.prefetch(list(adapter.files) + base_files)
+    records = {"adapter": adapter_record(adapter, digests), "base": model_record(base, base_files, digests)}
+    header = header_values(plan, adapter, base, {k: v["sha256"] for k, v in records.items()})
+    staging = OutputFolder(output.with_name(f"{output.name}.staging"), inputs=inputs)
+    with staging:
+        staged = staging.path / output.name
+        try:
+            write_gguf(staged, plan, header)
+            checks = check_gguf(staged, plan, adapter, header)
+            sections = {"gguf": gguf_summary(output, plan), "lora": export_summary(plan.export)}
+            manifest = build_manifest(command, records, options or {}, sections, checks)
+            report = Report(command, output, checks, manifest, plan)
+            if not report.passed:
+                raise CheckFailed(report.failure() or "a check failed", report)
+            publish_file(output, staged, force, inputs)
+        except OSError as exc:
+            if exc.errno in ENVIRONMENT_ERRNOS:
+                raise environment_failure(exc, output) from exc
+            raise
+    return report
