@@ -404,19 +404,22 @@ def test_llama_cpp_runs_it(fx, tmp_path):
     ids = [1, 17, 99, 230, 5, 64, 311, 42]
 
     def llama_cpp_logits(lora: Path | None) -> torch.Tensor:
+        # a float32 KV cache (GGML_TYPE_F32 = 0; llama.cpp's default f16 cache alone costs 3.6e-4)
         llm = llama_cpp.Llama(str(tmp_path / "base.gguf"), lora_path=str(lora) if lora else None, n_ctx=64,
-                              logits_all=True, verbose=False, seed=0)
+                              logits_all=True, verbose=False, seed=0, type_k=0, type_v=0)
         llm.eval(ids)
         return torch.tensor(np.array(llm.scores[:len(ids)]), dtype=torch.float64)
 
     model, branch = load_unmerged_model(base, pera_deploy.load_adapter(adapter_path), torch.float32)
     with torch.no_grad():
-        plain = model(torch.tensor([ids])).logits[0].double()
-        with branch:
+        with branch:  # live from the start; leaving the block removes it
             adapted = model(torch.tensor([ids])).logits[0].double()
-    assert (llama_cpp_logits(None) - plain).abs().max() / plain.abs().max() < 1e-3  # the harness itself
+        plain = model(torch.tensor([ids])).logits[0].double()
+    # float32 throughout, so only evaluation order differs: 5.2e-7 (base) and 4.9e-7 (with the
+    # LoRA) measured with llama-cpp-python 0.3.36; the adapter itself moves the logits 0.38
+    assert (llama_cpp_logits(None) - plain).abs().max() / plain.abs().max() < 1e-5  # the harness itself
     ours = llama_cpp_logits(tmp_path / "lora.gguf")
-    assert (ours - adapted).abs().max() / adapted.abs().max() < 1e-3
+    assert (ours - adapted).abs().max() / adapted.abs().max() < 1e-5
     assert (ours - plain).abs().max() > 10 * (ours - adapted).abs().max()  # the adapter really acted
 
 
