@@ -10,6 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tests.helpers import refused
+
 
 def copy(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
@@ -131,6 +133,44 @@ def test_pickle_with_objects(cli, fx, tmp_path):
     tensors["evil"] = torch.nn.Linear(2, 2)
     torch.save(tensors, adapter / "adapter_model.bin")
     assert_refused(cli, tmp_path, [adapter, fx["llama-base"]], "adapter_model.bin", "refused to unpickle")
+
+
+@pytest.mark.parametrize("which", ["adapter", "base", "training checkpoint"])
+def test_compressed_pickle_entries_are_refused_before_inflating(cli, fx, tmp_path, which):
+    """A zip bomb: torch.save never compresses its entries, so a 64 MB storage deflated to a
+    few KB is refused by name before torch inflates it (it used to be read whole: a 2 MB
+    file drove RSS to 6 GB)."""
+    import zipfile
+
+    def deflate(path: Path, pad: str | None = None) -> None:
+        if pad is not None:
+            state = torch.load(path, weights_only=True)
+            state[pad] = torch.zeros(16 << 20)
+            torch.save(state, path)
+        with zipfile.ZipFile(path) as zin:
+            entries = [(info.filename, zin.read(info.filename)) for info in zin.infolist()]
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zout:
+            for name, data in entries:
+                zout.writestr(name, data)
+        assert path.stat().st_size < 1 << 20
+
+    if which == "adapter":
+        adapter, base = copy(fx["llama-pera"], tmp_path / "a"), fx["llama-base"]
+        deflate(adapter / "adapter_model.bin", "base_model.model.bomb")
+        bad = adapter / "adapter_model.bin"
+    elif which == "base":
+        adapter, base = fx["bert-ref"], copy(fx["bert-base"], tmp_path / "b")
+        deflate(base / "pytorch_model.bin", "bomb")
+        bad = base / "pytorch_model.bin"
+    else:
+        bad = tmp_path / "run.pt"
+        torch.save({"state_dict": torch.load(fx["llama-pera"] / "adapter_model.bin", weights_only=True)}, bad)
+        deflate(bad)
+        result = cli("extract", bad, "-o", tmp_path / "out")
+        refused(result, str(bad), "is compressed", "torch.save never compresses")
+        assert not (tmp_path / "out").exists()
+        return
+    assert_refused(cli, tmp_path, [adapter, base], bad.name, "is compressed", "torch.save never compresses")
 
 
 def test_pickle_with_non_tensor_values(cli, fx, tmp_path):

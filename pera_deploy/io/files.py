@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from ..errors import InputError
+from .safe_unpickle import refuse_compressed_entries
 from .safetensors_stream import read_header
 from .strict_json import parse_json, read_json
 
@@ -46,6 +47,7 @@ def load_pickle(path: Path, mmap: bool = False) -> Any:
     them (only the tensors actually used are paged in); legacy non-zip pickles, which
     cannot be mapped, are read normally.
     """
+    refuse_compressed_entries(path)
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)

@@ -174,11 +174,37 @@ safe_pickle_module.load = lambda file, **kw: SafeUnpickler(file, **kw).load()  #
 safe_pickle_module.__name__ = "pickle"  # torch.load checks the module's name for some messages only
 
 
+def refuse_compressed_entries(path: Path) -> None:
+    """torch.save stores every entry of its zip container uncompressed, which is what lets a
+    storage be memory-mapped. A compressed entry is not torch's doing, cannot be mapped, and
+    would be inflated whole into memory before anything could check it: a 1 MB file can
+    declare gigabytes (a zip bomb). So it is refused, naming the entry and its declared size,
+    before torch opens the file."""
+    import zipfile
+
+    try:
+        if not zipfile.is_zipfile(path):
+            return  # a legacy (pre-1.6) pickle: read as a stream, nothing to inflate
+        with zipfile.ZipFile(path) as container:
+            for entry in container.infolist():
+                if entry.compress_type != zipfile.ZIP_STORED:
+                    raise InputError(f"{path}: entry {entry.filename} is compressed ({entry.file_size:,} bytes "
+                                     f"declared from {entry.compress_size:,}); torch.save never compresses, so it is "
+                                     "refused rather than inflated into memory")
+    except zipfile.BadZipFile as exc:
+        raise InputError(f"{path}: truncated or corrupt checkpoint ({exc})") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a folder, expected a checkpoint file") from None
+    except (FileNotFoundError, PermissionError) as exc:
+        raise InputError(f"{path}: cannot read: {exc.strerror}") from None
+
+
 def load_checkpoint(path: Path, mmap: bool = True) -> Any:
     """Whatever a training checkpoint holds, tensors real (memory-mapped where the file allows)
     and every other object inert; an InputError naming the file for anything refused or broken."""
     import torch
 
+    refuse_compressed_entries(path)
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=False, pickle_module=safe_pickle_module,
