@@ -420,3 +420,40 @@ def test_hashing_never_follows_a_link_out_of_the_folder(tmp_path):
     (base / "pytorch_model.bin").symlink_to(tmp_path / "elsewhere.bin")
     (base / "model.safetensors.index.json").write_text("{}")
     assert likely_inputs(tmp_path / "nope", base) == [base / "model.safetensors.index.json"]
+
+
+# -- inputs that change while they are read ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("change", ["rewritten", "truncated"])
+def test_an_input_changed_during_the_merge_is_refused(cli, fx, tmp_path, monkeypatch, change):
+    """A base shard rewritten in place (same size) or truncated while the merge runs: exit 2
+    naming the shard, nothing published. Before, a rewrite gave exit 0 with the old sha256
+    in the manifest, and a truncation a bus error (the shard was memory-mapped)."""
+    import pera_deploy.merging.execute as execute
+
+    base = tmp_path / "base"
+    shutil.copytree(fx["llama-base"], base)
+    shard = sorted(base.glob("model-*.safetensors"))[-1]
+    real, calls = execute.merged_weight, []
+
+    def changing(*args, **kwargs):
+        if not calls:
+            if change == "rewritten":
+                with open(shard, "r+b") as fh:
+                    fh.seek(-1, os.SEEK_END)
+                    last = fh.read(1)
+                    fh.seek(-1, os.SEEK_END)
+                    fh.write(bytes([last[0] ^ 1]))
+                os.utime(shard, ns=(time.time_ns(), time.time_ns() + 10**9))  # a coarse clock still sees a change
+            else:
+                os.truncate(shard, shard.stat().st_size // 2)
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(execute, "merged_weight", changing)
+    out = tmp_path / "out"
+    line = refused(cli("merge", fx["llama-pera"], base, "-o", out), shard.name)
+    assert ("changed while" in line) if change == "rewritten" else ("changed while" in line or "ends inside" in line)
+    assert calls and not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]

@@ -116,7 +116,7 @@ def bundle_folder(base: Path, output: Path, adapters: dict[str, PeraAdapter], so
                      branch is not None)
         return Written(checks, {"base": base_record, "adapters": records}, sections, card=card)
 
-    return publish(output, "bundle", write, options=options or {}, inputs=inputs, force=force)
+    return publish(output, "bundle", write, options=options or {}, inputs=inputs, digests=digests, force=force)
 
 
 def _card(title: str, names: list[str], ranks: dict[str, int], max_rank: int, onnx: bool) -> ModelCard:

@@ -173,4 +173,4 @@ def extract_folder(adapter: PeraAdapter, output: Path, digests: Digests, *, base
                          base_model=adapter.base_model_name_or_path, library_name="peft", tags=["extracted"])
         return Written([check], {"adapter": record}, {"extracted": config[PROVENANCE]}, card=card)
 
-    return publish(output, "extract", write, options=options or {}, inputs=inputs, force=force)
+    return publish(output, "extract", write, options=options or {}, inputs=inputs, digests=digests, force=force)

@@ -448,6 +448,10 @@ def export_gguf_file(adapter: PeraAdapter, output: Path, base: Path, digests: Di
             checks = check_gguf(staged, plan, adapter, header)
             sections = {"gguf": gguf_summary(output, plan), "lora": export_summary(plan.export)}
             manifest = build_manifest(command, records, options or {}, sections, checks)
+            changed = digests.changed()
+            if changed is not None:
+                raise InputError(f"{changed}: changed while pera-deploy was reading it, so what was read is not what "
+                                 "the file's header would record; nothing was written")
             report = Report(command, output, checks, manifest, plan)
             if not report.passed:
                 raise CheckFailed(report.failure() or "a check failed", report)

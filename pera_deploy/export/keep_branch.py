@@ -46,7 +46,8 @@ def keep_branch_folder(adapter: PeraAdapter, base: Path, output: Path, digests: 
         sections = {"base_files": {"placed_as": base_files, "files": placed}, "lora": export_summary(export)}
         return Written([check], inputs, sections, card=_card(output.name, export), plan=export)
 
-    return publish(output, "merge --keep-branch", write, options=options or {}, inputs=inputs, force=force)
+    return publish(output, "merge --keep-branch", write, options=options or {}, inputs=inputs, digests=digests,
+                   force=force)
 
 
 def _card(title: str, export: LoraExport) -> ModelCard:

@@ -294,4 +294,4 @@ def export_lora_folder(adapter: PeraAdapter, output: Path, digests: Digests, *, 
         check = write_lora_folder(folder, export, adapter, LORA_DTYPES[dtype], metadata)
         return Written([check], inputs, {"lora": export_summary(export)}, plan=export)
 
-    return publish(output, command, write, options=options or {}, inputs=inputs, force=force)
+    return publish(output, command, write, options=options or {}, inputs=inputs, digests=digests, force=force)

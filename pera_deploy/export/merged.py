@@ -51,7 +51,7 @@ def merge_folder(adapter: PeraAdapter, base: Path, output: Path, digests: Digest
             return written
 
         inputs = [*adapter_inputs(adapter), *checkpoint.input_paths()]
-        return publish(output, "merge", write, options=options or {}, inputs=inputs, force=force)
+        return publish(output, "merge", write, options=options or {}, inputs=inputs, digests=digests, force=force)
 
 
 def unmerge_folder(merged: Path, adapter: PeraAdapter, output: Path, digests: Digests, *,
@@ -81,7 +81,7 @@ def unmerge_folder(merged: Path, adapter: PeraAdapter, output: Path, digests: Di
             written.card = _card(plan, output.name, "unmerge")
             return written
 
-        return publish(output, "unmerge", write, options=options or {}, inputs=inputs, force=force)
+        return publish(output, "unmerge", write, options=options or {}, inputs=inputs, digests=digests, force=force)
 
 
 def _write_plan(plan: MergePlan, folder: Path, digests: Digests, *, full_check: bool, progress: bool | None,

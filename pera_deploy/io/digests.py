@@ -20,6 +20,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from ..errors import InputError
 from .paths import allowed_roots, inside
 
 CHUNK = 8 << 20
@@ -95,8 +96,21 @@ def _hub_blob_digest(path: Path) -> str | None:
     return None
 
 
+def file_identity(path: Path) -> tuple[int, int, int, int]:
+    """(device, inode, size, mtime in ns): what changes when a file's contents are rewritten or
+    replaced. Not ctime, which a hard link to the file (keep-branch's --base-files hardlink)
+    also moves."""
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 class Digests:
-    """sha256 of input files, started early and collected when needed."""
+    """sha256 of input files, started early and collected when needed.
+
+    Each file's identity is noted when its digest is taken; `changed()` tells, before an
+    output is published, whether any of them was rewritten since, so a manifest never
+    records the sha256 of bytes other than those the command read.
+    """
 
     def __init__(self, cache_dir: Path | None = None, use_cache: bool = True):
         folder = cache_dir if cache_dir is not None else default_cache_dir()
@@ -104,15 +118,30 @@ class Digests:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pera-deploy-sha256")
         self._futures: dict[Path, Future[str]] = {}
         self._stop = threading.Event()
+        self._identities: dict[Path, tuple[int, int, int, int]] = {}
 
     def _compute(self, path: Path) -> str:
+        identity = file_identity(path)
+        self._identities[path] = identity
         known = _hub_blob_digest(path) or (self.cache.get(path) if self.cache else None)
         if known:
             return known
         digest = sha256_file(path, self._stop)
+        if file_identity(path) != identity:
+            raise InputError(f"{path}: changed while its sha256 was being computed")
         if self.cache:
             self.cache.put(path, digest)
         return digest
+
+    def changed(self) -> Path | None:
+        """The first file digested whose identity is no longer what it was (or that is gone)."""
+        for path, identity in list(self._identities.items()):
+            try:
+                if file_identity(path) != identity:
+                    return path
+            except OSError:
+                return path
+        return None
 
     def prefetch(self, paths: list[Path]) -> None:
         for path in paths:

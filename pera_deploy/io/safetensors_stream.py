@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import errno
 import json
-import mmap
 import os
 import re
 import struct
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -131,22 +129,27 @@ def read_header(path: Path) -> tuple[list[TensorEntry], dict[str, str]]:
 
 
 def read_entry(entry: TensorEntry) -> torch.Tensor:
-    """A tensor viewed straight from its bytes in the file (a private, read-only map of them).
+    """A tensor read from its bytes in the file, with pread into a buffer of its own.
 
-    For files still being written: safe_open validates a whole file, so it cannot open a
-    shard before its last tensor is in. Only the pages actually read become resident, and
-    the map goes with the tensor.
+    Not a memory map: a file truncated while mapped kills the process with SIGBUS (exit 135,
+    its temporary folder left behind), where a short read is one line naming the file. Also
+    for files still being written (the merge's checks read its own shards back): safe_open
+    validates a whole file, so it cannot open a shard before its last tensor is in.
     """
     dtype = DTYPES[entry.dtype]
     if entry.nbytes == 0:
         return torch.empty(entry.shape, dtype=dtype)
-    start = entry.begin - entry.begin % mmap.ALLOCATIONGRANULARITY
-    with open(entry.file, "rb") as fh:
-        mapped = mmap.mmap(fh.fileno(), entry.end - start, access=mmap.ACCESS_COPY, offset=start)
-    view = memoryview(mapped)[entry.begin - start:]
-    with warnings.catch_warnings():  # the map is writable copy-on-write, so nothing is shared back
-        warnings.simplefilter("ignore")
-        return torch.frombuffer(view, dtype=dtype).reshape(entry.shape)
+    buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
+    view = buffer.numpy().data  # writable: pread fills the tensor in place
+    with open(entry.file, "rb", buffering=0) as fh:
+        done = 0
+        while done < entry.nbytes:
+            n = os.preadv(fh.fileno(), [view[done:]], entry.begin + done)
+            if n == 0:
+                raise InputError(f"{entry.file}: ends inside tensor {entry.name} (at byte {entry.begin + done:,} of "
+                                 f"{entry.end:,} its header promises): truncated, or changed while being read")
+            done += n
+    return buffer.view(dtype).reshape(entry.shape)
 
 
 def _header_bytes(layout: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> tuple[bytes, list[int]]:
@@ -210,7 +213,9 @@ class ShardWriter:
         """Append a tensor's raw bytes from another file, without decoding them."""
         entry = self._expect(name, end - begin)
         with open(source, "rb") as src:
-            _copy_range(src.fileno(), self._fh.fileno(), begin, end - begin)
+            if not _copy_range(src.fileno(), self._fh.fileno(), begin, end - begin):
+                raise InputError(f"{source}: ends inside tensor {name} (before byte {end:,} its header promises): "
+                                 "truncated, or changed while being read")
         return entry
 
     def abort(self) -> None:
@@ -231,8 +236,9 @@ class ShardWriter:
 _NO_COPY_FILE_RANGE = {errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM, errno.EBADF}
 
 
-def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
-    """Copy `count` bytes from `src_fd` at `offset` to the current end of `dst_fd`."""
+def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> bool:
+    """Copy `count` bytes from `src_fd` at `offset` to the current end of `dst_fd`; False if
+    the source ends first."""
     copy = getattr(os, "copy_file_range", None)
     while count > 0:
         done = 0
@@ -246,11 +252,12 @@ def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
         if not done:
             chunk = os.pread(src_fd, min(count, 16 << 20), offset)
             if not chunk:
-                raise InputError(f"unexpected end of file while copying {count} bytes: was the input truncated?")
+                return False
             write_all(dst_fd, chunk)
             done = len(chunk)
         offset += done
         count -= done
+    return True
 
 
 def write_all(fd: int, data: bytes | memoryview) -> None:

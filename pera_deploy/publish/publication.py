@@ -16,7 +16,8 @@ from typing import Any, Callable, Iterable
 
 from ..checks.base import Check, Report
 from ..core.adapter import PeraAdapter
-from ..errors import ENVIRONMENT_ERRNOS, CheckFailed, EnvironmentFailure, environment_failure
+from ..errors import ENVIRONMENT_ERRNOS, CheckFailed, EnvironmentFailure, InputError, environment_failure
+from ..io.digests import Digests
 from ..io.model_files import write_json
 from .manifest import MANIFEST, build_manifest
 from .model_card import ModelCard
@@ -35,11 +36,12 @@ class Written:
 
 
 def publish(target: Path, command: str, write: Callable[[Path], Written], *, options: dict[str, Any],
-            inputs: Iterable[Path], force: bool = False) -> Report:
+            inputs: Iterable[Path], digests: Digests, force: bool = False) -> Report:
     """Run `write(temporary_folder)`, record and check what it wrote, and publish it as `target`.
 
     `inputs` are every path the command reads: the output may not be, contain or lie inside
-    any of them (see output_folder.py).
+    any of them (see output_folder.py). `digests` took the inputs' sha256 for the manifest:
+    an input rewritten while the command ran is bad input, and nothing is published.
     """
     target = Path(target)
     with OutputFolder(target, force=force, inputs=inputs) as out:
@@ -57,6 +59,10 @@ def publish(target: Path, command: str, write: Callable[[Path], Written], *, opt
             if exc.os_error is None:
                 raise
             raise environment_failure(exc.os_error, target) from exc
+        changed = digests.changed()
+        if changed is not None:
+            raise InputError(f"{changed}: changed while pera-deploy was reading it, so what was read is not what "
+                             "the manifest would record; nothing was written")
         report = Report(command, target, written.checks, manifest, written.plan)
         if not report.passed:
             raise CheckFailed(report.failure() or "a check failed", report)

@@ -72,7 +72,7 @@ def export_merged_folder(model: Path, output: Path, adapter: tuple[str, PeraAdap
                     "genai_config": write_genai_config(out, model) if genai else None}
         return Written([check], inputs, sections)
 
-    return publish(output, "export-onnx", write, options=options, inputs=input_paths, force=force)
+    return publish(output, "export-onnx", write, options=options, inputs=input_paths, digests=digests, force=force)
 
 
 @dataclass
@@ -154,4 +154,5 @@ def export_branch_folder(base: Path, output: Path, adapters: dict[str, PeraAdapt
         check, sections = write_branch_graph(out, branch, task, opset, dtype, inputs["base"]["sha256"], genai)
         return Written([check], inputs, sections)
 
-    return publish(output, "export-onnx --branch", write, options=options, inputs=input_paths, force=force)
+    return publish(output, "export-onnx --branch", write, options=options, inputs=input_paths, digests=digests,
+                   force=force)
