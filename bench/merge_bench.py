@@ -170,7 +170,9 @@ def main() -> None:
     ap.add_argument("--skip-peft", action="store_true")
     args = ap.parse_args()
     work = args.workdir
-    base, pera_dir, lora_dir = work / f"llama-{args.layers}L-base", work / "pera-r8", work / "lora-r44"
+    # the adapters belong to one base; the default size keeps the names the other benchmarks use
+    suffix = "" if args.layers == 14 else f"-{args.layers}L"
+    base, pera_dir, lora_dir = work / f"llama-{args.layers}L-base", work / f"pera-r8{suffix}", work / f"lora-r44{suffix}"
     if not base.exists():
         print(f"building {base} ...", flush=True)
         build_base(base, args.layers)
@@ -226,7 +228,7 @@ def main() -> None:
         theirs = rounding_quality(work / "out-peft", base, pera_dir, names)
         print(f"merged elements equal to round_bf16(W0 + ΔW computed in float64): pera-deploy {ours:.4%}, peft {theirs:.4%}")
         summary.update(pera_deploy_correctly_rounded=ours, peft_correctly_rounded=theirs)
-    (work / "merge_bench.json").write_text(json.dumps(summary, indent=2))
+    (work / f"merge_bench{suffix}.json").write_text(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

@@ -222,12 +222,18 @@ class ShardWriter:
         """Close without the completeness check (the caller is unwinding an error)."""
         self._fh.close()
 
-    def close(self) -> None:
+    def close(self, sync: bool = False) -> None:
+        """Close the complete file; `sync` first waits until its bytes are on disk (fsync)."""
         if self._next != len(self.layout):
             missing = self.layout[self._next][0]
             self._fh.close()
             raise RuntimeError(f"{self.path}: closed before {missing} was written")
-        self._fh.close()
+        try:
+            if sync:
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
+        finally:
+            self._fh.close()
 
 
 # copy_file_range failing with these means "not here" (old kernel, another file system,

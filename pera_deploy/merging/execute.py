@@ -93,7 +93,12 @@ def execute_plan(plan: MergePlan, folder: Path, metadata: dict[str, str], progre
     # progress=None: tqdm's own choice, a bar on a terminal and silence in a pipe
     bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="merge",
                disable=None if progress is None else not progress)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pera-deploy-writer") as io:
+    # Each finished shard is fsync'd in a thread of its own while the next is computed: the
+    # publication must fsync every file anyway, and doing it at the end cost 0.9 s of the
+    # benchmark's 5.6 s on the critical path.
+    syncs: list[Future[None]] = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pera-deploy-writer") as io, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="pera-deploy-fsync") as syncer:
         pending: Future[None] | None = None
         try:
             for shard in plan.shards:
@@ -118,6 +123,8 @@ def execute_plan(plan: MergePlan, folder: Path, metadata: dict[str, str], progre
                     pending = None
                     writer.abort()
                     raise
-                writer.close()
+                syncs.append(syncer.submit(writer.close, True))
+            for done in syncs:
+                done.result()
         finally:
             bar.close()
