@@ -203,3 +203,22 @@ def test_readme_merge_command_runs(cli, tmp_path, monkeypatch):
     result = cli(*args)
     assert result.exit_code == 0, result.stderr
     assert (tmp_path / args[args.index("-o") + 1] / "pera_deploy_manifest.json").exists()
+
+
+def test_readme_python_api_runs_as_written(tmp_path, monkeypatch, capsys):
+    """The README's Python API section, run as written from a checkout's root."""
+    pytest.importorskip("optimum.exporters.onnx")  # it ends with export_onnx (the onnx extra)
+    pytest.importorskip("gguf")
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Python API"):]
+    code = section[section.index("```python") + len("```python"):]
+    code = code[:code.index("```")]
+    (tmp_path / "fixtures").symlink_to(ROOT / "fixtures")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})  # noqa: S102 (our own README)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "[44]" and printed[1].startswith("True ") and printed[2] == "True True"
+    assert printed[-1].startswith("2 adapter module ")
+    for folder in ("api-merged", "api-lora", "api-served", "api-recovered", "api-onnx"):
+        assert (tmp_path / folder / "pera_deploy_manifest.json").is_file(), folder
+    assert (tmp_path / "api-lora.gguf").is_file() and not (tmp_path / "api-wrong").exists()
