@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,15 @@ def corrupt_lora_factors(monkeypatch):
         return state
 
     monkeypatch.setattr(lora, "lora_state_dict", off_by_a_percent)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 40 KB tmpfs: too small for any fixture output. Needs root (CI runs as root here)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40k", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)

@@ -1,6 +1,9 @@
-"""Assertions several test modules share."""
+"""Assertions and harness several test modules share."""
 
 from __future__ import annotations
+
+import shlex
+from pathlib import Path
 
 
 def refused(result, *needles: str) -> str:
@@ -12,3 +15,24 @@ def refused(result, *needles: str) -> str:
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def readme_example(cli, tmp_path: Path, monkeypatch, heading: str, command: str | None) -> dict:
+    """Run a README example as written from a checkout's root: in the section under `heading`,
+    the first line starting with `command` (through the CLI; None: no command), then the
+    section's first Python block. Returns the block's globals."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index(heading):]
+    (tmp_path / "fixtures").symlink_to(ROOT / "fixtures")
+    monkeypatch.chdir(tmp_path)
+    if command is not None:
+        line = next(l.strip() for l in section.splitlines() if l.strip().startswith(command))
+        result = cli(*shlex.split(line, comments=True)[1:])
+        assert result.exit_code == 0, result.stderr
+    code = section[section.index("```python") + len("```python"):]
+    namespace: dict = {}
+    exec(compile(code[:code.index("```")], "README.md", "exec"), namespace)  # noqa: S102 (our own README)
+    return namespace

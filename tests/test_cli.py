@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 import pera_deploy
 from fixtures.build_fixtures import build_examples
 from pera_deploy.io.model_folder import ModelFolder
+from tests.helpers import readme_example
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -209,13 +210,7 @@ def test_readme_python_api_runs_as_written(tmp_path, monkeypatch, capsys):
     """The README's Python API section, run as written from a checkout's root."""
     pytest.importorskip("optimum.exporters.onnx")  # it ends with export_onnx (the onnx extra)
     pytest.importorskip("gguf")
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Python API"):]
-    code = section[section.index("```python") + len("```python"):]
-    code = code[:code.index("```")]
-    (tmp_path / "fixtures").symlink_to(ROOT / "fixtures")
-    monkeypatch.chdir(tmp_path)
-    exec(compile(code, "README.md", "exec"), {})  # noqa: S102 (our own README)
+    readme_example(None, tmp_path, monkeypatch, "## Python API", None)
     printed = capsys.readouterr().out.splitlines()
     assert printed[0] == "[44]" and printed[1].startswith("True ") and printed[2] == "True True"
     assert printed[-1].startswith("2 adapter module ")

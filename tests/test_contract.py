@@ -177,18 +177,6 @@ def test_bad_input_is_2_with_debug_too(fx, tmp_path):
     assert "Traceback" not in plain.stderr and "Traceback" in debug.stderr and "InputError" in debug.stderr
 
 
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A 40 KB tmpfs: too small for any fixture output. Needs root (CI runs as root here)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40k", "tmpfs", str(mount)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=False)
-
-
 @pytest.mark.parametrize("command", [
     ["merge", "{llama-pera}", "{llama-base}"],
     ["merge", "{llama-pera}", "{llama-base}", "--keep-branch"],

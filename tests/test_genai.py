@@ -9,7 +9,6 @@ graph is one float32 evaluation order away from PyTorch: a few 1e-7 measured).
 from __future__ import annotations
 
 import json
-import shlex
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ pytestmark = pytest.mark.slow
 from pera_deploy.checks.reference_model import PeraBranch, load_unmerged_model  # noqa: E402
 from pera_deploy.formats import load_adapter  # noqa: E402
 from pera_deploy.io.hf_model import load_model  # noqa: E402
-from tests.helpers import refused  # noqa: E402
+from tests.helpers import readme_example, refused  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "fixtures" / "examples"
@@ -171,15 +170,5 @@ def test_a_decoder_without_its_tokenizer_is_refused_before_writing(cli, tmp_path
 
 def test_readme_genai_example_runs_as_written(cli, tmp_path, monkeypatch):
     """The README's ORT GenAI example: the export-onnx line, then its Python, as written."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("### ONNX Runtime GenAI"):]
-    line = next(l.strip() for l in section.splitlines() if l.strip().startswith("pera-deploy export-onnx"))
-    code = section[section.index("```python") + len("```python"):]
-    code = code[:code.index("```")]
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "fixtures").symlink_to(ROOT / "fixtures")
-    result = cli(*shlex.split(line, comments=True)[1:])
-    assert result.exit_code == 0, result.stderr
-    namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 (our own README)
+    namespace = readme_example(cli, tmp_path, monkeypatch, "### ONNX Runtime GenAI", "pera-deploy export-onnx")
     assert len(namespace["tokens"]) == 24  # the example generated up to max_length

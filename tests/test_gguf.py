@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 import pera_deploy
 from pera_deploy.api import export_gguf
 from pera_deploy.errors import InputError
-from tests.helpers import refused
+from tests.helpers import readme_example, refused
 
 gguf = pytest.importorskip("gguf")
 
@@ -332,18 +332,6 @@ def test_a_file_that_does_not_read_back_fails_the_check(cli, fx, tmp_path, monke
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A 40 KB tmpfs, too small for the file (as test_contract's). Needs root."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40k", "tmpfs", str(mount)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=False)
-
-
 def test_disk_full_is_4_and_leaves_nothing(cli, fx, tiny_disk):
     result = cli("export-gguf", fx["small-llama-pera"], "--base", fx["small-llama-base"], "-o", tiny_disk / "a.gguf",
                  "--json")
@@ -425,19 +413,6 @@ def test_llama_cpp_runs_it(fx, tmp_path):
 
 def test_readme_gguf_example_runs_as_written(cli, tmp_path, monkeypatch):
     """The README's llama.cpp example: the export-gguf line, then its Python, as written."""
-    import shlex
-
-    root = Path(__file__).resolve().parent.parent
-    readme = (root / "README.md").read_text()
-    section = readme[readme.index("### llama.cpp (GGUF)"):]
-    line = next(l.strip() for l in section.splitlines() if l.strip().startswith("pera-deploy export-gguf"))
-    code = section[section.index("```python") + len("```python"):]
-    code = code[:code.index("```")]
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "fixtures").symlink_to(root / "fixtures")
-    result = cli(*shlex.split(line, comments=True)[1:])
-    assert result.exit_code == 0, result.stderr
-    namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 (our own README)
+    namespace = readme_example(cli, tmp_path, monkeypatch, "### llama.cpp (GGUF)", "pera-deploy export-gguf")
     assert len(namespace["names"]) == 2 * 2 * 7  # lora_a and lora_b of 7 projections in 2 layers
     assert namespace["reader"].fields["adapter.type"].contents() == "lora"

@@ -11,7 +11,6 @@ that with room and is 1e-3 below what the adapter itself changes (at least 1e-3,
 from __future__ import annotations
 
 import json
-import shlex
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ st = pytest.importorskip("sentence_transformers")
 
 from pera_deploy.checks.reference_model import PeraBranch  # noqa: E402
 from pera_deploy.formats import load_adapter  # noqa: E402
-from tests.helpers import refused  # noqa: E402
+from tests.helpers import readme_example, refused  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SENTENCES = ["the quick model reads the river", "hello world", "an unseen zzz token, twice: zzz"]
@@ -94,17 +93,7 @@ def test_onnx_folder_runs_in_sentence_transformers_onnx_backend(fx, cli, tmp_pat
 
 def test_readme_sentence_transformers_example_runs_as_written(cli, tmp_path, monkeypatch):
     """The README's sentence-transformers example: the merge line, then its Python, as written."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("### sentence-transformers"):]
-    line = next(l.strip() for l in section.splitlines() if l.strip().startswith("pera-deploy merge"))
-    code = section[section.index("```python") + len("```python"):]
-    code = code[:code.index("```")]
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "fixtures").symlink_to(ROOT / "fixtures")
-    result = cli(*shlex.split(line, comments=True)[1:])
-    assert result.exit_code == 0, result.stderr
-    namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 (our own README)
+    namespace = readme_example(cli, tmp_path, monkeypatch, "### sentence-transformers", "pera-deploy merge")
     examples = ROOT / "fixtures" / "examples"
     plain, reference = unmerged(examples / "st-base", examples / "st-pera", namespace["sentences"])
     assert_same_embeddings(torch.as_tensor(namespace["embeddings"]), plain, reference)
