@@ -94,3 +94,38 @@ def test_conv1d_orientation():
     delta = layer.delta_weight(torch.float64)
     assert check_merged_layer((w0.double() + delta.T).float(), w0, layer, True, "t").passed
     assert not check_merged_layer((w0.double() + delta).float(), w0, layer, True, "t").passed
+
+
+def test_rows_are_read_from_the_file_only_where_the_sample_looks(tmp_path, monkeypatch):
+    """The sampled check reads the rows it recomputes, not the whole weight, and finds the
+    same as when it is handed whole tensors."""
+    import os
+
+    from safetensors.torch import save_file
+
+    from pera_deploy.io import safetensors_stream as stream
+
+    layer = make_layer()
+    w0 = (torch.randn(300, 64) * 0.02).to(torch.bfloat16)
+    merged = exact_merge(w0, layer, torch.bfloat16)
+    merged.view(torch.int16)[8 * 16 + 2, 0] += 5  # in a sampled block
+    save_file({"w0": w0, "merged": merged}, str(tmp_path / "t.safetensors"))
+    entries = {e.name: e for e in stream.read_header(tmp_path / "t.safetensors")[0]}
+    assert torch.equal(stream.read_entry(entries["w0"], (290, 400)), w0[290:])  # a range past the end stops there
+    read = []
+    real = os.preadv
+
+    def counting(fd, buffers, offset):
+        n = real(fd, buffers, offset)
+        read.append(n)
+        return n
+
+    monkeypatch.setattr(stream.os, "preadv", counting)
+    lazy = check_merged_layer(stream.TensorRows(entries["merged"]), stream.TensorRows(entries["w0"]), layer, False,
+                              "t", every=8)
+    whole = check_merged_layer(merged, w0, layer, False, "t", every=8)
+    assert not lazy.passed and lazy == whole
+    sampled_rows = 3 * 16 + 300 - 18 * 16
+    assert sum(read) == 2 * sampled_rows * 64 * 2  # both tensors, sampled rows only, bf16
+    with pytest.raises(TypeError):
+        stream.TensorRows(entries["w0"])[::2]

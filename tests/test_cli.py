@@ -98,7 +98,9 @@ def _tamper(folder: Path, name: str, edit) -> None:
                 continue
             metadata = f.metadata()
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-        edit(tensors[name])
+        replaced = edit(tensors[name])
+        if replaced is not None:  # an edit may also return a tensor to put in its place
+            tensors[name] = replaced
         save_file(tensors, str(shard), metadata=metadata)
         return
     raise AssertionError(f"{name} not found in {folder}")
@@ -131,6 +133,17 @@ def test_verify_catches_a_changed_untouched_tensor(cli, fx, tmp_path):
     assert f"tensor {name} differs from the base" in result.stderr
 
 
+def test_verify_names_a_merged_tensor_of_the_wrong_shape_and_exits_1(cli, fx, tmp_path):
+    """A merged weight cut short (a faulty tool) fails the check; it is not an internal error,
+    and no forward check tries to build a model from it."""
+    assert cli("merge", fx["llama-pera"], fx["llama-base"], "-o", tmp_path / "m").exit_code == 0
+    name = "model.layers.0.self_attn.q_proj.weight"
+    _tamper(tmp_path / "m", name, lambda t: t[:-1].clone())
+    result = cli("verify", tmp_path / "m", "--adapter", fx["llama-pera"], "--base", fx["llama-base"])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == f"pera-deploy: check failed: tensor {name} has shape (31, 32), not (32, 32)"
+
+
 def test_verify_catches_an_unmerged_model(cli, fx):
     result = cli("verify", fx["llama-base"], "--adapter", fx["llama-pera"], "--base", fx["llama-base"])
     assert result.exit_code == 1
@@ -141,8 +154,8 @@ def test_failed_check_exits_1_and_writes_nothing(cli, fx, tmp_path, monkeypatch)
     """A merge whose result does not match (simulated: ΔW dropped) is caught and not published."""
     import pera_deploy.merging.execute as merge_module
 
-    def dropped(w0, layer, transpose, out_dtype, compute_dtype, sign=1.0):
-        return w0.to(out_dtype)
+    def dropped(w0, layer, transpose, out_dtype, compute_dtype, sign=1.0, into=None):
+        return w0.to(out_dtype, copy=True)  # a copy: w0 is a buffer the merge reuses
 
     monkeypatch.setattr(merge_module, "merged_weight", dropped)
     result = cli("merge", fx["llama-pera"], fx["llama-base"], "-o", tmp_path / "m", "--json")

@@ -45,7 +45,8 @@ def dropped_delta(monkeypatch):
     """Simulate a merge that forgets ΔW: its own check must catch it."""
     import pera_deploy.merging.execute as execute
 
-    monkeypatch.setattr(execute, "merged_weight", lambda w0, layer, transpose, out, compute, sign=1.0: w0.to(out))
+    monkeypatch.setattr(execute, "merged_weight",
+                        lambda w0, layer, transpose, out, compute, sign=1.0, into=None: w0.to(out, copy=True))
 
 
 def test_inspect_and_formats(cli, fx, tmp_path):

@@ -29,8 +29,9 @@ def verify_merged(merged: Path, adapter: PeraAdapter, base: Path, *, forward: bo
         if untie_embeddings is None:
             untie_embeddings = merged_folder.config.get("tie_word_embeddings", True) is False
         matching = match_adapter(adapter, base_folder, untie_embeddings=untie_embeddings)
-        checks.append(check_weights(merged_folder, base_folder, adapter, matching, COMPUTE_DTYPES[precision], progress))
-    if forward:
+        weights = check_weights(merged_folder, base_folder, adapter, matching, COMPUTE_DTYPES[precision], progress)
+        checks.append(weights)
+    if forward and not weights.wrong_shape:  # a tensor of the wrong shape: no model to run
         checks.append(check_forward(merged, base, adapter, seed=seed))
     report = Report("verify", None, checks)
     if not report.passed:

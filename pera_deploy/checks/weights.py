@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..core.adapter import PeraAdapter, PeraLayer
 from ..io.model_folder import ModelFolder
-from ..io.safetensors_stream import TensorEntry
+from ..io.safetensors_stream import TensorEntry, TensorRows
 from ..merging.execute import working_dtype
 from ..merging.matching import Matching
 from .numerics import ABS_FLOOR, BITS, UNIT_ROUNDOFF, same_bits, same_bytes
@@ -29,6 +29,8 @@ class TensorSource(Protocol):
     entries: dict[str, TensorEntry]
 
     def get(self, name: str) -> Tensor: ...
+
+    def rows(self, name: str) -> Tensor | TensorRows: ...
 
 
 BLOCK_ELEMENTS = 1 << 20  # rows are checked in blocks of about this many elements (cache-sized)
@@ -62,10 +64,11 @@ class WeightCheck:
     extras_bad: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
+    wrong_shape: list[str] = field(default_factory=list)  # "name: (got) is not (expected)"
 
     @property
     def passed(self) -> bool:
-        problems = self.changed or self.extras_bad or self.missing or self.unexpected
+        problems = self.changed or self.extras_bad or self.missing or self.unexpected or self.wrong_shape
         return all(c.passed for c in self.layers) and not problems
 
     def add(self, other: WeightCheck) -> None:
@@ -77,6 +80,7 @@ class WeightCheck:
         self.extras_bad += other.extras_bad
         self.missing += other.missing
         self.unexpected += other.unexpected
+        self.wrong_shape += other.wrong_shape
 
     def failure(self) -> str | None:
         """One line naming what broke, or None."""
@@ -91,6 +95,9 @@ class WeightCheck:
                 f"{c.off_elements} element(s) off, the worst by {c.worst_ratio:.3g}x what one rounding allows "
                 f"(relative error {c.rel_error:.3g} of ‖ΔW‖, bound {c.rel_bound:.3g}); {len(bad)} layer(s) failed"
             )
+        if self.wrong_shape:
+            more = f" (and {len(self.wrong_shape) - 1} more)" if len(self.wrong_shape) > 1 else ""
+            return f"tensor {self.wrong_shape[0]}{more}"
         problems = (("differs from the base", self.changed), ("does not equal the adapter's tensor", self.extras_bad),
                     ("is missing from the merged model", self.missing),
                     ("is in the merged model but not expected", self.unexpected))
@@ -115,12 +122,14 @@ class WeightCheck:
             "extra_tensors_bad": self.extras_bad,
             "missing": self.missing,
             "unexpected": self.unexpected,
+            "wrong_shape": self.wrong_shape,
             "layers": [asdict(c) for c in self.layers],
         }
 
 
-def check_merged_layer(w_merged: Tensor, w0: Tensor, layer: PeraLayer, transpose: bool, tensor: str,
-                       precision: torch.dtype = torch.float32, every: int = 1, sign: float = 1.0) -> LayerCheck:
+def check_merged_layer(w_merged: Tensor | TensorRows, w0: Tensor | TensorRows, layer: PeraLayer, transpose: bool,
+                       tensor: str, precision: torch.dtype = torch.float32, every: int = 1,
+                       sign: float = 1.0) -> LayerCheck:
     """Is `w_merged` W0 + ΔW rounded once to its own dtype? Recomputed independently, per element.
 
     x = W0 + ΔW is recomputed from the base and the factors. An element passes at once if it
@@ -207,9 +216,14 @@ def check_tensors(names: Iterable[str], merged: TensorSource, base: ModelFolder,
     extras = {e.tensor: e for e in matching.extras}
     for name in names:
         out = merged.entries[name]
+        want = _expected_shape(name, base, adapter, merges, extras, matching)
+        if tuple(out.shape) != want:
+            report.wrong_shape.append(f"{name} has shape {tuple(out.shape)}, not {want}")
+            continue
         if name in merges:
             m = merges[name]
-            report.layers.append(check_merged_layer(merged.get(name), base.get(m.source), adapter.layers[m.module],
+            # rows(): only the blocks of rows the check recomputes are read
+            report.layers.append(check_merged_layer(merged.rows(name), base.rows(m.source), adapter.layers[m.module],
                                                     m.transpose, name, precision, every, sign))
         elif name in extras:
             want = adapter.extra_tensors[extras[name].name]
@@ -231,6 +245,15 @@ def check_tensors(names: Iterable[str], merged: TensorSource, base: ModelFolder,
             else:
                 report.changed.append(name)
     return report
+
+
+def _expected_shape(name: str, base: ModelFolder, adapter: PeraAdapter, merges: dict[str, Any],
+                    extras: dict[str, Any], matching: Matching) -> tuple[int, ...]:
+    if name in merges:
+        return tuple(base.entries[merges[name].source].shape)
+    if name in extras:
+        return tuple(adapter.extra_tensors[extras[name].name].shape)
+    return tuple(base.entries[matching.base_name(name)].shape)
 
 
 def check_weights(merged: ModelFolder, base: ModelFolder, adapter: PeraAdapter, matching: Matching,

@@ -18,7 +18,7 @@ from torch import Tensor
 from ..errors import InputError
 from .files import flat_tensors, load_pickle, read_json
 from .paths import allowed_roots, inside
-from .safetensors_stream import DTYPE_CODES, TensorEntry, read_entry, read_header
+from .safetensors_stream import DTYPE_CODES, TensorEntry, TensorRows, read_entry, read_header
 from .schema import boolean, mapping, optional, string, string_list, validate
 from .strict_json import parse_json
 
@@ -258,6 +258,14 @@ class ModelFolder:
             return flat_tensors(load_pickle(entry.file, mmap=True), entry.file)[name]
         return read_entry(entry)
 
+    def rows(self, name: str) -> Tensor | TensorRows:
+        """A 2-D tensor to read a block of rows at a time (`rows(name)[a:b]`), for the checks;
+        a tensor from a pickle comes whole."""
+        entry = self.entries[name]
+        if entry.begin < 0 or entry.file in self._pickled or len(entry.shape) != 2:
+            return self.get(name)
+        return TensorRows(entry)
+
     def shared_storage_groups(self) -> list[list[str]]:
         """Names that share storage in a pickled checkpoint (tied weights saved once)."""
         return list(self._shared)
@@ -308,3 +316,7 @@ class WrittenTensors:
 
     def get(self, name: str) -> Tensor:
         return read_entry(self.entries[name])
+
+    def rows(self, name: str) -> Tensor | TensorRows:
+        entry = self.entries[name]
+        return TensorRows(entry) if len(entry.shape) == 2 else read_entry(entry)

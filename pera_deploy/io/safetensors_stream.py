@@ -128,28 +128,61 @@ def read_header(path: Path) -> tuple[list[TensorEntry], dict[str, str]]:
     return entries, dict(metadata)
 
 
-def read_entry(entry: TensorEntry) -> torch.Tensor:
-    """A tensor read from its bytes in the file, with pread into a buffer of its own.
+def read_entry(entry: TensorEntry, rows: tuple[int, int] | None = None,
+               into: torch.Tensor | None = None) -> torch.Tensor:
+    """A tensor (or its rows `start:stop`) read from its bytes in the file, with pread.
 
     Not a memory map: a file truncated while mapped kills the process with SIGBUS (exit 135,
     its temporary folder left behind), where a short read is one line naming the file. Also
     for files still being written (the merge's checks read its own shards back): safe_open
     validates a whole file, so it cannot open a shard before its last tensor is in.
+
+    Rows of a row-major tensor are contiguous bytes, so a sampled check reads only the rows
+    it recomputes. `into` (a uint8 tensor at least that large) is filled instead of a fresh
+    buffer: reusing one buffer spares the page faults of a new allocation per tensor and the
+    allocator's growth between threads.
     """
     dtype = DTYPES[entry.dtype]
-    if entry.nbytes == 0:
-        return torch.empty(entry.shape, dtype=dtype)
-    buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
+    shape = entry.shape
+    begin, nbytes = entry.begin, entry.nbytes
+    if rows is not None:
+        start, stop = rows
+        stop = min(stop, shape[0]) if shape else stop
+        row_bytes = nbytes // shape[0] if shape and shape[0] else 0
+        shape = (max(0, stop - start), *shape[1:])
+        begin, nbytes = begin + start * row_bytes, max(0, stop - start) * row_bytes
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    buffer = torch.empty(nbytes, dtype=torch.uint8) if into is None else into.reshape(-1)[:nbytes]
     view = buffer.numpy().data  # writable: pread fills the tensor in place
     with open(entry.file, "rb", buffering=0) as fh:
         done = 0
-        while done < entry.nbytes:
-            n = os.preadv(fh.fileno(), [view[done:]], entry.begin + done)
+        while done < nbytes:
+            n = os.preadv(fh.fileno(), [view[done:]], begin + done)
             if n == 0:
-                raise InputError(f"{entry.file}: ends inside tensor {entry.name} (at byte {entry.begin + done:,} of "
+                raise InputError(f"{entry.file}: ends inside tensor {entry.name} (at byte {begin + done:,} of "
                                  f"{entry.end:,} its header promises): truncated, or changed while being read")
             done += n
-    return buffer.view(dtype).reshape(entry.shape)
+    return buffer.view(dtype).reshape(shape)
+
+
+class TensorRows:
+    """A 2-D tensor in a file, read a block of rows at a time when indexed (`t[a:b]`).
+
+    It has the `shape` and `dtype` of the tensor and nothing else, so code written for a
+    Tensor that only slices rows (the weight check) reads just the rows it uses.
+    """
+
+    def __init__(self, entry: TensorEntry):
+        self.entry = entry
+        self.shape = torch.Size(entry.shape)
+        self.dtype = DTYPES[entry.dtype]
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise TypeError("TensorRows takes a contiguous slice of rows")
+        start, stop, _ = rows.indices(self.shape[0])
+        return read_entry(self.entry, (start, stop))
 
 
 def _header_bytes(layout: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> tuple[bytes, list[int]]:

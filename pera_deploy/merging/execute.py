@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from ..core.adapter import PeraLayer
 from ..errors import InputError
-from ..io.safetensors_stream import DTYPES, ShardWriter, TensorEntry
+from ..io.safetensors_stream import DTYPES, ShardWriter, TensorEntry, read_entry
 from .plan import MergePlan, TensorPlan
 
 BLOCK_ELEMENTS = 1 << 20  # rows are merged in blocks of about this many elements (cache-sized)
@@ -30,7 +30,7 @@ def working_dtype(stored: torch.dtype, precision: torch.dtype) -> torch.dtype:
 
 
 def merged_weight(w0: Tensor, layer: PeraLayer, transpose: bool, out_dtype: torch.dtype, compute_dtype: torch.dtype,
-                  sign: float = 1.0) -> Tensor:
+                  sign: float = 1.0, into: Tensor | None = None) -> Tensor:
     """round_out(W0 + ΔW) with W0 upcast and ΔW computed in `compute_dtype`, rounded once.
 
     `sign` −1 takes the update back out of a merged weight (unmerge): round_out(W' − ΔW).
@@ -38,12 +38,16 @@ def merged_weight(w0: Tensor, layer: PeraLayer, transpose: bool, out_dtype: torc
     Worked through in row blocks in one reused, cache-sized float32 buffer, so the working
     copy is never the size of the weight. For a Conv1D base (W0 stored (in, out)) the update
     is ΔWᵀ = Âᵀ(s·B̂)ᵀ. NaN, Inf or a value the output dtype cannot hold is an error naming
-    the layer.
+    the layer. `into` (a uint8 tensor at least as large as the result) is filled instead of a
+    fresh tensor.
     """
     compute_dtype = working_dtype(w0.dtype, compute_dtype)
     b_hat, a_hat = layer.expanded_factors(compute_dtype)
     left, right = (a_hat.T, b_hat.T) if transpose else (b_hat, a_hat)
-    out = torch.empty(w0.shape, dtype=out_dtype)
+    if into is None:
+        out = torch.empty(w0.shape, dtype=out_dtype)
+    else:
+        out = into.reshape(-1)[: w0.numel() * out_dtype.itemsize].view(out_dtype).reshape(w0.shape)
     limit = torch.finfo(out_dtype).max
     rows = max(1, BLOCK_ELEMENTS // max(1, w0.shape[1]))
     buffer = torch.empty((min(rows, w0.shape[0]), *w0.shape[1:]), dtype=compute_dtype)
@@ -63,13 +67,38 @@ def merged_weight(w0: Tensor, layer: PeraLayer, transpose: bool, out_dtype: torc
     return out
 
 
-def _produce(plan: MergePlan, t: TensorPlan) -> Tensor:
+class Buffers:
+    """Byte buffers reused from one tensor to the next, grown to the largest tensor met.
+
+    A fresh allocation per tensor costs its page faults again every time (about 0.5 s on
+    the 1.5 GB benchmark), and freed blocks of a few MB stay in glibc's per-thread arenas, so
+    peak memory drifted well above the tensors in flight. The merge reads W0 into one buffer
+    and writes results into two that alternate: the writer thread still holds the other.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Tensor] = {}
+
+    def get(self, role: str, nbytes: int) -> Tensor:
+        buffer = self._buffers.get(role)
+        if buffer is None or buffer.numel() < nbytes:
+            self._buffers.pop(role, None)  # released before the larger one is taken
+            buffer = self._buffers[role] = torch.empty(nbytes, dtype=torch.uint8)
+        return buffer
+
+
+def _produce(plan: MergePlan, t: TensorPlan, buffers: Buffers, out_role: str) -> Tensor:
     """The output value of one planned tensor (not a byte copy)."""
     out_dtype = DTYPES[t.dtype]
     if t.action == "merge":
         layer = plan.adapter.layers[t.layer]
-        return merged_weight(plan.checkpoint.get(t.source), layer, layer.fan_in_fan_out, out_dtype, plan.compute_dtype,
-                             plan.sign)
+        entry = plan.checkpoint.entries[t.source]
+        if entry.begin >= 0:  # a safetensors tensor (a pickled one has no byte range)
+            w0 = read_entry(entry, into=buffers.get("w0", entry.nbytes))
+        else:
+            w0 = plan.checkpoint.get(t.source)
+        into = buffers.get(out_role, entry.numel * out_dtype.itemsize)
+        return merged_weight(w0, layer, layer.fan_in_fan_out, out_dtype, plan.compute_dtype, plan.sign, into)
     if t.action in ("copy", "convert"):
         return plan.checkpoint.get(t.source).to(out_dtype)
     return plan.adapter.extra_tensors[t.extra].to(out_dtype)  # replace / add
@@ -97,6 +126,8 @@ def execute_plan(plan: MergePlan, folder: Path, metadata: dict[str, str], progre
     # publication must fsync every file anyway, and doing it at the end cost 0.9 s of the
     # benchmark's 5.6 s on the critical path.
     syncs: list[Future[None]] = []
+    buffers = Buffers()
+    turn = 0  # which of the two output buffers the next merged tensor goes into
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pera-deploy-writer") as io, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="pera-deploy-fsync") as syncer:
         pending: Future[None] | None = None
@@ -109,7 +140,8 @@ def execute_plan(plan: MergePlan, folder: Path, metadata: dict[str, str], progre
                         if t.action == "copy" and entry is not None and entry.begin >= 0:
                             job = (writer.copy_bytes, t.name, entry.file, entry.begin, entry.end)
                         else:
-                            job = (writer.write_tensor, t.name, _produce(plan, t))
+                            job = (writer.write_tensor, t.name, _produce(plan, t, buffers, f"out{turn}"))
+                            turn ^= 1
                         if pending is not None:
                             pending.result()
                         pending = io.submit(write, *job)
