@@ -28,6 +28,7 @@ from .options import (
     parse_size,
     rank_options,
 )
+from .options import jobs as option_jobs
 from .scoped import offline
 
 AdapterLike = str | Path | PeraAdapter
@@ -95,7 +96,7 @@ def merge(adapter: AdapterLike | Sequence[AdapterLike], base: str | Path, output
           weights: Sequence[float] | None = None, dtype: str = "auto", precision: str = "float32",
           max_shard_size: str | int | None = None, untie_embeddings: bool = False, check_forward_pass: bool = False,
           full_check: bool = False, force: bool = False, progress: bool | None = None, digests: Digests | None = None,
-          **load_options: Any) -> Report:
+          jobs: int | None = None, **load_options: Any) -> Report:
     """Merge `adapter` into the model folder `base`, writing a new model folder `output`.
 
     Several adapters (a list) are merged as their weighted sum Σ wᵢ ΔWᵢ (`weights`, default
@@ -103,6 +104,8 @@ def merge(adapter: AdapterLike | Sequence[AdapterLike], base: str | Path, output
     Streams tensor by tensor. The weight check recomputes W0 + ΔW independently for a sample
     of every merged weight's rows (the first, the last and every 8th block), or all of them
     with `full_check`; `check_forward_pass` also compares the outputs with the unmerged model.
+    `jobs` threads share out the arithmetic (default: the cores available); the output is
+    byte-identical whatever their number.
     """
     from .export.merged import merge_folder
     from .publish.output_folder import check_target
@@ -110,6 +113,7 @@ def merge(adapter: AdapterLike | Sequence[AdapterLike], base: str | Path, output
     choose("--dtype", dtype, OUTPUT_DTYPES)
     choose("--precision", precision, PRECISIONS)
     shard_limit = parse_size(max_shard_size) if max_shard_size is not None else None
+    threads = option_jobs(jobs)
     output = Path(output)
     sources = _sources(adapter)
     check_target(output, force, _given(*sources, base, load_options.get("config")))
@@ -121,7 +125,7 @@ def merge(adapter: AdapterLike | Sequence[AdapterLike], base: str | Path, output
         return merge_folder(loaded, Path(base), output, hasher, dtype=dtype, precision=precision,
                             max_shard_size=shard_limit, untie_embeddings=untie_embeddings,
                             check_forward_pass=check_forward_pass, full_check=full_check, force=force,
-                            progress=progress, options=options)
+                            progress=progress, options=options, jobs=threads)
 
 
 def verify(merged: str | Path, adapter: AdapterLike | None = None, base: str | Path | None = None, *,
@@ -247,7 +251,7 @@ def keep_branch(adapter: AdapterLike, base: str | Path, output: str | Path, *, b
 
 def unmerge(merged: str | Path, adapter: AdapterLike, output: str | Path, *, check_against: str | Path | None = None,
             precision: str = "float32", full_check: bool = False, force: bool = False, progress: bool | None = None,
-            digests: Digests | None = None, **load_options: Any) -> Report:
+            digests: Digests | None = None, jobs: int | None = None, **load_options: Any) -> Report:
     """Recover W0 = round(W' − ΔW) from a merged model folder, streamed like a merge.
 
     The merge's own rounding cannot be undone: each recovered element can be about two
@@ -259,6 +263,7 @@ def unmerge(merged: str | Path, adapter: AdapterLike, output: str | Path, *, che
     from .publish.output_folder import check_target
 
     choose("--precision", precision, PRECISIONS)
+    threads = option_jobs(jobs)
     output = Path(output)
     check_target(output, force, _given(adapter, merged, check_against, load_options.get("config")))
     loaded = _load(adapter, load_options)
@@ -268,7 +273,7 @@ def unmerge(merged: str | Path, adapter: AdapterLike, output: str | Path, *, che
         return unmerge_folder(Path(merged), loaded, output, hasher,
                               check_against=Path(check_against) if check_against is not None else None,
                               precision=precision, full_check=full_check, force=force, progress=progress,
-                              options=options)
+                              options=options, jobs=threads)
 
 
 def export_onnx(model: str | Path, output: str | Path, *, adapters: dict[str, AdapterLike] | None = None,

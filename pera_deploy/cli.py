@@ -90,6 +90,11 @@ def lora_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+jobs_option = click.option(
+    "--jobs", "-j", type=click.IntRange(min=1), default=None, metavar="N",
+    help="Threads that share out the arithmetic (default: the cores available); the output is byte-identical "
+    "whatever N is.")
+
 force_option = click.option(
     "--force", is_flag=True,
     help="Replace OUTPUT if it is an earlier output of pera-deploy (or an empty folder); nothing else is replaced.")
@@ -344,6 +349,7 @@ def inspect(adapter: Path, format_: str | None, adapter_name: str | None, missin
               "exact plain PEFT LoRA) for multi-adapter serving with PEFT or vLLM.")
 @click.option("--base-files", type=click.Choice(["copy", "hardlink", "symlink"]), default="copy", show_default=True,
               help="With --keep-branch: how OUTPUT/base holds the base's files.")
+@jobs_option
 @force_option
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
 @json_option
@@ -352,7 +358,8 @@ def merge(paths: tuple[Path, ...], output: Path, adapter_opts: tuple[Path, ...],
           weights: str | None, format_: str | None, adapter_name: str | None,
           missing_coefficients: str | None, config: Path | None, dtype: str, precision: str,
           max_shard_size: str | None, untie_embeddings: bool, check_forward: bool, full_check: bool,
-          keep_branch: bool, base_files: str, force: bool, progress: bool | None, as_json: bool) -> None:
+          keep_branch: bool, base_files: str, jobs: int | None, force: bool, progress: bool | None,
+          as_json: bool) -> None:
     """Merge the PERA adapter ADAPTER into the model folder BASE, writing a new model folder.
 
     Several adapters are merged as their weighted sum (--weights, default all 1), exactly, in
@@ -387,7 +394,8 @@ def merge(paths: tuple[Path, ...], output: Path, adapter_opts: tuple[Path, ...],
     if keep_branch:
         given = [flag for flag, on in (("--dtype", dtype != "auto"), ("--max-shard-size", max_shard_size is not None),
                                        ("--untie-embeddings", untie_embeddings), ("--check-forward", check_forward),
-                                       ("--full-check", full_check), ("--precision", precision != "float32")) if on]
+                                       ("--full-check", full_check), ("--precision", precision != "float32"),
+                                       ("--jobs", jobs is not None)) if on]
         if given:
             raise InputError(f"{', '.join(given)} do(es) not apply with --keep-branch: the base is written untouched")
         from .api import keep_branch as run_keep_branch
@@ -441,7 +449,7 @@ def merge(paths: tuple[Path, ...], output: Path, adapter_opts: tuple[Path, ...],
         _run(as_json, lambda: run_merge(
             adapter, base, output, weights=weight_list, dtype=dtype, precision=precision, max_shard_size=max_shard_size,
             untie_embeddings=untie_embeddings, check_forward_pass=check_forward, full_check=full_check, force=force,
-            progress=progress, digests=digests, **load), render,
+            progress=progress, digests=digests, jobs=jobs, **load), render,
             to_dict=lambda report: {**report.to_dict(), "seconds": time.perf_counter() - started})
     finally:
         digests.close()
@@ -672,13 +680,14 @@ def combine(adapters: tuple[Path, ...], output: Path, weights: str | None, forma
               help="Precision of W' − ΔW before the one rounding.")
 @click.option("--full-check", is_flag=True,
               help="Recompute every recovered element independently (default: a sample of rows).")
+@jobs_option
 @force_option
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
 @json_option
 @debug_option
 def unmerge(merged: Path, adapter: Path, output: Path, format_: str | None, adapter_name: str | None,
             missing_coefficients: str | None, config: Path | None, check_against: Path | None, precision: str,
-            full_check: bool, force: bool, progress: bool | None, as_json: bool) -> None:
+            full_check: bool, jobs: int | None, force: bool, progress: bool | None, as_json: bool) -> None:
     """Take a PERA update back out of a merged model: W0 = W' − ΔW, streamed like a merge.
 
     \b
@@ -714,7 +723,7 @@ def unmerge(merged: Path, adapter: Path, output: Path, format_: str | None, adap
         return "\n".join(lines)
 
     _run(as_json, lambda: run_unmerge(merged, adapter, output, check_against=check_against, precision=precision,
-                                      full_check=full_check, force=force, progress=progress,
+                                      full_check=full_check, force=force, progress=progress, jobs=jobs,
                                       **_load_options(format_, adapter_name, missing_coefficients, config)), render)
 
 

@@ -3,6 +3,7 @@ InputError (exit 2) as the command line, whatever click already checked."""
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Collection, TypeVar
 
@@ -65,3 +66,16 @@ def parse_size(text: str | int) -> int:
     if value < 1:
         raise InputError(f"--max-shard-size {text!r}: must be positive")
     return int(value)
+
+
+def jobs(value: int | None) -> int:
+    """--jobs N: at least 1; None is the cores this process may run on (its CPU affinity,
+    which `taskset` and container cpusets narrow), not every core of the machine."""
+    if value is None:
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # not on Linux
+            return os.cpu_count() or 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"--jobs {value!r}: must be an integer of at least 1")
+    return value

@@ -154,7 +154,7 @@ def test_failed_check_exits_1_and_writes_nothing(cli, fx, tmp_path, monkeypatch)
     """A merge whose result does not match (simulated: ΔW dropped) is caught and not published."""
     import pera_deploy.merging.execute as merge_module
 
-    def dropped(w0, layer, transpose, out_dtype, compute_dtype, sign=1.0, into=None):
+    def dropped(w0, layer, transpose, out_dtype, compute_dtype, **_):
         return w0.to(out_dtype, copy=True)  # a copy: w0 is a buffer the merge reuses
 
     monkeypatch.setattr(merge_module, "merged_weight", dropped)

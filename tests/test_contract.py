@@ -46,7 +46,7 @@ def dropped_delta(monkeypatch):
     import pera_deploy.merging.execute as execute
 
     monkeypatch.setattr(execute, "merged_weight",
-                        lambda w0, layer, transpose, out, compute, sign=1.0, into=None: w0.to(out, copy=True))
+                        lambda w0, layer, transpose, out, compute, **_: w0.to(out, copy=True))
 
 
 def test_inspect_and_formats(cli, fx, tmp_path):

@@ -155,6 +155,57 @@ def test_merge_is_deterministic(fx, tmp_path):
             assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
 
+@pytest.mark.parametrize("pair", [("llama-pera", "llama-base"), ("gpt2-peft", "gpt2-base")])
+def test_output_is_byte_identical_whatever_the_jobs(cli, fx, tmp_path, monkeypatch, pair):
+    """--jobs shares out row blocks; with blocks of a few rows every weight is split between
+    the threads, and the bytes written (shards, manifest) must not depend on their number."""
+    import pera_deploy.merging.execute as execute
+
+    monkeypatch.setattr(execute, "BLOCK_ELEMENTS", 4 * 32)
+    adapter, base = pair
+    for jobs in ("1", "2", "3"):
+        result = cli("merge", fx[adapter], fx[base], "-o", tmp_path / jobs, "--jobs", jobs, "--no-progress")
+        assert result.exit_code == 0, result.stderr
+    files = sorted(p.name for p in (tmp_path / "1").iterdir())
+    for jobs in ("2", "3"):
+        assert files == sorted(p.name for p in (tmp_path / jobs).iterdir())
+        for name in files:
+            if name != "README.md":  # titled after the output folder
+                assert (tmp_path / "1" / name).read_bytes() == (tmp_path / jobs / name).read_bytes(), (jobs, name)
+    assert_exact_merge(tmp_path / "3", fx[base], pera_deploy.load_adapter(fx[adapter]))
+
+
+def test_jobs_must_be_positive(cli, fx, tmp_path):
+    result = cli("merge", fx["llama-pera"], fx["llama-base"], "-o", tmp_path / "m", "--jobs", "0")
+    assert result.exit_code == 2 and "--jobs" in result.stderr and not (tmp_path / "m").exists()
+    with pytest.raises(pera_deploy.InputError, match="--jobs 0"):
+        pera_deploy.merge(fx["llama-pera"], fx["llama-base"], tmp_path / "m", jobs=0)
+
+
+def test_workers_finish_every_part_before_raising_the_first_error():
+    """A failing block must not leave other threads writing into a result being dropped."""
+    import threading
+    import time
+
+    from pera_deploy.merging.execute import Workers
+
+    finished = []
+    lock = threading.Lock()
+
+    def work(part: range) -> None:
+        if part.start == 2:
+            raise ValueError("part 2")
+        if part.start == 4:
+            raise KeyError("part 4")
+        time.sleep(0.05)
+        with lock:
+            finished.append(part.start)
+
+    with Workers(3) as workers, pytest.raises(ValueError, match="part 2"):
+        workers.run([range(0, 2), range(2, 4), range(4, 6), range(6, 8)], work)
+    assert sorted(finished) == [0, 6]
+
+
 def test_max_shard_size_reshards(fx, tmp_path):
     pera_deploy.merge(fx["llama-pera"], fx["llama-base"], tmp_path / "one", max_shard_size="10MB", progress=False)
     assert sorted(p.name for p in (tmp_path / "one").glob("*.safetensors")) == ["model.safetensors"]

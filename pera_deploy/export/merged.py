@@ -8,7 +8,6 @@ shard, and the folder renamed into place only if every check passed.
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from ..io.digests import Digests
 from ..io.model_files import copy_side_files, write_index
 from ..io.model_folder import ModelFolder, WrittenTensors
 from ..io.safetensors_stream import TensorEntry, read_header, rewrite_metadata
-from ..merging.execute import execute_plan
+from ..merging.execute import Workers, execute_plan
 from ..merging.plan import MergePlan, plan_merge
 from ..publish import Written, adapter_inputs, publish
 from ..publish.manifest import MANIFEST, adapter_record, model_record
@@ -37,14 +36,15 @@ SAMPLED_CHECK_EVERY = 8  # the merge's own check recomputes every 8th block of r
 def merge_folder(adapter: PeraAdapter, base: Path, output: Path, digests: Digests, *, dtype: str = "auto",
                  precision: str = "float32", max_shard_size: int | None = None, untie_embeddings: bool = False,
                  check_forward_pass: bool = False, full_check: bool = False, force: bool = False,
-                 progress: bool | None = None, options: dict[str, Any] | None = None) -> Report:
+                 progress: bool | None = None, options: dict[str, Any] | None = None, jobs: int = 1) -> Report:
     """W0 + ΔW for every targeted weight of `base`, as a new model folder `output`."""
     with ModelFolder(base) as checkpoint:
         plan = plan_merge(adapter, checkpoint, dtype=dtype, max_shard_size=max_shard_size,
                           untie_embeddings=untie_embeddings, precision=precision)
 
         def write(folder: Path) -> Written:
-            written = _write_plan(plan, folder, digests, full_check=full_check, progress=progress, base_role="base")
+            written = _write_plan(plan, folder, digests, full_check=full_check, progress=progress, base_role="base",
+                                  jobs=jobs)
             if check_forward_pass and all(c.passed for c in written.checks):
                 written.checks.append(check_forward(folder, checkpoint.folder, adapter))
             written.card = _card(plan, output.name, "merge")
@@ -56,7 +56,8 @@ def merge_folder(adapter: PeraAdapter, base: Path, output: Path, digests: Digest
 
 def unmerge_folder(merged: Path, adapter: PeraAdapter, output: Path, digests: Digests, *,
                    check_against: Path | None = None, precision: str = "float32", full_check: bool = False,
-                   force: bool = False, progress: bool | None = None, options: dict[str, Any] | None = None) -> Report:
+                   force: bool = False, progress: bool | None = None, options: dict[str, Any] | None = None,
+                   jobs: int = 1) -> Report:
     """W' − ΔW for every targeted weight of the merged folder `merged`.
 
     The merge's own rounding cannot be undone (checks/reconstruction.py); with
@@ -73,7 +74,8 @@ def unmerge_folder(merged: Path, adapter: PeraAdapter, output: Path, digests: Di
                 inputs += original.input_paths()
 
         def write(folder: Path) -> Written:
-            written = _write_plan(plan, folder, digests, full_check=full_check, progress=progress, base_role="merged")
+            written = _write_plan(plan, folder, digests, full_check=full_check, progress=progress, base_role="merged",
+                                  jobs=jobs)
             written.sections["unmerge"] = {"expected": EXPECTED, "not_restored": not_restored(plan)}
             if against is not None:
                 written.inputs["check_against"] = model_record(against[0], against[1], digests)
@@ -85,7 +87,7 @@ def unmerge_folder(merged: Path, adapter: PeraAdapter, output: Path, digests: Di
 
 
 def _write_plan(plan: MergePlan, folder: Path, digests: Digests, *, full_check: bool, progress: bool | None,
-                base_role: str) -> Written:
+                base_role: str, jobs: int) -> Written:
     """Execute `plan` into `folder` with the weight check following it; stamp the digests."""
     checkpoint, adapter = plan.checkpoint, plan.adapter
     digests.prefetch(list(adapter.files) + checkpoint.weight_files)
@@ -98,22 +100,24 @@ def _write_plan(plan: MergePlan, folder: Path, digests: Digests, *, full_check: 
     weights = WeightCheck()
     written = WrittenTensors()
     every = 1 if full_check else SAMPLED_CHECK_EVERY
-    # The checks follow the merge tensor by tensor in a thread of their own. The writer, the
-    # checker and the hasher each need a core: with more torch threads than cores left,
-    # OpenMP's barriers make every op wait for a thread that is not running (measured: 15.5 s
-    # instead of 10.2 s on 2 cores).
-    cores = os.cpu_count() or 1
+    # The checks follow the merge tensor by tensor in a thread of their own; the merge's
+    # `jobs` threads share out each weight's row blocks, each running torch single-threaded
+    # (see merging.execute.Workers for why not torch's own threads).
     checker = ThreadPoolExecutor(1, thread_name_prefix="pera-deploy-check")
     try:
-        with torch_threads(max(1, cores // 2)):
+        with torch_threads(1), Workers(jobs) as workers:
             pending: list[Future[WeightCheck]] = []
+
+            def check(name: str) -> WeightCheck:
+                with workers.slot():  # the check takes its turn in the `jobs` compute slots
+                    return check_tensors([name], written, checkpoint, adapter, plan.matching, plan.compute_dtype,
+                                         every, plan.sign)
 
             def check_written(entry: TensorEntry) -> None:
                 written.add(entry)
-                pending.append(checker.submit(check_tensors, [entry.name], written, checkpoint, adapter,
-                                              plan.matching, plan.compute_dtype, every, plan.sign))
+                pending.append(checker.submit(check, entry.name))
 
-            execute_plan(plan, folder, metadata, progress, on_written=check_written)
+            execute_plan(plan, folder, metadata, progress, on_written=check_written, workers=workers)
             for done in pending:
                 weights.add(done.result())
     finally:  # on an error or a signal, the checks still queued are dropped, not run

@@ -7,6 +7,8 @@ memory at a time, and writing one tensor overlaps with computing the next.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -30,16 +32,18 @@ def working_dtype(stored: torch.dtype, precision: torch.dtype) -> torch.dtype:
 
 
 def merged_weight(w0: Tensor, layer: PeraLayer, transpose: bool, out_dtype: torch.dtype, compute_dtype: torch.dtype,
-                  sign: float = 1.0, into: Tensor | None = None) -> Tensor:
+                  sign: float = 1.0, into: Tensor | None = None, workers: Workers | None = None) -> Tensor:
     """round_out(W0 + ΔW) with W0 upcast and ΔW computed in `compute_dtype`, rounded once.
 
     `sign` −1 takes the update back out of a merged weight (unmerge): round_out(W' − ΔW).
 
-    Worked through in row blocks in one reused, cache-sized float32 buffer, so the working
-    copy is never the size of the weight. For a Conv1D base (W0 stored (in, out)) the update
-    is ΔWᵀ = Âᵀ(s·B̂)ᵀ. NaN, Inf or a value the output dtype cannot hold is an error naming
-    the layer. `into` (a uint8 tensor at least as large as the result) is filled instead of a
-    fresh tensor.
+    Worked through in row blocks, each in a reused, cache-sized float32 buffer, so the
+    working copy is never the size of the weight. Row blocks are independent: `workers`
+    spreads them over its threads in contiguous runs (each element is computed by the same
+    operations whoever computes it, so the result does not depend on their number). For a
+    Conv1D base (W0 stored (in, out)) the update is ΔWᵀ = Âᵀ(s·B̂)ᵀ. NaN, Inf or a value the
+    output dtype cannot hold is an error naming the layer. `into` (a uint8 tensor at least
+    as large as the result) is filled instead of a fresh tensor.
     """
     compute_dtype = working_dtype(w0.dtype, compute_dtype)
     b_hat, a_hat = layer.expanded_factors(compute_dtype)
@@ -50,21 +54,84 @@ def merged_weight(w0: Tensor, layer: PeraLayer, transpose: bool, out_dtype: torc
         out = into.reshape(-1)[: w0.numel() * out_dtype.itemsize].view(out_dtype).reshape(w0.shape)
     limit = torch.finfo(out_dtype).max
     rows = max(1, BLOCK_ELEMENTS // max(1, w0.shape[1]))
-    buffer = torch.empty((min(rows, w0.shape[0]), *w0.shape[1:]), dtype=compute_dtype)
-    for start in range(0, w0.shape[0], rows):
-        block = slice(start, start + rows)
-        x = buffer[: min(rows, w0.shape[0] - start)]
+
+    slot = workers.slot() if workers is not None else contextlib.nullcontext()
+
+    def merge_block(x: Tensor, block: slice) -> None:
         x.copy_(w0[block])
         x.addmm_(left[block], right, alpha=sign)
         lo, hi = torch.aminmax(x)
         if not (-limit <= float(lo) and float(hi) <= limit):  # false for NaN too
             cause = "the base weight" if not bool(torch.isfinite(w0[block]).all()) else "the merge"
             raise InputError(
-                f"merging module {layer.module}: NaN, Inf or a value beyond the {str(out_dtype).removeprefix('torch.')} "
-                f"range, produced by {cause}"
+                f"merging module {layer.module}: NaN, Inf or a value beyond the "
+                f"{str(out_dtype).removeprefix('torch.')} range, produced by {cause}"
             )
         out[block].copy_(x)
+
+    def run(starts: range) -> None:
+        buffer = torch.empty((min(rows, w0.shape[0]), *w0.shape[1:]), dtype=compute_dtype)
+        for start in starts:
+            with slot:
+                merge_block(buffer[: min(rows, w0.shape[0] - start)], slice(start, start + rows))
+
+    starts = range(0, w0.shape[0], rows)
+    if workers is None:
+        run(starts)
+    else:
+        workers.run([starts[part] for part in _runs(len(starts), workers.jobs)], run)
     return out
+
+
+def _runs(n: int, k: int) -> list[slice]:
+    """`n` items cut into at most `k` contiguous runs of near-equal length."""
+    k = max(1, min(k, n))
+    bounds = [n * i // k for i in range(k + 1)]
+    return [slice(bounds[i], bounds[i + 1]) for i in range(k)]
+
+
+class Workers:
+    """At most `jobs` threads computing at once: the row blocks of each merged weight, shared
+    out over `jobs` threads, and the check that follows the merge, which takes its turn in
+    the same `jobs` slots (`with workers.slot():`). Writing and hashing are I/O beside them.
+
+    torch's own intra-op threads would share out the blocks too, but they wait at OpenMP
+    barriers for threads the writer and the check have preempted (measured on 2 cores:
+    15.5 s instead of 10.2 s); Python threads running single-threaded torch ops (which
+    release the GIL) do not.
+    """
+
+    def __init__(self, jobs: int = 1):
+        self.jobs = max(1, jobs)
+        self._slots = threading.BoundedSemaphore(self.jobs)
+        self._pool = ThreadPoolExecutor(self.jobs, thread_name_prefix="pera-deploy-merge") if self.jobs > 1 else None
+
+    def slot(self) -> threading.BoundedSemaphore:
+        """A context manager holding one of the `jobs` compute slots."""
+        return self._slots
+
+    def run(self, parts: list[range], work: Callable[[range], None]) -> None:
+        """work(part) for every part, in parallel; every part finishes before the first error
+        (in part order) is raised, so no thread still writes into the result."""
+        if self._pool is None or len(parts) == 1:
+            for part in parts:
+                work(part)
+            return
+        futures = [self._pool.submit(work, part) for part in parts]
+        errors = [f.exception() for f in futures]
+        for error in errors:
+            if error is not None:
+                raise error
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> Workers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class Buffers:
@@ -87,7 +154,7 @@ class Buffers:
         return buffer
 
 
-def _produce(plan: MergePlan, t: TensorPlan, buffers: Buffers, out_role: str) -> Tensor:
+def _produce(plan: MergePlan, t: TensorPlan, buffers: Buffers, out_role: str, workers: Workers | None) -> Tensor:
     """The output value of one planned tensor (not a byte copy)."""
     out_dtype = DTYPES[t.dtype]
     if t.action == "merge":
@@ -98,20 +165,22 @@ def _produce(plan: MergePlan, t: TensorPlan, buffers: Buffers, out_role: str) ->
         else:
             w0 = plan.checkpoint.get(t.source)
         into = buffers.get(out_role, entry.numel * out_dtype.itemsize)
-        return merged_weight(w0, layer, layer.fan_in_fan_out, out_dtype, plan.compute_dtype, plan.sign, into)
+        return merged_weight(w0, layer, layer.fan_in_fan_out, out_dtype, plan.compute_dtype, sign=plan.sign, into=into,
+                             workers=workers)
     if t.action in ("copy", "convert"):
         return plan.checkpoint.get(t.source).to(out_dtype)
     return plan.adapter.extra_tensors[t.extra].to(out_dtype)  # replace / add
 
 
 def execute_plan(plan: MergePlan, folder: Path, metadata: dict[str, str], progress: bool | None = None,
-                 on_written: Callable[[TensorEntry], None] | None = None) -> None:
+                 on_written: Callable[[TensorEntry], None] | None = None, workers: Workers | None = None) -> None:
     """Write every shard of the plan into `folder`, one tensor at a time.
 
     Writing a tensor overlaps with computing the next one (a single writer thread; the
     kernel write releases the GIL), so at most two tensors are in memory. Each tensor, once
     its bytes are in the file, is handed to `on_written` (from the writer thread), so the
-    checks can follow the merge tensor by tensor.
+    checks can follow the merge tensor by tensor. `workers` share out the row blocks of each
+    merged weight (default: one thread); the bytes written are the same for any number.
     """
     notify = on_written or (lambda entry: None)
 
@@ -140,7 +209,7 @@ def execute_plan(plan: MergePlan, folder: Path, metadata: dict[str, str], progre
                         if t.action == "copy" and entry is not None and entry.begin >= 0:
                             job = (writer.copy_bytes, t.name, entry.file, entry.begin, entry.end)
                         else:
-                            job = (writer.write_tensor, t.name, _produce(plan, t, buffers, f"out{turn}"))
+                            job = (writer.write_tensor, t.name, _produce(plan, t, buffers, f"out{turn}", workers))
                             turn ^= 1
                         if pending is not None:
                             pending.result()
