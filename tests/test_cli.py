@@ -154,10 +154,10 @@ def test_failed_check_exits_1_and_writes_nothing(cli, fx, tmp_path, monkeypatch)
     """A merge whose result does not match (simulated: ΔW dropped) is caught and not published."""
     import pera_deploy.merging.execute as merge_module
 
-    def dropped(w0, layer, transpose, out_dtype, compute_dtype, **_):
-        return w0.to(out_dtype, copy=True)  # a copy: w0 is a buffer the merge reuses
+    def dropped(self, w0_rows, start, x, out):
+        out.copy_(w0_rows)
 
-    monkeypatch.setattr(merge_module, "merged_weight", dropped)
+    monkeypatch.setattr(merge_module.BlockMerge, "merge_block", dropped)
     result = cli("merge", fx["llama-pera"], fx["llama-base"], "-o", tmp_path / "m", "--json")
     assert result.exit_code == 1
     assert result.stderr.startswith("pera-deploy: check failed: merged weight model.layers.")

@@ -45,8 +45,7 @@ def dropped_delta(monkeypatch):
     """Simulate a merge that forgets ΔW: its own check must catch it."""
     import pera_deploy.merging.execute as execute
 
-    monkeypatch.setattr(execute, "merged_weight",
-                        lambda w0, layer, transpose, out, compute, **_: w0.to(out, copy=True))
+    monkeypatch.setattr(execute.BlockMerge, "merge_block", lambda self, w0_rows, start, x, out: out.copy_(w0_rows))
 
 
 def test_inspect_and_formats(cli, fx, tmp_path):
@@ -146,7 +145,7 @@ def test_internal_error_is_3_with_and_without_debug(cli, fx, tmp_path, monkeypat
     def broken(*args, **kwargs):
         raise RuntimeError("an invariant broke")
 
-    monkeypatch.setattr(execute, "merged_weight", broken)
+    monkeypatch.setattr(execute.BlockMerge, "merge_block", broken)
     code, data = run_json(cli, "merge", fx["llama-pera"], fx["llama-base"], "-o", tmp_path / "m")
     assert code == 3 and "RuntimeError: an invariant broke" in data["error"]["message"]
     result = cli("merge", fx["llama-pera"], fx["llama-base"], "-o", tmp_path / "m")
@@ -162,7 +161,7 @@ def test_interrupt_is_130_and_writes_nothing(cli, fx, tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(execute, "merged_weight", interrupted)
+    monkeypatch.setattr(execute.BlockMerge, "merge_block", interrupted)
     result = cli("merge", fx["llama-pera"], fx["llama-base"], "-o", tmp_path / "m")
     assert result.exit_code == 130 and "interrupted" in result.stderr
     no_output_beside(tmp_path / "m")

@@ -155,13 +155,14 @@ def test_merge_is_deterministic(fx, tmp_path):
             assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
 
+@pytest.mark.parametrize("block", [4 * 32, 16])  # blocks of 4 rows; of one row, longer than a block
 @pytest.mark.parametrize("pair", [("llama-pera", "llama-base"), ("gpt2-peft", "gpt2-base")])
-def test_output_is_byte_identical_whatever_the_jobs(cli, fx, tmp_path, monkeypatch, pair):
+def test_output_is_byte_identical_whatever_the_jobs(cli, fx, tmp_path, monkeypatch, pair, block):
     """--jobs shares out row blocks; with blocks of a few rows every weight is split between
     the threads, and the bytes written (shards, manifest) must not depend on their number."""
     import pera_deploy.merging.execute as execute
 
-    monkeypatch.setattr(execute, "BLOCK_ELEMENTS", 4 * 32)
+    monkeypatch.setattr(execute, "BLOCK_ELEMENTS", block)
     adapter, base = pair
     for jobs in ("1", "2", "3"):
         result = cli("merge", fx[adapter], fx[base], "-o", tmp_path / jobs, "--jobs", jobs, "--no-progress")

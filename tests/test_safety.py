@@ -172,11 +172,11 @@ def test_broken_model_folders_are_refused(cli, copies, breakage, needle):
 SLOW_CLI = """
 import sys, time
 import pera_deploy.merging.execute as execute
-real = execute.merged_weight
+real = execute.BlockMerge.merge_block
 def slow(*args, **kwargs):
     time.sleep(0.3)
     return real(*args, **kwargs)
-execute.merged_weight = slow
+execute.BlockMerge.merge_block = slow
 from pera_deploy.cli import main
 sys.argv = ["pera-deploy", *sys.argv[1:]]
 main()
@@ -435,7 +435,7 @@ def test_an_input_changed_during_the_merge_is_refused(cli, fx, tmp_path, monkeyp
     base = tmp_path / "base"
     shutil.copytree(fx["llama-base"], base)
     shard = sorted(base.glob("model-*.safetensors"))[-1]
-    real, calls = execute.merged_weight, []
+    real, calls = execute.BlockMerge.merge_block, []
 
     def changing(*args, **kwargs):
         if not calls:
@@ -451,7 +451,7 @@ def test_an_input_changed_during_the_merge_is_refused(cli, fx, tmp_path, monkeyp
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(execute, "merged_weight", changing)
+    monkeypatch.setattr(execute.BlockMerge, "merge_block", changing)
     out = tmp_path / "out"
     line = refused(cli("merge", fx["llama-pera"], base, "-o", out), shard.name)
     assert ("changed while" in line) if change == "rewritten" else ("changed while" in line or "ends inside" in line)

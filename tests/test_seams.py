@@ -114,7 +114,7 @@ def test_a_failure_mid_merge_leaves_no_temporary_folder(fx, tmp_path, monkeypatc
     """The writer aborts its shard and publish removes the folder, whatever fails inside."""
     import pera_deploy.merging.execute as execute
 
-    real, seen = execute.merged_weight, []
+    real, seen = execute.BlockMerge.merge_block, []
 
     def fail_on_third(*args, **kwargs):
         seen.append(1)
@@ -122,7 +122,7 @@ def test_a_failure_mid_merge_leaves_no_temporary_folder(fx, tmp_path, monkeypatc
             raise InputError("simulated: bad tensor")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(execute, "merged_weight", fail_on_third)
+    monkeypatch.setattr(execute.BlockMerge, "merge_block", fail_on_third)
     with pytest.raises(InputError, match="simulated"):
         pera_deploy.merge(fx["llama-pera"], fx["llama-base"], tmp_path / "m", progress=False)
     assert list(tmp_path.iterdir()) == []
@@ -333,3 +333,26 @@ def test_packages_import_only_the_layers_below_them():
             top = target.split(".")[0]
             assert top == home or top in LAYERS[home] or top in TOP or target == "", \
                 f"{module} imports {target}: {home}/ may only import {sorted(LAYERS[home] | TOP)}"
+
+
+def test_a_tensor_written_in_parts_must_be_whole(tmp_path):
+    """The streamed merge writes a weight block by block; the writer refuses a tensor cut
+    short, a part outside a tensor, and a file closed in the middle of one."""
+    from pera_deploy.io.safetensors_stream import ShardWriter
+
+    layout = [("a", "F32", (4, 2)), ("b", "F32", (2,))]
+    writer = ShardWriter(tmp_path / "s.safetensors", layout, {})
+    with pytest.raises(RuntimeError, match="outside a tensor"):
+        writer.write_parts([torch.zeros(2)])
+    writer.begin_tensor("a", 32)
+    writer.write_parts([torch.ones(2, 2), torch.ones(1, 2)])
+    with pytest.raises(RuntimeError, match="a was not written whole"):
+        writer.end_tensor()
+    writer.abort()
+    writer = ShardWriter(tmp_path / "t.safetensors", layout, {})
+    writer.begin_tensor("a", 32)
+    writer.write_parts([torch.ones(4, 2)])
+    with pytest.raises(RuntimeError, match="b written before a was finished"):
+        writer.write_tensor("b", torch.zeros(2))
+    with pytest.raises(RuntimeError, match="closed before a"):
+        writer.close()

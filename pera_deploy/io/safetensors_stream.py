@@ -212,6 +212,7 @@ class ShardWriter:
         self.path = path
         self.layout = layout
         self._next = 0
+        self._open: TensorEntry | None = None  # a tensor being written in parts
         header, self._offsets = _header_bytes(layout, metadata)
         self._data_start = len(header)
         # unbuffered: tensors are written whole, and byte copies go straight to the fd
@@ -223,6 +224,8 @@ class ShardWriter:
         want_name, code, shape = self.layout[self._next]
         begin = self._data_start + self._offsets[self._next]
         entry = TensorEntry(want_name, code, shape, self.path, begin, begin + byte_size(code, shape))
+        if self._open is not None:
+            raise RuntimeError(f"{self.path}: {name} written before {self._open.name} was finished")
         if name != want_name or nbytes != entry.nbytes:
             raise RuntimeError(f"{self.path}: wrote {name} ({nbytes} B) where {want_name} ({entry.nbytes} B) belongs")
         if self._fh.tell() != begin:
@@ -242,6 +245,24 @@ class ShardWriter:
             write_all(self._fh.fileno(), tensor.reshape(-1).view(torch.uint8).numpy().data)
         return entry
 
+    def begin_tensor(self, name: str, nbytes: int) -> None:
+        """Start a tensor written in parts (`write_parts`, then `end_tensor`)."""
+        self._open = self._expect(name, nbytes)
+
+    def write_parts(self, parts: list[torch.Tensor]) -> None:
+        """Append the bytes of the next parts (blocks of rows) of the tensor begun."""
+        if self._open is None:
+            raise RuntimeError(f"{self.path}: a part written outside a tensor")
+        for part in parts:
+            write_all(self._fh.fileno(), part.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+    def end_tensor(self) -> TensorEntry:
+        """Finish the tensor begun; it must be exactly as long as its header says."""
+        entry, self._open = self._open, None
+        if entry is None or self._fh.tell() != entry.end:
+            raise RuntimeError(f"{self.path}: {entry.name if entry else 'a tensor'} was not written whole")
+        return entry
+
     def copy_bytes(self, name: str, source: Path, begin: int, end: int) -> TensorEntry:
         """Append a tensor's raw bytes from another file, without decoding them."""
         entry = self._expect(name, end - begin)
@@ -257,8 +278,8 @@ class ShardWriter:
 
     def close(self, sync: bool = False) -> None:
         """Close the complete file; `sync` first waits until its bytes are on disk (fsync)."""
-        if self._next != len(self.layout):
-            missing = self.layout[self._next][0]
+        if self._next != len(self.layout) or self._open is not None:
+            missing = self._open.name if self._open is not None else self.layout[self._next][0]
             self._fh.close()
             raise RuntimeError(f"{self.path}: closed before {missing} was written")
         try:
