@@ -192,9 +192,12 @@ def main() -> None:
     # pipeline merging several adapters does) finds the digests in its cache.
     warm_cache = work / "digest-cache"
     shutil.rmtree(warm_cache, ignore_errors=True)
+    warm_env = {**env, "PERA_DEPLOY_CACHE_DIR": str(warm_cache)}
     routes: dict[str, tuple[list[str], dict[str, str]]] = {
         "pera-deploy cold": (merge, env),
-        "pera-deploy warm": (merge, {**env, "PERA_DEPLOY_CACHE_DIR": str(warm_cache)}),
+        "pera-deploy warm": (merge, warm_env),
+        # the same with one compute thread: what --jobs (default: the cores) buys
+        "pera-deploy warm -j1": (merge[:-1] + ["--jobs", "1", "-o"], warm_env),
         "cp -r": (["cp", "-r", str(base)], env),
     }
     if not args.skip_peft:
@@ -204,7 +207,7 @@ def main() -> None:
     shutil.rmtree(work / "out-prime")
     for rep in range(args.repeats):
         for name, (cmd, run_env) in routes.items():
-            out = work / f"out-{name.split()[0].replace('-', '')}"
+            out = work / f"out-{'-'.join(name.replace('-', '').split()[:1] + name.split()[2:])}"
             shutil.rmtree(out, ignore_errors=True)
             if name == "pera-deploy cold":
                 run_env = {**run_env, "PERA_DEPLOY_CACHE_DIR": str(work / f"digest-cache-cold-{rep}")}
@@ -220,7 +223,7 @@ def main() -> None:
     if "peft" in med:
         peft_t, peft_m = med["peft"]
         print()
-        for k in ("pera-deploy cold", "pera-deploy warm", "cp -r"):
+        for k in ("pera-deploy cold", "pera-deploy warm", "pera-deploy warm -j1", "cp -r"):
             print(f"{k:18} / peft: time {med[k][0] / peft_t:.2f}x, peak memory {med[k][1] / peft_m:.2f}x")
             summary[f"{k} / peft"] = {"time": med[k][0] / peft_t, "memory": med[k][1] / peft_m}
         names = ["model.layers.0.mlp.down_proj.weight", f"model.layers.{args.layers - 1}.self_attn.q_proj.weight"]
@@ -228,6 +231,12 @@ def main() -> None:
         theirs = rounding_quality(work / "out-peft", base, pera_dir, names)
         print(f"merged elements equal to round_bf16(W0 + ΔW computed in float64): pera-deploy {ours:.4%}, peft {theirs:.4%}")
         summary.update(pera_deploy_correctly_rounded=ours, peft_correctly_rounded=theirs)
+    jobs_t = med["pera-deploy warm -j1"][0] / med["pera-deploy warm"][0]
+    same = all((work / "out-peradeploy" / f.name).read_bytes() == f.read_bytes()
+               for f in (work / "out-peradeploy--j1").glob("*.safetensors"))
+    cores = len(os.sched_getaffinity(0))
+    print(f"--jobs 1 / --jobs {cores} (default): time {jobs_t:.2f}x; shards byte-identical: {same}")
+    summary.update(jobs_speedup=jobs_t, jobs_default=cores, jobs_outputs_identical=same)
     (work / f"merge_bench{suffix}.json").write_text(json.dumps(summary, indent=2))
 
 
