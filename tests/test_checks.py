@@ -129,3 +129,33 @@ def test_rows_are_read_from_the_file_only_where_the_sample_looks(tmp_path, monke
     assert sum(read) == 2 * sampled_rows * 64 * 2  # both tensors, sampled rows only, bf16
     with pytest.raises(TypeError):
         stream.TensorRows(entries["w0"])[::2]
+
+
+def test_rounding_noise_leaves_the_model_as_it_was_and_draws_uniform_levels(fx):
+    """The forward check's noise floor perturbs copies of blocks of each weight, never the
+    model's own tensors; its noise is uniform on 256 symmetric levels of (−1, 1)."""
+    import numpy as np
+
+    import pera_deploy
+    from pera_deploy.checks.reference_model import RoundingNoise, load_unmerged_model, uniform_noise
+
+    u = uniform_noise(np.random.default_rng(0), (1000, 1000))
+    levels = torch.unique(u)
+    assert levels.numel() == 256 and float(levels.min()) == -255 / 256 and float(levels.max()) == 255 / 256
+    assert abs(float(u.mean())) < 2e-3 and abs(float(u.var()) - 1 / 3) < 2e-3
+    assert torch.equal(u, uniform_noise(np.random.default_rng(0), (1000, 1000)))  # seeded
+
+    adapter = pera_deploy.load_adapter(fx["llama-pera"])
+    model, branch = load_unmerged_model(fx["llama-base"], adapter)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.arange(16).reshape(2, 8) + 3
+    units = {module: 2.0**-8 for module in adapter.layers} | {"model.norm.weight": 2.0**-8}
+    with torch.no_grad(), branch:
+        clean = model(input_ids=ids).logits
+        with RoundingNoise(model, adapter, units, seed=1):
+            noisy = model(input_ids=ids).logits
+        again = model(input_ids=ids).logits
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(clean, again)
+    rel = float((noisy - clean).abs().max() / clean.abs().max())
+    assert 1e-4 < rel < 0.1  # about what bfloat16 rounding of the weights does, not more

@@ -174,37 +174,59 @@ def _compare(run: str, step: str, name: str, got: np.ndarray, want: np.ndarray |
     return OutputCheck(run, step, name, max_abs, rel, tolerance, rel <= tolerance)
 
 
-def validate(onnx_path: Path, model: nn.Module, runs: list[tuple[str, Path | None, Callable[[], AbstractContextManager]]],
-             float16: bool, seed: int = 0) -> OnnxOutputsCheck:
+Reference = Callable[[], tuple[nn.Module, AbstractContextManager]]
+
+
+def validate(onnx_path: Path, model: nn.Module | Reference,
+             runs: list[tuple[str, Path | None, Callable[[], AbstractContextManager]]],
+             float16: bool, seed: int = 0, config: Any = None) -> OnnxOutputsCheck:
     """Run the graph once per (label, adapter file or None, reference hooks) and compare.
 
-    `model` is the PyTorch model in float32; each run's context manager puts the reference
-    in the right state (a live PERA branch, or nothing) for the duration of the run. Each
-    adapter file is loaded with `onnxruntime.LoraAdapter` and activated through
+    `model` is the PyTorch model in float32, or a function that loads it (returning it and
+    a context manager to hold while it runs, such as a live PERA branch); then every graph
+    output is taken first and the ONNX Runtime session released before the model is
+    loaded, so the two are never in memory together (`config`, the model's config, then
+    says what to feed). Each run's context manager puts the reference in the right state
+    (a live PERA branch, or nothing) for the duration of the run. Each adapter file is
+    loaded with `onnxruntime.LoraAdapter` and activated through
     `RunOptions.add_active_adapter`, as a serving process would.
     """
+    import gc
+
     import onnxruntime as ort
 
+    loaded = isinstance(model, nn.Module)
+    config = model.config if isinstance(model, nn.Module) else config
     sess = session(onnx_path)
     dtype = np.float16 if float16 else np.float32
     tolerance = FLOAT16_TOLERANCE if float16 else FLOAT32_TOLERANCE
     rng = np.random.default_rng(seed)
-    ids = rng.integers(3, model.config.vocab_size, size=(BATCH, SEQ + 1), dtype=np.int64)
+    ids = rng.integers(3, config.vocab_size, size=(BATCH, SEQ + 1), dtype=np.int64)
     decoder = any(i.name.startswith("past_key_values.") for i in sess.get_inputs())
-    checks = []
-    for label, adapter_file, reference in runs:
+    ids = ids if decoder else ids[:, :SEQ]
+    graph_outputs = []
+    for _, adapter_file, _ in runs:
         options = ort.RunOptions()
         adapter = None
         if adapter_file is not None:
             adapter = ort.LoraAdapter()  # must stay referenced while active: ORT silently runs the base otherwise
             adapter.Load(str(adapter_file))
             options.add_active_adapter(adapter)
-        got = _onnx_outputs(sess, ids if decoder else ids[:, :SEQ], model.config, dtype, options)
-        with reference():
-            want = _torch_outputs(model, ids if decoder else ids[:, :SEQ], decoder)
+        graph_outputs.append(_onnx_outputs(sess, ids, config, dtype, options))
         del adapter
-        for (step, name), value in got.items():
-            checks.append(_compare(label, step, name, value, want.get((step, name)), tolerance))
+    del sess
+    gc.collect()
+    reference_model, held = (model, nullcontext()) if isinstance(model, nn.Module) else model()
+    checks = []
+    with held:
+        for (label, _, reference), got in zip(runs, graph_outputs):
+            with reference():
+                want = _torch_outputs(reference_model, ids, decoder)
+            for (step, name), value in got.items():
+                checks.append(_compare(label, step, name, value, want.get((step, name)), tolerance))
+    if not loaded:
+        del reference_model
+        gc.collect()
     return OnnxOutputsCheck(checks)
 
 

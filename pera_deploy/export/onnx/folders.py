@@ -22,7 +22,7 @@ from ...checks.reference_model import PeraBranch, load_unmerged_model, targets_i
 from ...core.adapter import PeraAdapter
 from ...errors import InputError
 from ...io.digests import Digests
-from ...io.hf_model import load_model
+from ...io.hf_model import load_model, model_class
 from ...io.model_folder import ModelFolder
 from ...merging.matching import match_adapter
 from ...publish import Written, adapter_inputs, publish
@@ -60,12 +60,13 @@ def export_merged_folder(model: Path, output: Path, adapter: tuple[str, PeraAdap
         if dtype == "float16":
             to_float16(out / "model.onnx")
         set_metadata(out / "model.onnx", metadata)
-        if adapter is None:
-            reference, state = load_model(folder, torch.float32), nullcontext()
-        else:
-            reference, state = load_unmerged_model(model, adapter[1], torch.float32)
-        with state:
-            check = validate(out / "model.onnx", reference, [("merged", None, nullcontext)], dtype == "float16")
+        def reference() -> tuple[Any, Any]:  # loaded once the graph's outputs are in: never both in memory
+            if adapter is None:
+                return load_model(folder, torch.float32), nullcontext()
+            return load_unmerged_model(model, adapter[1], torch.float32)
+
+        check = validate(out / "model.onnx", reference, [("merged", None, nullcontext)], dtype == "float16",
+                         config=model_class(folder)[0])
         if folder != model:
             shutil.rmtree(folder)
         sections = {"graph": "merged", "task": task, "metadata": metadata,

@@ -7,6 +7,7 @@ validation turned off (it only warns; pera-deploy validates every graph itself).
 
 from __future__ import annotations
 
+import gc
 import warnings
 from pathlib import Path
 
@@ -30,8 +31,12 @@ def _export(model: nn.Module, out: Path, task: str, opset: int | None) -> None:
 
 
 def export_model(folder: Path, out: Path, task: str, opset: int | None) -> None:
-    """A model folder as it is (merged weights included), in float32."""
-    _export(load_model(folder, torch.float32), out, task, opset)
+    """A model folder as it is (merged weights included), in float32; the model is released
+    (cycles collected) before returning, so the validation that follows does not hold it."""
+    model = load_model(folder, torch.float32)
+    _export(model, out, task, opset)
+    del model
+    gc.collect()
     copy_side_files(folder, out, keep_existing=True)
 
 
