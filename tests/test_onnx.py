@@ -162,3 +162,22 @@ def test_branch_takes_adapters_of_different_modules(cli, fx, tmp_path):
     assert set(files["a"]["modules"]) != set(files["b"]["modules"])
     runs = {c["run"] for c in data["checks"]["onnx_outputs"]["outputs"]}
     assert runs == {"no adapter", "adapter a", "adapter b"} and data["passed"]
+
+
+def test_external_data_gets_the_graphs_permissions(tmp_path):
+    """torch's exporter writes model.onnx_data owner-only (0600); a graph over 2 GB must be
+    as readable as model.onnx, or a server running as another user cannot load it."""
+    import os
+    import stat
+
+    pytest.importorskip("onnx")
+    from pera_deploy.export.onnx.graph import data_readable_as_graph
+
+    graph, data = tmp_path / "model.onnx", tmp_path / "model.onnx_data"
+    graph.write_bytes(b"g")
+    data.write_bytes(b"d")
+    os.chmod(graph, 0o644)
+    os.chmod(data, 0o600)
+    data_readable_as_graph(graph)
+    assert stat.S_IMODE(data.stat().st_mode) == 0o644
+    data_readable_as_graph(tmp_path / "other.onnx")  # no data file: nothing to do

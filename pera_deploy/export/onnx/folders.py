@@ -30,7 +30,7 @@ from ...publish.manifest import adapter_record, model_record
 from ..merged import merge_folder
 from .adapters import branch_factors, write_adapter_file
 from .genai import write_genai_config
-from .graph import set_metadata, to_float16
+from .graph import data_readable_as_graph, set_metadata, to_float16
 from .trace import export_branch_graph, export_model
 
 
@@ -60,6 +60,8 @@ def export_merged_folder(model: Path, output: Path, adapter: tuple[str, PeraAdap
         if dtype == "float16":
             to_float16(out / "model.onnx")
         set_metadata(out / "model.onnx", metadata)
+        data_readable_as_graph(out / "model.onnx")
+
         def reference() -> tuple[Any, Any]:  # loaded once the graph's outputs are in: never both in memory
             if adapter is None:
                 return load_model(folder, torch.float32), nullcontext()
@@ -125,6 +127,7 @@ def write_branch_graph(out: Path, branch: BranchExport, task: str, opset: int | 
         "pera_deploy.adapters": json.dumps(sorted(branch.adapters)),
     }
     set_metadata(out / "model.onnx", metadata)
+    data_readable_as_graph(out / "model.onnx")
     runs = [("no adapter", None, no_hooks)] + [
         (f"adapter {name}", files[name], lambda adapter=adapter: PeraBranch(branch.model, adapter))
         for name, adapter in branch.adapters.items()

@@ -6,6 +6,8 @@ stay where they are, so graphs over 2 GB are edited without loading them.
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +64,17 @@ def set_metadata(path: Path, metadata: dict[str, str]) -> None:
     props.update(metadata)
     helper.set_model_props(model, props)  # replaces the whole list, hence the merge above
     onnx.save(model, str(path))
+
+
+def data_readable_as_graph(path: Path) -> None:
+    """Give the graph's external data file (`model.onnx_data`) the graph's own permissions.
+
+    torch's exporter writes it owner-only (0600, as Optimum's own export does), so a
+    serving process running as another user could open model.onnx but not its weights.
+    """
+    data = path.with_name(path.name + "_data")
+    if data.is_file() and not data.is_symlink():
+        os.chmod(data, stat.S_IMODE(path.stat().st_mode))
 
 
 def to_float16(path: Path) -> None:
