@@ -43,7 +43,8 @@ main_export(sys.argv[1], output=sys.argv[2], task="text-generation-with-past", d
 
 
 def routes(exe: str, base: Path, adapter: Path) -> dict[str, list[str]]:
-    export = [exe, "export-onnx", str(base)]
+    # --no-genai: the synthetic bases have no tokenizer, and Optimum writes no genai_config.json
+    export = [exe, "export-onnx", str(base), "--no-genai"]
     return {
         "optimum main_export": [sys.executable, "-c", OPTIMUM, str(base)],
         "pera-deploy base": export + ["-o"],
