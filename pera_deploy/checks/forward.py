@@ -118,36 +118,57 @@ def relative(y: Tensor, y_ref: Tensor) -> tuple[float, float]:
 
 
 def check_forward(merged_dir: str | Path, base_dir: str | Path, adapter: PeraAdapter, *, seed: int = 0,
-                  batch: int = 2, seq: int = 16) -> ForwardCheck:
+                  batch: int = 2, seq: int = 16, progress: bool | None = None) -> ForwardCheck:
     """Merged model vs base + live PERA branch, both run in float32 on the same seeded inputs.
 
     Running both in float32 (weights upcast exactly) makes the difference measure only what
     the merged file's storage rounding costs, not bf16 arithmetic noise in either model.
-    The tolerance is calibrated on the model itself (see FORWARD_NOISE_FACTOR).
+    The tolerance is calibrated on the model itself (see FORWARD_NOISE_FACTOR). `progress`
+    shows its steps (two loads, then the runs), which take minutes on a large model.
     """
+    from tqdm import tqdm
+
     from ..io.hf_model import load_model
     from .reference_model import RoundingNoise, load_unmerged_model
 
-    # One float32 model in memory at a time: the merged model's outputs are taken, and the
-    # model released, before the reference is loaded (two at once peaked at 9.3 GB on the
-    # 1.5 GB benchmark).
-    merged_model = load_model(merged_dir, torch.float32)
-    inputs = seeded_inputs(merged_model.config, batch, seq, seed)
-    arch = type(merged_model).__name__
-    with torch.no_grad():
-        name, y = main_output(merged_model(**inputs))
-    del merged_model
-    gc.collect()
-    reference, branch = load_unmerged_model(base_dir, adapter, torch.float32)
-    merged_ckpt, base_ckpt = ModelFolder(merged_dir), ModelFolder(base_dir)
-    dtype = storage_dtype(merged_ckpt)
-    with torch.no_grad(), branch:
-        _, y_ref = main_output(reference(**inputs))
-        units = storage_roundoff(merged_ckpt, base_ckpt, adapter)
-        noise = 0.0
-        for draw in range(FORWARD_NOISE_DRAWS):
-            with RoundingNoise(reference, adapter, units, seed * FORWARD_NOISE_DRAWS + draw):
-                noise = max(noise, relative(main_output(reference(**inputs))[1], y_ref)[1])
+    steps = ["load the merged model", "run it", "load the unmerged model", "run it",
+             *(f"run it under rounding noise ({i + 1}/{FORWARD_NOISE_DRAWS})" for i in range(FORWARD_NOISE_DRAWS))]
+    bar = tqdm(total=len(steps), desc="forward check", unit="step",
+               disable=None if progress is None else not progress)
+
+    def step(i: int) -> None:
+        bar.set_postfix_str(steps[i], refresh=False)
+        bar.update(0 if i == 0 else 1)
+
+    try:
+        # One float32 model in memory at a time: the merged model's outputs are taken, and the
+        # model released, before the reference is loaded (two at once peaked at 9.3 GB on the
+        # 1.5 GB benchmark).
+        step(0)
+        merged_model = load_model(merged_dir, torch.float32)
+        inputs = seeded_inputs(merged_model.config, batch, seq, seed)
+        arch = type(merged_model).__name__
+        step(1)
+        with torch.no_grad():
+            name, y = main_output(merged_model(**inputs))
+        del merged_model
+        gc.collect()
+        step(2)
+        reference, branch = load_unmerged_model(base_dir, adapter, torch.float32)
+        merged_ckpt, base_ckpt = ModelFolder(merged_dir), ModelFolder(base_dir)
+        dtype = storage_dtype(merged_ckpt)
+        step(3)
+        with torch.no_grad(), branch:
+            _, y_ref = main_output(reference(**inputs))
+            units = storage_roundoff(merged_ckpt, base_ckpt, adapter)
+            noise = 0.0
+            for draw in range(FORWARD_NOISE_DRAWS):
+                step(4 + draw)
+                with RoundingNoise(reference, adapter, units, seed * FORWARD_NOISE_DRAWS + draw):
+                    noise = max(noise, relative(main_output(reference(**inputs))[1], y_ref)[1])
+        bar.update(1)
+    finally:
+        bar.close()
     max_abs, max_rel = relative(y, y_ref)
     top1 = float((y.argmax(-1) == y_ref.argmax(-1)).float().mean()) if y.ndim >= 2 else 1.0
     tol = max(FORWARD_FLOOR, FORWARD_NOISE_FACTOR * noise)

@@ -32,7 +32,7 @@ def verify_merged(merged: Path, adapter: PeraAdapter, base: Path, *, forward: bo
         weights = check_weights(merged_folder, base_folder, adapter, matching, COMPUTE_DTYPES[precision], progress)
         checks.append(weights)
     if forward and not weights.wrong_shape:  # a tensor of the wrong shape: no model to run
-        checks.append(check_forward(merged, base, adapter, seed=seed))
+        checks.append(check_forward(merged, base, adapter, seed=seed, progress=progress))
     report = Report("verify", None, checks)
     if not report.passed:
         raise CheckFailed(report.failure() or "a check failed", report)

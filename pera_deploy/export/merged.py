@@ -46,7 +46,7 @@ def merge_folder(adapter: PeraAdapter, base: Path, output: Path, digests: Digest
             written = _write_plan(plan, folder, digests, full_check=full_check, progress=progress, base_role="base",
                                   jobs=jobs)
             if check_forward_pass and all(c.passed for c in written.checks):
-                written.checks.append(check_forward(folder, checkpoint.folder, adapter))
+                written.checks.append(check_forward(folder, checkpoint.folder, adapter, progress=progress))
             written.card = _card(plan, output.name, "merge")
             return written
 
