@@ -237,7 +237,8 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))
     print(f"--jobs 1 / --jobs {cores} (default): time {jobs_t:.2f}x; shards byte-identical: {same}")
     summary.update(jobs_speedup=jobs_t, jobs_default=cores, jobs_outputs_identical=same)
-    (work / f"merge_bench{suffix}.json").write_text(json.dumps(summary, indent=2))
+    # a run without PEFT does not overwrite the figures of one with it
+    (work / f"merge_bench{suffix}{'-no-peft' if args.skip_peft else ''}.json").write_text(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":
