@@ -64,7 +64,7 @@ class WeightCheck:
     extras_bad: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
-    wrong_shape: list[str] = field(default_factory=list)  # "name: (got) is not (expected)"
+    wrong_shape: list[str] = field(default_factory=list)  # "NAME has shape (got), not (expected)"
 
     @property
     def passed(self) -> bool:
