@@ -425,16 +425,19 @@ def test_hashing_never_follows_a_link_out_of_the_folder(tmp_path):
 # -- inputs that change while they are read ---------------------------------------------------------
 
 
+@pytest.mark.parametrize("pair", [("llama-pera", "llama-base"), ("bert-ref", "bert-base")])  # safetensors; a .bin
 @pytest.mark.parametrize("change", ["rewritten", "truncated"])
-def test_an_input_changed_during_the_merge_is_refused(cli, fx, tmp_path, monkeypatch, change):
+def test_an_input_changed_during_the_merge_is_refused(cli, fx, tmp_path, monkeypatch, change, pair):
     """A base shard rewritten in place (same size) or truncated while the merge runs: exit 2
     naming the shard, nothing published. Before, a rewrite gave exit 0 with the old sha256
-    in the manifest, and a truncation a bus error (the shard was memory-mapped)."""
+    in the manifest, and a truncation a bus error (the shard was memory-mapped; a legacy
+    pytorch_model.bin still was, until its tensors' places in the file were learnt)."""
     import pera_deploy.merging.execute as execute
 
+    adapter, base_name = pair
     base = tmp_path / "base"
-    shutil.copytree(fx["llama-base"], base)
-    shard = sorted(base.glob("model-*.safetensors"))[-1]
+    shutil.copytree(fx[base_name], base)
+    shard = sorted([*base.glob("model*.safetensors"), *base.glob("pytorch_model*.bin")])[-1]
     real, calls = execute.BlockMerge.merge_block, []
 
     def changing(*args, **kwargs):
@@ -453,7 +456,28 @@ def test_an_input_changed_during_the_merge_is_refused(cli, fx, tmp_path, monkeyp
 
     monkeypatch.setattr(execute.BlockMerge, "merge_block", changing)
     out = tmp_path / "out"
-    line = refused(cli("merge", fx["llama-pera"], base, "-o", out), shard.name)
+    line = refused(cli("merge", fx[adapter], base, "-o", out), shard.name)
     assert ("changed while" in line) if change == "rewritten" else ("changed while" in line or "ends inside" in line)
     assert calls and not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+
+
+def test_a_bin_base_is_read_with_pread_where_its_bytes_are_known(tmp_path):
+    """pytorch_model.bin tensors get their byte ranges from torch.load's map (checked by
+    reading their first bytes back); a view that is not contiguous is left to the map."""
+    from pera_deploy.io.model_folder import ModelFolder
+
+    base = tmp_path / "base"
+    base.mkdir()
+    g = torch.Generator().manual_seed(3)
+    square = torch.randn(6, 6, generator=g)
+    state = {"a.weight": torch.randn(4, 3, generator=g).to(torch.bfloat16), "b.weight": square,
+             "c.weight": square.T, "d.bias": torch.randn(5, generator=g)}
+    torch.save(state, base / "pytorch_model.bin")
+    (base / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    with ModelFolder(base) as folder:
+        entries = folder.entries
+        assert all(entries[n].begin >= 0 for n in ("a.weight", "b.weight", "d.bias"))
+        assert entries["c.weight"].begin == -1  # a transposed view of b: not its own bytes in order
+        for name, tensor in state.items():
+            assert torch.equal(folder.get(name), tensor), name

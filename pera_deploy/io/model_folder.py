@@ -8,10 +8,12 @@ and every shape validated before any weight is read.
 from __future__ import annotations
 
 import os
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import safe_open
 from torch import Tensor
 
@@ -218,16 +220,23 @@ class ModelFolder:
         """Entries (and tied storages) of a torch.save'd shard, read through a memory map.
 
         The map is let go again: every page a tensor touches would stay resident as long as
-        it lives, so `get` maps the file anew per tensor. A legacy (non-zip) pickle cannot be
-        mapped at all and is kept in memory.
+        it lives. Where each tensor's bytes lie in the file is learnt from the map
+        (`mapped_offsets`), so that, like a safetensors tensor, it is then read with `pread`
+        (a file truncated meanwhile is one line naming it, where a mapped page would be a
+        SIGBUS) or copied byte for byte; a tensor whose place is not known for certain is
+        mapped anew when it is read. A legacy (non-zip) pickle cannot be mapped at all and is
+        kept in memory.
         """
         obj = flat_tensors(load_pickle(path, mmap=True), path)
+        offsets = mapped_offsets(path, obj)
         entries = []
         storages: dict[tuple[int, int, tuple[int, ...]], list[str]] = {}
         for name, tensor in obj.items():
             if tensor.dtype not in DTYPE_CODES:
                 raise InputError(f"{path}: tensor {name} has dtype {tensor.dtype}, which pera-deploy does not handle")
-            entries.append(TensorEntry(name, DTYPE_CODES[tensor.dtype], tuple(tensor.shape), path, -1, -1))
+            begin = offsets.get(name, -1)
+            end = begin + tensor.numel() * tensor.element_size() if begin >= 0 else -1
+            entries.append(TensorEntry(name, DTYPE_CODES[tensor.dtype], tuple(tensor.shape), path, begin, end))
             key = (tensor.untyped_storage().data_ptr(), int(tensor.storage_offset()), tuple(tensor.shape))
             storages.setdefault(key, []).append(name)
         self._shared += [names for names in storages.values() if len(names) > 1]
@@ -291,6 +300,53 @@ class ModelFolder:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+
+
+def mapped_offsets(path: Path, tensors: dict[str, Tensor]) -> dict[str, int]:
+    """Where each tensor of a memory-mapped `torch.save` zip lies in the file: its address
+    minus the start of the file's mapping (`/proc/self/maps`), plus the mapping's offset.
+
+    Only for contiguous, non-empty tensors of a little-endian file (torch.save writes the
+    raw bytes, as safetensors stores them), and only when the first bytes read back with
+    `pread` are the tensor's own; anything else (not Linux, a copy instead of a map) is left
+    out, and read through the map as before.
+    """
+    if sys.byteorder != "little" or not zipfile.is_zipfile(path):
+        return {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            order = [n for n in archive.namelist() if n.endswith("/byteorder")]
+            if order and archive.read(order[0]).strip() != b"little":
+                return {}
+        real = os.path.realpath(path)
+        regions = []
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].rstrip("\n") == real:
+                    start, end = (int(x, 16) for x in fields[0].split("-"))
+                    regions.append((start, end, int(fields[2], 16)))
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return {}
+    offsets: dict[str, int] = {}
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if not nbytes or not tensor.is_contiguous():
+            continue
+        address = tensor.untyped_storage().data_ptr() + tensor.storage_offset() * tensor.element_size()
+        for start, end, offset in regions:
+            if start <= address and address + nbytes <= end:
+                offsets[name] = address - start + offset
+                break
+    size = path.stat().st_size
+    with open(path, "rb", buffering=0) as fh:
+        for name, offset in offsets.items():
+            tensor = tensors[name]
+            n = min(64, tensor.numel() * tensor.element_size())
+            head = tensor.reshape(-1).view(torch.uint8)[:n].numpy().tobytes()
+            if offset + tensor.numel() * tensor.element_size() > size or os.pread(fh.fileno(), n, offset) != head:
+                return {}
+    return offsets
 
 
 def read_tensor(path: Path, name: str) -> Tensor:
