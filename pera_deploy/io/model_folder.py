@@ -333,7 +333,7 @@ def mapped_offsets(path: Path, tensors: dict[str, Tensor]) -> dict[str, int]:
         nbytes = tensor.numel() * tensor.element_size()
         if not nbytes or not tensor.is_contiguous():
             continue
-        address = tensor.untyped_storage().data_ptr() + tensor.storage_offset() * tensor.element_size()
+        address = tensor.untyped_storage().data_ptr() + int(tensor.storage_offset()) * tensor.element_size()
         for start, end, offset in regions:
             if start <= address and address + nbytes <= end:
                 offsets[name] = address - start + offset
