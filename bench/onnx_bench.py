@@ -105,6 +105,20 @@ def bench_model(exe: str, name: str, base: Path, adapter: Path, work: Path, runs
     return {"export_seconds": seconds, "median_ms": ms, "ratios": ratios}
 
 
+def mid_size_model(work: Path) -> tuple[Path, Path]:
+    """The mid-size benchmark model (the 1.5 GB base's widths, 2 decoder layers, one bf16
+    shard) and its r = 8 PERA adapter, built in `work` once."""
+    from merge_bench import build_adapters, build_base
+
+    base, adapter = work / "llama-2L-base", work / "pera-r8-2L"
+    if not base.exists():
+        build_base(base, layers=2, shards=1)
+        shutil.rmtree(adapter, ignore_errors=True)
+    if not adapter.exists():
+        build_adapters(base, adapter, work / "lora-r44-2L")
+    return base, adapter
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=HERE / "out")
@@ -117,14 +131,7 @@ def main() -> None:
     from fixtures.build_fixtures import build_examples
 
     tiny = build_examples(work / "tiny")
-    from merge_bench import build_adapters, build_base
-
-    mid_base, mid_adapter = work / "llama-2L-base", work / "pera-r8-2L"
-    if not mid_base.exists():
-        build_base(mid_base, layers=2, shards=1)
-        shutil.rmtree(mid_adapter, ignore_errors=True)
-    if not mid_adapter.exists():
-        build_adapters(mid_base, mid_adapter, work / "lora-r44-2L")
+    mid_base, mid_adapter = mid_size_model(work)
     results = {
         "tiny": bench_model(exe, "tiny", tiny["llama-base"], tiny["llama-pera"], work, args.runs),
         "mid": bench_model(exe, "mid", mid_base, mid_adapter, work, max(20, args.runs // 10)),

@@ -83,14 +83,9 @@ def main() -> None:
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     exe = str(Path(sys.executable).with_name("pera-deploy"))
-    from merge_bench import build_adapters, build_base
+    from onnx_bench import mid_size_model
 
-    mid_base, mid_adapter = work / "llama-2L-base", work / "pera-r8-2L"
-    if not mid_base.exists():
-        build_base(mid_base, layers=2, shards=1)
-        shutil.rmtree(mid_adapter, ignore_errors=True)
-    if not mid_adapter.exists():
-        build_adapters(mid_base, mid_adapter, work / "lora-r44-2L")
+    mid_base, mid_adapter = mid_size_model(work)
     print(f"mid-size: {sum(p.stat().st_size for p in mid_base.glob('*.safetensors')) / 1e9:.2f} GB in bfloat16")
     results: dict[str, object] = {"mid": report(run_routes(routes(exe, mid_base, mid_adapter), work, args.repeats,
                                                            "onnx-mid"))}

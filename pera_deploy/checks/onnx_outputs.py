@@ -196,7 +196,7 @@ def validate(onnx_path: Path, model: nn.Module | Reference,
     import onnxruntime as ort
 
     loaded = isinstance(model, nn.Module)
-    config = model.config if isinstance(model, nn.Module) else config
+    config = model.config if loaded else config
     sess = session(onnx_path)
     dtype = np.float16 if float16 else np.float32
     tolerance = FLOAT16_TOLERANCE if float16 else FLOAT32_TOLERANCE
@@ -216,7 +216,7 @@ def validate(onnx_path: Path, model: nn.Module | Reference,
         del adapter
     del sess
     gc.collect()
-    reference_model, held = (model, nullcontext()) if isinstance(model, nn.Module) else model()
+    reference_model, held = (model, nullcontext()) if loaded else model()
     checks = []
     with held:
         for (label, _, reference), got in zip(runs, graph_outputs):
