@@ -246,7 +246,7 @@ def _forward_line(f: Any) -> str:
     return (
         f"{f.architecture} ({f.dtype}) {f.output}: max abs diff {f.max_abs_diff:.3g}, max rel diff "
         f"{f.max_rel_diff:.3g} (tolerance {f.tolerance:.3g}; {f.dtype} rounding noise alone: {f.noise_floor:.3g}), "
-        f"top-1 agreement {f.top1_agreement:.1%}"
+        f"top-1 agreement {f.top1_agreement:.1%}" + ("" if f.loading == "layer by layer" else f"; {f.loading}")
     )
 
 

@@ -159,3 +159,92 @@ def test_rounding_noise_leaves_the_model_as_it_was_and_draws_uniform_levels(fx):
     assert torch.equal(clean, again)
     rel = float((noisy - clean).abs().max() / clean.abs().max())
     assert 1e-4 < rel < 0.1  # about what bfloat16 rounding of the weights does, not more
+
+
+# -- the forward check runs its models layer by layer ----------------------------------------------
+
+
+@pytest.mark.parametrize("base, adapter", [("llama-base", "llama-pera"), ("gpt2-base", "gpt2-lm-head"),
+                                           ("bert-base", "bert-peft")])
+def test_streamed_model_gives_the_whole_models_outputs_one_unit_at_a_time(fx, base, adapter):
+    """Built without weights and fed a layer at a time, the model computes bit for bit what
+    from_pretrained's whole float32 model does, with the adapter's full tensors (a BERT head)
+    and the PERA branch live; and no two units' weights are ever in memory together."""
+    import pera_deploy
+    from pera_deploy.checks.forward import main_output, seeded_inputs
+    from pera_deploy.checks.reference_model import PeraBranch, load_unmerged_model
+    from pera_deploy.io.streamed_model import StreamedModel
+
+    pera = pera_deploy.load_adapter(fx[adapter])
+    whole, branch = load_unmerged_model(fx[base], pera)
+    inputs = seeded_inputs(whole.config, 2, 16, 0)
+    with torch.no_grad(), branch:
+        expected = main_output(whole(**inputs))[1]
+    with StreamedModel.build(fx[base], torch.float32, pera.extra_tensors) as streamed:
+        model = streamed.model
+        assert len(streamed.units) >= 5 and all(p.is_meta for p in model.parameters())
+        resident: list[int] = []
+
+        def count(module, args, output):
+            loaded = {id(p) for m in model.modules() for p in m._parameters.values() if p is not None and not p.is_meta}
+            resident.append(len(loaded))
+            assert loaded <= {id(m._parameters[n]) for u in streamed.units if u.root is module for m, n, _ in u.slots}
+
+        hooks = [u.root.register_forward_hook(count) for u in streamed.units]
+        with torch.no_grad(), PeraBranch(model, pera):
+            got = main_output(model(**inputs))[1]
+        for hook in hooks:
+            hook.remove()
+        streamed.release()
+        assert all(p.is_meta for p in model.parameters())
+    assert len(resident) == len(streamed.units) and max(resident) > 0
+    assert torch.equal(got, expected)
+
+
+def test_rounding_noise_is_the_same_streamed_or_whole(fx):
+    """Seeded by each tensor's name, the noise does not depend on whether the model is held
+    whole or streamed, nor on the order tensors are visited in."""
+    import pera_deploy
+    from pera_deploy.checks.forward import main_output, seeded_inputs
+    from pera_deploy.checks.reference_model import PeraBranch, RoundingNoise, load_unmerged_model
+    from pera_deploy.io.streamed_model import StreamedModel
+
+    pera = pera_deploy.load_adapter(fx["llama-pera"])
+    units = {module: 2.0**-8 for module in pera.layers} | {"model.norm.weight": 2.0**-8, "lm_head.weight": 2.0**-8}
+    whole, branch = load_unmerged_model(fx["llama-base"], pera)
+    inputs = seeded_inputs(whole.config, 2, 16, 0)
+    with torch.no_grad(), branch, RoundingNoise(whole, pera, units, seed=3):
+        expected = main_output(whole(**inputs))[1]
+    with StreamedModel.build(fx["llama-base"]) as streamed, torch.no_grad(), PeraBranch(streamed.model, pera):
+        with RoundingNoise(streamed.model, pera, units, seed=3, weights=streamed):
+            got = main_output(streamed.model(**inputs))[1]
+        clean = main_output(streamed.model(**inputs))[1]
+    assert torch.equal(got, expected) and not torch.equal(got, clean)
+
+
+def test_forward_check_loads_whole_what_cannot_stream(fx, tmp_path):
+    """A checkpoint with legacy LayerNorm names (gamma / beta, which transformers renames on
+    load) cannot be streamed under its own names: the check loads the models whole instead,
+    says so, and reaches the same verdict and numbers as on the modern checkpoint."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    import pera_deploy
+    from pera_deploy.checks.forward import check_forward
+    from pera_deploy.io.model_folder import ModelFolder
+
+    adapter = pera_deploy.load_adapter(fx["bert-ref"])
+    pera_deploy.merge(adapter, fx["bert-base"], tmp_path / "m", progress=False)
+    legacy = tmp_path / "legacy-base"
+    shutil.copytree(fx["bert-base"], legacy, ignore=shutil.ignore_patterns("*.bin", "*.safetensors", "*.index.json"))
+    with ModelFolder(fx["bert-base"]) as base:
+        tensors = {name.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"):
+                   base.get(name).clone() for name in base.names}
+    assert any(name.endswith(".gamma") for name in tensors)
+    save_file(tensors, str(legacy / "model.safetensors"))
+    streamed = check_forward(tmp_path / "m", fx["bert-base"], adapter)
+    fallback = check_forward(tmp_path / "m", legacy, adapter)
+    assert streamed.loading == "layer by layer" and streamed.passed
+    assert fallback.loading.startswith("whole model (") and "LayerNorm" in fallback.loading
+    assert fallback.passed and fallback.max_rel_diff == streamed.max_rel_diff

@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import gc
 import math
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..core.adapter import PeraAdapter
 from ..core.names import NameIndex
 from ..errors import InputError
 from ..io.model_folder import ModelFolder
 from ..io.safetensors_stream import DTYPE_CODES, DTYPES
+from ..io.streamed_model import NotStreamable, StreamedModel
 from .numerics import COARSENESS, UNIT_ROUNDOFF
 
 # Forward-check tolerance on max |Δ output| / max |output|. How much a storage rounding of the
@@ -50,6 +52,7 @@ class ForwardCheck:
     tolerance: float  # max(FORWARD_FLOOR, FORWARD_NOISE_FACTOR · noise_floor)
     seed: int
     passed: bool
+    loading: str = "layer by layer"  # or "whole model (why it could not stream)"
     kind = "forward"
 
     def to_dict(self) -> dict[str, Any]:
@@ -123,54 +126,95 @@ def check_forward(merged_dir: str | Path, base_dir: str | Path, adapter: PeraAda
 
     Running both in float32 (weights upcast exactly) makes the difference measure only what
     the merged file's storage rounding costs, not bf16 arithmetic noise in either model.
-    The tolerance is calibrated on the model itself (see FORWARD_NOISE_FACTOR). `progress`
-    shows its steps (two loads, then the runs), which take minutes on a large model.
+    The tolerance is calibrated on the model itself (see FORWARD_NOISE_FACTOR). The models
+    run unit by unit, weights read as each layer runs (io/streamed_model.py), so memory is
+    one layer's, not the model's; a model that cannot is loaded whole, one at a time, and
+    the report says why. `progress` shows the runs and the layers within them.
     """
     from tqdm import tqdm
 
-    from ..io.hf_model import load_model
-    from .reference_model import RoundingNoise, load_unmerged_model
-
-    steps = ["load the merged model", "run it", "load the unmerged model", "run it",
-             *(f"run it under rounding noise ({i + 1}/{FORWARD_NOISE_DRAWS})" for i in range(FORWARD_NOISE_DRAWS))]
-    bar = tqdm(total=len(steps), desc="forward check", unit="step",
+    merged_ckpt, base_ckpt = ModelFolder(merged_dir), ModelFolder(base_dir)
+    dtype = storage_dtype(merged_ckpt)
+    units = storage_roundoff(merged_ckpt, base_ckpt, adapter)
+    bar = tqdm(total=2 + FORWARD_NOISE_DRAWS, desc="forward check", unit="run",
                disable=None if progress is None else not progress)
-
-    def step(i: int) -> None:
-        bar.set_postfix_str(steps[i], refresh=False)
-        bar.update(0 if i == 0 else 1)
-
     try:
-        # One float32 model in memory at a time: the merged model's outputs are taken, and the
-        # model released, before the reference is loaded (two at once peaked at 9.3 GB on the
-        # 1.5 GB benchmark).
-        step(0)
-        merged_model = load_model(merged_dir, torch.float32)
-        inputs = seeded_inputs(merged_model.config, batch, seq, seed)
-        arch = type(merged_model).__name__
-        step(1)
-        with torch.no_grad():
-            name, y = main_output(merged_model(**inputs))
-        del merged_model
-        gc.collect()
-        step(2)
-        reference, branch = load_unmerged_model(base_dir, adapter, torch.float32)
-        merged_ckpt, base_ckpt = ModelFolder(merged_dir), ModelFolder(base_dir)
-        dtype = storage_dtype(merged_ckpt)
-        step(3)
-        with torch.no_grad(), branch:
-            _, y_ref = main_output(reference(**inputs))
-            units = storage_roundoff(merged_ckpt, base_ckpt, adapter)
-            noise = 0.0
-            for draw in range(FORWARD_NOISE_DRAWS):
-                step(4 + draw)
-                with RoundingNoise(reference, adapter, units, seed * FORWARD_NOISE_DRAWS + draw):
-                    noise = max(noise, relative(main_output(reference(**inputs))[1], y_ref)[1])
-        bar.update(1)
+        try:
+            outputs = _outputs(Path(merged_dir), Path(base_dir), adapter, units, seed, batch, seq, bar, streamed=True)
+            loading = "layer by layer"
+        except NotStreamable as exc:
+            bar.reset()
+            outputs = _outputs(Path(merged_dir), Path(base_dir), adapter, units, seed, batch, seq, bar, streamed=False)
+            loading = f"whole model ({exc})"
     finally:
         bar.close()
+    arch, name, y, y_ref, noise = outputs
     max_abs, max_rel = relative(y, y_ref)
     top1 = float((y.argmax(-1) == y_ref.argmax(-1)).float().mean()) if y.ndim >= 2 else 1.0
     tol = max(FORWARD_FLOOR, FORWARD_NOISE_FACTOR * noise)
     return ForwardCheck(arch, str(dtype).removeprefix("torch."), name, list(y.shape), max_abs, max_rel, top1,
-                        noise, tol, seed, max_rel <= tol)
+                        noise, tol, seed, max_rel <= tol, loading)
+
+
+Outputs = tuple[str, str, Tensor, Tensor, float]  # architecture, output name, merged, unmerged, noise floor
+
+
+def _outputs(merged_dir: Path, base_dir: Path, adapter: PeraAdapter, units: dict[str, float], seed: int, batch: int,
+             seq: int, bar: Any, *, streamed: bool) -> Outputs:
+    """The merged model's main output, the unmerged one's, and the largest relative change
+    rounding noise makes to the latter. One model is in memory at a time (the merged model
+    is let go before the reference is built); streamed, only one of its layers."""
+    from ..io.hf_model import load_model
+    from .reference_model import PeraBranch, RoundingNoise, apply_extra_tensors
+
+    def run(what: str, model: nn.Module, weights: StreamedModel | None, inputs: dict[str, Tensor] | None
+            ) -> tuple[str, Tensor]:
+        bar.set_postfix_str(what)
+        if weights is not None:
+            weights.on_load = lambda i: bar.set_postfix_str(f"{what}, layer {i + 1}/{len(weights.units)}")
+        try:
+            with torch.no_grad():
+                name, y = main_output(model(**(inputs or seeded_inputs(model.config, batch, seq, seed))))
+        except (RuntimeError, NotImplementedError) as exc:
+            if weights is None or "meta" not in str(exc):
+                raise
+            raise NotStreamable(f"{type(model).__name__} uses weights outside the layer that owns them") from None
+        finally:
+            if weights is not None:
+                weights.release()
+        if y.is_meta:
+            raise NotStreamable(f"{type(model).__name__} uses weights outside the layer that owns them")
+        bar.update(1)
+        return name, y
+
+    def opened(folder: Path, extra: bool) -> tuple[nn.Module, StreamedModel | None]:
+        if streamed:
+            weights = StreamedModel.build(folder, torch.float32, adapter.extra_tensors if extra else None)
+            return weights.model, weights
+        model = load_model(folder, torch.float32)
+        if extra:
+            apply_extra_tensors(model, adapter)
+        return model, None
+
+    with ExitStack() as stack:
+        model, weights = opened(merged_dir, extra=False)
+        if weights is not None:
+            stack.callback(weights.close)
+        inputs = seeded_inputs(model.config, batch, seq, seed)
+        arch = type(model).__name__
+        name, y = run("the merged model", model, weights, inputs)
+    del model, weights
+    gc.collect()
+    with ExitStack() as stack:
+        reference, weights = opened(base_dir, extra=True)
+        if weights is not None:
+            stack.callback(weights.close)
+        stack.enter_context(PeraBranch(reference, adapter, compute_dtype=torch.float32))
+        _, y_ref = run("the unmerged model", reference, weights, inputs)
+        noise = 0.0
+        for draw in range(FORWARD_NOISE_DRAWS):
+            with RoundingNoise(reference, adapter, units, seed * FORWARD_NOISE_DRAWS + draw, weights=weights):
+                noisy = run(f"the unmerged model under rounding noise ({draw + 1}/{FORWARD_NOISE_DRAWS})",
+                            reference, weights, inputs)[1]
+            noise = max(noise, relative(noisy, y_ref)[1])
+    return arch, name, y, y_ref, noise

@@ -8,6 +8,7 @@ input and output). Also its rounding-noise twin, which calibrates the forward ch
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from ..core.adapter import PeraAdapter
 from ..core.names import NameIndex
 from ..errors import InputError
 from ..io.hf_model import load_model
+from ..io.streamed_model import StreamedModel, extra_tensor_targets
 
 
 def targets_in_model(model: nn.Module, adapter: PeraAdapter) -> dict[str, str]:
@@ -77,10 +79,13 @@ class RoundingNoise(_Hooks):
     adapted module's effective weight W0 + ΔW, and of every other listed tensor, gets an
     independent relative error drawn uniformly from ±u (one rounding to nearest errs by at
     most u). What this does to the outputs is how far a correctly merged model stored that
-    way may legitimately be from the unmerged one. Other tensors are restored on exit.
+    way may legitimately be from the unmerged one. A model held whole has its other tensors
+    perturbed in place and restored on exit; a streamed one (`weights`) perturbs them as
+    they load. Each tensor's noise is seeded by its name, so both give the same draws.
     """
 
-    def __init__(self, model: nn.Module, adapter: PeraAdapter, unit_roundoff: dict[str, float], seed: int = 0):
+    def __init__(self, model: nn.Module, adapter: PeraAdapter, unit_roundoff: dict[str, float], seed: int = 0,
+                 weights: StreamedModel | None = None):
         handles = []
         targets = _targets(model, adapter)
         for i, (path, module) in enumerate(targets.items()):
@@ -88,22 +93,43 @@ class RoundingNoise(_Hooks):
                 handles.append(module.register_forward_hook(
                     _noise_hook(adapter.layers[path], module, unit_roundoff[path], seed * 100_003 + i)))
         super().__init__(handles)
+        self.seed = seed
         target_weights = {id(m.weight) for m in targets.values() if hasattr(m, "weight")}
+        tied: dict[int, list[str]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            tied.setdefault(id(p), []).append(name)
         params = dict(model.named_parameters(remove_duplicate=True))
         index = NameIndex(params)
-        self._saved: list[tuple[Tensor, Tensor]] = []
-        rng = np.random.default_rng(seed * 100_003 + 99_991)
+        self._noisy: dict[str, tuple[float, str]] = {}  # every name of a perturbed parameter → (u, its first name)
         for name, u in sorted(unit_roundoff.items()):
             hits = index.resolve(name) if name not in adapter.layers else []
             if len(hits) != 1 or id(params[hits[0]]) in target_weights or not u:
                 continue
-            p = params[hits[0]]
-            self._saved.append((p, p.detach().clone()))
-            with torch.no_grad():
-                p.mul_(uniform_noise(rng, tuple(p.shape)).mul_(u).add_(1).to(p.dtype))
+            self._noisy.update(dict.fromkeys(tied[id(params[hits[0]])], (u, hits[0])))
+        self._weights = weights
+        self._saved: list[tuple[Tensor, Tensor]] = []
+        if weights is not None:
+            weights.set_transform(self.perturbed)
+            return
+        for name, p in params.items():
+            if name in self._noisy:
+                self._saved.append((p, p.detach().clone()))
+                with torch.no_grad():
+                    p.copy_(self.perturbed(name, p.detach()))
+
+    def perturbed(self, name: str, tensor: Tensor) -> Tensor:
+        """The parameter `name` under its rounding noise (itself when it has none)."""
+        if name not in self._noisy:
+            return tensor
+        u, first = self._noisy[name]
+        rng = np.random.default_rng([self.seed, 99_991, zlib.crc32(first.encode())])
+        return tensor * uniform_noise(rng, tuple(tensor.shape)).mul_(u).add_(1).to(tensor.dtype)
 
     def remove(self) -> None:
         super().remove()
+        if self._weights is not None:
+            self._weights.set_transform(None)
+            self._weights = None
         with torch.no_grad():
             for p, original in self._saved:
                 p.copy_(original)
@@ -166,13 +192,8 @@ def apply_extra_tensors(model: nn.Module, adapter: PeraAdapter) -> list[str]:
     must carry them too. Returns the model names that were set.
     """
     state = model.state_dict()
-    index = NameIndex(state)
-    updates = {}
-    for name, tensor in adapter.extra_tensors.items():
-        hits = index.resolve(name)
-        if len(hits) != 1:
-            raise InputError(f"adapter tensor {name} matches {len(hits)} tensors in the {type(model).__name__} model")
-        updates[hits[0]] = tensor.to(state[hits[0]].dtype)
+    updates = {name: tensor.to(state[name].dtype)
+               for name, tensor in extra_tensor_targets(model, adapter.extra_tensors).items()}
     model.load_state_dict(updates, strict=False)
     return sorted(updates)
 

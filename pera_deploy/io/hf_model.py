@@ -18,7 +18,7 @@ from ..scoped import quiet_transformers
 
 
 @contextmanager
-def _built_from(folder: Path, cls: Any) -> Iterator[None]:
+def built_from(folder: Path, cls: Any) -> Iterator[None]:
     """transformers building a model from a folder's config and files: whatever it raises
     about them (a null where a size belongs, a missing weight) is about the user's folder."""
     try:
@@ -49,7 +49,7 @@ def load_model(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Mod
     """A transformers model from a local folder, by the class its config names, in eval mode."""
     folder = Path(folder)
     _, cls = model_class(folder)
-    with quiet_transformers(), _built_from(folder, cls):
+    with quiet_transformers(), built_from(folder, cls):
         model = cls.from_pretrained(folder, dtype=dtype, local_files_only=True)
     model.eval()
     return model
@@ -64,6 +64,6 @@ def model_names(folder: str | Path) -> tuple[list[str], list[str]]:
     `transformer.h.0...`).
     """
     config, cls = model_class(Path(folder))
-    with torch.device("meta"), _built_from(Path(folder), cls):
+    with torch.device("meta"), built_from(Path(folder), cls):
         model = cls._from_config(config) if hasattr(cls, "_from_config") else cls.from_config(config)
     return [n for n, _ in model.named_modules() if n], [n for n, _ in model.named_parameters()]

@@ -1,0 +1,235 @@
+"""A transformers model whose weights stay on disk until the layer that needs them runs.
+
+The forward check runs a model five times (merged, unmerged, three rounding-noise draws).
+Loaded whole in float32, a bf16 checkpoint takes twice its size in memory (3.9 GB for the
+1.5 GB benchmark, 28 GB for a 7B model), and it grows with every layer. Here the model is
+built with its parameters on the meta device (its buffers, such as rotary frequencies, are
+real and computed as from_pretrained computes them), and it is cut into *units*: each
+element of a ModuleList (a decoder layer, whole) and each other module that owns
+parameters (embeddings, final norm, head). A unit reads its parameters from the checkpoint,
+in the model's dtype, just before its forward, and lets them go when the next unit loads.
+Peak memory is the largest unit plus activations, whatever the depth.
+
+Streaming needs every parameter to be found in the checkpoint under its own name (up to a
+leading prefix, as the merge matches names) with its own shape, and every parameter to be
+used only by its own unit's forward. `StreamedModel.build` says why not when the first
+fails (the caller then loads the model whole); a unit that used a parameter it had not
+loaded fails loudly (meta tensors cannot meet real ones), and the caller can fall back then too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..core.names import NameIndex
+from ..errors import InputError
+from ..scoped import quiet_transformers
+from .hf_model import built_from, model_class
+from .model_folder import ModelFolder
+
+Transform = Callable[[str, Tensor], Tensor]  # (parameter name, tensor as loaded) → tensor to use
+
+
+class NotStreamable(Exception):
+    """This model cannot run unit by unit; the message says why (for the report)."""
+
+
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Every parameter registered meanwhile goes to the meta device; buffers stay real.
+
+    (accelerate's init_empty_weights(include_buffers=False), which is not a dependency.)
+    Parameters are first created empty on the CPU by their module and moved at once, before
+    any initialisation writes to them, so no memory is touched. Only this thread builds
+    modules while it is in force: the forward check runs after the merge's workers stopped.
+    """
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and not param.is_meta:  # (tying a parameter re-registers it: keep it the same)
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+Slot = tuple[nn.Module, str, str]  # (module, its parameter's local name, the parameter's full name)
+
+
+@dataclass
+class Unit:
+    """The parameters that load together, and the module whose forward loads them."""
+
+    root: nn.Module
+    slots: list[Slot]
+
+
+class StreamedModel:
+    """`model` runs as usual; its units load their weights as they run. Use as a context
+    manager, or call `release()` after each run: the last unit stays loaded until then."""
+
+    def __init__(self, model: nn.Module, checkpoint: ModelFolder, sources: dict[str, str],
+                 overrides: dict[str, Tensor], units: list[Unit], dtype: torch.dtype) -> None:
+        self.model = model
+        self.checkpoint = checkpoint
+        self.sources = sources  # parameter full name → checkpoint tensor name
+        self.overrides = overrides  # parameter full name → tensor to use instead of the checkpoint's
+        self.units = units
+        self.dtype = dtype
+        self._transform: Transform | None = None
+        self.on_load: Callable[[int], None] | None = None  # told each unit's index as it loads (progress)
+        self._loaded: int | None = None
+        self._meta = {(id(m), local): m._parameters[local] for unit in units for m, local, _ in unit.slots}
+        self._hooks = [unit.root.register_forward_pre_hook(self._pre_hook(i)) for i, unit in enumerate(units)]
+
+    @classmethod
+    def build(cls, folder: str | Path, dtype: torch.dtype = torch.float32,
+              overrides: Mapping[str, Tensor] | None = None) -> StreamedModel:
+        """The model a local folder holds, built without its weights. `overrides` maps tensor
+        names (as the adapter names them, matched like the merge's names) to tensors used
+        instead of the checkpoint's. Raises NotStreamable saying why it cannot stream."""
+        folder = Path(folder)
+        config, klass = model_class(folder)
+        with quiet_transformers(), built_from(folder, klass), _parameters_on_meta():
+            model = klass._from_config(config, dtype=dtype) if hasattr(klass, "_from_config") \
+                else klass.from_config(config)
+            model.tie_weights()
+        model.eval()
+        checkpoint = ModelFolder(folder)
+        shapes = {name: tuple(entry.shape) for name, entry in checkpoint.entries.items()}
+        index = NameIndex(shapes)
+        groups: dict[int, list[str]] = {}
+        params: dict[int, nn.Parameter] = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            groups.setdefault(id(param), []).append(name)
+            params[id(param)] = param
+        wanted = extra_tensor_targets(model, overrides or {})
+        sources: dict[str, str] = {}
+        replaced: dict[str, Tensor] = {}
+        for key, names in groups.items():
+            shape = tuple(params[key].shape)
+            given = next((wanted[n] for n in names if n in wanted), None)
+            if given is not None:
+                if tuple(given.shape) != shape:
+                    raise NotStreamable(f"adapter tensor for {names[0]} has shape {tuple(given.shape)}, not {shape}")
+                replaced.update(dict.fromkeys(names, given))
+                continue
+            found = [hit for n in names if (hit := index.resolve_one(n)) is not None and shapes[hit] == shape]
+            if not found:
+                raise NotStreamable(f"{names[0]} is not in {folder} under that name with shape {shape}")
+            sources.update(dict.fromkeys(names, found[0]))
+        for name, buffer in _persistent_buffers(model):
+            source = wanted.get(name)
+            if source is None and (hit := index.resolve_one(name)) is not None:
+                if shapes[hit] != tuple(buffer.shape):
+                    raise NotStreamable(f"buffer {name} has shape {shapes[hit]} in {folder}, not {tuple(buffer.shape)}")
+                source = checkpoint.get(hit)
+            if source is not None:
+                with torch.no_grad():
+                    buffer.copy_(source.to(buffer.dtype))
+        return cls(model, checkpoint, sources, replaced, _units(model), dtype)
+
+    def set_transform(self, transform: Transform | None) -> None:
+        """Apply `transform` to each parameter as it loads from now on (the rounding noise);
+        nothing loaded before stays."""
+        self.release()
+        self._transform = transform
+
+    def _pre_hook(self, i: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any) -> None:
+            self.load(i)
+        return hook
+
+    def load(self, i: int) -> None:
+        """Unit i's parameters, read now; the previously loaded unit's are let go first."""
+        if self._loaded == i:
+            return
+        self.release()
+        for module, local, name in self.units[i].slots:
+            tensor = self.overrides.get(name)
+            tensor = self.checkpoint.get(self.sources[name]) if tensor is None else tensor
+            tensor = tensor.to(self.dtype)
+            if self._transform is not None:
+                tensor = self._transform(name, tensor)
+            module._parameters[local] = nn.Parameter(tensor, requires_grad=False)
+        self._loaded = i
+        if self.on_load is not None:
+            self.on_load(i)
+
+    def release(self) -> None:
+        """Back to meta: nothing of the weights is held after this."""
+        if self._loaded is not None:
+            for module, local, _ in self.units[self._loaded].slots:
+                module._parameters[local] = self._meta[(id(module), local)]
+            self._loaded = None
+
+    def close(self) -> None:
+        self.release()
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        self.checkpoint.close()
+
+    def __enter__(self) -> StreamedModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def extra_tensor_targets(model: nn.Module, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The adapter's full tensors (modules_to_save, biases) by the model's names for them:
+    each must match exactly one parameter or persistent buffer, as merging matches names."""
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)] + [n for n, _ in _persistent_buffers(model)]
+    index = NameIndex(names)
+    matched = {}
+    for name, tensor in tensors.items():
+        hits = index.resolve(name)
+        if len(hits) != 1:
+            raise InputError(f"adapter tensor {name} matches {len(hits)} tensors in the {type(model).__name__} model")
+        matched[hits[0]] = tensor
+    return matched
+
+
+def _persistent_buffers(model: nn.Module) -> list[tuple[str, Tensor]]:
+    found = []
+    for prefix, module in model.named_modules():
+        for local, buffer in module._buffers.items():
+            if buffer is not None and local not in module._non_persistent_buffers_set:
+                found.append((f"{prefix}.{local}" if prefix else local, buffer))
+    return found
+
+
+def _units(model: nn.Module) -> list[Unit]:
+    """Each ModuleList element whole, and each other module owning parameters by itself."""
+    units: list[Unit] = []
+
+    def add(module: nn.Module, prefix: str, recurse: bool) -> None:
+        slots = [(sub, local, f"{name}.{local}" if name else local)
+                 for name, sub in (module.named_modules(prefix=prefix) if recurse else [(prefix, module)])
+                 for local, p in sub._parameters.items() if p is not None]
+        if slots:
+            units.append(Unit(module, slots))
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        if isinstance(module, nn.ModuleList):
+            for i, child in enumerate(module):
+                add(child, f"{prefix}.{i}" if prefix else str(i), recurse=True)
+            return
+        add(module, prefix, recurse=False)
+        for name, child in module.named_children():
+            walk(child, f"{prefix}.{name}" if prefix else name)
+
+    walk(model, "")
+    return units
