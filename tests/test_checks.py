@@ -166,14 +166,18 @@ def test_rounding_noise_leaves_the_model_as_it_was_and_draws_uniform_levels(fx):
 
 @pytest.mark.parametrize("base, adapter", [("llama-base", "llama-pera"), ("gpt2-base", "gpt2-lm-head"),
                                            ("bert-base", "bert-peft")])
-def test_streamed_model_gives_the_whole_models_outputs_one_unit_at_a_time(fx, base, adapter):
+def test_streamed_model_gives_the_whole_models_outputs_one_unit_at_a_time(fx, base, adapter, monkeypatch):
     """Built without weights and fed a layer at a time, the model computes bit for bit what
     from_pretrained's whole float32 model does, with the adapter's full tensors (a BERT head)
-    and the PERA branch live; and no two units' weights are ever in memory together."""
+    and the PERA branch live; and no two units' weights are ever in memory together. (Weights
+    are widened a few rows at a time here, so that every tensor takes several reads.)"""
     import pera_deploy
     from pera_deploy.checks.forward import main_output, seeded_inputs
     from pera_deploy.checks.reference_model import PeraBranch, load_unmerged_model
+    from pera_deploy.io import streamed_model
     from pera_deploy.io.streamed_model import StreamedModel
+
+    monkeypatch.setattr(streamed_model, "READ_ELEMENTS", 100)
 
     pera = pera_deploy.load_adapter(fx[adapter])
     whole, branch = load_unmerged_model(fx[base], pera)

@@ -34,6 +34,7 @@ from ..scoped import quiet_transformers
 from .hf_model import built_from, model_class
 from .model_folder import ModelFolder
 
+READ_ELEMENTS = 1 << 22  # a parameter is read and widened this many elements at a time
 Transform = Callable[[str, Tensor], Tensor]  # (parameter name, tensor as loaded) → tensor to use
 
 
@@ -158,14 +159,26 @@ class StreamedModel:
         self.release()
         for module, local, name in self.units[i].slots:
             tensor = self.overrides.get(name)
-            tensor = self.checkpoint.get(self.sources[name]) if tensor is None else tensor
-            tensor = tensor.to(self.dtype)
+            tensor = self._read(self.sources[name]) if tensor is None else tensor.to(self.dtype)
             if self._transform is not None:
                 tensor = self._transform(name, tensor)
             module._parameters[local] = nn.Parameter(tensor, requires_grad=False)
         self._loaded = i
         if self.on_load is not None:
             self.on_load(i)
+
+    def _read(self, name: str) -> Tensor:
+        """A checkpoint tensor in the model's dtype, widened a block of rows at a time: the
+        stored copy is never whole beside the wide one (an embedding is often the largest
+        tensor of a model, and its unit is the peak)."""
+        rows = self.checkpoint.rows(name)
+        if isinstance(rows, Tensor):
+            return rows.to(self.dtype)
+        wide = torch.empty(tuple(rows.shape), dtype=self.dtype)
+        step = max(1, READ_ELEMENTS // max(1, rows.shape[1]))
+        for start in range(0, rows.shape[0], step):
+            wide[start:start + step] = rows[start:start + step]
+        return wide
 
     def release(self) -> None:
         """Back to meta: nothing of the weights is held after this."""
