@@ -209,11 +209,12 @@ def _outputs(merged_dir: Path, base_dir: Path, adapter: PeraAdapter, units: dict
         reference, weights = opened(base_dir, extra=True)
         if weights is not None:
             stack.callback(weights.close)
-        stack.enter_context(PeraBranch(reference, adapter, compute_dtype=torch.float32))
+        branch = stack.enter_context(PeraBranch(reference, adapter, compute_dtype=torch.float32))
         _, y_ref = run("the unmerged model", reference, weights, inputs)
         noise = 0.0
         for draw in range(FORWARD_NOISE_DRAWS):
-            with RoundingNoise(reference, adapter, units, seed * FORWARD_NOISE_DRAWS + draw, weights=weights):
+            with RoundingNoise(reference, adapter, units, seed * FORWARD_NOISE_DRAWS + draw, weights=weights,
+                               factors=branch.factors):
                 noisy = run(f"the unmerged model under rounding noise ({draw + 1}/{FORWARD_NOISE_DRAWS})",
                             reference, weights, inputs)[1]
             noise = max(noise, relative(noisy, y_ref)[1])

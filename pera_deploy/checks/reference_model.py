@@ -8,6 +8,7 @@ input and output). Also its rounding-noise twin, which calibrates the forward ch
 
 from __future__ import annotations
 
+import math
 import zlib
 from pathlib import Path
 from typing import Any
@@ -61,13 +62,17 @@ class _Hooks:
 
 
 class PeraBranch(_Hooks):
-    """Adds s·B̂(Â·x) to each targeted module's output: the unmerged PERA model."""
+    """Adds s·B̂(Â·x) to each targeted module's output: the unmerged PERA model.
+
+    `factors` keeps each module's expanded factors (s·B̂, Â), computed once, for the
+    rounding-noise hooks to use too."""
 
     def __init__(self, model: nn.Module, adapter: PeraAdapter, compute_dtype: torch.dtype = torch.float32):
         handles = []
+        self.factors: dict[str, tuple[Tensor, Tensor]] = {}
         for path, module in _targets(model, adapter).items():
-            b_hat, a_hat = adapter.layers[path].expanded_factors(compute_dtype)
-            handles.append(module.register_forward_hook(_branch_hook(a_hat.T.contiguous(), b_hat.T.contiguous())))
+            b_hat, a_hat = self.factors[path] = adapter.layers[path].expanded_factors(compute_dtype)
+            handles.append(module.register_forward_hook(_branch_hook(a_hat.T, b_hat.T)))
         super().__init__(handles)
 
 
@@ -82,16 +87,17 @@ class RoundingNoise(_Hooks):
     way may legitimately be from the unmerged one. A model held whole has its other tensors
     perturbed in place and restored on exit; a streamed one (`weights`) perturbs them as
     they load. Each tensor's noise is seeded by its name, so both give the same draws.
+    `factors` are the expanded factors a PeraBranch already holds (else computed per run).
     """
 
     def __init__(self, model: nn.Module, adapter: PeraAdapter, unit_roundoff: dict[str, float], seed: int = 0,
-                 weights: StreamedModel | None = None):
+                 weights: StreamedModel | None = None, factors: dict[str, tuple[Tensor, Tensor]] | None = None):
         handles = []
         targets = _targets(model, adapter)
         for i, (path, module) in enumerate(targets.items()):
             if unit_roundoff.get(path):
-                handles.append(module.register_forward_hook(
-                    _noise_hook(adapter.layers[path], module, unit_roundoff[path], seed * 100_003 + i)))
+                handles.append(module.register_forward_hook(_noise_hook(
+                    adapter.layers[path], module, unit_roundoff[path], seed * 100_003 + i, (factors or {}).get(path))))
         super().__init__(handles)
         self.seed = seed
         target_weights = {id(m.weight) for m in targets.values() if hasattr(m, "weight")}
@@ -123,7 +129,7 @@ class RoundingNoise(_Hooks):
             return tensor
         u, first = self._noisy[name]
         rng = np.random.default_rng([self.seed, 99_991, zlib.crc32(first.encode())])
-        return tensor * uniform_noise(rng, tuple(tensor.shape)).mul_(u).add_(1).to(tensor.dtype)
+        return tensor * uniform_noise(rng, tuple(tensor.shape), u).add_(1).to(tensor.dtype)
 
     def remove(self) -> None:
         super().remove()
@@ -148,24 +154,24 @@ def _branch_hook(a_hat_t: Tensor, b_hat_t: Tensor):
 NOISE_BLOCK_ELEMENTS = 1 << 20  # the noise is drawn and applied in blocks of rows of about this many elements
 
 
-def uniform_noise(rng: np.random.Generator, shape: tuple[int, ...]) -> Tensor:
-    """Independent values uniform on the 256 points (k + ½)/128 − 1, k = 0..255, of (−1, 1):
-    one random byte each (numpy's PCG64 makes bytes about ten times as fast as torch's CPU
-    generator makes floats). Mean 0 and variance 1/3 − 1/(3·128²): a relative rounding error
-    drawn from ±1, as finely as calibrating a tolerance needs."""
-    n = 1
-    for d in shape:
-        n *= d
-    levels = torch.frombuffer(bytearray(rng.bytes(n)), dtype=torch.uint8) if n else torch.empty(0, dtype=torch.uint8)
-    return levels.to(torch.float32).add_(0.5).div_(128).sub_(1).reshape(shape)
+def uniform_noise(rng: np.random.Generator, shape: tuple[int, ...], scale: float = 1.0) -> Tensor:
+    """Independent values uniform on the 256 points scale·((k + ½)/128 − 1), k = 0..255:
+    one random byte each, looked up in a table of the levels (numpy's PCG64 makes bytes
+    about ten times as fast as torch's CPU generator makes floats, and the lookup is one
+    pass). Mean 0 and variance scale²·(1/3 − 1/(3·128²)): a relative rounding error drawn
+    from ±scale, as finely as calibrating a tolerance needs."""
+    n = math.prod(shape)
+    levels = ((np.arange(256, dtype=np.float64) + 0.5) / 128 - 1) * scale
+    return torch.from_numpy(levels.astype(np.float32)[np.frombuffer(rng.bytes(n), np.uint8)]).reshape(shape)
 
 
-def _noise_hook(layer: Any, module: nn.Module, unit_roundoff: float, seed: int):
+def _noise_hook(layer: Any, module: nn.Module, unit_roundoff: float, seed: int,
+                factors: tuple[Tensor, Tensor] | None):
     """output + x·(E ∘ U)ᵀ, E = W0 + ΔW the module's effective weight, U uniform noise of ±u:
     worked through in blocks of the weight's stored rows, so neither E nor U is ever whole."""
     def hook(mod: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
         weight = module.weight.detach()
-        b_hat, a_hat = layer.expanded_factors(torch.float32)
+        b_hat, a_hat = factors if factors is not None else layer.expanded_factors(torch.float32)
         # rows as the weight is stored: Linear (out, in) with ΔW = B̂Â; Conv1D (in, out) with ΔWᵀ = ÂᵀB̂ᵀ
         left, right = (a_hat.T, b_hat.T) if layer.fan_in_fan_out else (b_hat, a_hat)
         x = args[0].to(torch.float32)
@@ -175,7 +181,7 @@ def _noise_hook(layer: Any, module: nn.Module, unit_roundoff: float, seed: int):
         for start in range(0, weight.shape[0], rows):
             block = slice(start, start + rows)
             effective = weight[block].to(torch.float32, copy=True).addmm_(left[block], right)  # never the weight itself
-            noise = effective.mul_(uniform_noise(rng, tuple(effective.shape)).mul_(unit_roundoff))
+            noise = effective.mul_(uniform_noise(rng, tuple(effective.shape), unit_roundoff))
             if layer.fan_in_fan_out:  # stored rows are input features
                 extra += x[..., block] @ noise
             else:  # stored rows are output features

@@ -33,6 +33,7 @@ from ..errors import InputError
 from ..scoped import quiet_transformers
 from .hf_model import built_from, model_class
 from .model_folder import ModelFolder
+from .safetensors_stream import read_entry
 
 READ_ELEMENTS = 1 << 22  # a parameter is read and widened this many elements at a time
 Transform = Callable[[str, Tensor], Tensor]  # (parameter name, tensor as loaded) → tensor to use
@@ -91,7 +92,15 @@ class StreamedModel:
         self._transform: Transform | None = None
         self.on_load: Callable[[int], None] | None = None  # told each unit's index as it loads (progress)
         self._loaded: int | None = None
-        self._meta = {(id(m), local): m._parameters[local] for unit in units for m, local, _ in unit.slots}
+        self._owned: list[Tensor] = []  # the loaded unit's buffers that are this object's own
+        self._spare: dict[tuple[int, ...], list[Tensor]] = {}  # the last released unit's, by shape
+        self._staging = torch.empty(0, dtype=torch.uint8)  # stored bytes on their way to being widened
+        self._meta: dict[tuple[int, str], nn.Parameter] = {}  # each slot's meta parameter, put back on release
+        for unit in units:
+            for m, local, _ in unit.slots:
+                param = m._parameters[local]
+                assert param is not None  # (units hold only the parameters that are set)
+                self._meta[(id(m), local)] = param
         self._hooks = [unit.root.register_forward_pre_hook(self._pre_hook(i)) for i, unit in enumerate(units)]
 
     @classmethod
@@ -153,42 +162,64 @@ class StreamedModel:
         return hook
 
     def load(self, i: int) -> None:
-        """Unit i's parameters, read now; the previously loaded unit's are let go first."""
+        """Unit i's parameters, read now; the previously loaded unit's are let go first (their
+        buffers reused where the shapes agree: consecutive decoder layers, an untied head and
+        the next run's embedding; a fresh buffer costs its page faults, about as much as
+        filling it)."""
         if self._loaded == i:
             return
         self.release()
+        needed = {tuple(self._meta[(id(m), local)].shape) for m, local, _ in self.units[i].slots}
+        spare = {shape: kept for shape, kept in self._spare.items() if shape in needed}
+        self._spare = {}  # (the others go before anything new is allocated)
         for module, local, name in self.units[i].slots:
-            tensor = self.overrides.get(name)
-            tensor = self._read(self.sources[name]) if tensor is None else tensor.to(self.dtype)
+            given = self.overrides.get(name)
+            if given is None:
+                shape = tuple(self._meta[(id(module), local)].shape)
+                tensor = self._read(self.sources[name], spare[shape].pop() if spare.get(shape) else None)
+            else:
+                tensor = given.to(self.dtype)
             if self._transform is not None:
                 tensor = self._transform(name, tensor)
+            if tensor is not given:
+                self._owned.append(tensor)
             module._parameters[local] = nn.Parameter(tensor, requires_grad=False)
         self._loaded = i
         if self.on_load is not None:
             self.on_load(i)
 
-    def _read(self, name: str) -> Tensor:
-        """A checkpoint tensor in the model's dtype, widened a block of rows at a time: the
-        stored copy is never whole beside the wide one (an embedding is often the largest
-        tensor of a model, and its unit is the peak)."""
+    def _read(self, name: str, into: Tensor | None) -> Tensor:
+        """A checkpoint tensor in the model's dtype (in `into` when given), widened a block of
+        rows at a time through one staging buffer: the stored copy is never whole beside the
+        wide one (an embedding is often the largest tensor of a model, and its unit the peak)."""
         rows = self.checkpoint.rows(name)
         if isinstance(rows, Tensor):
-            return rows.to(self.dtype)
-        wide = torch.empty(tuple(rows.shape), dtype=self.dtype)
+            return rows.to(self.dtype) if into is None else into.copy_(rows)
+        wide = torch.empty(tuple(rows.shape), dtype=self.dtype) if into is None else into
         step = max(1, READ_ELEMENTS // max(1, rows.shape[1]))
+        entry = rows.entry
+        row_bytes = entry.nbytes // max(1, rows.shape[0])
+        if self._staging.numel() < step * row_bytes:
+            self._staging = torch.empty(step * row_bytes, dtype=torch.uint8)
         for start in range(0, rows.shape[0], step):
-            wide[start:start + step] = rows[start:start + step]
+            wide[start:start + step] = read_entry(entry, (start, start + step), into=self._staging)
         return wide
 
     def release(self) -> None:
-        """Back to meta: nothing of the weights is held after this."""
+        """Back to meta; the unit's own buffers are kept for the next unit to reuse, and
+        `close()` lets them go."""
         if self._loaded is not None:
             for module, local, _ in self.units[self._loaded].slots:
                 module._parameters[local] = self._meta[(id(module), local)]
+            for tensor in self._owned:
+                self._spare.setdefault(tuple(tensor.shape), []).append(tensor)
+            self._owned = []
             self._loaded = None
 
     def close(self) -> None:
         self.release()
+        self._spare = {}
+        self._staging = torch.empty(0, dtype=torch.uint8)
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
