@@ -50,6 +50,13 @@ class LayerInfo:
         return cls(layer.module, layer.r, layer.expanded_rank, layer.in_features, layer.out_features, layer.scaling,
                    layer.fan_in_fan_out, layer.layout, layer.parameter_count)
 
+    @classmethod
+    def of_shapes(cls, module: str, r: int, in_features: int, out_features: int, scaling: float,
+                  fan_in_fan_out: bool, layout: str, has_hB: bool) -> LayerInfo:
+        """The info a `PeraLayer` of these shapes and settings gives, without its tensors."""
+        return cls(module, r, expanded_rank(r), in_features, out_features, scaling, fan_in_fan_out, layout,
+                   parameter_count(r, in_features, out_features, layout, has_hB))
+
     def describe(self, delta_norm: float) -> dict[str, Any]:
         """The layer's row of `inspect`."""
         return {

@@ -26,6 +26,7 @@ from ..errors import InputError
 from .strict_json import parse_json
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 # safetensors dtype code → (torch's name for it, bytes per element). Names, not torch dtypes,
@@ -190,7 +191,13 @@ def read_entry(entry: TensorEntry, rows: tuple[int, int] | None = None,
     if nbytes == 0:
         return torch.empty(shape, dtype=dtype)
     buffer = torch.empty(nbytes, dtype=torch.uint8) if into is None else into.reshape(-1)[:nbytes]
-    view = buffer.numpy().data  # writable: pread fills the tensor in place
+    _pread_into(entry, buffer.numpy().data, begin)  # writable: pread fills the tensor in place
+    return buffer.view(dtype).reshape(shape)
+
+
+def _pread_into(entry: TensorEntry, view: memoryview, begin: int) -> None:
+    """Fill `view` with the file's bytes from `begin` on; a short file is an InputError naming it."""
+    nbytes = len(view)
     with open(entry.file, "rb", buffering=0) as fh:
         done = 0
         while done < nbytes:
@@ -199,7 +206,32 @@ def read_entry(entry: TensorEntry, rows: tuple[int, int] | None = None,
                 raise InputError(f"{entry.file}: ends inside tensor {entry.name} (at byte {begin + done:,} of "
                                  f"{entry.end:,} its header promises): truncated, or changed while being read")
             done += n
-    return buffer.view(dtype).reshape(shape)
+
+
+# numpy's own types for the float codes it has; BF16 it has not (read_array widens it)
+NUMPY_FLOATS = {"F64": "<f8", "F32": "<f4", "F16": "<f2"}
+
+
+def read_array(entry: TensorEntry) -> np.ndarray:
+    """A floating-point tensor as a numpy array, with pread and without torch (inspect's fast
+    path). F64, F32 and F16 come as they are stored; BF16, which numpy lacks, as float32, exactly:
+    a bfloat16 is the upper half of a float32's bits, so the 16 bits are shifted into place."""
+    import numpy as np
+
+    raw = bytearray(entry.nbytes)
+    if raw:
+        _pread_into(entry, memoryview(raw), entry.begin)
+    if entry.dtype == "BF16":
+        values = (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32)
+    else:
+        values = np.frombuffer(raw, NUMPY_FLOATS[entry.dtype])
+    return values.reshape(entry.shape)
+
+
+def floating(code: str) -> bool:
+    """Whether a dtype code is a floating-point type (torch's is_floating_point)."""
+    name = (DTYPE_NAMES.get(code) or RECENT_CODES.get(code) or ("",))[0]
+    return name.startswith(("float", "bfloat"))
 
 
 class TensorRows:
