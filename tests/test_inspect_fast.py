@@ -200,6 +200,7 @@ BAD = {
     "nan-in-full-tensor": (lambda t: t.update({"base_model.model.lm_head.weight": torch.full((2, 2), float("nan"))}),
                            None),
     "integer-B": (first("lora_B.weight", lambda t: t.to(torch.int64)), None),
+    "uint16-A": (first("lora_A.weight", lambda t: t.abs().to(torch.uint16)), None),
     "short-hA": (first("pera_h_A", lambda t: t[:-1]), None),
     "short-hB": (first("pera_h_B", lambda t: t[:-1]), None),
     "vector-A": (first("lora_A.weight", lambda t: t.reshape(-1)), None),

@@ -23,7 +23,7 @@ from ..core import pera_numpy
 from ..core.adapter import LayerInfo, describe_adapter
 from ..core.pairs import num_pairs
 from ..errors import InputError
-from ..io.safetensors_stream import DTYPE_NAMES, FLOAT_CODES, TensorEntry, floating, read_array, read_header
+from ..io.safetensors_stream import FLOAT_CODES, TensorEntry, dtype_name, floating, read_array, read_header
 from . import peft_folder, peft_pera, resolve_format
 from .layers import Role, TensorMeta, check_layer
 from .registry import MissingCoefficients
@@ -86,7 +86,7 @@ def _describe(path: str | Path, load_options: dict[str, Any]) -> dict[str, Any] 
 
 
 def _meta(entry: TensorEntry) -> TensorMeta:
-    return TensorMeta(DTYPE_NAMES[entry.dtype][0], floating(entry.dtype), entry.shape)
+    return TensorMeta(dtype_name(entry.dtype), floating(entry.dtype), entry.shape)
 
 
 def _finite(values: np.ndarray) -> np.ndarray:

@@ -83,8 +83,18 @@ def handled(code: object) -> bool:
     return code in DTYPE_NAMES or (code in RECENT_CODES and code in torch_dtypes())
 
 
+def dtype_name(code: str) -> str:
+    """torch's name of a dtype code: "float32" for F32, "bfloat16" for BF16, ..."""
+    return (DTYPE_NAMES.get(code) or RECENT_CODES[code])[0]
+
+
 def itemsize(code: str) -> int:
     return (DTYPE_NAMES.get(code) or RECENT_CODES[code])[1]
+
+
+def floating(code: str) -> bool:
+    """Whether a dtype code is a floating-point type (torch's is_floating_point)."""
+    return dtype_name(code).startswith(("float", "bfloat"))
 
 
 def byte_size(code: str, shape: tuple[int, ...]) -> int:
@@ -227,11 +237,6 @@ def read_array(entry: TensorEntry) -> np.ndarray:
         values = np.frombuffer(raw, NUMPY_FLOATS[entry.dtype])
     return values.reshape(entry.shape)
 
-
-def floating(code: str) -> bool:
-    """Whether a dtype code is a floating-point type (torch's is_floating_point)."""
-    name = (DTYPE_NAMES.get(code) or RECENT_CODES.get(code) or ("",))[0]
-    return name.startswith(("float", "bfloat"))
 
 
 class TensorRows:
