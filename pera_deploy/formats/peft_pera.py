@@ -20,7 +20,6 @@ from .layers import assemble_layer, build_layers, group_tensors
 from .registry import AdapterFormat, LoadOptions
 
 NAME = "peft"
-PLAIN_LORA_NOTE = "plain PEFT LoRA: read as a PERA adapter whose coefficients are all zero"
 T = TypeVar("T")
 
 ROLE_SUFFIXES = (
@@ -109,9 +108,9 @@ def load_peft_layout(files: peft_folder.PeftFiles, options: LoadOptions, *, plai
     tensors = read_tensors(files.weights)
     require_finite(tensors, files.weights)
     layers, extras = peft_layers(files, tensors, options, plain_lora=plain_lora)
+    notes = ("plain PEFT LoRA: read as a PERA adapter whose coefficients are all zero",) if plain_lora else ()
     return PeraAdapter(layers=layers, extra_tensors=extras, format=format_name, path=files.root,
-                       files=(files.config_path, files.weights), config=files.config, name=files.name,
-                       notes=(PLAIN_LORA_NOTE,) if plain_lora else ())
+                       files=(files.config_path, files.weights), config=files.config, name=files.name, notes=notes)
 
 
 def load(path: Path, options: LoadOptions) -> PeraAdapter:
