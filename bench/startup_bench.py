@@ -6,6 +6,11 @@ Each command runs `--warmup` times unmeasured (a warm page cache, as when a user
 again), then `--runs` times; the report gives mean ± standard deviation, min, median and
 max of the wall time, and peak RSS, as hyperfine does, plus `python -c pass` and
 `python -c "import torch"` as the floors they are measured against.
+
+The code measured is this checkout's (it leads PYTHONPATH), run by the `pera-deploy` script
+beside the interpreter, so a worktree is measured with the environment's installed packages.
+`inspect` runs on both shipped example kinds: the authors' format (a torch pickle, read with
+torch) and PEFT-style PERA safetensors (read without torch).
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-EXAMPLE = HERE.parent / "fixtures" / "examples" / "small-llama-pera"
+EXAMPLE = HERE.parent / "fixtures" / "examples" / "small-llama-pera"  # reference format, adapter_model.bin
+PEFT_EXAMPLE = HERE.parent / "fixtures" / "examples" / "small-llama-pera-2"  # peft format, safetensors
 
 
 def commands(exe: str) -> dict[str, list[str]]:
@@ -31,6 +37,8 @@ def commands(exe: str) -> dict[str, list[str]]:
         "pera-deploy merge --help": [exe, "merge", "--help"],
         "pera-deploy inspect (example)": [exe, "inspect", str(EXAMPLE)],
         "pera-deploy inspect --json (example)": [exe, "inspect", str(EXAMPLE), "--json"],
+        "pera-deploy inspect (peft example)": [exe, "inspect", str(PEFT_EXAMPLE)],
+        "pera-deploy inspect --json (peft example)": [exe, "inspect", str(PEFT_EXAMPLE), "--json"],
     }
 
 
@@ -55,7 +63,11 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=HERE / "out")
     args = ap.parse_args()
     exe = str(Path(sys.executable).with_name("pera-deploy"))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(HERE.parent), os.environ.get("PYTHONPATH")) if p)}
+    where = subprocess.run([sys.executable, "-c", "import pera_deploy; print(pera_deploy.__file__)"], env=env,
+                           capture_output=True, text=True, check=True).stdout.strip()
+    print(f"measuring {where}", flush=True)
     results = {}
     for name, cmd in commands(exe).items():
         for _ in range(args.warmup):
@@ -66,7 +78,7 @@ def main() -> None:
                          "min": min(t), "median": statistics.median(t), "max": max(t),
                          "peak_rss_mb": max(m for _, m in runs)}
         r = results[name]
-        print(f"{name:38} {r['mean'] * 1e3:7.1f} ms ± {r['stdev'] * 1e3:5.1f}   "
+        print(f"{name:42} {r['mean'] * 1e3:7.1f} ms ± {r['stdev'] * 1e3:5.1f}   "
               f"[min {r['min'] * 1e3:7.1f}, median {r['median'] * 1e3:7.1f}, max {r['max'] * 1e3:7.1f}]   "
               f"{r['peak_rss_mb']:6.0f} MB", flush=True)
     args.workdir.mkdir(parents=True, exist_ok=True)

@@ -3,19 +3,99 @@
 Nothing downstream of a loader knows which file format an adapter came from: it sees
 `PeraAdapter`, whose layers carry A, B, the P-vector(s) of coefficients already scattered
 into pair order, the scaling already resolved, and the orientation of the base weight.
+
+What `inspect` reports is built by `describe_adapter` from `LayerInfo`s (a layer without its
+tensors) and one ‖ΔW‖ each, so a reader that never makes tensors (inspect's torch-free fast
+path, formats/peft_describe.py) gives the same report. torch is imported only where tensors
+are computed with.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
-from torch import Tensor
+from .pairs import expanded_rank, num_pairs
 
-from . import pera
-from .lowrank import factored_norm
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
+
+def parameter_count(r: int, in_features: int, out_features: int, layout: str, has_hB: bool) -> int:
+    """A, B, and the P-vectors a layer carries: hA unless it is a plain LoRA (scattered into
+    pair order, so P whatever part was stored), hB if given."""
+    p = num_pairs(r)
+    return r * (in_features + out_features) + (p if layout != "lora" else 0) + (p if has_hB else 0)
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One adapted module as inspect describes it: its shapes and settings, no tensors."""
+
+    module: str
+    r: int
+    R_prime: int
+    in_features: int
+    out_features: int
+    scaling: float
+    fan_in_fan_out: bool
+    layout: str
+    parameters: int
+
+    @classmethod
+    def of(cls, layer: Any) -> LayerInfo:
+        """The info of a `PeraLayer`, or of anything that answers as one (a `WeightedSum`)."""
+        return cls(layer.module, layer.r, layer.expanded_rank, layer.in_features, layer.out_features, layer.scaling,
+                   layer.fan_in_fan_out, layer.layout, layer.parameter_count)
+
+    @classmethod
+    def of_shapes(cls, module: str, r: int, in_features: int, out_features: int, scaling: float,
+                  fan_in_fan_out: bool, layout: str, has_hB: bool) -> LayerInfo:
+        """The info a `PeraLayer` of these shapes and settings gives, without its tensors."""
+        return cls(module, r, expanded_rank(r), in_features, out_features, scaling, fan_in_fan_out, layout,
+                   parameter_count(r, in_features, out_features, layout, has_hB))
+
+    def describe(self, delta_norm: float) -> dict[str, Any]:
+        """The layer's row of `inspect`."""
+        return {
+            "module": self.module,
+            "r": self.r,
+            "R_prime": self.R_prime,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "scaling": self.scaling,
+            "coefficient_layout": self.layout,
+            "orientation": "conv1d (in, out)" if self.fan_in_fan_out else "linear (out, in)",
+            "delta_norm": delta_norm,
+        }
+
+
+def describe_adapter(layers: Sequence[tuple[LayerInfo, float]], extra_sizes: dict[str, int], *, path: Path | None,
+                     format: str, name: str | None, config: dict[str, Any], notes: Sequence[str],
+                     source: dict[str, Any]) -> dict[str, Any]:
+    """What `inspect` reports: the adapter's settings and sizes, and every layer (with its
+    ‖ΔW‖) in the order given. `extra_sizes`: element count of each full tensor."""
+    rows = [info.describe(norm) for info, norm in layers]
+    return {
+        "path": str(path),
+        "format": format,
+        "adapter_name": name,
+        "plain_lora": all(info.layout == "lora" for info, _ in layers),
+        "base_model_name_or_path": config.get("base_model_name_or_path"),
+        "r": sorted({info.r for info, _ in layers}),
+        "R_prime": sorted({info.R_prime for info, _ in layers}),
+        "scaling": sorted({info.scaling for info, _ in layers}),
+        "coefficient_layouts": sorted({info.layout for info, _ in layers}),
+        "target_modules": config.get("target_modules"),
+        "modules": len(rows),
+        "parameters": sum(info.parameters for info, _ in layers) + sum(extra_sizes.values()),
+        "extra_tensors": sorted(extra_sizes),
+        "notes": list(notes),
+        "source": source,
+        "layers": rows,
+    }
 
 
 @dataclass(frozen=True)
@@ -45,7 +125,7 @@ class PeraLayer:
 
     @property
     def expanded_rank(self) -> int:
-        return pera.expanded_rank(self.r)
+        return expanded_rank(self.r)
 
     @property
     def base_shape(self) -> tuple[int, int]:
@@ -56,29 +136,39 @@ class PeraLayer:
 
     @property
     def parameter_count(self) -> int:
-        n = self.A.numel() + self.B.numel()
-        if self.layout != "lora":
-            n += self.hA.numel()
-        if self.hB is not None:
-            n += self.hB.numel()
-        return n
+        return parameter_count(self.r, self.in_features, self.out_features, self.layout, self.hB is not None)
 
-    def expanded_factors(self, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
-        """(s·B̂, Â): ΔW = (s·B̂) @ Â, in nn.Linear layout."""
-        return pera.expanded_factors(self.A, self.B, self.hA, self.hB, self.scaling, dtype)
+    def expanded_factors(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """(s·B̂, Â): ΔW = (s·B̂) @ Â, in nn.Linear layout, in `dtype` (default float32)."""
+        from . import pera
 
-    def delta_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """Dense ΔW in nn.Linear layout (out, in)."""
+        return pera.expanded_factors(self.A, self.B, self.hA, self.hB, self.scaling, _dtype(dtype))
+
+    def delta_weight(self, dtype: torch.dtype | None = None) -> Tensor:
+        """Dense ΔW in nn.Linear layout (out, in), in `dtype` (default float32)."""
         b_hat, a_hat = self.expanded_factors(dtype)
         return b_hat @ a_hat
 
-    def exact_factors(self, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    def exact_factors(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
         """(s·B̂, Â) without the terms whose coefficient is exactly zero: the smallest exact LoRA."""
-        return pera.exact_factors(self.A, self.B, self.hA, self.hB, self.scaling, dtype)
+        from . import pera
+
+        return pera.exact_factors(self.A, self.B, self.hA, self.hB, self.scaling, _dtype(dtype))
 
     def delta_norm(self) -> float:
         """‖ΔW‖_F, from the factors, in float64."""
+        import torch
+
+        from .lowrank import factored_norm
+
         return factored_norm(*self.exact_factors(torch.float64))
+
+
+def _dtype(dtype: torch.dtype | None) -> torch.dtype:
+    """The working precision: float32 unless given (a default that does not import torch)."""
+    import torch
+
+    return torch.float32 if dtype is None else dtype
 
 
 @dataclass
@@ -137,35 +227,7 @@ class PeraAdapter:
     def describe(self) -> dict[str, Any]:
         """What this adapter is, for `inspect`: format, ranks, R', scaling, layouts, and every
         layer with its ‖ΔW‖ (from the factors)."""
-        layers = [
-            {
-                "module": layer.module,
-                "r": layer.r,
-                "R_prime": layer.expanded_rank,
-                "in_features": layer.in_features,
-                "out_features": layer.out_features,
-                "scaling": layer.scaling,
-                "coefficient_layout": layer.layout,
-                "orientation": "conv1d (in, out)" if layer.fan_in_fan_out else "linear (out, in)",
-                "delta_norm": layer.delta_norm(),
-            }
-            for layer in self.layers.values()
-        ]
-        return {
-            "path": str(self.path),
-            "format": self.format,
-            "adapter_name": self.name,
-            "plain_lora": self.is_plain_lora,
-            "base_model_name_or_path": self.base_model_name_or_path,
-            "r": self.ranks,
-            "R_prime": sorted({layer["R_prime"] for layer in layers}),
-            "scaling": self.scalings,
-            "coefficient_layouts": self.layouts,
-            "target_modules": self.config.get("target_modules"),
-            "modules": len(layers),
-            "parameters": self.parameter_count,
-            "extra_tensors": sorted(self.extra_tensors),
-            "notes": list(self.notes),
-            "source": self.source,
-            "layers": layers,
-        }
+        return describe_adapter([(LayerInfo.of(layer), layer.delta_norm()) for layer in self.layers.values()],
+                                {name: t.numel() for name, t in self.extra_tensors.items()}, path=self.path,
+                                format=self.format, name=self.name, config=self.config, notes=self.notes,
+                                source=self.source)

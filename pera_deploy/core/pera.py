@@ -9,15 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
-def num_pairs(r: int) -> int:
-    """P = r(r+1)/2: the number of index pairs (i, j) with i <= j < r."""
-    return r * (r + 1) // 2
-
-
-def expanded_rank(r: int) -> int:
-    """R' = r + P: the inner size of the expanded factors."""
-    return r + num_pairs(r)
+from .pairs import check_coefficient_shapes, num_pairs
+from .pairs import expanded_rank as expanded_rank  # re-exported: pera.expanded_rank is the name callers know
 
 
 def pair_indices(r: int) -> tuple[Tensor, Tensor]:
@@ -46,26 +39,18 @@ def coefficients_from_parts(
     ablations that produced them the frozen part was zero-initialised and never saved.
     Raises ValueError (with the offending shape) on anything else: a shape is never guessed.
     """
+    check_coefficient_shapes(r, full=None if full is None else tuple(full.shape),
+                             square=None if square is None else tuple(square.shape),
+                             cross=None if cross is None else tuple(cross.shape))
     p = num_pairs(r)
     if full is not None:
-        if square is not None or cross is not None:
-            raise ValueError("both a full coefficient vector and split parts are present")
-        if tuple(full.shape) not in ((p,), (1, p)):
-            raise ValueError(f"coefficient shape {tuple(full.shape)} fits neither ({p},) nor (1, {p}) for r={r}")
         return full.reshape(p)
-    if square is None and cross is None:
-        raise ValueError("no coefficient tensor")
     mask = square_mask(r)
     dtype = square.dtype if square is not None else cross.dtype  # type: ignore[union-attr]  # one is set
     h = torch.zeros(p, dtype=dtype)
     if square is not None:
-        if tuple(square.shape) != (r,):
-            raise ValueError(f"square-part shape {tuple(square.shape)} is not ({r},) for r={r}")
         h[mask] = square.to(dtype)
     if cross is not None:
-        n_cross = p - r
-        if tuple(cross.shape) != (n_cross,):
-            raise ValueError(f"cross-part shape {tuple(cross.shape)} is not ({n_cross},) for r={r}")
         h[~mask] = cross.to(dtype)
     return h
 

@@ -10,12 +10,15 @@ changes. Formats are tried in order: the first whose `detect` says yes reads the
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..core.adapter import PeraAdapter
 from ..errors import InputError
 from ..options import MISSING_COEFFICIENTS, choose
 from . import dcp, deepspeed, hf_trainer, lightning, peft_folder, peft_lora, peft_pera, reference, state_dict
 from .registry import AdapterFormat, LoadOptions, MissingCoefficients
+
+if TYPE_CHECKING:
+    from ..core.adapter import PeraAdapter
 
 # In detection order: an HF Trainer folder also holds a PEFT adapter and a DeepSpeed folder,
 # and a PEFT adapter's weights file is also a state dict, so the more specific come first.
@@ -24,7 +27,7 @@ FORMATS: dict[str, AdapterFormat] = {f.name: f for f in (
     deepspeed.FORMAT, lightning.FORMAT, dcp.FORMAT, state_dict.FORMAT,
 )}
 
-__all__ = ["FORMATS", "AdapterFormat", "LoadOptions", "detect_format", "load_adapter"]
+__all__ = ["FORMATS", "AdapterFormat", "LoadOptions", "detect_format", "load_adapter", "resolve_format"]
 
 
 def detect_format(path: Path, options: LoadOptions) -> AdapterFormat:
@@ -60,6 +63,21 @@ def load_adapter(
     coefficient tensor, which is otherwise refused as ambiguous; `config` is an
     adapter_config.json for tensors that come without one.
     """
+    fmt, path, options = resolve_format(path, format=format, adapter_name=adapter_name,
+                                        missing_coefficients=missing_coefficients, config=config)
+    return fmt.load(path, options)
+
+
+def resolve_format(
+    path: str | Path,
+    *,
+    format: str | None = None,
+    adapter_name: str | None = None,
+    missing_coefficients: MissingCoefficients = None,
+    config: str | Path | None = None,
+) -> tuple[AdapterFormat, Path, LoadOptions]:
+    """The format that reads `path` and the options it reads it with (see `load_adapter`);
+    inspect's fast path asks this too, so both agree on what an adapter is."""
     choose("--missing-coefficients", missing_coefficients, MISSING_COEFFICIENTS)
     options = LoadOptions(missing_coefficients=missing_coefficients, adapter_name=adapter_name,
                           config=Path(config) if config is not None else None)
@@ -72,4 +90,4 @@ def load_adapter(
             raise InputError(f"{path}: adapter not found")
     else:
         fmt = detect_format(path, options)
-    return fmt.load(path, options)
+    return fmt, path, options

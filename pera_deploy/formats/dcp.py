@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, Callable
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..core.adapter import PeraAdapter
 from ..errors import InputError
 from ..io.safe_unpickle import loads_safely
 from .registry import AdapterFormat, LoadOptions
 from .training_keys import FACTOR_KEY, Found, normalize, read_adapter
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 NAME = "dcp"
 METADATA = ".metadata"
@@ -82,6 +82,7 @@ def read_found(path: Path) -> Found:
 
     def load_all() -> None:
         """Every adapter tensor at once, each into a buffer of its own size (one pass over the files)."""
+        import torch
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 

@@ -24,16 +24,17 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any, Callable
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..core.adapter import PeraAdapter
 from ..errors import InputError
 from ..io.safe_unpickle import Inert, load_checkpoint
 from .registry import AdapterFormat, LoadOptions
 from .training_keys import Found, read_adapter
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
 
 NAME = "deepspeed"
 RANK_FILE = re.compile(r"^(?:bf16_)?(?:zero_pp_rank_(?P<dp>\d+)_)?mp_rank_(?P<mp>\d+)_(?P<kind>model|optim)_states\.pt$")
@@ -116,6 +117,9 @@ def _shapes(state: dict[str, Any], key: str, path: Path) -> list[dict[str, torch
 
 
 def _zero12(folder: Path, model: dict[int, Path], optim: dict[int, Path]) -> Found:
+    import torch
+    from torch import Tensor
+
     state = load_checkpoint(model[0])
     module = state.get("module") if isinstance(state, dict) else None
     if not isinstance(module, dict):
@@ -162,6 +166,9 @@ def _stage0_masters(state: dict[str, Any], module: dict[str, Tensor],
                     tensors: dict[str, Callable[[], Tensor]]) -> str:
     """Attach the stage-0 optimizer's fp32 masters to their parameters, where they can be
     identified beyond doubt; returns which weights the trainable tensors are."""
+    import torch
+    from torch import Tensor
+
     optimizer = state.get("optimizer")
     groups = optimizer.get("fp32_groups") if isinstance(optimizer, dict) else None
     masters = [t for g in groups for t in g] if isinstance(groups, list) and all(isinstance(g, list) for g in groups) \
@@ -187,6 +194,9 @@ def _stage0_masters(state: dict[str, Any], module: dict[str, Tensor],
 
 
 def _zero3(folder: Path, model: dict[int, Path], optim: dict[int, Path]) -> Found:
+    import torch
+    from torch import Tensor
+
     first_model = load_checkpoint(model[min(model)])
     world = first_model.get("dp_world_size") if isinstance(first_model, dict) else None
     if not optim:

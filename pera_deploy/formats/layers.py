@@ -3,22 +3,26 @@
 Every format maps its own key names onto the same few roles (A, B, full / square / cross
 coefficients, hB) with `group_tensors`, and builds layers with `assemble_layer`, so the key
 grouping and the coefficient-layout rules (docs/formats.md, "Coefficient layouts") live
-in one place.
+in one place. The rules themselves (`check_layer`) read only dtypes and shapes, so inspect's
+fast path (peft_describe.py) applies the very same ones to a file's header, without torch.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence, TypeVar
 
-import torch
-from torch import Tensor
-
-from ..core import pera
 from ..core.adapter import PeraLayer
+from ..core.pairs import check_coefficient_shapes, num_pairs
 from ..errors import InputError
 from .peft_folder import normalize_extra_name, strip_peft_prefix
 from .registry import MissingCoefficients
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+T = TypeVar("T")  # a tensor, or what stands for one (a safetensors header entry)
 
 Role = Literal["A", "B", "hA", "hA_square", "hA_cross", "hB"]
 ROLE_NAMES = {"A": "lora_A", "B": "lora_B", "hA": "the A-side coefficients", "hA_square": "the square coefficients",
@@ -28,6 +32,81 @@ MISSING_COEFFICIENTS_HELP = (
     "pass --missing-coefficients zero to read it as a plain LoRA, "
     "or --missing-coefficients one for an expansion with every coefficient 1"
 )
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """What the layer rules read of a tensor: its dtype's name (torch's), whether that is a
+    floating-point type, and its shape."""
+
+    dtype: str
+    floating: bool
+    shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, t: Tensor) -> TensorMeta:
+        return cls(str(t.dtype).removeprefix("torch."), t.is_floating_point(), tuple(t.shape))
+
+
+def check_layer(module: str, parts: Mapping[Role, TensorMeta], path: Path, *,
+                missing_coefficients: MissingCoefficients = None, plain_lora: bool = False) -> str:
+    """Validate one layer's tensors by dtype and shape; returns its coefficient layout ("full",
+    "square_only", ..., "+hB" when it has B-side coefficients). Every error names the module
+    and the file."""
+    where = f"{path}: module {module}"
+    if "A" not in parts or "B" not in parts:
+        have = ", ".join(sorted(parts)) or "nothing"
+        raise InputError(f"{where}: needs both lora_A and lora_B, found {have}")
+    for role, t in parts.items():
+        if not t.floating:
+            raise InputError(f"{where}: {ROLE_NAMES[role]} has dtype {t.dtype}; "
+                             "adapter factors and coefficients must be floating point")
+    A, B = parts["A"].shape, parts["B"].shape
+    for role, shape in (("lora_A", A), ("lora_B", B)):
+        if len(shape) != 2:
+            raise InputError(f"{where}: {role} has shape {shape}, expected a matrix")
+    r = A[0]
+    if B[1] != r:
+        raise InputError(f"{where}: lora_A is {A} and lora_B is {B}; their ranks differ")
+    if r == 0:
+        raise InputError(f"{where}: rank 0")
+    p = num_pairs(r)
+    has_coefficients = any(k in parts for k in ("hA", "hA_square", "hA_cross"))
+
+    if plain_lora:
+        if has_coefficients or "hB" in parts:
+            raise InputError(f"{where}: a plain LoRA adapter carries PERA coefficients")
+        layout = "lora"
+    elif not has_coefficients:
+        if "hB" in parts:
+            raise InputError(f"{where}: has B-side coefficients but no A-side ones")
+        if missing_coefficients is None:
+            raise InputError(
+                f"{where}: no coefficient tensor, so it is ambiguous (plain LoRA, or all coefficients 1); "
+                + MISSING_COEFFICIENTS_HELP
+            )
+        layout = "lora" if missing_coefficients == "zero" else "all_ones"
+    else:
+        shapes = {role: parts[role].shape if role in parts else None for role in ("hA", "hA_square", "hA_cross")}
+        try:
+            check_coefficient_shapes(r, full=shapes["hA"], square=shapes["hA_square"], cross=shapes["hA_cross"])
+        except ValueError as exc:
+            raise InputError(f"{where}: {exc}") from None
+        if "hA" in parts:
+            layout = "full"
+        elif "hA_square" in parts and "hA_cross" in parts:
+            layout = "square+cross"
+        elif "hA_square" in parts:
+            layout = "square_only"
+        else:
+            layout = "cross_only"
+
+    if "hB" in parts:
+        shape = parts["hB"].shape
+        if shape not in ((p,), (1, p)):
+            raise InputError(f"{where}: B-side coefficient shape {shape} fits neither ({p},) nor (1, {p})")
+        layout += "+hB"
+    return layout
 
 
 def assemble_layer(
@@ -40,92 +119,45 @@ def assemble_layer(
     missing_coefficients: MissingCoefficients = None,
     plain_lora: bool = False,
 ) -> PeraLayer:
-    """Validate shapes and build the layer; every error names the module and the file."""
-    where = f"{path}: module {module}"
-    if "A" not in parts or "B" not in parts:
-        have = ", ".join(sorted(parts)) or "nothing"
-        raise InputError(f"{where}: needs both lora_A and lora_B, found {have}")
-    for role, t in parts.items():
-        if not t.is_floating_point():
-            raise InputError(f"{where}: {ROLE_NAMES[role]} has dtype {str(t.dtype).removeprefix('torch.')}; "
-                             "adapter factors and coefficients must be floating point")
+    """Validate (`check_layer`) and build the layer, its coefficients scattered into pair order."""
+    import torch
+
+    from ..core import pera
+
+    layout = check_layer(module, {role: TensorMeta.of(t) for role, t in parts.items()}, path,
+                         missing_coefficients=missing_coefficients, plain_lora=plain_lora)
     A, B = parts["A"], parts["B"]
-    for role, t in (("lora_A", A), ("lora_B", B)):
-        if t.ndim != 2:
-            raise InputError(f"{where}: {role} has shape {tuple(t.shape)}, expected a matrix")
     r = A.shape[0]
-    if B.shape[1] != r:
-        raise InputError(
-            f"{where}: lora_A is {tuple(A.shape)} and lora_B is {tuple(B.shape)}; their ranks differ"
-        )
-    if r == 0:
-        raise InputError(f"{where}: rank 0")
-    p = pera.num_pairs(r)
-    has_coefficients = any(k in parts for k in ("hA", "hA_square", "hA_cross"))
-
-    if plain_lora:
-        if has_coefficients or "hB" in parts:
-            raise InputError(f"{where}: a plain LoRA adapter carries PERA coefficients")
-        hA, layout = torch.zeros(p, dtype=torch.float32), "lora"
-    elif not has_coefficients:
-        if "hB" in parts:
-            raise InputError(f"{where}: has B-side coefficients but no A-side ones")
-        if missing_coefficients is None:
-            raise InputError(
-                f"{where}: no coefficient tensor, so it is ambiguous (plain LoRA, or all coefficients 1); "
-                + MISSING_COEFFICIENTS_HELP
-            )
-        if missing_coefficients == "zero":
-            hA, layout = torch.zeros(p, dtype=torch.float32), "lora"
-        else:
-            hA, layout = torch.ones(p, dtype=torch.float32), "all_ones"
+    p = num_pairs(r)
+    stored = layout.removesuffix("+hB")
+    if stored in ("lora", "all_ones"):
+        hA = (torch.zeros if stored == "lora" else torch.ones)(p, dtype=torch.float32)
     else:
-        try:
-            hA = pera.coefficients_from_parts(
-                r, full=parts.get("hA"), square=parts.get("hA_square"), cross=parts.get("hA_cross")
-            )
-        except ValueError as exc:
-            raise InputError(f"{where}: {exc}") from None
-        if "hA" in parts:
-            layout = "full"
-        elif "hA_square" in parts and "hA_cross" in parts:
-            layout = "square+cross"
-        elif "hA_square" in parts:
-            layout = "square_only"
-        else:
-            layout = "cross_only"
-
-    hB = None
-    if "hB" in parts:
-        t = parts["hB"]
-        if tuple(t.shape) not in ((p,), (1, p)):
-            raise InputError(f"{where}: B-side coefficient shape {tuple(t.shape)} fits neither ({p},) nor (1, {p})")
-        hB = t.reshape(p)
-        layout += "+hB"
-
+        hA = pera.coefficients_from_parts(r, full=parts.get("hA"), square=parts.get("hA_square"),
+                                          cross=parts.get("hA_cross"))
     return PeraLayer(
         module=module,
         A=A,
         B=B,
         hA=hA,
-        hB=hB,
+        hB=parts["hB"].reshape(p) if "hB" in parts else None,
         scaling=float(scaling),
         fan_in_fan_out=bool(fan_in_fan_out),
         layout=layout,
     )
 
 
-def group_tensors(tensors: dict[str, Tensor], suffixes: Sequence[tuple[str, Role]], path: Path, *,
+def group_tensors(tensors: dict[str, T], suffixes: Sequence[tuple[str, Role]], path: Path, *,
                   factor_markers: Sequence[str],
-                  factor_names: str) -> tuple[dict[str, dict[Role, Tensor]], dict[str, Tensor]]:
+                  factor_names: str) -> tuple[dict[str, dict[Role, T]], dict[str, T]]:
     """Module path → role → tensor, and the full tensors trained beside them (extras).
 
     `suffixes` are tried in order (longest first where one ends another). A key that fits
     none but contains one of `factor_markers` is a factor this format does not know, and is
     refused rather than mistaken for a full tensor.
     """
-    groups: dict[str, dict[Role, Tensor]] = {}
-    extras: dict[str, Tensor] = {}
+    groups: dict[str, dict[Role, T]] = {}
+    extras: dict[str, T] = {}
     for key, tensor in tensors.items():
         stripped = strip_peft_prefix(key)
         for suffix, role in suffixes:
@@ -141,15 +173,16 @@ def group_tensors(tensors: dict[str, Tensor], suffixes: Sequence[tuple[str, Role
     return groups, extras
 
 
-def build_layers(groups: dict[str, dict[Role, Tensor]], path: Path, *, scaling: Callable[[str, int], float],
+def build_layers(groups: dict[str, dict[Role, Any]], path: Path, *, scaling: Callable[[str, int], float],
                  fan_in_fan_out: bool, missing_coefficients: MissingCoefficients = None,
-                 plain_lora: bool = False) -> dict[str, PeraLayer]:
-    """Every module's layer, in sorted module order; `scaling(module, r)` gives its s."""
+                 plain_lora: bool = False, assemble: Callable[..., Any] = assemble_layer) -> dict[str, Any]:
+    """Every module's layer, in sorted module order; `scaling(module, r)` gives its s.
+    `assemble` (`assemble_layer`'s signature) builds each: inspect's fast path passes its own."""
     layers = {}
     for module in sorted(groups):
         parts = groups[module]
-        rank = parts["A"].shape[0] if "A" in parts and parts["A"].ndim == 2 else 0
-        layers[module] = assemble_layer(
+        rank = parts["A"].shape[0] if "A" in parts and len(parts["A"].shape) == 2 else 0
+        layers[module] = assemble(
             module, parts, scaling=scaling(module, rank) if rank > 0 else 1.0, fan_in_fan_out=fan_in_fan_out,
             path=path, missing_coefficients=missing_coefficients, plain_lora=plain_lora,
         )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import regex
 
@@ -16,10 +16,11 @@ from ..core.adapter import PeraAdapter
 from ..errors import InputError
 from ..io.files import read_tensors, require_finite
 from . import peft_folder
-from .layers import build_layers, group_tensors
+from .layers import assemble_layer, build_layers, group_tensors
 from .registry import AdapterFormat, LoadOptions
 
 NAME = "peft"
+T = TypeVar("T")
 
 ROLE_SUFFIXES = (
     (".lora_A.weight", "A"),
@@ -84,25 +85,32 @@ def peft_scaling(config: dict[str, Any], module: str, rank: int, path: Path) -> 
     return alpha / math.sqrt(r) if config.get("use_rslora", False) else alpha / r
 
 
-def load_peft_layout(files: peft_folder.PeftFiles, options: LoadOptions, *, plain_lora: bool,
-                     format_name: str) -> PeraAdapter:
-    """Both PEFT-layout formats: keys `base_model.model.<module>.lora_A.weight`, etc."""
-    config, weights = files.config, files.weights
-    tensors = read_tensors(weights)
-    require_finite(tensors, weights)
+def peft_layers(files: peft_folder.PeftFiles, tensors: dict[str, T], options: LoadOptions, *, plain_lora: bool,
+                assemble: Callable[..., Any] = assemble_layer) -> tuple[dict[str, Any], dict[str, T]]:
+    """The layers (each built by `assemble`) and the full tensors of a PEFT-layout adapter whose
+    file holds `tensors`: the key names, scaling and layer rules of both PEFT-layout formats."""
     suffixes = ROLE_SUFFIXES[:2] if plain_lora else ROLE_SUFFIXES
     groups, extras = group_tensors(
-        tensors, suffixes, weights, factor_markers=("lora_", "pera_"),
+        tensors, suffixes, files.weights, factor_markers=("lora_", "pera_"),
         factor_names="lora_A.weight / lora_B.weight" + ("" if plain_lora else " / pera_h_A / pera_h_B"),
     )
     layers = build_layers(
-        groups, weights, scaling=lambda module, rank: peft_scaling(config, module, rank, files.config_path),
-        fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
-        missing_coefficients=options.missing_coefficients, plain_lora=plain_lora,
+        groups, files.weights, scaling=lambda module, rank: peft_scaling(files.config, module, rank, files.config_path),
+        fan_in_fan_out=bool(files.config.get("fan_in_fan_out", False)),
+        missing_coefficients=options.missing_coefficients, plain_lora=plain_lora, assemble=assemble,
     )
+    return layers, extras
+
+
+def load_peft_layout(files: peft_folder.PeftFiles, options: LoadOptions, *, plain_lora: bool,
+                     format_name: str) -> PeraAdapter:
+    """Both PEFT-layout formats: keys `base_model.model.<module>.lora_A.weight`, etc."""
+    tensors = read_tensors(files.weights)
+    require_finite(tensors, files.weights)
+    layers, extras = peft_layers(files, tensors, options, plain_lora=plain_lora)
     notes = ("plain PEFT LoRA: read as a PERA adapter whose coefficients are all zero",) if plain_lora else ()
     return PeraAdapter(layers=layers, extra_tensors=extras, format=format_name, path=files.root,
-                       files=(files.config_path, weights), config=config, name=files.name, notes=notes)
+                       files=(files.config_path, files.weights), config=files.config, name=files.name, notes=notes)
 
 
 def load(path: Path, options: LoadOptions) -> PeraAdapter:

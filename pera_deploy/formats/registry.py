@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import TYPE_CHECKING, Callable, Literal
 
-from ..core.adapter import PeraAdapter
+if TYPE_CHECKING:
+    from ..core.adapter import PeraAdapter
 
 MissingCoefficients = Literal["zero", "one"] | None
 

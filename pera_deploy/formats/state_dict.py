@@ -10,19 +10,20 @@ tensors are ever read (training_keys.py).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from safetensors import safe_open
-from torch import Tensor
 
 from ..core.adapter import PeraAdapter
 from ..errors import InputError
 from ..io.files import TENSOR_SUFFIXES, read_json
-from ..io.model_folder import read_tensor
 from ..io.safe_unpickle import load_checkpoint
 from ..io.safetensors_stream import read_header
 from .registry import AdapterFormat, LoadOptions
 from .training_keys import Found, read_adapter
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 NAME = "state-dict"
 
@@ -58,6 +59,8 @@ def tensors_in(obj: Any, path: Path, found: dict[str, Callable[[], Tensor]], hol
                container: str = "") -> None:
     """Every tensor of every dict nested in `obj`, by its key in the innermost dict (a state
     dict's own names); `holders` records which container each came from."""
+    from torch import Tensor
+
     if not isinstance(obj, dict):
         return
     for key, value in obj.items():
@@ -71,6 +74,13 @@ def tensors_in(obj: Any, path: Path, found: dict[str, Callable[[], Tensor]], hol
             holders[key] = container
         elif isinstance(value, dict):
             tensors_in(value, path, found, holders, f"{container}.{key}" if container else key)
+
+
+def read_tensor(path: Path, name: str) -> Tensor:
+    """One tensor of a safetensors file (model_folder's reader, imported when first used: it needs torch)."""
+    from ..io.model_folder import read_tensor as read
+
+    return read(path, name)
 
 
 def read_state_dict_files(files: list[Path]) -> dict[str, Callable[[], Tensor]]:

@@ -24,9 +24,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
-
-from torch import Tensor
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..core.adapter import PeraAdapter
 from ..errors import InputError
@@ -37,6 +35,9 @@ from .peft_folder import ADAPTER_CONFIG, normalize_extra_name
 from .peft_lora import UNSUPPORTED
 from .peft_pera import peft_scaling
 from .registry import LoadOptions
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 LEADING_WRAPPERS = ("module",)  # DistributedDataParallel and DeepSpeed wrap the model as `module`
 ANYWHERE_WRAPPERS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")

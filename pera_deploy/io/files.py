@@ -1,24 +1,25 @@
 """Reading tensor files (safetensors and pickles), with every failure turned into one clear line.
 
 Adapters, training containers and base models all come through here, so no module opens a
-pickle its own way: pickles are only ever opened with `weights_only=True`.
+pickle its own way: pickles are only ever opened with `weights_only=True`. torch is imported
+by the functions that need it, so reading JSON and headers (inspect's fast path) stays light.
 """
 
 from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
-from torch import Tensor
 
 from ..errors import InputError
 from .safe_unpickle import refuse_compressed_entries
 from .safetensors_stream import read_header
 from .strict_json import parse_json, read_json
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = ["PICKLE_SUFFIXES", "TENSOR_SUFFIXES", "flat_tensors", "load_pickle", "parse_json", "read_json",
            "read_tensors", "require_finite"]
@@ -29,6 +30,8 @@ TENSOR_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 def read_tensors(path: Path) -> dict[str, Tensor]:
     """A flat name → tensor mapping from a .safetensors or pickled (.bin/.pt/...) file."""
     if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
         read_header(path)  # validates the header strictly (duplicate names, offsets, dtypes) before reading
         try:
             return load_file(str(path))
@@ -47,6 +50,8 @@ def load_pickle(path: Path, mmap: bool = False) -> Any:
     them (only the tensors actually used are paged in); legacy non-zip pickles, which
     cannot be mapped, are read normally.
     """
+    import torch
+
     refuse_compressed_entries(path)
     try:
         try:
@@ -70,6 +75,8 @@ def load_pickle(path: Path, mmap: bool = False) -> Any:
 
 def flat_tensors(obj: Any, path: Path) -> dict[str, Tensor]:
     """`obj` as a flat dict of tensors, or an InputError naming the first entry that is not one."""
+    from torch import Tensor
+
     if not isinstance(obj, dict):
         raise InputError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
     for key, value in obj.items():
@@ -83,6 +90,8 @@ def flat_tensors(obj: Any, path: Path) -> dict[str, Tensor]:
 
 def require_finite(tensors: dict[str, Tensor], path: Path) -> None:
     """NaN or Inf anywhere in an adapter is an error naming the tensor."""
+    import torch
+
     for key, tensor in tensors.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             bad = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"

@@ -11,45 +11,90 @@ and then streaming each tensor's bytes into place.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import InputError
 from .strict_json import parse_json
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+# safetensors dtype code → (torch's name for it, bytes per element). Names, not torch dtypes,
+# so that reading a header (inspect) does not import torch; `DTYPES` maps them on first use.
+DTYPE_NAMES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
 }
-for _code, _name in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
-    if hasattr(torch, _name):
-        DTYPES[_code] = getattr(torch, _name)
-DTYPE_CODES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+# torch has these only from 2.3 on: a file holding one is handled only where torch does
+RECENT_CODES: dict[str, tuple[str, int]] = {"U16": ("uint16", 2), "U32": ("uint32", 4), "U64": ("uint64", 8)}
 FLOAT_CODES = ("F64", "F32", "F16", "BF16")
 
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 
 
+@functools.cache
+def torch_dtypes() -> dict[str, torch.dtype]:
+    """Code → torch dtype, for the codes this torch has (imports torch)."""
+    import torch
+
+    return {code: getattr(torch, torch_name) for code, (torch_name, _) in (DTYPE_NAMES | RECENT_CODES).items()
+            if hasattr(torch, torch_name)}
+
+
+@functools.cache
+def torch_codes() -> dict[torch.dtype, str]:
+    """Torch dtype → code: the inverse of `torch_dtypes`."""
+    return {v: k for k, v in torch_dtypes().items()}
+
+
+def __getattr__(name: str) -> Any:
+    """`DTYPES` and `DTYPE_CODES`, the two maps above, built when first imported (PEP 562):
+    reading a header must not import torch."""
+    if name == "DTYPES":
+        return torch_dtypes()
+    if name == "DTYPE_CODES":
+        return torch_codes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def handled(code: object) -> bool:
+    """Whether pera-deploy reads tensors of this dtype code (the newer unsigned ones only
+    where torch has them: only a file holding one imports torch to find out)."""
+    return code in DTYPE_NAMES or (code in RECENT_CODES and code in torch_dtypes())
+
+
+def dtype_name(code: str) -> str:
+    """torch's name of a dtype code: "float32" for F32, "bfloat16" for BF16, ..."""
+    return (DTYPE_NAMES.get(code) or RECENT_CODES[code])[0]
+
+
 def itemsize(code: str) -> int:
-    return DTYPES[code].itemsize
+    return (DTYPE_NAMES.get(code) or RECENT_CODES[code])[1]
+
+
+def floating(code: str) -> bool:
+    """Whether a dtype code is a floating-point type (torch's is_floating_point)."""
+    return dtype_name(code).startswith(("float", "bfloat"))
 
 
 def byte_size(code: str, shape: tuple[int, ...]) -> int:
@@ -90,7 +135,7 @@ def read_header(path: Path) -> tuple[list[TensorEntry], dict[str, str]]:
     then parsed here to learn the byte offsets it does not expose.
     """
     try:
-        with safe_open(str(path), framework="pt"):
+        with safe_open(str(path), framework="numpy"):  # validates the file; "pt" would import torch
             pass
     except SafetensorError as exc:
         raise InputError(f"{path}: truncated or corrupt safetensors file ({exc})") from None
@@ -117,7 +162,7 @@ def read_header(path: Path) -> tuple[list[TensorEntry], dict[str, str]]:
                 and isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
             raise InputError(f"{path}: tensor {name}: corrupt header entry")
         code = info.get("dtype")
-        if code not in DTYPES:
+        if not handled(code):
             raise InputError(f"{path}: tensor {name} has dtype {code!r}, which pera-deploy does not handle")
         begin, end = offsets
         entry = TensorEntry(name, code, tuple(shape), path, data_start + begin, data_start + end)
@@ -142,7 +187,9 @@ def read_entry(entry: TensorEntry, rows: tuple[int, int] | None = None,
     buffer: reusing one buffer spares the page faults of a new allocation per tensor and the
     allocator's growth between threads.
     """
-    dtype = DTYPES[entry.dtype]
+    import torch
+
+    dtype = torch_dtypes()[entry.dtype]
     shape = entry.shape
     begin, nbytes = entry.begin, entry.nbytes
     if rows is not None:
@@ -154,7 +201,13 @@ def read_entry(entry: TensorEntry, rows: tuple[int, int] | None = None,
     if nbytes == 0:
         return torch.empty(shape, dtype=dtype)
     buffer = torch.empty(nbytes, dtype=torch.uint8) if into is None else into.reshape(-1)[:nbytes]
-    view = buffer.numpy().data  # writable: pread fills the tensor in place
+    _pread_into(entry, buffer.numpy().data, begin)  # writable: pread fills the tensor in place
+    return buffer.view(dtype).reshape(shape)
+
+
+def _pread_into(entry: TensorEntry, view: memoryview, begin: int) -> None:
+    """Fill `view` with the file's bytes from `begin` on; a short file is an InputError naming it."""
+    nbytes = len(view)
     with open(entry.file, "rb", buffering=0) as fh:
         done = 0
         while done < nbytes:
@@ -163,7 +216,27 @@ def read_entry(entry: TensorEntry, rows: tuple[int, int] | None = None,
                 raise InputError(f"{entry.file}: ends inside tensor {entry.name} (at byte {begin + done:,} of "
                                  f"{entry.end:,} its header promises): truncated, or changed while being read")
             done += n
-    return buffer.view(dtype).reshape(shape)
+
+
+# numpy's own types for the float codes it has; BF16 it has not (read_array widens it)
+NUMPY_FLOATS = {"F64": "<f8", "F32": "<f4", "F16": "<f2"}
+
+
+def read_array(entry: TensorEntry) -> np.ndarray:
+    """A floating-point tensor as a numpy array, with pread and without torch (inspect's fast
+    path). F64, F32 and F16 come as they are stored; BF16, which numpy lacks, as float32, exactly:
+    a bfloat16 is the upper half of a float32's bits, so the 16 bits are shifted into place."""
+    import numpy as np
+
+    raw = bytearray(entry.nbytes)
+    if raw:
+        _pread_into(entry, memoryview(raw), entry.begin)
+    if entry.dtype == "BF16":
+        values = (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32)
+    else:
+        values = np.frombuffer(raw, NUMPY_FLOATS[entry.dtype])
+    return values.reshape(entry.shape)
+
 
 
 class TensorRows:
@@ -175,8 +248,10 @@ class TensorRows:
 
     def __init__(self, entry: TensorEntry):
         self.entry = entry
+        import torch
+
         self.shape = torch.Size(entry.shape)
-        self.dtype = DTYPES[entry.dtype]
+        self.dtype = torch_dtypes()[entry.dtype]
 
     def __getitem__(self, rows: slice) -> torch.Tensor:
         if not isinstance(rows, slice) or rows.step not in (None, 1):
@@ -235,8 +310,10 @@ class ShardWriter:
 
     def write_tensor(self, name: str, tensor: torch.Tensor) -> TensorEntry:
         """Append a tensor; returns where its bytes now lie."""
+        import torch
+
         tensor = tensor.contiguous()
-        code = DTYPE_CODES[tensor.dtype]
+        code = torch_codes()[tensor.dtype]
         if code != self.layout[self._next][1]:
             raise RuntimeError(f"{self.path}: {name} has dtype {code}, layout says {self.layout[self._next][1]}")
         nbytes = tensor.numel() * tensor.element_size()
@@ -253,6 +330,8 @@ class ShardWriter:
         """Append the bytes of the next parts (blocks of rows) of the tensor begun."""
         if self._open is None:
             raise RuntimeError(f"{self.path}: a part written outside a tensor")
+        import torch
+
         for part in parts:
             write_all(self._fh.fileno(), part.contiguous().reshape(-1).view(torch.uint8).numpy().data)
 

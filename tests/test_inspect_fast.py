@@ -1,0 +1,267 @@
+"""inspect's torch-free fast path (formats/peft_describe.py): the loader's report for every
+PEFT-style PERA adapter, the loader's refusals for every bad one, and no torch in the process."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import pera_deploy
+from pera_deploy.errors import InputError
+from pera_deploy.formats import detect_format
+from pera_deploy.formats.peft_describe import describe_peft
+from pera_deploy.formats.registry import LoadOptions
+from tests.helpers import ROOT, refused
+
+# ‖ΔW‖ comes from the R factors of two float64 QRs of the same factors (bit for bit the same
+# in both paths), one by torch's LAPACK and one by numpy's: they differ by rounding only, a few
+# ulps times the number of Householder steps (≤ R' = 44 here), so ~1e-14 relative. 1e-12 leaves
+# room for other BLAS builds and still catches any real difference (a term dropped or kept, a
+# scaling or coefficient off by one rounding of float32: 1e-8 or more).
+NORM_RTOL = 1e-12
+
+
+def canonical(path: Path, **options: Any) -> dict[str, Any]:
+    return pera_deploy.load_adapter(path, **options).describe()
+
+
+def assert_same_report(fast: dict[str, Any] | None, slow: dict[str, Any]) -> None:
+    """Same keys and values, as JSON (so 2 and 2.0 differ), but for ‖ΔW‖ within NORM_RTOL."""
+    assert fast is not None, "the fast path left this adapter to the loader"
+    fast, slow = json.loads(json.dumps(fast)), json.loads(json.dumps(slow))
+    fast_norms = [layer.pop("delta_norm") for layer in fast["layers"]]
+    slow_norms = [layer.pop("delta_norm") for layer in slow["layers"]]
+    assert json.dumps(fast) == json.dumps(slow)
+    for module, f, s in zip((layer["module"] for layer in slow["layers"]), fast_norms, slow_norms):
+        assert math.isclose(f, s, rel_tol=NORM_RTOL, abs_tol=0.0), (module, f, s)
+
+
+def peft_safetensors(fx: dict[str, Path]) -> list[tuple[Path, dict[str, Any]]]:
+    """Every fixture adapter in the peft format with a safetensors file, with the options that
+    reach each adapter of a multi-adapter folder."""
+    found = []
+    for path in sorted(fx.values()):
+        subs = [None] + sorted(p.name for p in path.iterdir() if (p / "adapter_config.json").is_file())
+        for name in subs if path.is_dir() else [None]:
+            try:
+                fmt = detect_format(path, LoadOptions(adapter_name=name))
+            except InputError:
+                continue
+            if fmt.name == "peft" and any(path.rglob("adapter_model.safetensors")):
+                found.append((path, {"adapter_name": name} if name else {}))
+    return found
+
+
+def test_every_peft_fixture_reads_the_same(fx):
+    adapters = peft_safetensors(fx)
+    names = {path.name for path, _ in adapters}
+    # all the kinds there are: hB and rsLoRA, rank and alpha patterns, Conv1D, full tensors, several adapters
+    assert {"llama-peft", "llama-peft-rslora", "llama-peft-patterns", "gpt2-peft", "bert-peft", "llama-multi",
+            "small-llama-pera-2", "st-pera"} <= names
+    for path, options in adapters:
+        assert_same_report(describe_peft(path, **options), canonical(path, **options))
+
+
+def test_the_cli_reports_the_same(cli, fx):
+    for path in (fx["bert-peft"], fx["llama-peft-rslora"]):
+        info = cli.json("inspect", path)
+        assert info.pop("exit_code") == 0
+        assert_same_report(info, canonical(path))
+        text = cli("inspect", path)
+        assert text.exit_code == 0 and "‖ΔW‖" in text.stdout
+
+
+def rewrite(src: Path, dst: Path, edit: Callable[[dict[str, torch.Tensor]], None],
+            config: Callable[[dict[str, Any]], None] | None = None) -> Path:
+    """A copy of the adapter `src` with its tensors (and config) edited; `src` is left alone."""
+    shutil.copytree(src, dst)
+    tensors = load_file(str(dst / "adapter_model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(dst / "adapter_model.safetensors"))
+    if config is not None:
+        settings = json.loads((dst / "adapter_config.json").read_text())
+        config(settings)
+        (dst / "adapter_config.json").write_text(json.dumps(settings))
+    return dst
+
+
+def to_dtype(dtype: torch.dtype, roles: tuple[str, ...] = ("lora_A", "lora_B", "pera_h")):
+    def edit(tensors: dict[str, torch.Tensor]) -> None:
+        for key in tensors:
+            if any(role in key for role in roles):
+                tensors[key] = tensors[key].to(dtype)
+    return edit
+
+
+def without(suffix: str):
+    def edit(tensors: dict[str, torch.Tensor]) -> None:
+        for key in [k for k in tensors if k.endswith(suffix)]:
+            del tensors[key]
+    return edit
+
+
+def as_row(tensors: dict[str, torch.Tensor]) -> None:
+    for key in [k for k in tensors if k.endswith("pera_h_A")]:
+        tensors[key] = tensors[key].reshape(1, -1)
+
+
+def zero_some_coefficients(tensors: dict[str, torch.Tensor]) -> None:
+    """Exact zeros in hA and hB: those terms are dropped from the factors the norm is taken of."""
+    for key in [k for k in tensors if k.endswith(("pera_h_A", "pera_h_B"))]:
+        t = tensors[key].clone()
+        t[::3 if key.endswith("A") else 4] = 0
+        tensors[key] = t
+
+
+@pytest.mark.parametrize("variant, edit, options", [
+    ("bfloat16", to_dtype(torch.bfloat16), {}),
+    ("float16", to_dtype(torch.float16), {}),
+    ("float64", to_dtype(torch.float64), {}),
+    ("bfloat16-coefficients-only", to_dtype(torch.bfloat16, ("pera_h",)), {}),
+    ("float16-hB-only", to_dtype(torch.float16, ("pera_h_B",)), {}),
+    ("row-coefficients", as_row, {}),
+    ("zero-coefficients", zero_some_coefficients, {}),
+    ("no-coefficients-zero", without(("pera_h_A", "pera_h_B")), {"missing_coefficients": "zero"}),
+    ("no-coefficients-one", without(("pera_h_A", "pera_h_B")), {"missing_coefficients": "one"}),
+])
+def test_other_dtypes_and_layouts_read_the_same(fx, tmp_path, variant, edit, options):
+    adapter = rewrite(fx["llama-peft-rslora"], tmp_path / variant, edit)
+    assert_same_report(describe_peft(adapter, **options), canonical(adapter, **options))
+
+
+def test_full_tensors_in_bfloat16_and_integer_buffers(fx, tmp_path):
+    def edit(tensors: dict[str, torch.Tensor]) -> None:
+        tensors["base_model.model.classifier.weight"] = tensors["base_model.model.classifier.weight"].bfloat16()
+        tensors["base_model.model.classifier.steps"] = torch.arange(3)  # an integer buffer among the full tensors
+
+    adapter = rewrite(fx["bert-peft"], tmp_path / "bert", edit)
+    assert_same_report(describe_peft(adapter), canonical(adapter))
+
+
+def test_other_formats_are_left_to_the_loader(fx, tmp_path):
+    for name in ("llama-pera", "llama-ref-safetensors", "llama-peft-lora", "llama-base"):
+        assert describe_peft(fx[name]) is None
+    assert describe_peft(fx["llama-peft"], format="peft") is not None  # named, as detected
+    assert describe_peft(fx["llama-peft"], format="state-dict") is None
+    info = pera_deploy.inspect_adapter(fx["llama-ref-safetensors"])
+    assert info["format"] == "reference"
+    other = rewrite(fx["llama-peft"], tmp_path / "ia3", lambda t: None, lambda c: c.update(peft_type="IA3"))
+    assert describe_peft(other) is None and pera_deploy.inspect_adapter(other)["format"] != "peft"
+
+
+def test_float8_is_left_to_the_loader(fx, tmp_path):
+    adapter = rewrite(fx["llama-peft"], tmp_path / "a", first("lora_A.weight", lambda t: t.to(torch.float8_e4m3fn)))
+    assert describe_peft(adapter) is None  # numpy has no float8: whatever the loader makes of it holds
+
+
+def test_keys_naming_one_tensor_twice_are_left_to_the_loader(fx, tmp_path):
+    def doubled(tensors: dict[str, torch.Tensor]) -> None:
+        key = next(k for k in tensors if k.endswith("q_proj.lora_A.weight"))
+        tensors[key.removeprefix("base_model.model.")] = tensors[key] * 2  # the same module and role, unprefixed
+
+    adapter = rewrite(fx["llama-peft"], tmp_path / "a", doubled)
+    assert describe_peft(adapter) is None
+
+
+def first(suffix: str, change: Callable[[torch.Tensor], torch.Tensor]):
+    def edit(tensors: dict[str, torch.Tensor]) -> None:
+        key = next(k for k in sorted(tensors) if k.endswith(suffix))
+        tensors[key] = change(tensors[key])
+    return edit
+
+
+def poke(value: float):
+    def change(t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        t.view(-1)[t.numel() // 2] = value
+        return t
+    return change
+
+
+def bf16_poke(value: float):
+    return lambda t: poke(value)(t.bfloat16())
+
+
+BAD = {
+    "nan-in-A": (first("lora_A.weight", poke(float("nan"))), None),
+    "inf-in-hA": (first("pera_h_A", poke(float("-inf"))), None),
+    "nan-in-bf16-B": (first("lora_B.weight", bf16_poke(float("nan"))), None),
+    "inf-in-fp16-hB": (first("pera_h_B", lambda t: poke(float("inf"))(t.half())), None),
+    "nan-in-full-tensor": (lambda t: t.update({"base_model.model.lm_head.weight": torch.full((2, 2), float("nan"))}),
+                           None),
+    "integer-B": (first("lora_B.weight", lambda t: t.to(torch.int64)), None),
+    "uint16-A": (first("lora_A.weight", lambda t: t.abs().to(torch.uint16)), None),
+    "short-hA": (first("pera_h_A", lambda t: t[:-1]), None),
+    "short-hB": (first("pera_h_B", lambda t: t[:-1]), None),
+    "vector-A": (first("lora_A.weight", lambda t: t.reshape(-1)), None),
+    "ranks-differ": (first("lora_B.weight", lambda t: t[:, :-1].contiguous()), None),
+    "no-B": (without("k_proj.lora_B.weight"), None),
+    "no-coefficients": (without(("pera_h_A", "pera_h_B")), None),
+    "hB-alone": (without("v_proj.pera_h_A"), None),
+    "unknown-factor": (lambda t: t.update({"base_model.model.model.layers.0.mlp.up_proj.lora_C.weight": torch.ones(2)}),
+                       None),
+    "rank-not-in-config": (lambda t: None, lambda c: c.update(r=8)),
+    "bad-pattern": (lambda t: None, lambda c: c.update(rank_pattern={"(q_proj": 4})),
+    "bad-alpha": (lambda t: None, lambda c: c.update(lora_alpha=-1)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_adapters_are_refused_as_the_loader_refuses_them(cli, fx, tmp_path, case):
+    edit, config = BAD[case]
+    adapter = rewrite(fx["llama-peft-rslora"], tmp_path / case, edit, config)
+    assert describe_peft(adapter) is None
+    with pytest.raises(InputError) as expected:
+        pera_deploy.load_adapter(adapter)
+    line = refused(cli("inspect", adapter))
+    assert line == f"pera-deploy: error: {expected.value}"
+    result = cli("inspect", adapter, "--json")
+    assert refused(result) == line and json.loads(result.stdout)["error"]["message"] == str(expected.value)
+
+
+def test_broken_files_are_refused_as_the_loader_refuses_them(cli, fx, tmp_path):
+    cases = {
+        "truncated": lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
+        "corrupt": lambda p: p.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}"),
+        "empty": lambda p: p.write_bytes(b""),
+    }
+    for case, damage in cases.items():
+        adapter = shutil.copytree(fx["llama-peft"], tmp_path / case)
+        damage(adapter / "adapter_model.safetensors")
+        with pytest.raises(InputError) as expected:
+            pera_deploy.load_adapter(adapter)
+        assert refused(cli("inspect", adapter)) == f"pera-deploy: error: {expected.value}"
+    missing = refused(cli("inspect", tmp_path / "nowhere"), "adapter not found")
+    assert missing.startswith("pera-deploy: error: ")
+
+
+INSPECT_IN_A_FRESH_PROCESS = """
+import sys
+from pera_deploy.cli import main
+try:
+    main(sys.argv[1:], prog_name="pera-deploy")
+except SystemExit as stop:
+    assert stop.code in (0, None), stop.code
+heavy = sorted(m for m in ("torch", "transformers") if m in sys.modules)
+print("imported:", ",".join(heavy) or "none", file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("extra", [[], ["--json"]])
+def test_inspect_does_not_import_torch(fx, extra):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-c", INSPECT_IN_A_FRESH_PROCESS, "inspect", str(fx["bert-peft"]), *extra],
+                         capture_output=True, text=True, env=env, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.strip().splitlines()[-1] == "imported: none", run.stderr
+    assert "‖ΔW‖" in run.stdout or json.loads(run.stdout)["modules"] == 4
