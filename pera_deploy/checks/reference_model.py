@@ -155,14 +155,15 @@ NOISE_BLOCK_ELEMENTS = 1 << 20  # the noise is drawn and applied in blocks of ro
 
 
 def uniform_noise(rng: np.random.Generator, shape: tuple[int, ...], scale: float = 1.0) -> Tensor:
-    """Independent values uniform on the 256 points scale·((k + ½)/128 − 1), k = 0..255:
-    one random byte each, looked up in a table of the levels (numpy's PCG64 makes bytes
-    about ten times as fast as torch's CPU generator makes floats, and the lookup is one
-    pass). Mean 0 and variance scale²·(1/3 − 1/(3·128²)): a relative rounding error drawn
-    from ±scale, as finely as calibrating a tolerance needs."""
+    """Independent values uniform on the 256 points scale·((k + ½)/128 − 1), k = 0..255: one
+    random byte each, taken as a signed byte s and mapped to scale·(s + ½)/128. The bytes are
+    the generator's raw 64-bit output (PCG64 makes them about five times as fast as it makes
+    single bytes, and ten times as fast as torch's CPU generator makes floats). Mean 0 and
+    variance scale²·(1/3 − 1/(3·128²)): a relative rounding error drawn from ±scale, as finely
+    as calibrating a tolerance needs."""
     n = math.prod(shape)
-    levels = ((np.arange(256, dtype=np.float64) + 0.5) / 128 - 1) * scale
-    return torch.from_numpy(levels.astype(np.float32)[np.frombuffer(rng.bytes(n), np.uint8)]).reshape(shape)
+    raw = rng.bit_generator.random_raw((n + 7) // 8).view(np.int8)[:n]
+    return torch.from_numpy(raw).to(torch.float32).add_(0.5).mul_(scale / 128).reshape(shape)
 
 
 def _noise_hook(layer: Any, module: nn.Module, unit_roundoff: float, seed: int,
