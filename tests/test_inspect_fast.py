@@ -46,30 +46,47 @@ def assert_same_report(fast: dict[str, Any] | None, slow: dict[str, Any]) -> Non
         assert math.isclose(f, s, rel_tol=NORM_RTOL, abs_tol=0.0), (module, f, s)
 
 
-def peft_safetensors(fx: dict[str, Path]) -> list[tuple[Path, dict[str, Any]]]:
-    """Every fixture adapter in the peft format with a safetensors file, with the options that
-    reach each adapter of a multi-adapter folder."""
+def fixture_adapters(fx: dict[str, Path], fmt: str) -> list[tuple[Path, dict[str, Any]]]:
+    """Every fixture adapter in the format `fmt`, with the options that reach each adapter of a
+    multi-adapter folder."""
     found = []
     for path in sorted(fx.values()):
         subs = [None] + sorted(p.name for p in path.iterdir() if (p / "adapter_config.json").is_file())
         for name in subs if path.is_dir() else [None]:
             try:
-                fmt = detect_format(path, LoadOptions(adapter_name=name))
+                detected = detect_format(path, LoadOptions(adapter_name=name))
             except InputError:
                 continue
-            if fmt.name == "peft" and any(path.rglob("adapter_model.safetensors")):
+            if detected.name == fmt:
                 found.append((path, {"adapter_name": name} if name else {}))
     return found
 
 
 def test_every_peft_fixture_reads_the_same(fx):
-    adapters = peft_safetensors(fx)
+    adapters = fixture_adapters(fx, "peft")
     names = {path.name for path, _ in adapters}
     # all the kinds there are: hB and rsLoRA, rank and alpha patterns, Conv1D, full tensors, several adapters
     assert {"llama-peft", "llama-peft-rslora", "llama-peft-patterns", "gpt2-peft", "bert-peft", "llama-multi",
             "small-llama-pera-2", "st-pera"} <= names
     for path, options in adapters:
         assert_same_report(describe_peft(path, **options), canonical(path, **options))
+
+
+def test_every_fixture_in_the_authors_format_reads_the_same(fx):
+    """adapter_model.bin (read by io/torch_zip.py) and .safetensors; every coefficient layout,
+    hB, Conv1D, full tensors trained beside the factors."""
+    adapters = fixture_adapters(fx, "reference")
+    names = {path.name for path, _ in adapters}
+    assert {"small-llama-pera", "llama-pera", "llama-ref-full_row", "llama-ref-square_only", "llama-ref-cross_only",
+            "llama-ref-split_both", "llama-ref-full_with_hB", "llama-ref-safetensors", "gpt2-ref", "bert-ref",
+            "llama-r2-square", "gpt2-r2-cross", "bert-r2-square"} <= names
+    for path, options in adapters:
+        if path.name == "llama-ref-none":  # no coefficients: refused unless --missing-coefficients says which
+            assert describe_peft(path) is None
+            continue
+        assert_same_report(describe_peft(path, **options), canonical(path, **options))
+    for options in ({"missing_coefficients": "zero"}, {"missing_coefficients": "one"}):
+        assert_same_report(describe_peft(fx["llama-ref-none"], **options), canonical(fx["llama-ref-none"], **options))
 
 
 def test_the_cli_reports_the_same(cli, fx):
@@ -149,7 +166,7 @@ def test_full_tensors_in_bfloat16_and_integer_buffers(fx, tmp_path):
 
 
 def test_other_formats_are_left_to_the_loader(fx, tmp_path):
-    for name in ("llama-pera", "llama-ref-safetensors", "llama-peft-lora", "llama-base"):
+    for name in ("llama-peft-lora", "llama-base"):
         assert describe_peft(fx[name]) is None
     assert describe_peft(fx["llama-peft"], format="peft") is not None  # named, as detected
     assert describe_peft(fx["llama-peft"], format="state-dict") is None

@@ -24,7 +24,8 @@ from ..core.adapter import LayerInfo, describe_adapter
 from ..core.pairs import num_pairs
 from ..errors import InputError
 from ..io.safetensors_stream import FLOAT_CODES, TensorEntry, dtype_name, floating, read_array, read_header
-from . import peft_folder, peft_pera, resolve_format
+from ..io.torch_zip import read_torch_zip
+from . import peft_folder, peft_pera, reference, resolve_format
 from .layers import Role, TensorMeta, check_layer
 from .registry import MissingCoefficients
 
@@ -51,18 +52,13 @@ def describe_peft(path: str | Path, **load_options: Any) -> dict[str, Any] | Non
 
 def _describe(path: str | Path, load_options: dict[str, Any]) -> dict[str, Any] | None:
     fmt, path, options = resolve_format(path, **load_options)
-    if fmt is not peft_pera.FORMAT:
+    if fmt not in (peft_pera.FORMAT, reference.FORMAT):
         return None
-    files = peft_folder.require(path, options, peft_pera.NAME)
-    if files.weights.suffix != ".safetensors":
+    files = peft_folder.require(path, options, fmt.name)
+    read = _read(files.weights)
+    if read is None:
         return None
-    entries = {entry.name: entry for entry in read_header(files.weights)[0]}
-    arrays: dict[str, np.ndarray] = {}
-    for name, entry in entries.items():
-        if floating(entry.dtype):
-            if entry.dtype not in FLOAT_CODES:
-                raise _Unsure(f"{name}: {entry.dtype}")  # float8: numpy has no such type
-            arrays[name] = _finite(read_array(entry))
+    entries, arrays = read
 
     grouped: list[TensorEntry] = []
 
@@ -78,11 +74,36 @@ def _describe(path: str | Path, load_options: dict[str, Any]) -> dict[str, Any] 
         values = {role: arrays[e.name] for role, e in parts.items()}
         return info, _delta_norm(values, {role: e.dtype for role, e in parts.items()}, layout, info.scaling)
 
-    layers, extras = peft_pera.peft_layers(files, entries, options, plain_lora=False, assemble=assemble)
+    if fmt is reference.FORMAT:
+        layers, extras = reference.reference_layers(files, entries, options, assemble=assemble,
+                                                    rank=lambda row: row[0].r)
+        notes: tuple[str, ...] = reference.NOTES
+    else:
+        layers, extras = peft_pera.peft_layers(files, entries, options, plain_lora=False, assemble=assemble)
+        notes = ()
     if len(grouped) + len(extras) != len(entries):
         raise _Unsure("two keys name the same tensor")  # which one the loader keeps depends on its order
     return describe_adapter(list(layers.values()), {name: e.numel for name, e in extras.items()}, path=files.root,
-                            format=peft_pera.NAME, name=files.name, config=files.config, notes=(), source={})
+                            format=fmt.name, name=files.name, config=files.config, notes=notes, source={})
+
+
+def _read(weights: Path) -> tuple[dict[str, TensorEntry], dict[str, np.ndarray]] | None:
+    """Every tensor of `weights` by name, and the values of the floating-point ones (BF16 widened
+    to float32), each free of NaN and Inf; None for a pickle that is not a plain torch.save zip."""
+    if weights.suffix == ".safetensors":
+        entries = {entry.name: entry for entry in read_header(weights)[0]}
+        for entry in entries.values():
+            if floating(entry.dtype) and entry.dtype not in FLOAT_CODES:
+                raise _Unsure(f"{entry.name}: {entry.dtype}")  # float8: numpy has no such type
+        arrays = {name: read_array(entry) for name, entry in entries.items() if floating(entry.dtype)}
+    else:
+        tensors = read_torch_zip(weights)
+        if tensors is None:
+            return None
+        entries = {name: TensorEntry(name, code, values.shape, weights, -1, -1)
+                   for name, (code, values) in tensors.items()}
+        arrays = {name: values for name, (code, values) in tensors.items() if floating(code)}
+    return entries, {name: _finite(values) for name, values in arrays.items()}
 
 
 def _meta(entry: TensorEntry) -> TensorMeta:
@@ -105,17 +126,25 @@ def _delta_norm(values: dict[Role, np.ndarray], codes: dict[Role, str], layout: 
     A, B = values["A"], values["B"]
     r = A.shape[0]
     stored = layout.removesuffix("+hB")
-    if stored == "full":  # the only coefficient tensor the peft format names (no split parts)
-        hA = values["hA"].reshape(-1)
+    if stored == "full":
+        hA, hA_code = values["hA"].reshape(-1), codes["hA"]
     elif stored in ("lora", "all_ones"):  # none stored, and --missing-coefficients said which
-        hA = (np.zeros if stored == "lora" else np.ones)(num_pairs(r), dtype=np.float32)
-    else:
-        raise _Unsure(f"coefficient layout {layout}")
+        hA, hA_code = (np.zeros if stored == "lora" else np.ones)(num_pairs(r), dtype=np.float32), "F32"
+    else:  # split parts (the authors' ablations), scattered as `pera.coefficients_from_parts` does
+        parts = [role for role in ("hA_square", "hA_cross") if role in values]
+        if len({codes[role] for role in parts}) != 1:
+            raise _Unsure("square and cross parts of different dtypes")  # torch rounds one to the other's
+        hA, hA_code = np.zeros(num_pairs(r), dtype=values[parts[0]].dtype), codes[parts[0]]
+        i, j = pera_numpy.pair_indices(r)
+        if "hA_square" in values:
+            hA[i == j] = values["hA_square"]
+        if "hA_cross" in values:
+            hA[i != j] = values["hA_cross"]
     hB = values["hB"].reshape(-1) if "hB" in values else None
     # The terms torch drops are those whose coefficient hA·hB is 0 in the dtype torch multiplies
     # in; numpy promotes the same way, except for two bfloat16s (float32 here, bfloat16 there).
     weight = hA if hB is None else hA * hB
-    if hB is not None and codes.get("hA") == codes["hB"] == "BF16" \
+    if hB is not None and hA_code == codes["hB"] == "BF16" \
             and bool(np.any((weight != 0) & (np.abs(weight) < BF16_TINY))):
         raise _Unsure("bfloat16 coefficients whose product may underflow in bfloat16")
     return pera_numpy.factored_norm(*pera_numpy.exact_factors(A, B, hA, hB, scaling, weight != 0))
