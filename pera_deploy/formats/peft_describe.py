@@ -74,13 +74,14 @@ def _describe(path: str | Path, load_options: dict[str, Any]) -> dict[str, Any] 
         values = {role: arrays[e.name] for role, e in parts.items()}
         return info, _delta_norm(values, {role: e.dtype for role, e in parts.items()}, layout, info.scaling)
 
-    if fmt is reference.FORMAT:
-        layers, extras = reference.reference_layers(files, entries, options, assemble=assemble,
-                                                    rank=lambda row: row[0].r)
-        notes: tuple[str, ...] = reference.NOTES
-    else:
-        layers, extras = peft_pera.peft_layers(files, entries, options, plain_lora=False, assemble=assemble)
-        notes = ()
+    with pera_numpy.one_blas_thread():
+        if fmt is reference.FORMAT:
+            layers, extras = reference.reference_layers(files, entries, options, assemble=assemble,
+                                                        rank=lambda row: row[0].r)
+            notes: tuple[str, ...] = reference.NOTES
+        else:
+            layers, extras = peft_pera.peft_layers(files, entries, options, plain_lora=False, assemble=assemble)
+            notes = ()
     if len(grouped) + len(extras) != len(entries):
         raise _Unsure("two keys name the same tensor")  # which one the loader keeps depends on its order
     return describe_adapter(list(layers.values()), {name: e.numel for name, e in extras.items()}, path=files.root,
