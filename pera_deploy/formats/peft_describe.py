@@ -1,17 +1,19 @@
-"""`inspect` of a PEFT-style PERA adapter without torch: its config, its file's header, numpy.
+"""`inspect` of a PEFT-family PERA adapter without torch: its config, its file, numpy.
 
 Importing torch takes seconds, far more than everything else inspect does. For the canonical
-format (`peft`: a folder with adapter_config.json, peft_type PERA, and
-adapter_model.safetensors) this module gives the report of `PeraAdapter.describe` without it:
-the format is found by the registry's own `resolve_format`, and the config schema, scaling,
-rank and alpha patterns, key grouping and layer rules are the loader's own functions
-(`peft_pera.peft_layers` with `layers.check_layer`), applied to the header's dtypes and
-shapes; the tensors are read with pread into numpy, checked for NaN and Inf as
-`require_finite` does, and each ‖ΔW‖ is computed in float64 by `core.pera_numpy`.
+format (`peft`: adapter_config.json with peft_type PERA) and the authors' own (`reference`:
+adapter_config.json with r_ab), in safetensors or a torch.save zip (`io/torch_zip.py`), this
+module gives the report of `PeraAdapter.describe` without it: the format is found by the
+registry's own `resolve_format`, and the config schema, scaling, rank and alpha patterns,
+key grouping and layer rules are the loader's own functions (`peft_pera.peft_layers` or
+`reference.reference_layers`, with `layers.check_layer`), applied to the tensors' dtypes and
+shapes; the tensors are read into numpy, checked for NaN and Inf as `require_finite` does,
+and each ‖ΔW‖ is computed in float64 by `core.pera_numpy`.
 
 Anything it does not fully understand, and every error, it leaves to the canonical loader
-(`describe_peft` returns None): another format, a .bin file, a float8 tensor, keys that name the
-same tensor twice, any InputError. So an adapter is refused by one piece of code, with one message.
+(`describe_peft` returns None): another format, a pickle that is not a plain torch.save zip,
+a float8 tensor, keys that name the same tensor twice, any InputError. So an adapter is
+refused by one piece of code, with one message.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ class _Unsure(Exception):
 
 
 def describe_peft(path: str | Path, **load_options: Any) -> dict[str, Any] | None:
-    """`PeraAdapter.describe()` of a `peft`-format safetensors adapter, computed without torch;
+    """`PeraAdapter.describe()` of a `peft` or `reference` adapter, computed without torch;
     None for anything else, and for anything doubtful or wrong (the caller then loads it)."""
     try:
         return _describe(path, load_options)
