@@ -332,6 +332,28 @@ def test_bin_variants_read_the_same(fx, tmp_path, edit):
     assert_same_report(describe_peft(adapter), canonical(adapter))
 
 
+def test_the_zip_reader_gives_torch_loads_values(tmp_path):
+    import numpy as np
+
+    from pera_deploy.io.torch_zip import read_torch_zip
+
+    base = torch.arange(-6, 6, dtype=torch.float64).reshape(3, 4) / 3
+    tensors = {str(dtype): base.to(dtype) for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16,
+                                                         torch.int64, torch.int32, torch.int16, torch.int8,
+                                                         torch.uint8, torch.bool)}
+    tensors |= {"row-of-a-view": base.float()[1], "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3)}
+    torch.save(tensors, tmp_path / "t.bin")
+    read = read_torch_zip(tmp_path / "t.bin")
+    assert read is not None and list(read) == list(tensors)
+    for name, tensor in tensors.items():
+        code, values = read[name]
+        expected = (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
+        assert values.shape == expected.shape and values.dtype == expected.dtype and np.array_equal(values, expected)
+    tensors["complex"] = torch.ones(2, dtype=torch.complex64)  # no storage type the reader knows: torch's to read
+    torch.save(tensors, tmp_path / "c.bin")
+    assert read_torch_zip(tmp_path / "c.bin") is None
+
+
 def transposed(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """lora_A stored as the transpose of a (in, r) tensor: the same values, not row-major."""
     return {k: v.t().contiguous().t() if k.endswith("lora_A") else v for k, v in tensors.items()}
