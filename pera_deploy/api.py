@@ -90,8 +90,8 @@ def _given(*paths: Any) -> list[Path]:
 def inspect_adapter(adapter: AdapterLike, **load_options: Any) -> dict[str, Any]:
     """What an adapter is: format, ranks, R', scaling, layout, modules, size, per-layer ‖ΔW‖.
 
-    A PEFT-style PERA safetensors adapter is described without importing torch (which takes
-    longer than the rest of the command): formats/peft_describe.py. Everything else, and every
+    A PEFT-style PERA adapter, or one in the authors' format, is described without importing
+    torch (which takes longer than the rest of the command): formats/peft_describe.py. Everything else, and every
     adapter it finds wrong or doubtful, is loaded as every other command loads it.
     """
     if not isinstance(adapter, PeraAdapter):

@@ -1,17 +1,19 @@
-"""`inspect` of a PEFT-style PERA adapter without torch: its config, its file's header, numpy.
+"""`inspect` of a PEFT-family PERA adapter without torch: its config, its file, numpy.
 
 Importing torch takes seconds, far more than everything else inspect does. For the canonical
-format (`peft`: a folder with adapter_config.json, peft_type PERA, and
-adapter_model.safetensors) this module gives the report of `PeraAdapter.describe` without it:
-the format is found by the registry's own `resolve_format`, and the config schema, scaling,
-rank and alpha patterns, key grouping and layer rules are the loader's own functions
-(`peft_pera.peft_layers` with `layers.check_layer`), applied to the header's dtypes and
-shapes; the tensors are read with pread into numpy, checked for NaN and Inf as
-`require_finite` does, and each ‖ΔW‖ is computed in float64 by `core.pera_numpy`.
+format (`peft`: adapter_config.json with peft_type PERA) and the authors' own (`reference`:
+adapter_config.json with r_ab), in safetensors or a torch.save zip (`io/torch_zip.py`), this
+module gives the report of `PeraAdapter.describe` without it: the format is found by the
+registry's own `resolve_format`, and the config schema, scaling, rank and alpha patterns,
+key grouping and layer rules are the loader's own functions (`peft_pera.peft_layers` or
+`reference.reference_layers`, with `layers.check_layer`), applied to the tensors' dtypes and
+shapes; the tensors are read into numpy, checked for NaN and Inf as `require_finite` does,
+and each ‖ΔW‖ is computed in float64 by `core.pera_numpy`.
 
 Anything it does not fully understand, and every error, it leaves to the canonical loader
-(`describe_peft` returns None): another format, a .bin file, a float8 tensor, keys that name the
-same tensor twice, any InputError. So an adapter is refused by one piece of code, with one message.
+(`describe_peft` returns None): another format, a pickle that is not a plain torch.save zip,
+a float8 tensor, keys that name the same tensor twice, any InputError. So an adapter is
+refused by one piece of code, with one message.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from ..core.adapter import LayerInfo, describe_adapter
 from ..core.pairs import num_pairs
 from ..errors import InputError
 from ..io.safetensors_stream import FLOAT_CODES, TensorEntry, dtype_name, floating, read_array, read_header
-from . import peft_folder, peft_pera, resolve_format
+from ..io.torch_zip import read_torch_zip
+from . import peft_folder, peft_pera, reference, resolve_format
 from .layers import Role, TensorMeta, check_layer
 from .registry import MissingCoefficients
 
@@ -41,7 +44,7 @@ class _Unsure(Exception):
 
 
 def describe_peft(path: str | Path, **load_options: Any) -> dict[str, Any] | None:
-    """`PeraAdapter.describe()` of a `peft`-format safetensors adapter, computed without torch;
+    """`PeraAdapter.describe()` of a `peft` or `reference` adapter, computed without torch;
     None for anything else, and for anything doubtful or wrong (the caller then loads it)."""
     try:
         return _describe(path, load_options)
@@ -51,18 +54,13 @@ def describe_peft(path: str | Path, **load_options: Any) -> dict[str, Any] | Non
 
 def _describe(path: str | Path, load_options: dict[str, Any]) -> dict[str, Any] | None:
     fmt, path, options = resolve_format(path, **load_options)
-    if fmt is not peft_pera.FORMAT:
+    if fmt not in (peft_pera.FORMAT, reference.FORMAT):
         return None
-    files = peft_folder.require(path, options, peft_pera.NAME)
-    if files.weights.suffix != ".safetensors":
+    files = peft_folder.require(path, options, fmt.name)
+    read = _read(files.weights)
+    if read is None:
         return None
-    entries = {entry.name: entry for entry in read_header(files.weights)[0]}
-    arrays: dict[str, np.ndarray] = {}
-    for name, entry in entries.items():
-        if floating(entry.dtype):
-            if entry.dtype not in FLOAT_CODES:
-                raise _Unsure(f"{name}: {entry.dtype}")  # float8: numpy has no such type
-            arrays[name] = _finite(read_array(entry))
+    entries, arrays = read
 
     grouped: list[TensorEntry] = []
 
@@ -78,11 +76,37 @@ def _describe(path: str | Path, load_options: dict[str, Any]) -> dict[str, Any] 
         values = {role: arrays[e.name] for role, e in parts.items()}
         return info, _delta_norm(values, {role: e.dtype for role, e in parts.items()}, layout, info.scaling)
 
-    layers, extras = peft_pera.peft_layers(files, entries, options, plain_lora=False, assemble=assemble)
+    with pera_numpy.one_blas_thread():
+        if fmt is reference.FORMAT:
+            layers, extras = reference.reference_layers(files, entries, options, assemble=assemble,
+                                                        rank=lambda row: row[0].r)
+            notes: tuple[str, ...] = reference.NOTES
+        else:
+            layers, extras = peft_pera.peft_layers(files, entries, options, plain_lora=False, assemble=assemble)
+            notes = ()
     if len(grouped) + len(extras) != len(entries):
         raise _Unsure("two keys name the same tensor")  # which one the loader keeps depends on its order
     return describe_adapter(list(layers.values()), {name: e.numel for name, e in extras.items()}, path=files.root,
-                            format=peft_pera.NAME, name=files.name, config=files.config, notes=(), source={})
+                            format=fmt.name, name=files.name, config=files.config, notes=notes, source={})
+
+
+def _read(weights: Path) -> tuple[dict[str, TensorEntry], dict[str, np.ndarray]] | None:
+    """Every tensor of `weights` by name, and the values of the floating-point ones (BF16 widened
+    to float32), each free of NaN and Inf; None for a pickle that is not a plain torch.save zip."""
+    if weights.suffix == ".safetensors":
+        entries = {entry.name: entry for entry in read_header(weights)[0]}
+        for entry in entries.values():
+            if floating(entry.dtype) and entry.dtype not in FLOAT_CODES:
+                raise _Unsure(f"{entry.name}: {entry.dtype}")  # float8: numpy has no such type
+        arrays = {name: read_array(entry) for name, entry in entries.items() if floating(entry.dtype)}
+    else:
+        tensors = read_torch_zip(weights)
+        if tensors is None:
+            return None
+        entries = {name: TensorEntry(name, code, values.shape, weights, -1, -1)
+                   for name, (code, values) in tensors.items()}
+        arrays = {name: values for name, (code, values) in tensors.items() if floating(code)}
+    return entries, {name: _finite(values) for name, values in arrays.items()}
 
 
 def _meta(entry: TensorEntry) -> TensorMeta:
@@ -105,17 +129,25 @@ def _delta_norm(values: dict[Role, np.ndarray], codes: dict[Role, str], layout: 
     A, B = values["A"], values["B"]
     r = A.shape[0]
     stored = layout.removesuffix("+hB")
-    if stored == "full":  # the only coefficient tensor the peft format names (no split parts)
-        hA = values["hA"].reshape(-1)
+    if stored == "full":
+        hA, hA_code = values["hA"].reshape(-1), codes["hA"]
     elif stored in ("lora", "all_ones"):  # none stored, and --missing-coefficients said which
-        hA = (np.zeros if stored == "lora" else np.ones)(num_pairs(r), dtype=np.float32)
-    else:
-        raise _Unsure(f"coefficient layout {layout}")
+        hA, hA_code = (np.zeros if stored == "lora" else np.ones)(num_pairs(r), dtype=np.float32), "F32"
+    else:  # split parts (the authors' ablations), scattered as `pera.coefficients_from_parts` does
+        parts = [role for role in ("hA_square", "hA_cross") if role in values]
+        if len({codes[role] for role in parts}) != 1:
+            raise _Unsure("square and cross parts of different dtypes")  # torch rounds one to the other's
+        hA, hA_code = np.zeros(num_pairs(r), dtype=values[parts[0]].dtype), codes[parts[0]]
+        i, j = pera_numpy.pair_indices(r)
+        if "hA_square" in values:
+            hA[i == j] = values["hA_square"]
+        if "hA_cross" in values:
+            hA[i != j] = values["hA_cross"]
     hB = values["hB"].reshape(-1) if "hB" in values else None
     # The terms torch drops are those whose coefficient hA·hB is 0 in the dtype torch multiplies
     # in; numpy promotes the same way, except for two bfloat16s (float32 here, bfloat16 there).
     weight = hA if hB is None else hA * hB
-    if hB is not None and codes.get("hA") == codes["hB"] == "BF16" \
+    if hB is not None and hA_code == codes["hB"] == "BF16" \
             and bool(np.any((weight != 0) & (np.abs(weight) < BF16_TINY))):
         raise _Unsure("bfloat16 coefficients whose product may underflow in bfloat16")
     return pera_numpy.factored_norm(*pera_numpy.exact_factors(A, B, hA, hB, scaling, weight != 0))
