@@ -209,7 +209,7 @@ def _outputs(merged_dir: Path, base_dir: Path, adapter: PeraAdapter, units: dict
         reference, weights = opened(base_dir, extra=True)
         if weights is not None:
             stack.callback(weights.close)
-        branch = stack.enter_context(PeraBranch(reference, adapter, compute_dtype=torch.float32))
+        branch = stack.enter_context(PeraBranch(reference, adapter, compute_dtype=torch.float32, hold=weights is None))
         _, y_ref = run("the unmerged model", reference, weights, inputs)
         noise = 0.0
         for draw in range(FORWARD_NOISE_DRAWS):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -64,16 +66,39 @@ class _Hooks:
 class PeraBranch(_Hooks):
     """Adds s·B̂(Â·x) to each targeted module's output: the unmerged PERA model.
 
-    `factors` keeps each module's expanded factors (s·B̂, Â), computed once, for the
-    rounding-noise hooks to use too."""
+    Each module's expanded factors (s·B̂, Â) are computed once and held (`hold`), or, for a
+    model run a layer at a time, computed when the module runs and only the last kept (they
+    are several times the adapter's size in float32: holding them all would make the
+    forward check's memory grow with depth again). `factors(path)` gives them to the
+    rounding-noise hooks too."""
 
-    def __init__(self, model: nn.Module, adapter: PeraAdapter, compute_dtype: torch.dtype = torch.float32):
+    def __init__(self, model: nn.Module, adapter: PeraAdapter, compute_dtype: torch.dtype = torch.float32,
+                 hold: bool = True):
+        self.adapter, self.compute_dtype, self.hold = adapter, compute_dtype, hold
+        self._held: dict[str, tuple[Tensor, Tensor]] = {}
         handles = []
-        self.factors: dict[str, tuple[Tensor, Tensor]] = {}
         for path, module in _targets(model, adapter).items():
-            b_hat, a_hat = self.factors[path] = adapter.layers[path].expanded_factors(compute_dtype)
-            handles.append(module.register_forward_hook(_branch_hook(a_hat.T, b_hat.T)))
+            if hold:
+                self._held[path] = adapter.layers[path].expanded_factors(compute_dtype)
+            handles.append(module.register_forward_hook(self._hook(path)))
         super().__init__(handles)
+
+    def factors(self, path: str) -> tuple[Tensor, Tensor]:
+        """(s·B̂, Â) of the module `path`."""
+        found = self._held.get(path)
+        if found is None:
+            found = self.adapter.layers[path].expanded_factors(self.compute_dtype)
+            if not self.hold:
+                self._held = {path: found}
+        return found
+
+    def _hook(self, path: str) -> Callable[..., Tensor]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
+            b_hat, a_hat = self.factors(path)
+            delta = (args[0].to(a_hat.dtype) @ a_hat.T) @ b_hat.T
+            return output + delta.to(output.dtype)
+
+        return hook
 
 
 class RoundingNoise(_Hooks):
@@ -87,17 +112,18 @@ class RoundingNoise(_Hooks):
     way may legitimately be from the unmerged one. A model held whole has its other tensors
     perturbed in place and restored on exit; a streamed one (`weights`) perturbs them as
     they load. Each tensor's noise is seeded by its name, so both give the same draws.
-    `factors` are the expanded factors a PeraBranch already holds (else computed per run).
+    `factors` gives a module's expanded factors (a PeraBranch's `factors`; else computed per run).
     """
 
     def __init__(self, model: nn.Module, adapter: PeraAdapter, unit_roundoff: dict[str, float], seed: int = 0,
-                 weights: StreamedModel | None = None, factors: dict[str, tuple[Tensor, Tensor]] | None = None):
+                 weights: StreamedModel | None = None, factors: Callable[[str], tuple[Tensor, Tensor]] | None = None):
         handles = []
         targets = _targets(model, adapter)
         for i, (path, module) in enumerate(targets.items()):
             if unit_roundoff.get(path):
                 handles.append(module.register_forward_hook(_noise_hook(
-                    adapter.layers[path], module, unit_roundoff[path], seed * 100_003 + i, (factors or {}).get(path))))
+                    adapter.layers[path], module, unit_roundoff[path], seed * 100_003 + i,
+                    partial(factors, path) if factors is not None else None)))
         super().__init__(handles)
         self.seed = seed
         target_weights = {id(m.weight) for m in targets.values() if hasattr(m, "weight")}
@@ -142,15 +168,6 @@ class RoundingNoise(_Hooks):
         self._saved = []
 
 
-def _branch_hook(a_hat_t: Tensor, b_hat_t: Tensor):
-    def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
-        x = args[0]
-        delta = (x.to(a_hat_t.dtype) @ a_hat_t) @ b_hat_t
-        return output + delta.to(output.dtype)
-
-    return hook
-
-
 NOISE_BLOCK_ELEMENTS = 1 << 20  # the noise is drawn and applied in blocks of rows of about this many elements
 
 
@@ -167,12 +184,12 @@ def uniform_noise(rng: np.random.Generator, shape: tuple[int, ...], scale: float
 
 
 def _noise_hook(layer: Any, module: nn.Module, unit_roundoff: float, seed: int,
-                factors: tuple[Tensor, Tensor] | None):
+                factors: Callable[[], tuple[Tensor, Tensor]] | None):
     """output + x·(E ∘ U)ᵀ, E = W0 + ΔW the module's effective weight, U uniform noise of ±u:
     worked through in blocks of the weight's stored rows, so neither E nor U is ever whole."""
     def hook(mod: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
         weight = module.weight.detach()
-        b_hat, a_hat = factors if factors is not None else layer.expanded_factors(torch.float32)
+        b_hat, a_hat = factors() if factors is not None else layer.expanded_factors(torch.float32)
         # rows as the weight is stored: Linear (out, in) with ΔW = B̂Â; Conv1D (in, out) with ΔWᵀ = ÂᵀB̂ᵀ
         left, right = (a_hat.T, b_hat.T) if layer.fan_in_fan_out else (b_hat, a_hat)
         x = args[0].to(torch.float32)
