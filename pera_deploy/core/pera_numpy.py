@@ -49,13 +49,10 @@ def _r_factor(m: np.ndarray) -> np.ndarray:
 
 @contextlib.contextmanager
 def one_blas_thread() -> Iterator[None]:
-    """Run BLAS on one thread inside (when threadpoolctl is installed). These QRs are of tall,
-    narrow matrices (R' columns): OpenBLAS's threads only wait on each other, and on a loaded
-    machine their spinning made 28 of them take 3 s instead of 8 ms."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        yield
-        return
+    """Run BLAS on one thread inside. These QRs are of tall, narrow matrices (R' columns):
+    OpenBLAS's threads only wait on each other, and on a loaded machine their spinning made
+    28 of them take 3 s instead of 8 ms."""
+    from threadpoolctl import threadpool_limits
+
     with threadpool_limits(1, user_api="blas"):
         yield
