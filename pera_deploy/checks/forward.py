@@ -167,14 +167,13 @@ def _outputs(merged_dir: Path, base_dir: Path, adapter: PeraAdapter, units: dict
     from ..io.hf_model import load_model
     from .reference_model import PeraBranch, RoundingNoise, apply_extra_tensors
 
-    def run(what: str, model: nn.Module, weights: StreamedModel | None, inputs: dict[str, Tensor] | None
-            ) -> tuple[str, Tensor]:
+    def run(what: str, model: nn.Module, weights: StreamedModel | None, inputs: dict[str, Tensor]) -> tuple[str, Tensor]:
         bar.set_postfix_str(what)
         if weights is not None:
             weights.on_load = lambda i: bar.set_postfix_str(f"{what}, layer {i + 1}/{len(weights.units)}")
         try:
             with torch.no_grad():
-                name, y = main_output(model(**(inputs or seeded_inputs(model.config, batch, seq, seed))))
+                name, y = main_output(model(**inputs))
         except (RuntimeError, NotImplementedError) as exc:
             if weights is None or "meta" not in str(exc):
                 raise
