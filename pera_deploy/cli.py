@@ -482,6 +482,8 @@ def verify(merged: Path, adapter: Path | None, base: Path | None, format_: str |
     same seeded inputs in float32; the max relative output difference must be within 4x
     what random noise of one rounding (at the merged file's dtypes) causes in the unmerged
     model, and at least 1e-4. Max abs/rel difference and top-1 agreement are reported.
+    Both models run a layer at a time, their weights read as each layer runs, so memory is
+    about one layer's in float32, not the model's.
 
     \b
     MERGED may also be a bundle (`pera-deploy bundle`): each adapter is then checked against
