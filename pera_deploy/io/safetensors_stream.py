@@ -218,25 +218,27 @@ def _pread_into(entry: TensorEntry, view: memoryview, begin: int) -> None:
             done += n
 
 
-# numpy's own types for the float codes it has; BF16 it has not (read_array widens it)
-NUMPY_FLOATS = {"F64": "<f8", "F32": "<f4", "F16": "<f2"}
+# numpy's own types for the codes it has; BF16 it has not: its bits are read as <u2 and widened
+NUMPY_TYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
+               "I8": "i1", "U8": "u1", "BOOL": "?"}
+
+
+def numpy_values(raw: bytes | bytearray, code: str) -> np.ndarray:
+    """Little-endian bytes of `code` elements as a flat numpy array, without torch (inspect's
+    fast path). BF16, which numpy lacks, comes as float32, exactly: a bfloat16 is the upper
+    half of a float32's bits, so the 16 bits are shifted into place."""
+    import numpy as np
+
+    values = np.frombuffer(raw, NUMPY_TYPES[code])
+    return (values.astype(np.uint32) << 16).view(np.float32) if code == "BF16" else values
 
 
 def read_array(entry: TensorEntry) -> np.ndarray:
-    """A floating-point tensor as a numpy array, with pread and without torch (inspect's fast
-    path). F64, F32 and F16 come as they are stored; BF16, which numpy lacks, as float32, exactly:
-    a bfloat16 is the upper half of a float32's bits, so the 16 bits are shifted into place."""
-    import numpy as np
-
+    """A tensor as a numpy array (`numpy_values`), read with pread."""
     raw = bytearray(entry.nbytes)
     if raw:
         _pread_into(entry, memoryview(raw), entry.begin)
-    if entry.dtype == "BF16":
-        values = (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32)
-    else:
-        values = np.frombuffer(raw, NUMPY_FLOATS[entry.dtype])
-    return values.reshape(entry.shape)
-
+    return numpy_values(raw, entry.dtype).reshape(entry.shape)
 
 
 class TensorRows:

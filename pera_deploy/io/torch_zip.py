@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .safetensors_stream import itemsize
+from .safetensors_stream import itemsize, numpy_values
 
 if TYPE_CHECKING:
     import numpy as np
@@ -43,8 +43,6 @@ STORAGE_CODES = {
     "LongStorage": "I64", "IntStorage": "I32", "ShortStorage": "I16", "CharStorage": "I8", "ByteStorage": "U8",
     "BoolStorage": "BOOL",
 }
-NUMPY_TYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
-               "I8": "i1", "U8": "u1", "BOOL": "?"}
 # What torch.save's pickle of a state dict uses, all of which the weights_only unpickler reads.
 OPCODES = frozenset({
     "PROTO", "STOP", "GLOBAL", "REDUCE", "MARK", "EMPTY_DICT", "SETITEM", "SETITEMS", "EMPTY_TUPLE", "TUPLE",
@@ -168,12 +166,10 @@ def _read(container: zipfile.ZipFile) -> dict[str, tuple[str, np.ndarray]]:
         entry = names.get(f"{prefix}data/{storage.key}")
         if entry is None or entry.file_size != storage.numel * itemsize(storage.code):
             raise _GiveUp(f"storage {storage.key} missing or of the wrong size")
-        buffers[storage.key] = np.frombuffer(container.read(entry), NUMPY_TYPES[storage.code])
+        buffers[storage.key] = numpy_values(container.read(entry), storage.code)
     tensors = {}
     for name, tensor in top.items():
         numel = int(np.prod(tensor.shape, dtype=np.int64))
         values = buffers[tensor.storage.key][tensor.offset:tensor.offset + numel].reshape(tensor.shape)
-        if tensor.storage.code == "BF16":
-            values = (values.astype(np.uint32) << 16).view(np.float32)
         tensors[name] = (tensor.storage.code, values)
     return tensors
