@@ -70,21 +70,37 @@ def test_elements_beyond_one_step_but_within_the_bound_pass():
     assert result.passed and result.off_elements >= 1 and result.worst_ratio <= 1
 
 
-def test_sampled_check_recomputes_first_last_and_every_nth_block():
+def test_sampled_check_recomputes_first_last_and_every_nth_eighth_of_a_block():
     layer = make_layer()
     w0 = (torch.randn(300, 64) * 0.02).to(torch.bfloat16)
     merged = exact_merge(w0, layer, torch.bfloat16)
     result = check_merged_layer(merged, w0, layer, False, "t", every=8)
-    blocks = range(0, 300, 16)  # 19 blocks: 0, 8, 16 and the last (18)
-    assert result.rows_recomputed == pytest.approx((3 * 16 + 300 - 18 * 16) / 300)
+    # merge blocks of 16 rows, checked in eighths (2 rows): 150 of them, 0, 8, ..., 144 and the last (149)
+    assert result.rows_recomputed == pytest.approx(20 * 2 / 300)
     wrong_sampled = merged.clone()
-    wrong_sampled.view(torch.int16)[8 * 16 + 2, 0] += 5
+    wrong_sampled.view(torch.int16)[8 * 16 + 1, 0] += 5  # row 129: the second row of eighth 64
     assert not check_merged_layer(wrong_sampled, w0, layer, False, "t", every=8).passed
     wrong_elsewhere = merged.clone()
-    wrong_elsewhere.view(torch.int16)[3 * 16 + 2, 0] += 5
+    wrong_elsewhere.view(torch.int16)[8 * 16 + 2, 0] += 5  # row 130: eighth 65, not in the sample
     assert check_merged_layer(wrong_elsewhere, w0, layer, False, "t", every=8).passed  # the sample's limit
     assert not check_merged_layer(wrong_elsewhere, w0, layer, False, "t").passed  # the full check sees it
-    assert len(blocks) == 19
+
+
+@pytest.mark.parametrize("cols", [64, 48, 100, 1000])
+def test_sampled_check_looks_into_every_block_the_merge_computed(cols):
+    """A merge block written wrong as a whole (from a stale buffer, at a wrong offset) fails
+    the sampled check, whichever block it is: the sample's spacing is at most a merge block,
+    whatever the rows' length (16, 21, 10 and 1 rows per merge block here; with 1, every row
+    is recomputed)."""
+    layer = make_layer(in_f=cols)
+    w0 = (torch.randn(300, cols) * 0.02).to(torch.bfloat16)
+    merged = exact_merge(w0, layer, torch.bfloat16)
+    assert check_merged_layer(merged, w0, layer, False, "t", every=8).passed
+    rows = max(1, checks.BLOCK_ELEMENTS // cols)
+    for start in range(0, 300, rows):
+        stale = merged.clone()
+        stale[start:start + rows] = w0[start:start + rows]  # this block left unmerged
+        assert not check_merged_layer(stale, w0, layer, False, "t", every=8).passed, start
 
 
 def test_conv1d_orientation():
@@ -108,7 +124,7 @@ def test_rows_are_read_from_the_file_only_where_the_sample_looks(tmp_path, monke
     layer = make_layer()
     w0 = (torch.randn(300, 64) * 0.02).to(torch.bfloat16)
     merged = exact_merge(w0, layer, torch.bfloat16)
-    merged.view(torch.int16)[8 * 16 + 2, 0] += 5  # in a sampled block
+    merged.view(torch.int16)[8 * 16 + 1, 0] += 5  # in a sampled block
     save_file({"w0": w0, "merged": merged}, str(tmp_path / "t.safetensors"))
     entries = {e.name: e for e in stream.read_header(tmp_path / "t.safetensors")[0]}
     assert torch.equal(stream.read_entry(entries["w0"], (290, 400)), w0[290:])  # a range past the end stops there
@@ -125,7 +141,7 @@ def test_rows_are_read_from_the_file_only_where_the_sample_looks(tmp_path, monke
                               "t", every=8)
     whole = check_merged_layer(merged, w0, layer, False, "t", every=8)
     assert not lazy.passed and lazy == whole
-    sampled_rows = 3 * 16 + 300 - 18 * 16
+    sampled_rows = 20 * 2
     assert sum(read) == 2 * sampled_rows * 64 * 2  # both tensors, sampled rows only, bf16
     with pytest.raises(TypeError):
         stream.TensorRows(entries["w0"])[::2]

@@ -18,6 +18,7 @@ from torch import Tensor
 from ..core.adapter import PeraAdapter, PeraLayer
 from ..io.model_folder import ModelFolder
 from ..io.safetensors_stream import TensorEntry, TensorRows
+from ..merging.execute import BLOCK_ELEMENTS as MERGE_BLOCK_ELEMENTS
 from ..merging.execute import working_dtype
 from ..merging.matching import Matching
 from .numerics import ABS_FLOOR, BITS, UNIT_ROUNDOFF, same_bits, same_bytes
@@ -33,7 +34,8 @@ class TensorSource(Protocol):
     def rows(self, name: str) -> Tensor | TensorRows: ...
 
 
-BLOCK_ELEMENTS = 1 << 20  # rows are checked in blocks of about this many elements (cache-sized)
+# Rows are checked in the merge's blocks (cache-sized), or in eighths of them when sampled.
+BLOCK_ELEMENTS = MERGE_BLOCK_ELEMENTS
 
 
 @dataclass
@@ -138,10 +140,15 @@ def check_merged_layer(w_merged: Tensor | TensorRows, w0: Tensor | TensorRows, l
     |W' − x| ≤ u·|x| (one rounding to nearest) plus what two `precision` evaluations of x
     may differ by, eps·(8|x| + 4R'·‖left_i‖·max_j‖right_j‖) for a dot product of length R'.
 
-    `every` > 1 recomputes only the first, the last and every `every`-th block of rows (the
-    merge's own audit, at a fraction of its cost); the norms are then estimated from those
-    rows, scaled to the whole weight. `sign` −1 checks an unmerge: W' = round(W0 − ΔW), W0
-    then being the merged weight.
+    `every` > 1 recomputes only a sample (the merge's own audit, at a fraction of its cost):
+    rows are taken in blocks of 1/`every` of a merge block's rows, and the first, the last
+    and every `every`-th of those are recomputed. Their spacing is then at most a merge block,
+    so every block the merge computed has rows in the sample (a block written from the wrong
+    buffer or at the wrong offset cannot escape it), and about 1/`every` of the rows are
+    recomputed whatever the weight's shape (all of them when a row is so long that a merge
+    block has fewer than `every` rows). The norms are then estimated from those rows,
+    scaled to the whole weight. `sign` −1 checks an unmerge: W' = round(W0 − ΔW), W0 then
+    being the merged weight.
     """
     precision = working_dtype(w0.dtype, precision)
     b_hat, a_hat = layer.expanded_factors(precision)
@@ -151,7 +158,9 @@ def check_merged_layer(w_merged: Tensor | TensorRows, w0: Tensor | TensorRows, l
     eps = UNIT_ROUNDOFF[precision]
     bits, wide = BITS[stored_dtype], torch.int64 if stored_dtype in (torch.float32, torch.float64) else torch.int32
     row_slack = (4 * left.shape[1] * eps * float(right.norm(dim=0).max())) * left.norm(dim=1) + 2 * ABS_FLOOR[stored_dtype]
-    rows = max(1, BLOCK_ELEMENTS // max(1, w0.shape[1]))
+    merge_rows = max(1, BLOCK_ELEMENTS // max(1, w0.shape[1]))
+    every = min(every, merge_rows)  # a merge block of fewer rows than `every`: every row is checked
+    rows = merge_rows // every
     r2 = x2 = 0.0
     max_steps = off = 0
     worst: float | None = None
