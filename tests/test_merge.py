@@ -176,6 +176,34 @@ def test_output_is_byte_identical_whatever_the_jobs(cli, fx, tmp_path, monkeypat
     assert_exact_merge(tmp_path / "3", fx[base], pera_deploy.load_adapter(fx[adapter]))
 
 
+def test_shards_are_synced_while_they_are_written(fx, tmp_path, monkeypatch):
+    """The disk works from the first tensor on: each shard is fdatasync'd in the background
+    as it grows (here from its first tensor on), before the closing fsync."""
+    import os
+
+    import pera_deploy.merging.execute as execute
+
+    monkeypatch.setattr(execute, "SYNC_EVERY", 1)
+    events: list[tuple[str, str]] = []
+    real_datasync, real_fsync = os.fdatasync, os.fsync
+
+    def recorder(kind, real):
+        def call(fd: int) -> None:
+            events.append((kind, os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))))
+            real(fd)
+        return call
+
+    monkeypatch.setattr(os, "fdatasync", recorder("datasync", real_datasync))
+    monkeypatch.setattr(os, "fsync", recorder("fsync", real_fsync))
+    pera_deploy.merge(fx["llama-pera"], fx["llama-base"], tmp_path / "m", progress=False, max_shard_size="12KB")
+    shards = sorted(p.name for p in (tmp_path / "m").glob("*.safetensors"))
+    assert len(shards) > 1
+    for name in shards:
+        kinds = [kind for kind, file in events if file == name]
+        assert kinds[0] == "datasync" and kinds[-1] == "fsync", (name, kinds)
+    assert_exact_merge(tmp_path / "m", fx["llama-base"], pera_deploy.load_adapter(fx["llama-pera"]))
+
+
 def test_jobs_must_be_positive(cli, fx, tmp_path):
     result = cli("merge", fx["llama-pera"], fx["llama-base"], "-o", tmp_path / "m", "--jobs", "0")
     assert result.exit_code == 2 and "--jobs" in result.stderr and not (tmp_path / "m").exists()

@@ -357,6 +357,12 @@ class ShardWriter:
         """Close without the completeness check (the caller is unwinding an error)."""
         self._fh.close()
 
+    def sync_so_far(self) -> None:
+        """Wait until the bytes written so far are on disk (fdatasync), from a thread of its
+        own while the writing goes on: the disk then works from the first tensor on, and
+        the closing fsync finds little left to write."""
+        os.fdatasync(self._fh.fileno())
+
     def close(self, sync: bool = False) -> None:
         """Close the complete file; `sync` first waits until its bytes are on disk (fsync)."""
         if self._next != len(self.layout) or self._open is not None:
