@@ -13,7 +13,9 @@ figures are floors a merge cannot go under for that stage on this machine:
 * write:   the merged shards' bytes written and fsync'd;
 * hash:    sha256 of the base's shards (what a cold digest cache costs);
 * check:   the built-in sampled check, recomputing every 8th row block of each merged weight;
-* merge:   `pera-deploy merge` as a user runs it (warm digest cache), and `cp -r` of the base.
+* merge:   `pera-deploy merge` as a user runs it (warm digest cache), and `cp -r` of the base;
+* memory floors: the peak RSS of the imports alone, and of the imports plus the merge's
+  arithmetic on two threads (see MEMORY_FLOORS).
 
 Results go to bench/out/floor_bench.json and stdout.
 """
@@ -34,6 +36,32 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from bench.common import measure  # noqa: E402
+
+
+# What a merge that computes with torch cannot go under, each in a fresh process: the
+# imports alone, and the imports plus the merge's own arithmetic on two threads (per thread
+# a 1M-element block of bf16 W0, its float32 working copy and a bf16 output block, and the
+# rank-44 factors of a 2048-wide weight), with no file, plan, check or adapter.
+MEMORY_FLOORS = {
+    "import torch, numpy, safetensors": "import torch, numpy, safetensors",
+    "those imports + the merge's arithmetic on 2 threads": """
+import threading, torch, numpy, safetensors
+torch.set_num_threads(1)
+def work():
+    left, right = torch.randn(2048, 44), torch.randn(44, 2048)
+    w0 = torch.randn(512, 2048).bfloat16()
+    x, out = torch.empty(512, 2048), torch.empty(512, 2048, dtype=torch.bfloat16)
+    for i in range(64):
+        rows = slice(i % 4 * 512, i % 4 * 512 + 512)
+        x.copy_(w0)
+        x.addmm_(left[rows], right)
+        torch.aminmax(x)
+        out.copy_(x)
+threads = [threading.Thread(target=work) for _ in range(2)]
+for t in threads: t.start()
+for t in threads: t.join()
+""",
+}
 
 
 def timed(fn, repeats: int) -> float:
@@ -160,15 +188,19 @@ def main() -> None:
     for key, values in whole.items():
         stages[key] = sorted(values)[len(values) // 2]
 
+    floors = {label: sorted(measure([sys.executable, "-c", code], env)[1] for _ in range(args.repeats))[args.repeats // 2]
+              for label, code in MEMORY_FLOORS.items()}
     report = {"base_bytes": size, "merged_tensors": len(merged), "repeats": args.repeats, "cores": os.cpu_count(),
               "torch_threads": torch.get_num_threads(), "seconds": stages,
-              "merge_peak_rss_mb": sorted(rss)[len(rss) // 2]}
+              "merge_peak_rss_mb": sorted(rss)[len(rss) // 2], "memory_floors_mb": floors}
     (args.workdir / "floor_bench.json").write_text(json.dumps(report, indent=2))
     width = max(map(len, stages))
     print(f"{size / 1e9:.2f} GB base, {len(merged)} merged tensors, {os.cpu_count()} cores, medians of {args.repeats}")
     for key, value in stages.items():
         print(f"  {key:<{width}}  {value:6.2f} s")
     print(f"  merge peak RSS {report['merge_peak_rss_mb']:.0f} MB")
+    for label, mb in floors.items():
+        print(f"  peak RSS of {label}: {mb:.0f} MB")
 
 
 if __name__ == "__main__":
