@@ -37,7 +37,6 @@ sys.path.insert(0, str(HERE.parent))
 
 from bench.common import measure  # noqa: E402
 
-
 # What a merge that computes with torch cannot go under, each in a fresh process: the
 # imports alone, and the imports plus the merge's own arithmetic on two threads (per thread
 # a 1M-element block of bf16 W0, its float32 working copy and a bf16 output block, and the

@@ -113,7 +113,7 @@ def merge(adapter: AdapterLike | Sequence[AdapterLike], base: str | Path, output
     Several adapters (a list) are merged as their weighted sum Σ wᵢ ΔWᵢ (`weights`, default
     all 1, negative allowed), in the same single streaming pass and single rounding.
     Streams tensor by tensor. The weight check recomputes W0 + ΔW independently for a sample
-    of every merged weight's rows (the first, the last and every 8th block), or all of them
+    of every merged weight's rows (about 1/8, from every block the merge wrote), or all of them
     with `full_check`; `check_forward_pass` also compares the outputs with the unmerged model.
     `jobs` threads share out the arithmetic (default: the cores available); the output is
     byte-identical whatever their number.

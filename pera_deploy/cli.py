@@ -343,8 +343,9 @@ def inspect(adapter: Path, format_: str | None, adapter_name: str | None, missin
 @click.option("--check-forward", is_flag=True,
               help="Also run the merged and the unmerged model on seeded inputs and compare outputs.")
 @click.option("--full-check", is_flag=True,
-              help="Recompute every merged element independently (by default a sample of rows of every "
-              "merged weight: the first, the last and every 8th block; about 25% slower).")
+              help="Recompute every merged element independently (by default a sample of about 1/8 of the "
+              "rows of every merged weight, with rows from every block the merge wrote; about 1.5x the "
+              "merge's time).")
 @click.option("--keep-branch", is_flag=True,
               help="Do not merge: write OUTPUT/base (the base, untouched) and OUTPUT/adapter (the adapter as an "
               "exact plain PEFT LoRA) for multi-adapter serving with PEFT or vLLM.")

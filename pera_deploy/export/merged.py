@@ -30,7 +30,7 @@ from ..publish.model_card import ModelCard
 from ..scoped import torch_threads
 
 PLACEHOLDER_DIGEST = "0" * 64
-SAMPLED_CHECK_EVERY = 8  # the merge's own check recomputes every 8th block of rows (plus first and last)
+SAMPLED_CHECK_EVERY = 8  # the merge's own check recomputes 1/8 of the rows (checks.weights.check_merged_layer)
 
 
 def merge_folder(adapter: PeraAdapter, base: Path, output: Path, digests: Digests, *, dtype: str = "auto",
