@@ -360,8 +360,8 @@ class ShardWriter:
     def sync_so_far(self) -> None:
         """Wait until the bytes written so far are on disk (fdatasync), from a thread of its
         own while the writing goes on: the disk then works from the first tensor on, and
-        the closing fsync finds little left to write."""
-        os.fdatasync(self._fh.fileno())
+        the closing fsync finds little left to write. (macOS has no fdatasync: fsync there.)"""
+        getattr(os, "fdatasync", os.fsync)(self._fh.fileno())
 
     def close(self, sync: bool = False) -> None:
         """Close the complete file; `sync` first waits until its bytes are on disk (fsync)."""

@@ -250,9 +250,9 @@ def execute_plan(plan: MergePlan, folder: Path, metadata: dict[str, str], progre
     bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="merge",
                disable=None if progress is None else not progress)
     # The publication must fsync every file. That is done in a thread of its own while the
-    # merge goes on: what is written is synced every SYNC_EVERY bytes (otherwise the kernel
-    # holds gigabytes of dirty pages and the disk idles until the fsync), and each finished
-    # shard is fsync'd while the next is computed.
+    # merge goes on: what is written is synced every SYNC_EVERY bytes, one sync at a time
+    # (otherwise the kernel holds gigabytes of dirty pages and the disk idles until the
+    # fsync), and each finished shard is fsync'd while the next is computed.
     syncs: list[Future[None]] = []
     own_workers = workers is None
     workers = workers or Workers(1)
