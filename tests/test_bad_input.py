@@ -119,6 +119,32 @@ def test_nan_or_inf_in_adapter(cli, fx, tmp_path, value, word):
     assert_refused(cli, tmp_path, [adapter, fx["llama-base"]], key, word)
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float8_factor_is_refused_by_name(cli, fx, tmp_path, dtype):
+    """Not an internal error (torch has no isfinite for float8): the module, the factor and
+    its dtype, from inspect (torch-free at first) as from merge."""
+    key = "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"
+    adapter = edit_peft_tensors(copy(fx["llama-peft"], tmp_path / "a"),
+                                lambda t: t.update({key: t[key].to(dtype)}))
+    name = str(dtype).removeprefix("torch.")
+    line = assert_refused(cli, tmp_path, [adapter, fx["llama-base"]], "model.layers.0.mlp.up_proj", "lora_A",
+                          f"dtype {name}", "float32")
+    inspected = cli("inspect", adapter)
+    assert inspected.exit_code == 2 and inspected.stderr.strip() == line
+
+
+@pytest.mark.parametrize("method", ["IA3", "LOHA"])
+def test_an_adapter_config_of_another_method_is_refused(cli, fx, tmp_path, method):
+    """Tensors with PERA's names beside a config of another PEFT method are not read as a
+    state dict with that config's alpha: the config is named, and its peft_type."""
+    adapter = copy(fx["llama-peft"], tmp_path / "a")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "peft_type": method}))
+    line = assert_refused(cli, tmp_path, [adapter, fx["llama-base"]], "adapter_config.json", f"peft_type {method!r}")
+    inspected = cli("inspect", adapter)
+    assert inspected.exit_code == 2 and inspected.stderr.strip() == line
+
+
 def test_ambiguous_coefficients(cli, fx, tmp_path):
     line = assert_refused(cli, tmp_path, [fx["llama-ref-none"], fx["llama-base"]], "model.layers.0.", "ambiguous",
                           "--missing-coefficients")

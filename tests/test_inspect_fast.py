@@ -173,7 +173,9 @@ def test_other_formats_are_left_to_the_loader(fx, tmp_path):
     info = pera_deploy.inspect_adapter(fx["llama-ref-safetensors"])
     assert info["format"] == "reference"
     other = rewrite(fx["llama-peft"], tmp_path / "ia3", lambda t: None, lambda c: c.update(peft_type="IA3"))
-    assert describe_peft(other) is None and pera_deploy.inspect_adapter(other)["format"] != "peft"
+    assert describe_peft(other) is None  # and the loader refuses it: another method's config
+    with pytest.raises(pera_deploy.InputError, match="peft_type 'IA3'"):
+        pera_deploy.inspect_adapter(other)
 
 
 def test_float8_is_left_to_the_loader(fx, tmp_path):

@@ -322,7 +322,7 @@ def test_integer_factors_are_refused(cli, fx, tmp_path):
     tensors[key] = tensors[key].to(torch.int32)
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     refused(cli("merge", folder, fx["llama-base"], "-o", tmp_path / "out"), "lora_A has dtype int32",
-            "floating point")
+            "must be float16, bfloat16, float32 or float64")
 
 
 def _duplicate_first_tensor(path: Path) -> None:

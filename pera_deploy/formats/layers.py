@@ -48,6 +48,11 @@ class TensorMeta:
         return cls(str(t.dtype).removeprefix("torch."), t.is_floating_point(), tuple(t.shape))
 
 
+# What a factor or coefficient may be stored in: the floating types training writes, which
+# every reader and exporter downstream handles (a float8 factor, say, is refused by name).
+FACTOR_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
 def check_layer(module: str, parts: Mapping[Role, TensorMeta], path: Path, *,
                 missing_coefficients: MissingCoefficients = None, plain_lora: bool = False) -> str:
     """Validate one layer's tensors by dtype and shape; returns its coefficient layout ("full",
@@ -58,9 +63,9 @@ def check_layer(module: str, parts: Mapping[Role, TensorMeta], path: Path, *,
         have = ", ".join(sorted(parts)) or "nothing"
         raise InputError(f"{where}: needs both lora_A and lora_B, found {have}")
     for role, t in parts.items():
-        if not t.floating:
-            raise InputError(f"{where}: {ROLE_NAMES[role]} has dtype {t.dtype}; "
-                             "adapter factors and coefficients must be floating point")
+        if not t.floating or t.dtype not in FACTOR_DTYPES:
+            raise InputError(f"{where}: {ROLE_NAMES[role]} has dtype {t.dtype}; adapter factors and coefficients "
+                             f"must be {', '.join(FACTOR_DTYPES[:-1])} or {FACTOR_DTYPES[-1]}")
     A, B = parts["A"].shape, parts["B"].shape
     for role, shape in (("lora_A", A), ("lora_B", B)):
         if len(shape) != 2:

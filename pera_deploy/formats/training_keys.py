@@ -121,13 +121,24 @@ def find_config(found: Found, options: LoadOptions) -> tuple[dict[str, Any] | No
     if options.config is not None:
         if not options.config.is_file():
             raise InputError(f"{options.config}: --config file not found")
-        return validate_adapter_config(read_json(options.config), options.config), options.config
+        return _pera_or_lora(read_json(options.config), options.config), options.config
     here = found.path if found.path.is_dir() else found.path.parent
     for folder in (here, here.parent):
         candidate = folder / ADAPTER_CONFIG
         if candidate.is_file():
-            return validate_adapter_config(read_json(candidate), candidate), candidate
+            return _pera_or_lora(read_json(candidate), candidate), candidate
     return None, None
+
+
+def _pera_or_lora(config: Any, path: Path) -> dict[str, Any]:
+    """A valid config of PERA or plain LoRA (or one that names no method). Another method's
+    (IA3, say) is refused: its lora_alpha and r, if any, do not mean what PERA's do, and the
+    tensors beside it are not a PERA adapter whatever their names."""
+    config = validate_adapter_config(config, path)
+    method = config.get("peft_type")
+    if method is not None and str(method).upper() not in ("PERA", "LORA"):
+        raise InputError(f"{path}: peft_type {method!r}; pera-deploy reads PERA adapters (and plain LoRA ones)")
+    return config
 
 
 def read_adapter(found: Found, options: LoadOptions, format_name: str) -> PeraAdapter:

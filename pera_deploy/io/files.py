@@ -93,6 +93,9 @@ def require_finite(tensors: dict[str, Tensor], path: Path) -> None:
     import torch
 
     for key, tensor in tensors.items():
+        if tensor.is_floating_point() and tensor.dtype not in (torch.float16, torch.bfloat16, torch.float32,
+                                                               torch.float64):
+            tensor = tensor.float()  # float8 has no isfinite; the layer rules refuse it by name afterwards
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             bad = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
             raise InputError(f"{path}: tensor {key} contains {bad}")
