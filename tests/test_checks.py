@@ -86,12 +86,12 @@ def test_sampled_check_recomputes_first_last_and_every_nth_eighth_of_a_block():
     assert not check_merged_layer(wrong_elsewhere, w0, layer, False, "t").passed  # the full check sees it
 
 
-@pytest.mark.parametrize("cols", [64, 48, 100, 1000])
+@pytest.mark.parametrize("cols", [64, 48, 100, 200, 1000])
 def test_sampled_check_looks_into_every_block_the_merge_computed(cols):
     """A merge block written wrong as a whole (from a stale buffer, at a wrong offset) fails
     the sampled check, whichever block it is: the sample's spacing is at most a merge block,
-    whatever the rows' length (16, 21, 10 and 1 rows per merge block here; with 1, every row
-    is recomputed)."""
+    whatever the rows' length (16, 21, 10, 5 and 1 rows per merge block here; with fewer than
+    8, one row of each block is recomputed, which with 1 is every row)."""
     layer = make_layer(in_f=cols)
     w0 = (torch.randn(300, cols) * 0.02).to(torch.bfloat16)
     merged = exact_merge(w0, layer, torch.bfloat16)

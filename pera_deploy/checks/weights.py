@@ -145,8 +145,9 @@ def check_merged_layer(w_merged: Tensor | TensorRows, w0: Tensor | TensorRows, l
     and every `every`-th of those are recomputed. Their spacing is then at most a merge block,
     so every block the merge computed has rows in the sample (a block written from the wrong
     buffer or at the wrong offset cannot escape it), and about 1/`every` of the rows are
-    recomputed whatever the weight's shape (all of them when a row is so long that a merge
-    block has fewer than `every` rows). The norms are then estimated from those rows,
+    recomputed whatever the weight's shape. When a row is so long that a merge block has
+    fewer than `every` rows, one row of each block is recomputed (every row, for blocks of
+    one row). The norms are then estimated from those rows,
     scaled to the whole weight. `sign` −1 checks an unmerge: W' = round(W0 − ΔW), W0 then
     being the merged weight.
     """
@@ -159,7 +160,7 @@ def check_merged_layer(w_merged: Tensor | TensorRows, w0: Tensor | TensorRows, l
     bits, wide = BITS[stored_dtype], torch.int64 if stored_dtype in (torch.float32, torch.float64) else torch.int32
     row_slack = (4 * left.shape[1] * eps * float(right.norm(dim=0).max())) * left.norm(dim=1) + 2 * ABS_FLOOR[stored_dtype]
     merge_rows = max(1, BLOCK_ELEMENTS // max(1, w0.shape[1]))
-    every = min(every, merge_rows)  # a merge block of fewer rows than `every`: every row is checked
+    every = min(every, merge_rows)  # a merge block of fewer rows than `every`: one row of each
     rows = merge_rows // every
     r2 = x2 = 0.0
     max_steps = off = 0
