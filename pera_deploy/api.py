@@ -22,9 +22,9 @@ from .options import (
     LORA_DTYPES,
     ONNX_DTYPES,
     OUTPUT_DTYPES,
-    PRECISIONS,
     adapter_name,
     choose,
+    no_precision,
     parse_size,
     rank_options,
 )
@@ -104,7 +104,7 @@ def inspect_adapter(adapter: AdapterLike, **load_options: Any) -> dict[str, Any]
 
 
 def merge(adapter: AdapterLike | Sequence[AdapterLike], base: str | Path, output: str | Path, *,
-          weights: Sequence[float] | None = None, dtype: str = "auto", precision: str = "float32",
+          weights: Sequence[float] | None = None, dtype: str = "auto", precision: str | None = None,
           max_shard_size: str | int | None = None, untie_embeddings: bool = False, check_forward_pass: bool = False,
           full_check: bool = False, force: bool = False, progress: bool | None = None, digests: Digests | None = None,
           jobs: int | None = None, **load_options: Any) -> Report:
@@ -122,25 +122,25 @@ def merge(adapter: AdapterLike | Sequence[AdapterLike], base: str | Path, output
     from .publish.output_folder import check_target
 
     choose("--dtype", dtype, OUTPUT_DTYPES)
-    choose("--precision", precision, PRECISIONS)
+    no_precision(precision)
     shard_limit = parse_size(max_shard_size) if max_shard_size is not None else None
     threads = option_jobs(jobs)
     output = Path(output)
     sources = _sources(adapter)
     check_target(output, force, _given(*sources, base, load_options.get("config")))
     loaded = _load_weighted(sources, weights, load_options)
-    options = {"dtype": dtype, "precision": precision, "max_shard_size": max_shard_size, "weights": _weights(weights),
+    options = {"dtype": dtype, "max_shard_size": max_shard_size, "weights": _weights(weights),
                "untie_embeddings": untie_embeddings, "missing_coefficients": load_options.get("missing_coefficients"),
                "check_forward": check_forward_pass, "full_check": full_check}
     with _digests(digests) as hasher, offline():
-        return merge_folder(loaded, Path(base), output, hasher, dtype=dtype, precision=precision,
+        return merge_folder(loaded, Path(base), output, hasher, dtype=dtype,
                             max_shard_size=shard_limit, untie_embeddings=untie_embeddings,
                             check_forward_pass=check_forward_pass, full_check=full_check, force=force,
                             progress=progress, options=options, jobs=threads)
 
 
 def verify(merged: str | Path, adapter: AdapterLike | None = None, base: str | Path | None = None, *,
-           forward: bool = True, precision: str = "float32", untie_embeddings: bool | None = None, seed: int = 0,
+           forward: bool = True, precision: str | None = None, untie_embeddings: bool | None = None, seed: int = 0,
            progress: bool | None = None, **load_options: Any) -> Report:
     """Check an existing merged folder (pera-deploy's or another tool's) against its base and
     adapter. Returns the report (`report.check("weights")`, `report.check("forward")`);
@@ -151,7 +151,7 @@ def verify(merged: str | Path, adapter: AdapterLike | None = None, base: str | P
     """
     from .checks.bundle import is_bundle
 
-    choose("--precision", precision, PRECISIONS)
+    no_precision(precision)
     merged = Path(merged)
     if is_bundle(merged):
         return _verify_bundle(merged, seed, load_options)
@@ -161,7 +161,7 @@ def verify(merged: str | Path, adapter: AdapterLike | None = None, base: str | P
 
     loaded = _load(adapter, load_options)
     with offline():
-        return verify_merged(merged, loaded, Path(base), forward=forward, precision=precision,
+        return verify_merged(merged, loaded, Path(base), forward=forward,
                              untie_embeddings=untie_embeddings, seed=seed, progress=progress)
 
 
@@ -261,7 +261,7 @@ def keep_branch(adapter: AdapterLike, base: str | Path, output: str | Path, *, b
 
 
 def unmerge(merged: str | Path, adapter: AdapterLike, output: str | Path, *, check_against: str | Path | None = None,
-            precision: str = "float32", full_check: bool = False, force: bool = False, progress: bool | None = None,
+            precision: str | None = None, full_check: bool = False, force: bool = False, progress: bool | None = None,
             digests: Digests | None = None, jobs: int | None = None, **load_options: Any) -> Report:
     """Recover W0 = round(W' − ΔW) from a merged model folder, streamed like a merge.
 
@@ -273,17 +273,17 @@ def unmerge(merged: str | Path, adapter: AdapterLike, output: str | Path, *, che
     from .export.merged import unmerge_folder
     from .publish.output_folder import check_target
 
-    choose("--precision", precision, PRECISIONS)
+    no_precision(precision)
     threads = option_jobs(jobs)
     output = Path(output)
     check_target(output, force, _given(adapter, merged, check_against, load_options.get("config")))
     loaded = _load(adapter, load_options)
-    options = {"precision": precision, "full_check": full_check,
+    options = {"full_check": full_check,
                "check_against": Path(check_against).name if check_against is not None else None}
     with _digests(digests) as hasher, offline():
         return unmerge_folder(Path(merged), loaded, output, hasher,
                               check_against=Path(check_against) if check_against is not None else None,
-                              precision=precision, full_check=full_check, force=force, progress=progress,
+                              full_check=full_check, force=force, progress=progress,
                               options=options, jobs=threads)
 
 

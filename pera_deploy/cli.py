@@ -96,6 +96,18 @@ jobs_option = click.option(
     help="Threads that share out the arithmetic (default: the cores available); the output is byte-identical "
     "whatever N is.")
 
+precision_option = click.option(
+    "--precision", type=click.Choice(["float32", "float64"]), default=None, hidden=True, expose_value=False,
+    callback=lambda ctx, param, value: _no_precision(value),
+    help="No longer used: every merged element is computed exactly and rounded once.")
+
+
+def _no_precision(value: str | None) -> None:
+    if value is not None:
+        click.echo("pera-deploy: warning: --precision no longer does anything: every merged element is W0 + ΔW "
+                   "computed exactly and rounded once to the output dtype", err=True)
+
+
 force_option = click.option(
     "--force", is_flag=True,
     help="Replace OUTPUT if it is an earlier output of pera-deploy (or an empty folder); nothing else is replaced.")
@@ -252,9 +264,16 @@ def _forward_line(f: Any) -> str:
 
 
 def _weights_line(w: dict[str, Any]) -> str:
-    return (f"{w['merged_layers']} merged tensors are W0 + ΔW rounded once ({w['rows_recomputed']:.0%} of their rows "
-            f"recomputed independently; {w['elements_off']} elements more than one step off; the rounding costs at "
-            f"most {w['max_rel_error']:.2g} of ‖ΔW‖), {w['untouched_identical']} untouched tensors identical")
+    if w["every_element_correctly_rounded"]:
+        how = "W0 + ΔW correctly rounded, every element"
+    elif w["passed"]:
+        how = (f"W0 + ΔW within a float32 merge's rounding ({w['elements_off']} elements not the correctly rounded "
+               "value)")
+    else:
+        how = f"NOT W0 + ΔW correctly rounded ({w['elements_off']} elements differ)"
+    return (f"{w['merged_layers']} merged tensors are {how} ({w['rows_recomputed']:.0%} of their rows recomputed; "
+            f"the rounding costs at most {w['max_rel_error']:.2g} of ‖ΔW‖), {w['untouched_identical']} untouched "
+            "tensors identical")
 
 
 def _fmt_list(values: list[Any]) -> str:
@@ -334,8 +353,7 @@ def inspect(adapter: Path, format_: str | None, adapter_name: str | None, missin
 @adapter_options
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True,
               help="Storage dtype of the output's float tensors; auto keeps each tensor's own.")
-@click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
-              help="Precision ΔW and W0 + ΔW are computed in, before the one rounding to the output dtype.")
+@precision_option
 @click.option("--max-shard-size", default=None, metavar="SIZE",
               help="Re-shard the output (e.g. 2GB, 500MB); by default the base's shard layout is kept.")
 @click.option("--untie-embeddings", is_flag=True,
@@ -358,7 +376,7 @@ def inspect(adapter: Path, format_: str | None, adapter_name: str | None, missin
 @debug_option
 def merge(paths: tuple[Path, ...], output: Path, adapter_opts: tuple[Path, ...], base_opt: Path | None,
           weights: str | None, format_: str | None, adapter_name: str | None,
-          missing_coefficients: str | None, config: Path | None, dtype: str, precision: str,
+          missing_coefficients: str | None, config: Path | None, dtype: str,
           max_shard_size: str | None, untie_embeddings: bool, check_forward: bool, full_check: bool,
           keep_branch: bool, base_files: str, jobs: int | None, force: bool, progress: bool | None,
           as_json: bool) -> None:
@@ -396,7 +414,7 @@ def merge(paths: tuple[Path, ...], output: Path, adapter_opts: tuple[Path, ...],
     if keep_branch:
         given = [flag for flag, on in (("--dtype", dtype != "auto"), ("--max-shard-size", max_shard_size is not None),
                                        ("--untie-embeddings", untie_embeddings), ("--check-forward", check_forward),
-                                       ("--full-check", full_check), ("--precision", precision != "float32"),
+                                       ("--full-check", full_check),
                                        ("--jobs", jobs is not None)) if on]
         if given:
             raise InputError(f"{', '.join(given)} do(es) not apply with --keep-branch: the base is written untouched")
@@ -449,7 +467,7 @@ def merge(paths: tuple[Path, ...], output: Path, adapter_opts: tuple[Path, ...],
         from .api import merge as run_merge
 
         _run(as_json, lambda: run_merge(
-            adapter, base, output, weights=weight_list, dtype=dtype, precision=precision, max_shard_size=max_shard_size,
+            adapter, base, output, weights=weight_list, dtype=dtype, max_shard_size=max_shard_size,
             untie_embeddings=untie_embeddings, check_forward_pass=check_forward, full_check=full_check, force=force,
             progress=progress, digests=digests, jobs=jobs, **load), render,
             to_dict=lambda report: {**report.to_dict(), "seconds": time.perf_counter() - started})
@@ -467,13 +485,12 @@ def merge(paths: tuple[Path, ...], output: Path, adapter_opts: tuple[Path, ...],
 @click.option("--forward/--no-forward", default=True, show_default=True,
               help="Also compare outputs of the merged and the unmerged model on seeded inputs.")
 @click.option("--seed", default=0, show_default=True, help="Seed for the forward check's inputs.")
-@click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
-              help="Precision of the recomputed W0 + ΔW.")
+@precision_option
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
 @json_option
 @debug_option
 def verify(merged: Path, adapter: Path | None, base: Path | None, format_: str | None, adapter_name: str | None,
-           missing_coefficients: str | None, config: Path | None, forward: bool, seed: int, precision: str,
+           missing_coefficients: str | None, config: Path | None, forward: bool, seed: int,
            progress: bool | None, as_json: bool) -> None:
     """Check a merged model folder against its base and the adapter (exit 1 if it does not match).
 
@@ -511,7 +528,7 @@ def verify(merged: Path, adapter: Path | None, base: Path | None, format_: str |
             lines.append(f"forward: {'ok' if fwd.passed else 'FAILED'} — {_forward_line(fwd)}")
         return "\n".join(lines)
 
-    _run(as_json, lambda: run_verify(merged, adapter, base, forward=forward, seed=seed, precision=precision,
+    _run(as_json, lambda: run_verify(merged, adapter, base, forward=forward, seed=seed,
                                      progress=progress,
                                      **_load_options(format_, adapter_name, missing_coefficients, config)), render)
 
@@ -680,8 +697,7 @@ def combine(adapters: tuple[Path, ...], output: Path, weights: str | None, forma
 @click.option("--check-against", type=click.Path(path_type=Path), default=None,
               help="The original base: compare the recovered weights with it (exit 1 if clearly further off than "
               "the merge's rounding explains).")
-@click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
-              help="Precision of W' − ΔW before the one rounding.")
+@precision_option
 @click.option("--full-check", is_flag=True,
               help="Recompute every recovered element independently (default: a sample of rows).")
 @jobs_option
@@ -690,7 +706,7 @@ def combine(adapters: tuple[Path, ...], output: Path, weights: str | None, forma
 @json_option
 @debug_option
 def unmerge(merged: Path, adapter: Path, output: Path, format_: str | None, adapter_name: str | None,
-            missing_coefficients: str | None, config: Path | None, check_against: Path | None, precision: str,
+            missing_coefficients: str | None, config: Path | None, check_against: Path | None,
             full_check: bool, jobs: int | None, force: bool, progress: bool | None, as_json: bool) -> None:
     """Take a PERA update back out of a merged model: W0 = W' − ΔW, streamed like a merge.
 
@@ -726,7 +742,7 @@ def unmerge(merged: Path, adapter: Path, output: Path, format_: str | None, adap
             lines.append(f"  not restored (the merge replaced them): {', '.join(m['unmerge']['not_restored'])}")
         return "\n".join(lines)
 
-    _run(as_json, lambda: run_unmerge(merged, adapter, output, check_against=check_against, precision=precision,
+    _run(as_json, lambda: run_unmerge(merged, adapter, output, check_against=check_against,
                                       full_check=full_check, force=force, progress=progress, jobs=jobs,
                                       **_load_options(format_, adapter_name, missing_coefficients, config)), render)
 

@@ -12,7 +12,6 @@ from .errors import InputError
 T = TypeVar("T")
 
 OUTPUT_DTYPES = ("auto", "float32", "float16", "bfloat16")
-PRECISIONS = ("float32", "float64")
 LORA_DTYPES = ("float32", "float16", "bfloat16")
 ONNX_DTYPES = ("float32", "float16")
 MISSING_COEFFICIENTS = (None, "zero", "one")
@@ -35,6 +34,19 @@ def adapter_name(name: str, option: str = "--adapter") -> str:
         raise InputError(f"{option} {name!r}=...: a name must be letters, digits, '_', '-' or '.', "
                          "starting with a letter or digit (it names a file)")
     return name
+
+
+def no_precision(value: str | None) -> None:
+    """`precision` (--precision) is gone: every merged element is W0 + ΔW computed exactly from
+    float64 factors and rounded once (docs/formats.md, "Numerics"), so there is nothing to
+    choose. A value is still accepted, with a warning, so that callers keep working."""
+    if value is None:
+        return
+    choose("--precision", value, ("float32", "float64"))
+    import warnings
+
+    warnings.warn("precision (--precision) no longer does anything: every merged element is W0 + ΔW computed "
+                  "exactly and rounded once to the output dtype", DeprecationWarning, stacklevel=3)
 
 
 def rank_options(rank: int | None, tol: float | None, max_rank: int | None) -> None:

@@ -28,6 +28,16 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 @contextmanager
+def blas_threads(n: int) -> Iterator[None]:
+    """numpy's BLAS (and its LAPACK) on `n` threads (at least 1), then as before
+    (threadpoolctl: it finds whichever BLAS numpy was built with)."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(max(1, n), user_api="blas"):
+        yield
+
+
+@contextmanager
 def environment(**values: str) -> Iterator[None]:
     """Environment variables set, then restored (or removed again).
 

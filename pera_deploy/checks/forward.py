@@ -21,7 +21,7 @@ from ..core.adapter import PeraAdapter
 from ..core.names import NameIndex
 from ..errors import InputError
 from ..io.model_folder import ModelFolder
-from ..io.safetensors_stream import DTYPE_CODES, DTYPES
+from ..core.dtypes import TORCH_NAMES
 from ..io.streamed_model import NotStreamable, StreamedModel
 from .numerics import COARSENESS, UNIT_ROUNDOFF
 
@@ -68,10 +68,14 @@ class ForwardCheck:
         )
 
 
+def _torch_dtype(code: str) -> torch.dtype:
+    return getattr(torch, TORCH_NAMES[code])
+
+
 def storage_dtype(checkpoint: ModelFolder) -> torch.dtype:
     """The coarsest float dtype a model's tensors are stored in (what bounds its accuracy)."""
     codes = [e.dtype for e in checkpoint.entries.values() if e.dtype in COARSENESS]
-    return DTYPES[max(codes, key=COARSENESS.__getitem__, default="F32")]
+    return _torch_dtype(max(codes, key=COARSENESS.__getitem__, default="F32"))
 
 
 def storage_roundoff(merged: ModelFolder, base: ModelFolder, adapter: PeraAdapter) -> dict[str, float]:
@@ -79,19 +83,19 @@ def storage_roundoff(merged: ModelFolder, base: ModelFolder, adapter: PeraAdapte
     rounded to its tensor's dtype) and per base tensor now stored in a coarser dtype."""
     index = NameIndex(merged.names)
 
-    def merged_dtype(name: str) -> torch.dtype | None:
+    def merged_code(name: str) -> str | None:
         match = index.resolve_one(name)
         code = merged.entries[match].dtype if match is not None else None
-        return DTYPES[code] if code in COARSENESS else None
+        return code if code in COARSENESS else None
 
     units: dict[str, float] = {}
     for module in adapter.layers:
-        d = merged_dtype(module + ".weight")
+        d = merged_code(module + ".weight")
         if d is not None:
             units[module] = UNIT_ROUNDOFF[d]
     for name, entry in base.entries.items():
-        d = merged_dtype(name)
-        if d is not None and entry.dtype in COARSENESS and COARSENESS[DTYPE_CODES[d]] > COARSENESS[entry.dtype]:
+        d = merged_code(name)
+        if d is not None and entry.dtype in COARSENESS and COARSENESS[d] > COARSENESS[entry.dtype]:
             units[name] = UNIT_ROUNDOFF[d]
     return units
 

@@ -5,18 +5,18 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import torch
-from torch import Tensor
 
+from ..core.dtypes import code_of
 from ..io.safetensors_stream import TensorEntry
 
-# Unit roundoff u (|round(x) - x| <= u·|x| for round-to-nearest) and half the smallest
-# subnormal (the absolute error floor) of each storage dtype.
-UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
-ABS_FLOOR = {torch.float64: 0.0, torch.float32: 2.0**-150, torch.float16: 2.0**-25, torch.bfloat16: 2.0**-134}
-
-BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+# Unit roundoff u (|round(x) - x| <= u·|x| for round-to-nearest) of each storage dtype code.
+UNIT_ROUNDOFF = {"F64": 2.0**-53, "F32": 2.0**-24, "F16": 2.0**-11, "BF16": 2.0**-8}
 COARSENESS = {"F64": 0, "F32": 1, "F16": 2, "BF16": 3}  # finer to coarser storage
+
+
+def unit_roundoff(array: np.ndarray) -> float:
+    """u of an array's float dtype."""
+    return UNIT_ROUNDOFF[code_of(array)]
 
 
 COMPARE_CHUNK = 4 << 20
@@ -40,7 +40,31 @@ def same_bytes(a: TensorEntry, b: TensorEntry) -> bool:
     return True
 
 
-def same_bits(a: Tensor, b: Tensor) -> bool:
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    """Same dtype, same shape, same bytes (NaNs with the same payload are equal, -0 is not 0)."""
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
-    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+    return bool(np.array_equal(np.ascontiguousarray(a).reshape(-1).view(np.uint8),
+                               np.ascontiguousarray(b).reshape(-1).view(np.uint8)))
+
+
+def differences(got: np.ndarray, want: np.ndarray) -> tuple[int, int]:
+    """(elements whose bits differ, the largest distance among them in steps of the dtype).
+
+    A step is one representable number: sign-magnitude bits are laid on one monotone integer
+    line (−0 and +0 one step apart), so 1 means neighbours. Only the differing elements are
+    measured, in Python integers (exact for every width)."""
+    width = got.dtype.itemsize * 8
+    unsigned = {16: np.uint16, 32: np.uint32, 64: np.uint64}[width]
+    a = np.ascontiguousarray(got).reshape(-1).view(unsigned)
+    b = np.ascontiguousarray(want).reshape(-1).view(unsigned)
+    (where,) = np.nonzero(a != b)
+    if not where.size:
+        return 0, 0
+    sign = 1 << (width - 1)
+
+    def line(bits: int) -> int:
+        return sign - 1 - bits if bits >= sign else bits
+
+    steps = max(abs(line(int(x)) - line(int(y))) for x, y in zip(a[where].tolist(), b[where].tolist()))
+    return int(where.size), steps

@@ -12,15 +12,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from ..core.dtypes import code_of
 from ..core.names import NameIndex
+from ..core.rounding import convert
 from ..io.model_folder import ModelFolder
 from ..merging.plan import MergePlan
 from .numerics import UNIT_ROUNDOFF, same_bits
 
 EXPECTED = ("within about two roundings of the stored dtype of the original (the merge's own rounding cannot be "
             "undone; this one adds another)")
-# Two roundings are the most a correct unmerge costs; twice that leaves room for the float32
-# evaluation of W' − ΔW. A wrong adapter is off by hundreds (342 seen on the fixtures).
+# Two roundings are the most a correct unmerge costs (each correctly rounded); twice that
+# leaves room to spare. A wrong adapter is off by hundreds (342 seen on the fixtures).
 MAX_ROUNDINGS = 4.0
 
 
@@ -86,16 +90,17 @@ def check_reconstruction(folder: Path, plan: MergePlan, base: Path) -> Reconstru
             if match is None:
                 continue  # a tensor the merge added
             got, want = recovered.get(name), original.get(match)
-            same_dtype = want.to(got.dtype) if got.is_floating_point() else want
+            same_dtype = convert(want, code_of(got))
             if name in targeted:
-                w0, error = want.double(), (got.double() - want.double()).norm()
-                merged_norm = float(plan.checkpoint.get(name).double().norm())
+                w0 = want.astype(np.float64)
+                error = _norm(got.astype(np.float64) - w0)
+                merged_norm = _norm(plan.checkpoint.get(name).astype(np.float64))
                 check.layers.append({
                     "tensor": name,
-                    "rel_error": float(error / w0.norm()) if float(w0.norm()) else 0.0,
-                    "exact_fraction": float((got == same_dtype).double().mean()),
+                    "rel_error": error / _norm(w0) if _norm(w0) else 0.0,
+                    "exact_fraction": float(np.mean(got == same_dtype)),
                     # ‖W_rec − W0‖ in units of what one rounding of the merged weight may cost
-                    "roundings": float(error) / (UNIT_ROUNDOFF[got.dtype] * merged_norm) if merged_norm else 0.0,
+                    "roundings": error / (UNIT_ROUNDOFF[code_of(got)] * merged_norm) if merged_norm else 0.0,
                 })
             elif same_bits(got, same_dtype):
                 check.untouched_identical += 1
@@ -103,3 +108,8 @@ def check_reconstruction(folder: Path, plan: MergePlan, base: Path) -> Reconstru
                 changed.append(name)
     check.untouched_changed = sorted(set(changed) - set(check.not_restored))
     return check
+
+
+def _norm(values: np.ndarray) -> float:
+    """‖values‖_F in float64 (squares summed by numpy's pairwise sum)."""
+    return float(np.sqrt(np.square(values, dtype=np.float64).sum()))

@@ -5,22 +5,20 @@ Nothing downstream of a loader knows which file format an adapter came from: it 
 into pair order, the scaling already resolved, and the orientation of the base weight.
 
 What `inspect` reports is built by `describe_adapter` from `LayerInfo`s (a layer without its
-tensors) and one ‖ΔW‖ each, so a reader that never makes tensors (inspect's torch-free fast
-path, formats/peft_describe.py) gives the same report. torch is imported only where tensors
-are computed with.
+tensors) and one ‖ΔW‖ each, so a reader that builds no layers (inspect's fast path,
+formats/peft_describe.py) gives the same report. Tensors are numpy arrays in their stored
+dtype (bfloat16 and float8 from ml_dtypes); the math widens them exactly to float64.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
+
+import numpy as np
 
 from .pairs import expanded_rank, num_pairs
-
-if TYPE_CHECKING:
-    import torch
-    from torch import Tensor
 
 
 def parameter_count(r: int, in_features: int, out_features: int, layout: str, has_hB: bool) -> int:
@@ -103,13 +101,22 @@ class PeraLayer:
     """One adapted module: ΔW = scaling · B̂ Â (section 1)."""
 
     module: str  # module path relative to the base model, e.g. "model.layers.0.self_attn.q_proj"
-    A: Tensor  # (r, in)
-    B: Tensor  # (out, r)
-    hA: Tensor  # (P,), pair order; zeros for a plain LoRA
-    hB: Tensor | None  # (P,) or None, meaning all ones
+    A: np.ndarray  # (r, in), stored dtype
+    B: np.ndarray  # (out, r), stored dtype
+    hA: np.ndarray  # (P,), pair order; zeros for a plain LoRA
+    hB: np.ndarray | None  # (P,) or None, meaning all ones
     scaling: float
     fan_in_fan_out: bool  # the base stores W0 as (in, out), as GPT-2's Conv1D does
     layout: str  # how the coefficients were stored, for reports ("full", "square_only", ...)
+
+    def __post_init__(self) -> None:
+        # every reader hands over numpy arrays; a torch tensor (a caller's own) is taken as one
+        from .dtypes import as_numpy
+
+        for name in ("A", "B", "hA", "hB"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, np.ndarray):
+                object.__setattr__(self, name, as_numpy(value))
 
     @property
     def r(self) -> int:
@@ -138,37 +145,29 @@ class PeraLayer:
     def parameter_count(self) -> int:
         return parameter_count(self.r, self.in_features, self.out_features, self.layout, self.hB is not None)
 
-    def expanded_factors(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
-        """(s·B̂, Â): ΔW = (s·B̂) @ Â, in nn.Linear layout, in `dtype` (default float32)."""
+    def expanded_factors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(s·B̂, Â) in float64: ΔW = (s·B̂) @ Â, in nn.Linear layout (core/pera.py)."""
         from . import pera
 
-        return pera.expanded_factors(self.A, self.B, self.hA, self.hB, self.scaling, _dtype(dtype))
+        return pera.expanded_factors(self.A, self.B, self.hA, self.hB, self.scaling)
 
-    def delta_weight(self, dtype: torch.dtype | None = None) -> Tensor:
-        """Dense ΔW in nn.Linear layout (out, in), in `dtype` (default float32)."""
-        b_hat, a_hat = self.expanded_factors(dtype)
+    def delta_weight(self) -> np.ndarray:
+        """Dense ΔW in nn.Linear layout (out, in), float64 (for reports and tests)."""
+        b_hat, a_hat = self.expanded_factors()
         return b_hat @ a_hat
 
-    def exact_factors(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
-        """(s·B̂, Â) without the terms whose coefficient is exactly zero: the smallest exact LoRA."""
+    def exact_factors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(s·B̂, Â) in float64 without the terms whose coefficient is exactly zero: the
+        smallest exact LoRA."""
         from . import pera
 
-        return pera.exact_factors(self.A, self.B, self.hA, self.hB, self.scaling, _dtype(dtype))
+        return pera.exact_factors(self.A, self.B, self.hA, self.hB, self.scaling)
 
     def delta_norm(self) -> float:
         """‖ΔW‖_F, from the factors, in float64."""
-        import torch
-
         from .lowrank import factored_norm
 
-        return factored_norm(*self.exact_factors(torch.float64))
-
-
-def _dtype(dtype: torch.dtype | None) -> torch.dtype:
-    """The working precision: float32 unless given (a default that does not import torch)."""
-    import torch
-
-    return torch.float32 if dtype is None else dtype
+        return factored_norm(*self.exact_factors())
 
 
 @dataclass
@@ -178,7 +177,7 @@ class PeraAdapter:
     layers: dict[str, PeraLayer]
     # modules_to_save and trained biases (section 2.4), keyed by their name relative to
     # the base model (no "base_model.model." prefix, no ".base_layer" segment).
-    extra_tensors: dict[str, Tensor] = field(default_factory=dict)
+    extra_tensors: dict[str, np.ndarray] = field(default_factory=dict)
     format: str = ""
     path: Path | None = None
     files: tuple[Path, ...] = ()
@@ -190,6 +189,11 @@ class PeraAdapter:
     source: dict[str, Any] = field(default_factory=dict)
     # for a weighted sum of adapters (core/combination.py): (name, weight, adapter) of each
     members: tuple[tuple[str, float, PeraAdapter], ...] = ()
+
+    def __post_init__(self) -> None:
+        from .dtypes import as_numpy
+
+        self.extra_tensors = {name: as_numpy(t) for name, t in self.extra_tensors.items()}
 
     @property
     def label(self) -> str:
@@ -221,13 +225,13 @@ class PeraAdapter:
     @property
     def parameter_count(self) -> int:
         return sum(layer.parameter_count for layer in self.layers.values()) + sum(
-            t.numel() for t in self.extra_tensors.values()
+            t.size for t in self.extra_tensors.values()
         )
 
     def describe(self) -> dict[str, Any]:
         """What this adapter is, for `inspect`: format, ranks, R', scaling, layouts, and every
         layer with its ‖ΔW‖ (from the factors)."""
         return describe_adapter([(LayerInfo.of(layer), layer.delta_norm()) for layer in self.layers.values()],
-                                {name: t.numel() for name, t in self.extra_tensors.items()}, path=self.path,
+                                {name: t.size for name, t in self.extra_tensors.items()}, path=self.path,
                                 format=self.format, name=self.name, config=self.config, notes=self.notes,
                                 source=self.source)

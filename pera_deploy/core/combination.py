@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-from torch import Tensor
+import numpy as np
 
 from ..errors import InputError
 from .adapter import PeraAdapter, PeraLayer
@@ -66,26 +65,28 @@ class WeightedSum:
     def parameter_count(self) -> int:
         return sum(layer.parameter_count for _, layer in self.parts)
 
-    def _stacked(self, factors: list[tuple[Tensor, Tensor]], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        lefts = [left * torch.tensor(weight, dtype=dtype) for (weight, _), (left, _) in zip(self.parts, factors)]
-        return torch.cat(lefts, dim=1), torch.cat([right for _, right in factors], dim=0)
+    def _stacked(self, factors: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+        """[w₁·L₁ | w₂·L₂ | ...], [R₁; R₂; ...] in float64 (each weight one more rounding of
+        its part's left factor: the float64 definition of the sum's factors)."""
+        lefts = [left * weight if weight != 1.0 else left for (weight, _), (left, _) in zip(self.parts, factors)]
+        return np.concatenate(lefts, axis=1), np.concatenate([right for _, right in factors], axis=0)
 
-    def expanded_factors(self, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
-        """[w₁s₁B̂₁ | w₂s₂B̂₂ | ...], [Â₁; Â₂; ...]: ΔW = left @ right."""
-        return self._stacked([layer.expanded_factors(dtype) for _, layer in self.parts], dtype)
+    def expanded_factors(self) -> tuple[np.ndarray, np.ndarray]:
+        """[w₁s₁B̂₁ | w₂s₂B̂₂ | ...], [Â₁; Â₂; ...] in float64: ΔW = left @ right."""
+        return self._stacked([layer.expanded_factors() for _, layer in self.parts])
 
-    def exact_factors(self, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    def exact_factors(self) -> tuple[np.ndarray, np.ndarray]:
         """The same without each part's zero-coefficient terms (and without parts weighted 0)."""
         kept = [(w, layer) for w, layer in self.parts if w != 0] or list(self.parts[:1])
         sub = WeightedSum(self.module, tuple(kept))
-        return sub._stacked([layer.exact_factors(dtype) for _, layer in kept], dtype)
+        return sub._stacked([layer.exact_factors() for _, layer in kept])
 
-    def delta_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        left, right = self.expanded_factors(dtype)
+    def delta_weight(self) -> np.ndarray:
+        left, right = self.expanded_factors()
         return left @ right
 
     def delta_norm(self) -> float:
-        return factored_norm(*self.exact_factors(torch.float64))
+        return factored_norm(*self.exact_factors())
 
 
 def combine(adapters: Sequence[tuple[str, PeraAdapter]], weights: Sequence[float] | None = None) -> PeraAdapter:

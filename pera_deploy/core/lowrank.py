@@ -4,72 +4,82 @@ A PERA update is (s·B̂)·Â with inner size R' (44 for r = 8, 152 for r = 16),
 comes from small matrices: orthogonalise both factors (L = Q_L·T_L, Rᵀ = Q_R·T_R), take
 the SVD of the R'×R' core T_L·T_Rᵀ = U·Σ·Vᵀ, and rotate back: ΔW = (Q_L·U)·Σ·(Q_R·V)ᵀ.
 That costs O((out + in)·R'²) instead of O(out·in·R') for the dense product, and keeping the
-K largest singular triplets is the best rank-K approximation (Eckart–Young). Pure torch,
-computed in float64.
+K largest singular triplets is the best rank-K approximation (Eckart–Young). numpy (LAPACK),
+in float64.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
+from typing import Iterator
 
-import torch
-from torch import Tensor
+import numpy as np
 
 
 @dataclass(frozen=True)
 class FactoredSVD:
     """ΔW = left_basis · diag(singular_values) · right_basisᵀ, singular values descending."""
 
-    left_basis: Tensor  # (out, k), orthonormal columns
-    singular_values: Tensor  # (k,)
-    right_basis: Tensor  # (in, k), orthonormal columns
+    left_basis: np.ndarray  # (out, k), orthonormal columns
+    singular_values: np.ndarray  # (k,)
+    right_basis: np.ndarray  # (in, k), orthonormal columns
 
     @property
     def norm(self) -> float:
         """‖ΔW‖_F."""
-        return float(self.singular_values.norm())
+        return float(np.linalg.norm(self.singular_values))
 
-    def relative_errors(self) -> Tensor:
+    def relative_errors(self) -> np.ndarray:
         """Entry K: ‖ΔW − ΔW_K‖_F / ‖ΔW‖_F for K = 0..k (non-increasing in K, 0 at K = k)."""
-        s2 = self.singular_values.double().square()
-        tail = torch.cat([s2.flip(0).cumsum(0).flip(0), s2.new_zeros(1)])  # Σ_{i ≥ K} σ_i²
+        s2 = np.square(self.singular_values.astype(np.float64))
+        tail = np.concatenate([np.cumsum(s2[::-1])[::-1], np.zeros(1)])  # Σ_{i ≥ K} σ_i²
         total = float(s2.sum())
-        return (tail / total).sqrt() if total > 0 else torch.zeros_like(tail)
+        return np.sqrt(tail / total) if total > 0 else np.zeros_like(tail)
 
-    def factors(self, rank: int) -> tuple[Tensor, Tensor]:
+    def factors(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
         """(lora_B, lora_A) of the best rank-`rank` approximation, balanced: each gets √σ."""
-        root = self.singular_values[:rank].sqrt()
+        root = np.sqrt(self.singular_values[:rank])
         return self.left_basis[:, :rank] * root, (self.right_basis[:, :rank] * root).T
 
 
-def factored_svd(left: Tensor, right: Tensor) -> FactoredSVD:
-    """The SVD of left @ right (left: (out, R'), right: (R', in)) from the factors alone."""
-    q_left, t_left = torch.linalg.qr(left.to(torch.float64), mode="reduced")
-    q_right, t_right = torch.linalg.qr(right.to(torch.float64).T, mode="reduced")
-    u, s, vh = torch.linalg.svd(t_left @ t_right.T, full_matrices=False)
-    return FactoredSVD(q_left @ u, s, q_right @ vh.T)
+def factored_svd(left: np.ndarray, right: np.ndarray) -> FactoredSVD:
+    """The SVD of left @ right (left: (out, R'), right: (R', in)) from the factors alone.
+
+    Each singular pair's sign is fixed (the left vector's largest entry positive), which
+    LAPACK leaves to the implementation: the same update gives the same factors whatever
+    library computed them, up to float64 rounding."""
+    q_left, t_left = np.linalg.qr(left.astype(np.float64), mode="reduced")
+    q_right, t_right = np.linalg.qr(right.astype(np.float64).T, mode="reduced")
+    u, s, vh = np.linalg.svd(t_left @ t_right.T, full_matrices=False)
+    left_basis, right_basis = q_left @ u, q_right @ vh.T
+    if left_basis.size:
+        sign = np.sign(left_basis[np.abs(left_basis).argmax(axis=0), np.arange(left_basis.shape[1])])
+        sign[sign == 0] = 1.0
+        left_basis, right_basis = left_basis * sign, right_basis * sign
+    return FactoredSVD(left_basis, s, right_basis)
 
 
-def factored_norm(left: Tensor, right: Tensor) -> float:
+def factored_norm(left: np.ndarray, right: np.ndarray) -> float:
     """‖left @ right‖_F from the factors alone, in float64, without forming the product.
 
     Through QR (left = Q_L·T_L, rightᵀ = Q_R·T_R, so ‖left·right‖ = ‖T_L·T_Rᵀ‖): it costs
     O((out + in)·k²) for inner size k, and unlike the Gram-matrix identity
     ‖LR‖² = trace((LᵀL)(RRᵀ)) it keeps its digits when the product is tiny next to its
-    factors (the difference of two nearly equal updates, say). Only R is formed (mode "r",
-    the same R bit for bit): Q is not needed, and forming it doubled the cost.
+    factors (the difference of two nearly equal updates, say). Only R is formed (mode "r"):
+    Q is not needed, and forming it doubled the cost.
     """
-    _, t_left = torch.linalg.qr(left.to(torch.float64), mode="r")
-    _, t_right = torch.linalg.qr(right.to(torch.float64).T, mode="r")
-    return float(torch.linalg.matrix_norm(t_left @ t_right.T))
+    t_left = np.linalg.qr(left.astype(np.float64), mode="r")
+    t_right = np.linalg.qr(right.astype(np.float64).T, mode="r")
+    return float(np.linalg.norm(t_left @ t_right.T))
 
 
 def choose_rank(svd: FactoredSVD, *, rank: int | None = None, tol: float | None = None,
                 max_rank: int | None = None) -> int:
     """The rank to keep: `rank` as given, else the smallest whose relative error is ≤ `tol`,
     capped by `max_rank` and by the number of singular values; None of them: all."""
-    available = svd.singular_values.numel()
+    available = svd.singular_values.size
     if rank is not None:
         keep = rank
     elif tol is not None:
@@ -87,3 +97,14 @@ def total_relative_error(norms: list[float], errors: list[float]) -> float:
     num = sum((n * e) ** 2 for n, e in zip(norms, errors))
     den = sum(n**2 for n in norms)
     return math.sqrt(num / den) if den > 0 else 0.0
+
+
+@contextlib.contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """Run BLAS on one thread inside. QRs of tall, narrow matrices (R' columns) gain nothing
+    from OpenBLAS's threads, which only wait on each other: on a loaded machine their
+    spinning made 28 of them take 3 s instead of 8 ms."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1, user_api="blas"):
+        yield

@@ -146,6 +146,18 @@ def round_to(values: np.ndarray, fmt: Format) -> np.ndarray:
         return values.astype(fmt.dtype)
 
 
+def convert(values: np.ndarray, code: str) -> np.ndarray:
+    """`values` as the dtype `code`: float to float rounded once, correctly (widened exactly
+    to float64 first, which every float storage type allows); anything else, or the same
+    dtype, as it is (the merge plan converts only floats)."""
+    from .dtypes import FACTOR_CODES, NUMPY, code_of
+
+    target = NUMPY[code]
+    if values.dtype == target or code not in FORMATS or code_of(values) not in FACTOR_CODES:
+        return values
+    return round_to(values.astype(np.float64), FORMATS[code])
+
+
 def _round_f32_bits(bits: np.ndarray, code: str, out: np.ndarray, t: np.ndarray, lsb: np.ndarray) -> None:
     """`out` = the bits of RN(x) in bfloat16 or float16 for float32 values x given by their
     bits, with two scratch arrays. bfloat16: the top half of the float32, carried up when the
@@ -347,22 +359,46 @@ class RoundedProduct:
             self._lo = as_bits(threshold).astype(bits_type)
             self._span = (as_bits(np.array(self.fast.max_finite)) - self._lo).astype(bits_type)
 
-    def rows(self, w0: np.ndarray, start: int) -> np.ndarray:
+    def product(self, start: int, stop: int) -> np.ndarray:
+        """L[start:stop] @ R in float64 (BLAS, any order): the approximation of the update
+        both `rows` and `reference_rows` start from, for a caller that wants it too."""
+        return np.matmul(self.left[start:stop], self.right)
+
+    def rows(self, w0: np.ndarray, start: int, product: np.ndarray | None = None) -> np.ndarray:
         """The output rows start:start + len(w0), in the output dtype, from `w0` (those rows
-        of the base weight, in its stored dtype). Raises NotFinite."""
+        of the base weight, in its stored dtype) and, if the caller has it, `product`
+        (`self.product(start, stop)`). Raises NotFinite."""
         stop = start + w0.shape[0]
-        bits = self._rows_f64(w0, start, stop) if self.fast is None else self._rows_fast(w0, start, stop)
+        if self.fast is None:
+            bits = self._rows_f64(w0, start, stop)
+        else:
+            bits = self._rows_fast(w0, start, stop, product)
         return bits.view(self.out.dtype)
+
+    def reference_rows(self, w0: np.ndarray, start: int, product: np.ndarray | None = None) -> np.ndarray:
+        """The same rows by the plain route, for an independent check of `rows`: every element
+        decided by rounding G ± 2E with numpy's and ml_dtypes' own conversions (no bit-level
+        arithmetic), near-ties settled exactly. Several times slower."""
+        stop = start + w0.shape[0]
+        if self.fast is None:
+            return self._rows_f64(w0, start, stop).view(self.out.dtype)
+        p = self.product(start, stop) if product is None else product
+        rows, cols = (a.ravel() for a in np.indices(p.shape))
+        bits = self._decide(p.ravel(), w0.ravel(), rows + start, cols)
+        return bits.reshape(p.shape).view(self.out.dtype)
 
     # -- the fast path: float64 approximation, tested element by element ----------------------
 
-    def _rows_fast(self, w0: np.ndarray, start: int, stop: int) -> np.ndarray:
+    def _rows_fast(self, w0: np.ndarray, start: int, stop: int, product: np.ndarray | None) -> np.ndarray:
         fast = self.fast
         assert fast is not None
         work = _work()
         shape = (stop - start, self.right.shape[1])
-        g = work.get("g", shape, np.float64)
-        np.matmul(self.left[start:stop], self.right, out=g)
+        if product is None:
+            g = work.get("g", shape, np.float64)
+            np.matmul(self.left[start:stop], self.right, out=g)
+        else:
+            g = product
         out = np.empty(shape, dtype=self.out.uint)
         near = work.get("near", shape, np.bool_)
         if fast.on_f32:
@@ -389,7 +425,7 @@ class RoundedProduct:
                 np.less_equal(t, np.uint32(2 * fast.band), out=near)
             np.bitwise_and(bits, np.uint32(0x7FFFFFFF), out=t)  # |G| must lie in [lo, max_finite)
         else:
-            g += _widened(w0, self.stored, work)
+            g = np.add(g, _widened(w0, self.stored, work), out=work.get("gw", shape, np.float64))
             with np.errstate(over="ignore", invalid="ignore"):
                 np.copyto(out.view(np.float32), g, casting="unsafe")
             bits = g.view(np.uint64)
@@ -403,20 +439,20 @@ class RoundedProduct:
         flat = np.flatnonzero(near)  # (np.nonzero of a 2-D mask is 25 times slower)
         if flat.size:
             ri, ci = np.divmod(flat, shape[1])
-            out[ri, ci] = self._refine(w0[ri, ci], ri + start, ci)
+            self.refined += flat.size
+            out[ri, ci] = self._decide(np.einsum("tk,tk->t", self.left[ri + start], self.right_t[ci]), w0[ri, ci],
+                                       ri + start, ci)
         return out
 
-    def _refine(self, w0: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        """Elements the fast path left undecided: recomputed in float64 from the same factors,
-        tested against the bound directly (round G ± 2E: every point between rounds alike),
-        and settled exactly where even that cannot decide."""
-        self.refined += len(rows)
+    def _decide(self, p: np.ndarray, w0: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """Elements (flat: their L·R approximation `p`, W0, row and column) decided by the
+        bound directly: G = W0 + p and G ± 2E rounded with the library conversions (every
+        point between rounds alike when both ends do), and settled exactly where they do not."""
         w = w0.astype(np.float64)
         if not np.isfinite(w).all():
             raise NotFinite(base=True)
-        left, right = self.left[rows], self.right_t[cols]
         with np.errstate(over="ignore", invalid="ignore"):
-            g = np.einsum("tk,tk->t", left, right) + w
+            g = p + w
             e = np.abs(g) * self.bound.g + self.bound.row[rows] * self.bound.col[cols]
             e *= 2  # covers the rounding of g ± e
             out = round_to(g, self.out).view(self.out.uint)
@@ -424,7 +460,7 @@ class RoundedProduct:
         near |= ~np.isfinite(e) | ~np.isfinite(g)
         if near.any():
             (t,) = np.nonzero(near)
-            out[t] = settle(w[t], left[t], right[t], self.out)
+            out[t] = settle(w[t], self.left[rows[t]], self.right_t[cols[t]], self.out)
             self.settled += len(t)
         if not np.isfinite(out.view(self.out.dtype)).all():
             raise NotFinite(base=False)

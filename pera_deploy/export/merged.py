@@ -14,7 +14,6 @@ from typing import Any
 
 from .. import __version__
 from ..checks.base import Check, Report
-from ..checks.forward import check_forward
 from ..checks.reconstruction import EXPECTED, check_reconstruction, not_restored
 from ..checks.weights import WeightCheck, check_tensors, expected_names
 from ..core.adapter import PeraAdapter
@@ -27,25 +26,27 @@ from ..merging.plan import MergePlan, plan_merge
 from ..publish import Written, adapter_inputs, publish
 from ..publish.manifest import MANIFEST, adapter_record, model_record
 from ..publish.model_card import ModelCard
-from ..scoped import torch_threads
+from ..scoped import blas_threads
 
 PLACEHOLDER_DIGEST = "0" * 64
 SAMPLED_CHECK_EVERY = 8  # the merge's own check recomputes 1/8 of the rows (checks.weights.check_merged_layer)
 
 
 def merge_folder(adapter: PeraAdapter, base: Path, output: Path, digests: Digests, *, dtype: str = "auto",
-                 precision: str = "float32", max_shard_size: int | None = None, untie_embeddings: bool = False,
+                 max_shard_size: int | None = None, untie_embeddings: bool = False,
                  check_forward_pass: bool = False, full_check: bool = False, force: bool = False,
                  progress: bool | None = None, options: dict[str, Any] | None = None, jobs: int = 1) -> Report:
     """W0 + ΔW for every targeted weight of `base`, as a new model folder `output`."""
     with ModelFolder(base) as checkpoint:
         plan = plan_merge(adapter, checkpoint, dtype=dtype, max_shard_size=max_shard_size,
-                          untie_embeddings=untie_embeddings, precision=precision)
+                          untie_embeddings=untie_embeddings)
 
         def write(folder: Path) -> Written:
             written = _write_plan(plan, folder, digests, full_check=full_check, progress=progress, base_role="base",
                                   jobs=jobs)
             if check_forward_pass and all(c.passed for c in written.checks):
+                from ..checks.forward import check_forward  # torch and transformers: the [check] extra
+
                 written.checks.append(check_forward(folder, checkpoint.folder, adapter, progress=progress))
             written.card = _card(plan, output.name, "merge")
             return written
@@ -55,7 +56,7 @@ def merge_folder(adapter: PeraAdapter, base: Path, output: Path, digests: Digest
 
 
 def unmerge_folder(merged: Path, adapter: PeraAdapter, output: Path, digests: Digests, *,
-                   check_against: Path | None = None, precision: str = "float32", full_check: bool = False,
+                   check_against: Path | None = None, full_check: bool = False,
                    force: bool = False, progress: bool | None = None, options: dict[str, Any] | None = None,
                    jobs: int = 1) -> Report:
     """W' − ΔW for every targeted weight of the merged folder `merged`.
@@ -65,7 +66,7 @@ def unmerge_folder(merged: Path, adapter: PeraAdapter, output: Path, digests: Di
     unmerge clearly further from it than two roundings fails.
     """
     with ModelFolder(merged) as checkpoint:
-        plan = plan_merge(adapter, checkpoint, untie_embeddings=True, precision=precision, unmerge=True)
+        plan = plan_merge(adapter, checkpoint, untie_embeddings=True, unmerge=True)
         against = None
         inputs = [*adapter_inputs(adapter), *checkpoint.input_paths()]
         if check_against is not None:
@@ -101,17 +102,16 @@ def _write_plan(plan: MergePlan, folder: Path, digests: Digests, *, full_check: 
     written = WrittenTensors()
     every = 1 if full_check else SAMPLED_CHECK_EVERY
     # The checks follow the merge tensor by tensor in a thread of their own; the merge's
-    # `jobs` threads share out each weight's row blocks, each running torch single-threaded
-    # (see merging.execute.Workers for why not torch's own threads).
+    # `jobs` threads share out each weight's row blocks, each running BLAS single-threaded
+    # (see merging.execute.Workers for why not BLAS's own threads).
     checker = ThreadPoolExecutor(1, thread_name_prefix="pera-deploy-check")
     try:
-        with torch_threads(1), Workers(jobs) as workers:
+        with blas_threads(1), Workers(jobs) as workers:
             pending: list[Future[WeightCheck]] = []
 
             def check(name: str) -> WeightCheck:
                 with workers.slot():  # the check takes its turn in the `jobs` compute slots
-                    return check_tensors([name], written, checkpoint, adapter, plan.matching, plan.compute_dtype,
-                                         every, plan.sign)
+                    return check_tensors([name], written, checkpoint, adapter, plan.matching, every, plan.sign)
 
             def check_written(entry: TensorEntry) -> None:
                 written.add(entry)

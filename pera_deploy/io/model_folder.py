@@ -20,7 +20,8 @@ from torch import Tensor
 from ..errors import InputError
 from .files import flat_tensors, load_pickle, read_json
 from .paths import allowed_roots, inside
-from .safetensors_stream import DTYPE_CODES, TensorEntry, TensorRows, read_entry, read_header
+from ..core.dtypes import CODE_OF_TORCH_NAME, as_numpy
+from .safetensors_stream import TensorEntry, TensorRows, read_entry, read_header
 from .schema import boolean, mapping, optional, string, string_list, validate
 from .strict_json import parse_json
 
@@ -232,11 +233,12 @@ class ModelFolder:
         entries = []
         storages: dict[tuple[int, int, tuple[int, ...]], list[str]] = {}
         for name, tensor in obj.items():
-            if tensor.dtype not in DTYPE_CODES:
+            torch_name = str(tensor.dtype).removeprefix("torch.")
+            if torch_name not in CODE_OF_TORCH_NAME:
                 raise InputError(f"{path}: tensor {name} has dtype {tensor.dtype}, which pera-deploy does not handle")
             begin = offsets.get(name, -1)
             end = begin + tensor.numel() * tensor.element_size() if begin >= 0 else -1
-            entries.append(TensorEntry(name, DTYPE_CODES[tensor.dtype], tuple(tensor.shape), path, begin, end))
+            entries.append(TensorEntry(name, CODE_OF_TORCH_NAME[torch_name], tuple(tensor.shape), path, begin, end))
             key = (tensor.untyped_storage().data_ptr(), int(tensor.storage_offset()), tuple(tensor.shape))
             storages.setdefault(key, []).append(name)
         self._shared += [names for names in storages.values() if len(names) > 1]
@@ -262,9 +264,9 @@ class ModelFolder:
         """
         entry = self.entries[name]
         if entry.file in self._pickled:
-            return self._pickled[entry.file][name]
+            return as_numpy(self._pickled[entry.file][name])
         if entry.begin < 0:  # a torch.save'd shard: its own map, released with the tensor
-            return flat_tensors(load_pickle(entry.file, mmap=True), entry.file)[name]
+            return as_numpy(flat_tensors(load_pickle(entry.file, mmap=True), entry.file)[name]).copy()
         return read_entry(entry)
 
     def rows(self, name: str) -> Tensor | TensorRows:

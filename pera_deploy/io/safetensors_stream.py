@@ -20,81 +20,34 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from ..core.dtypes import CODES, NUMPY, TORCH_NAMES, code_of
+from ..core.dtypes import FLOAT_CODES as FLOAT_CODES  # re-exported: the codes a weight may be merged in
 from ..errors import InputError
 from .strict_json import parse_json
-
-if TYPE_CHECKING:
-    import numpy as np
-    import torch
-
-# safetensors dtype code → (torch's name for it, bytes per element). Names, not torch dtypes,
-# so that reading a header (inspect) does not import torch; `DTYPES` maps them on first use.
-DTYPE_NAMES: dict[str, tuple[str, int]] = {
-    "F64": ("float64", 8),
-    "F32": ("float32", 4),
-    "F16": ("float16", 2),
-    "BF16": ("bfloat16", 2),
-    "I64": ("int64", 8),
-    "I32": ("int32", 4),
-    "I16": ("int16", 2),
-    "I8": ("int8", 1),
-    "U8": ("uint8", 1),
-    "BOOL": ("bool", 1),
-    "F8_E4M3": ("float8_e4m3fn", 1),
-    "F8_E5M2": ("float8_e5m2", 1),
-}
-# torch has these only from 2.3 on: a file holding one is handled only where torch does
-RECENT_CODES: dict[str, tuple[str, int]] = {"U16": ("uint16", 2), "U32": ("uint32", 4), "U64": ("uint64", 8)}
-FLOAT_CODES = ("F64", "F32", "F16", "BF16")
 
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 
 
-@functools.cache
-def torch_dtypes() -> dict[str, torch.dtype]:
-    """Code → torch dtype, for the codes this torch has (imports torch)."""
-    import torch
-
-    return {code: getattr(torch, torch_name) for code, (torch_name, _) in (DTYPE_NAMES | RECENT_CODES).items()
-            if hasattr(torch, torch_name)}
-
-
-@functools.cache
-def torch_codes() -> dict[torch.dtype, str]:
-    """Torch dtype → code: the inverse of `torch_dtypes`."""
-    return {v: k for k, v in torch_dtypes().items()}
-
-
-def __getattr__(name: str) -> Any:
-    """`DTYPES` and `DTYPE_CODES`, the two maps above, built when first imported (PEP 562):
-    reading a header must not import torch."""
-    if name == "DTYPES":
-        return torch_dtypes()
-    if name == "DTYPE_CODES":
-        return torch_codes()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def handled(code: object) -> bool:
-    """Whether pera-deploy reads tensors of this dtype code (the newer unsigned ones only
-    where torch has them: only a file holding one imports torch to find out)."""
-    return code in DTYPE_NAMES or (code in RECENT_CODES and code in torch_dtypes())
+    """Whether pera-deploy reads tensors of this dtype code."""
+    return code in NUMPY
 
 
 def dtype_name(code: str) -> str:
     """torch's name of a dtype code: "float32" for F32, "bfloat16" for BF16, ..."""
-    return (DTYPE_NAMES.get(code) or RECENT_CODES[code])[0]
+    return TORCH_NAMES[code]
 
 
 def itemsize(code: str) -> int:
-    return (DTYPE_NAMES.get(code) or RECENT_CODES[code])[1]
+    return NUMPY[code].itemsize
 
 
 def floating(code: str) -> bool:
     """Whether a dtype code is a floating-point type (torch's is_floating_point)."""
-    return dtype_name(code).startswith(("float", "bfloat"))
+    return code.startswith(("F", "BF"))
 
 
 def byte_size(code: str, shape: tuple[int, ...]) -> int:
@@ -174,8 +127,9 @@ def read_header(path: Path) -> tuple[list[TensorEntry], dict[str, str]]:
 
 
 def read_entry(entry: TensorEntry, rows: tuple[int, int] | None = None,
-               into: torch.Tensor | None = None) -> torch.Tensor:
-    """A tensor (or its rows `start:stop`) read from its bytes in the file, with pread.
+               into: np.ndarray | None = None) -> np.ndarray:
+    """A tensor (or its rows `start:stop`) read from its bytes in the file, with pread, as a
+    numpy array of its own dtype (bfloat16 and float8 from ml_dtypes).
 
     Not a memory map: a file truncated while mapped kills the process with SIGBUS (exit 135,
     its temporary folder left behind), where a short read is one line naming the file. Also
@@ -183,13 +137,11 @@ def read_entry(entry: TensorEntry, rows: tuple[int, int] | None = None,
     validates a whole file, so it cannot open a shard before its last tensor is in.
 
     Rows of a row-major tensor are contiguous bytes, so a sampled check reads only the rows
-    it recomputes. `into` (a uint8 tensor at least that large) is filled instead of a fresh
+    it recomputes. `into` (a uint8 array at least that large) is filled instead of a fresh
     buffer: reusing one buffer spares the page faults of a new allocation per tensor and the
     allocator's growth between threads.
     """
-    import torch
-
-    dtype = torch_dtypes()[entry.dtype]
+    dtype = NUMPY[entry.dtype]
     shape = entry.shape
     begin, nbytes = entry.begin, entry.nbytes
     if rows is not None:
@@ -199,9 +151,9 @@ def read_entry(entry: TensorEntry, rows: tuple[int, int] | None = None,
         shape = (max(0, stop - start), *shape[1:])
         begin, nbytes = begin + start * row_bytes, max(0, stop - start) * row_bytes
     if nbytes == 0:
-        return torch.empty(shape, dtype=dtype)
-    buffer = torch.empty(nbytes, dtype=torch.uint8) if into is None else into.reshape(-1)[:nbytes]
-    _pread_into(entry, buffer.numpy().data, begin)  # writable: pread fills the tensor in place
+        return np.empty(shape, dtype=dtype)
+    buffer = np.empty(nbytes, dtype=np.uint8) if into is None else into.reshape(-1)[:nbytes]
+    _pread_into(entry, memoryview(buffer), begin)  # pread fills the array in place
     return buffer.view(dtype).reshape(shape)
 
 
@@ -218,27 +170,14 @@ def _pread_into(entry: TensorEntry, view: memoryview, begin: int) -> None:
             done += n
 
 
-# numpy's own types for the codes it has; BF16 it has not: its bits are read as <u2 and widened
-NUMPY_TYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
-               "I8": "i1", "U8": "u1", "BOOL": "?"}
-
-
 def numpy_values(raw: bytes | bytearray, code: str) -> np.ndarray:
-    """Little-endian bytes of `code` elements as a flat numpy array, without torch (inspect's
-    fast path). BF16, which numpy lacks, comes as float32, exactly: a bfloat16 is the upper
-    half of a float32's bits, so the 16 bits are shifted into place."""
-    import numpy as np
-
-    values = np.frombuffer(raw, NUMPY_TYPES[code])
-    return (values.astype(np.uint32) << 16).view(np.float32) if code == "BF16" else values
+    """Little-endian bytes of `code` elements as a flat numpy array of that dtype."""
+    return np.frombuffer(raw, NUMPY[code])
 
 
 def read_array(entry: TensorEntry) -> np.ndarray:
-    """A tensor as a numpy array (`numpy_values`), read with pread."""
-    raw = bytearray(entry.nbytes)
-    if raw:
-        _pread_into(entry, memoryview(raw), entry.begin)
-    return numpy_values(raw, entry.dtype).reshape(entry.shape)
+    """A tensor as a numpy array, read with pread (`read_entry`)."""
+    return read_entry(entry)
 
 
 class TensorRows:
@@ -250,12 +189,10 @@ class TensorRows:
 
     def __init__(self, entry: TensorEntry):
         self.entry = entry
-        import torch
+        self.shape = tuple(entry.shape)
+        self.dtype = NUMPY[entry.dtype]
 
-        self.shape = torch.Size(entry.shape)
-        self.dtype = torch_dtypes()[entry.dtype]
-
-    def __getitem__(self, rows: slice) -> torch.Tensor:
+    def __getitem__(self, rows: slice) -> np.ndarray:
         if not isinstance(rows, slice) or rows.step not in (None, 1):
             raise TypeError("TensorRows takes a contiguous slice of rows")
         start, stop, _ = rows.indices(self.shape[0])
@@ -310,32 +247,27 @@ class ShardWriter:
         self._next += 1
         return entry
 
-    def write_tensor(self, name: str, tensor: torch.Tensor) -> TensorEntry:
+    def write_tensor(self, name: str, tensor: np.ndarray) -> TensorEntry:
         """Append a tensor; returns where its bytes now lie."""
-        import torch
-
-        tensor = tensor.contiguous()
-        code = torch_codes()[tensor.dtype]
+        tensor = np.ascontiguousarray(tensor)
+        code = code_of(tensor)
         if code != self.layout[self._next][1]:
             raise RuntimeError(f"{self.path}: {name} has dtype {code}, layout says {self.layout[self._next][1]}")
-        nbytes = tensor.numel() * tensor.element_size()
-        entry = self._expect(name, nbytes)
-        if nbytes:
-            write_all(self._fh.fileno(), tensor.reshape(-1).view(torch.uint8).numpy().data)
+        entry = self._expect(name, tensor.nbytes)
+        if tensor.nbytes:
+            write_all(self._fh.fileno(), tensor.reshape(-1).view(np.uint8).data)
         return entry
 
     def begin_tensor(self, name: str, nbytes: int) -> None:
         """Start a tensor written in parts (`write_parts`, then `end_tensor`)."""
         self._open = self._expect(name, nbytes)
 
-    def write_parts(self, parts: list[torch.Tensor]) -> None:
+    def write_parts(self, parts: list[np.ndarray]) -> None:
         """Append the bytes of the next parts (blocks of rows) of the tensor begun."""
         if self._open is None:
             raise RuntimeError(f"{self.path}: a part written outside a tensor")
-        import torch
-
         for part in parts:
-            write_all(self._fh.fileno(), part.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            write_all(self._fh.fileno(), np.ascontiguousarray(part).reshape(-1).view(np.uint8).data)
 
     def end_tensor(self) -> TensorEntry:
         """Finish the tensor begun; it must be exactly as long as its header says."""
@@ -431,19 +363,20 @@ def rewrite_metadata(path: Path, metadata: dict[str, str]) -> None:
         write_all_at(fh.fileno(), raw + b" " * (n - len(raw)), 8)
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """safetensors' own save_file, for small in-memory states (adapters), with its I/O
-    failures raised as the OSError they are (it reports them as SafetensorError text)."""
-    from safetensors.torch import save_file
-
+def save_tensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    """A small in-memory state (an adapter) as one safetensors file, in a fixed order: the
+    widest dtypes first (every tensor naturally aligned, as safetensors lays it out), then by
+    name; metadata keys sorted. The same tensors always give the same bytes."""
+    order = sorted(tensors, key=lambda name: (-tensors[name].dtype.itemsize, name))
+    layout = [(name, code_of(tensors[name]), tuple(tensors[name].shape)) for name in order]
+    writer = ShardWriter(path, layout, dict(sorted((metadata or {}).items())))
     try:
-        save_file(tensors, str(path), metadata=metadata)
-    except SafetensorError as exc:
-        found = re.search(r"os error (\d+)", str(exc))
-        if found:
-            code = int(found.group(1))
-            raise OSError(code, os.strerror(code), str(path)) from None
+        for name in order:
+            writer.write_tensor(name, tensors[name])
+    except BaseException:
+        writer.abort()
         raise
+    writer.close()
 
 
 def write_all_at(fd: int, data: bytes, offset: int) -> None:

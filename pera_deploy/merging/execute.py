@@ -1,9 +1,9 @@
 """Execute a merge plan: walk the output shard by shard, tensor by tensor, into files.
 
-Untouched tensors are copied byte for byte; targeted ones become round(float32(W0) + s·B̂Â),
-computed and written in cache-sized blocks of rows. Only a few blocks are in memory at a
-time, whatever the size of the weight, and writing one block overlaps with computing the
-next.
+Untouched tensors are copied byte for byte; targeted ones become W0 + ΔW rounded once,
+correctly, to the output dtype (core/rounding.py), computed and written in blocks of rows.
+Only a few blocks are in memory at a time, whatever the size of the weight, and writing one
+block overlaps with computing the next.
 """
 
 from __future__ import annotations
@@ -13,79 +13,69 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
-import torch
-from torch import Tensor
+import numpy as np
 from tqdm import tqdm
 
 from ..core.adapter import PeraLayer
+from ..core.dtypes import NUMPY
+from ..core.rounding import NotFinite, RoundedProduct, convert
 from ..errors import InputError
-from ..io.safetensors_stream import DTYPES, ShardWriter, TensorEntry, read_entry
+from ..io.safetensors_stream import ShardWriter, TensorEntry, read_entry
 from .plan import MergePlan, TensorPlan
 
-BLOCK_ELEMENTS = 1 << 20  # rows are merged in blocks of about this many elements (cache-sized)
+BLOCK_ELEMENTS = 1 << 20  # rows are merged in blocks of about this many elements
 SYNC_EVERY = 64 << 20  # bytes handed to the writer between two background syncs of a shard
 
 T = TypeVar("T")
 
 
-def working_dtype(stored: torch.dtype, precision: torch.dtype) -> torch.dtype:
-    """The precision W0 + ΔW is formed in: `precision`, or float64 for a float64 weight, which
-    a float32 working copy would round before the one rounding the merge allows."""
-    return torch.float64 if stored == torch.float64 else precision
-
-
 class BlockMerge:
-    """One weight's merge, a block of rows at a time: round_out(W0 + sign·ΔW) with W0 upcast
-    and ΔW computed in the working precision, rounded once.
+    """One weight's merge, a block of rows at a time: W0 + sign·ΔW rounded once, correctly,
+    to the output dtype.
 
     Blocks are independent and always cut at the same rows (about BLOCK_ELEMENTS elements
-    each), so a block's bytes do not depend on who computes it, or when. For a Conv1D base
-    (W0 stored (in, out)) the update is ΔWᵀ = Âᵀ(s·B̂)ᵀ; blocks are rows as W0 is stored.
+    each); and each element's bytes are the correctly rounded value whatever computes it
+    (core/rounding.py), so they depend on nothing but the inputs. For a Conv1D base (W0
+    stored (in, out)) the update is ΔWᵀ = Âᵀ(s·B̂)ᵀ; blocks are rows as W0 is stored.
     """
 
-    def __init__(self, layer: PeraLayer, transpose: bool, shape: tuple[int, ...], stored: torch.dtype,
-                 out_dtype: torch.dtype, precision: torch.dtype, sign: float = 1.0):
+    def __init__(self, layer: Any, transpose: bool, shape: tuple[int, ...], stored: str, out: str,
+                 sign: float = 1.0):
         self.module = layer.module
-        self.compute_dtype = working_dtype(stored, precision)
-        b_hat, a_hat = layer.expanded_factors(self.compute_dtype)
-        self.left, self.right = (a_hat.T, b_hat.T) if transpose else (b_hat, a_hat)
+        b_hat, a_hat = layer.expanded_factors()
+        left, right = (a_hat.T, b_hat.T) if transpose else (b_hat, a_hat)
+        if sign < 0:
+            left = -left  # exact: the update taken back out (unmerge)
+        self.product = RoundedProduct(np.ascontiguousarray(left), np.ascontiguousarray(right), stored, out)
         self.shape = tuple(shape)
-        self.out_dtype = out_dtype
-        self.sign = sign
-        self.limit = torch.finfo(out_dtype).max
+        self.out = out
         self.rows = max(1, BLOCK_ELEMENTS // max(1, self.shape[1]))
         self.starts = range(0, self.shape[0], self.rows)
 
     def block_rows(self, start: int) -> int:
         return min(self.rows, self.shape[0] - start)
 
-    def merge_block(self, w0_rows: Tensor, start: int, x: Tensor, out: Tensor) -> None:
-        """out = round_out(w0_rows + sign·ΔW[start:start + n]), working in `x` (float32 or
-        float64, the block's shape). NaN, Inf or a value the output dtype cannot hold is an
-        error naming the layer."""
-        x.copy_(w0_rows)
-        x.addmm_(self.left[start:start + x.shape[0]], self.right, alpha=self.sign)
-        lo, hi = torch.aminmax(x)
-        if not (-self.limit <= float(lo) and float(hi) <= self.limit):  # false for NaN too
-            cause = "the base weight" if not bool(torch.isfinite(w0_rows).all()) else "the merge"
-            raise InputError(
-                f"merging module {self.module}: NaN, Inf or a value beyond the "
-                f"{str(self.out_dtype).removeprefix('torch.')} range, produced by {cause}"
-            )
-        out.copy_(x)
+    def merge_block(self, w0_rows: np.ndarray, start: int, out: np.ndarray) -> None:
+        """out = rows start:start + n of the merged weight, from those rows of W0. NaN, Inf
+        or a value the output dtype cannot hold is an error naming the layer."""
+        try:
+            out[...] = self.product.rows(w0_rows, start)
+        except NotFinite as exc:
+            cause = "the base weight" if exc.base else "the merge"
+            raise InputError(f"merging module {self.module}: NaN, Inf or a value beyond the "
+                             f"{NUMPY[self.out].name} range, produced by {cause}") from None
 
 
-def merged_weight(w0: Tensor, layer: PeraLayer, transpose: bool, out_dtype: torch.dtype, compute_dtype: torch.dtype,
-                  sign: float = 1.0) -> Tensor:
-    """round_out(W0 + sign·ΔW) for a whole weight in memory (`BlockMerge`, block by block):
-    for callers that hold W0 already. `sign` −1 takes the update back out (unmerge)."""
-    merge = BlockMerge(layer, transpose, tuple(w0.shape), w0.dtype, out_dtype, compute_dtype, sign)
-    out = torch.empty(w0.shape, dtype=out_dtype)
-    x = torch.empty((merge.block_rows(0), *w0.shape[1:]), dtype=merge.compute_dtype)
+def merged_weight(w0: np.ndarray, layer: PeraLayer, transpose: bool, stored: str, out: str,
+                  sign: float = 1.0) -> np.ndarray:
+    """W0 + sign·ΔW for a whole weight in memory (`BlockMerge`, block by block): for callers
+    that hold W0 already (a pickled base). `sign` −1 takes the update back out (unmerge)."""
+    merge = BlockMerge(layer, transpose, tuple(w0.shape), stored, out, sign)
+    result = np.empty(w0.shape, dtype=NUMPY[out])
     for start in merge.starts:
         n = merge.block_rows(start)
-        merge.merge_block(w0[start:start + n], start, x[:n], out[start:start + n])
-    return out
+        merge.merge_block(w0[start:start + n], start, result[start:start + n])
+    return result
 
 
 class Workers:
@@ -93,10 +83,10 @@ class Workers:
     over `jobs` threads, and the check that follows the merge, which takes its turn in the
     same `jobs` slots (`with workers.slot():`). Writing and hashing are I/O beside them.
 
-    torch's own intra-op threads would share out the blocks too, but they wait at OpenMP
-    barriers for threads the writer and the check have preempted (measured on 2 cores:
-    15.5 s instead of 10.2 s); Python threads running single-threaded torch ops (which
-    release the GIL) do not.
+    BLAS's own threads would share out the blocks too, but they wait at barriers for threads
+    the writer and the check have preempted (measured with torch on 2 cores: 15.5 s instead
+    of 10.2 s); Python threads running single-threaded numpy and BLAS calls (which release
+    the GIL) do not.
     """
 
     def __init__(self, jobs: int = 1):
@@ -105,15 +95,15 @@ class Workers:
         self._local = threading.local()
         self._pool = ThreadPoolExecutor(self.jobs, thread_name_prefix="pera-deploy-merge") if self.jobs > 1 else None
 
-    def scratch(self, role: str, nbytes: int) -> Tensor:
+    def scratch(self, role: str, nbytes: int) -> np.ndarray:
         """This thread's own working buffer for `role` (uint8, exactly `nbytes` long), kept from
         one block to the next: a fresh allocation per block costs its page faults again, and
         freed blocks linger in each thread's malloc arena (measured: +40 MB peak RSS with 2 jobs)."""
-        buffers: dict[str, Tensor] = self._local.__dict__.setdefault("buffers", {})
+        buffers: dict[str, np.ndarray] = self._local.__dict__.setdefault("buffers", {})
         buffer = buffers.get(role)
-        if buffer is None or buffer.numel() < nbytes:
+        if buffer is None or buffer.size < nbytes:
             buffers.pop(role, None)
-            buffer = buffers[role] = torch.empty(nbytes, dtype=torch.uint8)
+            buffer = buffers[role] = np.empty(nbytes, dtype=np.uint8)
         return buffer[:nbytes]
 
     def slot(self) -> threading.BoundedSemaphore:
@@ -174,7 +164,7 @@ class WriteQueue:
 
 
 def _stream_merge(plan: MergePlan, t: TensorPlan, entry: TensorEntry, writer: ShardWriter, queue: WriteQueue,
-                  workers: Workers, ring: list[list[Tensor]], notify: Callable[[TensorEntry], None]) -> None:
+                  workers: Workers, ring: list[list[np.ndarray]], notify: Callable[[TensorEntry], None]) -> None:
     """Merge one safetensors weight block by block, straight into the shard.
 
     Each round, `workers.jobs` blocks are computed at once (each worker reads its rows of W0
@@ -182,26 +172,23 @@ def _stream_merge(plan: MergePlan, t: TensorPlan, entry: TensorEntry, writer: Sh
     which writes them while the next round fills the other half.
     """
     layer = plan.adapter.layers[t.layer]
-    out_dtype = DTYPES[t.dtype]
-    merge = BlockMerge(layer, layer.fan_in_fan_out, entry.shape, DTYPES[entry.dtype], out_dtype, plan.compute_dtype,
-                       plan.sign)
+    merge = BlockMerge(layer, layer.fan_in_fan_out, entry.shape, entry.dtype, t.dtype, plan.sign)
+    out_dtype = NUMPY[t.dtype]
     cols = entry.shape[1]
-    w0_row_bytes, x_row_bytes, out_row_bytes = (cols * d.itemsize for d in
-                                                (DTYPES[entry.dtype], merge.compute_dtype, out_dtype))
+    w0_row_bytes, out_row_bytes = cols * NUMPY[entry.dtype].itemsize, cols * out_dtype.itemsize
     slot = workers.slot()
     need = merge.rows * out_row_bytes
-    if any(buffer.numel() < need for half in ring for buffer in half):
+    if any(buffer.size < need for half in ring for buffer in half):
         queue.wait()  # nothing is being written from the ring while it grows
         for half in ring:
-            half[:] = [b if b.numel() >= need else torch.empty(need, dtype=torch.uint8) for b in half]
+            half[:] = [b if b.size >= need else np.empty(need, dtype=np.uint8) for b in half]
 
-    def compute(item: tuple[int, Tensor]) -> None:
+    def compute(item: tuple[int, np.ndarray]) -> None:
         start, out = item
         n = out.shape[0]
         with slot:
             w0 = read_entry(entry, (start, start + n), into=workers.scratch("w0", n * w0_row_bytes))
-            x = workers.scratch("x", n * x_row_bytes).view(merge.compute_dtype).reshape(n, cols)
-            merge.merge_block(w0, start, x, out)
+            merge.merge_block(w0, start, out)
 
     queue.submit(writer.begin_tensor, t.name, entry.numel * out_dtype.itemsize)
     starts = list(merge.starts)
@@ -215,17 +202,17 @@ def _stream_merge(plan: MergePlan, t: TensorPlan, entry: TensorEntry, writer: Sh
     queue.submit(lambda: notify(writer.end_tensor()))
 
 
-def _produce(plan: MergePlan, t: TensorPlan) -> Tensor:
+def _produce(plan: MergePlan, t: TensorPlan) -> np.ndarray:
     """The whole output value of a planned tensor that is not streamed: a merge into a
     pickled weight, a dtype conversion, a tensor the adapter replaces or adds."""
-    out_dtype = DTYPES[t.dtype]
     if t.action == "merge":
         layer = plan.adapter.layers[t.layer]
-        return merged_weight(plan.checkpoint.get(t.source), layer, layer.fan_in_fan_out, out_dtype, plan.compute_dtype,
+        entry = plan.checkpoint.entries[t.source]
+        return merged_weight(plan.checkpoint.get(t.source), layer, layer.fan_in_fan_out, entry.dtype, t.dtype,
                              plan.sign)
     if t.action in ("copy", "convert"):
-        return plan.checkpoint.get(t.source).to(out_dtype)
-    return plan.adapter.extra_tensors[t.extra].to(out_dtype)  # replace / add
+        return convert(plan.checkpoint.get(t.source), t.dtype)
+    return convert(plan.adapter.extra_tensors[t.extra], t.dtype)  # replace / add
 
 
 def execute_plan(plan: MergePlan, folder: Path, metadata: dict[str, str], progress: bool | None = None,
@@ -258,7 +245,7 @@ def execute_plan(plan: MergePlan, folder: Path, metadata: dict[str, str], progre
     workers = workers or Workers(1)
     # two halves of `jobs` block buffers (grown by the first merged weight): the writer writes
     # one half while the other is filled
-    ring = [[torch.empty(0, dtype=torch.uint8) for _ in range(workers.jobs)] for _ in range(2)]
+    ring = [[np.empty(0, dtype=np.uint8) for _ in range(workers.jobs)] for _ in range(2)]
     queue = WriteQueue()
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pera-deploy-fsync") as syncer:

@@ -9,17 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-import torch
-
 from ..core.adapter import PeraAdapter
+from ..core.dtypes import CODES, FLOAT_CODES, OUTPUT_CODES
 from ..errors import InputError
 from ..io.model_folder import ModelFolder
-from ..io.safetensors_stream import DTYPE_CODES, FLOAT_CODES, byte_size, itemsize
-from ..options import OUTPUT_DTYPES, PRECISIONS, choose
+from ..io.safetensors_stream import byte_size, itemsize
+from ..options import OUTPUT_DTYPES, choose
 from .matching import Matching, match_adapter
-
-OUTPUT_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 Action = Literal["copy", "convert", "merge", "replace", "add"]
 
@@ -52,7 +48,6 @@ class MergePlan:
     matching: Matching
     shards: list[ShardPlan]
     indexed: bool  # write model.safetensors.index.json
-    compute_dtype: torch.dtype = torch.float32
     config_updates: dict[str, object] = field(default_factory=dict)
     sign: float = 1.0  # +1 merges W0 + ΔW; −1 unmerges W' − ΔW
 
@@ -81,7 +76,6 @@ def plan_merge(
     dtype: str = "auto",
     max_shard_size: int | None = None,
     untie_embeddings: bool = False,
-    precision: str = "float32",
     unmerge: bool = False,
 ) -> MergePlan:
     """Decide, from headers only, what every output tensor is and where it goes.
@@ -90,7 +84,6 @@ def plan_merge(
     trained full tensors the merge put in are left as they are (what they replaced is gone).
     """
     choose("--dtype", dtype, OUTPUT_DTYPES)
-    choose("--precision", precision, PRECISIONS)
     matching = match_adapter(adapter, checkpoint, untie_embeddings=untie_embeddings)
     target_code = OUTPUT_CODES.get(dtype)
 
@@ -126,9 +119,9 @@ def plan_merge(
     for extra in [] if unmerge else matching.extras:
         if extra.action == "add":
             t = adapter.extra_tensors[extra.name]
-            if t.dtype not in DTYPE_CODES:
+            if t.dtype not in CODES:
                 raise InputError(f"adapter tensor {extra.name} has unsupported dtype {t.dtype}")
-            code = out_code(DTYPE_CODES[t.dtype])
+            code = out_code(CODES[t.dtype])
             groups[-1][1].append(TensorPlan(extra.tensor, code, tuple(t.shape), "add", extra=extra.name))
 
     indexed = checkpoint.index_path is not None
@@ -144,8 +137,7 @@ def plan_merge(
     if dtype != "auto":
         key = "torch_dtype" if "torch_dtype" in checkpoint.config and "dtype" not in checkpoint.config else "dtype"
         config_updates[key] = dtype
-    return MergePlan(adapter, checkpoint, matching, shards, indexed, COMPUTE_DTYPES[precision], config_updates,
-                     -1.0 if unmerge else 1.0)
+    return MergePlan(adapter, checkpoint, matching, shards, indexed, config_updates, -1.0 if unmerge else 1.0)
 
 
 def _reshard(tensors: list[TensorPlan], limit: int) -> tuple[list[tuple[str, list[TensorPlan]]], bool]:
