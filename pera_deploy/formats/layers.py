@@ -125,18 +125,20 @@ def assemble_layer(
     plain_lora: bool = False,
 ) -> PeraLayer:
     """Validate (`check_layer`) and build the layer, its coefficients scattered into pair order."""
-    import torch
+    import numpy as np
 
     from ..core import pera
+    from ..core.dtypes import as_numpy
 
     layout = check_layer(module, {role: TensorMeta.of(t) for role, t in parts.items()}, path,
                          missing_coefficients=missing_coefficients, plain_lora=plain_lora)
+    parts = {role: as_numpy(t) for role, t in parts.items()}
     A, B = parts["A"], parts["B"]
     r = A.shape[0]
     p = num_pairs(r)
     stored = layout.removesuffix("+hB")
     if stored in ("lora", "all_ones"):
-        hA = (torch.zeros if stored == "lora" else torch.ones)(p, dtype=torch.float32)
+        hA = (np.zeros if stored == "lora" else np.ones)(p, dtype=np.float32)
     else:
         hA = pera.coefficients_from_parts(r, full=parts.get("hA"), square=parts.get("hA_square"),
                                           cross=parts.get("hA_cross"))
