@@ -35,9 +35,14 @@ def oracle_bits(v: Fraction, code: str) -> int:
     a = abs(v)
     if a == 0:
         return 0
-    e = emin  # the exponent of a's leading bit, but not below emin (subnormals share emin's quantum)
-    while a >= Fraction(2) ** (e + 1):
+    # the exponent of a's leading bit (2^e ≤ a < 2^(e+1)), but not below emin (subnormals share emin's quantum)
+    e = a.numerator.bit_length() - a.denominator.bit_length()  # within one of it
+    if Fraction(2) ** e > a:
+        e -= 1
+    elif a >= Fraction(2) ** (e + 1):
         e += 1
+    assert Fraction(2) ** e <= a < Fraction(2) ** (e + 1)
+    e = max(e, emin)
     quantum = Fraction(2) ** (e - (p - 1))
     below = (a // quantum) * quantum  # the representable number at or below a (on this quantum's grid)
     above = below + quantum

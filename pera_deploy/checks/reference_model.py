@@ -63,6 +63,13 @@ class _Hooks:
         self.remove()
 
 
+def torch_factors(layer: Any, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """A layer's expanded factors (s·B̂, Â), formed in float64 (core/pera.py), as torch tensors
+    of `dtype`: what the unmerged model's branch multiplies with."""
+    b_hat, a_hat = layer.expanded_factors()
+    return torch.from_numpy(b_hat).to(dtype), torch.from_numpy(a_hat).to(dtype)
+
+
 class PeraBranch(_Hooks):
     """Adds s·B̂(Â·x) to each targeted module's output: the unmerged PERA model.
 
@@ -79,7 +86,7 @@ class PeraBranch(_Hooks):
         handles = []
         for path, module in _targets(model, adapter).items():
             if hold:
-                self._held[path] = adapter.layers[path].expanded_factors(compute_dtype)
+                self._held[path] = torch_factors(adapter.layers[path], compute_dtype)
             handles.append(module.register_forward_hook(self._hook(path)))
         super().__init__(handles)
 
@@ -87,7 +94,7 @@ class PeraBranch(_Hooks):
         """(s·B̂, Â) of the module `path`."""
         found = self._held.get(path)
         if found is None:
-            found = self.adapter.layers[path].expanded_factors(self.compute_dtype)
+            found = torch_factors(self.adapter.layers[path], self.compute_dtype)
             if not self.hold:
                 self._held = {path: found}
         return found
@@ -189,7 +196,7 @@ def _noise_hook(layer: Any, module: nn.Module, unit_roundoff: float, seed: int,
     worked through in blocks of the weight's stored rows, so neither E nor U is ever whole."""
     def hook(mod: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
         weight = module.weight.detach()
-        b_hat, a_hat = factors() if factors is not None else layer.expanded_factors(torch.float32)
+        b_hat, a_hat = factors() if factors is not None else torch_factors(layer, torch.float32)
         # rows as the weight is stored: Linear (out, in) with ΔW = B̂Â; Conv1D (in, out) with ΔWᵀ = ÂᵀB̂ᵀ
         left, right = (a_hat.T, b_hat.T) if layer.fan_in_fan_out else (b_hat, a_hat)
         x = args[0].to(torch.float32)

@@ -33,7 +33,23 @@ from ..errors import InputError
 from ..scoped import quiet_transformers
 from .hf_model import built_from, model_class
 from .model_folder import ModelFolder
-from .safetensors_stream import read_entry
+from .safetensors_stream import TensorRows, read_entry
+
+def torch_tensor(values: Any) -> Tensor:
+    """A numpy array (bfloat16 and float8 from ml_dtypes included) as a torch tensor sharing its
+    memory: the forward check's models take what the numpy readers give."""
+    import numpy as np
+
+    from ..core.dtypes import TORCH_NAMES, code_of
+
+    if isinstance(values, Tensor):
+        return values
+    code = code_of(values)
+    if code in ("BF16", "F8_E4M3", "F8_E5M2"):  # torch takes these from numpy only as their bits
+        bits = np.ascontiguousarray(values).view(np.uint16 if code == "BF16" else np.uint8)
+        return torch.from_numpy(bits).view(getattr(torch, TORCH_NAMES[code]))
+    return torch.from_numpy(np.ascontiguousarray(values))
+
 
 READ_ELEMENTS = 1 << 22  # a parameter is read and widened this many elements at a time
 Transform = Callable[[str, Tensor], Tensor]  # (parameter name, tensor as loaded) → tensor to use
@@ -144,7 +160,7 @@ class StreamedModel:
             if source is None and (hit := index.resolve_one(name)) is not None:
                 if shapes[hit] != tuple(buffer.shape):
                     raise NotStreamable(f"buffer {name} has shape {shapes[hit]} in {folder}, not {tuple(buffer.shape)}")
-                source = checkpoint.get(hit)
+                source = torch_tensor(checkpoint.get(hit))
             if source is not None:
                 with torch.no_grad():
                     buffer.copy_(source.to(buffer.dtype))
@@ -193,8 +209,9 @@ class StreamedModel:
         rows at a time through one staging buffer: the stored copy is never whole beside the
         wide one (an embedding is often the largest tensor of a model, and its unit the peak)."""
         rows = self.checkpoint.rows(name)
-        if isinstance(rows, Tensor):
-            return rows.to(self.dtype) if into is None else into.copy_(rows)
+        if not isinstance(rows, TensorRows):  # a whole array (a pickled checkpoint)
+            whole = torch_tensor(rows)
+            return whole.to(self.dtype) if into is None else into.copy_(whole)
         wide = torch.empty(tuple(rows.shape), dtype=self.dtype) if into is None else into
         step = max(1, READ_ELEMENTS // max(1, rows.shape[1]))
         entry = rows.entry
@@ -202,7 +219,8 @@ class StreamedModel:
         if self._staging.numel() < step * row_bytes:
             self._staging = torch.empty(step * row_bytes, dtype=torch.uint8)
         for start in range(0, rows.shape[0], step):
-            wide[start:start + step] = read_entry(entry, (start, start + step), into=self._staging)
+            wide[start:start + step] = torch_tensor(read_entry(entry, (start, start + step),
+                                                               into=self._staging.numpy()))
         return wide
 
     def release(self) -> None:
@@ -242,7 +260,7 @@ def extra_tensor_targets(model: nn.Module, tensors: Mapping[str, Tensor]) -> dic
         hits = index.resolve(name)
         if len(hits) != 1:
             raise InputError(f"adapter tensor {name} matches {len(hits)} tensors in the {type(model).__name__} model")
-        matched[hits[0]] = tensor
+        matched[hits[0]] = torch_tensor(tensor)
     return matched
 
 
