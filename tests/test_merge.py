@@ -310,7 +310,8 @@ def test_tied_lm_head_needs_untie(fx, tmp_path):
     assert_exact_merge(tmp_path / "m", fx["gpt2-base"], adapter, untied={"lm_head.weight": "wte.weight"},
                        prefix="transformer.")
     with ModelFolder(tmp_path / "m") as merged, ModelFolder(fx["gpt2-base"]) as base:
-        assert np.array_equal(merged.get("transformer.wte.weight"), base.get("wte.weight"))  # the input embedding is unchanged
+        # the input embedding is unchanged
+        assert np.array_equal(merged.get("transformer.wte.weight"), base.get("wte.weight"))
     assert forward_diff(tmp_path / "m", fx["gpt2-base"], adapter) < F32
 
 

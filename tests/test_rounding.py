@@ -217,8 +217,8 @@ def test_near_ties_are_settled_exactly(stored, out):
     got = product.rows(w0, 0).view(UINT[out])
     want = oracle_product(w0, left, right, out)
     assert np.array_equal(got, want)
-    assert product.settled > 0
-    assert np.array_equal(product.reference_rows(w0, 0).view(UINT[out]), want)  # the exact path was taken: the approximations could not decide these
+    assert product.settled > 0  # the exact path was taken: the approximations could not decide these
+    assert np.array_equal(product.reference_rows(w0, 0).view(UINT[out]), want)
 
 
 def test_the_bytes_do_not_depend_on_blas_threads_or_blocking():

@@ -11,20 +11,18 @@ and then streaming each tensor's bytes into place.
 from __future__ import annotations
 
 import errno
-import functools
 import json
 import os
-import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import BinaryIO
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from ..core.dtypes import CODES, NUMPY, TORCH_NAMES, code_of
 from ..core.dtypes import FLOAT_CODES as FLOAT_CODES  # re-exported: the codes a weight may be merged in
+from ..core.dtypes import NUMPY, TORCH_NAMES, code_of
 from ..errors import InputError
 from .strict_json import parse_json
 
