@@ -251,6 +251,7 @@ class NotFinite(ArithmeticError):
 
 
 U64 = 2.0**-53
+SLICE_ELEMENTS = 1 << 16  # the fast path works through a block in slices of about this many elements
 
 
 @dataclass(frozen=True)
@@ -364,16 +365,26 @@ class RoundedProduct:
         both `rows` and `reference_rows` start from, for a caller that wants it too."""
         return np.matmul(self.left[start:stop], self.right)
 
-    def rows(self, w0: np.ndarray, start: int, product: np.ndarray | None = None) -> np.ndarray:
+    def rows(self, w0: np.ndarray, start: int, product: np.ndarray | None = None,
+             out: np.ndarray | None = None) -> np.ndarray:
         """The output rows start:start + len(w0), in the output dtype, from `w0` (those rows
         of the base weight, in its stored dtype) and, if the caller has it, `product`
-        (`self.product(start, stop)`). Raises NotFinite."""
-        stop = start + w0.shape[0]
-        if self.fast is None:
-            bits = self._rows_f64(w0, start, stop)
-        else:
-            bits = self._rows_fast(w0, start, stop, product)
-        return bits.view(self.out.dtype)
+        (`self.product(start, stop)`); into `out` when given. Raises NotFinite.
+
+        Worked through in slices of about SLICE_ELEMENTS, so that the dozen working arrays of
+        a slice stay in the CPU's cache between the passes over them."""
+        n = w0.shape[0]
+        result = np.empty(w0.shape, dtype=self.out.dtype) if out is None else out
+        bits = result.view(self.out.uint)
+        step = max(1, SLICE_ELEMENTS // max(1, w0.shape[1]))
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            part = None if product is None else product[a:b]
+            if self.fast is None:
+                bits[a:b] = self._rows_f64(w0[a:b], start + a, start + b)
+            else:
+                self._rows_fast(w0[a:b], start + a, start + b, part, bits[a:b])
+        return result
 
     def reference_rows(self, w0: np.ndarray, start: int, product: np.ndarray | None = None) -> np.ndarray:
         """The same rows by the plain route, for an independent check of `rows`: every element
@@ -389,7 +400,8 @@ class RoundedProduct:
 
     # -- the fast path: float64 approximation, tested element by element ----------------------
 
-    def _rows_fast(self, w0: np.ndarray, start: int, stop: int, product: np.ndarray | None) -> np.ndarray:
+    def _rows_fast(self, w0: np.ndarray, start: int, stop: int, product: np.ndarray | None,
+                   out: np.ndarray) -> None:
         fast = self.fast
         assert fast is not None
         work = _work()
@@ -399,7 +411,6 @@ class RoundedProduct:
             np.matmul(self.left[start:stop], self.right, out=g)
         else:
             g = product
-        out = np.empty(shape, dtype=self.out.uint)
         near = work.get("near", shape, np.bool_)
         if fast.on_f32:
             # f = RN32(W0 + g), the sum formed in float64 and rounded once, in one pass
@@ -442,7 +453,6 @@ class RoundedProduct:
             self.refined += flat.size
             out[ri, ci] = self._decide(np.einsum("tk,tk->t", self.left[ri + start], self.right_t[ci]), w0[ri, ci],
                                        ri + start, ci)
-        return out
 
     def _decide(self, p: np.ndarray, w0: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """Elements (flat: their L·R approximation `p`, W0, row and column) decided by the

@@ -59,7 +59,7 @@ class BlockMerge:
         """out = rows start:start + n of the merged weight, from those rows of W0. NaN, Inf
         or a value the output dtype cannot hold is an error naming the layer."""
         try:
-            out[...] = self.product.rows(w0_rows, start)
+            self.product.rows(w0_rows, start, out=out)
         except NotFinite as exc:
             cause = "the base weight" if exc.base else "the merge"
             raise InputError(f"merging module {self.module}: NaN, Inf or a value beyond the "
