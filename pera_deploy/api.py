@@ -29,6 +29,7 @@ from .options import (
     rank_options,
 )
 from .options import jobs as option_jobs
+from .options import seed as option_seed
 from .scoped import offline
 
 AdapterLike = str | Path | PeraAdapter
@@ -152,6 +153,7 @@ def verify(merged: str | Path, adapter: AdapterLike | None = None, base: str | P
     from .checks.bundle import is_bundle
 
     choose("--precision", precision, PRECISIONS)
+    option_seed(seed)
     merged = Path(merged)
     if is_bundle(merged):
         return _verify_bundle(merged, seed, load_options)

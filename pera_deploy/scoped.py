@@ -13,11 +13,16 @@ run's outcome alone.
 
 from __future__ import annotations
 
+import getpass
+import logging
 import os
+import re
 import signal
 import sys
+import tempfile
 import threading
-from contextlib import contextmanager
+import warnings
+from contextlib import contextmanager, redirect_stdout, suppress
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -146,9 +151,8 @@ def arm_stop_signals() -> dict[int, Any]:
     `held_stop_signals`, signals are recorded too."""
     if _STOPPING.armed or threading.current_thread() is not threading.main_thread():
         return {}
-    previous = {sig: signal.signal(sig, _on_stop_signal) for sig in STOP_SIGNALS}
-    _STOPPING.reset(armed=True)
-    return previous
+    _STOPPING.reset(armed=True)  # before the handler: a signal that comes at once finds the state ready
+    return {sig: signal.signal(sig, _on_stop_signal) for sig in STOP_SIGNALS}
 
 
 @contextmanager
@@ -197,3 +201,89 @@ def ignore_stop_signals() -> None:
     if threading.current_thread() is threading.main_thread():
         for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
+
+
+# -- what libraries leave on the terminal and in $TMPDIR ------------------------------------------
+
+
+@contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Python warnings (numpy's RuntimeWarnings, torch's UserWarnings, from any thread) and
+    library log records dropped, then the caller's filters and logging back: what the command
+    line prints on stderr is its own lines only (its --debug keeps them)."""
+    disabled = logging.root.manager.disable
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.disable(logging.CRITICAL)
+        try:
+            yield
+        finally:
+            logging.disable(disabled)
+
+
+@contextmanager
+def no_stdout() -> Iterator[None]:
+    """What a library prints while this runs goes nowhere: Python's `print` (sys.stdout) and
+    C/C++ writes to file descriptor 1 alike, then both are put back. stdout is the command's:
+    under --json it holds exactly one JSON object (torch's ONNX exporter writes its whole
+    graph there from C++ when an export fails)."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no file descriptor 1 at all: nothing to keep clean
+        saved = -1
+    sink = os.open(os.devnull, os.O_WRONLY)
+    if saved >= 0:
+        os.dup2(sink, 1)
+    try:
+        with open(os.devnull, "w") as devnull, redirect_stdout(devnull):
+            yield
+    finally:
+        _flush_c_streams()
+        if saved >= 0:
+            os.dup2(saved, 1)
+            os.close(saved)
+        os.close(sink)
+
+
+def _flush_c_streams() -> None:
+    """fflush(NULL): what C and C++ code buffered for file descriptor 1 goes out before it is
+    put back (std::cout shares stdio's buffer)."""
+    with suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+
+
+def torch_cache_folder() -> str:
+    """The folder torch makes for its compile caches when torch._dynamo is first imported
+    (torch/_inductor/runtime/cache_dir_utils.py: TORCHINDUCTOR_CACHE_DIR, or
+    $TMPDIR/torchinductor_USER), found without importing torch."""
+    given = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if given:
+        return os.path.abspath(given)
+    try:
+        user = getpass.getuser()
+    except (KeyError, ModuleNotFoundError, OSError):
+        user = f"uid_{os.getuid()}" if hasattr(os, "getuid") else "unknown_user"
+    return os.path.join(tempfile.gettempdir(), "torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", user))
+
+
+@contextmanager
+def no_torch_cache_folder() -> Iterator[None]:
+    """torch makes $TMPDIR/torchinductor_USER when torch._dynamo is first imported, which
+    transformers does to load any model; pera-deploy compiles nothing, so the folder, if this
+    call made it and it is still empty, is removed again (an existing one, or one holding
+    anything, is left alone). TORCHINDUCTOR_CACHE_DIR, which torch sets as it makes the
+    folder, is put back as it was."""
+    folder = torch_cache_folder()
+    existed = os.path.lexists(folder)
+    given = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    try:
+        yield
+    finally:
+        if not existed:
+            with suppress(OSError):
+                os.rmdir(folder)
+        if given is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
