@@ -122,8 +122,10 @@ def _load_options(format_: str | None, adapter_name: str | None, missing_coeffic
 def _report(flags: dict[str, Any], exc: BaseException, code: int, kind: str, message: str) -> int:
     """One line on stderr (plus the traceback with --debug) and the JSON result with --json;
     returns the exit status. The outcome is settled first: a signal from here on is recorded,
-    so what is printed is what happened."""
+    so what is printed is what happened. A line break in the message (a file name can hold
+    one) is shown escaped, so the line stays one line."""
     scoped.settle()
+    message = message.replace("\r", "\\r").replace("\n", "\\n")
     if flags.get(JSON_KEY):
         report = getattr(exc, "report", None)
         data = report.to_dict() if report is not None else {}
@@ -136,6 +138,13 @@ def _report(flags: dict[str, Any], exc: BaseException, code: int, kind: str, mes
     hint = " (run with --debug for the traceback)" if code == EXIT_INTERNAL and not flags.get(DEBUG_KEY) else ""
     click.echo(f"pera-deploy: {label}: {message}{hint}", err=True)
     return code
+
+
+def _first_line(exc: BaseException, limit: int = 500) -> str:
+    """An unexpected exception as one line: its type and the first line of its message
+    (libraries put whole graphs and file contents in theirs; --debug shows everything)."""
+    first = (str(exc).splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first[:limit]}{'...' if len(first) > limit else ''}"
 
 
 def _fail(ctx: click.Context, exc: BaseException, code: int, kind: str, message: str) -> NoReturn:
@@ -155,8 +164,7 @@ def _usage_error(flags: dict[str, Any], exc: click.ClickException) -> int:
     """A command line click cannot parse: one line and exit 2, as any other bad input."""
     message = " ".join(exc.format_message().split()).rstrip(".")
     ctx = getattr(exc, "ctx", None)
-    if ctx is not None:
-        message += f"; see '{ctx.command_path} --help'"
+    message += f"; see '{ctx.command_path if ctx is not None else 'pera-deploy'} --help'"
     return _report(flags, exc, EXIT_BAD_INPUT, "usage", message)
 
 
@@ -214,7 +222,7 @@ class _Group(click.Group):
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, **extra: Any) -> Any:
         args = list(sys.argv[1:] if args is None else args)
-        prog_name = prog_name or "pera-deploy"
+        prog_name = "pera-deploy"  # what every message calls the program, however it was started
         flags = _flags(args)
         with ExitStack() as stack:
             stack.enter_context(scoped.stop_signals())
@@ -255,12 +263,11 @@ class _Group(click.Group):
         except (KeyboardInterrupt, Interrupted) as exc:
             ctx.exit(_interrupted(ctx.meta, exc))
         except Exception as exc:  # a bug: say so in one line; --debug shows where
-            _fail(ctx, exc, EXIT_INTERNAL, "internal_error", f"{type(exc).__name__}: {exc}")
+            _fail(ctx, exc, EXIT_INTERNAL, "internal_error", _first_line(exc))
         except BaseException as exc:  # a library's own BaseException (torch's CheckpointException is one)
             if isinstance(exc, (SystemExit, GeneratorExit)):
                 raise
-            first = (str(exc).splitlines() or [""])[0]
-            _fail(ctx, exc, EXIT_INTERNAL, "internal_error", f"{type(exc).__name__}: {first}")
+            _fail(ctx, exc, EXIT_INTERNAL, "internal_error", _first_line(exc))
 
 
 @click.group(cls=_Group, no_args_is_help=False,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from pera_deploy.publish.manifest import MANIFEST
-from pera_deploy.publish.output_folder import LOCK_FILE, OLD_MARK, TMP_MARK
+from pera_deploy.publish.output_folder import TMP_MARK
 from tests.helpers import refused
 
 KIND = {0: None, 1: "check_failed", 2: "bad_input", 3: "internal_error", 4: "environment_error"}
@@ -140,3 +139,385 @@ def test_a_second_signal_does_not_cut_the_clean_up_short(fx, tmp_path):
     assert run.returncode == 143, run.stderr
     assert run.stderr.strip().splitlines() == ["pera-deploy: interrupted: stopped by SIGTERM; nothing was written"]
     nothing_beside(tmp_path)
+
+
+# -- click's usage errors, --help and --version follow the contract ----------------------------------------
+
+
+@pytest.mark.parametrize("args", [
+    ["merge", "--bogus", "--json"],  # click fails before it reaches --json
+    ["--json", "merge", "{llama-pera}"],  # --json before the command; -o missing
+    ["merge", "{llama-pera}", "--json", "-o"],  # an option without its value
+    ["frob", "--json"],
+    ["--json"],  # no command
+    ["verify", "{llama-pera}", "--seed", "x", "--json"],
+])
+def test_usage_errors_are_one_line_exit_2_and_one_json_object(cli, fx, args):
+    result = cli(*[a.format(**fx) for a in args])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pera-deploy: error: ") and "Traceback" not in result.stderr
+    data = one_json(result.stdout)
+    assert data["exit_code"] == 2 and data["error"]["kind"] == "usage"
+    assert lines[0] == f"pera-deploy: error: {data['error']['message']}"
+    assert "--help" in lines[0]  # where to look
+
+
+def test_usage_error_without_json_prints_nothing_on_stdout(cli):
+    result = cli("merge", "--bogus")
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        "pera-deploy: error: No such option '--bogus'. (Did you mean one of: '--base', '--jobs'?); "
+        "see 'pera-deploy merge --help'"]
+
+
+@pytest.mark.parametrize("args", [["--help"], ["merge", "--help"], ["--json", "export-onnx", "-h"]])
+def test_help_is_text_or_under_json_one_object(cli, args):
+    text = cli(*[a for a in args if a != "--json"])
+    assert text.exit_code == 0 and text.stdout.startswith("Usage: pera-deploy") and text.stderr == ""
+    as_json = cli(*args, "--json") if "--json" not in args else cli(*args)
+    assert as_json.exit_code == 0 and as_json.stderr == ""
+    assert one_json(as_json.stdout) == {"help": text.stdout.rstrip("\n"), "exit_code": 0}
+
+
+def test_version_is_text_or_under_json_one_object(cli):
+    import pera_deploy
+
+    assert cli("--version").stdout == f"pera-deploy, version {pera_deploy.__version__}\n"
+    assert one_json(cli("--version", "--json").stdout) == {"version": pera_deploy.__version__, "exit_code": 0}
+
+
+def test_an_internal_error_is_one_line_whatever_its_message(cli, fx, tmp_path, monkeypatch):
+    import pera_deploy.export.lora as lora
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("first line\nTorch IR graph at exception: graph(\n  %1 : Float(*)\n)")
+
+    monkeypatch.setattr(lora, "plan_lora_export", broken)
+    result = cli("export-lora", fx["llama-pera"], "-o", tmp_path / "out")
+    assert result.exit_code == 3
+    assert result.stderr.strip().splitlines() == [
+        "pera-deploy: internal error: RuntimeError: first line (run with --debug for the traceback)"]
+
+
+def test_library_warnings_and_logs_stay_off_stderr(cli, fx, monkeypatch):
+    """stderr carries pera-deploy's own lines only; --debug shows the rest. (Here warnings and
+    the library's log records are routed to stderr explicitly: pytest would capture them.)"""
+    import logging
+    import warnings
+
+    import numpy as np
+
+    import pera_deploy.api as api
+
+    real = api.inspect_adapter
+
+    def noisy(*args, **kwargs):
+        warnings.warn("a library's UserWarning", stacklevel=1)
+        np.float32(1) / np.float32(0)  # RuntimeWarning: divide by zero
+        logging.getLogger("somelibrary").warning("a library's log record")
+        return real(*args, **kwargs)
+
+    class ToStderr(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            sys.stderr.write(record.getMessage() + "\n")
+
+    monkeypatch.setattr(api, "inspect_adapter", noisy)
+    library = logging.getLogger("somelibrary")
+    handler = ToStderr()
+    library.addHandler(handler)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = lambda message, category, *a, **k: sys.stderr.write(f"{category.__name__}: {message}\n")
+            quiet = cli("inspect", fx["llama-pera"], "--json")
+            debug = cli("inspect", fx["llama-pera"], "--debug")
+            after = []
+            warnings.showwarning = lambda message, *a, **k: after.append(str(message))
+            warnings.warn("after", stacklevel=1)  # the caller's filters and handler are back
+    finally:
+        library.removeHandler(handler)
+    assert quiet.exit_code == 0 and quiet.stderr == ""
+    assert debug.exit_code == 0
+    for line in ("UserWarning: a library's UserWarning", "RuntimeWarning: divide by zero", "a library's log record"):
+        assert line in debug.stderr
+    assert after == ["after"] and logging.root.manager.disable == logging.NOTSET
+
+
+# -- option values that used to crash -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def merged(fx, tmp_path_factory) -> Path:
+    import pera_deploy
+
+    out = tmp_path_factory.mktemp("merged") / "m"
+    pera_deploy.merge(fx["llama-pera"], fx["llama-base"], out, progress=False)
+    return out
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**70), str(2**32)])
+def test_verify_seed_out_of_range_is_bad_input(cli, fx, merged, seed):
+    refused(cli("verify", merged, "--adapter", fx["llama-pera"], "--base", fx["llama-base"], "--seed", seed),
+            f"--seed {seed}", "0 to 4294967295")
+
+
+def test_verify_seed_bounds_work(cli, fx, merged):
+    for seed in (0, 2**32 - 1):
+        result = cli("verify", merged, "--adapter", fx["llama-pera"], "--base", fx["llama-base"], "--seed", seed,
+                     "--no-forward")
+        assert result.exit_code == 0, result.stderr
+
+
+def test_a_bundle_json_of_wrong_types_is_bad_input(cli, fx, tmp_path):
+    import pera_deploy
+
+    bundle = tmp_path / "bundle"
+    pera_deploy.bundle(fx["llama-base"], bundle, {"a": fx["llama-pera"]})
+    record = json.loads((bundle / "bundle.json").read_text())
+    for edit, needle in ((lambda r: r["adapters"]["a"].update(source=5), "adapters entry 'a' needs source as a string"),
+                         (lambda r: r["adapters"]["a"].update(sha256=None), "needs sha256 as a string"),
+                         (lambda r: r["base"].update(files={"config.json": 7}), "base files entry 'config.json'"),
+                         (lambda r: r.update(adapters=[]), "adapters must be a JSON object")):
+        broken = json.loads(json.dumps(record))
+        edit(broken)
+        (bundle / "bundle.json").write_text(json.dumps(broken))
+        refused(cli("verify", bundle), str(bundle / "bundle.json"), needle)
+
+
+# -- output names, full disks, file modes, --force --------------------------------------------------------
+
+
+@pytest.mark.parametrize("length", [230, 255])
+def test_a_long_output_name_works(cli, fx, tmp_path, length):
+    """A legal name up to 255 characters (the temporary names were the target's + 26)."""
+    out = tmp_path / ("a" * length)
+    assert cli("export-lora", fx["llama-pera"], "-o", out).exit_code == 0
+    gguf = tmp_path / ("g" * (length - 5) + ".gguf")
+    result = cli("export-gguf", fx["llama-pera"], "--base", fx["llama-base"], "-o", gguf)
+    assert result.exit_code == 0, result.stderr
+    assert (out / MANIFEST).is_file() and gguf.is_file()
+    nothing_beside(tmp_path, out.name, gguf.name)
+    assert cli("export-lora", fx["llama-pera"], "-o", out, "--force", "--rank", "2").exit_code == 0  # replaced: the old
+    assert cli("export-gguf", fx["llama-pera"], "--base", fx["llama-base"], "-o", gguf, "--force").exit_code == 0
+    nothing_beside(tmp_path, out.name, gguf.name)  # copy's box name is short too
+
+
+def test_export_gguf_on_a_full_disk_is_4(cli, fx, tiny_disk):
+    """gguf's writer lost the short write of a tensor's last flush: the read-back then failed
+    with "cannot reshape array" (exit 3)."""
+    result = cli("export-gguf", fx["llama-pera"], "--base", fx["llama-base"], "-o", tiny_disk / "a.gguf", "--json")
+    data = one_json(result.stdout)
+    assert result.exit_code == 4 and data["exit_code"] == 4 and data["error"]["kind"] == "environment_error"
+    assert "No space left on device" in data["error"]["message"] and str(tiny_disk / "a.gguf") in data["error"]["message"]
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert list(tiny_disk.iterdir()) == []
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+LORA_PY = "export/lora.py writes adapters with safetensors' save_file (0600) and does not call io/write_files.py yet"
+
+
+@pytest.mark.parametrize("command, adapter_file", [
+    (["extract", "{llama-pera}"], "adapter_model.safetensors"),
+    pytest.param(["export-lora", "{llama-pera}"], "adapter_model.safetensors",
+                 marks=pytest.mark.xfail(strict=True, reason=LORA_PY)),
+    pytest.param(["merge", "{llama-pera}", "{llama-base}", "--keep-branch"], "adapter/adapter_model.safetensors",
+                 marks=pytest.mark.xfail(strict=True, reason=LORA_PY)),
+    pytest.param(["bundle", "{llama-base}", "--adapter", "a={llama-pera}"], "adapters/a/adapter_model.safetensors",
+                 marks=pytest.mark.xfail(strict=True, reason=LORA_PY)),
+])
+def test_adapter_files_get_the_mode_of_any_new_file(cli, fx, tmp_path, command, adapter_file):
+    """0644 under umask 022 like every other output (safetensors' save_file writes 0600): a
+    server running as another user must be able to read them."""
+    old = os.umask(0o022)
+    try:
+        result = cli(*[a.format(**fx) for a in command], "-o", tmp_path / "out")
+    finally:
+        os.umask(old)
+    assert result.exit_code == 0, result.stderr
+    assert _mode(tmp_path / "out" / adapter_file) == 0o644
+    assert _mode(tmp_path / "out" / MANIFEST) == 0o644
+
+
+def test_as_new_file_follows_the_umask(tmp_path):
+    from pera_deploy.io.write_files import as_new_file, umask
+
+    path = tmp_path / "f"
+    path.write_bytes(b"x")
+    os.chmod(path, 0o600)
+    old = os.umask(0o027)
+    try:
+        assert umask() == 0o027
+        as_new_file(path)
+    finally:
+        os.umask(old)
+    assert _mode(path) == 0o640
+
+
+@pytest.mark.parametrize("manifest", ["", "{}", "[]", '{"pera_deploy_version": 1, "command": "merge"}', "{not json"])
+def test_force_needs_a_manifest_that_parses_as_pera_deploys(cli, fx, tmp_path, manifest):
+    """An empty pera_deploy_manifest.json let --force delete a folder holding a user's files."""
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / MANIFEST).write_text(manifest)
+    (theirs / "notes.txt").write_text("keep me")
+    refused(cli("export-lora", fx["llama-pera"], "-o", theirs, "--force"), "not an output of pera-deploy", MANIFEST,
+            "notes.txt")
+    assert (theirs / "notes.txt").read_text() == "keep me" and (theirs / MANIFEST).read_text() == manifest
+
+
+def test_without_force_the_refusal_names_what_force_would_delete(cli, fx, tmp_path):
+    out = tmp_path / "out"
+    assert cli("export-lora", fx["llama-pera"], "-o", out).exit_code == 0
+    line = refused(cli("export-lora", fx["llama-pera"], "-o", out), "pass --force to replace it",
+                   "an earlier output of pera-deploy: --force deletes")
+    for name in sorted(p.name for p in out.iterdir())[:5]:
+        assert name in line
+    assert cli("export-lora", fx["llama-pera"], "-o", out, "--force").exit_code == 0
+
+
+def test_gguf_force_needs_pera_deploys_version_string(cli, fx, tmp_path):
+    import gguf
+
+    def fake(path: Path, value, kind) -> Path:
+        writer = gguf.GGUFWriter(path, "llama")
+        writer.add_key_value("pera_deploy.version", value, kind)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return path
+
+    args = ("export-gguf", fx["llama-pera"], "--base", fx["llama-base"], "--force", "-o")
+    for path, needle in ((fake(tmp_path / "a.gguf", 1, gguf.GGUFValueType.UINT32), "not a pera-deploy version"),
+                         (fake(tmp_path / "b.gguf", "", gguf.GGUFValueType.STRING), "not a pera-deploy version")):
+        before = path.read_bytes()
+        refused(cli(*args, path), "not a GGUF written by pera-deploy", needle)
+        assert path.read_bytes() == before
+    assert cli(*args[:-2], "-o", tmp_path / "ours.gguf").exit_code == 0
+    refused(cli(*args[:-2], "-o", tmp_path / "ours.gguf"), "pass --force", "a GGUF written by pera-deploy")
+    assert cli(*args, tmp_path / "ours.gguf").exit_code == 0
+
+
+# -- export-onnx ------------------------------------------------------------------------------------------
+
+needs_onnx = pytest.mark.skipif(any(__import__("importlib").util.find_spec(m) is None
+                                    for m in ("onnx", "onnxruntime", "optimum")), reason="needs the onnx extra")
+
+
+@needs_onnx
+@pytest.mark.parametrize("task, model", [("feature-extraction", "llama-base"), ("text-classification", "llama-base"),
+                                         ("fill-mask", "bert-base")])
+def test_a_task_of_another_class_is_bad_input(cli, fx, tmp_path, task, model):
+    """pera-deploy exports and checks the class config.json names: feature-extraction on a
+    LlamaForCausalLM failed in the exporter (exit 3); text-classification on it, or fill-mask
+    on a BertForSequenceClassification, labelled the class's logits as that task."""
+    refused(cli("export-onnx", fx[model], "--task", task, "-o", tmp_path / "out"), f"--task {task!r}", "exports as")
+    nothing_beside(tmp_path)
+
+
+@needs_onnx
+@pytest.mark.parametrize("opset", ["0", "-1", "99", "24"])
+def test_an_opset_out_of_range_is_bad_input(cli, fx, tmp_path, opset):
+    refused(cli("export-onnx", fx["llama-base"], "--opset", opset, "-o", tmp_path / "out"), f"--opset {opset}",
+            "opsets 7 to 23")
+    nothing_beside(tmp_path)
+
+
+def genai_base(fx, tmp_path: Path, **generation) -> Path:
+    base = shutil.copytree(fx["llama-base"], tmp_path / "base")
+    config = json.loads((base / "generation_config.json").read_text())
+    (base / "generation_config.json").write_text(json.dumps({**config, **generation}))
+    return base
+
+
+@needs_onnx
+@pytest.mark.parametrize("eos, shown", [([2, "x"], '[2, "x"]: "x"'), (99999, "99999: 99999"), ([], "[] names no token"),
+                                        (True, "true: true")])
+def test_genai_token_ids_must_be_ids_of_the_vocabulary(cli, fx, tmp_path, eos, shown):
+    """genai_config.json took eos from generation_config.json as it was: ONNX Runtime GenAI
+    then refused the folder ("Expected a number", "must be in range [0, vocab_size)")."""
+    base = genai_base(fx, tmp_path, eos_token_id=eos)
+    out = tmp_path / "out"
+    refused(cli("export-onnx", base, "-o", out), f"{base / 'generation_config.json'}: eos_token_id {shown}",
+            "--no-genai")
+    refused(cli("export-onnx", base, "-o", out, "--genai"), "eos_token_id")
+    nothing_beside(tmp_path, "base")
+
+
+@needs_onnx
+def test_genai_tokens_resolve_as_genais_builder_does(tmp_path, fx):
+    """No bos: 1; no pad: the first eos (a list of eos as pad was refused by GenAI); a null
+    in generation_config.json falls back to config.json."""
+    from pera_deploy.export.onnx.genai import special_tokens
+
+    base = genai_base(fx, tmp_path, eos_token_id=[2, 3], bos_token_id=None)
+    config = json.loads((base / "config.json").read_text())
+    config.pop("bos_token_id", None)
+    config.pop("pad_token_id", None)
+    (base / "config.json").write_text(json.dumps(config))
+    assert special_tokens(base) == {"bos_token_id": 1, "eos_token_id": [2, 3], "pad_token_id": 2}
+
+
+@needs_onnx
+def test_an_error_about_the_scratch_merge_names_the_users_paths(cli, fx, tmp_path):
+    """The adapter is merged on the fly into a folder inside the temporary output: an error
+    about it named that folder (.pera-deploy-tmp-.../out/.merged)."""
+    base = shutil.copytree(fx["llama-base"], tmp_path / "base")
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "hidden_act": "no-such-activation"}))
+    line = refused(cli("export-onnx", base, "--adapter", f"a={fx['llama-pera']}", "-o", tmp_path / "out"),
+                   f"{base} (with adapter a merged): transformers cannot build LlamaForCausalLM")
+    assert ".merged" not in line and TMP_MARK not in line
+    nothing_beside(tmp_path, "base")
+
+
+def run_console(*args: object, tmpdir: Path) -> subprocess.CompletedProcess:
+    """The installed console script, as a pipeline runs it, with its own $TMPDIR (and no
+    TORCHINDUCTOR_CACHE_DIR, which torch sets in this process when it first imports
+    torch._dynamo)."""
+    exe = Path(sys.executable).with_name("pera-deploy")
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=300,
+                          env={**env, "TMPDIR": str(tmpdir)})
+
+
+@needs_onnx
+@pytest.mark.slow
+def test_export_onnx_leaves_nothing_in_tmpdir_and_stdout_holds_only_the_json(fx, tmp_path):
+    """Every export-onnx left $TMPDIR/torchinductor_USER (torch, at the import of
+    torch._dynamo) and $TMPDIR/.ses (ONNX Runtime's telemetry, at import); an export torch
+    failed printed its whole graph on stdout before the JSON."""
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    ok = run_console("export-onnx", fx["llama-base"], "--adapter", fx["llama-pera"], "-o", tmp_path / "ok", "--json",
+                     tmpdir=tmpdir)
+    assert ok.returncode == 0 and ok.stderr == "" and one_json(ok.stdout)["passed"], ok.stderr
+    assert list(tmpdir.iterdir()) == []
+    failed = run_console("export-onnx", fx["llama-base"], "--opset", "9", "-o", tmp_path / "no", "--json", tmpdir=tmpdir)
+    assert failed.returncode == 2, failed.stderr
+    data = one_json(failed.stdout)  # nothing but the JSON: no "Torch IR graph at exception"
+    assert data["exit_code"] == 2 and data["error"]["message"].startswith("--opset 9: torch's exporter cannot write")
+    assert failed.stderr.strip().splitlines() == [f"pera-deploy: error: {data['error']['message']}"]
+    assert list(tmpdir.iterdir()) == []
+    nothing_beside(tmp_path, "ok", "tmp")
+
+
+@needs_onnx
+@pytest.mark.slow
+def test_export_onnx_prints_no_numpy_warning(fx, tmp_path):
+    """Factors scaled by 1e18 overflow the graph's outputs: the check's numpy arithmetic on
+    inf warned on stderr ("RuntimeWarning: invalid value encountered in subtract")."""
+    from safetensors.torch import load_file, save_file
+
+    adapter = shutil.copytree(fx["gpt2-peft"], tmp_path / "huge")
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    save_file({k: v * 1e18 if "lora_" in k else v for k, v in tensors.items()}, str(adapter / "adapter_model.safetensors"))
+    result = run_console("export-onnx", fx["gpt2-base"], "--branch", "--adapter", f"a={adapter}", "-o",
+                         tmp_path / "out", tmpdir=tmp_path)
+    assert result.returncode in (1, 2)
+    assert len(result.stderr.strip().splitlines()) == 1 and "Warning" not in result.stderr, result.stderr
