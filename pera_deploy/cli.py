@@ -1,21 +1,24 @@
 """The `pera-deploy` command: parse, call the API, print text or --json. No policy lives here.
 
 Exit status (errors.py): 0 success, 1 a numerical check failed, 2 bad input, 3 internal
-error, 4 the environment failed (disk full, permission, I/O error on output). Failures
-print one line on stderr; --debug adds the traceback and keeps the exit status. With
---json, stdout holds one JSON object on success and on failure alike. Heavy imports happen
-inside the commands, so `--help` answers at once.
+error, 4 the environment failed (disk full, permission, I/O error on output). Failures,
+usage errors included, print one line on stderr; --debug adds the traceback (and library
+warnings) and keeps the exit status. With --json, stdout holds one JSON object on success
+and on failure alike (--help and --version: their text inside one). A signal that arrives
+once the output is in place leaves the run a success (scoped.py, "stop signals"). Heavy
+imports happen inside the commands, so `--help` answers at once.
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import os
 import signal
 import sys
 import time
 import traceback
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
@@ -119,6 +122,20 @@ def _load_options(format_: str | None, adapter_name: str | None, missing_coeffic
             "config": config}
 
 
+def _echo(text: str, err: bool = False) -> None:
+    """Print a line of the outcome. If the reader of the stream is gone (a closed pipe), the
+    outcome and its exit status stand: the stream is pointed at /dev/null, so the interpreter's
+    own flush at exit does not fail on it again (as Python's documentation advises)."""
+    try:
+        click.echo(text, err=err)
+    except BrokenPipeError:
+        stream = sys.stderr if err else sys.stdout
+        with suppress(OSError, ValueError, AttributeError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+            os.close(devnull)
+
+
 def _report(flags: dict[str, Any], exc: BaseException, code: int, kind: str, message: str) -> int:
     """One line on stderr (plus the traceback with --debug) and the JSON result with --json;
     returns the exit status. The outcome is settled first: a signal from here on is recorded,
@@ -130,13 +147,13 @@ def _report(flags: dict[str, Any], exc: BaseException, code: int, kind: str, mes
         report = getattr(exc, "report", None)
         data = report.to_dict() if report is not None else {}
         data.update({"exit_code": code, "error": {"kind": kind, "message": message}})
-        click.echo(json.dumps(data, indent=2, default=str))
+        _echo(json.dumps(data, indent=2, default=str))
     if flags.get(DEBUG_KEY):
         traceback.print_exception(exc)
     label = {"check_failed": "check failed", "bad_input": "error", "environment_error": "error", "usage": "error",
              "interrupted": "interrupted"}.get(kind, "internal error")
     hint = " (run with --debug for the traceback)" if code == EXIT_INTERNAL and not flags.get(DEBUG_KEY) else ""
-    click.echo(f"pera-deploy: {label}: {message}{hint}", err=True)
+    _echo(f"pera-deploy: {label}: {message}{hint}", err=True)
     return code
 
 
@@ -171,10 +188,7 @@ def _usage_error(flags: dict[str, Any], exc: click.ClickException) -> int:
 def _print_info(ctx: click.Context, key: str, text: str) -> NoReturn:
     """--help and --version: their text, or under --json one JSON object holding it."""
     scoped.settle()
-    if ctx.meta.get(JSON_KEY):
-        click.echo(json.dumps({key: text, "exit_code": EXIT_OK}, indent=2))
-    else:
-        click.echo(text, color=ctx.color)
+    _echo(json.dumps({key: text, "exit_code": EXIT_OK}, indent=2) if ctx.meta.get(JSON_KEY) else text)
     ctx.exit(EXIT_OK)
 
 
@@ -300,7 +314,8 @@ def main() -> None:
     \b
     Exit status: 0 success, 1 a numerical check failed, 2 bad input, 3 internal error,
     4 the environment failed (disk full, permission denied, I/O error on output).
-    With --json every command prints one JSON object on stdout, on failure too.
+    With --json (anywhere on the line) every command prints one JSON object on stdout, on
+    failure too; so do --help and --version.
     """
 
 
@@ -315,13 +330,10 @@ def _run(call: Callable[[], Any], render: Callable[[Any], str],
     except CheckFailed as exc:
         scoped.settle()
         if not as_json and exc.report is not None:
-            click.echo(render(exc.report))
+            _echo(render(exc.report))
         raise
     scoped.settle()
-    if as_json:
-        click.echo(json.dumps({**to_dict(result), "exit_code": EXIT_OK}, indent=2, default=str))
-    else:
-        click.echo(render(result))
+    _echo(json.dumps({**to_dict(result), "exit_code": EXIT_OK}, indent=2, default=str) if as_json else render(result))
 
 
 def parse_weights(text: str | None) -> list[float] | None:
@@ -661,7 +673,7 @@ def export_lora(adapter: Path, output: Path, format_: str | None, adapter_name: 
         report = run_export(adapter, output, rank=rank, tol=tol, max_rank=max_rank, pad=pad, dtype=dtype, base=base,
                             force=force, **_load_options(format_, adapter_name, missing_coefficients, config))
         for warning in report.manifest["lora"]["warnings"]:
-            click.echo(f"pera-deploy: warning: {warning}", err=True)
+            _echo(f"pera-deploy: warning: {warning}", err=True)
         return report
 
     _run(call, render)
@@ -729,7 +741,7 @@ def export_gguf(adapter: Path, base: Path, output: Path, format_: str | None, ad
         report = run_export(adapter, output, base=base, rank=rank, tol=tol, max_rank=max_rank, pad=pad, dtype=dtype,
                             force=force, **_load_options(format_, adapter_name, missing_coefficients, config))
         for warning in report.manifest["lora"]["warnings"]:
-            click.echo(f"pera-deploy: warning: {warning}", err=True)
+            _echo(f"pera-deploy: warning: {warning}", err=True)
         return report
 
     _run(call, render)

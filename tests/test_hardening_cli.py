@@ -104,6 +104,7 @@ def run_signalled(when: str, sig: str, *args: object) -> subprocess.CompletedPro
                           text=True, timeout=120)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("when", ["after-rename", "after-commit", "printing", "exiting"])
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
 def test_a_signal_after_the_rename_leaves_the_run_a_success(fx, tmp_path, when, sig):
@@ -119,6 +120,7 @@ def test_a_signal_after_the_rename_leaves_the_run_a_success(fx, tmp_path, when, 
     nothing_beside(tmp_path, "out")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [("SIGTERM", 143), ("SIGINT", 130)])
 def test_a_signal_before_the_rename_still_stops_the_run(fx, tmp_path, sig, code):
     out = tmp_path / "out"
@@ -131,6 +133,7 @@ def test_a_signal_before_the_rename_still_stops_the_run(fx, tmp_path, sig, code)
     nothing_beside(tmp_path)
 
 
+@pytest.mark.slow
 def test_a_second_signal_does_not_cut_the_clean_up_short(fx, tmp_path):
     """SIGTERM, then SIGINT while the temporary folder is being removed: the run stops as
     SIGTERM asked, cleans up, and prints one line (a KeyboardInterrupt raised in the clean-up
@@ -521,3 +524,79 @@ def test_export_onnx_prints_no_numpy_warning(fx, tmp_path):
                          tmp_path / "out", tmpdir=tmp_path)
     assert result.returncode in (1, 2)
     assert len(result.stderr.strip().splitlines()) == 1 and "Warning" not in result.stderr, result.stderr
+
+
+# -- command lines, fuzzed: option values never crash -------------------------------------------------------
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+LINE_EXAMPLES = int(os.environ.get("PERA_DEPLOY_FUZZ_EXAMPLES", "40"))
+VALUES = ["-1", "0", "1", "2", "7", "99", str(2**70), "-" + str(2**70), "1e308", "nan", "inf", "-0", "0.5", "x", "",
+          "1,2", "1,nan", "float16", "bfloat16", "float64", "int8", "auto", "--json", "-o", "a=b", "../x", "=",
+          "feature-extraction", "text-generation", "symlink", "one", "zero"]
+OPTIONS = ["--rank", "--tol", "--max-rank", "--dtype", "--seed", "--weights", "--precision", "--max-shard-size",
+           "--jobs", "--format", "--adapter-name", "--missing-coefficients", "--base-files", "--opset", "--task",
+           "--pad", "--no-pad", "--force", "--json", "--debug", "--no-forward", "--full-check", "--bogus", "-h"]
+LINES = [
+    ["inspect", "{llama-pera}"],
+    ["formats"],
+    ["export-lora", "{llama-pera}", "-o", "{out}"],
+    ["export-gguf", "{llama-pera}", "--base", "{llama-base}", "-o", "{out}.gguf"],
+    ["combine", "{llama-pera}", "{llama-peft}", "-o", "{out}"],
+    ["extract", "{llama-pera}", "-o", "{out}"],
+    ["merge", "{llama-pera}", "{llama-base}", "-o", "{out}"],
+    ["verify", "{merged}", "--adapter", "{llama-pera}", "--base", "{llama-base}", "--no-forward"],
+    ["bundle", "{llama-base}", "-o", "{out}", "--adapter", "a={llama-pera}"],
+]
+
+
+@st.composite
+def command_line(draw):
+    line = list(draw(st.sampled_from(LINES)))
+    for _ in range(draw(st.integers(1, 3))):
+        option = draw(st.sampled_from(OPTIONS))
+        words = [option] if option.startswith(("--no-", "--pad", "--force", "--json", "--debug", "--full", "-h")) \
+            else [option, draw(st.sampled_from(VALUES))]
+        at = draw(st.integers(1, len(line)))
+        line[at:at] = words
+    return line, draw(st.booleans())
+
+
+@settings(max_examples=LINE_EXAMPLES, deadline=None, derandomize=os.environ.get("PERA_DEPLOY_FUZZ_RANDOM") != "1",
+          database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(case=command_line())
+def test_fuzzed_command_lines_keep_the_contract(cli, fx, merged, tmp_path_factory, case):
+    """Any option value on any command: exit 0, 1 or 2 (never 3, nor 4: the disk is fine), one
+    line on stderr on failure, one JSON object on stdout under --json, nothing left but a
+    published output."""
+    line, as_json = case
+    work = tmp_path_factory.mktemp("line")
+    names = {**{k: str(v) for k, v in fx.items()}, "merged": str(merged), "out": str(work / "out")}
+    args = [a.format(**names) for a in line] + (["--json"] if as_json else [])
+    result = cli(*args)
+    assert result.exit_code in (0, 1, 2), (args, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr or "--debug" in args
+    if result.exit_code and "--debug" not in args:
+        assert len(result.stderr.strip().splitlines()) == 1, (args, result.stderr)
+    if "--json" in args:
+        assert one_json(result.stdout)["exit_code"] == result.exit_code, (args, result.stdout)
+    left = sorted(p.name for p in work.iterdir())
+    writes = not (result.exit_code or "-h" in args or {"formats", "inspect", "verify"} & set(line))
+    assert left == ([Path(names["out"] + (".gguf" if "export-gguf" in line else "")).name] if writes else []), \
+        (args, left)
+
+
+@pytest.mark.parametrize("args", [["--help"], ["formats"], ["--json", "inspect", "{llama-pera}"]])
+def test_a_closed_stdout_leaves_the_outcome_alone(fx, tmp_path, args):
+    """Whoever read stdout has gone (`pera-deploy ... | head -0`): the outcome stands, and no
+    traceback follows (--help's printed one; formats said "error: Broken pipe", exit 2)."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        run = subprocess.run([str(Path(sys.executable).with_name("pera-deploy")), *[a.format(**fx) for a in args]],
+                             stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert (run.returncode, run.stderr) == (0, "")
