@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pera_deploy.publish.manifest import MANIFEST
 from pera_deploy.publish.output_folder import TMP_MARK
@@ -527,10 +529,6 @@ def test_export_onnx_prints_no_numpy_warning(fx, tmp_path):
 
 
 # -- command lines, fuzzed: option values never crash -------------------------------------------------------
-
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 LINE_EXAMPLES = int(os.environ.get("PERA_DEPLOY_FUZZ_EXAMPLES", "40"))
 VALUES = ["-1", "0", "1", "2", "7", "99", str(2**70), "-" + str(2**70), "1e308", "nan", "inf", "-0", "0.5", "x", "",
