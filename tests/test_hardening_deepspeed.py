@@ -183,6 +183,12 @@ def _set(key: str, value: Any, inner: bool = True) -> Callable[[dict[str, Any]],
     return change
 
 
+def _item(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    def change(state: dict[str, Any]) -> None:
+        optim_state(state)[key][0] = value
+    return change
+
+
 def _stage(stage: int) -> Callable[[dict[str, Any]], None]:
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
@@ -232,7 +238,15 @@ DISAGREEING = {  # id: (container, file, edit, what the line says)
     "zero3-dp-world": ("deepspeed-zero3", MODEL3.format(1), _set("dp_world_size", 3, inner=False),
                        "data-parallel world of 3 ranks"),
     "zero3-param-shapes": ("deepspeed-zero3", MODEL3.format(1), _other_shapes, "param_shapes"),
-    "zero3-partition-size": ("deepspeed-zero3", OPTIM.format(1), _truncate_flat, "partition sizes"),
+    "zero3-partition-size": ("deepspeed-zero3", OPTIM.format(1), _truncate_flat, "partition sizes"),  # was exit 3
+    # found by the fuzzer below on the old code: exit 3, or (empty param_shapes) the bf16 module
+    # copies given out as the fp32 masters
+    "zero3-flat-group-not-a-tensor": ("deepspeed-zero3", OPTIM.format(1), _item("fp32_flat_groups", 0),
+                                      "no fp32_flat_groups (a list of flat floating-point tensors)"),
+    "zero1-alignment-paddings-not-lists": ("deepspeed-zero1", OPTIM.format(0), _item("param_alignment_paddings", 2**40),
+                                           "param_alignment_paddings do not match param_shapes"),
+    "zero1-no-param-shapes": ("deepspeed-zero1", MODEL, _set("param_shapes", [], inner=False),
+                              "holds 1 parameter groups, but param_shapes in mp_rank_00_model_states.pt lists 0"),
 }
 
 
