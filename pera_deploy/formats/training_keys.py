@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from ..core.adapter import PeraAdapter
 from ..errors import InputError
 from ..io.files import read_json, require_finite
+from ..io.paths import inside
 from .config_schema import validate_adapter_config
 from .layers import build_layers
 from .peft_folder import ADAPTER_CONFIG, normalize_extra_name
@@ -76,6 +77,27 @@ class Found:
     # A LightningModule's state dict names every tensor `<attribute>.<model path>`: with this
     # set, a first segment shared by every key is the attribute, and is dropped.
     attribute_prefix: bool = False
+
+
+def lies_inside(path: Path, roots: tuple[Path, ...]) -> bool:
+    """Whether `path`, resolved, lies inside the container's `roots` (io.paths.allowed_roots);
+    a symlink loop is refused, naming it."""
+    try:
+        return inside(path, roots)
+    except RuntimeError:  # pathlib's "Symlink loop from ...", raised by resolve()
+        raise InputError(f"{path}: a symlink loop") from None
+
+
+def container_file(path: Path, roots: tuple[Path, ...]) -> Path:
+    """`path`, a file a container names, if it is a regular file really inside `roots`: a link
+    out of the container, a dangling link, a folder or a FIFO is refused, naming it (the rule
+    io.model_folder.checked_file applies to model folders)."""
+    from ..io.model_folder import checked_file  # imports torch: not at module level (inspect's fast path)
+
+    try:
+        return checked_file(path, roots)
+    except RuntimeError:
+        raise InputError(f"{path}: a symlink loop") from None
 
 
 def normalize(name: str) -> tuple[str, list[str]]:
