@@ -13,6 +13,9 @@ from typing import Iterator, cast
 
 import numpy as np
 
+from .limits import Sizes
+from .pairs import expanded_rank
+
 
 def pair_indices(r: int) -> tuple[np.ndarray, np.ndarray]:
     """Row-major upper-triangle pairs, diagonal included (section 1.1), as `pera.pair_indices`."""
@@ -34,6 +37,20 @@ def exact_factors(A: np.ndarray, B: np.ndarray, hA: np.ndarray, hB: np.ndarray |
     b_hat = np.concatenate([B, products.T], axis=1) * scaling
     rows = np.concatenate([np.ones(A.shape[0], dtype=bool), keep.reshape(-1)])
     return b_hat[:, rows], a_hat[rows]
+
+
+def sizes(A: np.ndarray, B: np.ndarray, hA: np.ndarray, hB: np.ndarray | None, scaling: float) -> Sizes:
+    """The sizes `limits.float32_bound` reads, as `limits.sizes` takes them from a torch layer:
+    a layer whose bound exceeds the float32 range is the one case the torch path must decide
+    (it refuses the update, or finds that it fits after all)."""
+
+    def largest(t: np.ndarray | None, default: float) -> float:
+        if t is None:
+            return default
+        return float(np.abs(t.astype(np.float64)).max()) if t.size else 0.0
+
+    return Sizes(1.0, scaling, largest(A, 0.0), largest(B, 0.0), largest(hA, 0.0), largest(hB, 1.0),
+                 expanded_rank(A.shape[0]))
 
 
 def factored_norm(left: np.ndarray, right: np.ndarray) -> float:

@@ -21,6 +21,7 @@ from .. import __version__
 from ..checks.base import Report
 from ..checks.lora_factors import LoraFactorsCheck, check_lora_module
 from ..core.adapter import PeraAdapter, PeraLayer
+from ..core.limits import require_storable
 from ..core.lowrank import choose_rank, factored_norm, factored_svd, total_relative_error
 from ..core.names import NameIndex
 from ..errors import InputError
@@ -105,12 +106,14 @@ def lora_module(layer: PeraLayer, name: str, *, rank: int | None = None, tol: fl
 
 
 def plan_lora_export(adapter: PeraAdapter, *, rank: int | None = None, tol: float | None = None,
-                     max_rank: int | None = None, pad: bool = True,
-                     names: dict[str, str] | None = None) -> LoraExport:
+                     max_rank: int | None = None, pad: bool = True, names: dict[str, str] | None = None,
+                     dtype: torch.dtype = torch.float32) -> LoraExport:
     """Factors for every module, and the trained full tensors laid out the way PEFT keeps them.
 
     `names` renames adapter module paths (and extra tensors) to the paths of the model the
-    LoRA will be loaded into; by default the adapter's own paths are kept.
+    LoRA will be loaded into; by default the adapter's own paths are kept. The factors must
+    fit `dtype`, the one they will be stored in: a module whose factors would be stored as
+    Inf is refused now, naming it, before anything is written.
     """
     rank_options(rank, tol, max_rank)
     names = names or {}
@@ -120,6 +123,9 @@ def plan_lora_export(adapter: PeraAdapter, *, rank: int | None = None, tol: floa
         lora_module(layer, names.get(path, path), rank=rank, tol=tol, max_rank=max_rank, warnings=above)
         for path, layer in adapter.layers.items()
     ]
+    for m in modules:
+        require_storable(m.source, "lora_B (s·B̂)", m.lora_B, dtype)
+        require_storable(m.source, "lora_A (Â)", m.lora_A, dtype)
     if above:
         exact = max(m.full_rank for m in modules if m.source in above)
         warnings.append(f"--rank {rank} is more than the exact rank of {len(above)} module(s) (up to {exact}, e.g. "
@@ -282,7 +288,8 @@ def export_lora_folder(adapter: PeraAdapter, output: Path, digests: Digests, *, 
         with ModelFolder(base) as checkpoint:
             names, base_files = peft_names(adapter, checkpoint), checkpoint.weight_files
             inputs += checkpoint.input_paths()
-    export = plan_lora_export(adapter, rank=rank, tol=tol, max_rank=max_rank, pad=pad, names=names)
+    export = plan_lora_export(adapter, rank=rank, tol=tol, max_rank=max_rank, pad=pad, names=names,
+                              dtype=LORA_DTYPES[dtype])
     digests.prefetch(list(adapter.files) + base_files)
 
     def write(folder: Path) -> Written:
