@@ -230,3 +230,30 @@ def test_choose_rank_keeps_at_least_one():
     right = torch.randn(3, 4, dtype=torch.float64)
     noise = factored_svd(torch.cat([left, -left], 1), torch.cat([right, right], 0))
     assert float(noise.singular_values.abs().max()) == 0.0  # noise below the evaluation floor is zero
+
+
+# -- 3. unmerge --check-against a model of other shapes -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def merged_llama(fx, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("merged") / "m"
+    pera_deploy.merge(fx["llama-pera"], fx["llama-base"], out, progress=False)
+    return out
+
+
+def test_unmerge_check_against_other_shapes(cli, fx, tmp_path, merged_llama):
+    """Was exit 3 (a RuntimeError from torch) after writing into the staging folder."""
+    out = tmp_path / "u"
+    line = refused(cli("unmerge", merged_llama, "--adapter", fx["llama-pera"], "-o", out, "--check-against",
+                       fx["small-llama-base"]), "--check-against", "lm_head.weight", "(512, 256)", "(128, 32)")
+    assert "small-llama-base" in line
+    nothing_written(tmp_path, out)
+
+
+def test_unmerge_check_against_another_model(cli, fx, tmp_path, merged_llama):
+    """A model with none of the merged weights was compared with nothing and passed (exit 0)."""
+    out = tmp_path / "u"
+    refused(cli("unmerge", merged_llama, "--adapter", fx["llama-pera"], "-o", out, "--check-against", fx["gpt2-base"]),
+            "--check-against", "has no tensor model.layers.0.mlp.down_proj.weight")
+    nothing_written(tmp_path, out)
