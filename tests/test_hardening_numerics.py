@@ -257,3 +257,95 @@ def test_unmerge_check_against_another_model(cli, fx, tmp_path, merged_llama):
     refused(cli("unmerge", merged_llama, "--adapter", fx["llama-pera"], "-o", out, "--check-against", fx["gpt2-base"]),
             "--check-against", "has no tensor model.layers.0.mlp.down_proj.weight")
     nothing_written(tmp_path, out)
+
+
+# -- 4. merge and verify decide alike ------------------------------------------------------------------
+
+
+@pytest.fixture
+def tied_base_with_own_lm_head(fx, tmp_path) -> Path:
+    """llama-base whose config says tied, while it stores an lm_head.weight of its own, unlike
+    its embed_tokens.weight: transformers loads lm_head as embed_tokens (the stored one is ignored)."""
+    base = copy(fx["llama-base"], tmp_path / "tied-base")
+    config = json.loads((base / "config.json").read_text())
+    config["tie_word_embeddings"] = True
+    (base / "config.json").write_text(json.dumps(config))
+    return base
+
+
+def lm_head_adapter(folder: Path) -> Path:
+    from fixtures.build_fixtures import random_factors, write_peft_adapter
+
+    return write_peft_adapter(folder, random_factors({"lm_head": (32, 128)}, 5), targets=["lm_head"], base_name="tb")
+
+
+def test_untied_merge_of_a_tied_lm_head_is_what_transformers_loads(cli, tmp_path, tied_base_with_own_lm_head):
+    """The merge added ΔW to the stored lm_head (exit 0), which transformers never loaded; verify's
+    forward check then failed (exit 1). Now the tie's value is W0, and both pass."""
+    base, adapter = tied_base_with_own_lm_head, lm_head_adapter(tmp_path / "lm-head")
+    out = tmp_path / "m"
+    assert cli("merge", adapter, base, "-o", out, "--untie-embeddings").exit_code == 0
+    result = cli("verify", out, "--adapter", adapter, "--base", base)
+    assert result.exit_code == 0, result.stderr
+    from transformers import AutoModelForCausalLM
+
+    from pera_deploy.merging.execute import merged_weight
+
+    loaded = AutoModelForCausalLM.from_pretrained(base)
+    assert torch.equal(loaded.lm_head.weight, loaded.model.embed_tokens.weight)  # the stored lm_head is ignored
+    stored = {k: v for f in base.glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    merged = {k: v for f in out.glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    layer = pera_deploy.load_adapter(adapter).layers["lm_head"]
+    w0 = stored["model.embed_tokens.weight"]
+    assert torch.equal(merged["lm_head.weight"], merged_weight(w0, layer, False, w0.dtype, torch.float32))
+
+
+def test_untied_copy_of_a_tied_lm_head_is_its_tie(fx, tmp_path, tied_base_with_own_lm_head):
+    """Untying for an adapter that changes embed_tokens gives lm_head its own weight: the value
+    transformers used, the embedding's, not the stored one it ignored."""
+    from fixtures.build_fixtures import write_peft_adapter
+
+    base = tied_base_with_own_lm_head
+    g = torch.Generator().manual_seed(3)
+    adapter = write_peft_adapter(tmp_path / "embed", {"model.embed_tokens": {
+        "A": torch.randn(4, 32, generator=g), "B": torch.randn(128, 4, generator=g), "hA": torch.randn(10, generator=g),
+        "hB": torch.ones(10)}}, targets=["embed_tokens"], base_name="tb")
+    from pera_deploy.io.model_folder import ModelFolder
+    from pera_deploy.merging.plan import plan_merge
+
+    with ModelFolder(base) as checkpoint:
+        plan = plan_merge(pera_deploy.load_adapter(adapter), checkpoint, untie_embeddings=True)
+    planned = {t.name: t for s in plan.shards for t in s.tensors}
+    assert len(planned) == sum(len(s.tensors) for s in plan.shards)  # each name once
+    assert planned["lm_head.weight"].source == "model.embed_tokens.weight"
+    assert plan.config_updates["tie_word_embeddings"] is False
+
+
+@pytest.mark.parametrize("command", ["merge", "verify"])
+def test_an_added_tensor_the_model_has_no_place_for(cli, fx, tmp_path, command):
+    """`new_head.weight` is no tensor of LlamaForCausalLM: transformers would drop it from the
+    merged folder. merge wrote it (exit 0) and verify refused it (exit 2); both refuse now,
+    by the forward check's own rule."""
+    adapter = copy(fx["llama-peft"], tmp_path / "a")
+    path = adapter / "adapter_model.safetensors"
+    save_file(load_file(str(path)) | {"base_model.model.new_head.weight": torch.randn(4, 32)}, str(path))
+    out = tmp_path / "out"
+    args = (["merge", adapter, fx["llama-base"], "-o", out] if command == "merge" else
+            ["verify", fx["llama-base"], "--adapter", adapter, "--base", fx["llama-base"], "--no-forward"])
+    refused(cli(*args), "adapter tensor new_head.weight", "LlamaForCausalLM")
+    nothing_written(tmp_path, out)
+
+
+def test_a_trained_lm_head_on_a_tied_base_needs_untying(cli, fx, tmp_path):
+    """gpt2-base ties lm_head and stores none: a modules_to_save lm_head was added (exit 0) while
+    the config still tied it, so transformers ignored it. Refused like a tied layer now."""
+    from fixtures.build_fixtures import module_shapes, random_factors, write_peft_adapter
+
+    shapes = module_shapes(fx["gpt2-base"], ["c_attn"], conv1d=True, prefix="transformer.")
+    adapter = write_peft_adapter(tmp_path / "a", random_factors(shapes, 3), targets=["c_attn"], base_name="gpt2-base",
+                                 fan_in_fan_out=True, extras={"lm_head.weight": torch.randn(128, 32)},
+                                 modules_to_save=["lm_head"])
+    out = tmp_path / "out"
+    refused(cli("merge", adapter, fx["gpt2-base"], "-o", out), "lm_head.weight is tied to wte.weight",
+            "--untie-embeddings")
+    nothing_written(tmp_path, out)
