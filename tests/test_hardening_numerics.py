@@ -232,6 +232,29 @@ def test_choose_rank_keeps_at_least_one():
     assert float(noise.singular_values.abs().max()) == 0.0  # noise below the evaluation floor is zero
 
 
+def test_the_noise_floor_pairs_each_column_with_its_own_row():
+    """Found by tests/test_fuzz_numerics.py (export-gguf --rank 2 of factors scaled 1, 1e-38,
+    coefficients 1e18, alpha 1e38): Â's pair rows are 1e17 but meet columns of s·B̂ of 1e-20,
+    so ‖s·B̂‖·‖Â‖ is 1e17 times ‖ΔW‖. A floor of u·‖s·B̂‖_F·‖Â‖_F zeroed every singular value
+    and the rank-2 LoRA was all zeros; the floor is of Σ_k ‖column_k‖·‖row_k‖, which only
+    pairs what meets in the product, and the reduction is the dense SVD's."""
+    from pera_deploy.checks.lora_factors import check_lora_module
+    from pera_deploy.export.lora import lora_module
+
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(4, 32, generator=g, dtype=torch.float64) * 0.3
+    B = torch.randn(16, 4, generator=g, dtype=torch.float64) * 1e-20
+    hA = torch.randn(10, generator=g, dtype=torch.float64) * 1e18
+    layer = PeraLayer("m", A, B, hA, None, 1e20, False, "full")
+    m = lora_module(layer, "m", rank=2)
+    delta = layer.delta_weight(torch.float64)
+    s = torch.linalg.svdvals(delta)
+    truth = float(s[2:].norm() / s.norm())
+    assert m.rel_error == pytest.approx(truth, rel=1e-9) and truth > 0.01
+    assert float((delta - m.lora_B @ m.lora_A).norm() / delta.norm()) == pytest.approx(truth, rel=1e-9)
+    assert check_lora_module(layer, "m", m.lora_B.float(), m.lora_A.float(), m.rel_error, m.delta_norm).passed
+
+
 # -- 3. unmerge --check-against a model of other shapes -----------------------------------------------
 
 

@@ -43,15 +43,16 @@ def factors_check(layer: PeraLayer, module: str, b: Tensor, a: Tensor, expected:
     QR-based `factored_norm` gives without cancellation even when b·a is ΔW to the last
     digits. Allowed: the predicted truncation error `expected`·‖ΔW‖, `rounding`·‖b‖·‖a‖ for
     the storage (2u for factors rounded to a dtype of unit roundoff u), 1e-12·‖ΔW‖, and the
-    float64 evaluation floor of both products, below which a residual cannot be told from
-    zero (the whole of it for an update that cancels exactly, A − A). Relative figures are
+    float64 evaluation floor of the residual's own product, below which it cannot be told
+    from zero (the whole of it for an update that cancels exactly, A − A). Relative figures are
     of ‖ΔW‖, or of that floor when ‖ΔW‖ is below it. A residual or an allowance that is NaN
     or infinite fails.
     """
     exact_b, exact_a = layer.exact_factors(torch.float64)
-    residual = factored_norm(torch.cat([exact_b, -b], dim=1), torch.cat([exact_a, a], dim=0))
+    left, right = torch.cat([exact_b, -b], dim=1), torch.cat([exact_a, a], dim=0)
+    residual = factored_norm(left, right)
     stored = float(b.norm()) * float(a.norm())
-    floor = evaluation_floor(exact_b, exact_a) + evaluation_floor(b, a)
+    floor = evaluation_floor(left, right)
     allowed = expected * delta + rounding * stored + 1e-12 * delta + floor
     passed = math.isfinite(residual) and math.isfinite(allowed) and residual <= allowed
     scale = max(delta, floor)
