@@ -44,7 +44,7 @@ class Matching:
     layers: list[LayerMatch]
     extras: list[ExtraMatch]
     # output embeddings saved only as their tie, written out as a copy of it when untying
-    # (tied ones the checkpoint stores too: transformers ignores the stored value, so do we)
+    # (and those the checkpoint stores too when the config ties them: transformers ignores that value)
     untied: dict[str, str] = field(default_factory=dict)
     config_updates: dict[str, Any] = field(default_factory=dict)
     # prefix given to every base tensor name in the output (see `_model_prefix_to_add`)
@@ -92,6 +92,11 @@ def match_adapter(adapter: PeraAdapter, checkpoint: ModelFolder, *, untie_embedd
     # A tied output embedding saved only once can still be targeted by name.
     module_names += [n[: -len(".weight")] for n in ties if n not in checkpoint]
     index = NameIndex(module_names)
+    # A tied output embedding the checkpoint also stores is, as transformers loads it, its input
+    # embedding when the config says so (the stored value is ignored). Without the key, the
+    # class default decides, which the config alone cannot tell: the stored value is kept.
+    explicit = checkpoint.config.get("tie_word_embeddings") is True
+    ignored = {o for o in ties if o in checkpoint and o.endswith(OUTPUT_EMBEDDINGS)} if explicit else set()
 
     layers: list[LayerMatch] = []
     unmatched: list[str] = []
@@ -110,9 +115,7 @@ def match_adapter(adapter: PeraAdapter, checkpoint: ModelFolder, *, untie_embedd
         if tensor in claimed:
             raise InputError(f"adapter modules {claimed[tensor]} and {module} both match base tensor {tensor}")
         claimed[tensor] = module
-        # A tied output embedding is its input embedding, as transformers loads it, even when the
-        # checkpoint also stores a value of its own (which transformers ignores)
-        source = ties.get(tensor, tensor)
+        source = ties[tensor] if tensor not in checkpoint or tensor in ignored else tensor
         entry = checkpoint.entries[source]
         if entry.dtype not in FLOAT_CODES:
             raise InputError(
@@ -151,9 +154,9 @@ def match_adapter(adapter: PeraAdapter, checkpoint: ModelFolder, *, untie_embedd
                 "(tie_word_embeddings); changing it would change both. Pass --untie-embeddings to give each its own weight"
             )
         matching.config_updates["tie_word_embeddings"] = False
-        # An untouched output embedding now needs a weight of its own: the one transformers gave it,
-        # its tie (whatever value the checkpoint stores under its name, which transformers ignored)
-        matching.untied = {o: i for o, i in ties.items() if o not in touched}
+        # An untouched output embedding saved only as its tie, or whose stored value transformers
+        # ignored, now needs a weight of its own: the one transformers gave it, its tie's
+        matching.untied = {o: i for o, i in ties.items() if o not in touched and (o not in checkpoint or o in ignored)}
         if any(o not in checkpoint for o in matching.untied) or any(m.tensor not in checkpoint for m in layers) \
                 or any(e.action == "add" and e.tensor in ties for e in extras):
             prefix = _model_prefix_to_add(checkpoint)
