@@ -168,8 +168,9 @@ def lora_state_dict(export: LoraExport, dtype: torch.dtype = torch.float32) -> d
         if export.pad and m.rank < r:
             lora_b = torch.cat([lora_b, lora_b.new_zeros(lora_b.shape[0], r - m.rank)], dim=1)
             lora_a = torch.cat([lora_a, lora_a.new_zeros(r - m.rank, lora_a.shape[1])], dim=0)
-        state[f"{PEFT_PREFIX}{m.module}.lora_A.weight"] = lora_a.to(dtype).contiguous()
-        state[f"{PEFT_PREFIX}{m.module}.lora_B.weight"] = lora_b.to(dtype).contiguous()
+        # (plan_lora_export refused factors beyond `dtype` already, for the dtype it was given)
+        for key, name, factor in (("lora_A", "lora_A (Â)", lora_a), ("lora_B", "lora_B (s·B̂)", lora_b)):
+            state[f"{PEFT_PREFIX}{m.module}.{key}.weight"] = require_storable(m.source, name, factor, dtype).contiguous()
     for key, tensor in export.extras.items():
         state[f"{PEFT_PREFIX}{key}"] = tensor.contiguous()
     return state
