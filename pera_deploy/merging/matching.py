@@ -229,8 +229,9 @@ def _require_loaded(checkpoint: ModelFolder, added: dict[str, Any]) -> None:
 
     from ..io.hf_model import built_from, model_class
     from ..io.streamed_model import extra_tensor_targets
+    from ..scoped import quiet_transformers
 
     config, cls = model_class(checkpoint.folder)
-    with torch.device("meta"), built_from(checkpoint.folder, cls):
+    with torch.device("meta"), quiet_transformers(), built_from(checkpoint.folder, cls):
         model = cls._from_config(config) if hasattr(cls, "_from_config") else cls.from_config(config)
     extra_tensor_targets(model, added)
