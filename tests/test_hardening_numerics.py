@@ -57,11 +57,12 @@ def run_command(cli, fx, which: str, adapter: Path, out: Path, *extra: str):
         "verify": ["verify", base, "--adapter", adapter, "--base", base, "--no-forward"],
         "unmerge": ["unmerge", base, "--adapter", adapter, "-o", out],
         "keep-branch": ["merge", adapter, base, "-o", out, "--keep-branch"],
+        "inspect": ["inspect", adapter],  # its torch-free fast path falls back to the loader, which refuses
     }[which]
     return cli(*args, *extra)
 
 
-COMMANDS = ["merge", "export-lora", "combine", "export-gguf", "verify", "unmerge", "keep-branch"]
+COMMANDS = ["merge", "export-lora", "combine", "export-gguf", "verify", "unmerge", "keep-branch", "inspect"]
 
 
 # -- 1. overflow is refused as the layers are formed, by every command ----------------------------
@@ -108,6 +109,30 @@ def test_float16_factors_beyond_its_range_are_refused(cli, fx, tmp_path, command
     nothing_written(tmp_path, out)
     # the same adapter in bfloat16, whose range is float32's, is fine
     assert run_command(cli, fx, command, adapter, out, "--dtype", "bfloat16").exit_code == 0
+
+
+def test_a_lora_is_never_stored_with_inf(fx, tmp_path):
+    """The state a LoRA folder is written from refuses a factor its dtype cannot hold, whatever
+    dtype the export was planned for (keep-branch and bundle plan for float32)."""
+    from pera_deploy.export.lora import lora_state_dict, plan_lora_export
+
+    adapter = pera_deploy.load_adapter(edit_config(copy(fx["llama-peft"], tmp_path / "a"), lora_alpha=1e6))
+    export = plan_lora_export(adapter)
+    assert all(bool(t.isfinite().all()) for t in lora_state_dict(export, torch.float32).values())
+    with pytest.raises(InputError, match="module model.layers.0.mlp.down_proj: lora_B .* float16 range"):
+        lora_state_dict(export, torch.float16)
+
+
+@pytest.mark.xfail(strict=True, reason="export/gguf.py (not this change's) must pass dtype=GGUF_DTYPES[dtype] to "
+                   "plan_lora_export, which then refuses the module as export-lora does")
+def test_gguf_float16_factors_beyond_its_range(cli, fx, tmp_path):
+    """Found by tests/test_fuzz_numerics.py: export-gguf --dtype float16 of factors beyond 65504
+    stores them as Inf, and its check fails with a measure that is not finite (exit 1)."""
+    adapter = edit_config(copy(fx["llama-peft"], tmp_path / "a"), lora_alpha=1e6)
+    out = tmp_path / "out.gguf"
+    refused(run_command(cli, fx, "export-gguf", adapter, out, "--dtype", "float16"),
+            "module model.layers.0.mlp.down_proj", "float16 range (65504)")
+    nothing_written(tmp_path, out)
 
 
 def test_a_layer_beyond_float32_cannot_be_formed():
