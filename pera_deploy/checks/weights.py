@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..core.adapter import PeraAdapter, PeraLayer
+from ..errors import InputError
 from ..io.model_folder import ModelFolder
 from ..io.safetensors_stream import TensorEntry, TensorRows
 from ..merging.execute import BLOCK_ELEMENTS as MERGE_BLOCK_ELEMENTS
@@ -176,7 +177,10 @@ def check_merged_layer(w_merged: Tensor | TensorRows, w0: Tensor | TensorRows, l
         stored = w_merged[block]
         rounded = x.to(stored_dtype)
         # norms accumulated in float64: a float32 sum of squares overflows for weights near 1e19
-        x2 += float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2
+        x_norm = float(torch.linalg.vector_norm(x, dtype=torch.float64))
+        if not math.isfinite(x_norm) and not bool(torch.isfinite(x).all()):
+            raise InputError(_not_finite(tensor, layer.module, w0[block], precision, sign))
+        x2 += x_norm ** 2
         r2 += float(torch.linalg.vector_norm(stored.to(precision, copy=True).sub_(x), dtype=torch.float64)) ** 2
         # The usual case: every element is round(x) exactly. (numpy compares the bits about
         # five times faster than torch.equal does.)
@@ -204,6 +208,15 @@ def check_merged_layer(w_merged: Tensor | TensorRows, w0: Tensor | TensorRows, l
     passed = (worst is None or worst <= 1.0) and math.isfinite(residual)
     return LayerCheck(layer.module, tensor, str(stored_dtype).removeprefix("torch."), delta, residual, rel, bound,
                       max_steps, off, worst, fraction, passed)
+
+
+def _not_finite(tensor: str, module: str, w0_rows: Tensor, precision: torch.dtype, sign: float) -> str:
+    """The line for a weight whose recomputation overflows: no stored value can be right, and
+    the inputs made it so (the merge refuses the same weight, naming the same cause)."""
+    what = "W0 + ΔW" if sign > 0 else "W' − ΔW"
+    cause = "the base weight holds NaN or Inf" if not bool(torch.isfinite(w0_rows).all()) else \
+        f"the base weight and the update of module {module} add up beyond its range"
+    return f"recomputing {tensor}: {what} is not finite in {str(precision).removeprefix('torch.')} ({cause})"
 
 
 def expected_names(base: ModelFolder, matching: Matching) -> set[str]:

@@ -111,6 +111,13 @@ class PeraLayer:
     fan_in_fan_out: bool  # the base stores W0 as (in, out), as GPT-2's Conv1D does
     layout: str  # how the coefficients were stored, for reports ("full", "square_only", ...)
 
+    def __post_init__(self) -> None:
+        """A layer whose update float32 cannot hold is refused as it is formed (core/limits.py),
+        so every command refuses it alike, naming the module."""
+        from .limits import check_update_range, sizes
+
+        check_update_range(self.module, [sizes(1.0, self)], self.expanded_factors)
+
     @property
     def r(self) -> int:
         return self.A.shape[0]
