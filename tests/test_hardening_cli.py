@@ -323,17 +323,11 @@ def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-LORA_PY = "export/lora.py writes adapters with safetensors' save_file (0600) and does not call io/write_files.py yet"
-
-
 @pytest.mark.parametrize("command, adapter_file", [
     (["extract", "{llama-pera}"], "adapter_model.safetensors"),
-    pytest.param(["export-lora", "{llama-pera}"], "adapter_model.safetensors",
-                 marks=pytest.mark.xfail(strict=True, reason=LORA_PY)),
-    pytest.param(["merge", "{llama-pera}", "{llama-base}", "--keep-branch"], "adapter/adapter_model.safetensors",
-                 marks=pytest.mark.xfail(strict=True, reason=LORA_PY)),
-    pytest.param(["bundle", "{llama-base}", "--adapter", "a={llama-pera}"], "adapters/a/adapter_model.safetensors",
-                 marks=pytest.mark.xfail(strict=True, reason=LORA_PY)),
+    (["export-lora", "{llama-pera}"], "adapter_model.safetensors"),
+    (["merge", "{llama-pera}", "{llama-base}", "--keep-branch"], "adapter/adapter_model.safetensors"),
+    (["bundle", "{llama-base}", "--adapter", "a={llama-pera}"], "adapters/a/adapter_model.safetensors"),
 ])
 def test_adapter_files_get_the_mode_of_any_new_file(cli, fx, tmp_path, command, adapter_file):
     """0644 under umask 022 like every other output (safetensors' save_file writes 0600): a

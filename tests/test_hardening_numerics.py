@@ -123,8 +123,6 @@ def test_a_lora_is_never_stored_with_inf(fx, tmp_path):
         lora_state_dict(export, torch.float16)
 
 
-@pytest.mark.xfail(strict=True, reason="export/gguf.py (not this change's) must pass dtype=GGUF_DTYPES[dtype] to "
-                   "plan_lora_export, which then refuses the module as export-lora does")
 def test_gguf_float16_factors_beyond_its_range(cli, fx, tmp_path):
     """Found by tests/test_fuzz_numerics.py: export-gguf --dtype float16 of factors beyond 65504
     stores them as Inf, and its check fails with a measure that is not finite (exit 1)."""
@@ -397,3 +395,30 @@ def test_a_trained_lm_head_on_a_tied_base_needs_untying(cli, fx, tmp_path):
     refused(cli("merge", adapter, fx["gpt2-base"], "-o", out), "lm_head.weight is tied to wte.weight",
             "--untie-embeddings")
     nothing_written(tmp_path, out)
+
+
+@pytest.mark.parametrize("whole", [False, True])
+def test_an_untied_trained_lm_head_is_checked_against_the_untied_model(cli, fx, tmp_path, monkeypatch, whole):
+    """merge --untie-embeddings of a GPT-2 adapter that trains lm_head (modules_to_save) writes
+    the trained head beside the unchanged wte; the forward check's unmerged reference must
+    give lm_head its own tensor as well, not overwrite the tied wte with it (it did, so the
+    merge's own --check-forward and verify failed a correct output), streamed or loaded whole."""
+    from fixtures.build_fixtures import module_shapes, random_factors, write_peft_adapter
+
+    if whole:  # the fallback for models that cannot stream
+        import pera_deploy.checks.forward as forward
+        from pera_deploy.io.streamed_model import NotStreamable
+
+        def cannot(*args, **kwargs):
+            raise NotStreamable("forced by the test")
+
+        monkeypatch.setattr(forward.StreamedModel, "build", cannot)
+    shapes = module_shapes(fx["gpt2-base"], ["c_attn"], conv1d=True, prefix="transformer.")
+    head = torch.randn(128, 32, generator=torch.Generator().manual_seed(7)) * 0.02
+    adapter = write_peft_adapter(tmp_path / "a", random_factors(shapes, 3), targets=["c_attn"], base_name="gpt2-base",
+                                 fan_in_fan_out=True, extras={"lm_head.weight": head}, modules_to_save=["lm_head"])
+    out = tmp_path / "out"
+    result = cli("merge", adapter, fx["gpt2-base"], "-o", out, "--untie-embeddings", "--check-forward")
+    assert result.exit_code == 0, result.stderr
+    result = cli("verify", out, "--adapter", adapter, "--base", fx["gpt2-base"])
+    assert result.exit_code == 0, result.stdout + result.stderr

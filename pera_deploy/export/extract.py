@@ -31,7 +31,6 @@ from ..io.digests import Digests
 from ..io.model_files import write_json
 from ..io.model_folder import ModelFolder
 from ..io.safetensors_stream import save_tensors
-from ..io.write_files import as_new_file
 from ..publish import Written, adapter_inputs, publish
 from ..publish.manifest import adapter_record
 from ..publish.model_card import ModelCard
@@ -164,7 +163,6 @@ def extract_folder(adapter: PeraAdapter, output: Path, digests: Digests, *, base
     def write(folder: Path) -> Written:
         config = canonical_config(adapter, names, digests)
         save_tensors(folder / "adapter_model.safetensors", canonical_state(adapter, names), {"format": "pt"})
-        as_new_file(folder / "adapter_model.safetensors")  # save_file writes it owner-only (0600)
         write_json(folder / "adapter_config.json", config)
         check = check_extracted(folder, adapter, names)
         record = adapter_record(adapter, digests)

@@ -215,7 +215,7 @@ def plan_gguf(adapter: PeraAdapter, base: ModelFolder, arch: GgufArch, *, rank: 
               dtype: str = "float32") -> GgufPlan:
     """The export-lora factors of `adapter`, named, ordered and laid out as llama.cpp holds them."""
     export = plan_lora_export(adapter, rank=rank, tol=tol, max_rank=max_rank, pad=pad,
-                              names=peft_names(adapter, base))
+                              names=peft_names(adapter, base), dtype=GGUF_DTYPES[dtype])
     if export.extras:
         raise InputError(f"adapter tensor {next(iter(export.extras))} (a trained bias or modules_to_save) has no place "
                          "in a llama.cpp LoRA, which holds lora_a and lora_b only")

@@ -433,8 +433,11 @@ def rewrite_metadata(path: Path, metadata: dict[str, str]) -> None:
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """safetensors' own save_file, for small in-memory states (adapters), with its I/O
-    failures raised as the OSError they are (it reports them as SafetensorError text)."""
+    failures raised as the OSError they are (it reports them as SafetensorError text), and
+    the file given the mode every new file gets (save_file writes it owner-only, 0600)."""
     from safetensors.torch import save_file
+
+    from .write_files import as_new_file
 
     try:
         save_file(tensors, str(path), metadata=metadata)
@@ -444,6 +447,7 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
             code = int(found.group(1))
             raise OSError(code, os.strerror(code), str(path)) from None
         raise
+    as_new_file(path)
 
 
 def write_all_at(fd: int, data: bytes, offset: int) -> None:
