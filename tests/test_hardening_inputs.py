@@ -167,6 +167,14 @@ def test_dcp_metadata_that_lies_is_refused_before_any_tensor_is_made(cli, dcp, t
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("name", ["\r", "a\nb.distcp", "x\u2028y"])
+def test_a_dcp_relative_path_with_a_line_break_is_named_on_one_line(cli, dcp, tmp_path, name):
+    """Found by tests/test_fuzz_containers.py: a relative_path of "\\r" was named as it is,
+    and the error took two lines. Names a container gives are shown quoted (repr)."""
+    folder = edited_dcp(dcp, tmp_path / "dcp", lambda metadata, _: every_record(metadata, relative_path=name))
+    refused(cli("extract", folder, "-o", tmp_path / "out"), "relative_path", repr(name), "missing")
+
+
 def test_a_dcp_record_holding_something_else_is_refused(cli, dcp, tmp_path):
     """A record rewritten to hold a sparse tensor of the same shape: named, not copied in."""
     folder = shutil.copytree(dcp, tmp_path / "dcp")

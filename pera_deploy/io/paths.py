@@ -114,7 +114,7 @@ def contained_file(folder: Path, name: object, where: str, roots: tuple[Path, ..
         raise InputError(f"{where} {name!r}: {path} leads to {real}, outside {folder}; refused")
     kind = kind_of(path)
     if kind != "a file":
-        raise InputError(f"{where} {name} is {kind}" + ("" if kind == "missing" else ", expected a file"))
+        raise InputError(f"{where} {name!r} is {kind}" + ("" if kind == "missing" else ", expected a file"))
     return path
 
 
