@@ -16,20 +16,19 @@ Every crash it found is a named regression test in test_hardening_inputs.py.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import io
 import os
 import pickle
 import shutil
 import tempfile
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+
+from tests.test_hardening_inputs import FACTOR, STORAGES, VALID_RECORD, torch_zip, write_raw
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, event, given, settings  # noqa: E402
@@ -42,7 +41,6 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=not RANDOM, da
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                        HealthCheck.data_too_large])
 
-FACTOR = "base_model.model.model.layers.0.mlp.down_proj.lora_A"  # (4, 64) in llama-pera
 BASE_WEIGHT = "bert.encoder.layer.0.attention.self.query.weight"
 
 
@@ -150,36 +148,7 @@ def test_tensor_kinds_in_pickles_never_crash(fx, cli, kind, where, command):
 # -- raw tensor records: any size, stride, offset, storage ----------------------------------------------------------
 
 
-class _Storage:
-    def __init__(self, key: str, kind: str, numel: int) -> None:
-        self.key, self.kind, self.numel = key, kind, numel
-
-
-class _RawTensor:
-    """Pickles as torch.save pickles a tensor, with whatever size, stride and offset it is given."""
-
-    def __init__(self, storage: _Storage, offset: Any, size: Any, stride: Any) -> None:
-        self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
-
-    def __reduce__(self) -> Any:
-        return (torch._utils._rebuild_tensor_v2,
-                (self.storage, self.offset, self.size, self.stride, False, collections.OrderedDict()))
-
-
-class _Pickler(pickle.Pickler):
-    def persistent_id(self, obj: Any) -> Any:
-        if isinstance(obj, _Storage):
-            return ("storage", getattr(torch, obj.kind), obj.key, "cpu", obj.numel)
-        return None
-
-
-STORAGES = {"FloatStorage": 4, "HalfStorage": 2, "BFloat16Storage": 2, "LongStorage": 8, "BoolStorage": 1,
-            "DoubleStorage": 8}
 dims = st.lists(st.one_of(st.integers(-3, 70), st.sampled_from([2**31, 2**40, 2**62, 2**64])), min_size=0, max_size=3)
-
-
-VALID_RECORD = {"kind": "FloatStorage", "numel": 256, "stored": 256, "offset": 0, "size": [4, 64], "stride": [64, 1],
-                "stride_len": True}  # the factor as torch.save writes it
 
 
 @st.composite
@@ -190,40 +159,6 @@ def raw_records(draw: Any) -> dict[str, Any]:
             "stride": dims, "stride_len": st.booleans()}
     fields = draw(st.lists(st.sampled_from(sorted(wild)), min_size=0, max_size=3, unique=True))
     return {**VALID_RECORD, **{field: draw(wild[field]) for field in fields}}
-
-
-def write_raw(path: Path, tensors: dict[str, torch.Tensor], record: dict[str, Any]) -> None:
-    """A zip laid out as torch.save lays one out, holding `tensors` (float32, written record by
-    record as torch.save would) with the factor FACTOR's record replaced by the drawn one."""
-    buffer = io.BytesIO()
-    torch.save({}, buffer)
-    with zipfile.ZipFile(buffer) as template:
-        prefix = template.infolist()[0].filename.split("/", 1)[0]
-        extra = {info.filename: template.read(info) for info in template.infolist()
-                 if not info.filename.endswith("data.pkl")}
-    stride = record["stride"] if record["stride_len"] else \
-        (record["stride"] + [1] * len(record["size"]))[: len(record["size"])]
-    obj: dict[str, _RawTensor] = {}
-    blobs: dict[str, bytes] = {}
-    for i, (name, tensor) in enumerate(sorted(tensors.items())):
-        key = str(i + 1)
-        if name == FACTOR:
-            obj[name] = _RawTensor(_Storage(key, record["kind"], record["numel"]), record["offset"],
-                                   tuple(record["size"]), tuple(stride))
-            blobs[key] = b"\x01" * (record["stored"] * STORAGES[record["kind"]])
-        else:
-            value = tensor.float().contiguous()
-            obj[name] = _RawTensor(_Storage(key, "FloatStorage", value.numel()), 0, tuple(value.shape),
-                                   tuple(value.stride()))
-            blobs[key] = value.numpy().tobytes()
-    data = io.BytesIO()
-    _Pickler(data, protocol=2).dump(obj)
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
-        archive.writestr(f"{prefix}/data.pkl", data.getvalue())
-        for key, blob in blobs.items():
-            archive.writestr(f"{prefix}/data/{key}", blob)
-        for name, content in extra.items():
-            archive.writestr(name, content)
 
 
 @FUZZ
@@ -392,8 +327,6 @@ def nestings(draw: Any) -> bytes:
 def test_nesting_depth_never_crashes(fx, cli, data, where):
     """Runs in-process: a depth that overflowed a reader's C stack would kill the test run (the
     scan refuses it before any reader sees it)."""
-    from tests.test_hardening_inputs import torch_zip
-
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         out = root / "out"

@@ -7,15 +7,19 @@ own outputs, exit 0)."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import pickle
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -175,6 +179,22 @@ def test_a_dcp_relative_path_with_a_line_break_is_named_on_one_line(cli, dcp, tm
     refused(cli("extract", folder, "-o", tmp_path / "out"), "relative_path", repr(name), "missing")
 
 
+def test_a_dcp_record_at_another_offset_is_corrupt_not_an_internal_error(cli, dcp, tmp_path):
+    """Found by tests/test_fuzz_containers.py: a record moved to byte 470 began with the zip
+    header of an entry inside another record, and zipfile then raised ValueError ("negative
+    seek value"), which was not taken for a damaged file: an internal error."""
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    def edit(metadata, folder):
+        fqn = sorted(f for f in metadata.state_dict_metadata if ".lora_" in f)[0]
+        key = MetadataIndex(fqn, metadata.state_dict_metadata[fqn].chunks[0].offsets)
+        metadata.storage_data[key] = dataclasses.replace(metadata.storage_data[key], offset=470)
+
+    folder = edited_dcp(dcp, tmp_path / "dcp", edit)
+    assert (folder / "__0_0.distcp").read_bytes()[470:474] == b"PK\x03\x04"
+    refused(cli("extract", folder, "-o", tmp_path / "out"), "__0_0.distcp", "truncated or corrupt")
+
+
 def test_a_dcp_record_holding_something_else_is_refused(cli, dcp, tmp_path):
     """A record rewritten to hold a sparse tensor of the same shape: named, not copied in."""
     folder = shutil.copytree(dcp, tmp_path / "dcp")
@@ -288,6 +308,72 @@ def _with_factor(fx, kind: str) -> dict:
     return tensors
 
 
+# A tensor record as torch.save writes it, with any storage, offset, size and stride (the fuzzer's too).
+
+
+class _Storage:
+    def __init__(self, key: str, kind: str, numel: int) -> None:
+        self.key, self.kind, self.numel = key, kind, numel
+
+
+class _RawTensor:
+    """Pickles as torch.save pickles a tensor, with whatever size, stride and offset it is given."""
+
+    def __init__(self, storage: _Storage, offset: Any, size: Any, stride: Any) -> None:
+        self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
+
+    def __reduce__(self) -> Any:
+        return (torch._utils._rebuild_tensor_v2,
+                (self.storage, self.offset, self.size, self.stride, False, collections.OrderedDict()))
+
+
+class _Pickler(pickle.Pickler):
+    def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, _Storage):
+            return ("storage", getattr(torch, obj.kind), obj.key, "cpu", obj.numel)
+        return None
+
+
+STORAGES = {"FloatStorage": 4, "HalfStorage": 2, "BFloat16Storage": 2, "LongStorage": 8, "BoolStorage": 1,
+            "DoubleStorage": 8}
+VALID_RECORD = {"kind": "FloatStorage", "numel": 256, "stored": 256, "offset": 0, "size": [4, 64], "stride": [64, 1],
+                "stride_len": True}  # the factor as torch.save writes it
+
+
+def write_raw(path: Path, tensors: dict[str, torch.Tensor], record: dict[str, Any]) -> None:
+    """A zip laid out as torch.save lays one out, holding `tensors` (float32, written record by
+    record as torch.save would) with the factor FACTOR's record replaced by the drawn one."""
+    buffer = io.BytesIO()
+    torch.save({}, buffer)
+    with zipfile.ZipFile(buffer) as template:
+        prefix = template.infolist()[0].filename.split("/", 1)[0]
+        extra = {info.filename: template.read(info) for info in template.infolist()
+                 if not info.filename.endswith("data.pkl")}
+    stride = record["stride"] if record["stride_len"] else \
+        (record["stride"] + [1] * len(record["size"]))[: len(record["size"])]
+    obj: dict[str, _RawTensor] = {}
+    blobs: dict[str, bytes] = {}
+    for i, (name, tensor) in enumerate(sorted(tensors.items())):
+        key = str(i + 1)
+        if name == FACTOR:
+            obj[name] = _RawTensor(_Storage(key, record["kind"], record["numel"]), record["offset"],
+                                   tuple(record["size"]), tuple(stride))
+            blobs[key] = b"\x01" * (record["stored"] * STORAGES[record["kind"]])
+        else:
+            value = tensor.float().contiguous()
+            obj[name] = _RawTensor(_Storage(key, "FloatStorage", value.numel()), 0, tuple(value.shape),
+                                   tuple(value.stride()))
+            blobs[key] = value.numpy().tobytes()
+    data = io.BytesIO()
+    _Pickler(data, protocol=2).dump(obj)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr(f"{prefix}/data.pkl", data.getvalue())
+        for key, blob in blobs.items():
+            archive.writestr(f"{prefix}/data/{key}", blob)
+        for name, content in extra.items():
+            archive.writestr(name, content)
+
+
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_a_factor_that_is_not_a_dense_tensor_is_refused_by_name(cli, fx, tmp_path, kind):
     """Meta, sparse and nested factors were internal errors (the sparse one printed about a
@@ -302,6 +388,26 @@ def test_a_factor_that_is_not_a_dense_tensor_is_refused_by_name(cli, fx, tmp_pat
     checkpoint = tmp_path / "run.ckpt"
     torch.save({"state_dict": {f"model.{k}": v for k, v in tensors.items()}}, checkpoint)
     refused(cli("extract", checkpoint, "-o", tmp_path / "out"), "run.ckpt", FACTOR, needle)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["inspect", "merge", "extract"])
+def test_a_factor_of_negative_size_is_refused_by_name(cli, fx, tmp_path, command):
+    """Found by tests/test_fuzz_containers.py: torch rebuilds a tensor of shape [0, -1] (its
+    element count is 0), and the NaN check met it first: an internal error."""
+    tensors = torch.load(fx["llama-pera"] / "adapter_model.bin", weights_only=True)
+    record = {**VALID_RECORD, "size": [0, -1]}
+    if command == "extract":
+        path = tmp_path / "factor.pt"
+        write_raw(path, tensors, record)
+        args = ["extract", path, "-o", tmp_path / "out"]
+    else:
+        adapter = shutil.copytree(fx["llama-pera"], tmp_path / "a")
+        path = adapter / "adapter_model.bin"
+        write_raw(path, tensors, record)
+        args = ["inspect", adapter] if command == "inspect" else ["merge", adapter, fx["llama-base"], "-o",
+                                                                  tmp_path / "out"]
+    refused(cli(*args), path.name, FACTOR, "shape [0, -1]", "negative")
     assert not (tmp_path / "out").exists()
 
 

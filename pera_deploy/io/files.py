@@ -104,10 +104,12 @@ def tensor_problem(tensor: Tensor) -> str | None:
     a tensor whose first copy fills the memory."""
     import torch
 
+    if tensor.is_nested:  # first: a nested tensor has no single shape to ask for
+        return "a nested tensor"
     if tensor.is_meta:
         return "a meta tensor (a shape without values)"
-    if tensor.is_nested:
-        return "a nested tensor"
+    if any(d < 0 for d in tensor.shape):  # torch rebuilds [0, -1]: its element count is 0
+        return f"a tensor of shape {list(tensor.shape)} (a negative size)"
     if tensor.layout != torch.strided:
         return f"a sparse tensor (layout {str(tensor.layout).removeprefix('torch.').replace('sparse_', '').upper()})"
     if tensor.is_quantized:

@@ -362,6 +362,7 @@ def check_torch_file(source: Any, where: Path | str) -> None:
     A compressed entry is not torch's doing, cannot be mapped, and would be inflated whole
     into memory before anything could check it: a 1 MB file can declare gigabytes (a zip
     bomb). So it is refused, naming the entry and its declared size, before torch opens the file."""
+    import struct
     import zipfile
 
     try:
@@ -377,8 +378,9 @@ def check_torch_file(source: Any, where: Path | str) -> None:
             for entry in container.infolist():
                 if entry.filename.endswith("data.pkl"):
                     _check_nesting(container.read(entry), where)
-    except zipfile.BadZipFile as exc:
-        raise InputError(f"{where}: truncated or corrupt checkpoint ({exc})") from None
+    except (zipfile.BadZipFile, ValueError, EOFError, struct.error, NotImplementedError, RuntimeError,
+            OverflowError, IndexError) as exc:  # zipfile on damaged bytes: a negative seek, an unknown method, ...
+        raise InputError(f"{where}: truncated or corrupt checkpoint ({type(exc).__name__}: {exc})") from None
     except IsADirectoryError:
         raise InputError(f"{where}: is a folder, expected a checkpoint file") from None
     except (FileNotFoundError, PermissionError) as exc:
