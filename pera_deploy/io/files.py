@@ -47,9 +47,9 @@ def load_pickle(path: Path, mmap: bool = False) -> Any:
 
     Containers (dicts, lists, nested) of tensors and plain data come back as they are; a
     pickle naming any other object is refused, and so is one whose containers nest deeper
-    than `safe_unpickle.MAX_NESTING` or hold themselves (`check_torch_file`). `mmap` maps the storages instead of
-    reading them (only the tensors actually used are paged in); legacy non-zip pickles,
-    which cannot be mapped, are read normally.
+    than `safe_unpickle.MAX_NESTING` or hold themselves (`check_torch_file`). `mmap` maps
+    the storages instead of reading them (only the tensors actually used are paged in);
+    legacy non-zip pickles, which cannot be mapped, are read normally.
     """
     check_torch_file(path, path)
     return _torch_load(path, path, mmap)
@@ -96,7 +96,8 @@ def _torch_load(source: Any, where: Path | str, mmap: bool) -> Any:
 
 def tensor_problem(tensor: Tensor) -> str | None:
     """Why `tensor` is not a plain dense tensor holding its values on the CPU, in words (a
-    meta, sparse, nested or quantized tensor, a tensor subclass), or None when it is one.
+    nested, meta, sparse or quantized tensor, a negative size, a tensor subclass), or None
+    when it is one.
 
     torch.load rebuilds all of these with `weights_only=True`; none is a factor or a weight
     pera-deploy can compute with (a meta tensor has no values at all). Neither is a view with
