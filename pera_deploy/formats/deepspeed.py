@@ -46,10 +46,10 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..core.adapter import PeraAdapter
 from ..errors import InputError
-from ..io.paths import allowed_roots
+from ..io.paths import allowed_roots, checked_file, inside, real_path
 from ..io.safe_unpickle import Inert, load_checkpoint
 from .registry import AdapterFormat, LoadOptions
-from .training_keys import Found, container_file, lies_inside, read_adapter
+from .training_keys import Found, read_adapter
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -101,10 +101,10 @@ def step_folder(path: Path, roots: Roots | None = None) -> Path | None:
     roots = roots or allowed_roots(path)
     latest = path / "latest"
     if latest.is_file() or latest.is_symlink():
-        container_file(latest, roots)
+        checked_file(latest, roots)
         tag = _read_tag(latest)
         folder = path / tag
-        if not lies_inside(folder, roots):
+        if not inside(real_path(folder), roots):
             raise InputError(f"{latest}: names {tag!r}, which lies outside {path}; refused")
         if folder.resolve() == path.resolve():
             raise InputError(f"{latest}: names {tag!r}, the checkpoint folder itself, not a step folder")
@@ -141,7 +141,7 @@ def _rank_files(folder: Path, roots: Roots) -> tuple[dict[int, Path], dict[int, 
         if m.group("mp") != "00":
             raise InputError(f"{item}: a model-parallel (tensor-parallel) DeepSpeed checkpoint; pera-deploy reads "
                              "data-parallel ones only")
-        container_file(item, roots)
+        checked_file(item, roots)
         rank = int(m.group("dp") or 0)
         files, what = (model, "model-state") if m.group("kind") == "model" else (optim, "optimizer")
         if rank in files:

@@ -19,11 +19,11 @@ from pathlib import Path
 from ..core.adapter import PeraAdapter
 from ..errors import InputError
 from ..io.files import read_tensors
-from ..io.paths import allowed_roots
+from ..io.paths import allowed_roots, checked_file, inside, real_path
 from ..io.strict_json import read_json
 from . import deepspeed, peft_folder, peft_lora, peft_pera, reference
 from .registry import AdapterFormat, LoadOptions
-from .training_keys import container_file, lies_inside, read_adapter
+from .training_keys import read_adapter
 
 NAME = "hf-trainer"
 TRAINER_STATE = "trainer_state.json"
@@ -42,11 +42,11 @@ def _is_empty(weights: Path) -> bool:
 def _require_inside(path: Path, files: peft_folder.PeftFiles, options: LoadOptions) -> None:
     """The adapter's sub-folder and files, and trainer_state.json, really inside `path`."""
     roots = allowed_roots(path if path.is_dir() else path.parent)
-    if not lies_inside(files.root, roots):
+    if not inside(real_path(files.root), roots):
         raise InputError(f"{files.root}: the adapter's folder lies outside {path}; refused")
     for file in (path / TRAINER_STATE, files.weights, files.config_path if options.config is None else None):
         if file is not None:
-            container_file(file, roots)
+            checked_file(file, roots)
 
 
 def load(path: Path, options: LoadOptions) -> PeraAdapter:

@@ -28,8 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..core.adapter import PeraAdapter
 from ..errors import InputError
-from ..io.files import read_json, require_finite
-from ..io.paths import inside
+from ..io.files import read_json, require_finite, tensor_problem
 from .config_schema import validate_adapter_config
 from .layers import build_layers
 from .peft_folder import ADAPTER_CONFIG, normalize_extra_name
@@ -77,27 +76,6 @@ class Found:
     # A LightningModule's state dict names every tensor `<attribute>.<model path>`: with this
     # set, a first segment shared by every key is the attribute, and is dropped.
     attribute_prefix: bool = False
-
-
-def lies_inside(path: Path, roots: tuple[Path, ...]) -> bool:
-    """Whether `path`, resolved, lies inside the container's `roots` (io.paths.allowed_roots);
-    a symlink loop is refused, naming it."""
-    try:
-        return inside(path, roots)
-    except RuntimeError:  # pathlib's "Symlink loop from ...", raised by resolve()
-        raise InputError(f"{path}: a symlink loop") from None
-
-
-def container_file(path: Path, roots: tuple[Path, ...]) -> Path:
-    """`path`, a file a container names, if it is a regular file really inside `roots`: a link
-    out of the container, a dangling link, a folder or a FIFO is refused, naming it (the rule
-    io.model_folder.checked_file applies to model folders)."""
-    from ..io.model_folder import checked_file  # imports torch: not at module level (inspect's fast path)
-
-    try:
-        return checked_file(path, roots)
-    except RuntimeError:
-        raise InputError(f"{path}: a symlink loop") from None
 
 
 def normalize(name: str) -> tuple[str, list[str]]:
@@ -240,8 +218,8 @@ def read_adapter(found: Found, options: LoadOptions, format_name: str) -> PeraAd
     for f in factors:
         if f.role in groups.setdefault(f.module, {}):
             raise InputError(f"{found.path}: module {f.module} has two {f.role} tensors ({f.raw} and another)")
-        groups[f.module][f.role] = found.tensors[f.raw]().detach().clone()
-    extra_tensors = {name: found.tensors[raw]().detach().clone() for name, (_, raw) in extras.items()}
+        groups[f.module][f.role] = _take(found, f.raw)
+    extra_tensors = {name: _take(found, raw) for name, (_, raw) in extras.items()}
     require_finite({f.raw: groups[f.module][f.role] for f in factors}, found.path)
     require_finite(extra_tensors, found.path)
     layers = build_layers(groups, found.path, scaling=scaling,  # type: ignore[arg-type]
@@ -270,6 +248,17 @@ def read_adapter(found: Found, options: LoadOptions, format_name: str) -> PeraAd
     files = list(found.files) + ([config_path] if config_path is not None else [])
     return PeraAdapter(layers=layers, extra_tensors=extra_tensors, format=format_name, path=found.path,
                        files=tuple(files), config=dict(config or {}), name=wanted, notes=tuple(notes), source=source)
+
+
+def _take(found: Found, raw: str) -> Tensor:
+    """A copy of the tensor `raw`, once it is known to be a plain dense one (`tensor_problem`):
+    copying a meta, sparse or nested tensor fails, and copying an expanded view of a few
+    stored bytes can take any memory."""
+    tensor = found.tensors[raw]()
+    problem = tensor_problem(tensor)
+    if problem is not None:
+        raise InputError(f"{found.path}: tensor {raw} is {problem}; pera-deploy reads only dense tensors")
+    return tensor.detach().clone()
 
 
 def _choose_adapter(found: Found, present: set[str | None], options: LoadOptions) -> str | None:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from safetensors import SafetensorError, safe_open
 
 from ..errors import InputError
+from .paths import require_readable_file
 from .strict_json import parse_json
 
 if TYPE_CHECKING:
@@ -134,6 +135,7 @@ def read_header(path: Path) -> tuple[list[TensorEntry], dict[str, str]]:
     safe_open validates first (it refuses truncated and malformed files); the header is
     then parsed here to learn the byte offsets it does not expose.
     """
+    require_readable_file(path)  # safetensors says "No such file" for a file it may not read
     try:
         with safe_open(str(path), framework="numpy"):  # validates the file; "pt" would import torch
             pass

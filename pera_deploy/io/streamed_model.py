@@ -261,10 +261,10 @@ def untie(model: nn.Module, replaced: Mapping[str, Any]) -> list[str]:
             for name in (n for n in names if n in replaced):
                 path, _, local = name.rpartition(".")
                 module = model.get_submodule(path)
-                param = module._parameters[local]
-                assert param is not None
-                copy = torch.empty_like(param) if param.device.type == "meta" else param.detach().clone()
-                module._parameters[local] = nn.Parameter(copy, requires_grad=param.requires_grad)
+                tied = module._parameters[local]
+                assert tied is not None
+                copy = torch.empty_like(tied) if tied.device.type == "meta" else tied.detach().clone()
+                module._parameters[local] = nn.Parameter(copy, requires_grad=tied.requires_grad)
                 done.append(name)
     return done
 
