@@ -535,7 +535,11 @@ def merge(paths: tuple[Path, ...], output: Path, adapter_opts: tuple[Path, ...],
         return
 
     started = time.perf_counter()
-    # Start hashing the inputs now, while torch is still being imported.
+    # Start hashing the inputs now, while torch is still being imported (the adapter name
+    # checked first: a path there would have a sibling folder's files read).
+    from .formats.peft_folder import check_adapter_name
+
+    check_adapter_name(adapter_name)
     digests = Digests()
     for path in adapters:
         digests.prefetch(likely_inputs(path / adapter_name if adapter_name else path, base))
