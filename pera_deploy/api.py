@@ -8,6 +8,7 @@ when a check fails and `EnvironmentFailure` when writing fails; nothing is left 
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -29,6 +30,7 @@ from .options import (
     rank_options,
 )
 from .options import jobs as option_jobs
+from .options import seed as option_seed
 from .scoped import offline
 
 AdapterLike = str | Path | PeraAdapter
@@ -152,6 +154,7 @@ def verify(merged: str | Path, adapter: AdapterLike | None = None, base: str | P
     from .checks.bundle import is_bundle
 
     no_precision(precision)
+    option_seed(seed)
     merged = Path(merged)
     if is_bundle(merged):
         return _verify_bundle(merged, seed, load_options)
@@ -165,11 +168,40 @@ def verify(merged: str | Path, adapter: AdapterLike | None = None, base: str | P
                              untie_embeddings=untie_embeddings, seed=seed, progress=progress)
 
 
+def _bundle_schema() -> dict[str, Any]:
+    """What verify reads from bundle.json, by type: each adapter's source path and sha256, and
+    the base files' digests ("source": 5 would otherwise fail inside the check, exit 3)."""
+    from .io.schema import SchemaError, mapping, string
+
+    def adapter_entry(value: Any) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise SchemaError("must be a JSON object")
+        for key in ("source", "sha256"):
+            if not isinstance(value.get(key), str):
+                raise SchemaError(f"needs {key} as a string (it is {json.dumps(value.get(key))[:60]})")
+        return value
+
+    def base_entry(value: Any) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise SchemaError("must be a JSON object")
+        if "files" in value:
+            try:
+                mapping(string, string)(value["files"])
+            except SchemaError as exc:
+                raise SchemaError(f"files {exc}") from None
+        return value
+
+    return {"adapters": mapping(string, adapter_entry), "base": base_entry}
+
+
 def _verify_bundle(folder: Path, seed: int, load_options: dict[str, Any]) -> Report:
-    from .checks.bundle import verify_bundle
+    from .checks.bundle import BUNDLE_FILE, verify_bundle
     from .errors import CheckFailed
+    from .io.schema import validate
+    from .io.strict_json import read_json
     from .publish.manifest import adapter_record
 
+    validate(read_json(folder / BUNDLE_FILE), _bundle_schema(), folder / BUNDLE_FILE)
     with _digests(None) as hasher, offline():
         report = verify_bundle(folder, lambda path: _load(path, load_options),
                                lambda adapter: adapter_record(adapter, hasher)["sha256"], hasher.sha256, seed)
@@ -197,6 +229,9 @@ def bundle(base: str | Path, output: str | Path, adapters: dict[str, AdapterLike
         from .export.onnx.requirements import require_onnx
 
         require_onnx()
+        from .export.onnx.trace import check_opset
+
+        check_opset(opset)
     loaded = {name: _load(source, load_options) for name, source in zip(names, adapters.values())}
     sources = {name: str(source) if isinstance(source, (str, Path)) else loaded[name].label
                for name, source in zip(names, adapters.values())}
@@ -316,8 +351,11 @@ def export_onnx(model: str | Path, output: str | Path, *, adapters: dict[str, Ad
         raise InputError("--branch needs at least one --adapter NAME=PATH")
     if not branch and len(adapters or {}) > 1:
         raise InputError("several adapters need --branch (a merged graph holds one)")
-    loaded = {adapter_name(name): _load(source, load_options) for name, source in (adapters or {}).items()}
     require_onnx()
+    from .export.onnx.trace import check_opset
+
+    check_opset(opset)
+    loaded = {adapter_name(name): _load(source, load_options) for name, source in (adapters or {}).items()}
     options = {"branch": branch, "task": task, "opset": opset, "dtype": dtype, "genai": genai}
     from .scoped import quiet_transformers
 

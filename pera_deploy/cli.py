@@ -1,48 +1,63 @@
 """The `pera-deploy` command: parse, call the API, print text or --json. No policy lives here.
 
 Exit status (errors.py): 0 success, 1 a numerical check failed, 2 bad input, 3 internal
-error, 4 the environment failed (disk full, permission, I/O error on output). Failures
-print one line on stderr; --debug adds the traceback and keeps the exit status. With
---json, stdout holds one JSON object on success and on failure alike. Heavy imports happen
-inside the commands, so `--help` answers at once.
+error, 4 the environment failed (disk full, permission, I/O error on output). Failures,
+usage errors included, print one line on stderr; --debug adds the traceback (and library
+warnings) and keeps the exit status. With --json, stdout holds one JSON object on success
+and on failure alike (--help and --version: their text inside one). A signal that arrives
+once the output is in place leaves the run a success (scoped.py, "stop signals"). Heavy
+imports happen inside the commands, so `--help` answers at once.
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import os
 import signal
+import sys
 import time
 import traceback
+from contextlib import ExitStack, suppress
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import click
 
-from .errors import EXIT_INTERNAL, EXIT_OK, CheckFailed, InputError, Interrupted, PeraDeployError, classify_os_error
+from . import __version__, scoped
+from .errors import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERNAL,
+    EXIT_OK,
+    CheckFailed,
+    InputError,
+    Interrupted,
+    PeraDeployError,
+    classify_os_error,
+)
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
 JSON_KEY = "pera_deploy.json"
 DEBUG_KEY = "pera_deploy.debug"
+FLAGS = {"--json": JSON_KEY, "--debug": DEBUG_KEY}
 
 
-def _flag(key: str) -> Callable[[click.Context, click.Parameter, bool], bool]:
-    def remember(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
-        if value:
-            ctx.meta[key] = True  # ctx.meta is shared by the group and its command: the error handler sees it
-        return value
-
-    return remember
+def _flags(args: list[str]) -> dict[str, bool]:
+    """--json and --debug wherever they are on the command line (up to a `--`), read before
+    click parses it: a line click cannot parse gets its one JSON object too, and --help its
+    JSON form."""
+    options = args[:args.index("--")] if "--" in args else args
+    return {key: flag in options for flag, key in FLAGS.items()}
 
 
 debug_option = click.option(
-    "--debug", is_flag=True, expose_value=False, is_eager=True, callback=_flag(DEBUG_KEY),
-    help="On failure, also print the traceback (the exit status stays the same).",
+    "--debug", is_flag=True, expose_value=False,
+    help="On failure, also print the traceback (the exit status stays the same), and library warnings.",
 )
 json_option = click.option(
-    "--json", "as_json", is_flag=True, is_eager=True, callback=_flag(JSON_KEY),
-    help="Print one JSON object on stdout, on success and on failure (with exit_code and error).",
+    "--json", is_flag=True, expose_value=False,
+    help="Print one JSON object on stdout, on success and on failure (with exit_code and error); --help too.",
 )
 
 
@@ -119,73 +134,173 @@ def _load_options(format_: str | None, adapter_name: str | None, missing_coeffic
             "config": config}
 
 
-def _fail(ctx: click.Context, exc: BaseException, code: int, kind: str, message: str) -> None:
-    """One line on stderr (plus the traceback with --debug), the JSON result with --json, and the exit."""
-    if ctx.meta.get(JSON_KEY):
+def _echo(text: str, err: bool = False) -> None:
+    """Print a line of the outcome. If the reader of the stream is gone (a closed pipe), the
+    outcome and its exit status stand: the stream is pointed at /dev/null, so the interpreter's
+    own flush at exit does not fail on it again (as Python's documentation advises)."""
+    try:
+        click.echo(text, err=err)
+    except BrokenPipeError:
+        stream = sys.stderr if err else sys.stdout
+        with suppress(OSError, ValueError, AttributeError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+            os.close(devnull)
+
+
+def _report(flags: dict[str, Any], exc: BaseException, code: int, kind: str, message: str) -> int:
+    """One line on stderr (plus the traceback with --debug) and the JSON result with --json;
+    returns the exit status. The outcome is settled first: a signal from here on is recorded,
+    so what is printed is what happened. A line break in the message (a file name can hold
+    one) is shown escaped, so the line stays one line."""
+    scoped.settle()
+    message = message.replace("\r", "\\r").replace("\n", "\\n")
+    if flags.get(JSON_KEY):
         report = getattr(exc, "report", None)
         data = report.to_dict() if report is not None else {}
         data.update({"exit_code": code, "error": {"kind": kind, "message": message}})
-        click.echo(json.dumps(data, indent=2, default=str))
-    if ctx.meta.get(DEBUG_KEY):
+        _echo(json.dumps(data, indent=2, default=str))
+    if flags.get(DEBUG_KEY):
         traceback.print_exception(exc)
-    label = {"check_failed": "check failed", "bad_input": "error", "environment_error": "error",
+    label = {"check_failed": "check failed", "bad_input": "error", "environment_error": "error", "usage": "error",
              "interrupted": "interrupted"}.get(kind, "internal error")
-    hint = " (run with --debug for the traceback)" if code == EXIT_INTERNAL and not ctx.meta.get(DEBUG_KEY) else ""
-    click.echo(f"pera-deploy: {label}: {message}{hint}", err=True)
-    ctx.exit(code)
+    hint = " (run with --debug for the traceback)" if code == EXIT_INTERNAL and not flags.get(DEBUG_KEY) else ""
+    _echo(f"pera-deploy: {label}: {message}{hint}", err=True)
+    return code
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+def _first_line(exc: BaseException, limit: int = 500) -> str:
+    """An unexpected exception as one line: its type and the first line of its message
+    (libraries put whole graphs and file contents in theirs; --debug shows everything)."""
+    first = (str(exc).splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first[:limit]}{'...' if len(first) > limit else ''}"
 
 
-def _stop(signum: int, _frame: Any) -> None:
-    raise Interrupted(signum)
+def _fail(ctx: click.Context, exc: BaseException, code: int, kind: str, message: str) -> NoReturn:
+    ctx.exit(_report(ctx.meta, exc, code, kind, message))
+
+
+def _interrupted(flags: dict[str, Any], exc: KeyboardInterrupt | Interrupted) -> int:
+    """A stop signal raised before the run settled: nothing was published (an output in place
+    settles the run, and signals after that are only recorded)."""
+    if isinstance(exc, Interrupted):
+        name = signal.Signals(exc.signum).name
+        return _report(flags, exc, 128 + exc.signum, "interrupted", f"stopped by {name}; nothing was written")
+    return _report(flags, exc, EXIT_INTERRUPTED, "interrupted", "stopped by Ctrl-C; nothing was written")
+
+
+def _usage_error(flags: dict[str, Any], exc: click.ClickException) -> int:
+    """A command line click cannot parse: one line and exit 2, as any other bad input."""
+    message = " ".join(exc.format_message().split()).rstrip(".")
+    ctx = getattr(exc, "ctx", None)
+    message += f"; see '{ctx.command_path if ctx is not None else 'pera-deploy'} --help'"
+    return _report(flags, exc, EXIT_BAD_INPUT, "usage", message)
+
+
+def _print_info(ctx: click.Context, key: str, text: str) -> NoReturn:
+    """--help and --version: their text, or under --json one JSON object holding it."""
+    scoped.settle()
+    _echo(json.dumps({key: text, "exit_code": EXIT_OK}, indent=2) if ctx.meta.get(JSON_KEY) else text)
+    ctx.exit(EXIT_OK)
+
+
+def _show_help(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        _print_info(ctx, "help", ctx.get_help())
+
+
+def _show_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        _print_info(ctx, "version", __version__ if ctx.meta.get(JSON_KEY) else f"pera-deploy, version {__version__}")
+
+
+def _help_option(option: click.Option | None) -> click.Option | None:
+    if option is not None:
+        option.callback = _show_help
+    return option
+
+
+class _Command(click.Command):
+    """A command whose --help is one JSON object under --json."""
+
+    def get_help_option(self, ctx: click.Context) -> click.Option | None:
+        return _help_option(super().get_help_option(ctx))
 
 
 class _Group(click.Group):
-    """Turns every failure into one stderr line, the --json result and an exit status."""
+    """The program: every failure one stderr line, the --json result and an exit status.
+
+    `main` reads --json and --debug from the whole line first, arms the stop signals (see
+    scoped.stop_signals) and, unless --debug, keeps library warnings and log records off
+    stderr; then parses the line and runs the command. Usage errors, --help and --version
+    follow the same contract as the commands' own results and failures.
+    """
+
+    command_class = _Command
+
+    def get_help_option(self, ctx: click.Context) -> click.Option | None:
+        return _help_option(super().get_help_option(ctx))
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta.update(_flags(args))  # ctx.meta is shared by the group and its command
+        return super().parse_args(ctx, args)
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        args = list(sys.argv[1:] if args is None else args)
+        prog_name = "pera-deploy"  # what every message calls the program, however it was started
+        flags = _flags(args)
+        with ExitStack() as stack:
+            stack.enter_context(scoped.stop_signals())
+            stack.enter_context(scoped.no_torch_cache_folder())
+            if not flags[DEBUG_KEY]:
+                stack.enter_context(scoped.quiet_libraries())
+            try:
+                self._main_shell_completion(extra, prog_name, complete_var)
+                code = self._outcome(args, prog_name, flags, extra)
+            except (KeyboardInterrupt, Interrupted) as exc:  # before the line was parsed, or a command began
+                code = _interrupted(flags, exc)
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+    def _outcome(self, args: list[str], prog_name: str, flags: dict[str, bool], extra: dict[str, Any]) -> int:
+        try:
+            with self.make_context(prog_name, args, **extra) as ctx:
+                self.invoke(ctx)
+            return EXIT_OK
+        except click.exceptions.Exit as exc:
+            return int(exc.exit_code)
+        except click.ClickException as exc:
+            return _usage_error(flags, exc)
+        except click.exceptions.Abort:  # click's own prompts, on Ctrl-C (pera-deploy has none)
+            return _interrupted(flags, KeyboardInterrupt())
 
     def invoke(self, ctx: click.Context) -> Any:
-        # SIGTERM and SIGHUP unwind like Ctrl-C does, so temporary folders are removed; the
-        # handlers are the command's, and the caller's come back afterwards.
-        previous = {sig: signal.signal(sig, _stop) for sig in STOP_SIGNALS}
-        try:
-            return self._invoke(ctx)
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-    def _invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.exceptions.Abort):
-            raise
-        except click.ClickException as exc:
-            if ctx.meta.get(JSON_KEY):
-                data = {"exit_code": exc.exit_code, "error": {"kind": "usage", "message": exc.format_message()}}
-                click.echo(json.dumps(data, indent=2))
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except PeraDeployError as exc:
             _fail(ctx, exc, exc.exit_code, exc.kind, str(exc))
         except OSError as exc:
             error = classify_os_error(exc)
             _fail(ctx, exc, error.exit_code, error.kind, str(error))
-        except KeyboardInterrupt as exc:
-            _fail(ctx, exc, EXIT_INTERRUPTED, "interrupted", "stopped by Ctrl-C; nothing was written")
-        except Interrupted as exc:
-            name = signal.Signals(exc.signum).name
-            _fail(ctx, exc, 128 + exc.signum, "interrupted", f"stopped by {name}; nothing was written")
+        except (KeyboardInterrupt, Interrupted) as exc:
+            ctx.exit(_interrupted(ctx.meta, exc))
         except Exception as exc:  # a bug: say so in one line; --debug shows where
-            _fail(ctx, exc, EXIT_INTERNAL, "internal_error", f"{type(exc).__name__}: {exc}")
+            _fail(ctx, exc, EXIT_INTERNAL, "internal_error", _first_line(exc))
         except BaseException as exc:  # a library's own BaseException (torch's CheckpointException is one)
             if isinstance(exc, (SystemExit, GeneratorExit)):
                 raise
-            first = (str(exc).splitlines() or [""])[0]
-            _fail(ctx, exc, EXIT_INTERNAL, "internal_error", f"{type(exc).__name__}: {first}")
+            _fail(ctx, exc, EXIT_INTERNAL, "internal_error", _first_line(exc))
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(package_name="pera-deploy", prog_name="pera-deploy")
+@click.group(cls=_Group, no_args_is_help=False,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_show_version,
+              help="Show the version and exit.")
+@json_option
 @debug_option
 def main() -> None:
     """Deploy PERA adapters: merge them into their base model, check the result, inspect them.
@@ -211,24 +326,26 @@ def main() -> None:
     \b
     Exit status: 0 success, 1 a numerical check failed, 2 bad input, 3 internal error,
     4 the environment failed (disk full, permission denied, I/O error on output).
-    With --json every command prints one JSON object on stdout, on failure too.
+    With --json (anywhere on the line) every command prints one JSON object on stdout, on
+    failure too; so do --help and --version.
     """
 
 
-def _run(as_json: bool, call: Callable[[], Any], render: Callable[[Any], str],
+def _run(call: Callable[[], Any], render: Callable[[Any], str],
          to_dict: Callable[[Any], dict[str, Any]] = lambda r: r.to_dict()) -> None:
     """Call the API; print its result as text or JSON. A failed check still prints the
-    report's text summary (the error line follows on stderr)."""
+    report's text summary (the error line follows on stderr). The outcome is settled before
+    anything is printed: a signal that arrives while printing does not add a second one."""
+    as_json = bool(click.get_current_context().meta.get(JSON_KEY))
     try:
         result = call()
     except CheckFailed as exc:
+        scoped.settle()
         if not as_json and exc.report is not None:
-            click.echo(render(exc.report))
+            _echo(render(exc.report))
         raise
-    if as_json:
-        click.echo(json.dumps({**to_dict(result), "exit_code": EXIT_OK}, indent=2, default=str))
-    else:
-        click.echo(render(result))
+    scoped.settle()
+    _echo(json.dumps({**to_dict(result), "exit_code": EXIT_OK}, indent=2, default=str) if as_json else render(result))
 
 
 def parse_weights(text: str | None) -> list[float] | None:
@@ -286,7 +403,7 @@ def _fmt_list(values: list[Any]) -> str:
 @json_option
 @debug_option
 def inspect(adapter: Path, format_: str | None, adapter_name: str | None, missing_coefficients: str | None,
-            config: Path | None, as_json: bool) -> None:
+            config: Path | None) -> None:
     """Describe a PERA adapter: format, r, R', scaling, coefficient layout, modules, size and ‖ΔW‖ per layer.
 
     ADAPTER is a folder or a file (with --config when it comes without its adapter_config.json).
@@ -336,7 +453,7 @@ def inspect(adapter: Path, format_: str | None, adapter_name: str | None, missin
             )
         return "\n".join(lines)
 
-    _run(as_json, lambda: inspect_adapter(adapter, **_load_options(format_, adapter_name, missing_coefficients, config)),
+    _run(lambda: inspect_adapter(adapter, **_load_options(format_, adapter_name, missing_coefficients, config)),
          render, to_dict=dict)
 
 
@@ -378,8 +495,7 @@ def merge(paths: tuple[Path, ...], output: Path, adapter_opts: tuple[Path, ...],
           weights: str | None, format_: str | None, adapter_name: str | None,
           missing_coefficients: str | None, config: Path | None, dtype: str,
           max_shard_size: str | None, untie_embeddings: bool, check_forward: bool, full_check: bool,
-          keep_branch: bool, base_files: str, jobs: int | None, force: bool, progress: bool | None,
-          as_json: bool) -> None:
+          keep_branch: bool, base_files: str, jobs: int | None, force: bool, progress: bool | None) -> None:
     """Merge the PERA adapter ADAPTER into the model folder BASE, writing a new model folder.
 
     Several adapters are merged as their weighted sum (--weights, default all 1), exactly, in
@@ -432,12 +548,16 @@ def merge(paths: tuple[Path, ...], output: Path, adapter_opts: tuple[Path, ...],
                 f"--lora-modules pera={output}/adapter",
             ])
 
-        _run(as_json, lambda: run_keep_branch(adapter, base, output, base_files=base_files, force=force, **load),
+        _run(lambda: run_keep_branch(adapter, base, output, base_files=base_files, force=force, **load),
              render_branch)
         return
 
     started = time.perf_counter()
-    # Start hashing the inputs now, while torch is still being imported.
+    # Start hashing the inputs now, while torch is still being imported (the adapter name
+    # checked first: a path there would have a sibling folder's files read).
+    from .formats.peft_folder import check_adapter_name
+
+    check_adapter_name(adapter_name)
     digests = Digests()
     for path in adapters:
         digests.prefetch(likely_inputs(path / adapter_name if adapter_name else path, base))
@@ -466,7 +586,7 @@ def merge(paths: tuple[Path, ...], output: Path, adapter_opts: tuple[Path, ...],
     try:
         from .api import merge as run_merge
 
-        _run(as_json, lambda: run_merge(
+        _run(lambda: run_merge(
             adapter, base, output, weights=weight_list, dtype=dtype, max_shard_size=max_shard_size,
             untie_embeddings=untie_embeddings, check_forward_pass=check_forward, full_check=full_check, force=force,
             progress=progress, digests=digests, jobs=jobs, **load), render,
@@ -484,14 +604,14 @@ def merge(paths: tuple[Path, ...], output: Path, adapter_opts: tuple[Path, ...],
 @adapter_options
 @click.option("--forward/--no-forward", default=True, show_default=True,
               help="Also compare outputs of the merged and the unmerged model on seeded inputs.")
-@click.option("--seed", default=0, show_default=True, help="Seed for the forward check's inputs.")
+@click.option("--seed", default=0, show_default=True, help="Seed for the forward check's inputs (0 to 2**32 - 1).")
 @precision_option
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
 @json_option
 @debug_option
 def verify(merged: Path, adapter: Path | None, base: Path | None, format_: str | None, adapter_name: str | None,
            missing_coefficients: str | None, config: Path | None, forward: bool, seed: int,
-           progress: bool | None, as_json: bool) -> None:
+           progress: bool | None) -> None:
     """Check a merged model folder against its base and the adapter (exit 1 if it does not match).
 
     \b
@@ -528,7 +648,7 @@ def verify(merged: Path, adapter: Path | None, base: Path | None, format_: str |
             lines.append(f"forward: {'ok' if fwd.passed else 'FAILED'} — {_forward_line(fwd)}")
         return "\n".join(lines)
 
-    _run(as_json, lambda: run_verify(merged, adapter, base, forward=forward, seed=seed,
+    _run(lambda: run_verify(merged, adapter, base, forward=forward, seed=seed,
                                      progress=progress,
                                      **_load_options(format_, adapter_name, missing_coefficients, config)), render)
 
@@ -543,7 +663,7 @@ def verify(merged: Path, adapter: Path | None, base: Path | None, format_: str |
 @debug_option
 def export_lora(adapter: Path, output: Path, format_: str | None, adapter_name: str | None,
                 missing_coefficients: str | None, config: Path | None, rank: int | None, tol: float | None,
-                max_rank: int | None, pad: bool, dtype: str, base: Path | None, force: bool, as_json: bool) -> None:
+                max_rank: int | None, pad: bool, dtype: str, base: Path | None, force: bool) -> None:
     """Write a PERA adapter as a plain PEFT LoRA adapter, which every LoRA runtime serves.
 
     \b
@@ -574,10 +694,10 @@ def export_lora(adapter: Path, output: Path, format_: str | None, adapter_name: 
         report = run_export(adapter, output, rank=rank, tol=tol, max_rank=max_rank, pad=pad, dtype=dtype, base=base,
                             force=force, **_load_options(format_, adapter_name, missing_coefficients, config))
         for warning in report.manifest["lora"]["warnings"]:
-            click.echo(f"pera-deploy: warning: {warning}", err=True)
+            _echo(f"pera-deploy: warning: {warning}", err=True)
         return report
 
-    _run(as_json, call, render)
+    _run(call, render)
 
 
 @main.command("export-gguf")
@@ -600,7 +720,7 @@ def export_lora(adapter: Path, output: Path, format_: str | None, adapter_name: 
 @debug_option
 def export_gguf(adapter: Path, base: Path, output: Path, format_: str | None, adapter_name: str | None,
                 missing_coefficients: str | None, config: Path | None, rank: int | None, tol: float | None,
-                max_rank: int | None, pad: bool, dtype: str, force: bool, as_json: bool) -> None:
+                max_rank: int | None, pad: bool, dtype: str, force: bool) -> None:
     """Write a PERA adapter as a llama.cpp LoRA adapter file (GGUF), for `llama-cli --lora`.
 
     \b
@@ -642,10 +762,10 @@ def export_gguf(adapter: Path, base: Path, output: Path, format_: str | None, ad
         report = run_export(adapter, output, base=base, rank=rank, tol=tol, max_rank=max_rank, pad=pad, dtype=dtype,
                             force=force, **_load_options(format_, adapter_name, missing_coefficients, config))
         for warning in report.manifest["lora"]["warnings"]:
-            click.echo(f"pera-deploy: warning: {warning}", err=True)
+            _echo(f"pera-deploy: warning: {warning}", err=True)
         return report
 
-    _run(as_json, call, render)
+    _run(call, render)
 
 
 @main.command()
@@ -660,8 +780,7 @@ def export_gguf(adapter: Path, base: Path, output: Path, format_: str | None, ad
 @debug_option
 def combine(adapters: tuple[Path, ...], output: Path, weights: str | None, format_: str | None,
             adapter_name: str | None, missing_coefficients: str | None, config: Path | None, rank: int | None,
-            tol: float | None, max_rank: int | None, pad: bool, dtype: str, base: Path | None, force: bool,
-            as_json: bool) -> None:
+            tol: float | None, max_rank: int | None, pad: bool, dtype: str, base: Path | None, force: bool) -> None:
     """Write the weighted sum of several adapters (PERA or LoRA) as one plain PEFT LoRA.
 
     \b
@@ -684,7 +803,7 @@ def combine(adapters: tuple[Path, ...], output: Path, weights: str | None, forma
         exact = "exact" if lora["exact"] else f"total relative error {lora['total_rel_error']:.3g}"
         return f"wrote {output}: {what} as a plain LoRA of rank {lora['r']}, {exact}"
 
-    _run(as_json, lambda: run_combine(list(adapters), output, weights=parse_weights(weights), rank=rank, tol=tol,
+    _run(lambda: run_combine(list(adapters), output, weights=parse_weights(weights), rank=rank, tol=tol,
                                       max_rank=max_rank, pad=pad, dtype=dtype, base=base, force=force,
                                       **_load_options(format_, adapter_name, missing_coefficients, config)), render)
 
@@ -707,7 +826,7 @@ def combine(adapters: tuple[Path, ...], output: Path, weights: str | None, forma
 @debug_option
 def unmerge(merged: Path, adapter: Path, output: Path, format_: str | None, adapter_name: str | None,
             missing_coefficients: str | None, config: Path | None, check_against: Path | None,
-            full_check: bool, jobs: int | None, force: bool, progress: bool | None, as_json: bool) -> None:
+            full_check: bool, jobs: int | None, force: bool, progress: bool | None) -> None:
     """Take a PERA update back out of a merged model: W0 = W' − ΔW, streamed like a merge.
 
     \b
@@ -742,7 +861,7 @@ def unmerge(merged: Path, adapter: Path, output: Path, format_: str | None, adap
             lines.append(f"  not restored (the merge replaced them): {', '.join(m['unmerge']['not_restored'])}")
         return "\n".join(lines)
 
-    _run(as_json, lambda: run_unmerge(merged, adapter, output, check_against=check_against,
+    _run(lambda: run_unmerge(merged, adapter, output, check_against=check_against,
                                       full_check=full_check, force=force, progress=progress, jobs=jobs,
                                       **_load_options(format_, adapter_name, missing_coefficients, config)), render)
 
@@ -772,7 +891,7 @@ def unmerge(merged: Path, adapter: Path, output: Path, format_: str | None, adap
 @debug_option
 def export_onnx(model: Path, output: Path, adapter_specs: tuple[str, ...], branch: bool, task: str | None,
                 opset: int | None, genai: bool | None, dtype: str, format_: str | None,
-                missing_coefficients: str | None, config: Path | None, force: bool, as_json: bool) -> None:
+                missing_coefficients: str | None, config: Path | None, force: bool) -> None:
     """Export to ONNX, checked with ONNX Runtime against the unmerged PyTorch model.
 
     \b
@@ -821,7 +940,7 @@ def export_onnx(model: Path, output: Path, adapter_specs: tuple[str, ...], branc
         return "\n".join([f"{written}: {m['graph']} graph, task {m['task']}, {m['options']['dtype']}{genai}",
                           "checked with ONNX Runtime against the unmerged PyTorch model:"] + lines)
 
-    _run(as_json, lambda: run_export(model, output, adapters=adapters, branch=branch, task=task, opset=opset,
+    _run(lambda: run_export(model, output, adapters=adapters, branch=branch, task=task, opset=opset,
                                      dtype=dtype, genai=genai, force=force, format=format_,
                                      missing_coefficients=missing_coefficients, config=config), render)
 
@@ -836,7 +955,7 @@ def export_onnx(model: Path, output: Path, adapter_specs: tuple[str, ...], branc
 @json_option
 @debug_option
 def extract(checkpoint: Path, output: Path, format_: str | None, adapter_name: str | None,
-            missing_coefficients: str | None, config: Path | None, base: Path | None, force: bool, as_json: bool) -> None:
+            missing_coefficients: str | None, config: Path | None, base: Path | None, force: bool) -> None:
     """Write the PERA adapter found in a training checkpoint as a canonical PEFT-style PERA folder.
 
     \b
@@ -865,7 +984,7 @@ def extract(checkpoint: Path, output: Path, format_: str | None, adapter_name: s
                          + (f"; weights: {source['weights']}" if source.get("weights") else ""))
         return "\n".join(lines)
 
-    _run(as_json, lambda: run_extract(checkpoint, output, base=base, force=force,
+    _run(lambda: run_extract(checkpoint, output, base=base, force=force,
                                       **_load_options(format_, adapter_name, missing_coefficients, config)), render)
 
 
@@ -887,8 +1006,7 @@ def extract(checkpoint: Path, output: Path, format_: str | None, adapter_name: s
 @json_option
 @debug_option
 def bundle(base: Path, output: Path, adapter_specs: tuple[str, ...], base_files: str, onnx: bool, task: str | None,
-           genai: bool | None, format_: str | None, missing_coefficients: str | None, force: bool,
-           as_json: bool) -> None:
+           genai: bool | None, format_: str | None, missing_coefficients: str | None, force: bool) -> None:
     """Package one base and several PERA (or LoRA) adapters for PEFT, vLLM and ONNX Runtime.
 
     \b
@@ -927,34 +1045,45 @@ def bundle(base: Path, output: Path, adapter_specs: tuple[str, ...], base_files:
                          "modules, " + ", ".join(f"{n}.onnx_adapter" for n in adapters))
         return "\n".join(lines)
 
-    _run(as_json, lambda: run_bundle(base, output, adapters, base_files=base_files, onnx=onnx, task=task, genai=genai,
+    _run(lambda: run_bundle(base, output, adapters, base_files=base_files, onnx=onnx, task=task, genai=genai,
                                      force=force, format=format_, missing_coefficients=missing_coefficients), render)
 
 
 @main.command()
 @json_option
 @debug_option
-def formats(as_json: bool) -> None:
+def formats() -> None:
     """List the adapter formats pera-deploy reads (for --format), in the order detection tries them."""
     from .formats import FORMATS
 
     data = {name: f.description for name, f in FORMATS.items()}
-    _run(as_json, lambda: data, lambda d: "\n".join(f"{name:<10} {desc}" for name, desc in d.items()),
+    _run(lambda: data, lambda d: "\n".join(f"{name:<10} {desc}" for name, desc in d.items()),
          to_dict=lambda d: {"formats": d})
 
 
-def run() -> None:
+def run() -> NoReturn:
     """The `pera-deploy` program: `main`, then an exit that skips the interpreter's last
     garbage collections (`gc.freeze`). Those walk every object torch created at import:
     measured after a merge, the exit took 0.52–0.69 s with them and 0.16–0.21 s without,
     and what they would free goes back to the system with the process anyway. Every file
     is closed, synced and renamed, and every thread joined, before `main` returns. This is
     the program's own business, so `main` does not do it: tests and other programs call it
-    in-process, where frozen garbage would pile up."""
+    in-process, where frozen garbage would pile up.
+
+    Signals are the program's business too: the stop-signal handler is armed first and never
+    put back (scoped.arm_stop_signals), and once `main` has printed the result and decided
+    the status, stop signals are ignored until the process ends (scoped.ignore_stop_signals).
+    A signal during the interpreter's shutdown can then neither kill the process with a raw
+    signal status nor print a KeyboardInterrupt traceback."""
+    flags = _flags(sys.argv[1:])
     try:
-        main()
-    finally:
-        gc.freeze()
+        scoped.arm_stop_signals()
+        code = main.main(standalone_mode=False)
+    except (KeyboardInterrupt, Interrupted) as exc:  # arrived before `main` could catch it
+        code = _interrupted(flags, exc)
+    scoped.ignore_stop_signals()
+    gc.freeze()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

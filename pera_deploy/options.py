@@ -91,3 +91,14 @@ def jobs(value: int | None) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InputError(f"--jobs {value!r}: must be an integer of at least 1")
     return value
+
+
+MAX_SEED = 2**32 - 1
+
+
+def seed(value: int) -> int:
+    """--seed S: an integer from 0 to 2³² − 1. The forward checks seed torch's and numpy's
+    generators with S and numbers derived from it, which must stay within what they take."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise InputError(f"--seed {value!r}: must be an integer from 0 to {MAX_SEED}")
+    return value

@@ -30,6 +30,18 @@ def fx(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return build_all(tmp_path_factory.mktemp("fixtures"))
 
 
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory, fx: dict[str, Path]) -> dict[str, Path]:
+    """Every training container, trained once per session by its framework (about a minute):
+    name -> the path a user would give pera-deploy (test_training_checkpoints.py,
+    test_hardening_deepspeed.py)."""
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("lightning")
+    from fixtures.training_checkpoints import build_training_checkpoints
+
+    return build_training_checkpoints(tmp_path_factory.mktemp("trained"), fx["llama-base"])
+
+
 class Cli:
     """Runs `pera-deploy` in-process; stdout and stderr are kept apart as a pipeline sees them."""
 

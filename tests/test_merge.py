@@ -340,20 +340,24 @@ def test_bert_modules_to_save_head(fx, tmp_path):
 
 
 def test_new_head_is_added(fx, tmp_path):
-    """A modules_to_save tensor the base lacks is added, not dropped."""
+    """A modules_to_save tensor the base checkpoint lacks, but its model has (a classifier head
+    saved without), is added, not dropped. (One the model has no place for is refused: see
+    test_hardening_numerics.py; this test used to add an unknown `score.weight`.)"""
     import shutil
 
-    from safetensors.numpy import load_file, save_file
+    torch = pytest.importorskip("torch")  # the base is a torch.save'd .bin, and the forward check runs
 
-    adapter_dir = tmp_path / "adapter"
-    shutil.copytree(fx["bert-peft"], adapter_dir)
-    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    tensors["base_model.model.score.weight"] = np.ones((2, 32), dtype=np.float32)
-    save_file(tensors, str(adapter_dir / "adapter_model.safetensors"))
-    report = pera_deploy.merge(adapter_dir, fx["bert-base"], tmp_path / "m", progress=False)
-    assert report.manifest["added_tensors"] == [{"tensor": "score.weight", "from": "score.weight"}]
+    base = shutil.copytree(fx["bert-base"], tmp_path / "base")
+    state = torch.load(base / "pytorch_model.bin", weights_only=True)
+    head = {name: state.pop(name) for name in ("classifier.weight", "classifier.bias")}
+    torch.save(state, base / "pytorch_model.bin")
+    adapter = pera_deploy.load_adapter(fx["bert-peft"])
+    report = pera_deploy.merge(adapter, base, tmp_path / "m", progress=False, check_forward_pass=True)
+    assert report.manifest["added_tensors"] == [{"tensor": name, "from": name} for name in sorted(head)]
     with ModelFolder(tmp_path / "m") as merged:
-        assert np.array_equal(merged.get("score.weight"), np.ones((2, 32), dtype=np.float32))
+        for name in head:
+            assert np.array_equal(merged.get(name), adapter.extra_tensors[name])
+    assert report.check("forward").passed
 
 
 def test_plain_lora_merge_equals_peft_merge_and_unload(fx, tmp_path):

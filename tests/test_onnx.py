@@ -127,8 +127,8 @@ def test_bad_inputs(cli, fx, tmp_path):
     refused(fx["llama-base"], "--branch", needle="--branch needs at least one --adapter")
     refused(tmp_path / "nowhere", needle="model folder not found")
     for arch, model_type, needle in (("BertForPreTraining", "bert", "Optimum cannot export BertForPreTraining (it maps "
-                                      "the class to no task); pass --task, one of the tasks Optimum offers for bert: "
-                                      "feature-extraction, fill-mask"),
+                                      "the class to no task); pera-deploy exports the class config.json names: give the "
+                                      "folder one Optimum exports (its tasks for bert: feature-extraction, fill-mask"),
                                      ("MambaForCausalLM", "mamba", "MambaForCausalLM (model type 'mamba') has no ONNX")):
         other = shutil.copytree(fx["bert-base"], tmp_path / arch)
         config = json.loads((other / "config.json").read_text())

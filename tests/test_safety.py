@@ -189,8 +189,8 @@ def start_slow_merge(fx, out: Path) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-c", SLOW_CLI, "merge", str(fx["llama-pera"]), str(fx["llama-base"]),
                              "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
-    while not any((p / LOCK_FILE).exists() and (p / "model-00001-of-00003.safetensors").exists()
-                  for p in out.parent.glob(f".{out.name}{TMP_MARK}*")):
+    while not any((p / LOCK_FILE).exists() and (p / out.name / "model-00001-of-00003.safetensors").exists()
+                  for p in out.parent.glob(f"{TMP_MARK}*")):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.05)
     return proc
@@ -229,14 +229,18 @@ def test_a_second_run_into_the_same_output_is_refused(cli, fx, tmp_path):
 
 def test_an_interrupted_replacement_is_finished_or_undone(tmp_path):
     """Killed between --force's two renames: the old output is put back (nothing new was
-    published), or removed when the new one made it."""
-    (tmp_path / f".a{OLD_MARK}1234").mkdir()
-    (tmp_path / f".a{OLD_MARK}1234" / "pera_deploy_manifest.json").write_text("{}")
+    published), or removed when the new one made it. The old output waits in a box under its
+    own name; what earlier versions left (the target's name inside the temporary one's) is
+    recognised too."""
+    (tmp_path / f"{OLD_MARK}1234" / "a").mkdir(parents=True)
+    (tmp_path / f"{OLD_MARK}1234" / "a" / "pera_deploy_manifest.json").write_text("{}")
     (tmp_path / "b").mkdir()
-    (tmp_path / f".b{OLD_MARK}5678").mkdir()
-    (tmp_path / f".c{TMP_MARK}9abc").mkdir()  # no lock file: its owner died before taking it
-    assert sorted(sweep(tmp_path)) == [f"removed .b{OLD_MARK}5678", f"removed .c{TMP_MARK}9abc", "restored a"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+    (tmp_path / f"{OLD_MARK}5678" / "b").mkdir(parents=True)
+    (tmp_path / f"{TMP_MARK}9abc").mkdir()  # no lock file: its owner died before taking it
+    (tmp_path / f".c{OLD_MARK}0def").mkdir()  # an earlier version's name for c's old copy
+    assert sorted(sweep(tmp_path)) == [f"removed {OLD_MARK}1234", f"removed {OLD_MARK}5678", f"removed {TMP_MARK}9abc",
+                                       "restored a", "restored c"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"]
     assert (tmp_path / "a" / "pera_deploy_manifest.json").exists()
 
 

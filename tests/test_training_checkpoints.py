@@ -30,14 +30,6 @@ FORMAT = {"hf-trainer": "hf-trainer", "lightning": "lightning", "dcp": "dcp", "s
 PEFT_NAMING = {"deepspeed-zero1", "deepspeed-zero3", "lightning", "state-dict"}
 
 
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory: pytest.TempPathFactory, fx: dict[str, Path]) -> dict[str, Path]:
-    """Every container, trained once per session by its framework (about a minute)."""
-    from fixtures.training_checkpoints import build_training_checkpoints
-
-    return build_training_checkpoints(tmp_path_factory.mktemp("trained"), fx["llama-base"])
-
-
 def expected_of(path: Path) -> dict[str, torch.Tensor]:
     for folder in (path, *path.parents):
         if (folder / "expected.safetensors").is_file():

@@ -18,10 +18,10 @@ import torch
 from torch import Tensor, nn
 
 from ..core.adapter import PeraAdapter
+from ..core.dtypes import TORCH_NAMES
 from ..core.names import NameIndex
 from ..errors import InputError
 from ..io.model_folder import ModelFolder
-from ..core.dtypes import TORCH_NAMES
 from ..io.streamed_model import NotStreamable, StreamedModel
 from .numerics import COARSENESS, UNIT_ROUNDOFF
 
@@ -61,6 +61,9 @@ class ForwardCheck:
     def failure(self) -> str | None:
         if self.passed:
             return None
+        if not math.isfinite(self.max_rel_diff):
+            return (f"{self.architecture} {self.output}: the merged model's differ from the unmerged model's by "
+                    f"{self.max_rel_diff:.3g} (not finite: NaN or Inf where the unmerged model's are finite)")
         return (
             f"{self.architecture} {self.output}: max relative difference {self.max_rel_diff:.3g} from the unmerged "
             f"model exceeds the tolerance {self.tolerance:.3g} ({FORWARD_NOISE_FACTOR:g}x what {self.dtype} rounding "
@@ -153,11 +156,15 @@ def check_forward(merged_dir: str | Path, base_dir: str | Path, adapter: PeraAda
     finally:
         bar.close()
     arch, name, y, y_ref, noise = outputs
+    if not (bool(torch.isfinite(y_ref).all()) and math.isfinite(noise)):
+        # nothing to compare with: the base and the adapter themselves overflow float32
+        raise InputError(f"forward check: the unmerged model ({arch}: {base_dir} with the adapter) gives {name} that "
+                         "are not finite in float32 on the seeded inputs, so no merged model can be compared with it")
     max_abs, max_rel = relative(y, y_ref)
     top1 = float((y.argmax(-1) == y_ref.argmax(-1)).float().mean()) if y.ndim >= 2 else 1.0
     tol = max(FORWARD_FLOOR, FORWARD_NOISE_FACTOR * noise)
     return ForwardCheck(arch, str(dtype).removeprefix("torch."), name, list(y.shape), max_abs, max_rel, top1,
-                        noise, tol, seed, max_rel <= tol, loading)
+                        noise, tol, seed, math.isfinite(max_rel) and max_rel <= tol, loading)
 
 
 Outputs = tuple[str, str, Tensor, Tensor, float]  # architecture, output name, merged, unmerged, noise floor

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..core.adapter import PeraLayer
-from ..core.lowrank import factored_norm
+from ..core.lowrank import evaluation_floor, factored_norm
 from .numerics import UNIT_ROUNDOFF
 
 
@@ -28,19 +28,36 @@ def check_lora_module(layer: PeraLayer, module: str, lora_b: Tensor, lora_a: Ten
                       delta: float) -> LoraCheck:
     """Does the stored LoRA reproduce ΔW (exactly, or to its predicted truncation error)?
 
-    Measured from the factors alone, in float64: ΔW − B·A = [s·B̂, −B]·[Â; A], whose norm the
-    QR-based `factored_norm` gives without cancellation even when B·A is ΔW to the last
-    digits. Storing the factors rounds each element by at most u, which moves the product by
-    at most 2u·‖B‖·‖A‖. `delta` is ‖ΔW‖_F.
+    Storing the factors rounds each element by at most u, which moves the product by at
+    most 2u·‖B‖·‖A‖ (`factors_check`). `delta` is ‖ΔW‖_F.
+    """
+    return factors_check(layer, module, lora_b.double(), lora_a.double(), expected, delta,
+                         2.01 * UNIT_ROUNDOFF[lora_b.dtype])
+
+
+def factors_check(layer: PeraLayer, module: str, b: Tensor, a: Tensor, expected: float, delta: float,
+                  rounding: float) -> LoraCheck:
+    """Is ‖ΔW − b·a‖ within what the rank choice and the storage allow? `b`, `a` in float64.
+
+    Measured from the factors alone, in float64: ΔW − b·a = [s·B̂, −b]·[Â; a], whose norm the
+    QR-based `factored_norm` gives without cancellation even when b·a is ΔW to the last
+    digits. Allowed: the predicted truncation error `expected`·‖ΔW‖, `rounding`·‖b‖·‖a‖ for
+    the storage (2u for factors rounded to a dtype of unit roundoff u), 1e-12·‖ΔW‖, and the
+    float64 evaluation floor of the residual's own product, below which it cannot be told
+    from zero (the whole of it for an update that cancels exactly, A − A). Relative figures are
+    of ‖ΔW‖, or of that floor when ‖ΔW‖ is below it. A residual or an allowance that is NaN
+    or infinite fails.
     """
     exact_b, exact_a = layer.exact_factors(torch.float64)
-    b, a = lora_b.double(), lora_a.double()
-    residual = factored_norm(torch.cat([exact_b, -b], dim=1), torch.cat([exact_a, a], dim=0))
-    rel = residual / delta if delta > 0 else (0.0 if residual == 0 else math.inf)
-    u = UNIT_ROUNDOFF[lora_b.dtype]
-    storage = 2.01 * u * float(b.norm()) * float(a.norm()) / delta if delta > 0 else 0.0
-    allowed = expected + storage + 1e-12
-    return LoraCheck(module, lora_a.shape[0], rel, expected, allowed, rel <= allowed)
+    left, right = torch.cat([exact_b, -b], dim=1), torch.cat([exact_a, a], dim=0)
+    residual = factored_norm(left, right)
+    stored = float(b.norm()) * float(a.norm())
+    floor = evaluation_floor(left, right)
+    allowed = expected * delta + rounding * stored + 1e-12 * delta + floor
+    passed = math.isfinite(residual) and math.isfinite(allowed) and residual <= allowed
+    scale = max(delta, floor)
+    rel, allowed_rel = (residual / scale, allowed / scale) if scale > 0 else (0.0 if residual == 0 else math.inf, 0.0)
+    return LoraCheck(module, a.shape[0], rel, expected, allowed_rel, passed)
 
 
 @dataclass
@@ -60,6 +77,11 @@ class LoraFactorsCheck:
         bad = [c for c in self.modules if not c.passed]
         if not bad:
             return None
+        unmeasured = [c for c in bad if not (math.isfinite(c.rel_error) and math.isfinite(c.allowed))]
+        if unmeasured:
+            c = unmeasured[0]
+            return (f"LoRA factors of {c.module}: their error against ΔW is not finite ({c.rel_error:.3g}, allowed "
+                    f"{c.allowed:.3g}), so nothing says they reproduce it; {len(bad)} module(s) failed")
         c = max(bad, key=lambda c: c.rel_error - c.allowed)
         return (f"LoRA factors of {c.module} reproduce ΔW only to {c.rel_error:.3g} (allowed {c.allowed:.3g}); "
                 f"{len(bad)} module(s) failed")

@@ -17,6 +17,7 @@ import numpy as np
 from ..core.dtypes import code_of
 from ..core.names import NameIndex
 from ..core.rounding import convert
+from ..errors import InputError
 from ..io.model_folder import ModelFolder
 from ..merging.plan import MergePlan
 from .numerics import UNIT_ROUNDOFF, same_bits
@@ -76,6 +77,26 @@ class ReconstructionCheck:
 def not_restored(plan: MergePlan) -> list[str]:
     """Tensors a merge replaced (heads, biases): an unmerge cannot bring back what they were."""
     return sorted(e.tensor for e in plan.matching.extras if e.action == "replace")
+
+
+def require_comparable(plan: MergePlan, original: ModelFolder) -> None:
+    """Refuse, from headers and before anything is written, an `--check-against` model the
+    unmerged one cannot be compared with: one without a weight the adapter updates, or with
+    a tensor whose shape differs (InputError naming the tensor and both shapes)."""
+    index = NameIndex(original.names)
+    targeted = {m.tensor for m in plan.matching.layers}
+    for shard in plan.shards:
+        for t in shard.tensors:
+            match = index.resolve_one(t.name)
+            if match is None:
+                if t.name in targeted:
+                    raise InputError(f"--check-against {original.folder}: has no tensor {t.name}, which the adapter "
+                                     "updates; is it the base that was merged into?")
+                continue  # a tensor the merge added
+            shape = tuple(original.entries[match].shape)
+            if shape != tuple(t.shape):
+                raise InputError(f"--check-against {original.folder}: tensor {match} has shape {shape}, but {t.name} "
+                                 f"of the merged model has {tuple(t.shape)}; is it the base that was merged into?")
 
 
 def check_reconstruction(folder: Path, plan: MergePlan, base: Path) -> ReconstructionCheck:

@@ -23,7 +23,7 @@ from ..core.adapter import PeraAdapter
 from ..core.names import NameIndex
 from ..errors import InputError
 from ..io.hf_model import load_model
-from ..io.streamed_model import StreamedModel, extra_tensor_targets
+from ..io.streamed_model import StreamedModel, extra_tensor_targets, untie
 
 
 def targets_in_model(model: nn.Module, adapter: PeraAdapter) -> dict[str, str]:
@@ -222,9 +222,10 @@ def apply_extra_tensors(model: nn.Module, adapter: PeraAdapter) -> list[str]:
     They are part of the fine-tuned model itself (docs/formats.md, "Other trained tensors"), so the reference
     must carry them too. Returns the model names that were set.
     """
+    targets = extra_tensor_targets(model, adapter.extra_tensors)
+    untie(model, targets)  # a trained lm_head replaces the head, not its tied input embedding too
     state = model.state_dict()
-    updates = {name: tensor.to(state[name].dtype)
-               for name, tensor in extra_tensor_targets(model, adapter.extra_tensors).items()}
+    updates = {name: tensor.to(state[name].dtype) for name, tensor in targets.items()}
     model.load_state_dict(updates, strict=False)
     return sorted(updates)
 

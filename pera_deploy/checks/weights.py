@@ -17,6 +17,7 @@ import numpy as np
 from ..core.adapter import PeraAdapter, PeraLayer
 from ..core.dtypes import code_of
 from ..core.rounding import NotFinite, convert
+from ..errors import InputError
 from ..io.model_folder import ModelFolder
 from ..io.safetensors_stream import TensorEntry, TensorRows
 from ..merging.execute import BLOCK_ELEMENTS as MERGE_BLOCK_ELEMENTS
@@ -163,7 +164,6 @@ def check_merged_layer(w_merged: np.ndarray | TensorRows, w0: np.ndarray | Tenso
     rows = merge_rows // every
     r2 = x2 = 0.0
     max_steps = off = beyond = 0
-    finite = True
     allowance = _Float32Allowance(kernel, out_code) if tolerant else None
     starts = range(0, w0.shape[0], rows)
     recomputed = 0
@@ -176,9 +176,8 @@ def check_merged_layer(w_merged: np.ndarray | TensorRows, w0: np.ndarray | Tenso
         p = kernel.product(start, start + base_rows.shape[0])
         try:
             want = kernel.rows(base_rows, start, p)
-        except NotFinite:
-            finite = False
-            continue
+        except NotFinite as exc:
+            raise InputError(_not_finite(tensor, layer.module, exc.base, out_code, sign)) from None
         n, steps = differences(stored, want)
         off += n
         max_steps = max(max_steps, steps)
@@ -197,8 +196,7 @@ def check_merged_layer(w_merged: np.ndarray | TensorRows, w0: np.ndarray | Tenso
         rel, bound = residual / delta, u * exact / delta
     else:
         rel, bound = (0.0 if residual == 0 else math.inf), 0.0
-    finite = finite and math.isfinite(residual)
-    passed = (beyond == 0 if tolerant else off == 0) and finite
+    passed = (beyond == 0 if tolerant else off == 0) and math.isfinite(residual)
     return LayerCheck(layer.module, tensor, _name(out_code), delta, residual, rel, bound, off, max_steps, fraction,
                       passed, off - beyond if tolerant else None)
 
@@ -238,6 +236,15 @@ def _name(code: str) -> str:
     from ..core.dtypes import TORCH_NAMES
 
     return TORCH_NAMES[code]
+
+
+def _not_finite(tensor: str, module: str, base: bool, out_code: str, sign: float) -> str:
+    """The line for a weight whose recomputation overflows: no stored value can be right, and
+    the inputs made it so (the merge refuses the same weight, naming the same cause)."""
+    what = "W0 + ΔW" if sign > 0 else "W' − ΔW"
+    cause = "the base weight holds NaN or Inf" if base else \
+        f"the base weight and the update of module {module} add up beyond its range"
+    return f"recomputing {tensor}: {what} is not finite in {_name(out_code)} ({cause})"
 
 
 def expected_names(base: ModelFolder, matching: Matching) -> set[str]:

@@ -110,13 +110,17 @@ class PeraLayer:
     layout: str  # how the coefficients were stored, for reports ("full", "square_only", ...)
 
     def __post_init__(self) -> None:
-        # every reader hands over numpy arrays; a torch tensor (a caller's own) is taken as one
+        """Every reader hands over numpy arrays (a torch tensor, a caller's own, is taken as one);
+        a layer whose update float32 cannot hold is refused as it is formed (core/limits.py),
+        so every command refuses it alike, naming the module."""
         from .dtypes import as_numpy
+        from .limits import check_update_range, sizes
 
         for name in ("A", "B", "hA", "hB"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, np.ndarray):
                 object.__setattr__(self, name, as_numpy(value))
+        check_update_range(self.module, [sizes(1.0, self)], self.expanded_factors)
 
     @property
     def r(self) -> int:

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import InputError
 from .adapter import PeraAdapter, PeraLayer
+from .limits import FLOAT32_MAX, check_update_range, sizes
 from .lowrank import factored_norm
 
 
@@ -104,6 +105,9 @@ def combine(adapters: Sequence[tuple[str, PeraAdapter]], weights: Sequence[float
     for w in weights:
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
             raise InputError(f"--weights: {w!r} is not a finite number")
+        if abs(w) > FLOAT32_MAX:  # the merge and the checks weight each part in float32
+            raise InputError(f"--weights: {w!r} is beyond the float32 range ({FLOAT32_MAX:.3g}) that merges and "
+                             "checks compute in")
     for name, adapter in adapters:
         if adapter.extra_tensors:
             raise InputError(f"adapter {name} trains full tensors ({', '.join(sorted(adapter.extra_tensors)[:3])}), "
@@ -112,6 +116,7 @@ def combine(adapters: Sequence[tuple[str, PeraAdapter]], weights: Sequence[float
     for (name, adapter), w in zip(adapters, weights):
         for module, layer in adapter.layers.items():
             modules.setdefault(module, []).append((name, float(w), layer))
+    shown = ", ".join(f"{w:g}·{n}" for n, w in zip(names, weights))
     layers: dict[str, Any] = {}
     for module in sorted(modules):
         parts = modules[module]
@@ -122,9 +127,12 @@ def combine(adapters: Sequence[tuple[str, PeraAdapter]], weights: Sequence[float
                 raise InputError(f"adapters {first_name} and {name} were made for different bases: module {module} is "
                                  f"in={first.in_features}, out={first.out_features} in {first_name} and "
                                  f"in={layer.in_features}, out={layer.out_features} in {name}")
-        layers[module] = WeightedSum(module, tuple((w, layer) for _, w, layer in parts), tuple(n for n, _, _ in parts))
+        summed = WeightedSum(module, tuple((w, layer) for _, w, layer in parts), tuple(n for n, _, _ in parts))
+        # each part fits float32 (checked as it was loaded); their weighted sum must too
+        check_update_range(module, [sizes(w, layer) for w, layer in summed.parts], summed.expanded_factors,
+                           f" of the weighted sum {shown}")
+        layers[module] = summed
     first_adapter = adapters[0][1]
-    shown = ", ".join(f"{w:g}·{n}" for n, w in zip(names, weights))
     files: list[Path] = [f for _, a in adapters for f in a.files]
     return PeraAdapter(
         layers=layers, format="combination", path=None, files=tuple(files),

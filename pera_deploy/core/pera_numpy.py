@@ -13,6 +13,10 @@ from typing import Iterator, cast
 
 import numpy as np
 
+from ..errors import InputError
+from .limits import FLOAT32_MAX, Sizes, float32_bound
+from .pairs import expanded_rank
+
 
 def pair_indices(r: int) -> tuple[np.ndarray, np.ndarray]:
     """Row-major upper-triangle pairs, diagonal included (section 1.1), as `pera.pair_indices`."""
@@ -23,7 +27,13 @@ def pair_indices(r: int) -> tuple[np.ndarray, np.ndarray]:
 def exact_factors(A: np.ndarray, B: np.ndarray, hA: np.ndarray, hB: np.ndarray | None, scaling: float,
                   keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(s·B̂, Â) in float64 with only the expansion terms `keep` marks (those whose coefficient
-    hA_p·hB_p is not zero), as `pera.exact_factors` gives them."""
+    hA_p·hB_p is not zero), as `pera.exact_factors` gives them.
+
+    A layer whose float32 bound (`limits.float32_bound`) exceeds the float32 range is not
+    formed here: an InputError sends inspect's fast path back to the loader, where
+    `PeraLayer` decides (and refuses it, naming the module, as every command does)."""
+    if not float32_bound([sizes(A, B, hA, hB, scaling)]) <= FLOAT32_MAX:
+        raise InputError("an update near or beyond the float32 range: the loader decides")
     A, B, hA = A.astype(np.float64), B.astype(np.float64), hA.astype(np.float64)
     i, j = pair_indices(A.shape[0])
     a_hat = np.concatenate([A, hA[:, None] * (A[i] * A[j])], axis=0)
@@ -34,6 +44,18 @@ def exact_factors(A: np.ndarray, B: np.ndarray, hA: np.ndarray, hB: np.ndarray |
     b_hat = np.concatenate([B, products.T], axis=1) * scaling
     rows = np.concatenate([np.ones(A.shape[0], dtype=bool), keep.reshape(-1)])
     return b_hat[:, rows], a_hat[rows]
+
+
+def sizes(A: np.ndarray, B: np.ndarray, hA: np.ndarray, hB: np.ndarray | None, scaling: float) -> Sizes:
+    """The sizes `limits.float32_bound` reads, as `limits.sizes` takes them from a torch layer."""
+
+    def largest(t: np.ndarray | None, default: float) -> float:
+        if t is None:
+            return default
+        return float(np.abs(t.astype(np.float64)).max()) if t.size else 0.0
+
+    return Sizes(1.0, scaling, largest(A, 0.0), largest(B, 0.0), largest(hA, 0.0), largest(hB, 1.0),
+                 expanded_rank(A.shape[0]))
 
 
 def factored_norm(left: np.ndarray, right: np.ndarray) -> float:

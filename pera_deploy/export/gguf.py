@@ -43,7 +43,7 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -215,7 +215,7 @@ def plan_gguf(adapter: PeraAdapter, base: ModelFolder, arch: GgufArch, *, rank: 
               dtype: str = "float32") -> GgufPlan:
     """The export-lora factors of `adapter`, named, ordered and laid out as llama.cpp holds them."""
     export = plan_lora_export(adapter, rank=rank, tol=tol, max_rank=max_rank, pad=pad,
-                              names=peft_names(adapter, base))
+                              names=peft_names(adapter, base), dtype=GGUF_DTYPES[dtype])
     if export.extras:
         raise InputError(f"adapter tensor {next(iter(export.extras))} (a trained bias or modules_to_save) has no place "
                          "in a llama.cpp LoRA, which holds lora_a and lora_b only")
@@ -251,36 +251,40 @@ def header_values(plan: GgufPlan, adapter: PeraAdapter, base: Path, provenance: 
 
 
 def write_gguf(path: Path, plan: GgufPlan, header: dict[str, Any]) -> None:
-    """The GGUF file: header, KVs, tensors (gguf's writer, little-endian, default alignment)."""
+    """The GGUF file: header, KVs and tensor infos by gguf's writer (little-endian, default
+    alignment), then the tensor data written here, through Python's file object.
+
+    gguf writes tensor data with numpy's `tofile`, which goes through a C stdio stream of
+    its own and drops the error of its last flush: on a full disk a tensor can come out
+    short with no error at all (the read-back then fails on a truncated file). Python's
+    writes report every short write; the size on disk is checked against the bytes written
+    all the same."""
     gguf = require_gguf()
     writer = gguf.GGUFWriter(path, plan.arch.name)
     try:
         for key, (value, kind) in header.items():
             writer.add_key_value(key, value, kind)
-        for name, data in plan.tensors():
-            writer.add_tensor(name, data)
+        tensors = plan.tensors()
+        for name, data in tensors:
+            writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_ti_data_to_file()
+        (out,) = writer.fout
+        writer.write_padding(out, out.tell())
+        for _, data in tensors:  # as GGUFWriter.write_tensors_to_file, each tensor padded to the alignment
+            out.write(np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<")).view(np.uint8).data)
+            writer.write_padding(out, data.nbytes)
+        out.flush()
+        end = out.tell()
         writer.close()
-    except OSError as exc:
+    except BaseException:
         with suppress(OSError):
             writer.close()
-        raise short_write(exc, path, sum(data.nbytes for _, data in plan.tensors())) from exc
-
-
-def short_write(exc: OSError, path: Path, size: int) -> OSError:
-    """numpy's tofile (what gguf writes tensors with) reports a short write as an OSError with
-    no errno ("N requested and M written"): a full disk when the space is gone, else an I/O error."""
-    if exc.errno is not None:
-        return exc
-    try:
-        stat = os.statvfs(path.parent)
-        full = stat.f_bavail * stat.f_frsize < size
-    except OSError:
-        full = False
-    code = errno.ENOSPC if full else errno.EIO
-    return OSError(code, f"{os.strerror(code)} ({exc})", str(path))
+        raise
+    if path.stat().st_size != end:
+        raise OSError(errno.EIO, f"{os.strerror(errno.EIO)}: {path.stat().st_size} bytes on disk, {end} written",
+                      str(path))
 
 
 @dataclass
@@ -373,15 +377,28 @@ def check_gguf(path: Path, plan: GgufPlan, adapter: PeraAdapter, header: dict[st
 # -- the output file -------------------------------------------------------------------------
 
 
-def written_by_us(path: Path) -> bool:
-    """Whether `path` is a GGUF file pera-deploy wrote (the only kind --force replaces)."""
+def not_ours(path: Path) -> str | None:
+    """Why `path` is not a GGUF file pera-deploy wrote (the only kind --force replaces), or
+    None when it is one: it must parse as a GGUF whose header holds pera-deploy's version
+    string under PROVENANCE_KEY (a key of that name with any other value is not enough)."""
+    gguf = require_gguf()
     try:
-        return PROVENANCE_KEY in require_gguf().GGUFReader(path).fields
-    except Exception:  # not a GGUF at all: gguf raises whatever its parser meets
-        return False
+        fields = gguf.GGUFReader(path).fields
+    except Exception:  # noqa: BLE001  not a GGUF at all: gguf raises whatever its parser meets
+        return "it does not parse as a GGUF file"
+    field = fields.get(PROVENANCE_KEY)
+    if field is None:
+        return f"no {PROVENANCE_KEY} key"
+    try:
+        version = field.contents() if field.types == [gguf.GGUFValueType.STRING] else None
+    except Exception:  # noqa: BLE001  a value gguf cannot decode is not ours either
+        version = None
+    if not isinstance(version, str) or not version:
+        return f"its {PROVENANCE_KEY} key is not a pera-deploy version"
+    return None
 
 
-def check_output_file(target: Path, force: bool, inputs: list[Path]) -> None:
+def check_output_file(target: Path, force: bool, inputs: Iterable[Path]) -> None:
     """Refuse an output over an input, a folder or link, or an existing file without --force
     (with it, only an earlier pera-deploy GGUF). Run before any work and again before the rename."""
     refuse_overlap(target, inputs)
@@ -389,27 +406,12 @@ def check_output_file(target: Path, force: bool, inputs: list[Path]) -> None:
         raise InputError(f"{target}: output path exists and is not a file")
     if not target.exists():
         return
+    problem = not_ours(target)
     if not force:
-        raise InputError(f"{target}: output file exists; pass --force to replace it")
-    if not written_by_us(target):
-        raise InputError(f"{target}: not a GGUF written by pera-deploy (no {PROVENANCE_KEY} key); "
-                         "--force replaces only those")
-
-
-def publish_file(target: Path, staged: Path, force: bool, inputs: list[Path]) -> None:
-    """Rename the checked file into place: fsync it, rename, fsync the folder."""
-    check_output_file(target, force, inputs)
-    fd = os.open(staged, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(staged, target)
-    fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        ours = "" if problem else " (a GGUF written by pera-deploy: --force replaces it)"
+        raise InputError(f"{target}: output file exists; pass --force to replace it{ours}")
+    if problem:
+        raise InputError(f"{target}: not a GGUF written by pera-deploy ({problem}); --force replaces only those")
 
 
 def gguf_summary(target: Path, plan: GgufPlan) -> dict[str, Any]:
@@ -440,9 +442,8 @@ def export_gguf_file(adapter: PeraAdapter, output: Path, base: Path, digests: Di
     digests.prefetch(list(adapter.files) + base_files)
     records = {"adapter": adapter_record(adapter, digests), "base": model_record(base, base_files, digests)}
     header = header_values(plan, adapter, base, {k: v["sha256"] for k, v in records.items()})
-    staging = OutputFolder(output.with_name(f"{output.name}.staging"), inputs=inputs)
-    with staging:
-        staged = staging.path / output.name
+    with OutputFolder(output, force, inputs, check=check_output_file, folder=False) as staging:
+        staged = staging.path
         try:
             write_gguf(staged, plan, header)
             checks = check_gguf(staged, plan, adapter, header)
@@ -455,7 +456,7 @@ def export_gguf_file(adapter: PeraAdapter, output: Path, base: Path, digests: Di
             report = Report(command, output, checks, manifest, plan)
             if not report.passed:
                 raise CheckFailed(report.failure() or "a check failed", report)
-            publish_file(output, staged, force, inputs)
+            staging.commit()
         except OSError as exc:
             if exc.errno in ENVIRONMENT_ERRNOS:
                 raise environment_failure(exc, output) from exc

@@ -21,6 +21,7 @@ from .. import __version__
 from ..checks.base import Report
 from ..checks.lora_factors import LoraFactorsCheck, check_lora_module
 from ..core.adapter import PeraAdapter, PeraLayer
+from ..core.limits import require_storable
 from ..core.lowrank import choose_rank, factored_norm, factored_svd, total_relative_error
 from ..core.names import NameIndex
 from ..errors import InputError
@@ -105,12 +106,14 @@ def lora_module(layer: PeraLayer, name: str, *, rank: int | None = None, tol: fl
 
 
 def plan_lora_export(adapter: PeraAdapter, *, rank: int | None = None, tol: float | None = None,
-                     max_rank: int | None = None, pad: bool = True,
-                     names: dict[str, str] | None = None) -> LoraExport:
+                     max_rank: int | None = None, pad: bool = True, names: dict[str, str] | None = None,
+                     dtype: torch.dtype = torch.float32) -> LoraExport:
     """Factors for every module, and the trained full tensors laid out the way PEFT keeps them.
 
     `names` renames adapter module paths (and extra tensors) to the paths of the model the
-    LoRA will be loaded into; by default the adapter's own paths are kept.
+    LoRA will be loaded into; by default the adapter's own paths are kept. The factors must
+    fit `dtype`, the one they will be stored in: a module whose factors would be stored as
+    Inf is refused now, naming it, before anything is written.
     """
     rank_options(rank, tol, max_rank)
     names = names or {}
@@ -120,6 +123,9 @@ def plan_lora_export(adapter: PeraAdapter, *, rank: int | None = None, tol: floa
         lora_module(layer, names.get(path, path), rank=rank, tol=tol, max_rank=max_rank, warnings=above)
         for path, layer in adapter.layers.items()
     ]
+    for m in modules:
+        require_storable(m.source, "lora_B (s·B̂)", m.lora_B, dtype)
+        require_storable(m.source, "lora_A (Â)", m.lora_A, dtype)
     if above:
         exact = max(m.full_rank for m in modules if m.source in above)
         warnings.append(f"--rank {rank} is more than the exact rank of {len(above)} module(s) (up to {exact}, e.g. "
@@ -162,8 +168,9 @@ def lora_state_dict(export: LoraExport, dtype: torch.dtype = torch.float32) -> d
         if export.pad and m.rank < r:
             lora_b = torch.cat([lora_b, lora_b.new_zeros(lora_b.shape[0], r - m.rank)], dim=1)
             lora_a = torch.cat([lora_a, lora_a.new_zeros(r - m.rank, lora_a.shape[1])], dim=0)
-        state[f"{PEFT_PREFIX}{m.module}.lora_A.weight"] = lora_a.to(dtype).contiguous()
-        state[f"{PEFT_PREFIX}{m.module}.lora_B.weight"] = lora_b.to(dtype).contiguous()
+        # (plan_lora_export refused factors beyond `dtype` already, for the dtype it was given)
+        for key, name, factor in (("lora_A", "lora_A (Â)", lora_a), ("lora_B", "lora_B (s·B̂)", lora_b)):
+            state[f"{PEFT_PREFIX}{m.module}.{key}.weight"] = require_storable(m.source, name, factor, dtype).contiguous()
     for key, tensor in export.extras.items():
         state[f"{PEFT_PREFIX}{key}"] = tensor.contiguous()
     return state
@@ -282,7 +289,8 @@ def export_lora_folder(adapter: PeraAdapter, output: Path, digests: Digests, *, 
         with ModelFolder(base) as checkpoint:
             names, base_files = peft_names(adapter, checkpoint), checkpoint.weight_files
             inputs += checkpoint.input_paths()
-    export = plan_lora_export(adapter, rank=rank, tol=tol, max_rank=max_rank, pad=pad, names=names)
+    export = plan_lora_export(adapter, rank=rank, tol=tol, max_rank=max_rank, pad=pad, names=names,
+                              dtype=LORA_DTYPES[dtype])
     digests.prefetch(list(adapter.files) + base_files)
 
     def write(folder: Path) -> Written:

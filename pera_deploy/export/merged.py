@@ -14,7 +14,7 @@ from typing import Any
 
 from .. import __version__
 from ..checks.base import Check, Report
-from ..checks.reconstruction import EXPECTED, check_reconstruction, not_restored
+from ..checks.reconstruction import EXPECTED, check_reconstruction, not_restored, require_comparable
 from ..checks.weights import WeightCheck, check_tensors, expected_names
 from ..core.adapter import PeraAdapter
 from ..io.digests import Digests
@@ -71,6 +71,7 @@ def unmerge_folder(merged: Path, adapter: PeraAdapter, output: Path, digests: Di
         inputs = [*adapter_inputs(adapter), *checkpoint.input_paths()]
         if check_against is not None:
             with ModelFolder(check_against) as original:  # validated now, before anything is written
+                require_comparable(plan, original)
                 against = (original.folder, original.weight_files)
                 inputs += original.input_paths()
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import InputError
+from ..io.paths import kind_of
 from ..options import MISSING_COEFFICIENTS, choose
 from . import dcp, deepspeed, hf_trainer, lightning, peft_folder, peft_lora, peft_pera, reference, state_dict
 from .registry import AdapterFormat, LoadOptions, MissingCoefficients
@@ -79,15 +80,16 @@ def resolve_format(
     """The format that reads `path` and the options it reads it with (see `load_adapter`);
     inspect's fast path asks this too, so both agree on what an adapter is."""
     choose("--missing-coefficients", missing_coefficients, MISSING_COEFFICIENTS)
+    peft_folder.check_adapter_name(adapter_name)
     options = LoadOptions(missing_coefficients=missing_coefficients, adapter_name=adapter_name,
                           config=Path(config) if config is not None else None)
     path = Path(path)
-    if format is not None:
-        fmt = FORMATS.get(format)
-        if fmt is None:
-            raise InputError(f"--format {format!r}: unknown format; known formats are {', '.join(FORMATS)}")
-        if not path.exists():
-            raise InputError(f"{path}: adapter not found")
-    else:
-        fmt = detect_format(path, options)
+    if format is not None and format not in FORMATS:
+        raise InputError(f"--format {format!r}: unknown format; known formats are {', '.join(FORMATS)}")
+    kind = kind_of(path)
+    if kind == "missing":
+        raise InputError(f"{path}: adapter not found")
+    if kind not in ("a file", "a folder"):  # a device, a FIFO, a dangling link: say which, not "Not a directory"
+        raise InputError(f"{path}: is {kind}, expected an adapter folder or file")
+    fmt = FORMATS[format] if format is not None else detect_format(path, options)
     return fmt, path, options

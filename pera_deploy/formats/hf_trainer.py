@@ -6,6 +6,10 @@ The adapter file is used when it holds the weights. Under ZeRO-3 it is well know
 out empty (the parameters exist only in the partitions when PEFT saves it): then the
 weights are read from the DeepSpeed folder beside it, with the adapter's own
 `adapter_config.json`, and `inspect` says so.
+
+Everything read must lie inside the checkpoint folder, on resolved real paths: the adapter's
+sub-folder and files, `trainer_state.json`, and (deepspeed.py checks them) `latest`, the
+step folder and its rank files. A `--config` given by hand is the user's own choice.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from pathlib import Path
 from ..core.adapter import PeraAdapter
 from ..errors import InputError
 from ..io.files import read_tensors
+from ..io.paths import allowed_roots, checked_file, inside, real_path
 from ..io.strict_json import read_json
 from . import deepspeed, peft_folder, peft_lora, peft_pera, reference
 from .registry import AdapterFormat, LoadOptions
@@ -34,8 +39,19 @@ def _is_empty(weights: Path) -> bool:
     return not tensors or all(t.numel() == 0 for t in tensors.values())
 
 
+def _require_inside(path: Path, files: peft_folder.PeftFiles, options: LoadOptions) -> None:
+    """The adapter's sub-folder and files, and trainer_state.json, really inside `path`."""
+    roots = allowed_roots(path if path.is_dir() else path.parent)
+    if not inside(real_path(files.root), roots):
+        raise InputError(f"{files.root}: the adapter's folder lies outside {path}; refused")
+    for file in (path / TRAINER_STATE, files.weights, files.config_path if options.config is None else None):
+        if file is not None:
+            checked_file(file, roots)
+
+
 def load(path: Path, options: LoadOptions) -> PeraAdapter:
     files = peft_folder.require(path, options, NAME)
+    _require_inside(path, files, options)
     step = read_json(path / TRAINER_STATE).get("global_step")
     if not _is_empty(files.weights):
         fmt = next((f for f in PEFT_FAMILY if f.detect(path, options)), None)

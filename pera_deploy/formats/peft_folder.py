@@ -73,6 +73,14 @@ def locate(path: Path, options: LoadOptions) -> PeftFiles | None:
     return PeftFiles(folder, weights, config_path, validate_adapter_config(read_json(config_path), config_path), name)
 
 
+def check_adapter_name(name: str | None) -> None:
+    """An adapter name names one sub-folder (PEFT saves adapter X of a folder in X/) or one
+    name segment: a path (`../other`, `/abs/x`, `a/b`) would read an unrelated adapter."""
+    if name is not None and (not name or name in (".", "..") or any(c in name for c in ("/", "\\", "\x00"))):
+        raise InputError(f"--adapter-name {name!r}: an adapter name is the name of one sub-folder "
+                         "(no '/' or '\\', not '.' or '..')")
+
+
 def _adapter_folder(path: Path, options: LoadOptions) -> tuple[Path, str | None] | None:
     """The folder holding the wanted adapter, following PEFT's multi-adapter layout.
 
@@ -80,6 +88,7 @@ def _adapter_folder(path: Path, options: LoadOptions) -> tuple[Path, str | None]
     resolves to that one; several are an error that lists them.
     """
     name = options.adapter_name
+    check_adapter_name(name)
     if name not in (None, "default"):
         sub = path / name
         if not (sub / ADAPTER_CONFIG).is_file():

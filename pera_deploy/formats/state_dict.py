@@ -17,6 +17,7 @@ from safetensors import safe_open
 from ..core.adapter import PeraAdapter
 from ..errors import InputError
 from ..io.files import TENSOR_SUFFIXES, read_json
+from ..io.paths import contained_file
 from ..io.safe_unpickle import load_checkpoint
 from ..io.safetensors_stream import read_header
 from .registry import AdapterFormat, LoadOptions
@@ -30,7 +31,8 @@ NAME = "state-dict"
 
 def tensor_files(path: Path) -> list[Path] | None:
     """The files of a state dict at `path` (a file, an index json, or a folder holding exactly one
-    of either), or None when `path` is not laid out like one."""
+    of either), or None when `path` is not laid out like one. An index's shards must be regular
+    files that really lie in the index's folder (`paths.contained_file`)."""
     if path.is_dir():
         indexes = sorted(path.glob("*.index.json"))
         singles = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(TENSOR_SUFFIXES))
@@ -44,14 +46,7 @@ def tensor_files(path: Path) -> list[Path] | None:
         weight_map = read_json(path).get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise InputError(f"{path}: no valid weight_map")
-        files = []
-        for name in sorted(set(weight_map.values())):
-            if Path(name).is_absolute() or ".." in Path(name).parts:
-                raise InputError(f"{path}: shard {name!r} lies outside its folder")
-            if not (path.parent / name).is_file():
-                raise InputError(f"{path}: shard {name} is missing")
-            files.append(path.parent / name)
-        return files
+        return [contained_file(path.parent, name, f"{path}: shard") for name in sorted(set(weight_map.values()))]
     return [path] if path.is_file() and path.name.endswith(TENSOR_SUFFIXES) else None
 
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..core.adapter import PeraAdapter
 from ..errors import InputError
-from ..io.files import read_json, require_finite
+from ..io.files import read_json, require_finite, tensor_problem
 from .config_schema import validate_adapter_config
 from .layers import build_layers
 from .peft_folder import ADAPTER_CONFIG, normalize_extra_name
@@ -218,8 +218,8 @@ def read_adapter(found: Found, options: LoadOptions, format_name: str) -> PeraAd
     for f in factors:
         if f.role in groups.setdefault(f.module, {}):
             raise InputError(f"{found.path}: module {f.module} has two {f.role} tensors ({f.raw} and another)")
-        groups[f.module][f.role] = found.tensors[f.raw]().detach().clone()
-    extra_tensors = {name: found.tensors[raw]().detach().clone() for name, (_, raw) in extras.items()}
+        groups[f.module][f.role] = _take(found, f.raw)
+    extra_tensors = {name: _take(found, raw) for name, (_, raw) in extras.items()}
     require_finite({f.raw: groups[f.module][f.role] for f in factors}, found.path)
     require_finite(extra_tensors, found.path)
     layers = build_layers(groups, found.path, scaling=scaling,  # type: ignore[arg-type]
@@ -248,6 +248,17 @@ def read_adapter(found: Found, options: LoadOptions, format_name: str) -> PeraAd
     files = list(found.files) + ([config_path] if config_path is not None else [])
     return PeraAdapter(layers=layers, extra_tensors=extra_tensors, format=format_name, path=found.path,
                        files=tuple(files), config=dict(config or {}), name=wanted, notes=tuple(notes), source=source)
+
+
+def _take(found: Found, raw: str) -> Tensor:
+    """A copy of the tensor `raw`, once it is known to be a plain dense one (`tensor_problem`):
+    copying a meta, sparse or nested tensor fails, and copying an expanded view of a few
+    stored bytes can take any memory."""
+    tensor = found.tensors[raw]()
+    problem = tensor_problem(tensor)
+    if problem is not None:
+        raise InputError(f"{found.path}: tensor {raw} is {problem}; pera-deploy reads only dense tensors")
+    return tensor.detach().clone()
 
 
 def _choose_adapter(found: Found, present: set[str | None], options: LoadOptions) -> str | None:

@@ -5,8 +5,10 @@ that is several seconds, as long as the merge itself. So digests are computed in
 background thread (hashlib releases the GIL) that can start before torch is even
 imported, and are kept in a small cache keyed by the file's identity (device, inode,
 size, mtime and ctime in ns, as git's index does), so merging many adapters into one
-base hashes it once. A file in the Hugging Face hub cache is content-addressed: its blob
-name *is* its sha256, which is taken as is.
+base hashes it once. A file in a real Hugging Face hub cache snapshot is content-addressed:
+its blob name *is* its sha256, which is taken as is (`paths.hub_blob` says where that holds).
+The cache only saves time: an entry that cannot be read, is not what this version writes,
+or does not carry its own check is ignored and rewritten, never trusted and never fatal.
 
 This module imports nothing heavy, so the CLI can start hashing first.
 """
@@ -16,12 +18,13 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from ..errors import InputError
-from .paths import allowed_roots, inside
+from .paths import allowed_roots, hub_blob, inside
 
 CHUNK = 8 << 20
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -64,40 +67,65 @@ def default_cache_dir() -> Path | None:
 
 
 class DigestCache:
-    """sha256 by file identity, one small file per entry (safe with concurrent runs)."""
+    """sha256 by file identity, one small file per entry (safe with concurrent runs).
+
+    An entry holds the digest and a check of it bound to the key it was stored under (a
+    truncated, bit-flipped, foreign or copied entry fails the check). Entries are read only
+    when they are small regular files, without following links, and never block (a FIFO in
+    the cache folder is not waited on)."""
+
+    ENTRY_BYTES = 200
 
     def __init__(self, folder: Path):
         self.folder = folder / "sha256"
 
-    def _entry(self, path: Path) -> Path:
+    @staticmethod
+    def _key(path: Path) -> str:
         st = path.stat()
-        key = f"{path.resolve()}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
+        return f"{path.resolve()}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
+
+    @staticmethod
+    def _check(key: str, digest: str) -> str:
+        return hashlib.sha256(f"pera-deploy digest cache 2|{key}|{digest}".encode()).hexdigest()[:32]
+
+    def _entry(self, key: str) -> Path:
         return self.folder / hashlib.sha256(key.encode()).hexdigest()
 
     def get(self, path: Path) -> str | None:
         try:
-            value = self._entry(path).read_text().strip()
-        except OSError:
+            key = self._key(path)
+            fd = os.open(self._entry(key), os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    return None
+                raw = os.read(fd, self.ENTRY_BYTES + 1)
+            finally:
+                os.close(fd)
+        except (OSError, RuntimeError, ValueError):
             return None
-        return value if _SHA256.fullmatch(value) else None
+        fields = raw.decode("ascii", "replace").split()
+        if len(raw) > self.ENTRY_BYTES or len(fields) != 2 or not _SHA256.fullmatch(fields[0]) \
+                or fields[1] != self._check(key, fields[0]):
+            return None
+        return fields[0]
 
     def put(self, path: Path, digest: str) -> None:
         try:
-            entry = self._entry(path)
+            key = self._key(path)
+            entry = self._entry(key)
             self.folder.mkdir(parents=True, exist_ok=True)
-            tmp = entry.with_name(f".{entry.name}.{os.getpid()}")
-            tmp.write_text(digest + "\n")
+            tmp = entry.with_name(f".{entry.name}.{os.getpid()}.{threading.get_ident()}")
+            tmp.write_text(f"{digest} {self._check(key, digest)}\n")
             os.replace(tmp, entry)
-        except OSError:
+        except (OSError, RuntimeError, ValueError):
             pass  # a cache that cannot be written is only slower
 
 
 def _hub_blob_digest(path: Path) -> str | None:
-    """The sha256 a Hugging Face hub cache file is stored under (LFS blobs are content-addressed)."""
-    real = path.resolve()
-    if real != path.absolute() and real.parent.name == "blobs" and _SHA256.fullmatch(real.name):
-        return real.name
-    return None
+    """The sha256 a file of a real Hugging Face hub cache snapshot is stored under (LFS blobs
+    are content-addressed); None anywhere else, where a 64-hex name proves nothing."""
+    blob = hub_blob(path)
+    return blob.name if blob is not None and _SHA256.fullmatch(blob.name) else None
 
 
 def file_identity(path: Path) -> tuple[int, int, int, int]:
@@ -177,7 +205,7 @@ def likely_inputs(adapter: Path, base: Path) -> list[Path]:
         try:
             names = sorted(os.listdir(folder))
             roots = allowed_roots(folder)
-        except OSError:
+        except (OSError, InputError):
             return []
         wanted = (".safetensors", ".bin", ".index.json")
         return [folder / n for n in names if (n.endswith(wanted) or n == "adapter_config.json")

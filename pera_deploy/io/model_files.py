@@ -16,6 +16,7 @@ from typing import Any
 from ..errors import InputError
 from .files import read_json
 from .model_folder import folder_files, module_folder_files, side_files
+from .paths import real_path
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -64,17 +65,22 @@ def place_files(source: Path, target: Path, mode: str) -> list[str]:
     """Put every top-level file of the model folder `source` (and its sentence-transformers module
     folders) into `target`: copied, hard-linked
     (falling back to a copy across file systems) or symlinked (absolute links: the source must
-    stay where it is)."""
+    stay where it is).
+
+    A link points at the file of the same name in the source folder's real location (not at
+    wherever that file itself leads, a Hub blob say): that is the layout `paths.placed_source`
+    recognises, so that the folder written reads as the source it mirrors."""
     if mode not in BASE_FILE_MODES:
         raise InputError(f"--base-files {mode!r}: expected one of {', '.join(BASE_FILE_MODES)}")
     target.mkdir(parents=True, exist_ok=True)
+    real_source = real_path(source)
     placed = []
     for item in [*folder_files(source), *module_folder_files(source)]:
         name = item.relative_to(source).as_posix()
         dest = target / name
         dest.parent.mkdir(parents=True, exist_ok=True)
         if mode == "symlink":
-            os.symlink(item.resolve(), dest)
+            os.symlink(real_source / name, dest)
         elif mode == "hardlink":
             try:
                 os.link(item, dest)

@@ -13,14 +13,15 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from ..core.dtypes import CODE_OF_TORCH_NAME, as_numpy
 from ..errors import InputError
 from .files import flat_tensors, load_pickle, read_json
-from .paths import allowed_roots, inside
-from ..core.dtypes import CODE_OF_TORCH_NAME, as_numpy
+from .paths import allowed_roots, checked_file, contained_file, inside, protected_roots, real_path, require_folder
 from .safetensors_stream import TensorEntry, TensorRows, read_entry, read_header
 from .schema import boolean, mapping, optional, string, string_list, validate
 from .strict_json import parse_json
@@ -51,26 +52,6 @@ def is_weight_file(name: str) -> bool:
     return name.endswith(WEIGHT_SUFFIXES) or name in (SAFETENSORS_INDEX, BIN_INDEX) or name.endswith(".index.json")
 
 
-def checked_file(path: Path, roots: tuple[Path, ...]) -> Path:
-    """`path` if it is a regular file that really lies inside `roots`; one line naming it otherwise.
-
-    A link that leaves the model folder would have its target read, hashed, and copied into
-    an output that may be published: a `notes.txt` linked to /etc/shadow must not travel.
-    """
-    if path.is_symlink():
-        target = path.resolve()
-        if not target.exists():
-            raise InputError(f"{path}: a dangling link (to {os.readlink(path)})")
-        if not inside(target, roots):
-            where = "the model folder and its Hub cache repository" if len(roots) > 1 else "the model folder"
-            raise InputError(f"{path}: a link to {target}, outside {where}; refused")
-    if path.is_dir():
-        raise InputError(f"{path}: is a folder, expected a file")
-    if not path.is_file():
-        raise InputError(f"{path}: not a regular file")
-    return path
-
-
 def folder_files(folder: Path) -> list[Path]:
     """Every top-level file of a model folder (hidden files aside), each checked by `checked_file`;
     sub-folders are not files and are left out."""
@@ -79,7 +60,7 @@ def folder_files(folder: Path) -> list[Path]:
     for item in sorted(folder.iterdir()):
         if item.name.startswith(".") or (item.is_dir() and not item.is_symlink()):
             continue
-        if item.is_symlink() and item.resolve().is_dir() and inside(item, roots):
+        if item.is_symlink() and real_path(item).is_dir() and inside(item, roots):
             continue  # a linked sub-folder inside the model: not a file either
         found.append(checked_file(item, roots))
     return found
@@ -133,9 +114,7 @@ class ModelFolder:
     """Lazy name → tensor access to a model folder (safetensors shards or pytorch_model.bin)."""
 
     def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
-        if not self.folder.is_dir():
-            raise InputError(f"{self.folder}: model folder not found")
+        self.folder = require_folder(Path(folder), "model folder")
         self.roots = allowed_roots(self.folder)
         config_path = self.folder / "config.json"
         if not config_path.exists() and not config_path.is_symlink():
@@ -201,15 +180,8 @@ class ModelFolder:
         return index["weight_map"]
 
     def _files_from_index(self, index_path: Path) -> list[Path]:
-        files = []
-        for name in sorted(set(self._weight_map(index_path).values())):
-            path = self.folder / name
-            if Path(name).is_absolute() or ".." in Path(name).parts:
-                raise InputError(f"{index_path}: shard {name!r} lies outside the model folder")
-            if not path.exists() and not path.is_symlink():
-                raise InputError(f"{index_path}: shard {name} is missing")
-            files.append(checked_file(path, self.roots))
-        return files
+        return [contained_file(self.folder, name, f"{index_path}: shard", self.roots)
+                for name in sorted(set(self._weight_map(index_path).values()))]
 
     def _check_index(self, index_path: Path) -> None:
         present = {e.name: path.name for path, entries in self.shards for e in entries}
@@ -255,7 +227,7 @@ class ModelFolder:
     def __contains__(self, name: str) -> bool:
         return name in self.entries
 
-    def get(self, name: str) -> Tensor:
+    def get(self, name: str) -> np.ndarray:
         """One tensor, read now; nothing else is loaded.
 
         Read with pread into a buffer of its own (see `read_entry`): a memory map would keep
@@ -269,7 +241,7 @@ class ModelFolder:
             return as_numpy(flat_tensors(load_pickle(entry.file, mmap=True), entry.file)[name]).copy()
         return read_entry(entry)
 
-    def rows(self, name: str) -> Tensor | TensorRows:
+    def rows(self, name: str) -> np.ndarray | TensorRows:
         """A 2-D tensor to read a block of rows at a time (`rows(name)[a:b]`), for the checks;
         a tensor from a pickle comes whole."""
         entry = self.entries[name]
@@ -291,7 +263,7 @@ class ModelFolder:
         belongs to, every file, and where their links lead): what no output may overwrite."""
         files = [self.folder / "config.json", *self.weight_files, *side_files(self.folder),
                  *module_folder_files(self.folder)]
-        return [*self.roots, *files, *(f.resolve() for f in files if f.is_symlink())]
+        return [*protected_roots(self.roots), *files, *(f.resolve() for f in files if f.is_symlink())]
 
     def close(self) -> None:
         self._pickled.clear()
@@ -372,9 +344,9 @@ class WrittenTensors:
     def add(self, entry: TensorEntry) -> None:
         self.entries[entry.name] = entry
 
-    def get(self, name: str) -> Tensor:
+    def get(self, name: str) -> np.ndarray:
         return read_entry(self.entries[name])
 
-    def rows(self, name: str) -> Tensor | TensorRows:
+    def rows(self, name: str) -> np.ndarray | TensorRows:
         entry = self.entries[name]
         return TensorRows(entry) if len(entry.shape) == 2 else read_entry(entry)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import _compat_pickle
 import pickle
 import types
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -174,29 +175,251 @@ safe_pickle_module.load = lambda file, **kw: SafeUnpickler(file, **kw).load()  #
 safe_pickle_module.__name__ = "pickle"  # torch.load checks the module's name for some messages only
 
 
-def refuse_compressed_entries(path: Path) -> None:
-    """torch.save stores every entry of its zip container uncompressed, which is what lets a
-    storage be memory-mapped. A compressed entry is not torch's doing, cannot be mapped, and
-    would be inflated whole into memory before anything could check it: a 1 MB file can
-    declare gigabytes (a zip bomb). So it is refused, naming the entry and its declared size,
-    before torch opens the file."""
+# Containers nested deeper than this in any pickle pera-deploy reads are refused before it is
+# unpickled: real checkpoints nest a dozen levels; a 50,000-deep dict overflows every recursive
+# reader, and a deep tuple used as a key overflows the C stack while it is being hashed.
+MAX_NESTING = 100
+
+
+class TooDeep(Exception):
+    """The pickle nests containers deeper than MAX_NESTING, or holds a container inside itself."""
+
+
+class _Node:
+    """A container a pickle builds, as far as nesting goes: its depth, and what holds it. A
+    frozen node is an immutable one (a tuple of immutables, a scalar): its depth is final,
+    and nothing needs to know what holds it."""
+
+    __slots__ = ("depth", "frozen", "parents")
+
+    def __init__(self, depth: int = 1, frozen: bool = False) -> None:
+        self.depth = depth
+        self.frozen = frozen
+        self.parents: list[_Node] = []
+
+
+_FROZEN = [_Node(depth, frozen=True) for depth in range(MAX_NESTING + 1)]
+_LEAF = _FROZEN[0]  # every scalar, string and global: nothing nests inside them
+
+
+class _Damaged(Exception):
+    """The opcodes do something the unpickler refuses (fill a tuple, pop past a MARK): it will
+    stop there too."""
+
+
+def _hold(parent: _Node, child: _Node, limit: int) -> None:
+    """`parent` now holds `child`: raise its depth, and that of everything holding it."""
+    if parent.frozen:
+        raise _Damaged  # a tuple, a string, a number: filling one fails
+    if not child.frozen:
+        child.parents.append(parent)
+    if child.depth < parent.depth:
+        return
+    if child.depth >= limit:
+        raise TooDeep
+    if not parent.parents:  # nothing holds it yet: nothing else to raise
+        parent.depth = child.depth + 1
+        return
+    work = [(parent, child.depth + 1)]
+    while work:
+        node, depth = work.pop()
+        if depth <= node.depth:
+            continue
+        if depth > limit:
+            raise TooDeep
+        node.depth = depth
+        work.extend((above, depth + 1) for above in node.parents)
+
+
+def _built(children: list[_Node], immutable: bool, limit: int) -> _Node:
+    """The node of an object built holding `children` (a tuple when `immutable`)."""
+    if immutable and all(child.frozen for child in children):
+        depth = 1 + max((child.depth for child in children), default=0)
+        if depth > min(limit, MAX_NESTING):
+            raise TooDeep
+        return _FROZEN[depth]
+    node = _Node()
+    for child in children:
+        _hold(node, child, limit)
+    return node
+
+
+(_STOP, _EMPTY, _MARK, _FILL_TO_MARK, _BUILD_TO_MARK, _DROP_TO_MARK, _FILL, _PUT, _MEMOIZE, _GET, _DUP, _POP,
+ _NOTHING, _PUSH_LEAF, _BUILD) = range(15)
+_IMMUTABLE = {"TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "FROZENSET", "BINPERSID"}  # BINPERSID: a storage, from its id
+_CALLS = {"REDUCE", "NEWOBJ", "NEWOBJ_EX"}
+_KINDS: dict[str, int] = {}
+
+
+def _opcode_kinds() -> dict[str, int]:
+    """Opcode name → what it does to nesting (see `check_pickle_nesting`)."""
+    import pickletools
+
+    kinds = {}
+    for op in pickletools.opcodes:
+        name, before, after = op.name, len(op.stack_before), len(op.stack_after)
+        kinds[name] = (
+            _STOP if name == "STOP" else _EMPTY if name.startswith("EMPTY_") else _MARK if name == "MARK"
+            else _FILL_TO_MARK if name in ("APPENDS", "SETITEMS", "ADDITEMS")
+            else _BUILD_TO_MARK if name in ("LIST", "TUPLE", "DICT", "FROZENSET", "INST", "OBJ")
+            else _DROP_TO_MARK if name == "POP_MARK"
+            else _FILL if name in ("APPEND", "SETITEM", "BUILD")
+            else _PUT if name in ("PUT", "BINPUT", "LONG_BINPUT") else _MEMOIZE if name == "MEMOIZE"
+            else _GET if name in ("GET", "BINGET", "LONG_BINGET") else _DUP if name == "DUP"
+            else _POP if name == "POP" else _NOTHING if name == "READONLY_BUFFER" or not (before or after)
+            else _BUILD + before if before  # REDUCE, NEWOBJ(_EX), TUPLE1-3, BINPERSID, STACK_GLOBAL: holds its operands
+            else _PUSH_LEAF
+        )
+    return kinds
+
+
+def check_pickle_nesting(data: bytes, limit: int = MAX_NESTING) -> None:
+    """Follow one pickle's opcodes (nothing is built or imported) and raise TooDeep if the
+    objects it would build nest deeper than `limit`, a container inside itself included.
+
+    Depth is counted conservatively (an object a call builds holds its arguments), and kept
+    true when a container is filled after something already holds it (memo references).
+    Whatever the opcodes cannot be followed past (a damaged pickle) is left to the unpickler,
+    which stops at the same place."""
+    import pickletools
+
+    if not _KINDS:
+        _KINDS.update(_opcode_kinds())
+    kinds = _KINDS
+    stack: list[_Node] = []
+    marks: list[int] = []  # where each MARK left the stack, as the unpickler keeps them
+    memo: dict[Any, _Node] = {}
+
+    def take(n: int) -> list[_Node]:
+        """The top `n` objects, above the last MARK (as the unpickler, which fails otherwise)."""
+        at = len(stack) - n
+        if at < (marks[-1] if marks else 0):
+            raise _Damaged  # the unpickler's "stack underflow"
+        items = stack[at:]
+        del stack[at:]
+        return items
+
+    def to_mark() -> list[_Node]:
+        at = marks.pop()  # IndexError on a damaged pickle
+        items = stack[at:]
+        del stack[at:]
+        return items
+
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            name = op.name
+            kind = kinds[name]
+            if kind == _PUSH_LEAF:
+                stack.append(_LEAF)
+            elif kind >= _BUILD:
+                operands = take(kind - _BUILD)
+                if name in _CALLS:
+                    operands = operands[1:]  # what a call builds holds its arguments, not the callable
+                stack.append(_built(operands, name in _IMMUTABLE, limit))
+            elif kind == _PUT:
+                memo[arg] = stack[-1]
+            elif kind == _GET:
+                stack.append(memo[arg])
+            elif kind == _EMPTY:
+                stack.append(_FROZEN[1] if name == "EMPTY_TUPLE" else _Node())
+            elif kind == _FILL:
+                children = take(len(op.stack_before) - 1)
+                for child in children:
+                    _hold(stack[-1], child, limit)
+            elif kind == _MARK:
+                marks.append(len(stack))
+            elif kind == _FILL_TO_MARK:
+                children = to_mark()
+                for child in children:
+                    _hold(stack[-1], child, limit)
+            elif kind == _BUILD_TO_MARK:
+                stack.append(_built(to_mark(), name in _IMMUTABLE, limit))
+            elif kind == _MEMOIZE:
+                memo[len(memo)] = stack[-1]
+            elif kind == _DUP:
+                stack.append(stack[-1])
+            elif kind == _POP:
+                if len(stack) > (marks[-1] if marks else 0):
+                    stack.pop()
+                else:
+                    marks.pop()
+            elif kind == _DROP_TO_MARK:
+                to_mark()
+            elif kind == _STOP:
+                return
+    except TooDeep:
+        raise
+    except Exception:  # noqa: BLE001  a damaged pickle: the unpickler will say so, at the same opcode
+        return
+
+
+def check_torch_file(source: Any, where: Path | str) -> None:
+    """What must hold of a torch.save'd file (a path, or a seekable file object) before torch
+    reads it: every entry of its zip container stored, not compressed, and its pickle nested
+    at most MAX_NESTING deep (legacy non-zip pickles: each of the pickles they begin with).
+
+    torch.save stores every entry uncompressed, which is what lets a storage be memory-mapped.
+    A compressed entry is not torch's doing, cannot be mapped, and would be inflated whole
+    into memory before anything could check it: a 1 MB file can declare gigabytes (a zip
+    bomb). So it is refused, naming the entry and its declared size, before torch opens the file."""
+    import struct
     import zipfile
 
     try:
-        if not zipfile.is_zipfile(path):
-            return  # a legacy (pre-1.6) pickle: read as a stream, nothing to inflate
-        with zipfile.ZipFile(path) as container:
+        if not zipfile.is_zipfile(source):
+            _check_legacy_pickles(source, where)
+            return
+        with zipfile.ZipFile(source) as container:
             for entry in container.infolist():
                 if entry.compress_type != zipfile.ZIP_STORED:
-                    raise InputError(f"{path}: entry {entry.filename} is compressed ({entry.file_size:,} bytes "
+                    raise InputError(f"{where}: entry {entry.filename} is compressed ({entry.file_size:,} bytes "
                                      f"declared from {entry.compress_size:,}); torch.save never compresses, so it is "
                                      "refused rather than inflated into memory")
-    except zipfile.BadZipFile as exc:
-        raise InputError(f"{path}: truncated or corrupt checkpoint ({exc})") from None
+            for entry in container.infolist():
+                if entry.filename.endswith("data.pkl"):
+                    _check_nesting(container.read(entry), where)
+    except (zipfile.BadZipFile, ValueError, EOFError, struct.error, NotImplementedError, RuntimeError,
+            OverflowError, IndexError) as exc:  # zipfile on damaged bytes: a negative seek, an unknown method, ...
+        raise InputError(f"{where}: truncated or corrupt checkpoint ({type(exc).__name__}: {exc})") from None
     except IsADirectoryError:
-        raise InputError(f"{path}: is a folder, expected a checkpoint file") from None
+        raise InputError(f"{where}: is a folder, expected a checkpoint file") from None
     except (FileNotFoundError, PermissionError) as exc:
-        raise InputError(f"{path}: cannot read: {exc.strerror}") from None
+        raise InputError(f"{where}: cannot read: {exc.strerror}") from None
+
+
+def _check_nesting(data: bytes, where: Path | str) -> None:
+    try:
+        check_pickle_nesting(data)
+    except TooDeep:
+        raise InputError(f"{where}: its containers nest more than {MAX_NESTING} levels deep (or hold themselves); "
+                         "refused before unpickling") from None
+
+
+def _check_legacy_pickles(source: Any, where: Path | str) -> None:
+    """A legacy torch.save file is a few pickles in a row (magic number, protocol, system
+    info, the object, its storages' keys), then the storages' raw bytes: each pickle is
+    checked in turn, up to where the storages begin (or the first one that is damaged)."""
+    import pickletools
+
+    own = not hasattr(source, "read")
+    stream = open(source, "rb") if own else source  # noqa: SIM115
+    try:
+        stream.seek(0)
+        for _ in range(5):
+            start = stream.tell()
+            try:
+                stop = next(pos for op, _, pos in pickletools.genops(stream) if op.name == "STOP")
+            except Exception:  # noqa: BLE001  not (or no longer) a pickle: torch will say what it is
+                break
+            if stop is None:
+                break
+            stream.seek(start)
+            _check_nesting(stream.read(stop + 1 - start), where)
+    finally:
+        if own:
+            stream.close()
+        else:
+            source.seek(0)
 
 
 def load_checkpoint(path: Path, mmap: bool = True) -> Any:
@@ -204,15 +427,17 @@ def load_checkpoint(path: Path, mmap: bool = True) -> Any:
     and every other object inert; an InputError naming the file for anything refused or broken."""
     import torch
 
-    refuse_compressed_entries(path)
+    check_torch_file(path, path)
     try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False, pickle_module=safe_pickle_module,
-                              mmap=mmap)
-        except RuntimeError as exc:
-            if not mmap or "mmap" not in str(exc):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=False, pickle_module=safe_pickle_module)
+        with warnings.catch_warnings():  # torch's notes on what it rebuilds: the reader that refuses it says why
+            warnings.simplefilter("ignore")
+            try:
+                return torch.load(path, map_location="cpu", weights_only=False, pickle_module=safe_pickle_module,
+                                  mmap=mmap)
+            except RuntimeError as exc:
+                if not mmap or "mmap" not in str(exc):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=False, pickle_module=safe_pickle_module)
     except Refused as exc:
         raise InputError(f"{path}: refused: the pickle calls {exc.name}, which pera-deploy never runs "
                          "(only torch's tensor rebuilders are)") from None
@@ -230,6 +455,7 @@ def loads_safely(data: bytes, where: Path | str, allowed: dict[str, Any] | None 
     `allowed` naming the extra classes this kind of file may build for real."""
     import io
 
+    _check_nesting(data, where)
     try:
         return SafeUnpickler(io.BytesIO(data), extra=allowed).load()
     except Refused as exc:

@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from ..core.dtypes import FLOAT_CODES as FLOAT_CODES  # re-exported: the codes a weight may be merged in
 from ..core.dtypes import NUMPY, TORCH_NAMES, code_of
 from ..errors import InputError
+from .paths import require_readable_file
 from .strict_json import parse_json
 
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
@@ -85,6 +86,7 @@ def read_header(path: Path) -> tuple[list[TensorEntry], dict[str, str]]:
     safe_open validates first (it refuses truncated and malformed files); the header is
     then parsed here to learn the byte offsets it does not expose.
     """
+    require_readable_file(path)  # safetensors says "No such file" for a file it may not read
     try:
         with safe_open(str(path), framework="numpy"):  # validates the file; "pt" would import torch
             pass
@@ -151,7 +153,7 @@ def read_entry(entry: TensorEntry, rows: tuple[int, int] | None = None,
     if nbytes == 0:
         return np.empty(shape, dtype=dtype)
     buffer = np.empty(nbytes, dtype=np.uint8) if into is None else into.reshape(-1)[:nbytes]
-    _pread_into(entry, memoryview(buffer), begin)  # pread fills the array in place
+    _pread_into(entry, memoryview(buffer.data), begin)  # pread fills the array in place
     return buffer.view(dtype).reshape(shape)
 
 
@@ -364,7 +366,8 @@ def rewrite_metadata(path: Path, metadata: dict[str, str]) -> None:
 def save_tensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
     """A small in-memory state (an adapter) as one safetensors file, in a fixed order: the
     widest dtypes first (every tensor naturally aligned, as safetensors lays it out), then by
-    name; metadata keys sorted. The same tensors always give the same bytes."""
+    name; metadata keys sorted. The same tensors always give the same bytes, and the file the
+    mode every new file gets (0644 under umask 022; safetensors' own save_file writes 0600)."""
     order = sorted(tensors, key=lambda name: (-tensors[name].dtype.itemsize, name))
     layout = [(name, code_of(tensors[name]), tuple(tensors[name].shape)) for name in order]
     writer = ShardWriter(path, layout, dict(sorted((metadata or {}).items())))

@@ -28,11 +28,11 @@ def validate(config: dict[str, Any], schema: dict[str, Validator], where: Path |
             try:
                 check(config[key])
             except SchemaError as exc:
-                raise InputError(f"{where}: {key} {exc}; found {_shown(config[key])}") from None
+                raise InputError(f"{where}: {key} {exc}; found {shown(config[key])}") from None
     return config
 
 
-def _shown(value: Any) -> str:
+def shown(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 

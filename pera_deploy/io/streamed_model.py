@@ -35,6 +35,7 @@ from .hf_model import built_from, model_class
 from .model_folder import ModelFolder
 from .safetensors_stream import TensorRows, read_entry
 
+
 def torch_tensor(values: Any) -> Tensor:
     """A numpy array (bfloat16 and float8 from ml_dtypes included) as a torch tensor sharing its
     memory: the forward check's models take what the numpy readers give."""
@@ -135,12 +136,13 @@ class StreamedModel:
         checkpoint = ModelFolder(folder)
         shapes = {name: tuple(entry.shape) for name, entry in checkpoint.entries.items()}
         index = NameIndex(shapes)
+        wanted = extra_tensor_targets(model, overrides or {})
+        untie(model, wanted)
         groups: dict[int, list[str]] = {}
         params: dict[int, nn.Parameter] = {}
         for name, param in model.named_parameters(remove_duplicate=False):
             groups.setdefault(id(param), []).append(name)
             params[id(param)] = param
-        wanted = extra_tensor_targets(model, overrides or {})
         sources: dict[str, str] = {}
         replaced: dict[str, Tensor] = {}
         for key, names in groups.items():
@@ -262,6 +264,28 @@ def extra_tensor_targets(model: nn.Module, tensors: Mapping[str, Tensor]) -> dic
             raise InputError(f"adapter tensor {name} matches {len(hits)} tensors in the {type(model).__name__} model")
         matched[hits[0]] = torch_tensor(tensor)
     return matched
+
+
+def untie(model: nn.Module, replaced: Mapping[str, Any]) -> list[str]:
+    """Give each parameter in `replaced` a tensor of its own where the model shares it with a
+    name not replaced (a tied lm_head and embedding): the adapter's trained lm_head replaces
+    the head, not the input embedding too, as PEFT's modules_to_save copy of it does and as
+    an untied merge writes it. Returns the names untied."""
+    shared: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        shared.setdefault(id(param), []).append(name)
+    done = []
+    for names in shared.values():
+        if len(names) > 1 and any(n in replaced for n in names) and not all(n in replaced for n in names):
+            for name in (n for n in names if n in replaced):
+                path, _, local = name.rpartition(".")
+                module = model.get_submodule(path)
+                tied = module._parameters[local]
+                assert tied is not None
+                copy = torch.empty_like(tied) if tied.device.type == "meta" else tied.detach().clone()
+                module._parameters[local] = nn.Parameter(copy, requires_grad=tied.requires_grad)
+                done.append(name)
+    return done
 
 
 def _persistent_buffers(model: nn.Module) -> list[tuple[str, Tensor]]:

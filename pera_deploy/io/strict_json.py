@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from .paths import require_readable_file
 
 # Bounds on what any config, index or header may hold: deeper nesting or longer integers have
 # no meaning in them, and only cost time and memory (a 100,000-deep array, a 100,000-digit int).
@@ -88,6 +89,7 @@ def read_json(path: Path) -> dict[str, Any]:
     """A JSON object from `path` (strict: see `parse_json`), or an InputError naming the file."""
     if path.is_dir():
         raise InputError(f"{path}: is a folder, expected a JSON file")
+    require_readable_file(path)  # missing, unreadable, or a FIFO that would block: said as it is
     try:
         text = path.read_bytes()
     except FileNotFoundError:

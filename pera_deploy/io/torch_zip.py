@@ -11,6 +11,7 @@ which names each tensor's storage by key; `data/<key>`, each storage's raw bytes
   subset of them: no BUILD, no NEWOBJ) and name only `collections.OrderedDict`,
   `torch._utils._rebuild_tensor_v2` and the `torch.*Storage` types, which become stand-ins
   here: nothing is imported and nothing from the file is run;
+* containers may nest at most `safe_unpickle.MAX_NESTING` deep (checked on the opcodes first);
 * the top level must be a dict of str → contiguous tensor, each within its storage, each
   storage entry exactly as long as the pickle says, the byte order little-endian, every
   entry stored (not compressed), no name twice.
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .safe_unpickle import TooDeep, check_pickle_nesting
 from .safetensors_stream import itemsize, numpy_values
 
 if TYPE_CHECKING:
@@ -157,6 +159,10 @@ def _read(container: zipfile.ZipFile) -> dict[str, tuple[str, np.ndarray]]:
     data = container.read(f"{prefix}data.pkl")
     if any(op.name not in OPCODES for op, _, _ in pickletools.genops(data)) or data[:2] != b"\x80\x02":
         raise _GiveUp("an opcode torch.save does not write")
+    try:
+        check_pickle_nesting(data)  # a deep tuple as a key would overflow the C stack as it is hashed
+    except TooDeep:
+        raise _GiveUp("nested too deep") from None
     unpickler = _Unpickler(data)
     top = unpickler.load()
     if not isinstance(top, dict) or any(type(k) is not str or not isinstance(v, _Tensor) for k, v in top.items()):

@@ -44,6 +44,7 @@ class Matching:
     layers: list[LayerMatch]
     extras: list[ExtraMatch]
     # output embeddings saved only as their tie, written out as a copy of it when untying
+    # (and those the checkpoint stores too when the config ties them: transformers ignores that value)
     untied: dict[str, str] = field(default_factory=dict)
     config_updates: dict[str, Any] = field(default_factory=dict)
     # prefix given to every base tensor name in the output (see `_model_prefix_to_add`)
@@ -85,11 +86,17 @@ def tied_embeddings(checkpoint: ModelFolder, wanted: list[str] = ()) -> dict[str
 def match_adapter(adapter: PeraAdapter, checkpoint: ModelFolder, *, untie_embeddings: bool = False) -> Matching:
     """Match every adapter module and extra tensor, validating shapes and dtypes from headers."""
     base = checkpoint.folder
-    ties = tied_embeddings(checkpoint, [m + ".weight" for m in adapter.layers])
+    # (a trained full lm_head the checkpoint lacks is tied too: transformers would ignore it)
+    ties = tied_embeddings(checkpoint, [m + ".weight" for m in adapter.layers] + list(adapter.extra_tensors))
     module_names = [n[: -len(".weight")] for n in checkpoint.names if n.endswith(".weight")]
     # A tied output embedding saved only once can still be targeted by name.
     module_names += [n[: -len(".weight")] for n in ties if n not in checkpoint]
     index = NameIndex(module_names)
+    # A tied output embedding the checkpoint also stores is, as transformers loads it, its input
+    # embedding when the config says so (the stored value is ignored). Without the key, the
+    # class default decides, which the config alone cannot tell: the stored value is kept.
+    explicit = checkpoint.config.get("tie_word_embeddings") is True
+    ignored = {o for o in ties if o in checkpoint and o.endswith(OUTPUT_EMBEDDINGS)} if explicit else set()
 
     layers: list[LayerMatch] = []
     unmatched: list[str] = []
@@ -108,7 +115,7 @@ def match_adapter(adapter: PeraAdapter, checkpoint: ModelFolder, *, untie_embedd
         if tensor in claimed:
             raise InputError(f"adapter modules {claimed[tensor]} and {module} both match base tensor {tensor}")
         claimed[tensor] = module
-        source = tensor if tensor in checkpoint else ties[tensor]
+        source = ties[tensor] if tensor not in checkpoint or tensor in ignored else tensor
         entry = checkpoint.entries[source]
         if entry.dtype not in FLOAT_CODES:
             raise InputError(
@@ -147,9 +154,11 @@ def match_adapter(adapter: PeraAdapter, checkpoint: ModelFolder, *, untie_embedd
                 "(tie_word_embeddings); changing it would change both. Pass --untie-embeddings to give each its own weight"
             )
         matching.config_updates["tie_word_embeddings"] = False
-        # An output embedding saved only as its tie now needs a weight of its own.
-        matching.untied = {o: i for o, i in ties.items() if o not in checkpoint and o not in touched}
-        if matching.untied or any(m.tensor not in checkpoint for m in layers):
+        # An untouched output embedding saved only as its tie, or whose stored value transformers
+        # ignored, now needs a weight of its own: the one transformers gave it, its tie's
+        matching.untied = {o: i for o, i in ties.items() if o not in touched and (o not in checkpoint or o in ignored)}
+        if any(o not in checkpoint for o in matching.untied) or any(m.tensor not in checkpoint for m in layers) \
+                or any(e.action == "add" and e.tensor in ties for e in extras):
             prefix = _model_prefix_to_add(checkpoint)
             if prefix:
                 matching.base_prefix = prefix
@@ -204,4 +213,25 @@ def _match_extras(adapter: PeraAdapter, checkpoint: ModelFolder, layer_tensors: 
                 f"in {checkpoint.folder}"
             )
         extras.append(ExtraMatch(name, name, "add"))
+    added = {e.name: adapter.extra_tensors[e.name] for e in extras if e.action == "add"}
+    if added:
+        _require_loaded(checkpoint, added)
     return extras
+
+
+def _require_loaded(checkpoint: ModelFolder, added: dict[str, Any]) -> None:
+    """Refuse a trained tensor the base lacks unless the model its config describes has a
+    place for it: transformers would ignore it in the merged folder (an unexpected key), so
+    the merged model would silently lose it. The rule is the forward check's own
+    (`extra_tensor_targets`: exactly one parameter or persistent buffer of that name), on
+    the model built on the meta device, so merge and verify decide alike."""
+    import torch
+
+    from ..io.hf_model import built_from, model_class
+    from ..io.streamed_model import extra_tensor_targets
+    from ..scoped import quiet_transformers
+
+    config, cls = model_class(checkpoint.folder)
+    with torch.device("meta"), quiet_transformers(), built_from(checkpoint.folder, cls):
+        model = cls._from_config(config) if hasattr(cls, "_from_config") else cls.from_config(config)
+    extra_tensor_targets(model, added)

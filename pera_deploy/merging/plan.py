@@ -108,11 +108,14 @@ def plan_merge(
             return TensorPlan(name, code, entry.shape, "replace", extra=replaces[name].name)
         return TensorPlan(name, code, entry.shape, "copy" if code == entry.dtype else "convert", source=source)
 
+    # tied outputs the checkpoint stores too come from their tie, not from their own entry
+    from_tie = {name for names in untied_by_source.values() for name in names}
     groups: list[tuple[str, list[TensorPlan]]] = []
     for path, entries in checkpoint.shards:
         tensors = []
         for entry in entries:
-            tensors.append(plan_for(matching.output_name(entry.name), entry.name))
+            if matching.output_name(entry.name) not in from_tie:
+                tensors.append(plan_for(matching.output_name(entry.name), entry.name))
             for out_name in untied_by_source.get(entry.name, []):
                 tensors.append(plan_for(out_name, entry.name))
         groups.append((_output_filename(path.name), tensors))

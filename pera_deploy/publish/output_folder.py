@@ -6,16 +6,24 @@ looks like a finished model. Around that:
 
 * **Inputs are untouchable.** An output that is, contains or lies inside anything the
   command reads is refused (on resolved paths: links and `..` do not get around it), with or
-  without --force. --force replaces only an earlier output of pera-deploy (a folder holding
-  its manifest) or an empty folder.
-* **Owners.** Each temporary folder holds a lock file with its owner's PID and host, locked
-  with `fcntl.flock` for as long as the owner lives. Any run into the same parent folder
-  removes temporary folders whose lock is free (their owner was killed), and refuses to
-  write a target another live run is writing. These steps, and the final renames, happen
-  under a lock on the parent folder, so two runs never interleave them.
+  without --force. --force replaces only an earlier output of pera-deploy (a folder whose
+  manifest parses as one) or an empty folder; without it, the refusal names what --force
+  would delete.
+* **Short temporary names.** A run stages its output as `.pera-deploy-tmp-XXXXXXXX/NAME`
+  (a box holding the output under its own name, and the lock file), and --force moves the
+  output it replaces to `.pera-deploy-old-XXXXXXXX/NAME`. No name is longer than the
+  target's own or than 25 characters, so every output name the file system allows works.
+* **Owners.** Each box holds a lock file with its owner's PID, host and target name,
+  locked with `fcntl.flock` for as long as the owner lives. Any run into the same parent
+  folder removes boxes whose lock is free (their owner was killed), and refuses to write a
+  target another live run is writing. These steps, and the final renames, happen under a
+  lock on the parent folder, so two runs never interleave them.
 * **Durability.** Files are fsync'd before the rename and the parent folder after it: after
   a power cut the target is either the old state or the complete new one. A replacement
   (--force) that was cut between its two renames is finished or undone by the next run.
+* **Signals.** The renames run with stop signals held (`scoped.held_stop_signals`), and the
+  rename of the outermost output settles the run (`scoped.settle`): once the output is in
+  place, a SIGINT or SIGTERM can no longer turn the run into a reported failure.
 """
 
 from __future__ import annotations
@@ -26,16 +34,21 @@ import os
 import secrets
 import shutil
 import socket
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
+from .. import scoped
 from ..errors import InputError, environment_failure
+from ..io.strict_json import read_json
 from .manifest import MANIFEST
 
 TMP_MARK = ".pera-deploy-tmp-"
 OLD_MARK = ".pera-deploy-old-"
 LOCK_FILE = ".pera-deploy.lock"
+MAX_MANIFEST_BYTES = 64 << 20  # far above any manifest pera-deploy writes; a bigger file is not one
+
+TargetCheck = Callable[[Path, bool, Iterable[Path]], None]
 
 
 def _relation(target: Path, source: Path) -> str | None:
@@ -58,6 +71,29 @@ def refuse_overlap(target: Path, inputs: Iterable[Path]) -> None:
                              "pera-deploy never writes over what it reads: choose another output")
 
 
+def listing(names: list[str]) -> str:
+    """The first few names, and how many more: for a message that says what a folder holds."""
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def not_ours(folder: Path) -> str | None:
+    """Why `folder` is not an earlier output of pera-deploy, or None when it is one: its
+    manifest must parse as a pera-deploy manifest (a JSON object naming the version and the
+    command that wrote it). An empty file, or any file of that name, is not enough."""
+    path = folder / MANIFEST
+    if path.is_symlink() or not path.is_file():
+        return f"no {MANIFEST}"
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        return f"its {MANIFEST} is too large to be a pera-deploy manifest"
+    try:
+        manifest = read_json(path)
+    except InputError as exc:
+        return f"its {MANIFEST} is not a pera-deploy manifest: {str(exc).removeprefix(f'{path}: ')}"
+    if not isinstance(manifest.get("pera_deploy_version"), str) or not isinstance(manifest.get("command"), str):
+        return f"its {MANIFEST} is not a pera-deploy manifest (no pera_deploy_version and command)"
+    return None
+
+
 def check_target(target: Path, force: bool, inputs: Iterable[Path] = ()) -> None:
     """Refuse an output over an input, or over anything but an earlier pera-deploy output or
     an empty folder; an existing one needs `force`. Run before any work is done."""
@@ -70,11 +106,12 @@ def check_target(target: Path, force: bool, inputs: Iterable[Path] = ()) -> None
     present = sorted(p.name for p in target.iterdir())
     if not present:
         return
+    problem = not_ours(target)
     if not force:
-        raise InputError(f"{target}: output folder exists and is not empty; pass --force to replace it")
-    if MANIFEST not in present:
-        shown = ", ".join(present[:5]) + (f" and {len(present) - 5} more" if len(present) > 5 else "")
-        raise InputError(f"{target}: not an output of pera-deploy (no {MANIFEST}; it holds {shown}); "
+        replaced = "" if problem else f" (an earlier output of pera-deploy: --force deletes {listing(present)})"
+        raise InputError(f"{target}: output folder exists and is not empty; pass --force to replace it{replaced}")
+    if problem:
+        raise InputError(f"{target}: not an output of pera-deploy ({problem}; it holds {listing(present)}); "
                          "--force replaces only those, or an empty folder")
 
 
@@ -89,30 +126,49 @@ def _folder_lock(folder: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _owner(tmp: Path) -> tuple[int | None, str]:
-    """(PID, host) written in a temporary folder's lock file, if it is still held; (None, "")
-    when its owner is gone (or never got to lock it)."""
+def _owner(box: Path) -> tuple[int | None, str, str]:
+    """(PID, host, target name) written in a box's lock file, if it is still held; (None, "",
+    "") when its owner is gone (or never got to lock it)."""
     try:
-        fd = os.open(tmp / LOCK_FILE, os.O_RDONLY)
+        fd = os.open(box / LOCK_FILE, os.O_RDONLY)
     except OSError:
-        return None, ""
+        return None, "", ""
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError as exc:
         if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            os.close(fd)
             raise
-        text = os.read(fd, 512).decode("utf-8", "replace").split()
+        first, _, name = os.read(fd, 4096).partition(b"\n")
         os.close(fd)
-        pid = int(text[0]) if text and text[0].isdigit() else -1
-        return pid, text[1] if len(text) > 1 else "?"
+        words = first.decode("utf-8", "replace").split()
+        pid = int(words[0]) if words and words[0].isdigit() else -1
+        return pid, words[1] if len(words) > 1 else "?", os.fsdecode(name)
     os.close(fd)
-    return None, ""
+    return None, "", ""
+
+
+def _put_back(old: Path, target: Path) -> bool:
+    """An output moved aside by an interrupted replacement: dropped when the new one made it
+    into place, put back otherwise (True)."""
+    if target.exists() or target.is_symlink():
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            with suppress(OSError):
+                old.unlink()
+        return False
+    os.replace(old, target)
+    return True
 
 
 def sweep(parent: Path) -> list[str]:
-    """Remove temporary folders whose owner is gone, and settle interrupted replacements:
-    an old copy whose target exists is removed; one whose target is missing is put back.
-    Call with the parent's lock held. Returns what it did, for tests and logs."""
+    """Remove boxes whose owner is gone, and settle interrupted replacements: an old copy
+    whose target exists is removed; one whose target is missing is put back. Call with the
+    parent's lock held. Returns what it did, for tests and logs.
+
+    Also recognises what earlier versions left, named `.NAME.pera-deploy-tmp-X` and
+    `.NAME.pera-deploy-old-X` (the target's name inside the temporary one's)."""
     done = []
     for item in sorted(parent.iterdir()) if parent.is_dir() else []:
         name = item.name
@@ -121,30 +177,34 @@ def sweep(parent: Path) -> list[str]:
         if TMP_MARK in name and _owner(item)[0] is None:
             shutil.rmtree(item, ignore_errors=True)
             done.append(f"removed {name}")
+        elif name.startswith(OLD_MARK):
+            done += [f"restored {entry.name}" for entry in list(item.iterdir()) if _put_back(entry, parent / entry.name)]
+            shutil.rmtree(item, ignore_errors=True)
+            done.append(f"removed {name}")
         elif OLD_MARK in name:
-            target = parent / name[1:name.index(OLD_MARK)]
-            if target.exists() or target.is_symlink():
-                shutil.rmtree(item, ignore_errors=True)
-                done.append(f"removed {name}")
-            else:
-                os.replace(item, target)
-                done.append(f"restored {target.name}")
+            target = name[1:name.index(OLD_MARK)]
+            done.append(f"restored {target}" if _put_back(item, parent / target) else f"removed {name}")
     return done
 
 
-def _fsync_tree(folder: Path) -> None:
-    """fsync every file and folder under `folder`, folders after their contents."""
-    for root, _dirs, files in os.walk(folder, topdown=False):
+def _fsync_tree(path: Path) -> None:
+    """fsync every file and folder under `path` (or the file `path`), folders after their contents."""
+    if not path.is_dir():
+        _fsync_file(path)
+        return
+    for root, _dirs, files in os.walk(path, topdown=False):
         for name in files:
-            path = Path(root) / name
-            if path.is_symlink():
-                continue
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            if not (Path(root) / name).is_symlink():
+                _fsync_file(Path(root) / name)
         _fsync_dir(Path(root))
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -155,57 +215,84 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-class OutputFolder:
-    """A locked temporary folder beside `target` that becomes `target` on `commit()`, or vanishes."""
+_OPEN: list[OutputFolder] = []  # the OutputFolders open in this process, outermost first
 
-    def __init__(self, target: str | Path, force: bool = False, inputs: Iterable[Path] = ()):
+
+class OutputFolder:
+    """A locked temporary folder (or file: `folder=False`) beside `target` that becomes
+    `target` on `commit()`, or vanishes. `path` is where to write it: `box/NAME`.
+
+    `check` refuses a target it may not write (`check_target` for folders; a single-file
+    output brings its own), before any work and again before the rename."""
+
+    def __init__(self, target: str | Path, force: bool = False, inputs: Iterable[Path] = (), *,
+                 check: TargetCheck = check_target, folder: bool = True):
         self.target = Path(target)
         self.force = force
         self.inputs = list(inputs)
-        self.path = self.target.parent / f".{self.target.name}{TMP_MARK}{secrets.token_hex(4)}"
+        self.check = check
+        self.folder = folder
+        self.box = self.target.parent / f"{TMP_MARK}{secrets.token_hex(4)}"
+        self.path = self.box / self.target.name
         self._lock_fd: int | None = None
         self._committed = False
 
     def __enter__(self) -> OutputFolder:
-        check_target(self.target, self.force, self.inputs)
+        self.check(self.target, self.force, self.inputs)
         parent = self.target.parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
             with _folder_lock(parent):
                 sweep(parent)
-                for other in parent.glob(f".{self.target.name}{TMP_MARK}*"):
-                    pid, host = _owner(other)
-                    if pid is not None:
-                        raise InputError(f"{self.target}: another pera-deploy (PID {pid} on {host}) is writing it "
-                                         "now; wait for it to finish, or choose another output")
-                self.path.mkdir()
-                self._lock_fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+                for other in parent.iterdir():
+                    if other.name.startswith(TMP_MARK):
+                        pid, host, name = _owner(other)
+                        if pid is not None and name == self.target.name:
+                            raise InputError(f"{self.target}: another pera-deploy (PID {pid} on {host}) is writing it "
+                                             "now; wait for it to finish, or choose another output")
+                self.box.mkdir()
+                self._lock_fd = os.open(self.box / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
                 fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-                os.write(self._lock_fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+                os.write(self._lock_fd, f"{os.getpid()} {socket.gethostname()}\n".encode() + os.fsencode(self.target.name))
+                if self.folder:
+                    self.path.mkdir()
         except OSError as exc:
             self._release()
-            shutil.rmtree(self.path, ignore_errors=True)
+            shutil.rmtree(self.box, ignore_errors=True)
             raise environment_failure(exc, self.target) from None
+        _OPEN.append(self)
         return self
 
     def commit(self) -> None:
-        """Make the temporary folder the target: fsync, then rename (replacing an earlier
-        output with --force), then fsync the parent."""
-        check_target(self.target, self.force, self.inputs)
+        """Make the staged output the target: fsync it, rename it into place (moving an
+        earlier output aside first, with --force), fsync the parent. The renames run with stop
+        signals held, and the outermost output's rename settles the run."""
+        self.check(self.target, self.force, self.inputs)
         parent = self.target.parent
         try:
             with _folder_lock(parent):
-                (self.path / LOCK_FILE).unlink()
                 _fsync_tree(self.path)
                 old = None
-                if self.target.exists():
-                    old = parent / f".{self.target.name}{OLD_MARK}{secrets.token_hex(4)}"
-                    os.replace(self.target, old)
-                os.replace(self.path, self.target)
+                with scoped.held_stop_signals():
+                    if self.target.is_dir() and not self.target.is_symlink():  # os.replace replaces files only
+                        old = parent / f"{OLD_MARK}{secrets.token_hex(4)}"
+                        old.mkdir()
+                        os.replace(self.target, old / self.target.name)
+                    try:
+                        os.replace(self.path, self.target)
+                    except OSError:
+                        if old is not None:  # put the earlier output back at once, not at the next run's sweep
+                            with suppress(OSError):
+                                os.replace(old / self.target.name, self.target)
+                                old.rmdir()
+                        raise
+                    self._committed = True
+                    if _OPEN and _OPEN[0] is self:
+                        scoped.settle()
                 _fsync_dir(parent)
-                self._committed = True
                 if old is not None:
                     shutil.rmtree(old, ignore_errors=True)
+                self._remove_box()
         except OSError as exc:
             raise environment_failure(exc, self.target) from None
         finally:
@@ -216,7 +303,11 @@ class OutputFolder:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def __exit__(self, *exc: object) -> None:
-        if not self._committed:
-            shutil.rmtree(self.path, ignore_errors=True)
+    def _remove_box(self) -> None:
         self._release()
+        shutil.rmtree(self.box, ignore_errors=True)
+
+    def __exit__(self, *exc: object) -> None:
+        with suppress(ValueError):
+            _OPEN.remove(self)
+        self._remove_box()

@@ -22,12 +22,15 @@ from .graph import factor_names
 def branch_factors(adapter: PeraAdapter, names: dict[str, str], dtype: torch.dtype) -> dict[str, np.ndarray]:
     """Graph input name → array, exact (zero-coefficient terms dropped), computed in float64 and
     rounded once to `dtype`."""
+    from ...core.limits import require_storable
+
     arrays = {}
     for path, layer in adapter.layers.items():
         b_hat, a_hat = layer.exact_factors(torch.float64)
         at_name, bt_name = factor_names(names[path])
-        arrays[at_name] = np.ascontiguousarray(a_hat.T.to(dtype).numpy())
-        arrays[bt_name] = np.ascontiguousarray(b_hat.T.to(dtype).numpy())
+        # a factor beyond the dtype's range is refused, naming the module, not stored as Inf
+        arrays[at_name] = np.ascontiguousarray(require_storable(path, "Âᵀ", a_hat.T, dtype).numpy())
+        arrays[bt_name] = np.ascontiguousarray(require_storable(path, "(s·B̂)ᵀ", b_hat.T, dtype).numpy())
     return arrays
 
 

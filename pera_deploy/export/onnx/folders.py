@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import shutil
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -20,7 +20,7 @@ from ...checks.base import Report
 from ...checks.onnx_outputs import OnnxOutputsCheck, no_hooks, validate
 from ...checks.reference_model import PeraBranch, load_unmerged_model, targets_in_model
 from ...core.adapter import PeraAdapter
-from ...errors import InputError
+from ...errors import InputError, PeraDeployError
 from ...io.digests import Digests
 from ...io.hf_model import load_model, model_class
 from ...io.model_folder import ModelFolder
@@ -43,14 +43,7 @@ def export_merged_folder(model: Path, output: Path, adapter: tuple[str, PeraAdap
         weight_files = checkpoint.weight_files
         input_paths = [*checkpoint.input_paths(), *(adapter_inputs(adapter[1]) if adapter else [])]
 
-    def write(out: Path) -> Written:
-        folder = model
-        if adapter is not None:  # merged on the fly, in float32: nothing is lost before the float32 export
-            folder = out / ".merged"
-            merged = merge_folder(adapter[1], model, folder, digests, dtype="float32", progress=False)
-            inputs = {"adapter": merged.manifest["adapter"], "base": merged.manifest["base"]}
-        else:
-            inputs = {"model": model_record(model, weight_files, digests)}
+    def write_graph(out: Path, folder: Path, inputs: dict[str, Any]) -> Written:
         metadata = {"pera_deploy.version": __version__, "pera_deploy.source": model.name}
         if adapter is not None:
             metadata.update({"pera_deploy.base": model.name, "pera_deploy.adapter": adapter[0],
@@ -75,7 +68,28 @@ def export_merged_folder(model: Path, output: Path, adapter: tuple[str, PeraAdap
                     "genai_config": write_genai_config(out, model) if genai else None}
         return Written([check], inputs, sections)
 
+    def write(out: Path) -> Written:
+        if adapter is None:
+            return write_graph(out, model, {"model": model_record(model, weight_files, digests)})
+        scratch = out / ".merged"
+        with named_as(scratch, f"{model} (with adapter {adapter[0]} merged)"):
+            # merged on the fly, in float32: nothing is lost before the float32 export
+            merged = merge_folder(adapter[1], model, scratch, digests, dtype="float32", progress=False)
+            return write_graph(out, scratch, {"adapter": merged.manifest["adapter"], "base": merged.manifest["base"]})
+
     return publish(output, "export-onnx", write, options=options, inputs=input_paths, digests=digests, force=force)
+
+
+@contextmanager
+def named_as(scratch: Path, shown: str) -> Iterator[None]:
+    """An error about the scratch merge (a folder inside the temporary output, which the
+    user never sees) names what it is made of instead: the base and the adapter."""
+    try:
+        yield
+    except PeraDeployError as exc:
+        if exc.args and isinstance(exc.args[0], str) and str(scratch) in exc.args[0]:
+            exc.args = (exc.args[0].replace(str(scratch), shown), *exc.args[1:])
+        raise
 
 
 @dataclass

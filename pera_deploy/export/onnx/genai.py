@@ -6,11 +6,14 @@ and geometry from `config.json`, the graph's real input and output names, bos/eo
 context length and vocabulary size, and the search defaults (from `generation_config.json`
 where the model has one). Optimum's decoder graph concatenates the past with the new keys
 and values rather than writing into a preallocated buffer, so `past_present_share_buffer`
-is false: true fails on it (a `present.0.key` shape error in GenAI).
+is false: true fails on it (a `present.0.key` shape error in GenAI). The token ids are
+checked before anything is written (`special_tokens`): GenAI loads only integers of the
+vocabulary there.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +48,45 @@ def genai_wanted(folder: Path, task: str, requested: bool | None) -> bool:
                              f"writes {GENAI_CONFIG} for ({', '.join(sorted(GENAI_MODEL_TYPES))})")
         return False
     require_tokenizer(folder)
+    special_tokens(folder)
     return True
+
+
+def special_tokens(folder: Path) -> dict[str, Any]:
+    """bos_token_id, eos_token_id and pad_token_id for genai_config.json, as onnxruntime-genai's
+    own builder resolves them (generation_config.json first, then config.json; no bos: 1; no
+    pad: the first eos), each an integer of the vocabulary. GenAI refuses anything else when
+    it loads the folder (a string, a null, an id past vocab_size), so a folder whose ids are
+    not is bad input, named by file and field, as a missing tokenizer is."""
+    config_path, generation_path = folder / "config.json", folder / "generation_config.json"
+    config = read_json(config_path)
+    generation = read_json(generation_path) if generation_path.is_file() else {}
+    hint = f"ONNX Runtime GenAI ({GENAI_CONFIG}) needs it; fix it, or pass --no-genai"
+    vocab = config.get("vocab_size")
+    if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1:
+        raise InputError(f"{config_path}: vocab_size {vocab!r} is not a positive integer; {hint}")
+
+    def ids(name: str) -> list[int] | None:
+        where = generation_path if generation.get(name) is not None else config_path
+        value = generation.get(name) if generation.get(name) is not None else config.get(name)
+        if value is None:
+            return None
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < vocab:
+                raise InputError(f"{where}: {name} {json.dumps(value)}: {json.dumps(v)} is not a token id of the "
+                                 f"vocabulary (an integer from 0 to {vocab - 1}); {hint}")
+        if not values:
+            raise InputError(f"{where}: {name} [] names no token; {hint}")
+        if len(values) > 1 and name != "eos_token_id":
+            raise InputError(f"{where}: {name} {json.dumps(value)} is not one token id; {hint}")
+        return values
+
+    eos = ids("eos_token_id")
+    if eos is None:
+        raise InputError(f"{generation_path if generation else config_path}: no eos_token_id; {hint}")
+    bos, pad = ids("bos_token_id") or [1], ids("pad_token_id") or eos[:1]
+    return {"bos_token_id": bos[0], "eos_token_id": eos[0] if len(eos) == 1 else eos, "pad_token_id": pad[0]}
 
 
 def genai_config(folder: Path, graph: Path) -> dict[str, Any]:
@@ -54,6 +95,7 @@ def genai_config(folder: Path, graph: Path) -> dict[str, Any]:
 
     config = read_json(folder / "config.json")
     generation = read_json(folder / "generation_config.json") if (folder / "generation_config.json").is_file() else {}
+    tokens = special_tokens(folder)
     model = onnx.load(str(graph), load_external_data=False)
     inputs = {i.name for i in model.graph.input}
     outputs = {o.name for o in model.graph.output}
@@ -65,20 +107,15 @@ def genai_config(folder: Path, graph: Path) -> dict[str, Any]:
         raise InputError(f"{folder / 'config.json'}: no attention heads, hidden size or layer count for "
                          f"{GENAI_CONFIG}")
 
-    def token(name: str) -> Any:
-        value = generation.get(name, config.get(name))
-        return value[0] if isinstance(value, list) and len(value) == 1 else value
-
     names: dict[str, str] = {name: name for name in ("input_ids", "attention_mask", "position_ids") if name in inputs}
     if any(n.startswith("past_key_values.") for n in inputs):
         names.update(past_key_names="past_key_values.%d.key", past_value_names="past_key_values.%d.value")
     out_names = {"logits": "logits"} if "logits" in outputs else {}
     if any(n.startswith("present.") for n in outputs):
         out_names.update(present_key_names="present.%d.key", present_value_names="present.%d.value")
-    eos = token("eos_token_id")
     return {
         "model": {
-            "bos_token_id": token("bos_token_id"),
+            "bos_token_id": tokens["bos_token_id"],
             "context_length": context,
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
@@ -91,8 +128,8 @@ def genai_config(folder: Path, graph: Path) -> dict[str, Any]:
                 "num_hidden_layers": layers,
                 "num_key_value_heads": config.get("num_key_value_heads") or heads,
             },
-            "eos_token_id": eos,
-            "pad_token_id": token("pad_token_id") if token("pad_token_id") is not None else eos,
+            "eos_token_id": tokens["eos_token_id"],
+            "pad_token_id": tokens["pad_token_id"],
             "type": config.get("model_type"),
             "vocab_size": config.get("vocab_size"),
         },

@@ -17,17 +17,54 @@ from torch import nn
 from ...errors import InputError
 from ...io.hf_model import load_model
 from ...io.model_files import copy_side_files
+from ...scoped import no_stdout
 from .graph import AT, BT, promote_to_inputs
 
 PLACEHOLDER_RANK = 2
 
 
-def _export(model: nn.Module, out: Path, task: str, opset: int | None) -> None:
-    from optimum.exporters.onnx import onnx_export_from_model
+def opset_range() -> tuple[int, int]:
+    """The opsets torch's TorchScript exporter (the one Optimum drives) writes and onnx knows.
+    Above torch's own TorchScript limit it warns and writes them all the same."""
+    import onnx
 
-    with warnings.catch_warnings():  # the TorchScript tracer warns about every data-dependent branch it freezes
-        warnings.simplefilter("ignore")
-        onnx_export_from_model(model, output=str(out), task=task, opset=opset, device="cpu", do_validation=False)
+    try:
+        from torch.onnx import _constants
+
+        low, high = int(_constants.ONNX_MIN_OPSET), int(_constants.ONNX_MAX_OPSET)
+    except (ImportError, AttributeError):  # torch's private constants moved: the range of torch 2.13
+        low, high = 7, 23
+    return low, min(high, onnx.defs.onnx_opset_version())
+
+
+def check_opset(opset: int | None) -> None:
+    """--opset N: None (Optimum's default for the architecture) or an opset the exporter writes."""
+    if opset is None:
+        return
+    low, high = opset_range()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not low <= opset <= high:
+        raise InputError(f"--opset {opset!r}: torch's ONNX exporter writes opsets {low} to {high} (leave --opset out "
+                         "for Optimum's default for the architecture)")
+
+
+def _export(model: nn.Module, out: Path, task: str, opset: int | None) -> None:
+    """Optimum's export, with nothing printed: the TorchScript tracer warns about every
+    data-dependent branch it freezes, and torch prints its whole graph on stdout when an
+    export fails. An opset asked for that cannot express the model is bad input."""
+    from optimum.exporters.onnx import onnx_export_from_model
+    from torch.onnx.errors import OnnxExporterError
+
+    try:
+        with warnings.catch_warnings(), no_stdout():
+            warnings.simplefilter("ignore")
+            onnx_export_from_model(model, output=str(out), task=task, opset=opset, device="cpu", do_validation=False)
+    except OnnxExporterError as exc:
+        if opset is None:
+            raise
+        first = (str(exc).splitlines() or [""])[0].partition(" [Caused by")[0]
+        raise InputError(f"--opset {opset}: torch's exporter cannot write this model at opset {opset} "
+                         f"({type(exc).__name__}: {first[:200]}); choose a higher opset, or leave --opset out for "
+                         "Optimum's default for the architecture") from None
 
 
 def export_model(folder: Path, out: Path, task: str, opset: int | None) -> None:
