@@ -375,7 +375,8 @@ def test_a_fifo_rank_file_is_refused_not_waited_on(trained, tmp_path):
     os.mkfifo(ckpt / STEP / OPTIM.format(1))
     exe = Path(sys.executable).with_name("pera-deploy")
     run = subprocess.run([str(exe), "inspect", str(ckpt)], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 2 and OPTIM.format(1) in run.stderr and "is a FIFO (named pipe), expected a file" in run.stderr, run.stderr
+    assert run.returncode == 2 and OPTIM.format(1) in run.stderr, run.stderr
+    assert "is a FIFO (named pipe), expected a file" in run.stderr, run.stderr
 
 
 @pytest.mark.parametrize("entry", ["adapter_model.bin", "adapter_config.json", "trainer_state.json", STEP])
