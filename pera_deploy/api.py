@@ -92,17 +92,14 @@ def _given(*paths: Any) -> list[Path]:
 def inspect_adapter(adapter: AdapterLike, **load_options: Any) -> dict[str, Any]:
     """What an adapter is: format, ranks, R', scaling, layout, modules, size, per-layer ‖ΔW‖.
 
-    A PEFT-style PERA adapter, or one in the authors' format, is described without importing
-    torch (which takes longer than the rest of the command): formats/peft_describe.py. Everything else, and every
-    adapter it finds wrong or doubtful, is loaded as every other command loads it.
+    Loaded as every other command loads it (torch is never imported); each ‖ΔW‖ comes from two
+    QRs of tall, narrow factors, which run on one BLAS thread (`lowrank.one_blas_thread`).
     """
-    if not isinstance(adapter, PeraAdapter):
-        from .formats.peft_describe import describe_peft
+    from .core.lowrank import one_blas_thread
 
-        described = describe_peft(adapter, **load_options)
-        if described is not None:
-            return described
-    return _load(adapter, load_options).describe()
+    loaded = _load(adapter, load_options)
+    with one_blas_thread():
+        return loaded.describe()
 
 
 def merge(adapter: AdapterLike | Sequence[AdapterLike], base: str | Path, output: str | Path, *,

@@ -2,9 +2,9 @@
 files, read in a single process.
 
 Torch reads `.metadata` with a plain `pickle.load`, which would run anything it names: here
-it goes through the safe unpickler, with only DCP's own metadata classes allowed as real
-objects. Everything in it is still only what the file says, so before any tensor is made,
-each adapter entry is checked (`_entry`):
+it goes through the safe unpickler, DCP's metadata dataclasses kept as inert data (read
+field by field, `_fields`), nothing of torch imported. Everything in it is still only what
+the file says, so before any tensor is made, each adapter entry is checked (`_entry`):
 
 * its dtype is a torch dtype pera-deploy reads, its size a list of non-negative integers;
 * its chunks lie inside it and tile it exactly (a gap would leave an uninitialised buffer's
@@ -15,7 +15,7 @@ each adapter entry is checked (`_entry`):
   shares and that hold at least the chunk's bytes, and no storage transform (compression).
 
 So a tensor's buffer never exceeds the bytes the checkpoint really holds. Each record is
-then read as torch.save wrote it (a zip of stored entries, loaded with `weights_only`,
+then read as torch.save wrote it (a zip of stored entries, read as `weights_only` reads it,
 `files.load_pickle_bytes`), must be one plain tensor of the chunk's shape and dtype, and is
 copied into place. The files listed as read (whose sha256 the manifest records) are the
 `.metadata` and the files the adapter's chunks name.
@@ -27,20 +27,20 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
+
+import numpy as np
 
 from ..core.adapter import PeraAdapter
+from ..core.dtypes import NUMPY
 from ..errors import InputError
 from ..io.files import describe_value, load_pickle_bytes, tensor_problem
 from ..io.paths import contained_file, real_path
-from ..io.safe_unpickle import loads_safely
+from ..io.safe_unpickle import Inert, inert_name
 from ..io.schema import shown
+from ..io.torch_save import StoredTensor, TorchDtype, is_tensor, loads_safely
 from .registry import AdapterFormat, LoadOptions
 from .training_keys import FACTOR_KEY, Found, normalize, read_adapter
-
-if TYPE_CHECKING:
-    import torch
-    from torch import Tensor
 
 NAME = "dcp"
 METADATA = ".metadata"
@@ -48,35 +48,66 @@ MAX_DIMS = 32
 ZIP_MAGIC = b"PK\x03\x04"  # every record torch.save writes is a zip
 
 
-def _metadata_classes() -> dict[str, Any]:
-    """The classes a DCP `.metadata` pickle names, as the real (plain dataclass) objects."""
-    import pathlib
-
-    from torch.distributed.checkpoint import filesystem, metadata
-
-    allowed = {f"torch.distributed.checkpoint.metadata.{n}": getattr(metadata, n) for n in (
-        "Metadata", "MetadataIndex", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
-        "TensorProperties", "StorageMeta", "_MEM_FORMAT_ENCODING") if hasattr(metadata, n)}
-    allowed["torch.distributed.checkpoint.filesystem._StorageInfo"] = filesystem._StorageInfo
-    allowed["pathlib.PosixPath"] = pathlib.PosixPath
-    allowed["pathlib.Path"] = pathlib.Path
-    return allowed
+DCP_MODULE = "torch.distributed.checkpoint.metadata"
+# What .metadata calls to build its data (an enum of memory formats), besides torch.Size and the
+# layouts, dtypes and storages every torch pickle names.
+INERT_CALLS = frozenset({f"{DCP_MODULE}._MEM_FORMAT_ENCODING"})
+# TensorProperties pickles its fields as a tuple, in this order.
+PROPERTIES = ("dtype", "layout", "requires_grad", "memory_format", "pin_memory")
 
 
-def read_metadata(folder: Path) -> Any:
+def _fields(value: Any, kind: str) -> dict[str, Any] | None:
+    """The fields of one of DCP's metadata objects (a dataclass pickle made inert), when `value`
+    is one of class `kind` (of the metadata module, or `filesystem._StorageInfo`); None otherwise."""
+    if inert_name(value) != f"torch.distributed.checkpoint.{kind if '.' in kind else 'metadata.' + kind}":
+        return None
+    assert isinstance(value, Inert)
+    state = value.__dict__.get("state")
+    if kind == "TensorProperties" and isinstance(state, tuple) and len(state) == len(PROPERTIES):
+        return dict(zip(PROPERTIES, state))
+    return value.fields()
+
+
+@dataclass(frozen=True)
+class Metadata:
+    """What `.metadata` says, as plain data: tensor entries by name, storage records by
+    (name, chunk offsets) as a MetadataIndex compares, and the planner's original key paths."""
+
+    state_dict_metadata: dict[str, Any]
+    storage_data: dict[tuple[str, tuple[Any, ...] | None], dict[str, Any]]
+    planner_data: dict[str, Any]
+
+
+def _index(key: Any) -> tuple[str, tuple[Any, ...] | None] | None:
+    """A MetadataIndex as the key it compares by (its name and offsets)."""
+    fields = _fields(key, "MetadataIndex")
+    if fields is None or not isinstance(fields.get("fqn"), str):
+        return None
+    offset = fields.get("offset")
+    return fields["fqn"], tuple(offset) if isinstance(offset, (tuple, list)) else None
+
+
+def read_metadata(folder: Path) -> Metadata:
     path = contained_file(folder, METADATA, f"{folder}:")
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    metadata = loads_safely(data, path, allowed=_metadata_classes())
-    if type(metadata).__name__ != "Metadata" or not isinstance(getattr(metadata, "state_dict_metadata", None), dict):
+    fields = _fields(loads_safely(data, path, inert_calls=INERT_CALLS), "Metadata")
+    if fields is None or not isinstance(fields.get("state_dict_metadata"), dict):
         raise InputError(f"{path}: not a torch.distributed.checkpoint metadata file")
-    if not isinstance(getattr(metadata, "storage_data", None), dict):
-        raise InputError(f"{path}: its storage_data is {describe_value(metadata.storage_data)}, not a dict of records")
-    if not all(isinstance(fqn, str) for fqn in metadata.state_dict_metadata):
+    storage = fields.get("storage_data")
+    if not isinstance(storage, dict):
+        raise InputError(f"{path}: its storage_data is {describe_value(storage)}, not a dict of records")
+    if not all(isinstance(fqn, str) for fqn in fields["state_dict_metadata"]):
         raise InputError(f"{path}: an entry is named by something other than a string")
-    return metadata
+    records = {}
+    for key, info in storage.items():
+        index = _index(key)
+        if index is not None:
+            records[index] = _fields(info, "filesystem._StorageInfo") or {}
+    planner = fields.get("planner_data")
+    return Metadata(fields["state_dict_metadata"], records, planner if isinstance(planner, dict) else {})
 
 
 @dataclass(frozen=True)
@@ -99,7 +130,7 @@ class _Entry:
     """A tensor of the checkpoint, checked: its dtype, size and chunks."""
 
     fqn: str
-    dtype: torch.dtype
+    dtype: TorchDtype
     size: tuple[int, ...]
     chunks: tuple[_Chunk, ...]
 
@@ -111,46 +142,43 @@ def _dims(value: Any, where: str, what: str) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _entry(fqn: str, md: Any, storage: dict[Any, Any], folder: Path, where: Path) -> _Entry:
+def _entry(fqn: str, md: dict[str, Any], storage: dict[Any, dict[str, Any]], folder: Path, where: Path) -> _Entry:
     """The entry `fqn` of `.metadata` (at `where`), checked as the module's docstring says."""
-    import torch
-    from torch.distributed.checkpoint.metadata import MetadataIndex
-
-    from ..io.safetensors_stream import DTYPE_CODES
-
     at = f"{where}: tensor {fqn}"
-    dtype = getattr(getattr(md, "properties", None), "dtype", None)
-    if not isinstance(dtype, torch.dtype) or dtype not in DTYPE_CODES:
+    dtype = (_fields(md.get("properties"), "TensorProperties") or {}).get("dtype")
+    if not isinstance(dtype, TorchDtype) or dtype.code is None:
         raise InputError(f"{at}: dtype {shown(dtype)} is not a dtype pera-deploy reads")
-    size = _dims(getattr(md, "size", None), at, "size")
-    chunks = getattr(md, "chunks", None)
+    size = _dims(md.get("size"), at, "size")
+    chunks = md.get("chunks")
     if not isinstance(chunks, list):
         raise InputError(f"{at}: chunks is {describe_value(chunks)}, not a list")
     found, volume = [], 0
     for i, chunk in enumerate(chunks):
         here = f"{at}: chunk {i}"
-        offsets = _dims(getattr(chunk, "offsets", None), here, "offsets")
-        sizes = _dims(getattr(chunk, "sizes", None), here, "sizes")
+        parts = _fields(chunk, "ChunkStorageMetadata") or {}
+        offsets = _dims(parts.get("offsets"), here, "offsets")
+        sizes = _dims(parts.get("sizes"), here, "sizes")
         if len(offsets) != len(size) or len(sizes) != len(size) \
                 or any(o + s > d for o, s, d in zip(offsets, sizes, size)):
             raise InputError(f"{here}: offsets {list(offsets)} and sizes {list(sizes)} lie outside the tensor's "
                              f"size {list(size)}")
-        info = storage.get(MetadataIndex(fqn, offsets))
+        info = storage.get((fqn, offsets))
         if info is None:
             raise InputError(f"{here}: no storage record for it")
-        file = contained_file(folder, getattr(info, "relative_path", None), f"{here}: relative_path")
-        begin, length = getattr(info, "offset", None), getattr(info, "length", None)
+        file = contained_file(folder, info.get("relative_path"), f"{here}: relative_path")
+        begin, length = info.get("offset"), info.get("length")
         if type(begin) is not int or type(length) is not int or begin < 0 or length < 0:
             raise InputError(f"{here}: its record's offset {shown(begin)} and length {shown(length)} are not byte counts")
         file_size = file.stat().st_size
         if begin + length > file_size:
             raise InputError(f"{here}: truncated or corrupt distributed checkpoint: its record ends at byte "
                              f"{begin + length:,} of {file.name}, which has {file_size:,}")
-        if getattr(info, "transform_descriptors", None):
-            raise InputError(f"{here}: stored through {shown(info.transform_descriptors)}, "
+        if info.get("transform_descriptors"):
+            raise InputError(f"{here}: stored through {shown(info['transform_descriptors'])}, "
                              "which pera-deploy does not read")
-        if math.prod(sizes) * dtype.itemsize > length:
-            raise InputError(f"{here}: declares {math.prod(sizes) * dtype.itemsize:,} bytes, but its record in "
+        itemsize = NUMPY[dtype.code].itemsize
+        if math.prod(sizes) * itemsize > length:
+            raise InputError(f"{here}: declares {math.prod(sizes) * itemsize:,} bytes, but its record in "
                              f"{file.name} holds {length:,}")
         volume += math.prod(sizes)
         found.append(_Chunk(offsets, sizes, file, begin, length))
@@ -163,9 +191,7 @@ def _entry(fqn: str, md: Any, storage: dict[Any, Any], folder: Path, where: Path
 def _check_tiling(entry: _Entry, where: Path) -> None:
     """Chunks whose volumes add up to the tensor's tile it exactly when they cover every
     element; the mask costs a byte an element, bounded by the bytes the records hold."""
-    import torch
-
-    covered = torch.zeros(entry.size, dtype=torch.bool)
+    covered = np.zeros(entry.size, dtype=bool)
     for chunk in entry.chunks:
         covered[chunk.region] = True
     if not bool(covered.all()):
@@ -181,11 +207,10 @@ def _check_records_apart(entries: list[_Entry], where: Path) -> None:
             raise InputError(f"{where}: the records of tensors {fqn_a} and {fqn_b} overlap in {file_a.name}")
 
 
-def _read(entry: _Entry) -> Tensor:
+def _read(entry: _Entry) -> np.ndarray:
     """The tensor, read chunk by chunk into a buffer of its own size."""
-    import torch
-
-    buffer = torch.empty(entry.size, dtype=entry.dtype)
+    assert entry.dtype.code is not None
+    buffer = np.empty(entry.size, dtype=NUMPY[entry.dtype.code])
     for i, chunk in enumerate(entry.chunks):
         at = f"{chunk.file}: tensor {entry.fqn}, chunk {i}"
         try:
@@ -197,32 +222,31 @@ def _read(entry: _Entry) -> Tensor:
         if len(data) != chunk.length or data[:4] != ZIP_MAGIC:
             raise InputError(f"{at}: truncated or corrupt distributed checkpoint (not a record torch.save wrote)")
         value = load_pickle_bytes(data, at)
-        if not isinstance(value, torch.Tensor):
+        if not is_tensor(value):
             raise InputError(f"{at}: holds {describe_value(value)}, not a tensor")
         problem = tensor_problem(value)
         if problem is not None:
-            raise InputError(f"{at}: holds {problem}; pera-deploy reads only dense tensors")
-        if value.dtype != entry.dtype or tuple(value.shape) != chunk.sizes:
-            raise InputError(f"{at}: holds a {str(value.dtype).removeprefix('torch.')} tensor of shape "
-                             f"{list(value.shape)}; .metadata says {str(entry.dtype).removeprefix('torch.')} "
-                             f"{list(chunk.sizes)}")
-        buffer[chunk.region] = value
+            raise InputError(f"{at}: holds {problem}")
+        assert isinstance(value, StoredTensor)
+        if value.dtype != entry.dtype or value.shape != chunk.sizes:
+            raise InputError(f"{at}: holds a {value.dtype.name} tensor of shape {list(value.shape)}; .metadata says "
+                             f"{entry.dtype.name} {list(chunk.sizes)}")
+        buffer[chunk.region] = value.read(entry.fqn)
     return buffer
 
 
 def read_found(path: Path) -> Found:
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
     metadata = read_metadata(path)
     where = path / METADATA
     seen: set[str] = set()
     for info in metadata.storage_data.values():  # every path the checkpoint names, read or not, lies inside it
-        name = getattr(info, "relative_path", None)
+        name = info.get("relative_path")
         if not (isinstance(name, str) and name in seen):
             contained_file(path, name, f"{where}: relative_path")
             seen.add(name)
-    planner = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
-    entries = {fqn: md for fqn, md in metadata.state_dict_metadata.items() if isinstance(md, TensorStorageMetadata)}
+    planner = metadata.planner_data
+    entries = {fqn: fields for fqn, md in metadata.state_dict_metadata.items()
+               if (fields := _fields(md, "TensorStorageMetadata")) is not None}
     # DCP flattens nested dicts ({"model": state_dict} → "model.<key>"); planner_data keeps the
     # original path, whose last part is the state dict's own key.
     names = {fqn: (planner[fqn][-1] if isinstance(planner.get(fqn), (tuple, list)) and planner[fqn]
@@ -232,10 +256,10 @@ def read_found(path: Path) -> Found:
     for entry in checked:
         _check_tiling(entry, where)
     _check_records_apart(checked, where)
-    cache: dict[str, Tensor] = {}
+    cache: dict[str, np.ndarray] = {}
 
-    def getter(fqn: str) -> Callable[[], Tensor]:
-        def get() -> Tensor:
+    def getter(fqn: str) -> Callable[[], np.ndarray]:
+        def get() -> np.ndarray:
             if fqn not in cache:
                 if fqn not in wanted:
                     raise InputError(f"{path}: tensor {fqn} is not an adapter tensor and is not read")

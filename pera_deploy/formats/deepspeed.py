@@ -31,8 +31,9 @@ Every path the checkpoint names (`latest`, the step folder, each rank file) must
 the folder given, on resolved real paths; `latest` is never echoed unless it holds a
 plausible tag.
 
-Only the adapter's tensors are gathered; everything is memory-mapped, so the frozen base
-weights and the optimizer moments in the same files are never read.
+Only the adapter's tensors are gathered: the files are read as data (io/torch_save.py), each
+tensor only when asked for, so the frozen base weights and the optimizer moments in the same
+files are never read. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -42,17 +43,17 @@ import os
 import re
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
+
+import numpy as np
 
 from ..core.adapter import PeraAdapter
 from ..errors import InputError
 from ..io.paths import allowed_roots, checked_file, inside, real_path
-from ..io.safe_unpickle import Inert, load_checkpoint
+from ..io.safe_unpickle import Inert
+from ..io.torch_save import StoredTensor, is_tensor, load_checkpoint
 from .registry import AdapterFormat, LoadOptions
-from .training_keys import Found, read_adapter
-
-if TYPE_CHECKING:
-    from torch import Tensor
+from .training_keys import Found, Tensor, read_adapter
 
 NAME = "deepspeed"
 RANK_FILE = re.compile(r"^(?:bf16_)?(?:zero_pp_rank_(?P<dp>\d+)_)?mp_rank_(?P<mp>\d+)_(?P<kind>model|optim)_states\.pt$")
@@ -237,8 +238,6 @@ def _agree(files: dict[int, Path], values: list[Any], what: str, where: str) -> 
 def _optimizer_step(state: dict[str, Any]) -> Any:
     """The step count the wrapped torch optimizer records (the same on every rank of a run);
     None where it records none in a form read here."""
-    import torch
-
     if "base_optimizer_state_step" in state:  # stages 1-2 with elastic checkpoints
         inner: Any = {"state": {0: {"step": state["base_optimizer_state_step"]}}}
     else:
@@ -249,27 +248,25 @@ def _optimizer_step(state: dict[str, Any]) -> Any:
     steps = []
     for entry in per_param.values():
         step = entry.get("step") if isinstance(entry, dict) else None
-        if isinstance(step, torch.Tensor) and step.numel() == 1 and step.layout == torch.strided \
-                and step.device.type == "cpu":
-            step = step.item()
+        if isinstance(step, StoredTensor) and step.size == 1:
+            value = step.read().reshape(-1)[0]
+            step = float(value) if step.floating else value.item()
         steps.append(step if isinstance(step, (int, float)) else None)
     return steps[0] if len(set(steps)) == 1 else tuple(steps)
 
 
 def _dense(value: Any, dims: int | None = None) -> bool:
-    """A real floating-point tensor in memory (not meta, sparse or nested), of `dims` dimensions."""
-    import torch
-
-    return isinstance(value, torch.Tensor) and value.layout == torch.strided and not value.is_nested \
-        and value.device.type == "cpu" and value.is_floating_point() and (dims is None or value.dim() == dims)
+    """A plain dense floating-point tensor (not meta, sparse or nested), of `dims` dimensions."""
+    return isinstance(value, StoredTensor) and value.floating and (dims is None or value.ndim == dims)
 
 
-def _flat_groups(state: dict[str, Any], key: str, path: Path) -> list[Tensor]:
+def _flat_groups(state: dict[str, Any], key: str, path: Path) -> list[np.ndarray]:
+    """The flat fp32 partitions of the trainable parameters, read (they hold nothing else)."""
     groups = state.get(key)
     if not isinstance(groups, list) or not groups or not all(_dense(g, 1) for g in groups):
         raise InputError(f"{path}: no {key} (a list of flat floating-point tensors): not a ZeRO optimizer file of "
                          "this stage")
-    return groups
+    return [group.read(key) for group in groups]
 
 
 def _shapes(state: dict[str, Any], key: str, path: Path) -> list[dict[str, tuple[int, ...]]]:
@@ -289,28 +286,26 @@ def _shapes(state: dict[str, Any], key: str, path: Path) -> list[dict[str, tuple
     return out
 
 
-def _not_rounding(master: Tensor, copy: Tensor) -> Tensor:
+def _not_rounding(master: np.ndarray, copy: np.ndarray) -> np.ndarray:
     """Which elements of an fp32 master weight do not round to the copy the module stores in the
     training dtype (NaN counting as equal to NaN). A mixed-precision optimizer writes every
     master back, rounded, after every step, so a master and its copy from one checkpoint agree
     exactly: the one rule by which stage 0 matches masters to names and stages 1-2 check them."""
-    rounded = master.to(copy.dtype)
-    return ~((rounded == copy) | (rounded.isnan() & copy.isnan()))
+    rounded = master.astype(copy.dtype)  # round to nearest even, as the optimizer's own cast
+    return ~((rounded == copy) | (np.isnan(rounded) & np.isnan(copy)))
 
 
-def _rounds_to(master: Tensor, copy: Tensor) -> bool:
-    return master.shape == copy.shape and copy.is_floating_point() and not bool(_not_rounding(master, copy).any())
+def _rounds_to(master: np.ndarray, copy: StoredTensor) -> bool:
+    return master.shape == copy.shape and copy.floating and not bool(_not_rounding(master, copy.read()).any())
 
 
-def _refuse_copied_partitions(files: dict[int, Path], partitions: list[list[Tensor]]) -> None:
+def _refuse_copied_partitions(files: dict[int, Path], partitions: list[list[np.ndarray]]) -> None:
     """Two ranks holding the same fp32 partition: one rank's file copied over another's."""
-    import torch
-
     for a in range(len(partitions)):
         for b in range(a + 1, len(partitions)):
             pa, pb = partitions[a], partitions[b]
-            if all(x.shape == y.shape and torch.equal(x[:4096], y[:4096]) and torch.equal(x, y) for x, y in zip(pa, pb)) \
-                    and any(x.numel() for x in pa):
+            if all(x.shape == y.shape and np.array_equal(x[:4096], y[:4096]) and np.array_equal(x, y)
+                   for x, y in zip(pa, pb)) and any(x.size for x in pa):
                 raise InputError(f"{files[b]}: holds the same fp32 partition as {files[a].name}: a copy of rank {a}'s "
                                  f"file, not rank {b}'s own")
 
@@ -372,9 +367,7 @@ def _zero12(folder: Path, model: dict[int, Path], optim: dict[int, Path]) -> Fou
     module = state.get("module") if isinstance(state, dict) else None
     if not isinstance(module, dict):
         raise InputError(f"{model[0]}: no module state dict in it")
-    from torch import Tensor
-
-    module = {k: v for k, v in module.items() if isinstance(k, str) and isinstance(v, Tensor)}
+    module = {k: v for k, v in module.items() if isinstance(k, str) and is_tensor(v)}
     tensors: dict[str, Callable[[], Tensor]] = {k: (lambda t=v: t) for k, v in module.items()}
     details = _provenance(state)
     if not optim:
@@ -414,7 +407,7 @@ def _zero12(folder: Path, model: dict[int, Path], optim: dict[int, Path]) -> Fou
             _check_mappings(optim, mappings, group, names, offsets, size)
         for (name, shape), offset in zip(names.items(), offsets):
             tensors[name] = (lambda f=full, o=offset, n=name, s=shape, p=size: _master(
-                f.narrow(0, o, math.prod(s)).view(s), n, module.get(n), o, p, optim, model[0]))
+                f[o:o + math.prod(s)].reshape(s), n, module.get(n), o, p, optim, model[0]))
     details.update(zero_stage=stage, ranks=world, weights="fp32 master weights, from the optimizer partitions (each "
                    "checked to round to the module's copy)")
     return Found(tensors, f"a DeepSpeed ZeRO-{stage} checkpoint ({folder.name}, {world} rank{'s' * (world > 1)})",
@@ -462,13 +455,11 @@ def _int_list_per_group(value: Any, shapes: list[dict[str, tuple[int, ...]]], pa
     return out  # type: ignore[return-value]
 
 
-def _concat(pieces: list[Tensor]) -> Tensor:
-    import torch
-
-    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+def _concat(pieces: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
 
 
-def _tile_zero12(optim: dict[int, Path], states: list[dict[str, Any]], parts: list[list[Tensor]], group: int,
+def _tile_zero12(optim: dict[int, Path], states: list[dict[str, Any]], parts: list[list[np.ndarray]], group: int,
                  total: int, stripped: bool, model: Path) -> tuple[list[int], int]:
     """(how many elements of its partition each rank holds of parameter group `group`, the
     partition size), checked against DeepSpeed's layout: the group, `total` elements with its
@@ -476,7 +467,7 @@ def _tile_zero12(optim: dict[int, Path], states: list[dict[str, Any]], parts: li
     ZeRO-1/2 saves each partition without its share of the tail padding (`group_paddings`
     says how much that was); BF16_Optimizer (no zero_stage) saves them whole."""
     world = len(states)
-    lengths = [parts[r][group].numel() for r in range(world)]
+    lengths = [parts[r][group].size for r in range(world)]
     pads = [_int_list(s.get("group_paddings"), len(parts[0])) for s in states]
     for rank, pad in enumerate(pads):
         if pad is None:
@@ -524,24 +515,25 @@ def _check_mappings(optim: dict[int, Path], mappings: list[list[dict[str, tuple[
                              f"not rank {rank}'s file")
 
 
-def _master(master: Tensor, name: str, copy: Tensor | None, offset: int, size: int, optim: dict[int, Path],
-            model: Path) -> Tensor:
+def _master(master: np.ndarray, name: str, copy: Tensor | None, offset: int, size: int, optim: dict[int, Path],
+            model: Path) -> np.ndarray:
     """The fp32 master of `name`, checked to round to the module's copy where the model states
     hold one (ZeRO-1/2 keep every parameter there, in the training dtype)."""
-    if copy is None or copy.numel() == 0:
-        return master
+    if not isinstance(copy, StoredTensor) or copy.size == 0:
+        return master  # none, or one that cannot be read: the master is what the adapter is
     if copy.shape != master.shape:
         raise InputError(f"{model}: the module holds {_short(name)} as {tuple(copy.shape)}, but param_shapes give it "
                          f"{tuple(master.shape)}")
     if not _dense(copy):
         return master  # not a copy the rule applies to (an integer buffer, say): nothing to check against
-    bad = _not_rounding(master, copy).reshape(-1)
+    values = copy.read(name)
+    bad = _not_rounding(master, values).reshape(-1)
     if bool(bad.any()):
-        first = int(bad.nonzero()[0])
+        first = int(np.flatnonzero(bad)[0])
         rank = min((offset + first) // size, len(optim) - 1)
-        diff = (master.float() - copy.float()).abs().nan_to_num(nan=float("inf")).max().item()
+        diff = float(np.nan_to_num(np.abs(master.astype(np.float64) - values.astype(np.float64)), nan=np.inf).max())
         raise InputError(f"{optim[rank]}: the fp32 master of {_short(name)} does not round to the module's "
-                         f"{str(copy.dtype).removeprefix('torch.')} copy in {model.name} (off by up to {diff:.3g}): "
+                         f"{copy.dtype.name} copy in {model.name} (off by up to {diff:.3g}): "
                          "a rank file from another checkpoint or step")
     return master
 
@@ -558,7 +550,8 @@ def _stage0_masters(state: dict[str, Any], module: dict[str, Tensor],
         return "module copies, in the training dtype (the checkpoint holds no fp32 masters)"
     if not all(_dense(m) for m in masters):
         return "module copies, in the training dtype (its fp32 masters are not all plain tensors)"
-    assigned: dict[str, Tensor] = {}
+    masters = [m.read() for m in masters]
+    assigned: dict[str, np.ndarray] = {}
     pending = iter(masters)
     current = next(pending, None)
     for name, value in module.items():
@@ -576,9 +569,6 @@ def _stage0_masters(state: dict[str, Any], module: dict[str, Tensor],
 
 
 def _zero3(folder: Path, model: dict[int, Path], optim: dict[int, Path]) -> Found:
-    import torch
-    from torch import Tensor
-
     if not optim:
         raise InputError(f"{folder}: a ZeRO-3 checkpoint without its *_optim_states.pt files, which hold the only "
                          "full-precision copy of the trainable weights")
@@ -602,7 +592,7 @@ def _zero3(folder: Path, model: dict[int, Path], optim: dict[int, Path]) -> Foun
     all_shapes = [_shapes(s, "param_shapes", model[r]) for r, s in enumerate(states)]
     _agree(model, all_shapes, "parameters", "param_shapes")
     flat = [_flat_groups(o, "fp32_flat_groups", optim[r]) for r, o in enumerate(optims)]
-    sizes = [[g.numel() for g in groups] for groups in flat]
+    sizes = [[g.size for g in groups] for groups in flat]
     _agree(optim, sizes, "partition sizes", "fp32_flat_groups")
     _refuse_copied_partitions(optim, flat)
     shapes = {k: v for group in all_shapes[0] for k, v in group.items()}
@@ -610,7 +600,7 @@ def _zero3(folder: Path, model: dict[int, Path], optim: dict[int, Path]) -> Foun
     for size in sizes[0]:
         bounds.append(bounds[-1] + size)
 
-    def gather(offset: int, partitioned: int, shape: tuple[int, ...]) -> Tensor:
+    def gather(offset: int, partitioned: int, shape: tuple[int, ...]) -> np.ndarray:
         end = offset + partitioned
         pieces = []
         for rank in range(world):
@@ -618,7 +608,7 @@ def _zero3(folder: Path, model: dict[int, Path], optim: dict[int, Path]) -> Foun
                 lo, hi = max(offset, bounds[g]), min(end, bounds[g + 1])
                 if lo < hi:
                     pieces.append(flat[rank][g][lo - bounds[g]:hi - bounds[g]])
-        return torch.cat(pieces)[: math.prod(shape)].view(shape) if pieces else torch.zeros(shape)
+        return np.concatenate(pieces)[: math.prod(shape)].reshape(shape) if pieces else np.zeros(shape, np.float32)
 
     tensors: dict[str, Callable[[], Tensor]] = {}
     offset = 0
@@ -637,7 +627,7 @@ def _zero3(folder: Path, model: dict[int, Path], optim: dict[int, Path]) -> Foun
     buffers = states[0].get("module")
     names = states[0].get("buffer_names")
     for name in names if isinstance(names, list) and isinstance(buffers, dict) else []:
-        if isinstance(name, str) and name not in tensors and isinstance(buffers.get(name), Tensor):
+        if isinstance(name, str) and name not in tensors and is_tensor(buffers.get(name)):
             tensors[name] = (lambda t=buffers[name]: t)
     details = {"zero_stage": 3, **_provenance(states[0]), "ranks": world,
                "weights": f"fp32 master weights, gathered from {world} ZeRO-3 partition{'s' * (world > 1)}"}
@@ -646,22 +636,20 @@ def _zero3(folder: Path, model: dict[int, Path], optim: dict[int, Path]) -> Foun
                  files, details)
 
 
-def _frozen(states: list[dict[str, Any]], model: dict[int, Path], name: str, shape: Any) -> Tensor:
+def _frozen(states: list[dict[str, Any]], model: dict[int, Path], name: str, shape: Any) -> np.ndarray:
     """A frozen parameter, from its per-rank fragments (read only if the adapter names it)."""
-    import torch
-
     pieces = []
     for rank, state in enumerate(states):
         fragments = state.get("frozen_param_fragments")
         piece = fragments.get(name) if isinstance(fragments, dict) else None
         if not _dense(piece):
             raise InputError(f"{model[rank]}: no frozen_param_fragments entry for {_short(name)}")
-        pieces.append(piece.reshape(-1))  # type: ignore[union-attr]
+        pieces.append(piece.read(name).reshape(-1))  # type: ignore[union-attr]
     numel = math.prod(shape) if isinstance(shape, (tuple, list)) else -1
-    full = torch.cat(pieces)
-    if numel < 0 or full.numel() < numel:
+    full = np.concatenate(pieces)
+    if numel < 0 or full.size < numel:
         raise InputError(f"{model[0]}: the fragments of {_short(name)} do not make its shape {_short(shape)}")
-    return full[:numel].view(tuple(shape))
+    return full[:numel].reshape(tuple(shape))
 
 
 def read_found(path: Path) -> Found:

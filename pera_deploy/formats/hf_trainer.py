@@ -18,8 +18,9 @@ from pathlib import Path
 
 from ..core.adapter import PeraAdapter
 from ..errors import InputError
-from ..io.files import read_tensors
+from ..io.files import flat_tensors, load_pickle
 from ..io.paths import allowed_roots, checked_file, inside, real_path
+from ..io.safetensors_stream import read_header
 from ..io.strict_json import read_json
 from . import deepspeed, peft_folder, peft_lora, peft_pera, reference
 from .registry import AdapterFormat, LoadOptions
@@ -35,8 +36,12 @@ def detect(path: Path, options: LoadOptions) -> bool:
 
 
 def _is_empty(weights: Path) -> bool:
-    tensors = read_tensors(weights)
-    return not tensors or all(t.numel() == 0 for t in tensors.values())
+    """Whether every tensor of the adapter file has no elements (told from its header or pickle)."""
+    if weights.suffix == ".safetensors":
+        sizes = [entry.numel for entry in read_header(weights)[0]]
+    else:
+        sizes = [tensor.size for tensor in flat_tensors(load_pickle(weights), weights).values()]
+    return not any(sizes)
 
 
 def _require_inside(path: Path, files: peft_folder.PeftFiles, options: LoadOptions) -> None:

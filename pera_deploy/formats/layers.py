@@ -3,26 +3,25 @@
 Every format maps its own key names onto the same few roles (A, B, full / square / cross
 coefficients, hB) with `group_tensors`, and builds layers with `assemble_layer`, so the key
 grouping and the coefficient-layout rules (docs/formats.md, "Coefficient layouts") live
-in one place. The rules themselves (`check_layer`) read only dtypes and shapes, so inspect's
-fast path (peft_describe.py) applies the very same ones to a file's header, without torch.
+in one place. The rules themselves (`check_layer`) read only dtypes and shapes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Literal, Mapping, Sequence, TypeVar
+
+import numpy as np
 
 from ..core.adapter import PeraLayer
+from ..core.dtypes import FACTOR_CODES, TORCH_NAMES, code_of
 from ..core.pairs import check_coefficient_shapes, num_pairs
 from ..errors import InputError
 from .peft_folder import normalize_extra_name, strip_peft_prefix
 from .registry import MissingCoefficients
 
-if TYPE_CHECKING:
-    from torch import Tensor
-
-T = TypeVar("T")  # a tensor, or what stands for one (a safetensors header entry)
+T = TypeVar("T")  # a tensor, or what stands for one
 
 Role = Literal["A", "B", "hA", "hA_square", "hA_cross", "hB"]
 ROLE_NAMES = {"A": "lora_A", "B": "lora_B", "hA": "the A-side coefficients", "hA_square": "the square coefficients",
@@ -36,21 +35,22 @@ MISSING_COEFFICIENTS_HELP = (
 
 @dataclass(frozen=True)
 class TensorMeta:
-    """What the layer rules read of a tensor: its dtype's name (torch's), whether that is a
-    floating-point type, and its shape."""
+    """What the layer rules read of a tensor: its dtype's name (torch's), whether a factor may be
+    stored in it, and its shape."""
 
     dtype: str
     floating: bool
     shape: tuple[int, ...]
 
     @classmethod
-    def of(cls, t: Tensor) -> TensorMeta:
-        return cls(str(t.dtype).removeprefix("torch."), t.is_floating_point(), tuple(t.shape))
+    def of(cls, values: np.ndarray) -> TensorMeta:
+        code = code_of(values)
+        return cls(TORCH_NAMES[code], code in FACTOR_CODES, tuple(values.shape))
 
 
-# What a factor or coefficient may be stored in: the floating types training writes, which
-# every reader and exporter downstream handles (a float8 factor, say, is refused by name).
-FACTOR_DTYPES = ("float16", "bfloat16", "float32", "float64")
+# What a factor or coefficient may be stored in (torch's names): every floating type of
+# core/dtypes.py, each widened exactly to float64 by the math (core/pera.py).
+FACTOR_DTYPES = tuple(TORCH_NAMES[code] for code in FACTOR_CODES)
 
 
 def check_layer(module: str, parts: Mapping[Role, TensorMeta], path: Path, *,
@@ -116,7 +116,7 @@ def check_layer(module: str, parts: Mapping[Role, TensorMeta], path: Path, *,
 
 def assemble_layer(
     module: str,
-    parts: dict[Role, Tensor],
+    parts: dict[Role, np.ndarray],
     *,
     scaling: float,
     fan_in_fan_out: bool,
@@ -125,15 +125,15 @@ def assemble_layer(
     plain_lora: bool = False,
 ) -> PeraLayer:
     """Validate (`check_layer`) and build the layer, its coefficients scattered into pair order."""
-    import numpy as np
-
     from ..core import pera
-    from ..core.dtypes import as_numpy
 
     layout = check_layer(module, {role: TensorMeta.of(t) for role, t in parts.items()}, path,
                          missing_coefficients=missing_coefficients, plain_lora=plain_lora)
-    parts = {role: as_numpy(t) for role, t in parts.items()}
     A, B = parts["A"], parts["B"]
+    if "hA_square" in parts and "hA_cross" in parts and parts["hA_square"].dtype != parts["hA_cross"].dtype:
+        # split parts of two dtypes: scattered into one vector of float64, which holds both exactly
+        parts = {**parts, "hA_square": parts["hA_square"].astype(np.float64),
+                 "hA_cross": parts["hA_cross"].astype(np.float64)}
     r = A.shape[0]
     p = num_pairs(r)
     stored = layout.removesuffix("+hB")
@@ -184,7 +184,7 @@ def build_layers(groups: dict[str, dict[Role, Any]], path: Path, *, scaling: Cal
                  fan_in_fan_out: bool, missing_coefficients: MissingCoefficients = None,
                  plain_lora: bool = False, assemble: Callable[..., Any] = assemble_layer) -> dict[str, Any]:
     """Every module's layer, in sorted module order; `scaling(module, r)` gives its s.
-    `assemble` (`assemble_layer`'s signature) builds each: inspect's fast path passes its own."""
+    `assemble` (`assemble_layer`'s signature) builds each."""
     layers = {}
     for module in sorted(groups):
         parts = groups[module]

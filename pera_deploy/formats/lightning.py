@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..core.adapter import PeraAdapter
 from ..errors import InputError
-from ..io.safe_unpickle import load_checkpoint
+from ..io.torch_save import load_checkpoint
 from .registry import AdapterFormat, LoadOptions
 from .state_dict import tensors_in
 from .training_keys import Found, read_adapter

@@ -2,29 +2,24 @@
 `.safetensors` file, or several listed by an index json (`{"weight_map": {name: file}}`).
 
 Pickles may hold more than tensors (`{"model": ..., "optimizer": ..., "epoch": 3}`): they are
-read with the safe unpickler, memory-mapped, and every nested dict of tensors is a state dict
-whose own keys name the tensors. Safetensors files are opened lazily. Only the adapter's
-tensors are ever read (training_keys.py).
+read with the safe unpickler (io/torch_save.py), and every nested dict of tensors is a state
+dict whose own keys name the tensors. Tensors of either kind are read only on request, so
+only the adapter's are ever read (training_keys.py).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
-
-from safetensors import safe_open
+from typing import Any, Callable
 
 from ..core.adapter import PeraAdapter
 from ..errors import InputError
 from ..io.files import TENSOR_SUFFIXES, read_json
 from ..io.paths import contained_file
-from ..io.safe_unpickle import load_checkpoint
-from ..io.safetensors_stream import read_header
+from ..io.safetensors_stream import TensorEntry, read_entry, read_header
+from ..io.torch_save import is_tensor, load_checkpoint
 from .registry import AdapterFormat, LoadOptions
-from .training_keys import Found, read_adapter
-
-if TYPE_CHECKING:
-    from torch import Tensor
+from .training_keys import Found, Tensor, read_adapter
 
 NAME = "state-dict"
 
@@ -54,14 +49,12 @@ def tensors_in(obj: Any, path: Path, found: dict[str, Callable[[], Tensor]], hol
                container: str = "") -> None:
     """Every tensor of every dict nested in `obj`, by its key in the innermost dict (a state
     dict's own names); `holders` records which container each came from."""
-    from torch import Tensor
-
     if not isinstance(obj, dict):
         return
     for key, value in obj.items():
         if not isinstance(key, str):
             continue  # optimizer state: {0: {"exp_avg": ...}}
-        if isinstance(value, Tensor):
+        if is_tensor(value):
             if key in found and holders[key] != container:
                 raise InputError(f"{path}: tensor {key} is both under {holders[key] or 'the top level'} and under "
                                  f"{container or 'the top level'}; pera-deploy cannot tell which is the adapter")
@@ -71,11 +64,9 @@ def tensors_in(obj: Any, path: Path, found: dict[str, Callable[[], Tensor]], hol
             tensors_in(value, path, found, holders, f"{container}.{key}" if container else key)
 
 
-def read_tensor(path: Path, name: str) -> Tensor:
-    """One tensor of a safetensors file (model_folder's reader, imported when first used: it needs torch)."""
-    from ..io.model_folder import read_tensor as read
-
-    return read(path, name)
+def read_tensor(entry: TensorEntry) -> Tensor:
+    """One tensor of a safetensors file, read when the adapter asks for it."""
+    return read_entry(entry)
 
 
 def read_state_dict_files(files: list[Path]) -> dict[str, Callable[[], Tensor]]:
@@ -83,11 +74,8 @@ def read_state_dict_files(files: list[Path]) -> dict[str, Callable[[], Tensor]]:
     holders: dict[str, str] = {}
     for file in files:
         if file.suffix == ".safetensors":
-            read_header(file)  # strict header checks first
-            with safe_open(str(file), framework="pt") as handle:
-                keys = list(handle.keys())
-            for key in keys:
-                tensors[key] = (lambda f=file, k=key: read_tensor(f, k))
+            for entry in sorted(read_header(file)[0], key=lambda e: e.name):  # strict header checks first
+                tensors[entry.name] = (lambda e=entry: read_tensor(e))
         else:
             tensors_in(load_checkpoint(file), file, tensors, holders)
     return tensors

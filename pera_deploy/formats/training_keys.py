@@ -24,11 +24,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
+
+import numpy as np
 
 from ..core.adapter import PeraAdapter
 from ..errors import InputError
 from ..io.files import read_json, require_finite, tensor_problem
+from ..io.torch_save import OddTensor, StoredTensor
 from .config_schema import validate_adapter_config
 from .layers import build_layers
 from .peft_folder import ADAPTER_CONFIG, normalize_extra_name
@@ -36,8 +39,9 @@ from .peft_lora import UNSUPPORTED
 from .peft_pera import peft_scaling
 from .registry import LoadOptions
 
-if TYPE_CHECKING:
-    from torch import Tensor
+# What a container holds for a name: a tensor of a torch.save file (read on request, or one that
+# cannot be read, which says why), or values already gathered (a DeepSpeed partition's slice).
+Tensor = StoredTensor | OddTensor | np.ndarray
 
 LEADING_WRAPPERS = ("module",)  # DistributedDataParallel and DeepSpeed wrap the model as `module`
 ANYWHERE_WRAPPERS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
@@ -214,7 +218,7 @@ def read_adapter(found: Found, options: LoadOptions, format_name: str) -> PeraAd
     if config_path is not None:
         settings["config"] = str(config_path) + (" (--config)" if options.config is not None else " (found beside)")
 
-    groups: dict[str, dict[str, Tensor]] = {}
+    groups: dict[str, dict[str, np.ndarray]] = {}
     for f in factors:
         if f.role in groups.setdefault(f.module, {}):
             raise InputError(f"{found.path}: module {f.module} has two {f.role} tensors ({f.raw} and another)")
@@ -250,15 +254,15 @@ def read_adapter(found: Found, options: LoadOptions, format_name: str) -> PeraAd
                        files=tuple(files), config=dict(config or {}), name=wanted, notes=tuple(notes), source=source)
 
 
-def _take(found: Found, raw: str) -> Tensor:
-    """A copy of the tensor `raw`, once it is known to be a plain dense one (`tensor_problem`):
-    copying a meta, sparse or nested tensor fails, and copying an expanded view of a few
-    stored bytes can take any memory."""
+def _take(found: Found, raw: str) -> np.ndarray:
+    """The values of the tensor `raw`, in a buffer of their own, once it is known to be a plain
+    dense one (`tensor_problem`): a meta, sparse or nested tensor has none to read, and an
+    expanded view of a few stored bytes could take any memory."""
     tensor = found.tensors[raw]()
     problem = tensor_problem(tensor)
     if problem is not None:
-        raise InputError(f"{found.path}: tensor {raw} is {problem}; pera-deploy reads only dense tensors")
-    return tensor.detach().clone()
+        raise InputError(f"{found.path}: tensor {raw} is {problem}")
+    return tensor.read(raw) if isinstance(tensor, StoredTensor) else np.array(tensor)
 
 
 def _choose_adapter(found: Found, present: set[str | None], options: LoadOptions) -> str | None:

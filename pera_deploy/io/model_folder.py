@@ -1,30 +1,25 @@
 """A Hugging Face model folder, read lazily: headers up front, one tensor on request.
 
 Bases, merged outputs and recovered models are all read through `ModelFolder`. Shapes and
-dtypes come from the safetensors headers (or a memory-mapped pickle), so a plan can be made
-and every shape validated before any weight is read.
+dtypes come from the safetensors headers (or a torch.save shard's pickle and zip directory,
+io/torch_save.py), so a plan can be made and every shape validated before any weight is read.
+Nothing here imports torch.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from safetensors import safe_open
-from torch import Tensor
 
-from ..core.dtypes import CODE_OF_TORCH_NAME, as_numpy
 from ..errors import InputError
 from .files import flat_tensors, load_pickle, read_json
 from .paths import allowed_roots, checked_file, contained_file, inside, protected_roots, real_path, require_folder
 from .safetensors_stream import TensorEntry, TensorRows, read_entry, read_header
 from .schema import boolean, mapping, optional, string, string_list, validate
 from .strict_json import parse_json
+from .torch_save import StoredTensor
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -124,7 +119,7 @@ class ModelFolder:
         self.index_path: Path | None = None
         self.shards: list[tuple[Path, list[TensorEntry]]] = []
         self.shard_metadata: dict[Path, dict[str, str]] = {}
-        self._pickled: dict[Path, dict[str, Tensor]] = {}  # legacy pickles, which cannot be mapped
+        self._records: dict[str, StoredTensor] = {}  # pickled tensors whose bytes are not one range of the file
         self._shared: list[list[str]] = []
         self.kind = self._discover()
         self.entries: dict[str, TensorEntry] = {}
@@ -190,32 +185,23 @@ class ModelFolder:
                 raise InputError(f"{index_path}: tensor {name} is listed in {file} but not found there")
 
     def _load_pickle(self, path: Path) -> list[TensorEntry]:
-        """Entries (and tied storages) of a torch.save'd shard, read through a memory map.
+        """Entries (and tied storages) of a torch.save'd shard, from its pickle and zip directory.
 
-        The map is let go again: every page a tensor touches would stay resident as long as
-        it lives. Where each tensor's bytes lie in the file is learnt from the map
-        (`mapped_offsets`), so that, like a safetensors tensor, it is then read with `pread`
-        (a file truncated meanwhile is one line naming it, where a mapped page would be a
-        SIGBUS) or copied byte for byte; a tensor whose place is not known for certain is
-        mapped anew when it is read. A legacy (non-zip) pickle cannot be mapped at all and is
-        kept in memory.
+        A tensor whose values are one range of the file's bytes (row-major, little-endian) gets
+        that range, so that, like a safetensors tensor, it is read with `pread` (a file
+        truncated meanwhile is one line naming it) or copied byte for byte; any other (a
+        transposed or strided view) is kept as its record and materialised when it is read.
         """
-        obj = flat_tensors(load_pickle(path, mmap=True), path)
-        offsets = mapped_offsets(path, obj)
         entries = []
-        storages: dict[tuple[int, int, tuple[int, ...]], list[str]] = {}
-        for name, tensor in obj.items():
-            torch_name = str(tensor.dtype).removeprefix("torch.")
-            if torch_name not in CODE_OF_TORCH_NAME:
-                raise InputError(f"{path}: tensor {name} has dtype {tensor.dtype}, which pera-deploy does not handle")
-            begin = offsets.get(name, -1)
-            end = begin + tensor.numel() * tensor.element_size() if begin >= 0 else -1
-            entries.append(TensorEntry(name, CODE_OF_TORCH_NAME[torch_name], tuple(tensor.shape), path, begin, end))
-            key = (tensor.untyped_storage().data_ptr(), int(tensor.storage_offset()), tuple(tensor.shape))
-            storages.setdefault(key, []).append(name)
+        storages: dict[tuple[str, int, tuple[int, ...]], list[str]] = {}
+        for name, tensor in flat_tensors(load_pickle(path), path).items():
+            span = tensor.byte_range()
+            begin, end = span if span is not None else (-1, -1)
+            entries.append(TensorEntry(name, tensor.code, tensor.shape, path, begin, end))
+            if span is None:
+                self._records[name] = tensor
+            storages.setdefault((tensor.storage.key, tensor.offset, tensor.shape), []).append(name)
         self._shared += [names for names in storages.values() if len(names) > 1]
-        if not zipfile.is_zipfile(path):
-            self._pickled[path] = obj
         return entries
 
     # -- access ------------------------------------------------------------------------
@@ -235,17 +221,15 @@ class ModelFolder:
         a SIGBUS instead of one line naming it.
         """
         entry = self.entries[name]
-        if entry.file in self._pickled:
-            return as_numpy(self._pickled[entry.file][name])
-        if entry.begin < 0:  # a torch.save'd shard: its own map, released with the tensor
-            return as_numpy(flat_tensors(load_pickle(entry.file, mmap=True), entry.file)[name]).copy()
+        if entry.begin < 0:  # a pickled view whose bytes are not in order
+            return self._records[name].read(name)
         return read_entry(entry)
 
     def rows(self, name: str) -> np.ndarray | TensorRows:
         """A 2-D tensor to read a block of rows at a time (`rows(name)[a:b]`), for the checks;
         a tensor from a pickle comes whole."""
         entry = self.entries[name]
-        if entry.begin < 0 or entry.file in self._pickled or len(entry.shape) != 2:
+        if entry.begin < 0 or len(entry.shape) != 2:
             return self.get(name)
         return TensorRows(entry)
 
@@ -266,7 +250,7 @@ class ModelFolder:
         return [*protected_roots(self.roots), *files, *(f.resolve() for f in files if f.is_symlink())]
 
     def close(self) -> None:
-        self._pickled.clear()
+        """Nothing stays open between reads (each opens its file): kept for `with`."""
 
     def __enter__(self) -> ModelFolder:
         return self
@@ -274,63 +258,6 @@ class ModelFolder:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-
-def mapped_offsets(path: Path, tensors: dict[str, Tensor]) -> dict[str, int]:
-    """Where each tensor of a memory-mapped `torch.save` zip lies in the file: its address
-    minus the start of the file's mapping (`/proc/self/maps`), plus the mapping's offset.
-
-    Only for contiguous, non-empty tensors of a little-endian file (torch.save writes the
-    raw bytes, as safetensors stores them), and only when the first bytes read back with
-    `pread` are the tensor's own; anything else (not Linux, a copy instead of a map) is left
-    out, and read through the map as before.
-    """
-    if sys.byteorder != "little" or not zipfile.is_zipfile(path):
-        return {}
-    try:
-        with zipfile.ZipFile(path) as archive:
-            order = [n for n in archive.namelist() if n.endswith("/byteorder")]
-            if order and archive.read(order[0]).strip() != b"little":
-                return {}
-        real = os.path.realpath(path)
-        regions = []
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                fields = line.split(maxsplit=5)
-                if len(fields) == 6 and fields[5].rstrip("\n") == real:
-                    start, end = (int(x, 16) for x in fields[0].split("-"))
-                    regions.append((start, end, int(fields[2], 16)))
-    except (OSError, ValueError, zipfile.BadZipFile):
-        return {}
-    offsets: dict[str, int] = {}
-    for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if not nbytes or not tensor.is_contiguous():
-            continue
-        address = tensor.untyped_storage().data_ptr() + int(tensor.storage_offset()) * tensor.element_size()
-        for start, end, offset in regions:
-            if start <= address and address + nbytes <= end:
-                offsets[name] = address - start + offset
-                break
-    size = path.stat().st_size
-    with open(path, "rb", buffering=0) as fh:
-        for name, offset in offsets.items():
-            tensor = tensors[name]
-            n = min(64, tensor.numel() * tensor.element_size())
-            head = tensor.reshape(-1).view(torch.uint8)[:n].numpy().tobytes()
-            if offset + tensor.numel() * tensor.element_size() > size or os.pread(fh.fileno(), n, offset) != head:
-                return {}
-    return offsets
-
-
-def read_tensor(path: Path, name: str) -> Tensor:
-    """One tensor of a safetensors file, through safe_open (which validates the whole file).
-
-    A map per call is released with its tensor, so reading tensor by tensor never holds more
-    than a tensor resident.
-    """
-    with safe_open(str(path), framework="pt") as handle:
-        return handle.get_tensor(name)
 
 
 class WrittenTensors:

@@ -1,32 +1,32 @@
-"""Reading training checkpoints without executing anything they name.
+"""Unpickling without executing anything a pickle names.
 
 Training frameworks pickle much more than tensors: optimizer state, `argparse.Namespace` or
 Lightning `AttributeDict` hyper-parameters, DeepSpeed's loss scaler and stage enum, numpy
-scalars. `torch.load(weights_only=True)` refuses all of those, and a plain `torch.load`
-runs whatever the pickle names. This unpickler sits in between, under `torch.load`'s own
-zip and storage handling (so storages are still memory-mapped):
+scalars. `SafeUnpickler` never imports anything a pickle names:
 
-* torch's tensor rebuilders, dtypes, `torch.Size` and the handful of builtins that
-  `weights_only` itself allows are the real thing;
-* every other class a pickle names becomes an inert stand-in: it is never imported, never
-  called, its state is kept as plain data (`Inert`);
-* a pickle that *calls* something other than those rebuilders (a function such as
-  `os.system`, `builtins.eval`, `subprocess.check_output`, `functools.partial`, anything
-  from a module that runs programs or code) is refused, naming the file and the global.
-  Calls to class-like names elsewhere (an `Enum` member, a numpy scalar, a `Path`) only
-  make inert data and are accepted.
+* the globals a reader knows (`known`: for torch.save files, io/torch_save.py's stand-ins for
+  torch's tensor rebuilders, dtypes and storages, which describe tensors and run nothing of
+  torch's) are those stand-ins;
+* with `strict` (adapters, base shards: what torch's `weights_only` reads), any other global
+  is refused (`Unsupported`);
+* otherwise (training checkpoints) every other class a pickle names becomes an inert
+  stand-in: it is never imported, never called, its state is kept as plain data (`Inert`);
+  a pickle that *calls* something other than those (a function such as `os.system`,
+  `builtins.eval`, `subprocess.check_output`, `functools.partial`, anything from a module
+  that runs programs or code) is refused, naming the global (`Refused`). Calls to
+  class-like names elsewhere (an `Enum` member, a numpy scalar, a `Path`) only make inert
+  data and are accepted, as are the names a reader lists in `inert_calls`.
 
-Nothing from the checkpoint is imported or executed in any case.
+Before any of it, `check_pickle_nesting` follows the opcodes and refuses containers nested
+deeper than MAX_NESTING (or holding themselves). Nothing from a pickle is imported or run.
 """
 
 from __future__ import annotations
 
 import _compat_pickle
 import pickle
-import types
-import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Collection, Mapping
 
 from ..errors import InputError
 
@@ -57,6 +57,14 @@ class Refused(Exception):
         self.name = name
 
 
+class Unsupported(Exception):
+    """A strict unpickler met a global it does not know: `name`."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
 class Inert:
     """Something a checkpoint named, kept as data: the global's name, the arguments it was
     built with, and the state and items pickle gave it. Nothing of it ever runs."""
@@ -81,6 +89,14 @@ class Inert:
     def extend(self, values: Any) -> None:
         self.__dict__.setdefault("list", []).extend(values)
 
+    def fields(self) -> dict[str, Any]:
+        """The attributes pickle gave it: a dataclass's or a plain object's `__dict__` state, with
+        the slots of a (dict, slots) pair; {} when its state is something else (a tuple)."""
+        state = self.__dict__.get("state")
+        if isinstance(state, tuple) and len(state) == 2 and all(isinstance(s, (dict, type(None))) for s in state):
+            return {**(state[0] or {}), **(state[1] or {})}
+        return dict(state) if isinstance(state, dict) else {}
+
     def __repr__(self) -> str:
         return f"<inert {self.__inert_name__}>"
 
@@ -100,51 +116,38 @@ class _InertMeta(type):
         return obj
 
 
-def _stand_in(module: str, name: str) -> type:
+def inert_name(value: Any) -> str | None:
+    """The global an inert object (or stand-in class) stands for; None for anything else."""
+    cls = value if isinstance(value, _InertMeta) else type(value)
+    return cls.__inert_name__ if isinstance(cls, _InertMeta) else None
+
+
+def _stand_in(module: str, name: str, callable_as_data: bool) -> type:
     qualified = f"{module}.{name}"
-    top = name.split(".")[-1]
+    return _InertMeta(name.split(".")[-1], (Inert,), {"__inert_name__": qualified,
+                                                       "__inert_callable__": callable_as_data, "__module__": __name__})
+
+
+def _callable_as_data(module: str, name: str) -> bool:
+    """A class-like name outside the dangerous modules (an Enum, a dataclass, a Path) only
+    makes data when called; a function-like name (lower case) is a call we refuse."""
     dangerous = any(module == m or module.startswith(m + ".") for m in DANGEROUS_MODULES)
-    # A class-like name outside the dangerous modules (an Enum, a dataclass, a Path) only
-    # makes data when called; a function-like name (lower case) is a call we refuse.
-    callable_as_data = qualified in INERT_CALLS or (not dangerous and top[:1].isupper())
-    return _InertMeta(top, (Inert,), {"__inert_name__": qualified, "__inert_callable__": callable_as_data,
-                                      "__module__": __name__})
-
-
-def _allowed() -> dict[str, Any]:
-    """What torch's own weights_only unpickler allows: tensor rebuilders, storages, dtypes,
-    torch.Size, OrderedDict and a few builtins (set, bytearray, complex, codecs.encode)."""
-    from torch import _weights_only_unpickler
-
-    return dict(_weights_only_unpickler._get_allowed_globals())
-
-
-def _checked_rebuild_from_type(allowed: dict[str, Any]) -> Any:
-    """torch._tensor._rebuild_from_type_v2 calls the tensor subclass it is given: only for
-    torch.Tensor and Parameter (as weights_only does)."""
-    import torch
-
-    real = allowed["torch._tensor._rebuild_from_type_v2"]
-
-    def rebuild(func: Any, new_type: Any, args: Any, state: Any) -> Any:
-        if new_type not in (torch.Tensor, torch.nn.Parameter):
-            raise Refused(f"torch._tensor._rebuild_from_type_v2 of {getattr(new_type, '__inert_name__', new_type)}")
-        return real(func, new_type, args, state)
-
-    return rebuild
+    return f"{module}.{name}" in INERT_CALLS or (not dangerous and name.split(".")[-1][:1].isupper())
 
 
 class SafeUnpickler(pickle.Unpickler):
-    """pickle.Unpickler whose find_class never imports: see the module's docstring.
+    """pickle.Unpickler whose find_class never imports: see the module's docstring."""
 
-    `extra` allows more real classes for one reader (DCP's metadata dataclasses)."""
+    _stand_ins: dict[tuple[str, bool], type] = {}
 
-    _allowed: dict[str, Any] | None = None
-    _stand_ins: dict[str, type] = {}
-
-    def __init__(self, file: Any, *, extra: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        super().__init__(file, **kwargs)
-        self.extra = extra or {}
+    def __init__(self, file: Any, known: Mapping[str, Any], *, strict: bool, inert_calls: Collection[str] = (),
+                 persistent_load: Callable[[Any], Any] | None = None) -> None:
+        super().__init__(file)
+        self.known = known
+        self.strict = strict
+        self.inert_calls = inert_calls
+        if persistent_load is not None:
+            self.persistent_load = persistent_load  # type: ignore[method-assign]
 
     def find_class(self, module: str, name: str) -> Any:
         # Protocol 2 pickles (torch.save's) name Python 2 modules; the base class maps them back
@@ -153,26 +156,16 @@ class SafeUnpickler(pickle.Unpickler):
             module, name = _compat_pickle.NAME_MAPPING[(module, name)]
         elif module in _compat_pickle.IMPORT_MAPPING:
             module = _compat_pickle.IMPORT_MAPPING[module]
-        cls = type(self)
-        if cls._allowed is None:
-            allowed = _allowed()
-            allowed["torch._tensor._rebuild_from_type_v2"] = _checked_rebuild_from_type(allowed)
-            cls._allowed = allowed
         qualified = f"{module}.{name}"
-        if qualified in cls._allowed:
-            return cls._allowed[qualified]
-        if qualified in self.extra:
-            return self.extra[qualified]
-        if qualified not in cls._stand_ins:
-            cls._stand_ins[qualified] = _stand_in(module, name)
-        return cls._stand_ins[qualified]
-
-
-# torch.load takes a "pickle module": anything with Unpickler and load.
-safe_pickle_module = types.ModuleType("pera_deploy_safe_pickle")
-safe_pickle_module.Unpickler = SafeUnpickler  # type: ignore[attr-defined]
-safe_pickle_module.load = lambda file, **kw: SafeUnpickler(file, **kw).load()  # type: ignore[attr-defined]
-safe_pickle_module.__name__ = "pickle"  # torch.load checks the module's name for some messages only
+        if qualified in self.known:
+            return self.known[qualified]
+        if self.strict:
+            raise Unsupported(qualified)
+        callable_as_data = qualified in self.inert_calls or _callable_as_data(module, name)
+        key = (qualified, callable_as_data)
+        if key not in self._stand_ins:
+            self._stand_ins[key] = _stand_in(module, name, callable_as_data)
+        return self._stand_ins[key]
 
 
 # Containers nested deeper than this in any pickle pera-deploy reads are refused before it is
@@ -353,113 +346,10 @@ def check_pickle_nesting(data: bytes, limit: int = MAX_NESTING) -> None:
         return
 
 
-def check_torch_file(source: Any, where: Path | str) -> None:
-    """What must hold of a torch.save'd file (a path, or a seekable file object) before torch
-    reads it: every entry of its zip container stored, not compressed, and its pickle nested
-    at most MAX_NESTING deep (legacy non-zip pickles: each of the pickles they begin with).
-
-    torch.save stores every entry uncompressed, which is what lets a storage be memory-mapped.
-    A compressed entry is not torch's doing, cannot be mapped, and would be inflated whole
-    into memory before anything could check it: a 1 MB file can declare gigabytes (a zip
-    bomb). So it is refused, naming the entry and its declared size, before torch opens the file."""
-    import struct
-    import zipfile
-
-    try:
-        if not zipfile.is_zipfile(source):
-            _check_legacy_pickles(source, where)
-            return
-        with zipfile.ZipFile(source) as container:
-            for entry in container.infolist():
-                if entry.compress_type != zipfile.ZIP_STORED:
-                    raise InputError(f"{where}: entry {entry.filename} is compressed ({entry.file_size:,} bytes "
-                                     f"declared from {entry.compress_size:,}); torch.save never compresses, so it is "
-                                     "refused rather than inflated into memory")
-            for entry in container.infolist():
-                if entry.filename.endswith("data.pkl"):
-                    _check_nesting(container.read(entry), where)
-    except (zipfile.BadZipFile, ValueError, EOFError, struct.error, NotImplementedError, RuntimeError,
-            OverflowError, IndexError) as exc:  # zipfile on damaged bytes: a negative seek, an unknown method, ...
-        raise InputError(f"{where}: truncated or corrupt checkpoint ({type(exc).__name__}: {exc})") from None
-    except IsADirectoryError:
-        raise InputError(f"{where}: is a folder, expected a checkpoint file") from None
-    except (FileNotFoundError, PermissionError) as exc:
-        raise InputError(f"{where}: cannot read: {exc.strerror}") from None
-
-
-def _check_nesting(data: bytes, where: Path | str) -> None:
+def check_nesting(data: bytes, where: Path | str) -> None:
+    """`check_pickle_nesting`, its refusal one line naming `where`."""
     try:
         check_pickle_nesting(data)
     except TooDeep:
         raise InputError(f"{where}: its containers nest more than {MAX_NESTING} levels deep (or hold themselves); "
                          "refused before unpickling") from None
-
-
-def _check_legacy_pickles(source: Any, where: Path | str) -> None:
-    """A legacy torch.save file is a few pickles in a row (magic number, protocol, system
-    info, the object, its storages' keys), then the storages' raw bytes: each pickle is
-    checked in turn, up to where the storages begin (or the first one that is damaged)."""
-    import pickletools
-
-    own = not hasattr(source, "read")
-    stream = open(source, "rb") if own else source  # noqa: SIM115
-    try:
-        stream.seek(0)
-        for _ in range(5):
-            start = stream.tell()
-            try:
-                stop = next(pos for op, _, pos in pickletools.genops(stream) if op.name == "STOP")
-            except Exception:  # noqa: BLE001  not (or no longer) a pickle: torch will say what it is
-                break
-            if stop is None:
-                break
-            stream.seek(start)
-            _check_nesting(stream.read(stop + 1 - start), where)
-    finally:
-        if own:
-            stream.close()
-        else:
-            source.seek(0)
-
-
-def load_checkpoint(path: Path, mmap: bool = True) -> Any:
-    """Whatever a training checkpoint holds, tensors real (memory-mapped where the file allows)
-    and every other object inert; an InputError naming the file for anything refused or broken."""
-    import torch
-
-    check_torch_file(path, path)
-    try:
-        with warnings.catch_warnings():  # torch's notes on what it rebuilds: the reader that refuses it says why
-            warnings.simplefilter("ignore")
-            try:
-                return torch.load(path, map_location="cpu", weights_only=False, pickle_module=safe_pickle_module,
-                                  mmap=mmap)
-            except RuntimeError as exc:
-                if not mmap or "mmap" not in str(exc):
-                    raise
-                return torch.load(path, map_location="cpu", weights_only=False, pickle_module=safe_pickle_module)
-    except Refused as exc:
-        raise InputError(f"{path}: refused: the pickle calls {exc.name}, which pera-deploy never runs "
-                         "(only torch's tensor rebuilders are)") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a folder, expected a checkpoint file") from None
-    except (FileNotFoundError, PermissionError) as exc:
-        raise InputError(f"{path}: cannot read: {exc.strerror}") from None
-    except Exception as exc:  # noqa: BLE001  only torch's loader ran, on the user's bytes
-        first = (str(exc).splitlines() or [""])[0][:200]
-        raise InputError(f"{path}: truncated or corrupt checkpoint ({type(exc).__name__}: {first})") from None
-
-
-def loads_safely(data: bytes, where: Path | str, allowed: dict[str, Any] | None = None) -> Any:
-    """A plain pickle (no torch zip container: DCP's .metadata), read the same safe way, with
-    `allowed` naming the extra classes this kind of file may build for real."""
-    import io
-
-    _check_nesting(data, where)
-    try:
-        return SafeUnpickler(io.BytesIO(data), extra=allowed).load()
-    except Refused as exc:
-        raise InputError(f"{where}: refused: the pickle calls {exc.name}, which pera-deploy never runs") from None
-    except Exception as exc:  # noqa: BLE001
-        first = (str(exc).splitlines() or [""])[0][:200]
-        raise InputError(f"{where}: truncated or corrupt ({type(exc).__name__}: {first})") from None
