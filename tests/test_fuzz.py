@@ -149,31 +149,36 @@ def tensor_mutation(draw: Any) -> Any:
 
 
 def mutate_tensors(path: Path, mutation: Any) -> None:
-    """A well-formed file holding wrong tensors: shapes, dtypes, names and values that make no adapter."""
-    import torch
-    from safetensors.torch import load_file, save_file
+    """A well-formed file holding wrong tensors: shapes, dtypes, names and values that make no adapter
+    (numpy arrays, a .bin written as torch.save writes it: no torch needed)."""
+    import ml_dtypes
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    from tests.test_hardening_inputs import save_bin, stored
 
     kind, n, shape, dtype, suffix, value = mutation
-    tensors = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, weights_only=True)
+    tensors = load_file(str(path)) if path.suffix == ".safetensors" else stored(path)
     keys = sorted(tensors)
     key = keys[n % len(keys)]
+    rng = np.random.default_rng(n)
     if kind == "shape":
-        tensors[key] = torch.randn(shape) if shape or n % 2 else torch.tensor(1.0)
+        tensors[key] = rng.standard_normal(shape, np.float32) if shape or n % 2 else np.array(1.0, np.float32)
     elif kind == "dtype":
-        tensors[key] = tensors[key].to(getattr(torch, dtype))
+        tensors[key] = tensors[key].astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype))
     elif kind == "drop":
         del tensors[key]
     elif kind == "rename":
         tensors[key.rsplit(".", 1)[0] + suffix] = tensors.pop(key)
     elif kind == "add":
-        tensors[f"base_model.model.model.layers.{n % 3}.extra{suffix}"] = torch.randn(shape or [2])
+        tensors[f"base_model.model.model.layers.{n % 3}.extra{suffix}"] = rng.standard_normal(shape or [2], np.float32)
     else:
-        tensors[key] = tensors[key].clone()
-        tensors[key].view(-1)[n % tensors[key].numel()] = value
+        tensors[key] = tensors[key].copy()
+        tensors[key].reshape(-1)[n % tensors[key].size] = value
     if path.suffix == ".safetensors":
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path))
     else:
-        torch.save(tensors, path)
+        save_bin(path, tensors)
 
 
 target = st.sampled_from(["adapter-safetensors", "adapter-config", "pera-pickle", "pera-config", "base-header",

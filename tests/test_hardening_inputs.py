@@ -365,6 +365,24 @@ def write_zip(path: Path, data_pkl: bytes, storages: dict[str, bytes]) -> Path:
     return path
 
 
+def save_bin(path: Path, tensors: dict[str, np.ndarray]) -> Path:
+    """numpy arrays as torch.save saves a flat dict of tensors, written without torch (each
+    array its own storage, of the type torch names for its dtype)."""
+    from pera_deploy.core.dtypes import code_of, torch_name
+    from pera_deploy.io.torch_save import STORAGE_DTYPES
+
+    kinds = {dtype: kind for kind, dtype in STORAGE_DTYPES.items()}
+    pickled = b"\x80\x02}("
+    blobs: dict[str, bytes] = {}
+    for i, (name, tensor) in enumerate(tensors.items()):
+        value = np.ascontiguousarray(tensor)
+        strides = tuple(s // value.itemsize for s in value.strides)
+        kind = kinds[torch_name(code_of(value))]
+        pickled += _opcodes(name) + tensor_record(str(i), kind, value.size, 0, value.shape, strides)
+        blobs[str(i)] = value.tobytes()
+    return write_zip(path, pickled + b"u.", blobs)
+
+
 STORAGES = {"FloatStorage": 4, "HalfStorage": 2, "BFloat16Storage": 2, "LongStorage": 8, "BoolStorage": 1,
             "DoubleStorage": 8}
 VALID_RECORD = {"kind": "FloatStorage", "numel": 256, "stored": 256, "offset": 0, "size": [4, 64], "stride": [64, 1],
@@ -408,6 +426,13 @@ def test_the_raw_writer_writes_what_torch_save_writes(fx, tmp_path):
         return
     loaded = torch.load(tmp_path / "raw.bin", weights_only=True)
     assert all(loaded[k].numpy().tobytes() == again[k].tobytes() for k in again)
+    import ml_dtypes
+
+    mixed = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, ml_dtypes.bfloat16),
+             "c": np.arange(4, dtype=np.int64), "d": np.array(2.5)}
+    loaded = torch.load(save_bin(tmp_path / "mixed.bin", mixed), weights_only=True)
+    assert [str(loaded[k].dtype) for k in mixed] == ["torch.float32", "torch.bfloat16", "torch.int64", "torch.float64"]
+    assert all(loaded[k].view(-1).view(torch.uint8).numpy().tobytes() == v.tobytes() for k, v in mixed.items())
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))

@@ -274,7 +274,7 @@ def _tensor(storage: Any, offset: Any, size: Any, stride: Any, dtype: TorchDtype
     if numel > stored:  # a view repeating its elements (stride 0): copying it could take any memory
         return OddTensor.not_dense(f"a view of {numel:,} elements over a storage of {stored:,} (an expanded tensor, "
                                    f"strides {list(strides)})")
-    if offset < 0 or any(s < 0 for s in strides) \
+    if offset < 0 or any(s < 0 for d, s in zip(shape, strides) if d > 1) \
             or offset + sum((d - 1) * s for d, s in zip(shape, strides)) >= stored:
         return OddTensor.not_dense(f"a view of shape {list(shape)}, strides {list(strides)} from element {offset:,} "
                                    f"of a storage of {stored:,} (it does not lie inside it)")
@@ -309,7 +309,7 @@ def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> An
     """A tensor of class `new_type`: torch.Tensor and Parameter are tensors; a subclass is not read."""
     if not isinstance(new_type, TensorClass):
         return OddTensor.not_dense(f"a tensor subclass ({inert_name(new_type) or type(new_type).__name__})")
-    if func not in REBUILDERS or not isinstance(args, tuple):
+    if func not in REBUILDERS_SET or not isinstance(args, tuple):
         raise Refused(f"torch._tensor._rebuild_from_type_v2 of {inert_name(func) or func!r}")
     return func(*args)
 
