@@ -65,7 +65,7 @@ class TensorEntry:
     dtype: str  # safetensors code: "BF16", "F32", ...
     shape: tuple[int, ...]
     file: Path
-    begin: int  # absolute byte offsets in the file; -1 for tensors from a pickle
+    begin: int  # absolute byte offsets in the file; -1 for a pickled view whose bytes are not one range
     end: int
 
     @property
