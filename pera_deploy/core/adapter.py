@@ -5,8 +5,7 @@ Nothing downstream of a loader knows which file format an adapter came from: it 
 into pair order, the scaling already resolved, and the orientation of the base weight.
 
 What `inspect` reports is built by `describe_adapter` from `LayerInfo`s (a layer without its
-tensors) and one ‖ΔW‖ each, so a reader that builds no layers (inspect's fast path,
-formats/peft_describe.py) gives the same report. Tensors are numpy arrays in their stored
+tensors) and one ‖ΔW‖ each. Tensors are numpy arrays in their stored
 dtype (bfloat16 and float8 from ml_dtypes); the math widens them exactly to float64.
 """
 

@@ -207,7 +207,8 @@ class StoredTensor:
             values = flat.reshape(self.shape)
         else:
             strides = tuple(s * self.itemsize for s in self.stride)
-            values = np.lib.stride_tricks.as_strided(flat, self.shape, strides, writeable=False).copy()
+            bits = flat.view(f"u{self.itemsize}")  # as_strided cannot take ml_dtypes' float8 types
+            values = np.lib.stride_tricks.as_strided(bits, self.shape, strides, writeable=False).copy().view(dtype)
         if self.storage.big_endian and self.itemsize > 1:
             values = values.view(f"u{self.itemsize}").byteswap().view(dtype)
         if self.negated:  # flip the sign bit: exact, NaN payloads kept
@@ -559,6 +560,10 @@ def _load_legacy(source: Path | bytes, stream: Any, where: Path | str, strict: b
     def persistent_load(pid: Any) -> Any:
         if type(pid) is tuple and len(pid) == 3 and pid[0] == "module":
             return pid[1]  # a module's class, saved with its source: what the unpickler made of its name
+        if type(pid) is tuple and len(pid) == 6 and isinstance(pid[1], StorageType) and pid[1].dtype is None:
+            raise Corrupt("an untyped storage in the legacy format (torch.save writes one for float8 and the other "
+                          "dtypes without a storage class), which torch.load cannot read back either; save it again "
+                          "in torch's zip format")
         if type(pid) is not tuple or len(pid) != 6 or pid[0] != "storage" or not isinstance(pid[1], StorageType) \
                 or pid[1].dtype is None or pid[1].dtype.itemsize is None or type(pid[4]) is not int or pid[4] < 0:
             raise Corrupt("a storage named in a way torch.save does not write")
