@@ -6,6 +6,7 @@ import json
 import shlex
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -47,9 +48,9 @@ def test_inspect_text_and_json(cli, fx):
     assert info["modules"] == 14 and len(info["layers"]) == 14
     adapter = pera_deploy.load_adapter(fx["llama-peft-rslora"])
     layers = adapter.layers.values()
-    assert info["parameters"] == sum(l.A.numel() + l.B.numel() + l.hA.numel() + l.hB.numel() for l in layers)
+    assert info["parameters"] == sum(l.A.size + l.B.size + l.hA.size + l.hB.size for l in layers)
     layer = adapter.layers[info["layers"][0]["module"]]
-    assert info["layers"][0]["delta_norm"] == pytest.approx(float(layer.delta_weight(torch.float64).norm()), rel=1e-12)
+    assert info["layers"][0]["delta_norm"] == pytest.approx(float(np.linalg.norm(layer.delta_weight())), rel=1e-12)
 
 
 def test_inspect_plain_lora(cli, fx):
