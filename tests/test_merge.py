@@ -160,7 +160,7 @@ def test_manifest_lists_layers_checks_and_digests(fx, tmp_path):
     assert 0 < check["rel_error"] <= check["rel_bound"]
     assert check["max_steps"] == 0 and check["off_elements"] == 0  # every element correctly rounded
     assert manifest["checks"]["weights"]["every_element_correctly_rounded"] is True
-    assert manifest["schema_version"] == 1 and manifest["command"] == "merge"
+    assert manifest["schema_version"] == 2 and manifest["command"] == "merge"
     for name, digest in manifest["base"]["files"].items():
         assert hashlib.sha256((fx["llama-base"] / name).read_bytes()).hexdigest() == digest
     assert manifest["checks"]["weights"]["passed"] is True
