@@ -322,6 +322,7 @@ def main() -> None:
       pera-deploy extract CHECKPOINT -o ADAPTER      (from DeepSpeed, Lightning, DCP, HF Trainer)
       pera-deploy bundle BASE -o BUNDLE --adapter a=A1 --adapter b=A2
       pera-deploy combine A1 A2 -o LORA --weights 0.7,0.3
+      pera-deploy reproduce OUTPUT                   (re-derive any output from its manifest)
 
     \b
     Exit status: 0 success, 1 a numerical check failed, 2 bad input, 3 internal error,

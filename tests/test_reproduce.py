@@ -10,6 +10,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -185,6 +187,17 @@ def test_the_manifest_records_every_argument_of_the_call(made, inputs, name):
     assert {key: options[key] for key in expected} == expected
 
 
+def test_every_writer_records_its_call_and_can_be_reproduced():
+    """Every API function that records its call (a writer) is one reproduce can run again."""
+    import inspect
+
+    writers = {name for name in api.__all__ if "recorded(" in inspect.getsource(getattr(api, name))
+               and name != "reproduce"}
+    assert writers == {function.__name__ for function in COMMANDS.values()}
+    assert writers >= {"merge", "keep_branch", "unmerge", "export_lora", "combine", "extract", "bundle", "export_gguf",
+                       "export_onnx"}
+
+
 def test_a_gguf_carries_its_manifest_without_what_is_measured(made):
     pytest.importorskip("gguf")
     manifest = manifest_of(made("export-gguf"))
@@ -306,6 +319,25 @@ def test_a_merge_manifest_from_another_machine_reproduces(made, tmp_path):
 
     rewrite_manifest(output, elsewhere)
     assert run("reproduce", output).exit_code == 0
+
+
+def test_an_output_written_with_other_blas_kernels_reproduces(inputs, tmp_path):
+    """Another machine, for real: OpenBLAS forced to its SSE kernels (Prescott) in the process
+    that writes a reduced export. Its factors are the same bytes; ‖ΔW‖ (QR) and the errors
+    (SVD) in its manifest differ in their last digits, and reproduce takes them as figures."""
+    output, here = tmp_path / "sse" / "lora", tmp_path / "default" / "lora"
+    args = ["export-lora", str(inputs["A"]), "--rank", "3", "--no-pad"]
+    env = {**os.environ, "OPENBLAS_CORETYPE": "Prescott",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")])}
+    written = subprocess.run([sys.executable, "-m", "pera_deploy.cli", *args, "-o", str(output)], env=env,
+                             capture_output=True, text=True)
+    assert written.returncode == 0, written.stderr
+    assert run(*args, "-o", here).exit_code == 0
+    assert (output / "adapter_model.safetensors").read_bytes() == (here / "adapter_model.safetensors").read_bytes()
+    if (output / MANIFEST).read_bytes() == (here / MANIFEST).read_bytes():
+        pytest.skip("this OpenBLAS measured the same figures with its SSE kernels: no other machine to show")
+    result = run("reproduce", output)
+    assert result.exit_code == 0, result.stderr
 
 
 # -- inputs: changed, missing, moved ---------------------------------------------------------------------
@@ -451,6 +483,67 @@ def test_a_gguf_without_a_sound_manifest_is_bad_input(tmp_path, manifest, needle
     refused(run("reproduce", path), "old.gguf", *needles)
 
 
+# -- manifests, fuzzed: never a crash ------------------------------------------------------------------------
+
+FUZZ_EXAMPLES = int(os.environ.get("PERA_DEPLOY_FUZZ_EXAMPLES", "15"))
+JSON_VALUES = [None, True, False, 0, -1, 3, 2**40, 0.5, -1e300, "", "x", "auto", "float16", "bfloat16", "zero", "peft",
+               "../nowhere", "/dev/null", [], [1], ["x", "y"], {}, {"a": "b"}, {"a": 1}, "DELETE"]
+
+
+def _paths(value, at=()):
+    """Every key path of a JSON value (dicts and lists), to mutate one."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield (*at, key)
+            yield from _paths(item, (*at, key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield (*at, i)
+            yield from _paths(item, (*at, i))
+
+
+@pytest.mark.parametrize("name", ["merge", "export-lora-reduced"])
+def test_fuzzed_manifests_keep_the_contract(made, tmp_path_factory, name):
+    """Any field of a manifest (options most often) replaced or deleted: reproduce exits 0, 1
+    or 2 with one stderr line, never 3, and leaves nothing behind."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+    merged_once = made(name)
+    manifest = manifest_of(merged_once)
+    options = [("options", key) for key in manifest["options"]]
+    every = [p for p in _paths(manifest) if p[0] != "checks" or len(p) < 3]
+
+    @hypothesis.settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
+                         derandomize=os.environ.get("PERA_DEPLOY_FUZZ_RANDOM") != "1",
+                         suppress_health_check=list(hypothesis.HealthCheck))
+    @hypothesis.given(st.lists(st.tuples(st.one_of(st.sampled_from(options), st.sampled_from(every)),
+                                         st.sampled_from(JSON_VALUES)), min_size=1, max_size=3))
+    def check(changes):
+        work = tmp_path_factory.mktemp("fuzz")
+        output = work / merged_once.name
+        shutil.copytree(merged_once, output)
+        edited = json.loads((output / MANIFEST).read_text())
+        for path, value in changes:
+            parent = edited
+            try:
+                for key in path[:-1]:
+                    parent = parent[key]
+                if value == "DELETE":
+                    del parent[path[-1]]
+                else:
+                    parent[path[-1]] = value
+            except (KeyError, IndexError, TypeError):
+                continue  # an earlier change removed or replaced where this one was
+        (output / MANIFEST).write_text(json.dumps(edited))
+        result = run("reproduce", output, "--json")
+        assert result.exit_code in (0, 1, 2), (changes, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == (1 if result.exit_code else 0), (changes, result.stderr)
+        assert json.loads(result.stdout)["exit_code"] == result.exit_code
+        assert sorted(p.name for p in work.iterdir()) == [output.name], changes
+
+    check()
+
+
 # -- stop signals: the re-derivation's output is scratch ------------------------------------------------------
 
 
@@ -470,3 +563,22 @@ def test_a_stop_signal_while_comparing_stops_the_run_and_leaves_nothing(made, pr
     result = run("reproduce", made("merge"))
     assert result.exit_code == 128 + signal.SIGTERM, result.stderr
     assert not list(private_tmp.iterdir())
+
+
+@pytest.mark.slow
+def test_an_onnx_export_reproduces_byte_for_byte(inputs, tmp_path, private_tmp):
+    """torch's ONNX export, Optimum's and genai_config.json write the same bytes again (this
+    machine, these library versions); a tampered initializer is named by its file."""
+    pytest.importorskip("optimum.exporters.onnx")
+    output = tmp_path / "onnx"
+    result = run("export-onnx", inputs["B"], "--adapter", inputs["A"], "-o", output)
+    assert result.exit_code == 0, result.stderr
+    result = run("reproduce", output, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert "model.onnx" in json.loads(result.stdout)["checks"]["reproduce"]["files"]
+    assert not list(private_tmp.iterdir())
+    data = bytearray((output / "model.onnx").read_bytes())
+    data[-5] ^= 0x01
+    (output / "model.onnx").write_bytes(bytes(data))
+    result = run("reproduce", output)
+    assert result.exit_code == 1 and "model.onnx: differs from byte" in result.stderr, result.stderr
