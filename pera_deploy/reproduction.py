@@ -133,7 +133,7 @@ def reproduce_output(output: Path, *, adapters: Sequence[str | Path] = (), base:
         if changed:
             raise InputError(f"{changed[0]}, so {output} cannot be re-derived from it")
         if not check.differences:
-            compare_outputs(output, target, check, _mapping(pairs))
+            compare_outputs(output, target, check, pairs)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     report = Report("reproduce", None, [check], {})
@@ -380,8 +380,11 @@ def _listing(root: Path) -> dict[str, str]:
     return found
 
 
-def compare_outputs(output: Path, derived: Path, check: ReproduceCheck, mapped: Callable[[str], str]) -> None:
-    """Every file of OUTPUT against the re-derived one (differences appended to `check`)."""
+def compare_outputs(output: Path, derived: Path, check: ReproduceCheck, pairs: list[tuple[str, str]]) -> None:
+    """Every file of OUTPUT against the re-derived one (differences appended to `check`);
+    `pairs` are the (new path, recorded path) of the inputs given at a new place."""
+    mapped = _mapping(pairs)
+    moved = [os.path.realpath(new) for new, _ in pairs]
     was, now = _listing(output), _listing(derived)
     for rel in sorted(was.keys() | now.keys()):
         shown_as = rel or output.name
@@ -397,19 +400,20 @@ def compare_outputs(output: Path, derived: Path, check: ReproduceCheck, mapped: 
             if problem:
                 check.differences.append(f"{shown_as}: {problem}")
         elif was[rel] == "link":
-            problem = _compare_link(output / rel, derived / rel, mapped, check.notes)
+            problem = _compare_link(output / rel, derived / rel, mapped, moved, check.notes)
             if problem:
                 check.differences.append(f"{shown_as}: {problem}")
 
 
-def _compare_link(was: Path, now: Path, mapped: Callable[[str], str], notes: list[str]) -> str | None:
-    """A link (--base-files symlink) names the input file it leads to: the same, or the file
-    of the same name in the input given in the recorded one's place."""
+def _compare_link(was: Path, now: Path, mapped: Callable[[str], str], moved: list[str],
+                  notes: list[str]) -> str | None:
+    """A link (--base-files symlink) names the input file it leads to by its real path: the
+    same, or the file of the same name in an input given in the recorded one's place."""
     a, b = os.readlink(was), os.readlink(now)
     if a == b or mapped(b) == a:
         return None
-    if Path(a).name == Path(b).name and mapped(b) != b:
-        notes.append(f"{was.name}: leads to the input's new place")
+    if Path(a).name == Path(b).name and any(b.startswith(real.rstrip("/") + "/") for real in moved):
+        notes.append(f"{was.name}: leads to the file of that name in the input given at its new place")
         return None
     return f"a link to {a}; the recorded call links to {b}"
 

@@ -396,6 +396,28 @@ def test_a_moved_state_dict_and_config_are_mapped_back(made, inputs, tmp_path):
     assert result.exit_code == 0, result.stderr
 
 
+def test_links_into_a_moved_base_lead_to_its_new_place(inputs, tmp_path):
+    """--base-files symlink links to the base's files by their real path: with the base given
+    at its new place, a link is the same when it names the same file of that base."""
+    base = Path(shutil.copytree(inputs["B"], tmp_path / "in" / "llama-base"))
+    output = tmp_path / "out" / "served"
+    assert run("merge", inputs["A"], base, "--keep-branch", "--base-files", "symlink", "-o", output).exit_code == 0
+    shutil.move(base, tmp_path / "llama-base")
+    refused(run("reproduce", output), str(base), "--base")
+    result = run("reproduce", output, "--base", tmp_path / "llama-base")
+    assert result.exit_code == 0, result.stderr
+    (tmp_path / "alias").mkdir()
+    (tmp_path / "alias" / "llama-base").symlink_to(tmp_path / "llama-base")  # given through a link
+    result = run("reproduce", output, "--base", tmp_path / "alias" / "llama-base", "--json")
+    assert result.exit_code == 0, result.stderr
+    notes = json.loads(result.stdout)["checks"]["reproduce"]["notes"]
+    assert notes and all("the input given at its new place" in note for note in notes)
+    os.unlink(output / "base" / "config.json")
+    os.symlink(tmp_path / "llama-base" / "generation_config.json", output / "base" / "config.json")
+    result = run("reproduce", output, "--base", tmp_path / "llama-base")
+    assert result.exit_code == 1 and "base/config.json: a link to" in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize("args, needles", [
     (["--adapter", "x/llama-pera", "--adapter", "y/llama-pera-2"], ["--adapter", "1 adapter(s)"]),
     (["--check-against", "x/llama-base"], ["--check-against", "no such input"]),
