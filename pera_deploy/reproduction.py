@@ -41,6 +41,7 @@ from .checks.base import Report
 from .core.adapter import PeraAdapter
 from .errors import CheckFailed, InputError, environment_failure
 from .formats import load_adapter
+from .io.digests import Digests
 from .io.safetensors_stream import TensorEntry, itemsize, read_header
 from .io.schema import shown
 from .io.strict_json import parse_json, read_json
@@ -120,12 +121,15 @@ def reproduce_output(output: Path, *, adapters: Sequence[str | Path] = (), base:
     arguments, pairs = substitute(arguments, moved, command, where)
     require_inputs(arguments, where)
     check = ReproduceCheck(str(output), command)
+    # every input hashed afresh, and no digest cache written: a check trusts no earlier run,
+    # and reproduce writes nothing but its report
+    digests = Digests(use_cache=False)
     scratch = _scratch_folder()
     try:
         target = scratch / Path(arguments.pop("output")).name
         try:
             with scratch_outputs():
-                derived = function(output=target, **arguments).manifest
+                derived = function(output=target, digests=digests, **arguments).manifest
         except CheckFailed as exc:  # a check of the re-derivation failed: say first if an input changed
             derived = getattr(exc.report, "manifest", None) or {}
             check.differences.append(f"a check of the re-derivation failed: {exc}")
@@ -135,6 +139,7 @@ def reproduce_output(output: Path, *, adapters: Sequence[str | Path] = (), base:
         if not check.differences:
             compare_outputs(output, target, check, pairs)
     finally:
+        digests.close()
         shutil.rmtree(scratch, ignore_errors=True)
     report = Report("reproduce", None, [check], {})
     if not report.passed:
@@ -418,7 +423,8 @@ def _compare_link(was: Path, now: Path, mapped: Callable[[str], str], moved: lis
     return f"a link to {a}; the recorded call links to {b}"
 
 
-def same_bytes(a: Path, b: Path) -> bool:
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two files hold the same bytes (read in chunks: a shard can be several GB)."""
     if a.stat().st_size != b.stat().st_size:
         return False
     with open(a, "rb") as fa, open(b, "rb") as fb:
@@ -432,7 +438,7 @@ def same_bytes(a: Path, b: Path) -> bool:
 
 def compare_file(was: Path, now: Path, mapped: Callable[[str], str]) -> str | None:
     """None when the file is what the recorded call writes; else what differs, in one line."""
-    if same_bytes(was, now):
+    if same_file(was, now):
         return None
     if was.name in RECORD_FILES:
         try:

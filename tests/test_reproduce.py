@@ -340,6 +340,41 @@ def test_an_output_written_with_other_blas_kernels_reproduces(inputs, tmp_path):
     assert result.exit_code == 0, result.stderr
 
 
+def test_reproduce_trusts_and_writes_no_digest_cache(made, inputs, tmp_path, monkeypatch):
+    """Every input is hashed afresh (a cache entry that lies about a file is not believed)
+    and the sha256 cache is not written: reproduce writes nothing but its report."""
+    from pera_deploy.io.digests import DigestCache
+
+    output = made("merge")
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("PERA_DEPLOY_CACHE_DIR", str(cache))
+    DigestCache(cache).put(inputs["B"] / "model-00001-of-00003.safetensors", "0" * 64)  # a lie, valid as an entry
+    entries = sorted(p.name for p in (cache / "sha256").iterdir())
+    assert len(entries) == 1
+    result = run("reproduce", output)
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in (cache / "sha256").iterdir()) == entries
+
+
+@pytest.mark.parametrize("names", [[n for n in WRITERS if n != "export-gguf"], ["export-gguf"]], ids=["folders", "gguf"])
+def test_outputs_reproduce_in_another_process_with_another_hash_seed(made, names):
+    """The order of every JSON object, metadata map and card line is fixed by the code, not by
+    the hash of a string: each output, written in this process, is reproduced in a process
+    whose str hashes differ (PYTHONHASHSEED), file by file."""
+    if names == ["export-gguf"]:
+        pytest.importorskip("gguf")
+    outputs = [str(made(name)) for name in names]
+    seed = "4242" if os.environ.get("PYTHONHASHSEED") != "4242" else "4243"
+    script = ("import json, sys\nfrom pera_deploy import reproduce\n"
+              "for output in sys.argv[1:]:\n    print(json.dumps(reproduce(output).check('reproduce').to_dict()))\n")
+    env = {**os.environ, "PYTHONHASHSEED": seed,
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", script, *outputs], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    checks = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [c["output"] for c in checks] == outputs and all(c["passed"] and c["files"] for c in checks)
+
+
 # -- inputs: changed, missing, moved ---------------------------------------------------------------------
 
 
@@ -567,6 +602,43 @@ def test_fuzzed_manifests_keep_the_contract(made, tmp_path_factory, name):
 
 
 # -- stop signals: the re-derivation's output is scratch ------------------------------------------------------
+
+
+def test_a_stop_signal_while_re_deriving_leaves_nothing(made, private_tmp, monkeypatch):
+    """SIGTERM while the re-derivation writes (its shards staged, its manifest being built):
+    exit 128 + 15, the private folder gone, the output untouched."""
+    import pera_deploy.publish.publication as publication
+
+    real = publication.build_manifest
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(publication, "build_manifest", interrupted)
+    output = made("merge")
+    before = snapshot(output)
+    result = run("reproduce", output)
+    assert result.exit_code == 128 + signal.SIGTERM, result.stderr
+    assert not list(private_tmp.iterdir()) and snapshot(output) == before
+
+
+def test_a_failing_disk_while_re_deriving_is_exit_4_and_leaves_nothing(made, private_tmp, monkeypatch):
+    import errno
+
+    import pera_deploy.publish.publication as publication
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(publication, "build_manifest", full)
+    output = made("merge")
+    before = snapshot(output)
+    result = run("reproduce", output)
+    assert result.exit_code == 4 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not list(private_tmp.iterdir()) and snapshot(output) == before
+
+
 
 
 def test_a_stop_signal_while_comparing_stops_the_run_and_leaves_nothing(made, private_tmp, monkeypatch):
