@@ -660,19 +660,27 @@ def test_a_stop_signal_while_comparing_stops_the_run_and_leaves_nothing(made, pr
 
 
 @pytest.mark.slow
-def test_an_onnx_export_reproduces_byte_for_byte(inputs, tmp_path, private_tmp):
+@pytest.mark.parametrize("args, graph", [
+    (["export-onnx", "B", "--adapter", "A"], "model.onnx"),
+    (["export-onnx", "B", "--branch", "--adapter", "a=A"], "model.onnx"),
+    (["bundle", "B", "--adapter", "a=A", "--adapter", "b=A2", "--onnx"], "onnx/model.onnx"),
+], ids=["merged", "branch", "bundle"])
+def test_an_onnx_export_reproduces_byte_for_byte(inputs, tmp_path, private_tmp, args, graph):
     """torch's ONNX export, Optimum's and genai_config.json write the same bytes again (this
-    machine, these library versions); a tampered initializer is named by its file."""
+    machine, these library versions), merged, as a branch graph and in a bundle; a tampered
+    initializer is named by its file."""
     pytest.importorskip("optimum.exporters.onnx")
     output = tmp_path / "onnx"
-    result = run("export-onnx", inputs["B"], "--adapter", inputs["A"], "-o", output)
+    given = [str(inputs[a]) if a in inputs else a.replace("=A2", f"={inputs['A2']}").replace("=A", f"={inputs['A']}")
+             for a in args]
+    result = run(*given, "-o", output)
     assert result.exit_code == 0, result.stderr
     result = run("reproduce", output, "--json")
     assert result.exit_code == 0, result.stderr
-    assert "model.onnx" in json.loads(result.stdout)["checks"]["reproduce"]["files"]
+    assert graph in json.loads(result.stdout)["checks"]["reproduce"]["files"]
     assert not list(private_tmp.iterdir())
-    data = bytearray((output / "model.onnx").read_bytes())
+    data = bytearray((output / graph).read_bytes())
     data[-5] ^= 0x01
-    (output / "model.onnx").write_bytes(bytes(data))
+    (output / graph).write_bytes(bytes(data))
     result = run("reproduce", output)
-    assert result.exit_code == 1 and "model.onnx: differs from byte" in result.stderr, result.stderr
+    assert result.exit_code == 1 and f"{graph}: differs from byte" in result.stderr, result.stderr
