@@ -356,20 +356,35 @@ def test_reproduce_trusts_and_writes_no_digest_cache(made, inputs, tmp_path, mon
     assert sorted(p.name for p in (cache / "sha256").iterdir()) == entries
 
 
+# The script a fresh process runs: torch and transformers not importable (as in the bare
+# install), then every OUTPUT given reproduced, one JSON line each.
+WITHOUT_TORCH = """
+import importlib.abc, json, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("torch", "transformers"):
+            raise ImportError(f"{name} is blocked by the test")
+sys.meta_path.insert(0, Block())
+from pera_deploy import reproduce
+for output in sys.argv[1:]:
+    print(json.dumps(reproduce(output).check("reproduce").to_dict()))
+assert not {"torch", "transformers"} & set(sys.modules)
+"""
+
+
 @pytest.mark.parametrize("names", [[n for n in WRITERS if n != "export-gguf"], ["export-gguf"]], ids=["folders", "gguf"])
-def test_outputs_reproduce_in_another_process_with_another_hash_seed(made, names):
-    """The order of every JSON object, metadata map and card line is fixed by the code, not by
-    the hash of a string: each output, written in this process, is reproduced in a process
-    whose str hashes differ (PYTHONHASHSEED), file by file."""
+def test_outputs_reproduce_without_torch_and_with_another_hash_seed(made, names):
+    """Each output, written in this process (torch importable), is reproduced file by file in
+    a process where torch and transformers cannot be imported and str hashes differ
+    (PYTHONHASHSEED): the bytes depend on neither torch nor the order of a set or dict of
+    strings (every JSON object, metadata map and card line is ordered by the code)."""
     if names == ["export-gguf"]:
         pytest.importorskip("gguf")
     outputs = [str(made(name)) for name in names]
     seed = "4242" if os.environ.get("PYTHONHASHSEED") != "4242" else "4243"
-    script = ("import json, sys\nfrom pera_deploy import reproduce\n"
-              "for output in sys.argv[1:]:\n    print(json.dumps(reproduce(output).check('reproduce').to_dict()))\n")
     env = {**os.environ, "PYTHONHASHSEED": seed,
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-c", script, *outputs], env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, *outputs], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     checks = [json.loads(line) for line in done.stdout.splitlines()]
     assert [c["output"] for c in checks] == outputs and all(c["passed"] and c["files"] for c in checks)
