@@ -220,8 +220,17 @@ def recorded_arguments(function: Callable[..., Any], options: dict[str, Any], wh
         if not _accepts(hints[name], value):
             raise InputError(f"{where}: options.{name} {shown(value)} is not what {function.__name__} takes: the "
                              "manifest is damaged")
+        if name == "output" and not _plain_name(value):
+            raise InputError(f"{where}: options.output {shown(value)} is not the name of a file or folder (the output "
+                             "is recorded by its name): the manifest is damaged")
         arguments[name] = value
     return arguments
+
+
+def _plain_name(value: Any) -> bool:
+    """One path component, as api.recorded records an output: the re-derivation is written
+    under that name inside the private folder, and nowhere else (not "..", not the folder itself)."""
+    return isinstance(value, str) and value not in ("", "..") and Path(value).name == value and "\0" not in value
 
 
 def _accepts(hint: Any, value: Any) -> bool:

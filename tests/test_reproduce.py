@@ -512,11 +512,16 @@ def test_a_folder_that_is_no_output(fx, tmp_path):
     (lambda p: _edit_options(p, adapter=5), ["options.adapter", "damaged"]),
     (lambda p: _edit_options(p, drop="max_shard_size"), ["options.max_shard_size is missing"]),
     (lambda p: _edit_options(p, dtype="float128"), ["--dtype", "float128"]),  # the API's own refusal
+    # the re-derivation is written under the recorded name inside the private folder: never the
+    # private folder itself, nor $TMPDIR, nor a folder inside another one
+    *[(lambda p, name=name: _edit_options(p, output=name), ["options.output", "not the name", "damaged"])
+      for name in ["", ".", "..", "../out", "a/out", "out/", "/"]],
 ])
-def test_a_damaged_manifest_is_bad_input(made, tmp_path, damage, needles):
+def test_a_damaged_manifest_is_bad_input(made, tmp_path, damage, needles, private_tmp):
     output = copy_of(made("merge"), tmp_path)
     damage(output / MANIFEST)
     refused(run("reproduce", output), *needles)
+    assert not list(private_tmp.iterdir())
 
 
 def _edit(path: Path, **values) -> None:
@@ -559,7 +564,7 @@ def test_a_gguf_without_a_sound_manifest_is_bad_input(tmp_path, manifest, needle
 
 FUZZ_EXAMPLES = int(os.environ.get("PERA_DEPLOY_FUZZ_EXAMPLES", "15"))
 JSON_VALUES = [None, True, False, 0, -1, 3, 2**40, 0.5, -1e300, "", "x", "auto", "float16", "bfloat16", "zero", "peft",
-               "../nowhere", "/dev/null", [], [1], ["x", "y"], {}, {"a": "b"}, {"a": 1}, "DELETE"]
+               "../nowhere", "/dev/null", "..", ".", [], [1], ["x", "y"], {}, {"a": "b"}, {"a": 1}, "DELETE"]
 
 
 def _paths(value, at=()):
