@@ -20,7 +20,9 @@ afterwards (on an error or a stop signal too), and compares what that wrote with
 Exit 0 when every file is what the recorded call writes; 1 when a file differs (or a check of
 the re-derivation fails); 2 when OUTPUT is not a pera-deploy output, its manifest is damaged,
 of another schema or version, or an input is missing or no longer has its recorded sha256.
-Nothing is written but the report: not in OUTPUT, not beside it. What git and the Hub's
+Nothing is written but the report: not in OUTPUT, not beside it, not in the sha256 cache
+(every input is hashed afresh: a check trusts no earlier run). Only a SIGKILL, which no
+process can catch, leaves the private folder ($TMPDIR/pera-deploy-reproduce-*). What git and the Hub's
 downloader add to a published folder (IGNORED) is not part of the output.
 """
 
