@@ -1,7 +1,7 @@
 """`pera-deploy reproduce OUTPUT`: re-derive an output from its manifest, and compare.
 
 An output's manifest records the API call that wrote it (`options`: every argument, the
-inputs' paths as they were given; api.recorded) and the sha256 of every input file. reproduce
+inputs' paths as they were given; recording.recorded) and the sha256 of every input file. reproduce
 calls the same function again with them, into a private temporary folder that it removes
 afterwards (on an error or a stop signal too), and compares what that wrote with OUTPUT:
 
@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
-from . import __version__, api
+from . import __version__
 from .checks.base import Report
 from .core.adapter import PeraAdapter
 from .errors import CheckFailed, InputError, environment_failure
@@ -57,20 +57,8 @@ from .publish.manifest import (
     record_differences,
 )
 from .publish.output_folder import scratch_outputs
+from .recording import recorded_names
 
-# The command a manifest names → the API function that wrote it.
-COMMANDS: dict[str, Callable[..., Report]] = {
-    "merge": api.merge,
-    "merge --keep-branch": api.keep_branch,
-    "unmerge": api.unmerge,
-    "export-lora": api.export_lora,
-    "combine": api.combine,
-    "extract": api.extract,
-    "bundle": api.bundle,
-    "export-gguf": api.export_gguf,
-    "export-onnx": api.export_onnx,
-    "export-onnx --branch": api.export_onnx,
-}
 # Which argument of those functions is which input, and the option of reproduce that moves it.
 INPUT_ARGUMENTS = {"adapter": "--adapter", "adapters": "--adapter", "checkpoint": "--adapter", "base": "--base",
                    "merged": "--base", "model": "--base", "check_against": "--check-against", "config": "--config"}
@@ -108,13 +96,14 @@ class ReproduceCheck:
                 "differences": self.differences, "notes": self.notes}
 
 
-def reproduce_output(output: Path, *, adapters: Sequence[str | Path] = (), base: str | Path | None = None,
+def reproduce_output(output: Path, commands: dict[str, Callable[..., Report]], *,
+                     adapters: Sequence[str | Path] = (), base: str | Path | None = None,
                      check_against: str | Path | None = None, config: str | Path | None = None) -> Report:
     """Re-derive `output` from its manifest and compare (see the module docstring); raises
     CheckFailed, carrying the report, when a file differs."""
     where, manifest = read_recorded(output)
     command = manifest["command"]
-    function = COMMANDS.get(command)
+    function = commands.get(command)
     if function is None:
         raise InputError(f"{where}: command {shown(command)} is not one pera-deploy writes: the manifest is damaged")
     arguments = recorded_arguments(function, manifest["options"], where)
@@ -207,7 +196,7 @@ def recorded_arguments(function: Callable[..., Any], options: dict[str, Any], wh
     naming the option, never a crash inside the command."""
     hints = {**typing.get_type_hints(load_adapter, localns={"PeraAdapter": PeraAdapter}),
              **typing.get_type_hints(function)}
-    parameters = api.recorded_names(function)
+    parameters = recorded_names(function)
     for name in options:
         if name not in parameters:
             raise InputError(f"{where}: options.{name}: {function.__name__} takes no such argument: the manifest is damaged")
@@ -230,7 +219,7 @@ def recorded_arguments(function: Callable[..., Any], options: dict[str, Any], wh
 
 
 def _plain_name(value: Any) -> bool:
-    """One path component, as api.recorded records an output: the re-derivation is written
+    """One path component, as recording.recorded records an output: the re-derivation is written
     under that name inside the private folder, and nowhere else (not "..", not the folder itself)."""
     return isinstance(value, str) and value not in ("", "..") and Path(value).name == value and "\0" not in value
 

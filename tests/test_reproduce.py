@@ -23,7 +23,7 @@ from pera_deploy import api
 from pera_deploy.cli import main
 from pera_deploy.io.safetensors_stream import read_header
 from pera_deploy.publish.manifest import FIGURE_TOLERANCE, GGUF_MANIFEST_KEY, MANIFEST, SCHEMA_VERSION
-from pera_deploy.reproduction import COMMANDS
+from pera_deploy.recording import recorded_names
 from tests.helpers import refused
 
 # name → (the command line, with A = llama-pera, A2 = llama-pera-2, B = llama-base, SA / SB the
@@ -172,8 +172,8 @@ def test_the_manifest_records_every_argument_of_the_call(made, inputs, name):
     """One rule for every writer: the options are the API function's arguments, load options
     included, all of them, whatever the command line gave; the inputs as given."""
     manifest = manifest_of(made(name))
-    function = COMMANDS[manifest["command"]]
-    assert list(manifest["options"]) == api.recorded_names(function)
+    function = api.COMMANDS[manifest["command"]]
+    assert list(manifest["options"]) == recorded_names(function)
     assert not {"force", "progress", "digests", "jobs", "precision"} & set(manifest["options"])
     assert manifest["options"]["output"] == "out" and manifest["schema_version"] == SCHEMA_VERSION
     options = manifest["options"]
@@ -193,7 +193,7 @@ def test_every_writer_records_its_call_and_can_be_reproduced():
 
     writers = {name for name in api.__all__ if "recorded(" in inspect.getsource(getattr(api, name))
                and name != "reproduce"}
-    assert writers == {function.__name__ for function in COMMANDS.values()}
+    assert writers == {function.__name__ for function in api.COMMANDS.values()}
     assert writers >= {"merge", "keep_branch", "unmerge", "export_lora", "combine", "extract", "bundle", "export_gguf",
                        "export_onnx"}
 
