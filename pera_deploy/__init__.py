@@ -33,6 +33,7 @@ _EXPORTS = {
     "combine": "api",
     "bundle": "api",
     "load_bundle": "api",
+    "reproduce": "api",
     "PeraDeployError": "errors",
     "InputError": "errors",
     "CheckFailed": "errors",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from .checks.base import Report
 from .core.adapter import PeraAdapter
@@ -31,13 +31,13 @@ from .options import (
 )
 from .options import jobs as option_jobs
 from .options import seed as option_seed
+from .recording import recorded
 from .scoped import offline
 
 AdapterLike = str | Path | PeraAdapter
 
 __all__ = ["load_adapter", "inspect_adapter", "merge", "verify", "export_lora", "keep_branch", "unmerge",
-           "export_onnx", "extract", "combine", "bundle", "load_bundle", "export_gguf"]
-
+           "export_onnx", "extract", "combine", "bundle", "load_bundle", "export_gguf", "reproduce"]
 
 def _load(adapter: AdapterLike, load_options: dict[str, Any]) -> PeraAdapter:
     return adapter if isinstance(adapter, PeraAdapter) else load_adapter(adapter, **load_options)
@@ -58,10 +58,6 @@ def _digests(given: Digests | None) -> Iterator[Digests]:
 
 def _sources(adapter: AdapterLike | Sequence[AdapterLike]) -> list[AdapterLike]:
     return list(adapter) if isinstance(adapter, (list, tuple)) else [adapter]
-
-
-def _weights(weights: Sequence[float] | None) -> list[float] | None:
-    return None if weights is None else [float(w) if isinstance(w, (int, float)) else w for w in weights]
 
 
 def _load_weighted(sources: list[AdapterLike], weights: Sequence[float] | None,
@@ -117,6 +113,7 @@ def merge(adapter: AdapterLike | Sequence[AdapterLike], base: str | Path, output
     `jobs` threads share out the arithmetic (default: the cores available); the output is
     byte-identical whatever their number.
     """
+    options = recorded(merge, locals())
     from .export.merged import merge_folder
     from .publish.output_folder import check_target
 
@@ -128,9 +125,6 @@ def merge(adapter: AdapterLike | Sequence[AdapterLike], base: str | Path, output
     sources = _sources(adapter)
     check_target(output, force, _given(*sources, base, load_options.get("config")))
     loaded = _load_weighted(sources, weights, load_options)
-    options = {"dtype": dtype, "max_shard_size": max_shard_size, "weights": _weights(weights),
-               "untie_embeddings": untie_embeddings, "missing_coefficients": load_options.get("missing_coefficients"),
-               "check_forward": check_forward_pass, "full_check": full_check}
     with _digests(digests) as hasher, offline():
         return merge_folder(loaded, Path(base), output, hasher, dtype=dtype,
                             max_shard_size=shard_limit, untie_embeddings=untie_embeddings,
@@ -213,6 +207,7 @@ def bundle(base: str | Path, output: str | Path, adapters: dict[str, AdapterLike
     """One base and several adapters, packaged for every runtime (export/bundle.py): `base/`,
     `adapters/NAME/` (exact plain PEFT LoRAs named for the base), `onnx/` with `onnx`,
     `bundle.json` and a README with the real names. Names must be filesystem-safe and unique."""
+    options = recorded(bundle, locals())
     from .export.bundle import bundle_folder
     from .publish.output_folder import check_target
 
@@ -232,7 +227,6 @@ def bundle(base: str | Path, output: str | Path, adapters: dict[str, AdapterLike
     loaded = {name: _load(source, load_options) for name, source in zip(names, adapters.values())}
     sources = {name: str(source) if isinstance(source, (str, Path)) else loaded[name].label
                for name, source in zip(names, adapters.values())}
-    options = {"base_files": base_files, "onnx": onnx, "task": task, "opset": opset, "genai": genai if onnx else None}
     from .scoped import quiet_transformers
 
     with _digests(digests) as hasher, offline(), quiet_transformers():
@@ -258,6 +252,7 @@ def export_lora(adapter: AdapterLike, output: str | Path, *, rank: int | None = 
     module's rank and error). `base` renames modules to the base model's own module names
     (and checks the shapes). Every module's stored factors are checked against ΔW.
     """
+    options = recorded(export_lora, locals())
     from .export.lora import export_lora_folder
     from .publish.output_folder import check_target
 
@@ -266,8 +261,6 @@ def export_lora(adapter: AdapterLike, output: str | Path, *, rank: int | None = 
     output = Path(output)
     check_target(output, force, _given(adapter, base, load_options.get("config")))
     loaded = _load(adapter, load_options)
-    options = {"rank": rank, "tol": tol, "max_rank": max_rank, "pad": pad, "dtype": dtype,
-               "base": Path(base).name if base is not None else None}
     with _digests(digests) as hasher, offline():
         return export_lora_folder(loaded, output, hasher, rank=rank, tol=tol, max_rank=max_rank, pad=pad,
                                   dtype=dtype, base=Path(base) if base is not None else None, force=force,
@@ -279,6 +272,7 @@ def keep_branch(adapter: AdapterLike, base: str | Path, output: str | Path, *, b
                 **load_options: Any) -> Report:
     """`output/base` (the base untouched: copied, hard-linked or symlinked) and
     `output/adapter` (the exact plain LoRA, named as the base model names its modules)."""
+    options = recorded(keep_branch, locals())
     from .export.keep_branch import keep_branch_folder
     from .publish.output_folder import check_target
 
@@ -289,7 +283,7 @@ def keep_branch(adapter: AdapterLike, base: str | Path, output: str | Path, *, b
     loaded = _load(adapter, load_options)
     with _digests(digests) as hasher, offline():
         return keep_branch_folder(loaded, Path(base), output, hasher, base_files=base_files, dtype=dtype, force=force,
-                                  options={"base_files": base_files, "dtype": dtype})
+                                  options=options)
 
 
 def unmerge(merged: str | Path, adapter: AdapterLike, output: str | Path, *, check_against: str | Path | None = None,
@@ -302,6 +296,7 @@ def unmerge(merged: str | Path, adapter: AdapterLike, output: str | Path, *, che
     model is compared with it, and an unmerge further off than that fails (CheckFailed).
     Tensors the merge replaced (modules_to_save, biases) are kept as merged and listed.
     """
+    options = recorded(unmerge, locals())
     from .export.merged import unmerge_folder
     from .publish.output_folder import check_target
 
@@ -310,8 +305,6 @@ def unmerge(merged: str | Path, adapter: AdapterLike, output: str | Path, *, che
     output = Path(output)
     check_target(output, force, _given(adapter, merged, check_against, load_options.get("config")))
     loaded = _load(adapter, load_options)
-    options = {"full_check": full_check,
-               "check_against": Path(check_against).name if check_against is not None else None}
     with _digests(digests) as hasher, offline():
         return unmerge_folder(Path(merged), loaded, output, hasher,
                               check_against=Path(check_against) if check_against is not None else None,
@@ -336,6 +329,7 @@ def export_onnx(model: str | Path, output: str | Path, *, adapters: dict[str, Ad
     it with its own wider tolerance). Decoders ONNX Runtime GenAI runs get `genai_config.json`
     beside the graph and tokenizer (`genai=None`: where it can; True: or bad input; False: never).
     """
+    options = recorded(export_onnx, locals())
     from .export.onnx.requirements import require_onnx
     from .publish.output_folder import check_target
 
@@ -353,7 +347,6 @@ def export_onnx(model: str | Path, output: str | Path, *, adapters: dict[str, Ad
 
     check_opset(opset)
     loaded = {adapter_name(name): _load(source, load_options) for name, source in (adapters or {}).items()}
-    options = {"branch": branch, "task": task, "opset": opset, "dtype": dtype, "genai": genai}
     from .scoped import quiet_transformers
 
     with _digests(digests) as hasher, offline(), quiet_transformers():
@@ -363,7 +356,6 @@ def export_onnx(model: str | Path, output: str | Path, *, adapters: dict[str, Ad
 
         task = derive_task(model, task)
         wanted = genai_wanted(model, task, genai)
-        options.update(task=task, genai=wanted)
         if branch:
             return export_branch_folder(model, output, loaded, task, opset, dtype, force, hasher, options, wanted)
         return export_merged_folder(model, output, next(iter(loaded.items()), None), task, opset, dtype, force,
@@ -376,6 +368,7 @@ def extract(checkpoint: AdapterLike, output: str | Path, *, base: str | Path | N
     adapter folder of any format) as a canonical PEFT-style PERA folder, bit-exact to the
     tensors taken, with where they came from in its config and manifest. `base` renames the
     modules to the base model's own module names (what PEFT matches)."""
+    options = recorded(extract, locals())
     from .export.extract import extract_folder
     from .publish.output_folder import check_target
 
@@ -384,7 +377,7 @@ def extract(checkpoint: AdapterLike, output: str | Path, *, base: str | Path | N
     loaded = _load(checkpoint, load_options)
     with _digests(digests) as hasher, offline():
         return extract_folder(loaded, output, hasher, base=Path(base) if base is not None else None, force=force,
-                              options={"base": Path(base).name if base is not None else None})
+                              options=options)
 
 
 def combine(adapters: Sequence[AdapterLike], output: str | Path, *, weights: Sequence[float] | None = None,
@@ -398,6 +391,7 @@ def combine(adapters: Sequence[AdapterLike], output: str | Path, *, weights: Seq
     SVD of export_lora), each module's error reported. Modules only some adapters target are
     fine; adapters for different bases are refused.
     """
+    options = recorded(combine, locals())
     from .export.lora import export_lora_folder
     from .publish.output_folder import check_target
 
@@ -409,8 +403,6 @@ def combine(adapters: Sequence[AdapterLike], output: str | Path, *, weights: Seq
     output = Path(output)
     check_target(output, force, _given(*sources, base, load_options.get("config")))
     combined = _load_weighted(sources, weights if weights is not None else [1.0] * len(sources), load_options)
-    options = {"weights": [w for _, w, _ in combined.members], "rank": rank, "tol": tol, "max_rank": max_rank,
-               "pad": pad, "dtype": dtype, "base": Path(base).name if base is not None else None}
     with _digests(digests) as hasher, offline():
         return export_lora_folder(combined, output, hasher, rank=rank, tol=tol, max_rank=max_rank, pad=pad,
                                   dtype=dtype, base=Path(base) if base is not None else None, force=force,
@@ -428,6 +420,7 @@ def export_gguf(adapter: AdapterLike, output: str | Path, *, base: str | Path, r
     checked (and ΔW as llama.cpp computes it) before it appears; `force` replaces only an
     earlier pera-deploy GGUF. Needs the `gguf` extra.
     """
+    options = recorded(export_gguf, locals())
     from .export.gguf import GGUF_DTYPES, check_output_file, export_gguf_file, require_gguf
 
     choose("--dtype", dtype, GGUF_DTYPES)
@@ -436,7 +429,36 @@ def export_gguf(adapter: AdapterLike, output: str | Path, *, base: str | Path, r
     output, base = Path(output), Path(base)
     check_output_file(output, force, _given(adapter, base, load_options.get("config")))
     loaded = _load(adapter, load_options)
-    options = {"rank": rank, "tol": tol, "max_rank": max_rank, "pad": pad, "dtype": dtype, "base": base.name}
     with _digests(digests) as hasher, offline():
         return export_gguf_file(loaded, output, base, hasher, rank=rank, tol=tol, max_rank=max_rank, pad=pad,
                                 dtype=dtype, force=force, options=options)
+
+
+def reproduce(output: str | Path, *, adapters: Sequence[str | Path] = (), base: str | Path | None = None,
+              check_against: str | Path | None = None, config: str | Path | None = None) -> Report:
+    """Re-derive `output` (a folder or GGUF pera-deploy wrote) from what its manifest records,
+    in a private temporary folder, and compare it file by file (reproduction.py). Raises
+    CheckFailed, carrying the report, when a file differs; InputError when `output` is not an
+    output, its manifest is damaged, or an input is missing or changed. `adapters`, `base`,
+    `check_against` and `config` give an input's new place if it has moved (adapters in the
+    recorded order, or NAME=PATH for the named adapters of a bundle or an ONNX export)."""
+    from .reproduction import reproduce_output
+
+    with offline():
+        return reproduce_output(Path(output), COMMANDS, adapters=adapters, base=base, check_against=check_against,
+                                config=config)
+
+
+# The command a manifest names → the API function that wrote it (what reproduce calls again).
+COMMANDS: dict[str, Callable[..., Report]] = {
+    "merge": merge,
+    "merge --keep-branch": keep_branch,
+    "unmerge": unmerge,
+    "export-lora": export_lora,
+    "combine": combine,
+    "extract": extract,
+    "bundle": bundle,
+    "export-gguf": export_gguf,
+    "export-onnx": export_onnx,
+    "export-onnx --branch": export_onnx,
+}

@@ -76,7 +76,7 @@ def test_the_bytes_do_not_depend_on_what_computes_them(fx, tmp_path, pair, dtype
     args = ["--dtype", dtype] if dtype else []
     outputs = []
     for i, (name, extra, env) in enumerate(VARIANTS):
-        out = tmp_path / f"out{i}"
+        out = tmp_path / f"variant{i}" / "out"  # one output name: it is recorded (options.output), as the card shows it
         run_merge(adapter, base, out, args + extra, env)
         outputs.append((name, out))
     first_name, first = outputs[0]

@@ -160,7 +160,7 @@ def test_manifest_lists_layers_checks_and_digests(fx, tmp_path):
     assert 0 < check["rel_error"] <= check["rel_bound"]
     assert check["max_steps"] == 0 and check["off_elements"] == 0  # every element correctly rounded
     assert manifest["checks"]["weights"]["every_element_correctly_rounded"] is True
-    assert manifest["schema_version"] == 1 and manifest["command"] == "merge"
+    assert manifest["schema_version"] == 2 and manifest["command"] == "merge"
     for name, digest in manifest["base"]["files"].items():
         assert hashlib.sha256((fx["llama-base"] / name).read_bytes()).hexdigest() == digest
     assert manifest["checks"]["weights"]["passed"] is True
@@ -169,13 +169,14 @@ def test_manifest_lists_layers_checks_and_digests(fx, tmp_path):
 
 
 def test_merge_is_deterministic(fx, tmp_path):
+    """Two merges of the same inputs, each an output named `merged` (its name is part of it:
+    the card's title, the manifest's options.output), write the same bytes, card included."""
     for out in ("a", "b"):
-        pera_deploy.merge(fx["llama-peft"], fx["llama-base"], tmp_path / out, progress=False)
-    files = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert files == sorted(p.name for p in (tmp_path / "b").iterdir())
+        pera_deploy.merge(fx["llama-peft"], fx["llama-base"], tmp_path / out / "merged", progress=False)
+    files = sorted(p.name for p in (tmp_path / "a" / "merged").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "b" / "merged").iterdir())
     for name in files:
-        if name != "README.md":  # titled after the output folder
-            assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+        assert (tmp_path / "a" / "merged" / name).read_bytes() == (tmp_path / "b" / "merged" / name).read_bytes(), name
 
 
 @pytest.mark.parametrize("block", [4 * 32, 16])  # blocks of 4 rows; of one row, longer than a block
@@ -187,16 +188,16 @@ def test_output_is_byte_identical_whatever_the_jobs(cli, fx, tmp_path, monkeypat
 
     monkeypatch.setattr(execute, "BLOCK_ELEMENTS", block)
     adapter, base = pair
-    for jobs in ("1", "2", "3"):
-        result = cli("merge", fx[adapter], fx[base], "-o", tmp_path / jobs, "--jobs", jobs, "--no-progress")
+    for jobs in ("1", "2", "3"):  # outputs of one name (a card's title), in folders of their own
+        result = cli("merge", fx[adapter], fx[base], "-o", tmp_path / jobs / "merged", "--jobs", jobs, "--no-progress")
         assert result.exit_code == 0, result.stderr
-    files = sorted(p.name for p in (tmp_path / "1").iterdir())
+    files = sorted(p.name for p in (tmp_path / "1" / "merged").iterdir())
     for jobs in ("2", "3"):
-        assert files == sorted(p.name for p in (tmp_path / jobs).iterdir())
+        assert files == sorted(p.name for p in (tmp_path / jobs / "merged").iterdir())
         for name in files:
-            if name != "README.md":  # titled after the output folder
-                assert (tmp_path / "1" / name).read_bytes() == (tmp_path / jobs / name).read_bytes(), (jobs, name)
-    assert_exact_merge(tmp_path / "3", fx[base], pera_deploy.load_adapter(fx[adapter]))
+            assert (tmp_path / "1" / "merged" / name).read_bytes() == (tmp_path / jobs / "merged" / name).read_bytes(), \
+                (jobs, name)
+    assert_exact_merge(tmp_path / "3" / "merged", fx[base], pera_deploy.load_adapter(fx[adapter]))
 
 
 def test_shards_are_synced_while_they_are_written(fx, tmp_path, monkeypatch):

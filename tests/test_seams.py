@@ -220,7 +220,7 @@ def test_every_published_folder_carries_the_same_adapter_record(fx, tmp_path):
     manifests = [json.loads((tmp_path / f / "pera_deploy_manifest.json").read_text()) for f in ("m", "l", "k")]
     assert manifests[0]["adapter"] == manifests[1]["adapter"] == manifests[2]["adapter"]
     assert manifests[0]["base"] == manifests[2]["base"]
-    assert {m["schema_version"] for m in manifests} == {1}
+    assert {m["schema_version"] for m in manifests} == {2}
     assert [m["command"] for m in manifests] == ["merge", "export-lora", "merge --keep-branch"]
 
 

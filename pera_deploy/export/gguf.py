@@ -59,7 +59,7 @@ from ..errors import ENVIRONMENT_ERRNOS, CheckFailed, InputError, environment_fa
 from ..io.digests import Digests
 from ..io.model_folder import ModelFolder
 from ..publish import adapter_inputs
-from ..publish.manifest import adapter_record, build_manifest, model_record
+from ..publish.manifest import GGUF_MANIFEST_KEY, adapter_record, build_manifest, model_record, recipe_json
 from ..publish.output_folder import OutputFolder, refuse_overlap
 from .lora import LoraExport, LoraModule, export_summary, peft_names, plan_lora_export
 
@@ -442,12 +442,15 @@ def export_gguf_file(adapter: PeraAdapter, output: Path, base: Path, digests: Di
     digests.prefetch(list(adapter.files) + base_files)
     records = {"adapter": adapter_record(adapter, digests), "base": model_record(base, base_files, digests)}
     header = header_values(plan, adapter, base, {k: v["sha256"] for k, v in records.items()})
+    sections = {"gguf": gguf_summary(output, plan), "lora": export_summary(plan.export)}
+    # the file carries its manifest, without what is measured, so that reproduce can re-derive it
+    header[GGUF_MANIFEST_KEY] = (recipe_json(command, records, options or {}, sections),
+                                 require_gguf().GGUFValueType.STRING)
     with OutputFolder(output, force, inputs, check=check_output_file, folder=False) as staging:
         staged = staging.path
         try:
             write_gguf(staged, plan, header)
             checks = check_gguf(staged, plan, adapter, header)
-            sections = {"gguf": gguf_summary(output, plan), "lora": export_summary(plan.export)}
             manifest = build_manifest(command, records, options or {}, sections, checks)
             changed = digests.changed()
             if changed is not None:

@@ -41,12 +41,11 @@ from typing import Callable, Iterable, Iterator
 from .. import scoped
 from ..errors import InputError, environment_failure
 from ..io.strict_json import read_json
-from .manifest import MANIFEST
+from .manifest import MANIFEST, MAX_MANIFEST_BYTES
 
 TMP_MARK = ".pera-deploy-tmp-"
 OLD_MARK = ".pera-deploy-old-"
 LOCK_FILE = ".pera-deploy.lock"
-MAX_MANIFEST_BYTES = 64 << 20  # far above any manifest pera-deploy writes; a bigger file is not one
 
 TargetCheck = Callable[[Path, bool, Iterable[Path]], None]
 
@@ -215,7 +214,20 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-_OPEN: list[OutputFolder] = []  # the OutputFolders open in this process, outermost first
+_OPEN: list[object] = []  # the OutputFolders open in this process, outermost first (and scratch marks)
+
+
+@contextmanager
+def scratch_outputs() -> Iterator[None]:
+    """Outputs published inside are scratch, not the run's result (reproduce re-derives an
+    output into a private folder, then compares): their rename does not settle the run, so a
+    stop signal still stops it."""
+    mark = object()
+    _OPEN.insert(0, mark)
+    try:
+        yield
+    finally:
+        _OPEN.remove(mark)
 
 
 class OutputFolder:
