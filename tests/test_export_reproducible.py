@@ -274,3 +274,26 @@ def test_verify_of_a_bundle_finds_a_wrong_lora_without_torch(bundle, monkeypatch
     report = verify_weights(bundle, monkeypatch)
     assert not report.passed and not report.check("lora_factors[a]").passed and report.check("lora_factors[b]").passed
     assert needle in report.failure(), report.failure()
+
+
+# -- extract, bit for bit ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_extract_keeps_every_bit_of_a_16_bit_adapter(fx, tmp_path, dtype):
+    """Tensors are written as the loader took them, in their own dtype (bfloat16 through
+    ml_dtypes, never through float32), and extracting the extraction gives the same files."""
+    from pera_deploy.core.dtypes import NUMPY, OUTPUT_CODES
+
+    source = shutil.copytree(fx["llama-peft"], tmp_path / "a")
+    path = source / "adapter_model.safetensors"
+    save_tensors(path, {k: v.astype(NUMPY[OUTPUT_CODES[dtype]]) for k, v in stored_tensors(path).items()})
+    assert pera_deploy.extract(source, tmp_path / "x").passed
+    taken, written = stored_tensors(path), stored_tensors(tmp_path / "x" / "adapter_model.safetensors")
+    assert taken.keys() == written.keys() and len(taken) == 3 * 14
+    for key, array in taken.items():
+        assert str(written[key].dtype) == dtype and written[key].shape == array.shape, key
+        assert written[key].tobytes() == array.tobytes(), key
+    pera_deploy.extract(tmp_path / "x", tmp_path / "y")
+    for file in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "x" / file).read_bytes() == (tmp_path / "y" / file).read_bytes(), file

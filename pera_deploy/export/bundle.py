@@ -81,9 +81,9 @@ def bundle_folder(base: Path, output: Path, adapters: dict[str, PeraAdapter], so
             from .onnx.folders import write_branch_graph
 
             (folder / "onnx").mkdir()
-            check, onnx_sections = write_branch_graph(folder / "onnx", branch, chosen, opset, "float32",
-                                                      base_record["sha256"], wanted)
-            checks.append(check)
+            graph_check, onnx_sections = write_branch_graph(folder / "onnx", branch, chosen, opset, "float32",
+                                                            base_record["sha256"], wanted)
+            checks.append(graph_check)
             sections["onnx"] = onnx_sections
         max_rank = vllm_rank(max(summary["r"] for summary in summaries.values()))
         bundle = {
