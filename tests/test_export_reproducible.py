@@ -78,6 +78,7 @@ def exports(fx: dict[str, Path], out: Path) -> list[list[str]]:
          "--base-files", "symlink"],
         ["bundle", base, "-o", f"{out}/bundle", "--adapter", f"a={a}", "--adapter", f"b={fx['llama-peft-lora']}",
          "--base-files", "symlink"],
+        ["verify", f"{out}/bundle", "--no-forward"],  # writes nothing: digests and stored LoRAs, with numpy
     ]
 
 
@@ -249,6 +250,29 @@ def test_verify_of_a_bundle_checks_its_loras_without_torch(bundle, monkeypatch):
     assert report.check("bundle[a]").source_unchanged
     with pytest.raises(InputError, match=r"needs torch: pip install 'pera-deploy\[check\]'"):
         verify_weights(bundle, monkeypatch, forward=True)
+
+
+def test_verify_no_forward_of_a_bundle_runs_no_model(cli, bundle, tmp_path, monkeypatch):
+    """`verify BUNDLE --no-forward` checks digests and stored LoRAs and runs no model. It ran
+    the models all the same (the API dropped `forward` for a bundle), so without torch it was
+    refused, by a line that itself advised --no-forward. (With torch blocked: the subprocess
+    test above runs this verify too.)"""
+    import pera_deploy.checks.bundle as checks
+
+    def no_model(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("ran the models")
+
+    monkeypatch.setattr(checks, "forward_differences", no_model)
+    data = cli.json("verify", bundle, "--no-forward")
+    assert data["passed"] and all(data["checks"][f"lora_factors[{n}]"]["passed"] for n in "ab")
+    assert not any(data["checks"][f"bundle[{n}]"]["forward"] for n in "ab")
+    shown = cli("verify", bundle, "--no-forward")  # the report printed: no figures to show (was exit 3)
+    assert shown.exit_code == 0 and shown.stdout.count("base + LoRA vs base + PERA: not run (--no-forward)") == 2
+    copy = shutil.copytree(bundle, tmp_path / "copy", symlinks=True)
+    rewrite(copy / "adapters" / "a" / "adapter_model.safetensors",
+            lambda tensors: tensors[f"base_model.model.{MODULE}.lora_B.weight"].__imul__(np.float32(1 + 1e-4)))
+    result = cli("verify", copy, "--no-forward")
+    assert result.exit_code == 1 and f"LoRA factors of {MODULE} reproduce ΔW only to" in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("how, needle", [
