@@ -149,7 +149,8 @@ def test_every_exporter_writes_the_same_bytes_in_every_run(fx, tmp_path):
                    "(merging/matching.py, helper T) still import torch / transformers; remove this mark when merged")
 def test_the_exporters_need_neither_torch_nor_transformers(fx, tmp_path):
     """With torch and transformers blocked, every export runs and writes the bytes it writes
-    with them importable; with them installed, the exports do not import them."""
+    with them importable; with them installed, the exports do not import them. (The same bytes
+    with torch imported: the second run of the test above.)"""
     imported = run_exports(fx, tmp_path / "free", {})
     assert imported == []
     run_exports(fx, tmp_path / "blocked", {"PERA_TEST_TORCH": "blocked"})
