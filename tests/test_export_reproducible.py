@@ -59,7 +59,8 @@ print(json.dumps(sorted(m for m in ("torch", "transformers") if m in sys.modules
 
 
 def exports(fx: dict[str, Path], out: Path) -> list[list[str]]:
-    """Every exporter, exact and reduced, in every dtype, from safetensors inputs."""
+    """Every exporter, exact and reduced, in every dtype, from safetensors inputs (fixtures
+    written without torch, so that the bare install runs these too)."""
     a, b, patterns = (str(fx[n]) for n in ("llama-peft", "llama-pera-2", "llama-peft-patterns"))
     base = str(fx["llama-base"])
     return [
@@ -76,7 +77,7 @@ def exports(fx: dict[str, Path], out: Path) -> list[list[str]]:
         ["extract", a, "-o", f"{out}/extracted"],
         ["merge", str(fx["gpt2-lm-head"]), str(fx["gpt2-base"]), "-o", f"{out}/kept", "--keep-branch",
          "--base-files", "symlink"],
-        ["bundle", base, "-o", f"{out}/bundle", "--adapter", f"a={a}", "--adapter", f"b={fx['llama-peft-lora']}",
+        ["bundle", base, "-o", f"{out}/bundle", "--adapter", f"a={a}", "--adapter", f"b={fx['llama-r2-square']}",
          "--base-files", "symlink"],
         ["verify", f"{out}/bundle", "--no-forward"],  # writes nothing: digests and stored LoRAs, with numpy
     ]
@@ -208,7 +209,7 @@ def test_a_factor_near_a_tie_is_rounded_once(fx, tmp_path, dtype):
 @pytest.fixture
 def bundle(fx, tmp_path) -> Path:
     out = tmp_path / "bundle"
-    pera_deploy.bundle(fx["llama-base"], out, {"a": fx["llama-peft"], "b": fx["llama-peft-lora"]},
+    pera_deploy.bundle(fx["llama-base"], out, {"a": fx["llama-peft"], "b": fx["llama-r2-square"]},
                        base_files="symlink")
     return out
 
