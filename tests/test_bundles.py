@@ -19,6 +19,7 @@ import pytest
 import pera_deploy
 from pera_deploy.core.names import NameIndex
 from pera_deploy.io.model_folder import ModelFolder
+from pera_deploy.io.safetensors_stream import save_tensors
 from tests.helpers import refused, stored_tensors
 
 pytestmark = pytest.mark.slow
@@ -136,12 +137,14 @@ def test_verify_a_bundle(cli, bundled, tmp_path):
     assert all(data["checks"][f"lora_factors[{n}]"]["passed"] for n in adapters)
     copy = shutil.copytree(out, tmp_path / "copy", symlinks=True)
     record = json.loads((copy / "bundle.json").read_text())
-    changed = shutil.copytree(adapters["full"], tmp_path / "changed-source")
-    record["adapters"]["full"]["source"] = str(changed)
-    weights = next(p for p in changed.iterdir() if p.name.startswith("adapter_model"))
-    data_ = bytearray(weights.read_bytes())
-    data_[-4] ^= 1  # one bit of the last tensor
-    weights.write_bytes(bytes(data_))
+    # one bit of one tensor of a safetensors source (a byte near the end of a torch.save zip is
+    # its directory: a corrupt file, not a changed one)
+    name = next(n for n, source in adapters.items() if (source / "adapter_model.safetensors").is_file())
+    changed = shutil.copytree(adapters[name], tmp_path / "changed-source")
+    record["adapters"][name]["source"] = str(changed)
+    tensors = stored_tensors(changed / "adapter_model.safetensors")
+    tensors[max(tensors)].reshape(-1).view(np.uint8)[-1] ^= 1
+    save_tensors(changed / "adapter_model.safetensors", tensors)
     (copy / "bundle.json").write_text(json.dumps(record))
     result = cli("verify", copy, "--no-forward")
     assert result.exit_code == 1 and "has changed since the bundle was made" in result.stderr

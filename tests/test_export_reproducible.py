@@ -246,12 +246,26 @@ def rewrite(path: Path, change) -> None:
 def test_verify_of_a_bundle_checks_its_loras_without_torch(bundle, monkeypatch):
     report = verify_weights(bundle, monkeypatch)
     assert report.passed, report.failure()
-    assert [c.kind for c in report.checks] == ["bundle base", "lora_factors[a]", "lora_factors[b]", "bundle[a]",
-                                               "bundle[b]"]
+    assert [c.kind for c in report.checks] == ["bundle base", "bundle[a]", "bundle[b]", "lora_factors[a]",
+                                               "lora_factors[b]"]
     assert len(report.check("lora_factors[a]").modules) == 14 and not report.check("bundle[a]").forward
     assert report.check("bundle[a]").source_unchanged
     with pytest.raises(InputError, match=r"needs torch: pip install 'pera-deploy\[check\]'"):
         verify_weights(bundle, monkeypatch, forward=True)
+
+
+def test_verify_of_a_bundle_names_a_changed_source_first(bundle, tmp_path, monkeypatch):
+    """A source changed since the bundle was made no longer matches the bundle's LoRA either:
+    the failure named the LoRA's mismatch ("reproduce ΔW only to"), not its cause."""
+    record = json.loads((bundle / "bundle.json").read_text())
+    changed = shutil.copytree(record["adapters"]["a"]["source"], tmp_path / "changed")
+    rewrite(changed / "adapter_model.safetensors",
+            lambda tensors: tensors[f"base_model.model.{MODULE}.lora_B.weight"].__imul__(np.float32(1 + 1e-4)))
+    record["adapters"]["a"]["source"] = str(changed)
+    (bundle / "bundle.json").write_text(json.dumps(record))
+    report = verify_weights(bundle, monkeypatch)
+    assert not report.check("bundle[a]").source_unchanged and not report.check("lora_factors[a]").passed
+    assert report.failure() == f"bundle adapter a: its source {changed} has changed since the bundle was made (sha256)"
 
 
 def test_verify_no_forward_of_a_bundle_runs_no_model(cli, bundle, tmp_path, monkeypatch):

@@ -142,18 +142,21 @@ def verify_bundle(folder: Path, load: Callable[[Path], PeraAdapter], sha256: Cal
     with ModelFolder(base):
         pass  # a readable model folder, or one line saying why not
     pairs: dict[str, tuple[Path, PeraAdapter, PeraAdapter]] = {}
+    loras: list[LoraFactorsCheck] = []
     for name, record in recorded.items():
         source = Path(record["source"])
         if not source.exists():
             raise InputError(f"{folder / BUNDLE_FILE}: adapter {name}'s source {source} is not there to check against")
         pera, lora = load(source), load(folder / "adapters" / name)
         pairs[name] = (source, pera, lora)
-        checks.append(stored_lora_check(pera, lora, name))
+        loras.append(stored_lora_check(pera, lora, name))
     outputs = forward_differences(base, pairs, seed) if forward else {}
     for name, (source, pera, _) in pairs.items():
         diffs = outputs.get(name, (None, None, None))
         checks.append(BundleAdapterCheck(name, str(source), sha256(pera) == recorded[name]["sha256"], *diffs))
-    return Report("verify", None, checks)
+    # the stored LoRAs last: a changed source explains why its LoRA no longer matches it, so
+    # the report's failure names the source first
+    return Report("verify", None, checks + loras)
 
 
 def forward_differences(base: Path, pairs: dict[str, tuple[Path, PeraAdapter, PeraAdapter]],
