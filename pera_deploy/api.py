@@ -140,7 +140,8 @@ def verify(merged: str | Path, adapter: AdapterLike | None = None, base: str | P
     raises CheckFailed, carrying it, when a check fails.
 
     A bundle (`pera-deploy bundle`) needs neither: each of its adapters is checked against
-    its recorded source (sha256, then the outputs of base + LoRA against base + PERA).
+    its recorded source (sha256 and its stored LoRA against the PERA update, with numpy; then,
+    unless `forward` is False, the outputs of base + LoRA against base + PERA, with torch).
     """
     from .checks.bundle import is_bundle
 
@@ -148,7 +149,7 @@ def verify(merged: str | Path, adapter: AdapterLike | None = None, base: str | P
     option_seed(seed)
     merged = Path(merged)
     if is_bundle(merged):
-        return _verify_bundle(merged, seed, load_options)
+        return _verify_bundle(merged, seed, load_options, forward=forward)
     if adapter is None or base is None:
         raise InputError(f"{merged}: not a bundle, so verify needs the adapter and the base (--adapter, --base)")
     from .checks.verify import verify_merged
@@ -185,7 +186,8 @@ def _bundle_schema() -> dict[str, Any]:
     return {"adapters": mapping(string, adapter_entry), "base": base_entry}
 
 
-def _verify_bundle(folder: Path, seed: int, load_options: dict[str, Any]) -> Report:
+def _verify_bundle(folder: Path, seed: int, load_options: dict[str, Any], forward: bool = True) -> Report:
+    """Digests and stored LoRAs always (numpy); the models' outputs only with `forward` (torch)."""
     from .checks.bundle import BUNDLE_FILE, verify_bundle
     from .errors import CheckFailed
     from .io.schema import validate
@@ -195,7 +197,8 @@ def _verify_bundle(folder: Path, seed: int, load_options: dict[str, Any]) -> Rep
     validate(read_json(folder / BUNDLE_FILE), _bundle_schema(), folder / BUNDLE_FILE)
     with _digests(None) as hasher, offline():
         report = verify_bundle(folder, lambda path: _load(path, load_options),
-                               lambda adapter: adapter_record(adapter, hasher)["sha256"], hasher.sha256, seed)
+                               lambda adapter: adapter_record(adapter, hasher)["sha256"], hasher.sha256, seed,
+                               forward=forward)
     if not report.passed:
         raise CheckFailed(report.failure() or "a check failed", report)
     return report

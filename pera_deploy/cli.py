@@ -640,8 +640,9 @@ def verify(merged: Path, adapter: Path | None, base: Path | None, format_: str |
         if report.check("bundle base") is not None:
             return "\n".join(
                 f"{c.kind}: {'ok' if c.passed else 'FAILED'}" + (
-                    f" — source unchanged: {c.source_unchanged}; base + LoRA vs base + PERA: max rel diff "
-                    f"{c.max_rel_diff:.2g} (tolerance {c.tolerance:.0e})" if hasattr(c, "source") else "")
+                    f" — source unchanged: {c.source_unchanged}; base + LoRA vs base + PERA: " + (
+                        f"max rel diff {c.max_rel_diff:.2g} (tolerance {c.tolerance:.0e})" if c.forward else
+                        "not run (--no-forward)") if hasattr(c, "source") else "")
                 for c in report.checks)
         weights, fwd = report.check("weights"), report.check("forward")
         lines = [f"weights: {'ok' if weights.passed else 'FAILED'} — {_weights_line(weights.to_dict())}"]

@@ -36,3 +36,11 @@ def readme_example(cli, tmp_path: Path, monkeypatch, heading: str, command: str 
     namespace: dict = {}
     exec(compile(code[:code.index("```")], "README.md", "exec"), namespace)  # noqa: S102 (our own README)
     return namespace
+
+
+def stored_tensors(path: Path) -> dict:
+    """name → numpy array of every tensor of a safetensors file, in its stored dtype (bfloat16
+    through ml_dtypes, which safetensors' own numpy loader cannot give), read without torch."""
+    from pera_deploy.io.safetensors_stream import read_array, read_header
+
+    return {entry.name: read_array(entry) for entry in read_header(Path(path))[0]}

@@ -8,21 +8,19 @@ it (PEFT, ONNX Runtime) against the unmerged PERA model, and every combination a
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
-import torch
-from safetensors.torch import load_file
 
 import pera_deploy
-from pera_deploy.checks.forward import seeded_inputs
-from pera_deploy.checks.reference_model import load_unmerged_model
 from pera_deploy.core.names import NameIndex
-from pera_deploy.io.hf_model import load_model
 from pera_deploy.io.model_folder import ModelFolder
-from tests.helpers import refused
+from pera_deploy.io.safetensors_stream import save_tensors
+from tests.helpers import refused, stored_tensors
 
 pytestmark = pytest.mark.slow
 
@@ -35,6 +33,8 @@ FAMILIES = {
 
 def output_of(model, inputs):
     """The last hidden state: it shows every adapter (a classifier's three logits can hide one)."""
+    import torch
+
     with torch.no_grad():
         return model(**inputs, output_hidden_states=True).hidden_states[-1]
 
@@ -43,12 +43,20 @@ def rel(y, ref):
     return float((y - ref).abs().max() / ref.abs().max())
 
 
+def installed(module: str) -> bool:
+    """Whether `module` can be imported here (without importing it)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
+
+
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def bundled(request, fx, tmp_path_factory):
     family = request.param
     base, adapters = FAMILIES[family]
     out = tmp_path_factory.mktemp(f"bundle-{family}") / "bundle"
-    onnx = pytest.importorskip("optimum.exporters.onnx", reason="the onnx extra") is not None
+    onnx = installed("optimum.exporters.onnx") and installed("torch")  # the onnx extra: with it, --onnx too
     args = ["bundle", fx[base], "-o", out, "--base-files", "hardlink"] + (["--onnx"] if onnx else [])
     for name, fixture in adapters.items():
         args += ["--adapter", f"{name}={fx[fixture]}"]
@@ -83,6 +91,12 @@ def test_bundle_layout_and_record(bundled):
 
 
 def test_each_adapter_in_peft_equals_the_unmerged_model_and_switches(bundled):
+    pytest.importorskip("peft")
+    torch = pytest.importorskip("torch")
+    from pera_deploy.checks.forward import seeded_inputs
+    from pera_deploy.checks.reference_model import load_unmerged_model
+    from pera_deploy.io.hf_model import load_model
+
     family, out, base, adapters = bundled
     model = pera_deploy.load_bundle(out)
     inputs = seeded_inputs(model.config, 2, 12, 0)
@@ -117,17 +131,27 @@ def test_onnx_graph_with_each_adapter(bundled):
 
 def test_verify_a_bundle(cli, bundled, tmp_path):
     family, out, base, adapters = bundled
-    data = cli.json("verify", out)
+    data = cli.json("verify", out, "--no-forward")  # digests and the stored LoRAs: numpy alone
     assert data["passed"] and all(data["checks"][f"bundle[{n}]"]["passed"] for n in adapters)
+    assert not any(data["checks"][f"bundle[{n}]"]["forward"] for n in adapters)
+    assert all(data["checks"][f"lora_factors[{n}]"]["passed"] for n in adapters)
     copy = shutil.copytree(out, tmp_path / "copy", symlinks=True)
     record = json.loads((copy / "bundle.json").read_text())
-    changed = shutil.copytree(adapters["full"], tmp_path / "changed-source")
-    record["adapters"]["full"]["source"] = str(changed)
-    weights = next(p for p in changed.iterdir() if p.name.startswith("adapter_model"))
-    data_ = bytearray(weights.read_bytes())
-    data_[-4] ^= 1  # one bit of the last tensor
-    weights.write_bytes(bytes(data_))
+    # one bit of one tensor of a safetensors source (a byte near the end of a torch.save zip is
+    # its directory: a corrupt file, not a changed one)
+    name = next(n for n, source in adapters.items() if (source / "adapter_model.safetensors").is_file())
+    changed = shutil.copytree(adapters[name], tmp_path / "changed-source")
+    record["adapters"][name]["source"] = str(changed)
+    tensors = stored_tensors(changed / "adapter_model.safetensors")
+    tensors[max(tensors)].reshape(-1).view(np.uint8)[-1] ^= 1
+    save_tensors(changed / "adapter_model.safetensors", tensors)
     (copy / "bundle.json").write_text(json.dumps(record))
+    result = cli("verify", copy, "--no-forward")
+    assert result.exit_code == 1 and "has changed since the bundle was made" in result.stderr
+    pytest.importorskip("torch")  # by default, verify of a bundle also runs its models
+    data = cli.json("verify", out)
+    assert data["passed"] and all(data["checks"][f"bundle[{n}]"]["passed"] for n in adapters)
+    assert all(data["checks"][f"bundle[{n}]"]["forward"] for n in adapters)
     result = cli("verify", copy)
     assert result.exit_code == 1 and "has changed since the bundle was made" in result.stderr
 
@@ -135,13 +159,13 @@ def test_verify_a_bundle(cli, bundled, tmp_path):
 # -- exact combinations ------------------------------------------------------------------------
 
 
-def weighted_sum_f64(sources: list[Path], weights: list[float]) -> dict[str, torch.Tensor]:
+def weighted_sum_f64(sources: list[Path], weights: list[float]) -> dict[str, np.ndarray]:
     """Σ wᵢ ΔWᵢ per module (nn.Linear layout), each ΔWᵢ = sᵢ·B̂ᵢÂᵢ computed in float64 from the
     stored factors."""
-    total: dict[str, torch.Tensor] = {}
+    total: dict[str, np.ndarray] = {}
     for source, w in zip(sources, weights):
         for module, layer in pera_deploy.load_adapter(source).layers.items():
-            delta = w * layer.delta_weight(torch.float64)
+            delta = w * layer.delta_weight()
             total[module] = total[module] + delta if module in total else delta
     return total
 
@@ -159,13 +183,13 @@ def test_combine_and_multi_merge_equal_the_weighted_sum(cli, fx, tmp_path, famil
     expected = weighted_sum_f64(sources, weights)
     spec = ",".join(map(str, weights))
     assert cli("combine", *sources, "-o", tmp_path / "c", "--weights", spec).exit_code == 0
-    state = load_file(str(tmp_path / "c" / "adapter_model.safetensors"))
+    state = stored_tensors(tmp_path / "c" / "adapter_model.safetensors")
     for module, delta in expected.items():
-        b = state[f"base_model.model.{module}.lora_B.weight"].double()
-        a = state[f"base_model.model.{module}.lora_A.weight"].double()
+        b = state[f"base_model.model.{module}.lora_B.weight"].astype(np.float64)
+        a = state[f"base_model.model.{module}.lora_A.weight"].astype(np.float64)
         got = b @ a
-        bound = 4 * 2.0**-24 * float(b.abs().sum(1).max() * a.abs().max()) + 1e-30
-        assert float((got - delta).abs().max()) <= bound * max(1, b.shape[1]), (family, module)
+        bound = 4 * 2.0**-24 * float(abs(b).sum(1).max() * abs(a).max()) + 1e-30
+        assert float(abs(got - delta).max()) <= bound * max(1, b.shape[1]), (family, module)
     result = cli("merge", *sources, fx[base], "-o", tmp_path / "m", "--weights", spec, "--dtype", "float32",
                  "--full-check")
     assert result.exit_code == 0, result.stderr
@@ -174,23 +198,23 @@ def test_combine_and_multi_merge_equal_the_weighted_sum(cli, fx, tmp_path, famil
         merged_names, base_names = NameIndex(merged.names), NameIndex(original.names)
         for module, delta in expected.items():
             name = merged_names.resolve_one(module + ".weight")
-            w0 = original.get(base_names.resolve_one(module + ".weight")).double()
+            w0 = original.get(base_names.resolve_one(module + ".weight")).astype(np.float64)
             transpose = conv1d(sources)
             exact = w0 + (delta.T if transpose else delta)
             abs_prod, inner = bounds[module]
             # one float32 rounding of the sum, plus what a float32 evaluation of W0 + Σ wᵢΔWᵢ may err by
-            allowed = 2.0**-24 * exact.abs() + (inner + 2) * 2.0**-24 * (w0.abs() + (abs_prod.T if transpose else abs_prod))
-            err = (merged.get(name).double() - exact).abs()
+            allowed = 2.0**-24 * abs(exact) + (inner + 2) * 2.0**-24 * (abs(w0) + (abs_prod.T if transpose else abs_prod))
+            err = abs(merged.get(name).astype(np.float64) - exact)
             assert bool((err <= allowed).all()), (family, module, float((err / allowed).max()))
 
 
-def abs_products(sources: list[Path], weights: list[float]) -> dict[str, tuple[torch.Tensor, int]]:
+def abs_products(sources: list[Path], weights: list[float]) -> dict[str, tuple[np.ndarray, int]]:
     """Per module: Σ |wᵢ|·|sᵢB̂ᵢ|·|Âᵢ| (what bounds float32 rounding in the product) and the inner size."""
-    out: dict[str, tuple[torch.Tensor, int]] = {}
+    out: dict[str, tuple[np.ndarray, int]] = {}
     for source, w in zip(sources, weights):
         for module, layer in pera_deploy.load_adapter(source).layers.items():
-            b_hat, a_hat = layer.expanded_factors(torch.float64)
-            term = abs(w) * b_hat.abs() @ a_hat.abs()
+            b_hat, a_hat = layer.expanded_factors()
+            term = abs(w) * abs(b_hat) @ abs(a_hat)
             prev, inner = out.get(module, (0, 0))
             out[module] = (prev + term, inner + b_hat.shape[1])
     return out
@@ -201,14 +225,14 @@ def test_a_reduced_combination_is_within_one_percent_of_optimal(fx, tmp_path):
     expected = weighted_sum_f64(sources, [1.0, 0.5])
     report = pera_deploy.combine(sources, tmp_path / "c", weights=[1.0, 0.5], rank=6)
     for m in report.plan.modules:
-        s = torch.linalg.svdvals(expected[m.source])
-        optimal = float((s[6:].square().sum() / s.square().sum()).sqrt())
+        s = np.linalg.svd(expected[m.source], compute_uv=False)
+        optimal = float(np.sqrt(np.square(s[6:]).sum() / np.square(s).sum()))
         assert m.rank == 6 and m.rel_error <= optimal * 1.01 + 1e-12, (m.module, m.rel_error, optimal)
-    stored = load_file(str(tmp_path / "c" / "adapter_model.safetensors"))
+    stored = stored_tensors(tmp_path / "c" / "adapter_model.safetensors")
     for m in report.plan.modules:
-        approx = stored[f"base_model.model.{m.module}.lora_B.weight"].double() @ \
-            stored[f"base_model.model.{m.module}.lora_A.weight"].double()
-        measured = float((approx - expected[m.source]).norm() / expected[m.source].norm())
+        approx = stored[f"base_model.model.{m.module}.lora_B.weight"].astype(np.float64) @ \
+            stored[f"base_model.model.{m.module}.lora_A.weight"].astype(np.float64)
+        measured = float(np.linalg.norm(approx - expected[m.source]) / np.linalg.norm(expected[m.source]))
         assert abs(measured - m.rel_error) <= 1e-5
 
 
@@ -227,10 +251,10 @@ def test_bad_bundles_and_combinations(cli, fx, tmp_path):
     assert not out.exists()
     # the same module names, other shapes: an adapter made for another base
     other = shutil.copytree(fx["llama-peft"], tmp_path / "other")
-    tensors = load_file(str(other / "adapter_model.safetensors"))
+    tensors = stored_tensors(other / "adapter_model.safetensors")
     key = next(k for k in tensors if k.endswith("q_proj.lora_A.weight"))
-    tensors[key] = torch.randn(4, 48)
-    from safetensors.torch import save_file
+    tensors[key] = np.random.default_rng(0).standard_normal((4, 48)).astype(np.float32)
+    from safetensors.numpy import save_file
 
     save_file(tensors, str(other / "adapter_model.safetensors"))
     refused(cli("combine", pera, other, "-o", tmp_path / "c"), "made for different bases", "q_proj")
@@ -250,6 +274,7 @@ def test_readme_bundle_and_combination_examples_run_as_written(cli, tmp_path, mo
     import re
     import shlex
 
+    pytest.importorskip("peft")  # the snippet loads the bundle into PEFT (and verify runs the models: torch)
     root = Path(__file__).resolve().parents[1]
     section = (root / "README.md").read_text().split("## Bundles and combinations")[1].split("\n## ")[0]
     lines = [l.strip() for l in section.splitlines() if l.strip().startswith("pera-deploy ")]

@@ -13,16 +13,16 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
-import torch
-from safetensors.torch import load_file
 
 import pera_deploy
 from pera_deploy.api import export_gguf
+from pera_deploy.checks.numerics import same_bits
 from pera_deploy.errors import InputError
-from tests.helpers import readme_example, refused
+from tests.helpers import readme_example, refused, stored_tensors
 
 gguf = pytest.importorskip("gguf")
 
@@ -45,20 +45,20 @@ def gguf_name(module: str) -> str:
     return f"blk.{parts[2]}.{LLAMA_NAMES['.'.join(parts[3:])]}.weight"
 
 
-def llama_order(rows: int, heads: int) -> torch.Tensor:
+def llama_order(rows: int, heads: int) -> np.ndarray:
     """Row i of llama.cpp's q/k is HF row order[i]: per head, HF's two rotary halves interleaved
     (row 2j from the first half, row 2j + 1 from the second)."""
     half = rows // heads // 2
-    return torch.tensor([(2 * h + p) * half + j for h in range(heads) for j in range(half) for p in (0, 1)])
+    return np.array([(2 * h + p) * half + j for h in range(heads) for j in range(half) for p in (0, 1)])
 
 
-def hf_lora_b(name: str, lora_b: np.ndarray, heads: dict[str, int]) -> torch.Tensor:
-    b = torch.from_numpy(lora_b).double()
+def hf_lora_b(name: str, lora_b: np.ndarray, heads: dict[str, int]) -> np.ndarray:
+    """lora_b's rows back in Hugging Face order, as stored (its own dtype)."""
     kind = name.split(".")[2]
     if kind not in heads:
-        return b
-    unpermuted = torch.empty_like(b)
-    unpermuted[llama_order(b.shape[0], heads[kind])] = b
+        return lora_b
+    unpermuted = np.empty_like(lora_b)
+    unpermuted[llama_order(lora_b.shape[0], heads[kind])] = lora_b
     return unpermuted
 
 
@@ -76,11 +76,11 @@ def runtime_errors(path: Path, adapter_path: Path, heads: dict[str, int]) -> dic
     errors = {}
     for module, layer in adapter.layers.items():
         name = gguf_name(module)
-        a = torch.from_numpy(data[f"{name}.lora_a"]).double()
-        b = hf_lora_b(name, data[f"{name}.lora_b"], heads)
+        a = data[f"{name}.lora_a"].astype(np.float64)
+        b = hf_lora_b(name, data[f"{name}.lora_b"], heads).astype(np.float64)
         scale = float(np.float32(alpha) / np.float32(a.shape[0]))
-        delta = layer.delta_weight(torch.float64)
-        errors[module] = float((scale * b @ a - delta).norm() / delta.norm())
+        delta = layer.delta_weight()
+        errors[module] = float(np.linalg.norm(scale * b @ a - delta) / np.linalg.norm(delta))
     return errors
 
 
@@ -141,7 +141,7 @@ def test_json_reports_file_arch_and_checks(exported):
 def test_tensors_are_export_loras_factors_with_q_k_rows_permuted(exported, fx, tmp_path):
     out, _ = exported
     pera_deploy.export_lora(fx["llama-pera"], tmp_path / "lora", base=fx["llama-base"])
-    state = load_file(str(tmp_path / "lora" / "adapter_model.safetensors"))
+    state = stored_tensors(tmp_path / "lora" / "adapter_model.safetensors")
     heads = llama_heads(fx["llama-base"])
     _, tensors = read(out)
     data = {name: array for name, _, array in tensors}
@@ -149,11 +149,11 @@ def test_tensors_are_export_loras_factors_with_q_k_rows_permuted(exported, fx, t
         module = key.removeprefix("base_model.model.").rsplit(".", 2)[0]
         name = gguf_name(module)
         if ".lora_A." in key:
-            assert torch.equal(torch.from_numpy(data[f"{name}.lora_a"]), value)
+            assert same_bits(data[f"{name}.lora_a"], value)
         else:
-            assert torch.equal(hf_lora_b(name, data[f"{name}.lora_b"], heads).float(), value)
+            assert same_bits(hf_lora_b(name, data[f"{name}.lora_b"], heads), value)
             permuted = name.split(".")[2] in heads
-            assert torch.equal(torch.from_numpy(data[f"{name}.lora_b"]), value) != permuted
+            assert same_bits(data[f"{name}.lora_b"], value) != permuted
 
 
 def test_float16(cli, fx, tmp_path):
@@ -162,10 +162,13 @@ def test_float16(cli, fx, tmp_path):
     _, tensors = read(out)
     assert {t for _, t, _ in tensors} == {"F16"} and data["gguf"]["dtype"] == "float16"
     pera_deploy.export_lora(fx["llama-pera"], tmp_path / "lora", base=fx["llama-base"], dtype="float16")
-    state = load_file(str(tmp_path / "lora" / "adapter_model.safetensors"))
+    state = stored_tensors(tmp_path / "lora" / "adapter_model.safetensors")
     data16 = {name: array for name, _, array in tensors}
-    a = state["base_model.model.model.layers.1.self_attn.o_proj.lora_A.weight"]
-    assert torch.equal(torch.from_numpy(data16["blk.1.attn_output.weight.lora_a"]), a)  # rounded once, the same
+    for key, value in state.items():  # rounded once, the same: every factor (q/k's lora_b permuted)
+        name = gguf_name(key.removeprefix("base_model.model.").rsplit(".", 2)[0])
+        part = "lora_a" if ".lora_A." in key else "lora_b"
+        assert same_bits(hf_lora_b(name, data16[f"{name}.{part}"], llama_heads(fx["llama-base"])) if part == "lora_b"
+                         else data16[f"{name}.{part}"], value), key
     errors = runtime_errors(out, fx["llama-pera"], llama_heads(fx["llama-base"]))
     assert max(errors.values()) < 5e-3
 
@@ -383,6 +386,7 @@ def test_llama_cpp_runs_it(fx, tmp_path):
     """llama.cpp (llama-cpp-python) with the base converted by convert_hf_to_gguf.py and our
     file as --lora gives the logits of the base with the PERA branch live (PyTorch)."""
     llama_cpp = pytest.importorskip("llama_cpp")
+    torch = pytest.importorskip("torch")  # the reference: the unmerged PERA model in PyTorch
     source = llama_cpp_source()
     from pera_deploy.checks.reference_model import load_unmerged_model
 
@@ -391,7 +395,7 @@ def test_llama_cpp_runs_it(fx, tmp_path):
     export_gguf(adapter_path, tmp_path / "lora.gguf", base=base)
     ids = [1, 17, 99, 230, 5, 64, 311, 42]
 
-    def llama_cpp_logits(lora: Path | None) -> torch.Tensor:
+    def llama_cpp_logits(lora: Path | None) -> Any:
         # a float32 KV cache (GGML_TYPE_F32 = 0; llama.cpp's default f16 cache alone costs 3.6e-4)
         llm = llama_cpp.Llama(str(tmp_path / "base.gguf"), lora_path=str(lora) if lora else None, n_ctx=64,
                               logits_all=True, verbose=False, seed=0, type_k=0, type_v=0)

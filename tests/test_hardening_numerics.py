@@ -10,15 +10,15 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
 
 import pera_deploy
 from pera_deploy.core.adapter import PeraLayer
 from pera_deploy.core.lowrank import choose_rank, factored_svd
 from pera_deploy.errors import InputError
-from tests.helpers import refused
+from pera_deploy.io.safetensors_stream import save_tensors
+from tests.helpers import refused, stored_tensors
 
 
 def copy(src: Path, dst: Path) -> Path:
@@ -35,9 +35,12 @@ def edit_config(folder: Path, **changes) -> Path:
 
 
 def scale_factors(folder: Path, factor: float) -> Path:
+    """Every factor times `factor`, in its own dtype (beyond its range: inf)."""
     path = folder / "adapter_model.safetensors"
-    tensors = load_file(str(path))
-    save_file({k: (v * factor if ".lora_" in k else v) for k, v in tensors.items()}, str(path))
+    tensors = stored_tensors(path)
+    with np.errstate(over="ignore"):
+        save_tensors(path, {k: ((v.astype(np.float64) * factor).astype(v.dtype) if ".lora_" in k else v)
+                            for k, v in tensors.items()})
     return folder
 
 
@@ -118,9 +121,9 @@ def test_a_lora_is_never_stored_with_inf(fx, tmp_path):
 
     adapter = pera_deploy.load_adapter(edit_config(copy(fx["llama-peft"], tmp_path / "a"), lora_alpha=1e6))
     export = plan_lora_export(adapter)
-    assert all(bool(t.isfinite().all()) for t in lora_state_dict(export, torch.float32).values())
+    assert all(bool(np.isfinite(t).all()) for t in lora_state_dict(export, "F32").values())
     with pytest.raises(InputError, match="module model.layers.0.mlp.down_proj: lora_B .* float16 range"):
-        lora_state_dict(export, torch.float16)
+        lora_state_dict(export, "F16")
 
 
 def test_gguf_float16_factors_beyond_its_range(cli, fx, tmp_path):
@@ -134,14 +137,15 @@ def test_gguf_float16_factors_beyond_its_range(cli, fx, tmp_path):
 
 
 def test_a_layer_beyond_float32_cannot_be_formed():
-    g = torch.Generator().manual_seed(0)
-    A, B = torch.randn(2, 6, generator=g), torch.randn(5, 2, generator=g)
+    g = np.random.default_rng(0)
+    A, B = g.standard_normal((2, 6)).astype(np.float32), g.standard_normal((5, 2)).astype(np.float32)
     with pytest.raises(InputError, match="module m: its update ΔW"):
-        PeraLayer("m", A * 1e18, B * 1e18, torch.ones(3), None, 1.0, False, "full")
+        PeraLayer("m", A * np.float32(1e18), B * np.float32(1e18), np.ones(3, np.float32), None, 1.0, False, "full")
     with pytest.raises(InputError, match="module m: its expanded factor Â overflows float32"):
-        PeraLayer("m", A.double() * 1e20, B.double(), torch.ones(3), None, 1.0, False, "full")
+        PeraLayer("m", A.astype(np.float64) * 1e20, B.astype(np.float64), np.ones(3, np.float32), None, 1.0, False,
+                  "full")
     with pytest.raises(InputError, match="expanded factor s·B̂ overflows float32"):
-        PeraLayer("m", A, B, torch.ones(3), None, 1e39, False, "full")
+        PeraLayer("m", A, B, np.ones(3, np.float32), None, 1e39, False, "full")
 
 
 def test_the_range_rule_is_exact_where_its_bound_is_not():
@@ -150,11 +154,11 @@ def test_the_range_rule_is_exact_where_its_bound_is_not():
     1e36 at most, although R'·max|s·B̂|·max|Â| is 3e54."""
     from pera_deploy.core.limits import FLOAT32_MAX, float32_bound, sizes
 
-    A = torch.full((1, 4), 1e18)
-    B = torch.full((3, 1), 1e18)
-    layer = PeraLayer("m", A, B, torch.zeros(1), None, 1.0, False, "lora")
+    A = np.full((1, 4), 1e18, np.float32)
+    B = np.full((3, 1), 1e18, np.float32)
+    layer = PeraLayer("m", A, B, np.zeros(1, np.float32), None, 1.0, False, "lora")
     assert float32_bound([sizes(1.0, layer)]) > FLOAT32_MAX
-    assert float(layer.delta_weight(torch.float64).abs().max()) == pytest.approx(1e36)
+    assert float(abs(layer.delta_weight()).max()) == pytest.approx(1e36)
 
 
 # -- checks whose measure is not finite ----------------------------------------------------------------
@@ -165,8 +169,9 @@ def test_verify_of_a_weight_that_overflows_float32_is_bad_input():
     it as a failed check with a NaN ratio (exit 1); it is the input, so InputError (exit 2)."""
     from pera_deploy.checks.weights import check_merged_layer
 
-    layer = PeraLayer("m", torch.full((1, 4), 1e18), torch.full((3, 1), 1e18), torch.zeros(1), None, 1.0, False, "lora")
-    w0 = torch.full((3, 4), 3.4e38)
+    layer = PeraLayer("m", np.full((1, 4), 1e18, np.float32), np.full((3, 1), 1e18, np.float32), np.zeros(1, np.float32),
+                      None, 1.0, False, "lora")
+    w0 = np.full((3, 4), 3.4e38, np.float32)
     with pytest.raises(InputError, match=r"recomputing m\.weight: W0 \+ ΔW is not finite in float32"):
         check_merged_layer(w0, w0, layer, False, "m.weight")
 
@@ -174,6 +179,7 @@ def test_verify_of_a_weight_that_overflows_float32_is_bad_input():
 def test_forward_check_of_a_model_that_overflows_is_bad_input(fx, monkeypatch):
     """An unmerged model whose outputs are NaN leaves nothing to compare with: was a failed
     check "max relative difference nan" (exit 1)."""
+    torch = pytest.importorskip("torch")  # the forward check runs the models
     from pera_deploy.checks import forward
 
     def nan_outputs(*args, **kwargs):
@@ -208,7 +214,7 @@ def test_an_adapter_minus_itself_passes_its_check(cli, fx, tmp_path, options):
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["checks"]["lora_factors"]["passed"]
-    state = load_file(str(out / "adapter_model.safetensors"))
+    state = stored_tensors(out / "adapter_model.safetensors")
     assert json.loads((out / "adapter_config.json").read_text())["r"] >= 1
     if options:  # an approximation of zero is zero
         assert report["lora"]["total_rel_error"] == 0.0
@@ -247,12 +253,13 @@ def test_a_zero_adapter_reduced_by_tol_is_a_rank_1_lora(cli, fx, tmp_path):
 
 
 def test_choose_rank_keeps_at_least_one():
-    zero = factored_svd(torch.zeros(4, 3, dtype=torch.float64), torch.zeros(3, 5, dtype=torch.float64))
+    zero = factored_svd(np.zeros((4, 3)), np.zeros((3, 5)))
     assert choose_rank(zero, tol=0.5) == 1
-    left = torch.randn(6, 3, dtype=torch.float64)
-    right = torch.randn(3, 4, dtype=torch.float64)
-    noise = factored_svd(torch.cat([left, -left], 1), torch.cat([right, right], 0))
-    assert float(noise.singular_values.abs().max()) == 0.0  # noise below the evaluation floor is zero
+    g = np.random.default_rng(0)
+    left = g.standard_normal((6, 3))
+    right = g.standard_normal((3, 4))
+    noise = factored_svd(np.concatenate([left, -left], 1), np.concatenate([right, right], 0))
+    assert float(abs(noise.singular_values).max()) == 0.0  # noise below the evaluation floor is zero
 
 
 def test_the_noise_floor_pairs_each_column_with_its_own_row():
@@ -264,18 +271,19 @@ def test_the_noise_floor_pairs_each_column_with_its_own_row():
     from pera_deploy.checks.lora_factors import check_lora_module
     from pera_deploy.export.lora import lora_module
 
-    g = torch.Generator().manual_seed(1)
-    A = torch.randn(4, 32, generator=g, dtype=torch.float64) * 0.3
-    B = torch.randn(16, 4, generator=g, dtype=torch.float64) * 1e-20
-    hA = torch.randn(10, generator=g, dtype=torch.float64) * 1e18
+    g = np.random.default_rng(1)
+    A = g.standard_normal((4, 32)) * 0.3
+    B = g.standard_normal((16, 4)) * 1e-20
+    hA = g.standard_normal(10) * 1e18
     layer = PeraLayer("m", A, B, hA, None, 1e20, False, "full")
     m = lora_module(layer, "m", rank=2)
-    delta = layer.delta_weight(torch.float64)
-    s = torch.linalg.svdvals(delta)
-    truth = float(s[2:].norm() / s.norm())
+    delta = layer.delta_weight()
+    s = np.linalg.svd(delta, compute_uv=False)
+    truth = float(np.linalg.norm(s[2:]) / np.linalg.norm(s))
     assert m.rel_error == pytest.approx(truth, rel=1e-9) and truth > 0.01
-    assert float((delta - m.lora_B @ m.lora_A).norm() / delta.norm()) == pytest.approx(truth, rel=1e-9)
-    assert check_lora_module(layer, "m", m.lora_B.float(), m.lora_A.float(), m.rel_error, m.delta_norm).passed
+    assert float(np.linalg.norm(delta - m.lora_B @ m.lora_A) / np.linalg.norm(delta)) == pytest.approx(truth, rel=1e-9)
+    stored_b, stored_a = m.lora_B.astype(np.float32), m.lora_A.astype(np.float32)
+    assert check_lora_module(layer, "m", stored_b, stored_a, m.rel_error, m.delta_norm).passed
 
 
 # -- 3. unmerge --check-against a model of other shapes -----------------------------------------------
@@ -335,7 +343,7 @@ def test_a_tie_the_checkpoint_contradicts_is_refused(cli, tmp_path, tied_base_wi
     base, adapter = tied_base_with_own_lm_head, lm_head_adapter(tmp_path / "lm-head")
     out = tmp_path / "m"
     args = (["merge", adapter, base, "-o", out, "--untie-embeddings"] if command == "merge" else
-            ["verify", base, "--adapter", adapter, "--base", base])
+            ["verify", base, "--adapter", adapter, "--base", base, "--no-forward"])  # refused before any model runs
     refused(cli(*args), "config.json ties lm_head.weight to model.embed_tokens.weight",
             "transformers 4 loads the model with lm_head.weight = model.embed_tokens.weight")
     nothing_written(tmp_path, out)
@@ -352,11 +360,11 @@ def tied_base_storing_its_tie(fx, tmp_path) -> Path:
     config["tie_word_embeddings"] = True
     (base / "config.json").write_text(json.dumps(config))
     for shard in base.glob("*.safetensors"):
-        tensors = load_file(str(shard))
+        tensors = stored_tensors(shard)
         if "lm_head.weight" in tensors:
-            embed = next(load_file(str(f))["model.embed_tokens.weight"] for f in base.glob("*.safetensors")
-                         if "model.embed_tokens.weight" in load_file(str(f)))
-            tensors["lm_head.weight"] = embed.clone()
+            embed = next(stored_tensors(f)["model.embed_tokens.weight"] for f in base.glob("*.safetensors")
+                         if "model.embed_tokens.weight" in stored_tensors(f))
+            tensors["lm_head.weight"] = embed.copy()
             save_tensors(shard, tensors, {"format": "pt"})
     return base
 
@@ -367,15 +375,21 @@ def test_untied_merge_of_a_consistent_tie_is_what_transformers_loads(cli, tmp_pa
     base, adapter = tied_base_storing_its_tie, lm_head_adapter(tmp_path / "lm-head")
     out = tmp_path / "m"
     assert cli("merge", adapter, base, "-o", out, "--untie-embeddings").exit_code == 0
-    result = cli("verify", out, "--adapter", adapter, "--base", base)
+    result = cli("verify", out, "--adapter", adapter, "--base", base, "--no-forward")
     assert result.exit_code == 0, result.stderr
+    from pera_deploy.core.dtypes import code_of
     from pera_deploy.merging.execute import merged_weight
 
-    stored = {k: v for f in base.glob("*.safetensors") for k, v in load_file(str(f)).items()}
-    merged = {k: v for f in out.glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    stored = {k: v for f in base.glob("*.safetensors") for k, v in stored_tensors(f).items()}
+    merged = {k: v for f in out.glob("*.safetensors") for k, v in stored_tensors(f).items()}
     layer = pera_deploy.load_adapter(adapter).layers["lm_head"]
     w0 = stored["model.embed_tokens.weight"]
-    assert torch.equal(merged["lm_head.weight"], merged_weight(w0, layer, False, w0.dtype, torch.float32))
+    expected = merged_weight(w0, layer, False, code_of(w0), code_of(w0))
+    assert merged["lm_head.weight"].dtype == expected.dtype
+    assert merged["lm_head.weight"].tobytes() == expected.tobytes()
+    pytest.importorskip("torch")  # verify's forward check runs the models
+    result = cli("verify", out, "--adapter", adapter, "--base", base)
+    assert result.exit_code == 0, result.stderr
 
 
 def test_untied_copy_of_a_tied_lm_head_is_its_tie(fx, tmp_path, tied_base_storing_its_tie):
@@ -383,6 +397,7 @@ def test_untied_copy_of_a_tied_lm_head_is_its_tie(fx, tmp_path, tied_base_storin
     value every transformers uses, its tie's."""
     from fixtures.build_fixtures import write_peft_adapter
 
+    torch = pytest.importorskip("torch")  # the fixture writer takes torch tensors (until fixtures are numpy)
     base = tied_base_storing_its_tie
     g = torch.Generator().manual_seed(3)
     adapter = write_peft_adapter(tmp_path / "embed", {"model.embed_tokens": {
@@ -406,7 +421,8 @@ def test_an_added_tensor_the_model_has_no_place_for(cli, fx, tmp_path, command):
     by the forward check's own rule."""
     adapter = copy(fx["llama-peft"], tmp_path / "a")
     path = adapter / "adapter_model.safetensors"
-    save_file(load_file(str(path)) | {"base_model.model.new_head.weight": torch.randn(4, 32)}, str(path))
+    new_head = np.random.default_rng(0).standard_normal((4, 32)).astype(np.float32)
+    save_tensors(path, stored_tensors(path) | {"base_model.model.new_head.weight": new_head})
     out = tmp_path / "out"
     args = (["merge", adapter, fx["llama-base"], "-o", out] if command == "merge" else
             ["verify", fx["llama-base"], "--adapter", adapter, "--base", fx["llama-base"], "--no-forward"])
@@ -417,6 +433,7 @@ def test_an_added_tensor_the_model_has_no_place_for(cli, fx, tmp_path, command):
 def test_a_trained_lm_head_on_a_tied_base_needs_untying(cli, fx, tmp_path):
     """gpt2-base ties lm_head and stores none: a modules_to_save lm_head was added (exit 0) while
     the config still tied it, so transformers ignored it. Refused like a tied layer now."""
+    torch = pytest.importorskip("torch")  # the fixture writer takes torch tensors (until fixtures are numpy)
     from fixtures.build_fixtures import module_shapes, random_factors, write_peft_adapter
 
     shapes = module_shapes(fx["gpt2-base"], ["c_attn"], conv1d=True, prefix="transformer.")
@@ -435,6 +452,7 @@ def test_an_untied_trained_lm_head_is_checked_against_the_untied_model(cli, fx, 
     the trained head beside the unchanged wte; the forward check's unmerged reference must
     give lm_head its own tensor as well, not overwrite the tied wte with it (it did, so the
     merge's own --check-forward and verify failed a correct output), streamed or loaded whole."""
+    torch = pytest.importorskip("torch")  # the forward check runs the models
     from fixtures.build_fixtures import module_shapes, random_factors, write_peft_adapter
 
     if whole:  # the fallback for models that cannot stream

@@ -6,12 +6,11 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import torch
-from torch import Tensor
+import numpy as np
 
 from ..core.adapter import PeraLayer
 from ..core.lowrank import evaluation_floor, factored_norm
-from .numerics import UNIT_ROUNDOFF
+from .numerics import unit_roundoff
 
 
 @dataclass
@@ -24,18 +23,19 @@ class LoraCheck:
     passed: bool
 
 
-def check_lora_module(layer: PeraLayer, module: str, lora_b: Tensor, lora_a: Tensor, expected: float,
+def check_lora_module(layer: PeraLayer, module: str, lora_b: np.ndarray, lora_a: np.ndarray, expected: float,
                       delta: float) -> LoraCheck:
     """Does the stored LoRA reproduce ΔW (exactly, or to its predicted truncation error)?
 
+    `lora_b`, `lora_a` as stored (float32, float16 or bfloat16), widened exactly here.
     Storing the factors rounds each element by at most u, which moves the product by at
     most 2u·‖B‖·‖A‖ (`factors_check`). `delta` is ‖ΔW‖_F.
     """
-    return factors_check(layer, module, lora_b.double(), lora_a.double(), expected, delta,
-                         2.01 * UNIT_ROUNDOFF[lora_b.dtype])
+    return factors_check(layer, module, lora_b.astype(np.float64), lora_a.astype(np.float64), expected, delta,
+                         2.01 * unit_roundoff(lora_b))
 
 
-def factors_check(layer: PeraLayer, module: str, b: Tensor, a: Tensor, expected: float, delta: float,
+def factors_check(layer: PeraLayer, module: str, b: np.ndarray, a: np.ndarray, expected: float, delta: float,
                   rounding: float) -> LoraCheck:
     """Is ‖ΔW − b·a‖ within what the rank choice and the storage allow? `b`, `a` in float64.
 
@@ -48,10 +48,10 @@ def factors_check(layer: PeraLayer, module: str, b: Tensor, a: Tensor, expected:
     of ‖ΔW‖, or of that floor when ‖ΔW‖ is below it. A residual or an allowance that is NaN
     or infinite fails.
     """
-    exact_b, exact_a = layer.exact_factors(torch.float64)
-    left, right = torch.cat([exact_b, -b], dim=1), torch.cat([exact_a, a], dim=0)
+    exact_b, exact_a = layer.exact_factors()
+    left, right = np.concatenate([exact_b, -b], axis=1), np.concatenate([exact_a, a], axis=0)
     residual = factored_norm(left, right)
-    stored = float(b.norm()) * float(a.norm())
+    stored = float(np.linalg.norm(b)) * float(np.linalg.norm(a))
     floor = evaluation_floor(left, right)
     allowed = expected * delta + rounding * stored + 1e-12 * delta + floor
     passed = math.isfinite(residual) and math.isfinite(allowed) and residual <= allowed

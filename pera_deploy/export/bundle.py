@@ -39,16 +39,13 @@ def bundle_folder(base: Path, output: Path, adapters: dict[str, PeraAdapter], so
                   options: dict[str, Any] | None = None) -> Report:
     """Write the bundle; `sources` are the adapter paths as the user gave them (for bundle.json).
     With `onnx`, `genai` is export-onnx's: genai_config.json beside the graph where GenAI runs it."""
-    from ..io.hf_model import model_names
-
     names: dict[str, dict[str, str]] = {}
     with ModelFolder(base) as checkpoint:
         weight_files = checkpoint.weight_files
         all_files = [checkpoint.folder / "config.json", *weight_files]
         inputs = list(checkpoint.input_paths())
-        model = model_names(base)
         for name, adapter in adapters.items():  # every adapter validated against the base before anything is written
-            names[name] = peft_names(adapter, checkpoint, model)
+            names[name] = peft_names(adapter, checkpoint)
             inputs += adapter_inputs(adapter)
     digests.prefetch([f for a in adapters.values() for f in a.files] + weight_files)
     branch, chosen, wanted = None, None, False
@@ -84,9 +81,9 @@ def bundle_folder(base: Path, output: Path, adapters: dict[str, PeraAdapter], so
             from .onnx.folders import write_branch_graph
 
             (folder / "onnx").mkdir()
-            check, onnx_sections = write_branch_graph(folder / "onnx", branch, chosen, opset, "float32",
-                                                      base_record["sha256"], wanted)
-            checks.append(check)
+            graph_check, onnx_sections = write_branch_graph(folder / "onnx", branch, chosen, opset, "float32",
+                                                            base_record["sha256"], wanted)
+            checks.append(graph_check)
             sections["onnx"] = onnx_sections
         max_rank = vllm_rank(max(summary["r"] for summary in summaries.values()))
         bundle = {

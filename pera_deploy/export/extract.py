@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor
+import numpy as np
 
 from ..checks.base import Report
+from ..checks.numerics import same_bits
 from ..core.adapter import PeraAdapter
 from ..errors import InputError
 from ..io.digests import Digests
@@ -40,19 +40,21 @@ PREFIX = "base_model.model."
 PROVENANCE = "pera_deploy"
 
 
-def canonical_state(adapter: PeraAdapter, names: dict[str, str]) -> dict[str, Tensor]:
-    """PEFT's keys for every factor, coefficient and trained full tensor, as stored."""
-    state: dict[str, Tensor] = {}
+def canonical_state(adapter: PeraAdapter, names: dict[str, str]) -> dict[str, np.ndarray]:
+    """PEFT's keys for every factor, coefficient and trained full tensor, as stored: the
+    arrays the loader took, in their own dtype (bfloat16 and float8 through ml_dtypes), so
+    their bytes are written unchanged."""
+    state: dict[str, np.ndarray] = {}
     for module, layer in adapter.layers.items():
         key = PREFIX + names.get(module, module)
-        state[f"{key}.lora_A.weight"] = layer.A.contiguous()
-        state[f"{key}.lora_B.weight"] = layer.B.contiguous()
+        state[f"{key}.lora_A.weight"] = np.ascontiguousarray(layer.A)
+        state[f"{key}.lora_B.weight"] = np.ascontiguousarray(layer.B)
         if layer.layout != "lora":
-            state[f"{key}.pera_h_A"] = layer.hA.contiguous()
+            state[f"{key}.pera_h_A"] = np.ascontiguousarray(layer.hA)
         if layer.hB is not None:
-            state[f"{key}.pera_h_B"] = layer.hB.contiguous()
+            state[f"{key}.pera_h_B"] = np.ascontiguousarray(layer.hB)
     for name, tensor in adapter.extra_tensors.items():
-        state[PREFIX + names.get(name, name)] = tensor.contiguous()
+        state[PREFIX + names.get(name, name)] = np.ascontiguousarray(tensor)
     return state
 
 
@@ -122,10 +124,11 @@ class ExtractCheck:
         return {"passed": self.passed, "modules": self.modules, "mismatches": self.mismatches}
 
 
-def _same(a: Tensor | None, b: Tensor | None) -> bool:
+def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    """Both absent, or the same dtype, shape and bytes (bit for bit: -0 is not 0)."""
     if a is None or b is None:
         return a is None and b is None
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    return same_bits(a, b)
 
 
 def check_extracted(folder: Path, adapter: PeraAdapter, names: dict[str, str]) -> ExtractCheck:

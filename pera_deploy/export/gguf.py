@@ -46,24 +46,23 @@ from types import ModuleType
 from typing import Any, Iterable
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from .. import __version__
 from ..checks.base import Report
 from ..checks.lora_factors import LoraCheck, LoraFactorsCheck
-from ..checks.numerics import UNIT_ROUNDOFF
+from ..checks.numerics import UNIT_ROUNDOFF, unit_roundoff
 from ..core.adapter import PeraAdapter, PeraLayer
-from ..core.lowrank import factored_norm
+from ..core.limits import require_storable
+from ..core.lowrank import factored_norm, one_blas_thread
 from ..errors import ENVIRONMENT_ERRNOS, CheckFailed, InputError, environment_failure
 from ..io.digests import Digests
 from ..io.model_folder import ModelFolder
 from ..publish import adapter_inputs
 from ..publish.manifest import GGUF_MANIFEST_KEY, adapter_record, build_manifest, model_record, recipe_json
 from ..publish.output_folder import OutputFolder, refuse_overlap
-from .lora import LoraExport, LoraModule, export_summary, peft_names, plan_lora_export
+from .lora import LoraExport, LoraModule, export_summary, padded, peft_names, plan_lora_export
 
-GGUF_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+GGUF_DTYPES = {"float32": "F32", "float16": "F16"}  # --dtype → safetensors code (llama.cpp's F32, F16)
 PROVENANCE_KEY = "pera_deploy.version"  # what marks a GGUF as ours (what --force may replace)
 
 # HF class (config.json "architectures"[0]) → (gguf architecture name, q/k rows permuted),
@@ -155,13 +154,13 @@ class GgufPlan:
                 for part, data in (("lora_a", m.lora_a), ("lora_b", m.lora_b))]
 
 
-def rotary_rows(t: Tensor, n_head: int) -> Tensor:
+def rotary_rows(t: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's row order for q/k (convert_hf_to_gguf's LlamaModel.permute): within each
     head of d rows, HF's two rotary halves interleaved: row 2j is HF row j, row 2j + 1 is HF row j + d/2."""
     return t.reshape(n_head, 2, t.shape[0] // n_head // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
 
 
-def hf_rows(t: Tensor, n_head: int) -> Tensor:
+def hf_rows(t: np.ndarray, n_head: int) -> np.ndarray:
     """The inverse of `rotary_rows`: llama.cpp's q/k rows back in Hugging Face order."""
     return t.reshape(n_head, t.shape[0] // n_head // 2, 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
 
@@ -194,20 +193,24 @@ def tensor_names(export: LoraExport, arch: GgufArch) -> dict[str, tuple[str, int
     return names
 
 
-def gguf_module(m: LoraModule, tensor: str, heads: int | None, rank: int, pad: bool, dtype: torch.dtype) -> GgufModule:
-    """One module's stored factors: padded (or folded) to give ΔW under alpha / rank, permuted."""
+def gguf_module(m: LoraModule, tensor: str, heads: int | None, rank: int, pad: bool, dtype: str) -> GgufModule:
+    """One module's stored factors: padded (or folded) to give ΔW under alpha / rank, permuted.
+
+    Formed in float64 (the fold is one more float64 product) and rounded once to `dtype` (a
+    safetensors code) by `require_storable`; the row permutation moves values, so it commutes
+    with the rounding."""
     lora_b, lora_a = m.lora_B, m.lora_A  # float64, scaling already in lora_B
     fold = 1.0
     if pad and m.rank < rank:
-        lora_b = torch.cat([lora_b, lora_b.new_zeros(lora_b.shape[0], rank - m.rank)], dim=1)
-        lora_a = torch.cat([lora_a, lora_a.new_zeros(rank - m.rank, lora_a.shape[1])], dim=0)
+        lora_b, lora_a = padded(lora_b, lora_a, rank)
     elif m.rank != rank:  # llama.cpp scales this module by rank / m.rank
         fold = m.rank / rank
         lora_b = lora_b * fold
     if heads is not None:
         lora_b = rotary_rows(lora_b, heads)
-    return GgufModule(m, tensor, heads, fold, lora_a.to(dtype).contiguous().numpy(),
-                      lora_b.to(dtype).contiguous().numpy())
+    stored_a = require_storable(m.source, "lora_A (Â)", lora_a.astype(np.float64), dtype)
+    stored_b = require_storable(m.source, "lora_B (s·B̂)", lora_b.astype(np.float64), dtype)
+    return GgufModule(m, tensor, heads, fold, np.ascontiguousarray(stored_a), np.ascontiguousarray(stored_b))
 
 
 def plan_gguf(adapter: PeraAdapter, base: ModelFolder, arch: GgufArch, *, rank: int | None = None,
@@ -350,27 +353,29 @@ def runtime_check(layer: PeraLayer, m: GgufModule, alpha: float, lora_b: np.ndar
     than 1 by one more float32 rounding."""
     rank = lora_a.shape[0]
     scale = float(np.float32(alpha) / np.float32(rank))
-    b = torch.from_numpy(lora_b).double() * scale
+    b = lora_b.astype(np.float64) * scale
     if m.heads is not None:
         b = hf_rows(b, m.heads)
-    a = torch.from_numpy(lora_a).double()
-    exact_b, exact_a = layer.exact_factors(torch.float64)
-    residual = factored_norm(torch.cat([exact_b, -b], dim=1), torch.cat([exact_a, a], dim=0))
+    a = lora_a.astype(np.float64)
+    exact_b, exact_a = layer.exact_factors()
+    residual = factored_norm(np.concatenate([exact_b, -b], axis=1), np.concatenate([exact_a, a], axis=0))
     delta = m.lora.delta_norm
     rel = residual / delta if delta > 0 else (0.0 if residual == 0 else float("inf"))
-    u = 2.01 * UNIT_ROUNDOFF[torch.from_numpy(lora_b).dtype] + (UNIT_ROUNDOFF[torch.float32] if scale != 1 else 0)
-    allowed = m.lora.rel_error + (u * float(b.norm()) * float(a.norm()) / delta if delta > 0 else 0.0) + 1e-12
+    u = 2.01 * unit_roundoff(lora_b) + (UNIT_ROUNDOFF["F32"] if scale != 1 else 0)
+    allowed = m.lora.rel_error + (u * float(np.linalg.norm(b)) * float(np.linalg.norm(a)) / delta if delta > 0 else 0.0) \
+        + 1e-12
     return LoraCheck(m.lora.module, rank, rel, m.lora.rel_error, allowed, rel <= allowed)
 
 
 def check_gguf(path: Path, plan: GgufPlan, adapter: PeraAdapter, header: dict[str, Any]) -> list[Any]:
     """The file's own check, and llama.cpp's ΔW of every module against the adapter's."""
     file_check, found = read_back(path, plan, header)
-    factors = LoraFactorsCheck([
-        runtime_check(adapter.layers[m.lora.source], m, plan.alpha, found[f"{m.tensor}.lora_b"],
-                      found[f"{m.tensor}.lora_a"])
-        for m in plan.modules if f"{m.tensor}.lora_a" in found and f"{m.tensor}.lora_b" in found
-    ])
+    with one_blas_thread():
+        factors = LoraFactorsCheck([
+            runtime_check(adapter.layers[m.lora.source], m, plan.alpha, found[f"{m.tensor}.lora_b"],
+                          found[f"{m.tensor}.lora_a"])
+            for m in plan.modules if f"{m.tensor}.lora_a" in found and f"{m.tensor}.lora_b" in found
+        ])
     return [file_check, factors]
 
 

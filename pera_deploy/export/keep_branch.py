@@ -33,7 +33,7 @@ def keep_branch_folder(adapter: PeraAdapter, base: Path, output: Path, digests: 
         names = peft_names(adapter, checkpoint)
         weight_files = checkpoint.weight_files
         inputs = [*adapter_inputs(adapter), *checkpoint.input_paths()]
-    export = plan_lora_export(adapter, names=names)
+    export = plan_lora_export(adapter, names=names, dtype=LORA_DTYPES[dtype])
     digests.prefetch(list(adapter.files) + weight_files)
 
     def write(folder: Path) -> Written:

@@ -10,26 +10,27 @@ llama.cpp alike (the latter two ignore per-module patterns).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor
+import numpy as np
 
 from .. import __version__
 from ..checks.base import Report
 from ..checks.lora_factors import LoraFactorsCheck, check_lora_module
 from ..core.adapter import PeraAdapter, PeraLayer
+from ..core.dtypes import OUTPUT_CODES
 from ..core.limits import require_storable
-from ..core.lowrank import choose_rank, factored_norm, factored_svd, total_relative_error
-from ..core.names import NameIndex
+from ..core.lowrank import choose_rank, factored_norm, factored_svd, one_blas_thread, total_relative_error
 from ..errors import InputError
 from ..io.digests import Digests
 from ..io.model_files import write_json
 from ..io.model_folder import ModelFolder
 from ..io.safetensors_stream import save_tensors
-from ..merging.matching import match_adapter
+from ..merging.matching import _model_prefix_to_add, match_adapter
+from ..options import LORA_DTYPES as LORA_DTYPE_NAMES
 from ..options import rank_options
 from ..publish import Written, adapter_inputs, publish
 from ..publish.manifest import adapter_record, model_record
@@ -37,7 +38,7 @@ from ..publish.model_card import ModelCard
 
 # PEFT task types whose model wraps a task head as modules_to_save, expecting its weights.
 HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
-LORA_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+LORA_DTYPES = {name: OUTPUT_CODES[name] for name in LORA_DTYPE_NAMES}  # --dtype → safetensors code
 PEFT_PREFIX = "base_model.model."
 
 
@@ -49,14 +50,14 @@ class LoraModule:
     rank: int  # kept rank
     delta_norm: float  # ‖ΔW‖_F
     rel_error: float  # ‖ΔW − lora_B·lora_A‖_F / ‖ΔW‖_F (0 when exact)
-    lora_B: Tensor = field(repr=False)  # (out, rank), scaling folded in; float64 until stored
-    lora_A: Tensor = field(repr=False)  # (rank, in)
+    lora_B: np.ndarray = field(repr=False)  # (out, rank), scaling folded in; float64 until stored
+    lora_A: np.ndarray = field(repr=False)  # (rank, in), float64
 
 
 @dataclass
 class LoraExport:
     modules: list[LoraModule]
-    extras: dict[str, Tensor]  # key under base_model.model. → trained full tensor
+    extras: dict[str, np.ndarray]  # key under base_model.model. → trained full tensor, as stored
     modules_to_save: list[str]
     bias: str  # "none", "lora_only" or "all", as PEFT's config says
     pad: bool
@@ -82,12 +83,15 @@ class LoraExport:
 
 def lora_module(layer: PeraLayer, name: str, *, rank: int | None = None, tol: float | None = None,
                 max_rank: int | None = None, warnings: list[str] | None = None) -> LoraModule:
-    """One module's LoRA factors: exact, or the best approximation of the chosen rank.
+    """One module's LoRA factors, in float64: exact, or the best approximation of the chosen rank.
 
     A `rank` above the exact rank keeps the exact factors and appends the module to `warnings`.
+    The exact factors are elementwise float64 products (core/pera.py), the same on every
+    machine; a reduced module's come from LAPACK's QR and SVD (core/lowrank.py), on one BLAS
+    thread (the caller's `one_blas_thread`) so that the thread count cannot change them.
     """
     # float64, so that stored factors are rounded once and the SVD sees the exact update
-    b_hat, a_hat = layer.exact_factors(torch.float64)
+    b_hat, a_hat = layer.exact_factors()
     full = b_hat.shape[1]
     delta_norm = factored_norm(b_hat, a_hat)  # ‖ΔW‖ from the factors already at hand
     if rank is not None and rank >= full:
@@ -107,22 +111,24 @@ def lora_module(layer: PeraLayer, name: str, *, rank: int | None = None, tol: fl
 
 def plan_lora_export(adapter: PeraAdapter, *, rank: int | None = None, tol: float | None = None,
                      max_rank: int | None = None, pad: bool = True, names: dict[str, str] | None = None,
-                     dtype: torch.dtype = torch.float32) -> LoraExport:
+                     dtype: str = "F32") -> LoraExport:
     """Factors for every module, and the trained full tensors laid out the way PEFT keeps them.
 
     `names` renames adapter module paths (and extra tensors) to the paths of the model the
     LoRA will be loaded into; by default the adapter's own paths are kept. The factors must
-    fit `dtype`, the one they will be stored in: a module whose factors would be stored as
-    Inf is refused now, naming it, before anything is written.
+    fit `dtype` (a safetensors code: "F32", "F16", "BF16"), the one they will be stored in: a
+    module whose factors would be stored as Inf is refused now, naming it, before anything
+    is written.
     """
     rank_options(rank, tol, max_rank)
     names = names or {}
     warnings: list[str] = []
     above: list[str] = []
-    modules = [
-        lora_module(layer, names.get(path, path), rank=rank, tol=tol, max_rank=max_rank, warnings=above)
-        for path, layer in adapter.layers.items()
-    ]
+    with one_blas_thread():
+        modules = [
+            lora_module(layer, names.get(path, path), rank=rank, tol=tol, max_rank=max_rank, warnings=above)
+            for path, layer in adapter.layers.items()
+        ]
     for m in modules:
         require_storable(m.source, "lora_B (s·B̂)", m.lora_B, dtype)
         require_storable(m.source, "lora_A (Â)", m.lora_A, dtype)
@@ -131,7 +137,7 @@ def plan_lora_export(adapter: PeraAdapter, *, rank: int | None = None, tol: floa
         warnings.append(f"--rank {rank} is more than the exact rank of {len(above)} module(s) (up to {exact}, e.g. "
                         f"{above[0]}); they are kept at their exact rank, with no approximation")
     targeted = {m.module for m in modules}
-    extras: dict[str, Tensor] = {}
+    extras: dict[str, np.ndarray] = {}
     to_save: set[str] = set()
     bias = "none"
     for name, tensor in adapter.extra_tensors.items():
@@ -159,20 +165,29 @@ def plan_lora_export(adapter: PeraAdapter, *, rank: int | None = None, tol: floa
     return LoraExport(modules, extras, sorted(to_save), bias, pad, task_type, warnings)
 
 
-def lora_state_dict(export: LoraExport, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
-    """PEFT's saved keys: base_model.model.<module>.lora_A.weight / lora_B.weight, plus extras."""
+def padded(lora_b: np.ndarray, lora_a: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """The factors with zero columns (lora_b) and rows (lora_a) up to `rank`: the same product."""
+    extra = rank - lora_a.shape[0]
+    if extra <= 0:
+        return lora_b, lora_a
+    return np.pad(lora_b, ((0, 0), (0, extra))), np.pad(lora_a, ((0, extra), (0, 0)))
+
+
+def lora_state_dict(export: LoraExport, dtype: str = "F32") -> dict[str, np.ndarray]:
+    """PEFT's saved keys: base_model.model.<module>.lora_A.weight / lora_B.weight, plus extras.
+
+    Each float64 factor is rounded once to `dtype` (a safetensors code) by core.rounding,
+    through `require_storable`, which refuses one it cannot hold; extras stay as stored."""
     r = export.r
-    state: dict[str, Tensor] = {}
+    state: dict[str, np.ndarray] = {}
     for m in export.modules:
-        lora_b, lora_a = m.lora_B, m.lora_A
-        if export.pad and m.rank < r:
-            lora_b = torch.cat([lora_b, lora_b.new_zeros(lora_b.shape[0], r - m.rank)], dim=1)
-            lora_a = torch.cat([lora_a, lora_a.new_zeros(r - m.rank, lora_a.shape[1])], dim=0)
+        lora_b, lora_a = padded(m.lora_B, m.lora_A, r) if export.pad else (m.lora_B, m.lora_A)
         # (plan_lora_export refused factors beyond `dtype` already, for the dtype it was given)
         for key, name, factor in (("lora_A", "lora_A (Â)", lora_a), ("lora_B", "lora_B (s·B̂)", lora_b)):
-            state[f"{PEFT_PREFIX}{m.module}.{key}.weight"] = require_storable(m.source, name, factor, dtype).contiguous()
+            stored = require_storable(m.source, name, factor.astype(np.float64), dtype)
+            state[f"{PEFT_PREFIX}{m.module}.{key}.weight"] = np.ascontiguousarray(stored)
     for key, tensor in export.extras.items():
-        state[f"{PEFT_PREFIX}{key}"] = tensor.contiguous()
+        state[f"{PEFT_PREFIX}{key}"] = np.ascontiguousarray(tensor)
     return state
 
 
@@ -219,24 +234,26 @@ def export_summary(export: LoraExport) -> dict[str, Any]:
     }
 
 
-def write_lora_folder(folder: Path, export: LoraExport, adapter: PeraAdapter, dtype: torch.dtype,
+def write_lora_folder(folder: Path, export: LoraExport, adapter: PeraAdapter, dtype: str,
                       metadata: dict[str, str]) -> LoraFactorsCheck:
     """adapter_config.json, adapter_model.safetensors and a model card, as PEFT saves an adapter,
     and the check of every module's stored factors against ΔW.
 
-    A LoRA adapter is small (adapter-sized), so its state is built in memory and written
-    with safetensors' own save_file.
+    A LoRA adapter is small (adapter-sized), so its state is built in memory and written by
+    `save_tensors`: a fixed tensor order and sorted metadata, so the same export gives the
+    same bytes. `dtype` is the factors' safetensors code.
     """
     folder.mkdir(parents=True, exist_ok=True)
     state = lora_state_dict(export, dtype)
     save_tensors(folder / "adapter_model.safetensors", state, metadata)
     write_json(folder / "adapter_config.json", lora_config(export, adapter))
     (folder / "README.md").write_text(lora_card(export, adapter).render(), encoding="utf-8")
-    return LoraFactorsCheck([
-        check_lora_module(adapter.layers[m.source], m.module, state[f"{PEFT_PREFIX}{m.module}.lora_B.weight"],
-                          state[f"{PEFT_PREFIX}{m.module}.lora_A.weight"], m.rel_error, m.delta_norm)
-        for m in export.modules
-    ])
+    with one_blas_thread():
+        return LoraFactorsCheck([
+            check_lora_module(adapter.layers[m.source], m.module, state[f"{PEFT_PREFIX}{m.module}.lora_B.weight"],
+                              state[f"{PEFT_PREFIX}{m.module}.lora_A.weight"], m.rel_error, m.delta_norm)
+            for m in export.modules
+        ])
 
 
 def lora_card(export: LoraExport, adapter: PeraAdapter) -> ModelCard:
@@ -253,30 +270,40 @@ def lora_card(export: LoraExport, adapter: PeraAdapter) -> ModelCard:
                      base_model=adapter.base_model_name_or_path, library_name="peft", tags=["lora"])
 
 
-def peft_names(adapter: PeraAdapter, base: ModelFolder,
-               model: tuple[list[str], list[str]] | None = None) -> dict[str, str]:
-    """Adapter module and tensor paths → the names the base's transformers model uses.
+def peft_names(adapter: PeraAdapter, base: ModelFolder) -> dict[str, str]:
+    """Adapter module and tensor paths → the names the base's transformers model gives them.
 
-    PEFT matches an adapter's keys against the model's own module names, which an adapter
-    trained on another class (BertModel vs BertForSequenceClassification) or a checkpoint
-    saved without its prefix does not share. Also validates the adapter against the base's
-    shapes. `model` is the base's (module names, parameter names) when the caller has them
-    already; otherwise they are found with transformers (on the meta device: nothing is read).
+    PEFT loads an adapter's keys by the model's own module paths, which an adapter trained on
+    another class (BertModel vs BertForSequenceClassification) does not share. The matching
+    (merging/matching.py, which also validates the shapes) resolves each module and tensor to
+    a base tensor; the model's name for it is the checkpoint's, with the base-model prefix
+    that transformers adds when a task model loads a checkpoint saved without it
+    (`model_prefix`: the Hub's gpt2 stores `h.0...`, GPT2LMHeadModel calls it
+    `transformer.h.0...`). A tied output embedding stored only as its tie (GPT-2's lm_head)
+    and a trained tensor the base lacks keep their own names. From the checkpoint's names and
+    config alone: neither torch nor transformers is imported, and the names do not depend on
+    whether they are installed.
     """
-    from ..io.hf_model import model_names
+    matching = match_adapter(adapter, base, untie_embeddings=True)
+    prefix = model_prefix(base)
 
-    match_adapter(adapter, base, untie_embeddings=True)
-    modules, params = model or model_names(base.folder)
-    names: dict[str, str] = {}
-    for pool, wanted, what in ((modules, list(adapter.layers), "module"), (params, list(adapter.extra_tensors), "tensor")):
-        index = NameIndex(pool)
-        for name in wanted:
-            hits = index.resolve(name)
-            if len(hits) != 1:
-                found = "nothing" if not hits else "several: " + ", ".join(hits)
-                raise InputError(f"adapter {what} {name} matches {found} in the model of {base.folder}")
-            names[name] = hits[0]
+    def model_name(tensor: str) -> str:
+        return prefix + tensor if tensor in base else tensor  # (untying may have prefixed it already)
+
+    names = {m.module: model_name(m.tensor).removesuffix(".weight") for m in matching.layers}
+    names.update({e.name: model_name(e.tensor) for e in matching.extras})
     return names
+
+
+def model_prefix(base: ModelFolder) -> str:
+    """The prefix transformers gives every checkpoint name as it loads the base: its class's
+    `base_model_prefix` ("transformer.") when the class is a task model (…ForCausalLM,
+    …LMHeadModel: it holds the base model under that name) and the checkpoint was saved
+    without it; else none (a base model class, BertModel, is the base model itself)."""
+    arch = (base.config.get("architectures") or [""])[0]
+    if not isinstance(arch, str) or not re.search(r"For[A-Z]|Head", arch):
+        return ""
+    return _model_prefix_to_add(base)
 
 
 def export_lora_folder(adapter: PeraAdapter, output: Path, digests: Digests, *, rank: int | None = None,
