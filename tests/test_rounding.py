@@ -284,3 +284,37 @@ def test_the_error_bound_holds(case):
             assert err <= Fraction(e[i, j]), (case, i, j, float(err), e[i, j])
             worst = max(worst, float(err / Fraction(e[i, j])) if e[i, j] else 0.0)
     assert worst > 0 or case == "tiny"  # BLAS did make errors: the bound was tested, not idle
+
+
+@pytest.mark.parametrize("out", ["BF16", "F16", "F32"])
+def test_any_blas_error_within_the_bound_gives_the_same_bytes(out):
+    """An adversarial BLAS: the product L·R perturbed by up to half of what the error bound
+    allows any summation order (γ_K·‖L_i‖·‖R_j‖), on elements built to lie within float64's
+    own error of a midpoint of the output grid (W0 = m − L·R in float64, m a midpoint).
+    Naive rounding of such elements flips with the perturbation; the kernel's must not."""
+    from pera_deploy.core.rounding import U64
+
+    rng = np.random.default_rng(21)
+    rows, cols, k = 24, 40, 44
+    left, right = rng.standard_normal((rows, k)) * 0.02, rng.standard_normal((k, cols)) * 0.02
+    p = left @ right
+    p_, _, _ = SPECS[out]
+    # a midpoint of the output grid near 0.05: 0.05 rounded to p_ bits, plus half its step
+    e = int(np.floor(np.log2(0.05)))
+    step = 2.0 ** (e - (p_ - 1))
+    m = np.round(0.05 / step) * step + step / 2
+    w0 = (m - p).astype(np.float64)  # V = w0 + L·R is within float64 rounding of m
+    product = RoundedProduct(left, right, "F64", out)
+    want = oracle_product(w0, left, right, out)
+    gamma = k * U64 / (1 - k * U64)
+    norms = np.outer(np.linalg.norm(left, axis=1), np.linalg.norm(right, axis=0))
+    naive_flips = 0
+    for trial in range(6):
+        noise = rng.uniform(-0.5, 0.5, size=p.shape) * gamma * norms if trial else np.zeros_like(p)
+        perturbed = p + noise
+        got = product.rows(w0, 0, product=perturbed).view(UINT[out])
+        assert np.array_equal(got, want), trial
+        naive = round_to(w0 + perturbed, FORMATS[out]).view(UINT[out])
+        naive_flips += int((naive != want).sum())
+    assert naive_flips > 0  # the perturbations did reach the rounding: the test had teeth
+    assert product.settled > 0

@@ -422,13 +422,14 @@ class RoundedProduct:
             if self.out.code == "BF16":
                 # The near test below catches every f whose bottom half is within `band` of
                 # half, exact ties included, and those are refined: the others round to
-                # nearest by adding half, and the top half is the bfloat16.
+                # nearest by adding half, and the top half is the bfloat16. After adding half,
+                # f's bottom half lies within `band` of half iff t's lies within `band` of 0.
                 np.add(bits, np.uint32(0x8000), out=t)
-                halves = t.view(np.uint16).reshape(shape[0], shape[1], 2)  # little-endian: [bottom, top]
-                np.copyto(out, halves[:, :, 1])
-                low = work.get("low", shape, np.uint16)
-                np.add(halves[:, :, 0], np.uint16(fast.band), out=low)  # f's bottom half − half + band, mod 2¹⁶
-                np.less_equal(low, np.uint16(2 * fast.band), out=near)
+                np.right_shift(t, 16, out=out, casting="unsafe")
+                low = work.get("low", shape, np.uint32)
+                np.add(t, np.uint32(fast.band), out=low)
+                low &= np.uint32(0xFFFF)
+                np.less_equal(low, np.uint32(2 * fast.band), out=near)
             else:
                 _round_f32_bits(bits, self.out.code, out, t, work.get("lsb", shape, np.uint32))
                 np.add(bits, np.uint32((fast.band - fast.half) % (1 << 32)), out=t)
@@ -445,8 +446,11 @@ class RoundedProduct:
             t &= np.uint64(fast.low_mask)
             np.less_equal(t, np.uint64(2 * fast.band), out=near)
             np.bitwise_and(bits, np.uint64(0x7FFFFFFFFFFFFFFF), out=t)
-        t -= self._lo[start:stop, None]
-        near |= np.greater_equal(t, self._span[start:stop, None], out=work.get("range", shape, np.bool_))
+        lo = self._lo[start:stop]
+        # |G| in [lo, max_finite) everywhere (the usual case, settled by two reductions), or element by element
+        if not (int(t.min()) >= int(lo.max()) and int(t.max()) < int(lo[0]) + int(self._span[start])):
+            t -= lo[:, None]
+            near |= np.greater_equal(t, self._span[start:stop, None], out=work.get("range", shape, np.bool_))
         flat = np.flatnonzero(near)  # (np.nonzero of a 2-D mask is 25 times slower)
         if flat.size:
             ri, ci = np.divmod(flat, shape[1])
