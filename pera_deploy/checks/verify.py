@@ -7,7 +7,6 @@ from pathlib import Path
 
 from ..core.adapter import PeraAdapter
 from ..errors import CheckFailed
-from ..extras import require
 from ..io.model_folder import ModelFolder
 from ..merging.matching import match_adapter
 from .base import Check, Report
@@ -22,12 +21,9 @@ def verify_merged(merged: Path, adapter: PeraAdapter, base: Path, *, forward: bo
     Every merged element is recomputed; one that is not the correctly rounded value passes
     when it is within what another tool's float32 merge may give (the report counts them).
     Untied embeddings are accepted when the merged config no longer ties them. The forward
-    check runs models (the `check` extra): without it, `forward` is bad input at once, before
-    the weights are read; forward=False checks the weights with numpy alone.
+    check runs models (the `check` extra: api.verify asks for it before anything is read);
+    forward=False checks the weights with numpy alone.
     """
-    if forward:
-        require("check", "verify's forward check (it runs the merged and the unmerged model)",
-                "pass --no-forward to check the weights alone")
     checks: list[Check] = []
     with ModelFolder(base) as base_folder, ModelFolder(merged) as merged_folder:
         if untie_embeddings is None:

@@ -17,7 +17,6 @@ from ..checks.base import Check, Report
 from ..checks.reconstruction import EXPECTED, check_reconstruction, not_restored, require_comparable
 from ..checks.weights import WeightCheck, check_tensors, expected_names
 from ..core.adapter import PeraAdapter
-from ..extras import require
 from ..io.digests import Digests
 from ..io.model_files import copy_side_files, write_index
 from ..io.model_folder import ModelFolder, WrittenTensors
@@ -38,10 +37,7 @@ def merge_folder(adapter: PeraAdapter, base: Path, output: Path, digests: Digest
                  check_forward_pass: bool = False, full_check: bool = False, force: bool = False,
                  progress: bool | None = None, options: dict[str, Any] | None = None, jobs: int = 1) -> Report:
     """W0 + ΔW for every targeted weight of `base`, as a new model folder `output`.
-    `check_forward_pass` runs models (the `check` extra): without it, bad input at once."""
-    if check_forward_pass:
-        require("check", "merge --check-forward (it runs the merged and the unmerged model)",
-                "without --check-forward the merge still checks every merged weight")
+    `check_forward_pass` runs models (the `check` extra: api.merge asks for it first)."""
     with ModelFolder(base) as checkpoint:
         plan = plan_merge(adapter, checkpoint, dtype=dtype, max_shard_size=max_shard_size,
                           untie_embeddings=untie_embeddings)
