@@ -340,6 +340,101 @@ def test_packages_import_only_the_layers_below_them():
                 f"{module} imports {target}: {home}/ may only import {sorted(LAYERS[home] | TOP)}"
 
 
+# -- the torch boundary (issue 20): only what runs a model imports torch or transformers -----------------------
+
+# The modules that run models (the `check` and `onnx` extras), imported only when one runs.
+MODEL_RUNNERS = {"checks.reference_model", "checks.onnx_outputs", "io.hf_model", "io.streamed_model"}
+MODEL_RUNNER_PACKAGES = ("export.onnx.",)
+# What the extras install (and the test-only frameworks): never imported by the tool alone.
+HEAVY = {"torch", "transformers", "peft", "optimum", "onnx", "onnxruntime", "onnxruntime_genai",
+         "sentence_transformers", "deepspeed", "lightning", "safetensors.torch"}
+
+
+def _import_time_imports(tree: ast.Module, package: list[str]) -> tuple[set[str], set[str]]:
+    """(pera_deploy modules, heavy modules) a module imports when it is imported: its top level
+    and class bodies, not function bodies (run later, on their path) nor `if TYPE_CHECKING:`."""
+    ours: set[str] = set()
+    heavy: set[str] = set()
+
+    def visit(nodes: list[ast.stmt]) -> None:
+        for node in nodes:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                visit(node.orelse)
+                continue
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level:
+                base = package[: len(package) - node.level + 1]
+                stem = ".".join(base + ([node.module] if node.module else []))
+                ours.update(f"{stem}.{a.name}".strip(".") for a in node.names)  # `from . import x`: a module
+                ours.add(stem)
+                names = []
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                names = []
+            for name in names:
+                if name.startswith("pera_deploy."):
+                    ours.add(name.removeprefix("pera_deploy."))
+                elif name in HEAVY or name.split(".")[0] in HEAVY:
+                    heavy.add(name)
+            for field in ("body", "orelse", "finalbody", "handlers"):
+                inner = getattr(node, field, None)
+                if isinstance(inner, list) and not isinstance(node, (ast.Import, ast.ImportFrom)):
+                    visit([n for n in inner if isinstance(n, ast.stmt)] +
+                          [s for h in inner if isinstance(h, ast.ExceptHandler) for s in h.body])
+
+    visit(tree.body)
+    return ours, heavy
+
+
+def test_only_the_model_runners_import_torch_or_transformers():
+    """Importing any other module of pera_deploy (and so every module it imports when imported,
+    package __init__s included) imports none of what the extras install: the tool alone runs
+    on numpy. A model runner is imported inside the function that runs a model, never at the
+    top of a module outside them."""
+    modules: dict[str, tuple[set[str], set[str]]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+        package = parts[:-1] if parts[-1] != "__init__" else parts[:-1]
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        modules[name] = _import_time_imports(ast.parse(path.read_text()), package)
+
+    def runner(module: str) -> bool:
+        return module in MODEL_RUNNERS or module.startswith(MODEL_RUNNER_PACKAGES)
+
+    def loads(module: str) -> list[str]:
+        """The pera_deploy modules importing `module` runs: its packages' __init__s and itself."""
+        parts = module.split(".")
+        return [m for m in ("", *(".".join(parts[:i]) for i in range(1, len(parts) + 1))) if m in modules]
+
+    chains: dict[str, list[str] | None] = {}
+
+    def why(module: str) -> list[str] | None:
+        """A chain module -> ... -> heavy import, or None (memoised; a cycle counts as clean,
+        test_no_import_cycles refuses cycles)."""
+        if module not in chains:
+            chains[module] = None
+            ours, heavy = modules[module]
+            chain = [module, sorted(heavy)[0]] if heavy else None
+            for loaded in (m for target in sorted(ours) for m in loads(target) if m != module):
+                if chain:
+                    break
+                if runner(loaded):
+                    chain = [module, loaded + " (a model runner)"]
+                elif (inner := why(loaded)) is not None:
+                    chain = [module, *inner]
+            chains[module] = chain
+        return chains[module]
+
+    problems = [" -> ".join(chain) for module in sorted(modules) if not runner(module)
+                for chain in [why(module)] if chain]
+    assert not problems, "imported without a model to run:\n" + "\n".join(problems)
+    assert all(m in modules for m in MODEL_RUNNERS)  # the list names real modules
+
+
 def test_a_tensor_written_in_parts_must_be_whole(tmp_path):
     """The streamed merge writes a weight block by block; the writer refuses a tensor cut
     short, a part outside a tensor, and a file closed in the middle of one."""
