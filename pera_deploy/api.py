@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator, Sequence
 from .checks.base import Report
 from .core.adapter import PeraAdapter
 from .errors import InputError
+from .extras import require
 from .formats import load_adapter
 from .io.digests import Digests
 from .options import (
@@ -119,6 +120,9 @@ def merge(adapter: AdapterLike | Sequence[AdapterLike], base: str | Path, output
 
     choose("--dtype", dtype, OUTPUT_DTYPES)
     no_precision(precision)
+    if check_forward_pass:  # before anything is read: the extra is missing whatever the inputs
+        require("check", "merge --check-forward (it runs the merged and the unmerged model)",
+                "without --check-forward the merge still checks every merged weight")
     shard_limit = parse_size(max_shard_size) if max_shard_size is not None else None
     threads = option_jobs(jobs)
     output = Path(output)
@@ -152,6 +156,9 @@ def verify(merged: str | Path, adapter: AdapterLike | None = None, base: str | P
         return _verify_bundle(merged, seed, load_options, forward=forward)
     if adapter is None or base is None:
         raise InputError(f"{merged}: not a bundle, so verify needs the adapter and the base (--adapter, --base)")
+    if forward:  # before anything is read
+        require("check", "verify's forward check (it runs the merged and the unmerged model)",
+                "pass --no-forward to check the weights alone")
     from .checks.verify import verify_merged
 
     loaded = _load(adapter, load_options)
@@ -211,7 +218,6 @@ def bundle(base: str | Path, output: str | Path, adapters: dict[str, AdapterLike
     `adapters/NAME/` (exact plain PEFT LoRAs named for the base), `onnx/` with `onnx`,
     `bundle.json` and a README with the real names. Names must be filesystem-safe and unique."""
     options = recorded(bundle, locals())
-    from .export.bundle import bundle_folder
     from .publish.output_folder import check_target
 
     choose("--base-files", base_files, BASE_FILE_MODES)
@@ -227,6 +233,8 @@ def bundle(base: str | Path, output: str | Path, adapters: dict[str, AdapterLike
         from .export.onnx.trace import check_opset
 
         check_opset(opset)
+    from .export.bundle import bundle_folder  # after the extra is known to be there
+
     loaded = {name: _load(source, load_options) for name, source in zip(names, adapters.values())}
     sources = {name: str(source) if isinstance(source, (str, Path)) else loaded[name].label
                for name, source in zip(names, adapters.values())}

@@ -1,7 +1,7 @@
 """Process-wide settings changed only for the duration of a call, and restored after.
 
 Thread counts, environment variables and library log levels belong to the process that
-imported pera-deploy. A library call that needs them different (fewer torch threads beside
+imported pera-deploy. A library call that needs them different (fewer BLAS threads beside
 a writer thread, no hub access, quiet exporters) changes them here, inside a `with`, so a
 pipeline that does `import pera_deploy` finds its own settings untouched afterwards.
 
@@ -27,19 +27,6 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from .errors import Interrupted
-
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """torch's intra-op thread count set to `n` (at least 1), then restored."""
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(max(1, n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 @contextmanager
@@ -87,9 +74,14 @@ def offline() -> Iterator[None]:
 @contextmanager
 def quiet_transformers() -> Iterator[None]:
     """transformers (and Optimum, when imported) at error level with no progress bars, then
-    back to the levels the caller had."""
-    import transformers
-
+    back to the levels the caller had. Where transformers is not imported yet there is
+    nothing to quiet, and it is not imported for that (the tool alone has no transformers;
+    with it installed, a command that builds no model does not pay for its import): the code
+    that builds a model imports it, and quiets it, itself (io/hf_model.py)."""
+    transformers = sys.modules.get("transformers")
+    if transformers is None:
+        yield
+        return
     logging = transformers.utils.logging
     level = logging.get_verbosity()
     bars = logging.is_progress_bar_enabled()

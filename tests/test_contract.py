@@ -14,8 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
-import torch
 
 import pera_deploy
 from pera_deploy.errors import InputError
@@ -45,7 +45,7 @@ def dropped_delta(monkeypatch):
     """Simulate a merge that forgets ΔW: its own check must catch it."""
     import pera_deploy.merging.execute as execute
 
-    monkeypatch.setattr(execute.BlockMerge, "merge_block", lambda self, w0_rows, start, x, out: out.copy_(w0_rows))
+    monkeypatch.setattr(execute.BlockMerge, "merge_block", lambda self, w0_rows, start, out: np.copyto(out, w0_rows))
 
 
 def test_inspect_and_formats(cli, fx, tmp_path):
@@ -80,13 +80,21 @@ def test_keep_branch(cli, fx, tmp_path, request):
     no_output_beside(tmp_path / "bad")
 
 
-def test_verify(cli, fx, tmp_path):
+@pytest.mark.parametrize("forward", [False, True])
+def test_verify(cli, fx, tmp_path, forward):
+    if forward:
+        pytest.importorskip("torch")  # the forward check runs models (the check extra)
+        pytest.importorskip("transformers")
     pera_deploy.merge(fx["llama-pera"], fx["llama-base"], tmp_path / "m", progress=False)
-    code, data = run_json(cli, "verify", tmp_path / "m", "--adapter", fx["llama-pera"], "--base", fx["llama-base"])
-    assert code == 0 and data["checks"]["weights"]["passed"] and data["checks"]["forward"]["passed"]
-    code, data = run_json(cli, "verify", fx["llama-base"], "--adapter", fx["llama-pera"], "--base", fx["llama-base"])
-    assert code == 1 and data["checks"]["weights"]["passed"] is False and data["checks"]["forward"]["passed"] is False
-    code, data = run_json(cli, "verify", tmp_path / "m", "--adapter", fx["gpt2-ref"], "--base", fx["llama-base"])
+    args = [] if forward else ["--no-forward"]
+    code, data = run_json(cli, "verify", tmp_path / "m", "--adapter", fx["llama-pera"], "--base", fx["llama-base"], *args)
+    assert code == 0 and data["checks"]["weights"]["passed"] and ("forward" in data["checks"]) == forward
+    code, data = run_json(cli, "verify", fx["llama-base"], "--adapter", fx["llama-pera"], "--base", fx["llama-base"],
+                          *args)
+    assert code == 1 and data["checks"]["weights"]["passed"] is False
+    if forward:
+        assert data["checks"]["forward"]["passed"] is False
+    code, data = run_json(cli, "verify", tmp_path / "m", "--adapter", fx["gpt2-ref"], "--base", fx["llama-base"], *args)
     assert code == 2
 
 
@@ -220,7 +228,8 @@ def test_api_validates_its_options(fx, tmp_path, call):
 
 
 def test_library_calls_leave_process_state_as_they_found_it(fx, tmp_path):
-    import transformers
+    torch = pytest.importorskip("torch")  # (it runs the forward check: the check extra)
+    transformers = pytest.importorskip("transformers")
 
     threads = torch.get_num_threads()
     offline = os.environ.get("HF_HUB_OFFLINE")

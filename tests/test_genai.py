@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
+torch = pytest.importorskip("torch")  # these tests run models: the check extra
 pytest.importorskip("onnx")  # the `onnx` extra: these tests skip cleanly without it
 pytest.importorskip("optimum.exporters.onnx")
 og = pytest.importorskip("onnxruntime_genai")

@@ -456,13 +456,12 @@ def test_an_untied_trained_lm_head_is_checked_against_the_untied_model(cli, fx, 
     from fixtures.build_fixtures import module_shapes, random_factors, write_peft_adapter
 
     if whole:  # the fallback for models that cannot stream
-        import pera_deploy.checks.forward as forward
-        from pera_deploy.io.streamed_model import NotStreamable
+        from pera_deploy.io.streamed_model import NotStreamable, StreamedModel
 
         def cannot(*args, **kwargs):
             raise NotStreamable("forced by the test")
 
-        monkeypatch.setattr(forward.StreamedModel, "build", cannot)
+        monkeypatch.setattr(StreamedModel, "build", cannot)
     shapes = module_shapes(fx["gpt2-base"], ["c_attn"], conv1d=True, prefix="transformer.")
     head = torch.randn(128, 32, generator=torch.Generator().manual_seed(7)) * 0.02
     adapter = write_peft_adapter(tmp_path / "a", random_factors(shapes, 3), targets=["c_attn"], base_name="gpt2-base",

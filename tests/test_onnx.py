@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 
 import pera_deploy
-from pera_deploy.checks.onnx_outputs import FLOAT16_TOLERANCE, FLOAT32_TOLERANCE
 
 onnx = pytest.importorskip("onnx")  # the `onnx` extra: these tests skip cleanly without it
 pytest.importorskip("onnxruntime")
 pytest.importorskip("optimum.exporters.onnx")
+from pera_deploy.checks.onnx_outputs import FLOAT16_TOLERANCE, FLOAT32_TOLERANCE  # noqa: E402
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]

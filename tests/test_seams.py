@@ -12,12 +12,14 @@ import os
 import shutil
 from pathlib import Path
 
+import ml_dtypes
+import numpy as np
 import pytest
-import torch
-from safetensors.torch import load_file
+from safetensors.numpy import save_file
 
 import pera_deploy
 from pera_deploy.core.adapter import PeraLayer
+from pera_deploy.core.dtypes import code_of
 from pera_deploy.errors import InputError
 from pera_deploy.formats.peft_pera import pattern_key
 from pera_deploy.io import safetensors_stream
@@ -42,6 +44,7 @@ PACKAGE = Path(pera_deploy.__file__).parent
     ({"q_proj$": 1, "k_proj": 2}, "model.layers.0.self_attn.k_proj"),
 ])
 def test_pattern_key_matches_peft(patterns, module):
+    pytest.importorskip("peft")
     from peft.utils.other import get_pattern_key
 
     peft_key = get_pattern_key(list(patterns), module)
@@ -52,14 +55,12 @@ def test_pattern_key_matches_peft(patterns, module):
 # -- the streaming writer ----------------------------------------------------------------------------
 
 
-def _layout(tensors: dict[str, torch.Tensor]) -> list[tuple[str, str, tuple[int, ...]]]:
-    return [(name, safetensors_stream.DTYPE_CODES[t.dtype], tuple(t.shape)) for name, t in tensors.items()]
+def _layout(tensors: dict[str, np.ndarray]) -> list[tuple[str, str, tuple[int, ...]]]:
+    return [(name, code_of(t), tuple(t.shape)) for name, t in tensors.items()]
 
 
 def test_byte_copies_fall_back_when_copy_file_range_is_not_supported(tmp_path, monkeypatch):
-    source = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(5, dtype=torch.bfloat16)}
-    from safetensors.torch import save_file
-
+    source = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(5, dtype=ml_dtypes.bfloat16)}
     save_file(source, str(tmp_path / "in.safetensors"))
     entries = {e.name: e for e in read_header(tmp_path / "in.safetensors")[0]}
     calls = []
@@ -75,14 +76,12 @@ def test_byte_copies_fall_back_when_copy_file_range_is_not_supported(tmp_path, m
         writer.copy_bytes(name, e.file, e.begin, e.end)
     writer.close()
     assert calls  # copy_file_range was tried, and the pread/write path took over
-    out = load_file(str(tmp_path / "out.safetensors"))
-    assert all(torch.equal(out[k], v) for k, v in source.items())
+    out = {e.name: safetensors_stream.read_array(e) for e in read_header(tmp_path / "out.safetensors")[0]}
+    assert all(out[k].dtype == v.dtype and np.array_equal(out[k], v) for k, v in source.items())
 
 
 def test_a_real_copy_error_is_not_swallowed(tmp_path, monkeypatch):
-    source = {"a": torch.zeros(4)}
-    from safetensors.torch import save_file
-
+    source = {"a": np.zeros(4, np.float32)}
     save_file(source, str(tmp_path / "in.safetensors"))
     (e,) = read_header(tmp_path / "in.safetensors")[0]
 
@@ -98,7 +97,7 @@ def test_a_real_copy_error_is_not_swallowed(tmp_path, monkeypatch):
 
 
 def test_writer_refuses_out_of_layout_writes_and_abort_closes(tmp_path):
-    tensors = {"a": torch.zeros(2), "b": torch.ones(3)}
+    tensors = {"a": np.zeros(2, np.float32), "b": np.ones(3, np.float32)}
     writer = ShardWriter(tmp_path / "x.safetensors", _layout(tensors), {})
     with pytest.raises(RuntimeError, match="where a"):
         writer.write_tensor("b", tensors["b"])
@@ -132,22 +131,23 @@ def test_a_failure_mid_merge_leaves_no_temporary_folder(fx, tmp_path, monkeypatc
 
 
 def _layer(out_f=8, in_f=6, r=2, scale=1.0):
-    g = torch.Generator().manual_seed(1)
-    return PeraLayer("model.layers.0.mlp.up_proj", torch.randn(r, in_f, generator=g) * scale,
-                     torch.randn(out_f, r, generator=g) * scale, torch.ones(3), None, 1.0, False, "full")
+    g = np.random.default_rng(1)
+    return PeraLayer("model.layers.0.mlp.up_proj", (g.standard_normal((r, in_f)) * scale).astype(np.float32),
+                     (g.standard_normal((out_f, r)) * scale).astype(np.float32), np.ones(3, np.float32), None, 1.0,
+                     False, "full")
 
 
 @pytest.mark.parametrize("value, cause", [(float("nan"), "the base weight"), (float("inf"), "the base weight")])
 def test_nan_or_inf_in_the_base_is_refused(value, cause):
-    w0 = torch.zeros(8, 6)
+    w0 = np.zeros((8, 6), np.float32)
     w0[5, 2] = value
     with pytest.raises(InputError, match=f"merging module model.layers.0.mlp.up_proj: NaN, Inf.*{cause}"):
-        merged_weight(w0, _layer(), False, torch.float32, torch.float32)
+        merged_weight(w0, _layer(), False, "F32", "F32")
 
 
 def test_a_merge_beyond_the_output_range_is_refused():
     with pytest.raises(InputError, match="beyond the float16 range, produced by the merge"):
-        merged_weight(torch.zeros(8, 6, dtype=torch.float16), _layer(scale=30.0), False, torch.float16, torch.float32)
+        merged_weight(np.zeros((8, 6), np.float16), _layer(scale=30.0), False, "F16", "F16")
 
 
 # -- formats take any path -------------------------------------------------------------------------------
@@ -192,6 +192,7 @@ def test_nested_containers_are_read_as_data(tmp_path):
 
     from pera_deploy.io.files import flat_tensors, load_pickle
 
+    torch = pytest.importorskip("torch")  # writes a torch.save file
     torch.save({"state_dict": {"x": torch.ones(2)}, "epoch": 3, "names": ["a", "b"]}, tmp_path / "c.pt")
     obj = load_pickle(tmp_path / "c.pt")
     assert obj["epoch"] == 3 and same_array(obj["state_dict"]["x"].read(), np.ones(2, np.float32))
@@ -228,6 +229,7 @@ def test_every_published_folder_carries_the_same_adapter_record(fx, tmp_path):
 
 
 def test_onnx_check_that_compared_nothing_fails():
+    pytest.importorskip("torch")  # (checks/onnx_outputs.py runs models)
     from pera_deploy.checks.onnx_outputs import OnnxOutputsCheck, OutputCheck
 
     assert not OnnxOutputsCheck([]).passed and "compared with nothing" in OnnxOutputsCheck([]).failure()
@@ -238,6 +240,8 @@ def test_onnx_check_that_compared_nothing_fails():
 
 
 def test_named_outputs_follow_optimum_names():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
     from transformers.cache_utils import DynamicCache
     from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithPast
 
@@ -253,8 +257,9 @@ def test_named_outputs_follow_optimum_names():
 
 
 def test_onnx_branch_on_a_layer_that_is_not_linear_is_bad_input(cli, fx, tmp_path):
+    torch = pytest.importorskip("torch")
     pytest.importorskip("optimum.exporters.onnx")
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
     adapter = tmp_path / "emb"
     shutil.copytree(fx["llama-peft-lora"], adapter)
@@ -282,7 +287,7 @@ LAYERS = {
     "publish": {"core", "io", "checks"},
     "export": {"core", "io", "formats", "merging", "checks", "publish"},
 }
-TOP = {"errors", "options", "scoped", "__init__", "__version__"}
+TOP = {"errors", "extras", "options", "scoped", "__init__", "__version__"}
 
 
 def _imports() -> dict[str, set[str]]:
@@ -342,6 +347,101 @@ def test_packages_import_only_the_layers_below_them():
                 f"{module} imports {target}: {home}/ may only import {sorted(LAYERS[home] | TOP)}"
 
 
+# -- the torch boundary (issue 20): only what runs a model imports torch or transformers -----------------------
+
+# The modules that run models (the `check` and `onnx` extras), imported only when one runs.
+MODEL_RUNNERS = {"checks.reference_model", "checks.onnx_outputs", "io.hf_model", "io.streamed_model"}
+MODEL_RUNNER_PACKAGES = ("export.onnx.",)
+# What the extras install (and the test-only frameworks): never imported by the tool alone.
+HEAVY = {"torch", "transformers", "peft", "optimum", "onnx", "onnxruntime", "onnxruntime_genai",
+         "sentence_transformers", "deepspeed", "lightning", "safetensors.torch"}
+
+
+def _import_time_imports(tree: ast.Module, package: list[str]) -> tuple[set[str], set[str]]:
+    """(pera_deploy modules, heavy modules) a module imports when it is imported: its top level
+    and class bodies, not function bodies (run later, on their path) nor `if TYPE_CHECKING:`."""
+    ours: set[str] = set()
+    heavy: set[str] = set()
+
+    def visit(nodes: list[ast.stmt]) -> None:
+        for node in nodes:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                visit(node.orelse)
+                continue
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level:
+                base = package[: len(package) - node.level + 1]
+                stem = ".".join(base + ([node.module] if node.module else []))
+                ours.update(f"{stem}.{a.name}".strip(".") for a in node.names)  # `from . import x`: a module
+                ours.add(stem)
+                names = []
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                names = []
+            for name in names:
+                if name.startswith("pera_deploy."):
+                    ours.add(name.removeprefix("pera_deploy."))
+                elif name in HEAVY or name.split(".")[0] in HEAVY:
+                    heavy.add(name)
+            for field in ("body", "orelse", "finalbody", "handlers"):
+                inner = getattr(node, field, None)
+                if isinstance(inner, list) and not isinstance(node, (ast.Import, ast.ImportFrom)):
+                    visit([n for n in inner if isinstance(n, ast.stmt)] +
+                          [s for h in inner if isinstance(h, ast.ExceptHandler) for s in h.body])
+
+    visit(tree.body)
+    return ours, heavy
+
+
+def test_only_the_model_runners_import_torch_or_transformers():
+    """Importing any other module of pera_deploy (and so every module it imports when imported,
+    package __init__s included) imports none of what the extras install: the tool alone runs
+    on numpy. A model runner is imported inside the function that runs a model, never at the
+    top of a module outside them."""
+    modules: dict[str, tuple[set[str], set[str]]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+        package = parts[:-1] if parts[-1] != "__init__" else parts[:-1]
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        modules[name] = _import_time_imports(ast.parse(path.read_text()), package)
+
+    def runner(module: str) -> bool:
+        return module in MODEL_RUNNERS or module.startswith(MODEL_RUNNER_PACKAGES)
+
+    def loads(module: str) -> list[str]:
+        """The pera_deploy modules importing `module` runs: its packages' __init__s and itself."""
+        parts = module.split(".")
+        return [m for m in ("", *(".".join(parts[:i]) for i in range(1, len(parts) + 1))) if m in modules]
+
+    chains: dict[str, list[str] | None] = {}
+
+    def why(module: str) -> list[str] | None:
+        """A chain module -> ... -> heavy import, or None (memoised; a cycle counts as clean,
+        test_no_import_cycles refuses cycles)."""
+        if module not in chains:
+            chains[module] = None
+            ours, heavy = modules[module]
+            chain = [module, sorted(heavy)[0]] if heavy else None
+            for loaded in (m for target in sorted(ours) for m in loads(target) if m != module):
+                if chain:
+                    break
+                if runner(loaded):
+                    chain = [module, loaded + " (a model runner)"]
+                elif (inner := why(loaded)) is not None:
+                    chain = [module, *inner]
+            chains[module] = chain
+        return chains[module]
+
+    problems = [" -> ".join(chain) for module in sorted(modules) if not runner(module)
+                for chain in [why(module)] if chain]
+    assert not problems, "imported without a model to run:\n" + "\n".join(problems)
+    assert all(m in modules for m in MODEL_RUNNERS)  # the list names real modules
+
+
 def test_a_tensor_written_in_parts_must_be_whole(tmp_path):
     """The streamed merge writes a weight block by block; the writer refuses a tensor cut
     short, a part outside a tensor, and a file closed in the middle of one."""
@@ -350,16 +450,16 @@ def test_a_tensor_written_in_parts_must_be_whole(tmp_path):
     layout = [("a", "F32", (4, 2)), ("b", "F32", (2,))]
     writer = ShardWriter(tmp_path / "s.safetensors", layout, {})
     with pytest.raises(RuntimeError, match="outside a tensor"):
-        writer.write_parts([torch.zeros(2)])
+        writer.write_parts([np.zeros(2, np.float32)])
     writer.begin_tensor("a", 32)
-    writer.write_parts([torch.ones(2, 2), torch.ones(1, 2)])
+    writer.write_parts([np.ones((2, 2), np.float32), np.ones((1, 2), np.float32)])
     with pytest.raises(RuntimeError, match="a was not written whole"):
         writer.end_tensor()
     writer.abort()
     writer = ShardWriter(tmp_path / "t.safetensors", layout, {})
     writer.begin_tensor("a", 32)
-    writer.write_parts([torch.ones(4, 2)])
+    writer.write_parts([np.ones((4, 2), np.float32)])
     with pytest.raises(RuntimeError, match="b written before a was finished"):
-        writer.write_tensor("b", torch.zeros(2))
+        writer.write_tensor("b", np.zeros(2, np.float32))
     with pytest.raises(RuntimeError, match="closed before a"):
         writer.close()

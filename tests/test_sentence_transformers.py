@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
+torch = pytest.importorskip("torch")  # these tests run models: the check extra
 st = pytest.importorskip("sentence_transformers")
 
 from pera_deploy.checks.reference_model import PeraBranch  # noqa: E402

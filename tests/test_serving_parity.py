@@ -13,10 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from fixtures.build_fixtures import corpus
 
+torch = pytest.importorskip("torch")  # these tests run models: the check extra
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.slow
 

@@ -26,8 +26,8 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
+torch = pytest.importorskip("torch")  # these tests run models: the check extra
 vllm = pytest.importorskip("vllm")
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.slow

@@ -2,7 +2,9 @@
 
 Both run in float32 on the same seeded token ids, so their difference measures only what
 the merged file's storage rounding costs, and the tolerance is calibrated on the model
-itself by rounding noise. Imports transformers.
+itself by rounding noise. Runs models: torch and transformers (the `check` extra), imported
+when the check runs, so this module imports without them (its report and figures are
+read where neither is installed).
 """
 
 from __future__ import annotations
@@ -12,18 +14,20 @@ import math
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import Tensor, nn
+from typing import TYPE_CHECKING, Any
 
 from ..core.adapter import PeraAdapter
 from ..core.dtypes import TORCH_NAMES
 from ..core.names import NameIndex
 from ..errors import InputError
+from ..extras import require
 from ..io.model_folder import ModelFolder
-from ..io.streamed_model import NotStreamable, StreamedModel
 from .numerics import COARSENESS, UNIT_ROUNDOFF
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+    from ..io.streamed_model import StreamedModel
 
 # Forward-check tolerance on max |Δ output| / max |output|. How much a storage rounding of the
 # merged weights moves the outputs depends on the model (on the fixtures, bfloat16 gives
@@ -71,14 +75,10 @@ class ForwardCheck:
         )
 
 
-def _torch_dtype(code: str) -> torch.dtype:
-    return getattr(torch, TORCH_NAMES[code])
-
-
-def storage_dtype(checkpoint: ModelFolder) -> torch.dtype:
+def storage_code(checkpoint: ModelFolder) -> str:
     """The coarsest float dtype a model's tensors are stored in (what bounds its accuracy)."""
     codes = [e.dtype for e in checkpoint.entries.values() if e.dtype in COARSENESS]
-    return _torch_dtype(max(codes, key=COARSENESS.__getitem__, default="F32"))
+    return max(codes, key=COARSENESS.__getitem__, default="F32")
 
 
 def storage_roundoff(merged: ModelFolder, base: ModelFolder, adapter: PeraAdapter) -> dict[str, float]:
@@ -105,6 +105,8 @@ def storage_roundoff(merged: ModelFolder, base: ModelFolder, adapter: PeraAdapte
 
 def seeded_inputs(config: Any, batch: int, seq: int, seed: int) -> dict[str, Tensor]:
     """Token ids drawn from the whole vocabulary with a fixed generator."""
+    import torch
+
     vocab = getattr(config, "vocab_size", None)
     if not vocab:
         raise InputError("the forward check needs a text model with a vocab_size in its config")
@@ -114,6 +116,8 @@ def seeded_inputs(config: Any, batch: int, seq: int, seed: int) -> dict[str, Ten
 
 
 def main_output(outputs: Any) -> tuple[str, Tensor]:
+    from torch import Tensor
+
     for key in ("logits", "last_hidden_state"):
         value = getattr(outputs, key, None)
         if isinstance(value, Tensor):
@@ -138,10 +142,14 @@ def check_forward(merged_dir: str | Path, base_dir: str | Path, adapter: PeraAda
     one layer's, not the model's; a model that cannot is loaded whole, one at a time, and
     the report says why. `progress` shows the runs and the layers within them.
     """
+    require("check", "the forward check (it runs the merged and the unmerged model)")
+    import torch
     from tqdm import tqdm
 
+    from ..io.streamed_model import NotStreamable
+
     merged_ckpt, base_ckpt = ModelFolder(merged_dir), ModelFolder(base_dir)
-    dtype = storage_dtype(merged_ckpt)
+    code = storage_code(merged_ckpt)
     units = storage_roundoff(merged_ckpt, base_ckpt, adapter)
     bar = tqdm(total=2 + FORWARD_NOISE_DRAWS, desc="forward check", unit="run",
                disable=None if progress is None else not progress)
@@ -163,11 +171,11 @@ def check_forward(merged_dir: str | Path, base_dir: str | Path, adapter: PeraAda
     max_abs, max_rel = relative(y, y_ref)
     top1 = float((y.argmax(-1) == y_ref.argmax(-1)).float().mean()) if y.ndim >= 2 else 1.0
     tol = max(FORWARD_FLOOR, FORWARD_NOISE_FACTOR * noise)
-    return ForwardCheck(arch, str(dtype).removeprefix("torch."), name, list(y.shape), max_abs, max_rel, top1,
+    return ForwardCheck(arch, TORCH_NAMES[code], name, list(y.shape), max_abs, max_rel, top1,
                         noise, tol, seed, math.isfinite(max_rel) and max_rel <= tol, loading)
 
 
-Outputs = tuple[str, str, Tensor, Tensor, float]  # architecture, output name, merged, unmerged, noise floor
+Outputs = tuple[str, str, "Tensor", "Tensor", float]  # architecture, output name, merged, unmerged, noise floor
 
 
 def _outputs(merged_dir: Path, base_dir: Path, adapter: PeraAdapter, units: dict[str, float], seed: int, batch: int,
@@ -175,7 +183,10 @@ def _outputs(merged_dir: Path, base_dir: Path, adapter: PeraAdapter, units: dict
     """The merged model's main output, the unmerged one's, and the largest relative change
     rounding noise makes to the latter. One model is in memory at a time (the merged model
     is let go before the reference is built); streamed, only one of its layers."""
+    import torch
+
     from ..io.hf_model import load_model
+    from ..io.streamed_model import NotStreamable, StreamedModel
     from .reference_model import PeraBranch, RoundingNoise, apply_extra_tensors
 
     def run(what: str, model: nn.Module, weights: StreamedModel | None, inputs: dict[str, Tensor]) -> tuple[str, Tensor]:

@@ -20,6 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core.dtypes import as_numpy
+from ..io.streamed_model import torch_tensor
+
 # max |ONNX − PyTorch| / max |PyTorch|, per output. float32 graphs differ from PyTorch by
 # float32 arithmetic only: the usual 1e-4 (measured at most 1.5e-6 on the fixtures). A
 # float16 graph rounds every weight, activation and cache to float16 (u = 2⁻¹¹ ≈ 4.9e-4):
@@ -131,10 +134,10 @@ def named_outputs(outputs: Any) -> dict[str, np.ndarray]:
     for key, value in outputs.items():
         if key in ("past_key_values", "cache") and value is not None:  # transformers 5 calls it `cache`
             for i, (k, v) in enumerate(cache_layers(value)):
-                named[f"present.{i}.key"] = k.float().numpy()
-                named[f"present.{i}.value"] = v.float().numpy()
+                named[f"present.{i}.key"] = as_numpy(k.float())
+                named[f"present.{i}.value"] = as_numpy(v.float())
         elif isinstance(value, torch.Tensor):
-            named[key] = value.float().numpy()
+            named[key] = as_numpy(value.float())
     return named
 
 
@@ -150,13 +153,13 @@ def cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def _torch_outputs(model: nn.Module, ids: np.ndarray, decoder: bool) -> dict[tuple[str, str], np.ndarray]:
     with torch.no_grad():
-        t = torch.from_numpy(ids)
+        t = torch_tensor(ids)
         if not decoder:
             kwargs = {"attention_mask": torch.ones_like(t)}
             if "token_type_ids" in inspect.signature(model.forward).parameters:
                 kwargs["token_type_ids"] = torch.zeros_like(t)
             return {("forward", n): v for n, v in named_outputs(model(input_ids=t, **kwargs)).items()}
-        full = model(input_ids=t, attention_mask=torch.ones_like(t), use_cache=False).logits.float().numpy()
+        full = as_numpy(model(input_ids=t, attention_mask=torch.ones_like(t), use_cache=False).logits.float())
         prefill = model(input_ids=t[:, :SEQ], attention_mask=torch.ones_like(t[:, :SEQ]), use_cache=True)
     out = {("prefill", n): v for n, v in named_outputs(prefill).items()}
     out[("decode", "logits")] = full[:, SEQ]

@@ -23,7 +23,7 @@ from ..core.adapter import PeraAdapter
 from ..core.names import NameIndex
 from ..errors import InputError
 from ..io.hf_model import load_model
-from ..io.streamed_model import StreamedModel, extra_tensor_targets, untie
+from ..io.streamed_model import StreamedModel, extra_tensor_targets, torch_tensor, untie
 
 
 def targets_in_model(model: nn.Module, adapter: PeraAdapter) -> dict[str, str]:
@@ -65,9 +65,9 @@ class _Hooks:
 
 def torch_factors(layer: Any, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """A layer's expanded factors (s·B̂, Â), formed in float64 (core/pera.py), as torch tensors
-    of `dtype`: what the unmerged model's branch multiplies with."""
+    of `dtype` (rounded once, from float64): what the unmerged model's branch multiplies with."""
     b_hat, a_hat = layer.expanded_factors()
-    return torch.from_numpy(b_hat).to(dtype), torch.from_numpy(a_hat).to(dtype)
+    return torch_tensor(b_hat).to(dtype), torch_tensor(a_hat).to(dtype)
 
 
 class PeraBranch(_Hooks):
@@ -187,7 +187,7 @@ def uniform_noise(rng: np.random.Generator, shape: tuple[int, ...], scale: float
     as calibrating a tolerance needs."""
     n = math.prod(shape)
     raw = rng.bit_generator.random_raw((n + 7) // 8).view(np.int8)[:n]
-    return torch.from_numpy(raw).to(torch.float32).add_(0.5).mul_(scale / 128).reshape(shape)
+    return torch_tensor(raw).to(torch.float32).add_(0.5).mul_(scale / 128).reshape(shape)
 
 
 def _noise_hook(layer: Any, module: nn.Module, unit_roundoff: float, seed: int,

@@ -20,7 +20,9 @@ def verify_merged(merged: Path, adapter: PeraAdapter, base: Path, *, forward: bo
 
     Every merged element is recomputed; one that is not the correctly rounded value passes
     when it is within what another tool's float32 merge may give (the report counts them).
-    Untied embeddings are accepted when the merged config no longer ties them.
+    Untied embeddings are accepted when the merged config no longer ties them. The forward
+    check runs models (the `check` extra: api.verify asks for it before anything is read);
+    forward=False checks the weights with numpy alone.
     """
     checks: list[Check] = []
     with ModelFolder(base) as base_folder, ModelFolder(merged) as merged_folder:

@@ -36,7 +36,8 @@ def merge_folder(adapter: PeraAdapter, base: Path, output: Path, digests: Digest
                  max_shard_size: int | None = None, untie_embeddings: bool = False,
                  check_forward_pass: bool = False, full_check: bool = False, force: bool = False,
                  progress: bool | None = None, options: dict[str, Any] | None = None, jobs: int = 1) -> Report:
-    """W0 + ΔW for every targeted weight of `base`, as a new model folder `output`."""
+    """W0 + ΔW for every targeted weight of `base`, as a new model folder `output`.
+    `check_forward_pass` runs models (the `check` extra: api.merge asks for it first)."""
     with ModelFolder(base) as checkpoint:
         plan = plan_merge(adapter, checkpoint, dtype=dtype, max_shard_size=max_shard_size,
                           untie_embeddings=untie_embeddings)

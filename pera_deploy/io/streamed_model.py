@@ -25,9 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..core.dtypes import TORCH_NAMES, as_numpy, code_of
 from ..core.names import NameIndex
 from ..errors import InputError
 from ..scoped import quiet_transformers
@@ -38,11 +40,9 @@ from .safetensors_stream import TensorRows, read_entry
 
 def torch_tensor(values: Any) -> Tensor:
     """A numpy array (bfloat16 and float8 from ml_dtypes included) as a torch tensor sharing its
-    memory: the forward check's models take what the numpy readers give."""
-    import numpy as np
-
-    from ..core.dtypes import TORCH_NAMES, code_of
-
+    memory: the models of the forward check, the reference model and the ONNX export take
+    what the numpy readers and the float64 math give. The one numpy → torch conversion (the
+    other way: core/dtypes.as_numpy)."""
     if isinstance(values, Tensor):
         return values
     code = code_of(values)
@@ -222,7 +222,7 @@ class StreamedModel:
             self._staging = torch.empty(step * row_bytes, dtype=torch.uint8)
         for start in range(0, rows.shape[0], step):
             wide[start:start + step] = torch_tensor(read_entry(entry, (start, start + step),
-                                                               into=self._staging.numpy()))
+                                                               into=as_numpy(self._staging)))
         return wide
 
     def release(self) -> None:

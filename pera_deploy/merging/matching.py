@@ -14,6 +14,7 @@ from typing import Any, Literal
 from ..core.adapter import PeraAdapter
 from ..core.names import NameIndex
 from ..errors import InputError
+from ..extras import require
 from ..io.model_folder import ModelFolder
 from ..io.safetensors_stream import FLOAT_CODES
 
@@ -22,6 +23,25 @@ from ..io.safetensors_stream import FLOAT_CODES
 INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",
                     "tok_embeddings.weight", "shared.weight")
 OUTPUT_EMBEDDINGS = ("lm_head.weight", "predictions.decoder.weight", "embed_out.weight")
+
+# The name under which a transformers task model holds its base model (its class's
+# `base_model_prefix`), for the architectures pera-deploy is used with: architecture =
+# stem + one of TASK_HEADS. tests/test_torch_boundary.py checks every entry against the
+# installed transformers. (Question answering is left out: its prefix differs within families.)
+TASK_HEADS = ("ForCausalLM", "LMHeadModel", "ForSequenceClassification", "ForTokenClassification", "ForMaskedLM")
+BASE_MODEL_PREFIX = {
+    "model": ("Llama", "Mistral", "Mixtral", "Qwen2", "Qwen2Moe", "Qwen3", "Qwen3Moe", "Gemma", "Gemma2", "Phi",
+              "Phi3", "Starcoder2", "StableLm", "Olmo", "Olmo2", "Cohere", "Granite", "OPT", "ModernBert"),
+    "transformer": ("GPT2", "GPTJ", "GPTNeo", "Falcon", "Bloom", "CodeGen", "GPTBigCode"),
+    "gpt_neox": ("GPTNeoX",),
+    "bert": ("Bert",),
+    "roberta": ("Roberta", "XLMRoberta", "Camembert"),
+    "distilbert": ("DistilBert",),
+    "deberta": ("Deberta", "DebertaV2"),
+    "electra": ("Electra",),
+    "albert": ("Albert",),
+    "mpnet": ("MPNet",),
+}
 
 
 @dataclass(frozen=True)
@@ -180,21 +200,36 @@ def match_adapter(adapter: PeraAdapter, checkpoint: ModelFolder, *, untie_embedd
     return matching
 
 
+def base_model_prefix(architecture: str) -> str | None:
+    """The `base_model_prefix` of a task-model class, from BASE_MODEL_PREFIX; None for a class
+    the table does not know."""
+    for head in TASK_HEADS:
+        stem = architecture.removesuffix(head)
+        if stem != architecture:
+            return next((prefix for prefix, stems in BASE_MODEL_PREFIX.items() if stem in stems), None)
+    return None
+
+
 def _model_prefix_to_add(checkpoint: ModelFolder) -> str:
     """The base-model prefix (`transformer.` for GPT-2) a checkpoint was saved without.
 
     Transformers loads a checkpoint saved from the bare base model (the Hub's gpt2, for one)
     into a task model, but refuses one that mixes such names with a task tensor like
     `lm_head.weight`. When untying adds that tensor, every other name gets the prefix. The
-    prefix is the architecture's `base_model_prefix`, so only this rare path imports
-    transformers.
+    prefix is the architecture's `base_model_prefix`: from BASE_MODEL_PREFIX, without torch or
+    transformers; for an architecture the table does not know, from transformers (the `check`
+    extra), and bad input naming the extra where it is not installed.
     """
     arch = (checkpoint.config.get("architectures") or [None])[0]
-    if not arch:
+    if not arch or not isinstance(arch, str):
         return ""
-    import transformers
+    prefix = base_model_prefix(arch)
+    if prefix is None:
+        require("check", f"{checkpoint.folder}/config.json: finding the base-model prefix of {arch}, an architecture "
+                         "pera-deploy has no table entry for,")
+        import transformers
 
-    prefix = getattr(getattr(transformers, arch, None), "base_model_prefix", "") or ""
+        prefix = getattr(getattr(transformers, arch, None), "base_model_prefix", "") or ""
     if prefix and not any(n.startswith(prefix + ".") for n in checkpoint.names):
         return prefix + "."
     return ""
@@ -237,7 +272,14 @@ def _require_loaded(checkpoint: ModelFolder, added: dict[str, Any]) -> None:
     place for it: transformers would ignore it in the merged folder (an unexpected key), so
     the merged model would silently lose it. The rule is the forward check's own
     (`extra_tensor_targets`: exactly one parameter or persistent buffer of that name), on
-    the model built on the meta device, so merge and verify decide alike."""
+    the model built on the meta device, so merge and verify decide alike. Only the model's
+    class knows its tensors: this rare path needs transformers (the `check` extra), and is
+    bad input naming the extra where it is not installed (every other path of a merge is
+    torch-free)."""
+    arch = (checkpoint.config.get("architectures") or ["the"])[0]
+    name = sorted(added)[0]
+    require("check", f"adapter tensor {name}, which {checkpoint.folder} lacks: deciding whether the {arch} model has "
+                     "a place for it (transformers drops a tensor its model lacks)")
     import torch
 
     from ..io.hf_model import built_from, model_class

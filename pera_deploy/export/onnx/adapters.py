@@ -13,24 +13,23 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ...core.adapter import PeraAdapter
 from .graph import factor_names
 
 
-def branch_factors(adapter: PeraAdapter, names: dict[str, str], dtype: torch.dtype) -> dict[str, np.ndarray]:
+def branch_factors(adapter: PeraAdapter, names: dict[str, str], code: str) -> dict[str, np.ndarray]:
     """Graph input name → array, exact (zero-coefficient terms dropped), computed in float64 and
-    rounded once to `dtype`."""
+    rounded once to the dtype `code` ("F32" or "F16")."""
     from ...core.limits import require_storable
 
     arrays = {}
     for path, layer in adapter.layers.items():
-        b_hat, a_hat = layer.exact_factors(torch.float64)
+        b_hat, a_hat = layer.exact_factors()
         at_name, bt_name = factor_names(names[path])
         # a factor beyond the dtype's range is refused, naming the module, not stored as Inf
-        arrays[at_name] = np.ascontiguousarray(require_storable(path, "Âᵀ", a_hat.T, dtype).numpy())
-        arrays[bt_name] = np.ascontiguousarray(require_storable(path, "(s·B̂)ᵀ", b_hat.T, dtype).numpy())
+        arrays[at_name] = np.ascontiguousarray(require_storable(path, "Âᵀ", a_hat.T, code))
+        arrays[bt_name] = np.ascontiguousarray(require_storable(path, "(s·B̂)ᵀ", b_hat.T, code))
     return arrays
 
 

@@ -129,7 +129,7 @@ def write_branch_graph(out: Path, branch: BranchExport, task: str, opset: int | 
     files, ranks = {}, {}
     for name, adapter in branch.adapters.items():
         files[name] = out / f"{name}.onnx_adapter"
-        arrays = branch_factors(adapter, branch.targets[name], torch.float16 if dtype == "float16" else torch.float32)
+        arrays = branch_factors(adapter, branch.targets[name], "F16" if dtype == "float16" else "F32")
         write_adapter_file(files[name], arrays)
         ranks[name] = max(int(v.shape[1]) for k, v in arrays.items() if k.endswith(".lora_At"))
     metadata = {
