@@ -44,3 +44,8 @@ def stored_tensors(path: Path) -> dict:
     from pera_deploy.io.safetensors_stream import read_array, read_header
 
     return {entry.name: read_array(entry) for entry in read_header(Path(path))[0]}
+
+
+def same_array(a, b) -> bool:
+    """The same dtype, shape and bits."""
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()

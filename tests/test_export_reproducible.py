@@ -146,9 +146,6 @@ def test_every_exporter_writes_the_same_bytes_in_every_run(fx, tmp_path):
                 assert data == reference[path], (name, path)
 
 
-@pytest.mark.xfail(strict=True, reason="the readers (io/model_folder.py, helper R) and matching's base_model_prefix "
-                   "(merging/matching.py, helper T) still import torch / transformers on this branch; with "
-                   "i20-readers and i20-torch merged it passes: remove this mark then")
 def test_the_exporters_need_neither_torch_nor_transformers(fx, tmp_path):
     """With torch and transformers blocked, every export runs and writes the bytes it writes
     with them importable; with them installed, the exports do not import them. (The same bytes

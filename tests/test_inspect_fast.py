@@ -237,13 +237,13 @@ def test_a_pickle_that_runs_code_is_never_run(cli, fx, tmp_path, case):
 
 DAMAGED_BINS = {
     # the first storage's key, '0', renamed to one that climbs out of the archive's data folder
-    "key-outside-the-zip": ({"replace": (b"X\x01\x00\x00\x000q", b"X\x0a\x00\x00\x00../../../0q")},
+    "key-outside-the-zip": ({"replace": (b"X\x01\x00\x00\x000X\x03", b"X\x0a\x00\x00\x00../../../0X\x03")},
                             "has no data/../../../0 entry"),
     # the first storage declared 4097 floats long, its entry holding 4096
-    "storage-longer-than-its-entry": ({"replace": (b"cpuq\x06M\x00\x10t", b"cpuq\x06M\x01\x10t")},
+    "storage-longer-than-its-entry": ({"replace": (b"cpuM\x00\x10t", b"cpuM\x01\x10t")},
                                       "holds 16,384 bytes; its 4,097 elements need 16,388"),
     # the first tensor at storage offset 1: its last element beyond the storage
-    "tensor-beyond-its-storage": ({"replace": (b"QK\x00K\x08M\x00\x02", b"QK\x01K\x08M\x00\x02")},
+    "tensor-beyond-its-storage": ({"replace": (b"tQK\x00(K\x08M\x00\x02t", b"tQK\x01(K\x08M\x00\x02t")},
                                   "does not lie inside it"),
     "compressed": ({"compress": True}, "is compressed"),
 }

@@ -363,7 +363,10 @@ def test_fuzz_a_model_config_transformers_cannot_build_is_bad_input(cli, copies)
     config = json.loads((base / "config.json").read_text())
     config["vocab_size"] = None
     (base / "config.json").write_text(json.dumps(config))
-    line = refused(cli("merge", adapter, base, "-o", parent / "out", "--keep-branch"), str(base))
+    # the weights path builds no model (issue 20: torch-free), so the config's vocabulary is not its business
+    assert cli("merge", adapter, base, "-o", parent / "out", "--keep-branch").exit_code == 0
+    pytest.importorskip("transformers")  # what builds the model: the forward check
+    line = refused(cli("merge", adapter, base, "-o", parent / "out2", "--check-forward"), str(base))
     assert "transformers cannot build LlamaForCausalLM" in line or "not a transformers config" in line  # 4.x, 5.x
 
 
@@ -399,8 +402,9 @@ def test_fuzz_a_huge_but_finite_adapter_value_is_checked_not_crashed(fx, tmp_pat
     norms and crashed its failure message (exit 3); norms now accumulate in float64."""
     from pera_deploy.checks.weights import LayerCheck, WeightCheck
 
-    check = WeightCheck([LayerCheck("m", "m.weight", "bfloat16", 1.0, float("inf"), float("inf"), 0.0, 0, 0, None,
-                                    1.0, False)])
+    check = WeightCheck([LayerCheck("m", "m.weight", "bfloat16", delta_norm=1.0, residual_norm=float("inf"),
+                                    rel_error=float("inf"), rel_bound=0.0, off_elements=0, max_steps=0,
+                                    rows_recomputed=1.0, passed=False)])
     assert "is not finite" in check.failure()
     folder = shutil.copytree(fx["llama-peft"], tmp_path / "a")
     tensors = load_file(str(folder / "adapter_model.safetensors"))

@@ -25,6 +25,7 @@ from pera_deploy.formats.peft_pera import pattern_key
 from pera_deploy.io import safetensors_stream
 from pera_deploy.io.safetensors_stream import ShardWriter, read_header
 from pera_deploy.merging.execute import merged_weight
+from tests.helpers import same_array
 
 PACKAGE = Path(pera_deploy.__file__).parent
 
@@ -160,10 +161,6 @@ def test_a_weights_file_is_an_adapter_too(fx):
         assert adapter.format == "peft" and adapter.path == fx["llama-peft"]
         assert all(same_array(adapter.layers[m].hA, folder.layers[m].hA) for m in folder.layers)
 
-
-def same_array(a, b) -> bool:
-    """The same dtype, shape and bits."""
-    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
 
 
 def test_tensors_without_a_config_need_config(fx, tmp_path):
