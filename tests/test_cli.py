@@ -8,13 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 import pera_deploy
 from fixtures.build_fixtures import build_examples
+from pera_deploy.io.files import flat_tensors, load_pickle
 from pera_deploy.io.model_folder import ModelFolder
+from pera_deploy.io.safetensors_stream import read_array, read_header, save_tensors
 from tests.helpers import readme_example, same_array
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,15 +98,14 @@ def test_verify_untied_merge(cli, fx, tmp_path):
 def _tamper(folder: Path, name: str, edit) -> None:
     """Edit one tensor of a written model in place (the way a faulty tool might have)."""
     for shard in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(shard), "pt") as f:
-            if name not in f.keys():
-                continue
-            metadata = f.metadata()
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        entries, metadata = read_header(shard)
+        if name not in {e.name for e in entries}:
+            continue
+        tensors = {e.name: np.array(read_array(e)) for e in entries}
         replaced = edit(tensors[name])
         if replaced is not None:  # an edit may also return a tensor to put in its place
             tensors[name] = replaced
-        save_file(tensors, str(shard), metadata=metadata)
+        save_tensors(shard, tensors, metadata)
         return
     raise AssertionError(f"{name} not found in {folder}")
 
@@ -117,7 +115,7 @@ def test_verify_catches_a_merged_weight_off_by_two_roundings(cli, fx, tmp_path):
     name = "model.layers.1.mlp.up_proj.weight"
 
     def nudge(t):  # two bf16 steps up in one element
-        bits = t.view(torch.int16)
+        bits = t.view(np.int16)
         bits[3, 5] += 2 if t[3, 5] > 0 else -2
 
     _tamper(tmp_path / "m", name, nudge)
@@ -131,7 +129,7 @@ def test_verify_catches_a_changed_untouched_tensor(cli, fx, tmp_path):
     name = "model.norm.weight"
 
     def flip(t):
-        t.view(torch.int16)[0] ^= 1  # the last mantissa bit
+        t.view(np.int16)[0] ^= 1  # the last mantissa bit
 
     _tamper(tmp_path / "m", name, flip)
     result = cli("verify", tmp_path / "m", "--adapter", fx["llama-pera"], "--base", fx["llama-base"], "--no-forward")
@@ -144,7 +142,7 @@ def test_verify_names_a_merged_tensor_of_the_wrong_shape_and_exits_1(cli, fx, tm
     and no forward check tries to build a model from it."""
     assert cli("merge", fx["llama-pera"], fx["llama-base"], "-o", tmp_path / "m").exit_code == 0
     name = "model.layers.0.self_attn.q_proj.weight"
-    _tamper(tmp_path / "m", name, lambda t: t[:-1].clone())
+    _tamper(tmp_path / "m", name, lambda t: t[:-1].copy())
     result = cli("verify", tmp_path / "m", "--adapter", fx["llama-pera"], "--base", fx["llama-base"])
     assert result.exit_code == 1
     assert result.stderr.strip() == f"pera-deploy: check failed: tensor {name} has shape (31, 32), not (32, 32)"
@@ -178,12 +176,15 @@ def test_adapter_name_option(cli, fx, tmp_path):
     assert json.loads(result.stdout)["adapter"]["adapter_name"] == "second"
 
 
+def _tensors(path: Path) -> dict[str, np.ndarray]:
+    if path.suffix == ".safetensors":
+        return {e.name: read_array(e) for e in read_header(path)[0]}
+    return {k: v.read() for k, v in flat_tensors(load_pickle(path), path).items()}
+
+
 def _same_tensors(a: Path, b: Path) -> bool:
-    if a.suffix == ".safetensors":
-        x, y = load_file(str(a)), load_file(str(b))
-    else:
-        x, y = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
-    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    x, y = _tensors(a), _tensors(b)
+    return x.keys() == y.keys() and all(same_array(x[k], y[k]) for k in x)
 
 
 def test_shipped_examples_are_what_the_script_builds(tmp_path):
