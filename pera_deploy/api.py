@@ -130,6 +130,10 @@ def merge(adapter: AdapterLike | Sequence[AdapterLike], base: str | Path, output
     check_target(output, force, _given(*sources, base, load_options.get("config")))
     loaded = _load_weighted(sources, weights, load_options)
     with _digests(digests) as hasher, offline():
+        if check_forward_pass:  # a base transformers cannot build is refused by its name, before any merging
+            from .io.hf_model import model_names
+
+            model_names(base)
         return merge_folder(loaded, Path(base), output, hasher, dtype=dtype,
                             max_shard_size=shard_limit, untie_embeddings=untie_embeddings,
                             check_forward_pass=check_forward_pass, full_check=full_check, force=force,
