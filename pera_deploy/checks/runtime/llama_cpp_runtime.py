@@ -63,6 +63,10 @@ class LlamaCppRunner(Runner):
         if base_gguf is None:
             raise InputError(f"--runtime llama.cpp: {artifact.path} is a LoRA adapter; give the base model it runs on as "
                              "a GGUF with --base-gguf FILE (llama.cpp's convert_hf_to_gguf.py of --base)")
+        try:
+            import llama_cpp
+        except ImportError as exc:
+            raise missing_package(self.runtime, "llama-cpp-python", exc) from None
         base_fields, base_codes = gguf_codes(base_gguf, "--base-gguf")
         lora_fields, lora_codes = gguf_codes(artifact.path, "the artifact")
         if base_fields.get("general.type") == "adapter":
@@ -70,10 +74,6 @@ class LlamaCppRunner(Runner):
         if lora_fields.get("general.type") != "adapter":
             raise InputError(f"{artifact.path}: not a LoRA adapter GGUF (general.type is "
                              f"{lora_fields.get('general.type')!r}); --runtime llama.cpp runs an export-gguf file")
-        try:
-            import llama_cpp
-        except ImportError as exc:
-            raise missing_package(self.runtime, "llama-cpp-python", exc) from None
         self.llama_cpp, self.base_gguf, self.source = llama_cpp, base_gguf, artifact
         self.args = (base, adapter)
         self.type_kv = type_kv
