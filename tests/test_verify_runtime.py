@@ -65,6 +65,10 @@ def command_lines(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip().startswith("pera-deploy ")]
 
 
+def subcommand(line: str) -> str:
+    return shlex.split(line, comments=True)[1]
+
+
 def run(cli, line: str):
     return cli(*shlex.split(line, comments=True)[1:])
 
@@ -90,7 +94,7 @@ def readme(tmp_path_factory) -> Path:
             if runtime in ("onnxruntime", "ort-genai") and not (installed("onnx") and installed("optimum")):
                 continue
             lines += [l for l in command_lines(section(heading))
-                      if shlex.split(l)[1] in ("export-lora", "export-gguf", "export-onnx") and "ADAPTER" not in l]
+                      if subcommand(l) in ("export-lora", "export-gguf", "export-onnx") and "ADAPTER" not in l]
         for line in lines:
             result = run(cli, line)
             assert result.exit_code == 0, (line, result.stderr)
@@ -150,7 +154,7 @@ def verify(cli, artifact, runtime: str, adapter: Path, base: Path, *args: object
 def passed(result) -> dict:
     assert result.exit_code == 0, (result.stdout[-3000:], result.stderr)
     check = json.loads(result.stdout)["checks"]["runtime"]
-    assert check["passed"] and check["steps"] >= 3 * 8, check
+    assert check["passed"] and all(p["steps"] >= 1 for p in check["prompts"]), check
     print(f"{check['version']}: {check['artifact']}: worst {check['max_rel_diff']:.2g} relative over "
           f"{check['steps']} steps (tolerance {check['tolerance']:.2g}, KV cache {check['kv_cache']})")
     return check
@@ -221,7 +225,7 @@ def tampered_gguf(source: Path, target: Path) -> Path:
 def readme_verify_lines() -> dict[str, str]:
     lines = {}
     for heading, runtime in README_SECTIONS.items():
-        found = [l for l in command_lines(section(heading)) if shlex.split(l)[1] == "verify" and "--runtime" in l]
+        found = [l for l in command_lines(section(heading)) if subcommand(l) == "verify" and "--runtime" in l]
         assert len(found) == 1, (heading, found)  # each runtime section ends with the one line that proves it
         assert f"--runtime {runtime}" in found[0]
         lines[runtime] = found[0]
@@ -242,7 +246,7 @@ def test_readme_verify_line_proves_its_sections_artifact(readme, cli, runtime, m
         if not installed("llama_cpp"):
             refused(run(cli, line), "llama-cpp-python", "pip install")
             return
-        base_gguf = shlex.split(line)[shlex.split(line).index("--base-gguf") + 1]
+        base_gguf = shlex.split(line, comments=True)[shlex.split(line, comments=True).index("--base-gguf") + 1]
         convert_base(readme / base_gguf)
     if package and not installed(package):
         refused(run(cli, line), "pip install")
@@ -273,7 +277,7 @@ def test_transformers_merged_bf16_within_its_rounding_and_tampered_fails(readme,
     assert check["dtype"] == "BF16" and check["noise_floor"] > 0 and check["tolerance"] > 1e-3
     assert 1e-4 < check["max_rel_diff"] < check["tolerance"]  # a real bf16 rounding, within what it may cost
     bad = tampered_merged(readme / "merged-llama", tmp_path / "bad", "lm_head.weight")
-    failed(verify(cli, bad, "transformers", SMALL_PERA, SMALL_BASE), "transformers: prompt 1", "step")
+    failed(verify(cli, bad, "transformers", SMALL_PERA, SMALL_BASE), "transformers: prompt", "step", "tolerance")
 
 
 @pytest.mark.slow

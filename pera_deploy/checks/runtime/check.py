@@ -113,6 +113,8 @@ def measure(runner: Runner, reference: Reference, prompts: list[Prompt], max_new
         if prompt.text is not None:
             result.tokenizer = tokenizer_verdict(runner.encode(prompt.text), prompt.ids, bos)
         results.append(result)
+    if runner.tokenizer_problem:
+        notes.append(f"the prompts' ids were fed directly; {runner.tokenizer_problem}")
     if any(r.tokenizer == "no BOS" for r in results):
         notes.append(f"{runner.runtime}'s tokenizer adds no BOS (id {bos}) to the prompts; the base's tokenizer does, "
                      "and both models were fed its ids: prepend it when you serve")

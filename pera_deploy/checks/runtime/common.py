@@ -79,6 +79,7 @@ class Runner:
     units: dict[str, float]
     notes: list[str]
     details: dict[str, Any]
+    tokenizer_problem: str | None = None  # why the runtime's own tokenizer could not be compared
 
     def __init__(self) -> None:
         self.units, self.notes, self.details = {}, [], {}

@@ -182,7 +182,12 @@ class GenAIRunner(Runner):
 
     def encode(self, text: str) -> list[int] | None:
         """og.Tokenizer.encode, which adds no special token (the caller prepends BOS)."""
-        return [int(i) for i in self.og.Tokenizer(self.model).encode(text)]
+        try:
+            tokenizer = self.og.Tokenizer(self.model)
+        except Exception as exc:  # noqa: BLE001  GenAI reading the folder's tokenizer files
+            self.tokenizer_problem = f"og.Tokenizer cannot read the folder's tokenizer ({str(exc).splitlines()[0][:120]})"
+            return None
+        return [int(i) for i in tokenizer.encode(text)]
 
     def close(self) -> None:
         self.adapters = None
