@@ -54,6 +54,16 @@ def installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def onnx_exporter() -> bool:
+    """The onnx extra, importable (Optimum beside a transformers it does not support fails on import)."""
+    try:
+        import onnx  # noqa: F401
+        import optimum.exporters.onnx  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def section(heading: str) -> str:
     readme = (ROOT / "README.md").read_text()
     text = readme[readme.index(heading) + len(heading):]
@@ -91,7 +101,7 @@ def readme(tmp_path_factory) -> Path:
         first = (ROOT / "README.md").read_text().split("## On your own models")[0]
         lines = [l for l in command_lines(first) if " merge " in f" {l} "]
         for heading, runtime in README_SECTIONS.items():
-            if runtime in ("onnxruntime", "ort-genai") and not (installed("onnx") and installed("optimum")):
+            if runtime in ("onnxruntime", "ort-genai") and not onnx_exporter():
                 continue
             lines += [l for l in command_lines(section(heading))
                       if subcommand(l) in ("export-lora", "export-gguf", "export-onnx") and "ADAPTER" not in l]
@@ -113,11 +123,11 @@ def held_back(tmp_path_factory) -> dict[str, Path]:
 
     from fixtures.build_fixtures import (
         LLAMA_TARGETS,
-        _tokenizer,
         module_shapes,
         save_shards,
         seeded_state,
         small_factors,
+        spm_tokenizer,
         write_peft_adapter,
     )
     from tests.conftest import Cli
@@ -133,13 +143,13 @@ def held_back(tmp_path_factory) -> dict[str, Path]:
     config.save_pretrained(base)
     GenerationConfig(bos_token_id=1, eos_token_id=2).save_pretrained(base)
     save_shards(base, seeded_state(LlamaForCausalLM(config), 4242, torch.float32), shards=1)
-    _tokenizer(base, config.vocab_size)
+    spm_tokenizer(base, config.vocab_size)  # its own SentencePiece model, trained for this vocabulary
     shapes = module_shapes(base, LLAMA_TARGETS)
     adapter = write_peft_adapter(root / "pera", small_factors(shapes, 4243, 4), targets=LLAMA_TARGETS, r=4, alpha=8,
                                  use_rslora=True, alpha_pattern={"v_proj": 16}, base_name="base")
     cli = Cli()
     runs = [["export-lora", adapter, "--base", base, "-o", root / "lora"]]
-    if installed("onnx") and installed("optimum"):
+    if onnx_exporter():
         runs.append(["export-onnx", base, "--branch", "--adapter", f"held={adapter}", "-o", root / "onnx"])
     for args in runs:
         result = cli(*args)
@@ -240,7 +250,7 @@ def test_readme_verify_line_proves_its_sections_artifact(readme, cli, runtime, m
     monkeypatch.chdir(readme)
     package = {"onnxruntime": "onnxruntime", "ort-genai": "onnxruntime_genai", "llama.cpp": "llama_cpp",
                "vllm": "vllm"}.get(runtime)
-    if runtime in ("onnxruntime", "ort-genai") and not (installed("onnx") and installed("optimum")):
+    if runtime in ("onnxruntime", "ort-genai") and not onnx_exporter():
         pytest.skip("the onnx extra is not installed: no ONNX artifact to verify")
     if runtime == "llama.cpp":
         if not installed("llama_cpp"):
@@ -292,7 +302,7 @@ def test_transformers_lora_through_peft_and_tampered_fails(readme, cli, tmp_path
 @pytest.mark.slow
 def test_transformers_held_back_model_folds_rslora_and_alpha_pattern(held_back, cli, tmp_path):
     check = passed(verify(cli, held_back["lora"], "transformers", held_back["pera"], held_back["base"]))
-    assert check["max_rel_diff"] < 1e-5
+    assert check["max_rel_diff"] < 1e-5 and all(p["tokenizer"] == "same ids" for p in check["prompts"])
     failed(verify(cli, tampered_lora(held_back["lora"], tmp_path / "bad"), "transformers", held_back["pera"],
                   held_back["base"]))
 
@@ -330,6 +340,7 @@ def test_onnx_held_back_model(held_back, cli, runtime):
         pytest.importorskip("onnxruntime_genai")
     check = passed(verify(cli, held_back["onnx"], runtime, held_back["pera"], held_back["base"]))
     assert check["max_rel_diff"] < 1e-5
+    assert {p["tokenizer"] for p in check["prompts"]} == {"no BOS" if runtime == "ort-genai" else "same ids"}
 
 
 @pytest.mark.slow
