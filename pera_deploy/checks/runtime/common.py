@@ -116,6 +116,27 @@ def has_tokenizer(folder: Path) -> bool:
     return any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
 
 
+class FolderTokenizer:
+    """The tokenizer files an artifact folder ships, read by transformers (once) as a server
+    using that folder would: `encode` gives the ids with the special tokens it adds."""
+
+    def __init__(self, folder: Path | None):
+        self.folder = folder if folder is not None and has_tokenizer(folder) else None
+        self.tokenizer: Any = None
+
+    def encode(self, text: str) -> list[int] | None:
+        if self.folder is None:
+            return None
+        if self.tokenizer is None:
+            from transformers import AutoTokenizer
+
+            from ...scoped import quiet_transformers
+
+            with quiet_transformers():
+                self.tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
+        return [int(i) for i in self.tokenizer(text)["input_ids"]]
+
+
 def read_prompts(path: Path) -> list[str]:
     """One prompt a line (blank lines skipped), UTF-8."""
     try:

@@ -18,7 +18,7 @@ import numpy as np
 from ...core.adapter import PeraAdapter
 from ...errors import InputError
 from .artifacts import Artifact
-from .common import Generation, Runner, has_tokenizer, missing_package
+from .common import FolderTokenizer, Generation, Runner, missing_package
 from .stored import factor_units
 
 ONNX_FLOAT16 = 10  # onnx.TensorProto.FLOAT16
@@ -82,7 +82,7 @@ class OnnxRuntimeRunner(Runner):
             self.options.add_active_adapter(self.lora)
         self.artifact = f"{artifact.describe()}: InferenceSession({folder.name}/model.onnx)" + (
             f" with LoraAdapter {artifact.adapter_file.name}" if artifact.adapter_file is not None else "")
-        self.tokenizer_folder = folder if has_tokenizer(folder) else None
+        self.tokenizer = FolderTokenizer(folder)
         self.bos = _bos(folder)
 
     def generate(self, ids: list[int], max_new_tokens: int) -> Generation:
@@ -113,15 +113,7 @@ class OnnxRuntimeRunner(Runner):
         return Generation(tokens, logits)
 
     def encode(self, text: str) -> list[int] | None:
-        if self.tokenizer_folder is None:
-            return None
-        from transformers import AutoTokenizer
-
-        from ...scoped import quiet_transformers
-
-        with quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_folder, local_files_only=True)
-        return [int(i) for i in tokenizer(text)["input_ids"]]
+        return self.tokenizer.encode(text)
 
     def close(self) -> None:
         self.session = None

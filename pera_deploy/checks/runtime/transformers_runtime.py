@@ -12,7 +12,7 @@ import numpy as np
 from ...core.adapter import PeraAdapter
 from ...errors import InputError
 from .artifacts import Artifact
-from .common import Generation, Runner, has_tokenizer, missing_package
+from .common import FolderTokenizer, Generation, Runner, missing_package
 from .stored import lora_units, merged_units
 
 
@@ -49,7 +49,7 @@ class TransformersRunner(Runner):
             self.artifact = f"{artifact.describe()}: {type(model).__name__}.from_pretrained({artifact.model.name})"
         self.model = model.eval()
         self.config = model.config
-        self.tokenizer_folder = artifact.model if has_tokenizer(artifact.model) else None
+        self.tokenizer = FolderTokenizer(artifact.model)
 
     def generate(self, ids: list[int], max_new_tokens: int) -> Generation:
         import torch
@@ -67,12 +67,4 @@ class TransformersRunner(Runner):
         return Generation(tokens[:len(logits)], logits)
 
     def encode(self, text: str) -> list[int] | None:
-        if self.tokenizer_folder is None:
-            return None
-        from transformers import AutoTokenizer
-
-        from ...scoped import quiet_transformers
-
-        with quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_folder, local_files_only=True)
-        return [int(i) for i in tokenizer(text)["input_ids"]]
+        return self.tokenizer.encode(text)
