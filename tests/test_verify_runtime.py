@@ -635,3 +635,21 @@ def test_a_float16_cache_that_fails_is_run_again_with_a_float32_one():
     check = _with_float32_cache(measure(worse, reference, prompts, 4, 0, None, config), worse, reference, prompts, 4, 0,
                                 None, config)
     assert not check.passed and "with a float32 KV cache it differs too" in check.notes[-1]
+
+
+@pytest.mark.slow
+def test_bundle_adapter_through_peft_with_use_and_record(cli, tmp_path):
+    """A bundle's adapter, chosen with --use, on the bundle's own base; --record joins bundle.json."""
+    pytest.importorskip("peft")
+    bundle = tmp_path / "bundle"
+    result = cli("bundle", SMALL_BASE, "-o", bundle, "--adapter", f"pera={SMALL_PERA}", "--adapter",
+                 f"second={EXAMPLES / 'small-llama-pera-2'}")
+    assert result.exit_code == 0, result.stderr
+    refused(verify(cli, bundle, "transformers", SMALL_PERA, SMALL_BASE), "2 adapters (pera, second)", "--use NAME")
+    refused(verify(cli, bundle, "onnxruntime", SMALL_PERA, SMALL_BASE, "--use", "pera"), "made without --onnx")
+    check = passed(verify(cli, bundle, "transformers", SMALL_PERA, SMALL_BASE, "--use", "pera", "--max-new-tokens", "6",
+                          "--record"))
+    assert "adapter pera" in check["artifact"] and check["max_rel_diff"] < 1e-5
+    assert json.loads((bundle / "bundle.json").read_text())["runtime_checks"]["transformers:pera"] == check
+    assert cli("verify", bundle).exit_code == 0  # the bundle's own check still reads its bundle.json
+    failed(verify(cli, bundle, "transformers", SMALL_PERA, SMALL_BASE, "--use", "second", "--max-new-tokens", "6"))
