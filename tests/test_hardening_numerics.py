@@ -325,20 +325,52 @@ def lm_head_adapter(folder: Path) -> Path:
     return write_peft_adapter(folder, random_factors({"lm_head": (32, 128)}, 5), targets=["lm_head"], base_name="tb")
 
 
-def test_untied_merge_of_a_tied_lm_head_is_what_transformers_loads(cli, tmp_path, tied_base_with_own_lm_head):
-    """The merge added ΔW to the stored lm_head (exit 0), which transformers never loaded; verify's
-    forward check then failed (exit 1). Now the tie's value is W0, and both pass."""
+@pytest.mark.parametrize("command", ["merge", "verify"])
+def test_a_tie_the_checkpoint_contradicts_is_refused(cli, tmp_path, tied_base_with_own_lm_head, command):
+    """config.json says tied while the checkpoint stores an lm_head unlike embed_tokens: the
+    merge added ΔW to the stored lm_head (exit 0) and verify's forward check, whose transformers
+    4 loaded lm_head as embed_tokens, failed it (exit 1). transformers 5 keeps the stored lm_head
+    instead, so which model this base is cannot be told: merge and verify both refuse it, naming
+    both tensors and the config, whatever transformers is installed."""
     base, adapter = tied_base_with_own_lm_head, lm_head_adapter(tmp_path / "lm-head")
+    out = tmp_path / "m"
+    args = (["merge", adapter, base, "-o", out, "--untie-embeddings"] if command == "merge" else
+            ["verify", base, "--adapter", adapter, "--base", base])
+    refused(cli(*args), "config.json ties lm_head.weight to model.embed_tokens.weight",
+            "transformers 4 loads the model with lm_head.weight = model.embed_tokens.weight")
+    nothing_written(tmp_path, out)
+
+
+@pytest.fixture
+def tied_base_storing_its_tie(fx, tmp_path) -> Path:
+    """llama-base whose config says tied and whose stored lm_head.weight is its embed_tokens,
+    byte for byte (as some savers store both): no contradiction, every transformers agrees."""
+    from pera_deploy.io.safetensors_stream import save_tensors
+
+    base = copy(fx["llama-base"], tmp_path / "tied-consistent")
+    config = json.loads((base / "config.json").read_text())
+    config["tie_word_embeddings"] = True
+    (base / "config.json").write_text(json.dumps(config))
+    for shard in base.glob("*.safetensors"):
+        tensors = load_file(str(shard))
+        if "lm_head.weight" in tensors:
+            embed = next(load_file(str(f))["model.embed_tokens.weight"] for f in base.glob("*.safetensors")
+                         if "model.embed_tokens.weight" in load_file(str(f)))
+            tensors["lm_head.weight"] = embed.clone()
+            save_tensors(shard, tensors, {"format": "pt"})
+    return base
+
+
+def test_untied_merge_of_a_consistent_tie_is_what_transformers_loads(cli, tmp_path, tied_base_storing_its_tie):
+    """A tie the checkpoint stores consistently: merge --untie-embeddings and verify agree, and
+    the merged lm_head is round(embed + ΔW)."""
+    base, adapter = tied_base_storing_its_tie, lm_head_adapter(tmp_path / "lm-head")
     out = tmp_path / "m"
     assert cli("merge", adapter, base, "-o", out, "--untie-embeddings").exit_code == 0
     result = cli("verify", out, "--adapter", adapter, "--base", base)
     assert result.exit_code == 0, result.stderr
-    from transformers import AutoModelForCausalLM
-
     from pera_deploy.merging.execute import merged_weight
 
-    loaded = AutoModelForCausalLM.from_pretrained(base)
-    assert torch.equal(loaded.lm_head.weight, loaded.model.embed_tokens.weight)  # the stored lm_head is ignored
     stored = {k: v for f in base.glob("*.safetensors") for k, v in load_file(str(f)).items()}
     merged = {k: v for f in out.glob("*.safetensors") for k, v in load_file(str(f)).items()}
     layer = pera_deploy.load_adapter(adapter).layers["lm_head"]
@@ -346,12 +378,12 @@ def test_untied_merge_of_a_tied_lm_head_is_what_transformers_loads(cli, tmp_path
     assert torch.equal(merged["lm_head.weight"], merged_weight(w0, layer, False, w0.dtype, torch.float32))
 
 
-def test_untied_copy_of_a_tied_lm_head_is_its_tie(fx, tmp_path, tied_base_with_own_lm_head):
-    """Untying for an adapter that changes embed_tokens gives lm_head its own weight: the value
-    transformers used, the embedding's, not the stored one it ignored."""
+def test_untied_copy_of_a_tied_lm_head_is_its_tie(fx, tmp_path, tied_base_storing_its_tie):
+    """Untying for an adapter that changes embed_tokens gives lm_head its own weight: the
+    value every transformers uses, its tie's."""
     from fixtures.build_fixtures import write_peft_adapter
 
-    base = tied_base_with_own_lm_head
+    base = tied_base_storing_its_tie
     g = torch.Generator().manual_seed(3)
     adapter = write_peft_adapter(tmp_path / "embed", {"model.embed_tokens": {
         "A": torch.randn(4, 32, generator=g), "B": torch.randn(128, 4, generator=g), "hA": torch.randn(10, generator=g),

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from ..core.dtypes import code_of
-from ..io.safetensors_stream import TensorEntry
+from ..io.safetensors_stream import same_bytes as same_bytes  # re-exported: the checks compare with it
 
 # Unit roundoff u (|round(x) - x| <= u·|x| for round-to-nearest) of each storage dtype code.
 UNIT_ROUNDOFF = {"F64": 2.0**-53, "F32": 2.0**-24, "F16": 2.0**-11, "BF16": 2.0**-8}
@@ -17,27 +15,6 @@ COARSENESS = {"F64": 0, "F32": 1, "F16": 2, "BF16": 3}  # finer to coarser stora
 def unit_roundoff(array: np.ndarray) -> float:
     """u of an array's float dtype."""
     return UNIT_ROUNDOFF[code_of(array)]
-
-
-COMPARE_CHUNK = 4 << 20
-
-
-def same_bytes(a: TensorEntry, b: TensorEntry) -> bool:
-    """The two tensors' bytes are equal, compared in chunks read into two reused buffers
-    (untouched tensors can be the largest of a model: an embedding of several GB)."""
-    if a.nbytes != b.nbytes:
-        return False
-    chunk = min(a.nbytes, COMPARE_CHUNK)
-    buf_a, buf_b = np.empty(chunk, np.uint8), np.empty(chunk, np.uint8)
-    with open(a.file, "rb") as fa, open(b.file, "rb") as fb:
-        pos_a, pos_b, left = a.begin, b.begin, a.nbytes
-        while left:
-            n = min(left, chunk)
-            if (os.preadv(fa.fileno(), [buf_a[:n]], pos_a) != n or os.preadv(fb.fileno(), [buf_b[:n]], pos_b) != n
-                    or not np.array_equal(buf_a[:n], buf_b[:n])):
-                return False  # (a short read is a file that ends early: not the same tensor)
-            pos_a, pos_b, left = pos_a + n, pos_b + n, left - n
-    return True
 
 
 def same_bits(a: np.ndarray, b: np.ndarray) -> bool:

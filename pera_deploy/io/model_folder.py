@@ -22,7 +22,7 @@ from ..core.dtypes import CODE_OF_TORCH_NAME, as_numpy
 from ..errors import InputError
 from .files import flat_tensors, load_pickle, read_json
 from .paths import allowed_roots, checked_file, contained_file, inside, protected_roots, real_path, require_folder
-from .safetensors_stream import TensorEntry, TensorRows, read_entry, read_header
+from .safetensors_stream import TensorEntry, TensorRows, read_entry, read_header, same_bytes
 from .schema import boolean, mapping, optional, string, string_list, validate
 from .strict_json import parse_json
 
@@ -248,6 +248,16 @@ class ModelFolder:
         if entry.begin < 0 or entry.file in self._pickled or len(entry.shape) != 2:
             return self.get(name)
         return TensorRows(entry)
+
+    def same_tensor(self, a: str, b: str) -> bool:
+        """Whether two of this folder's tensors hold the same bytes (shape and dtype too)."""
+        x, y = self.entries[a], self.entries[b]
+        if (x.dtype, x.shape) != (y.dtype, y.shape):
+            return False
+        if x.begin >= 0 and y.begin >= 0 and x.file not in self._pickled and y.file not in self._pickled:
+            return same_bytes(x, y)
+        p, q = np.ascontiguousarray(self.get(a)), np.ascontiguousarray(self.get(b))
+        return bool(np.array_equal(p.reshape(-1).view(np.uint8), q.reshape(-1).view(np.uint8)))
 
     def shared_storage_groups(self) -> list[list[str]]:
         """Names that share storage in a pickled checkpoint (tied weights saved once)."""

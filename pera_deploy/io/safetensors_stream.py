@@ -380,6 +380,29 @@ def save_tensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str,
     writer.close()
 
 
+COMPARE_CHUNK = 4 << 20
+
+
+def same_bytes(a: TensorEntry, b: TensorEntry) -> bool:
+    """The two tensors' bytes are equal, compared in chunks read into two reused buffers
+    (untouched tensors can be the largest of a model: an embedding of several GB)."""
+    import numpy as np
+
+    if a.nbytes != b.nbytes:
+        return False
+    chunk = min(a.nbytes, COMPARE_CHUNK)
+    buf_a, buf_b = np.empty(chunk, np.uint8), np.empty(chunk, np.uint8)
+    with open(a.file, "rb") as fa, open(b.file, "rb") as fb:
+        pos_a, pos_b, left = a.begin, b.begin, a.nbytes
+        while left:
+            n = min(left, chunk)
+            if (os.preadv(fa.fileno(), [buf_a[:n].data], pos_a) != n or os.preadv(fb.fileno(), [buf_b[:n].data], pos_b) != n
+                    or not np.array_equal(buf_a[:n], buf_b[:n])):
+                return False  # (a short read is a file that ends early: not the same tensor)
+            pos_a, pos_b, left = pos_a + n, pos_b + n, left - n
+    return True
+
+
 def write_all_at(fd: int, data: bytes, offset: int) -> None:
     """os.pwrite until every byte is written (see `write_all`)."""
     view = memoryview(data)

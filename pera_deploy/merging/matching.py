@@ -92,11 +92,16 @@ def match_adapter(adapter: PeraAdapter, checkpoint: ModelFolder, *, untie_embedd
     # A tied output embedding saved only once can still be targeted by name.
     module_names += [n[: -len(".weight")] for n in ties if n not in checkpoint]
     index = NameIndex(module_names)
-    # A tied output embedding the checkpoint also stores is, as transformers loads it, its input
-    # embedding when the config says so (the stored value is ignored). Without the key, the
-    # class default decides, which the config alone cannot tell: the stored value is kept.
+    # A tied output embedding the checkpoint also stores: with the config's `tie_word_embeddings:
+    # true`, transformers 4 loads it as its input embedding (the stored value ignored) and
+    # transformers 5 keeps the stored value. Equal bytes, and the two agree: the tie's value is
+    # used. Different bytes, and which model this is cannot be told: refused below if touched.
+    # Without the key, the class default decides, which the config alone cannot tell: the
+    # stored value is kept.
     explicit = checkpoint.config.get("tie_word_embeddings") is True
-    ignored = {o for o in ties if o in checkpoint and o.endswith(OUTPUT_EMBEDDINGS)} if explicit else set()
+    stored = [o for o in ties if o in checkpoint and o.endswith(OUTPUT_EMBEDDINGS)] if explicit else []
+    contradicted = {o for o in stored if not checkpoint.same_tensor(o, ties[o])}
+    ignored = set(stored) - contradicted
 
     layers: list[LayerMatch] = []
     unmatched: list[str] = []
@@ -146,6 +151,14 @@ def match_adapter(adapter: PeraAdapter, checkpoint: ModelFolder, *, untie_embedd
     matching = Matching(layers, extras)
     touched = {m.tensor for m in layers} | {e.tensor for e in extras}
     tied = [(out, inp) for out, inp in ties.items() if out in touched or inp in touched]
+    for out, inp in tied:
+        if out in contradicted:
+            raise InputError(
+                f"{base}: config.json ties {out} to {inp} (tie_word_embeddings: true), but the checkpoint stores "
+                f"an {out} that differs from {inp}; transformers 4 loads the model with {out} = {inp}, transformers 5 "
+                "with the stored one, so which model this is cannot be told. Store one value, or set "
+                "tie_word_embeddings to false in the base's config.json"
+            )
     if tied:
         out, inp = tied[0]
         if not untie_embeddings:
