@@ -179,6 +179,14 @@ def failed(result, *needles: str) -> dict:
     return data
 
 
+def snapshot(path: Path) -> dict[str, bytes]:
+    """Every file under `path` (or `path` itself) by relative name, with its bytes: what a verify
+    without --record must leave exactly as it was (and add nothing to)."""
+    if path.is_file():
+        return {path.name: path.read_bytes()}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
 # -- tampering: one weight of the artifact scaled by 1.05 -------------------------------------------------
 
 
@@ -283,7 +291,9 @@ def convert_base(target: Path) -> None:
 
 @pytest.mark.slow
 def test_transformers_merged_bf16_within_its_rounding_and_tampered_fails(readme, cli, tmp_path):
+    before = snapshot(readme / "merged-llama")
     check = passed(verify(cli, readme / "merged-llama", "transformers", SMALL_PERA, SMALL_BASE))
+    assert snapshot(readme / "merged-llama") == before  # without --record, nothing is written
     assert check["dtype"] == "BF16" and check["noise_floor"] > 0 and check["tolerance"] > 1e-3
     assert 1e-4 < check["max_rel_diff"] < check["tolerance"]  # a real bf16 rounding, within what it may cost
     bad = tampered_merged(readme / "merged-llama", tmp_path / "bad", "lm_head.weight")
@@ -307,6 +317,23 @@ def test_transformers_held_back_model_folds_rslora_and_alpha_pattern(held_back, 
                   held_back["base"]))
 
 
+@pytest.mark.slow
+def test_transformers_keep_branch_folder_and_tampered_fails(cli, tmp_path):
+    """merge --keep-branch's pair (base/ and adapter/) through PEFT, as its README section serves it."""
+    pytest.importorskip("peft")
+    served = tmp_path / "served"
+    result = cli("merge", TINY_PERA, TINY_BASE, "-o", served, "--keep-branch")
+    assert result.exit_code == 0, result.stderr
+    check = passed(verify(cli, served, "transformers", TINY_PERA, TINY_BASE, "--max-new-tokens", "8"))
+    assert "--keep-branch folder" in check["artifact"] and check["max_rel_diff"] < 1e-5
+    bad = tmp_path / "bad"
+    shutil.copytree(served, bad)
+    tampered_lora(served / "adapter", tmp_path / "bad-adapter")
+    shutil.rmtree(bad / "adapter")
+    shutil.move(tmp_path / "bad-adapter", bad / "adapter")
+    failed(verify(cli, bad, "transformers", TINY_PERA, TINY_BASE, "--max-new-tokens", "8"), "transformers: prompt")
+
+
 # -- ONNX Runtime and ORT GenAI ----------------------------------------------------------------------------
 
 
@@ -322,7 +349,9 @@ def test_onnx_branch_folder_each_adapter_and_tampered_fails(readme, cli, tmp_pat
     if runtime == "ort-genai":
         pytest.importorskip("onnxruntime_genai")
     folder = readme / "onnx-genai"
+    before = snapshot(folder)
     check = passed(verify(cli, folder, runtime, SMALL_PERA, SMALL_BASE, "--use", "pera"))
+    assert snapshot(folder) == before  # the runtime's session wrote nothing into the artifact
     assert check["max_rel_diff"] < 1e-5 and check["kv_cache"] == "float32"
     if runtime == "ort-genai":  # og.Tokenizer.encode adds no BOS: said, and the reference's ids were fed
         assert all(p["tokenizer"] == "no BOS" for p in check["prompts"]) and any("no BOS" in n for n in check["notes"])
@@ -344,17 +373,22 @@ def test_onnx_held_back_model(held_back, cli, runtime):
 
 
 @pytest.mark.slow
-def test_onnx_merged_readme_graph_tampered_initializer_fails(readme, cli, tmp_path):
+@pytest.mark.parametrize("runtime", ["onnxruntime", "ort-genai"])
+def test_onnx_merged_readme_graph_and_tampered_initializer_fails(readme, cli, tmp_path, runtime):
     need_onnx()
+    if runtime == "ort-genai":
+        pytest.importorskip("onnxruntime_genai")
     import onnx
     from onnx import numpy_helper
 
+    check = passed(verify(cli, readme / "onnx-merged", runtime, TINY_PERA, TINY_BASE))
+    assert check["max_rel_diff"] < 1e-5 and check["noise_floor"] == 0  # a float32 graph: nothing stored rounded
     shutil.copytree(readme / "onnx-merged", tmp_path / "bad")
     model = onnx.load(str(tmp_path / "bad" / "model.onnx"))
     weight = max((t for t in model.graph.initializer if len(t.dims) == 2), key=lambda t: t.dims[0] * t.dims[1])
     weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * np.float32(1.05), weight.name))
     onnx.save(model, str(tmp_path / "bad" / "model.onnx"))
-    failed(verify(cli, tmp_path / "bad", "onnxruntime", TINY_PERA, TINY_BASE), "onnxruntime: prompt")
+    failed(verify(cli, tmp_path / "bad", runtime, TINY_PERA, TINY_BASE), f"{runtime}: prompt")
 
 
 # -- llama.cpp and vLLM (skip without them) ----------------------------------------------------------------
@@ -596,6 +630,44 @@ def test_compare_near_tie_mismatch_and_log_probs():
     sparse = [{int(t): float(log_softmax[k, t]) + 1e-6 for t in (0, 1)} for k in range(3)]
     lp = compare(1, prompt, Generation([1, 2, 4], [], sparse, "log-probs"), ref, 1e-4)
     assert lp.max_rel_diff == pytest.approx(1e-6 / 2.0) and lp.mismatch is None
+
+
+def test_the_report_names_prompt_step_and_tokens_and_says_where_tokens_differ_at_a_near_tie():
+    """On made-up logits: a token that is not the reference's choice beyond the noise fails,
+    the message naming the prompt, the step, and the expected and actual token (with their
+    pieces) and the gap; a token that differs at a near tie passes, and the report says so."""
+    from types import SimpleNamespace
+
+    from pera_deploy.checks.runtime.check import measure
+    from pera_deploy.checks.runtime.common import Generation, Prompt, Runner
+
+    ref = np.zeros((3, 6))
+    ref[:, 5] = 4.0  # token 5, far ahead, everywhere ...
+    ref[1, 3] = 4.0 - 1e-5  # ... except at step 2, where token 3 nearly ties it
+
+    class Fake(Runner):
+        runtime, version, artifact = "fake", "fake 1", "a file"
+
+        def __init__(self, tokens: list[int]):
+            super().__init__()
+            self.tokens = tokens
+
+        def generate(self, ids, max_new_tokens):
+            return Generation(self.tokens, [ref[k] for k in range(len(self.tokens))])
+
+    # logits at every position of prompt + tokens; those from the prompt's last position on are compared
+    reference = SimpleNamespace(logits=lambda seq: np.vstack([np.zeros((1, 6)), ref, np.zeros((len(seq) - 4, 6))]),
+                                noise=lambda *a: 0.0)
+    config = SimpleNamespace(vocab_size=6, bos_token_id=None)
+    prompts = [Prompt(None, [1, 2])]
+    pieces = lambda ids: [f"<{i}>" for i in ids]  # noqa: E731
+    tie = measure(Fake([5, 3, 5]), reference, prompts, 3, 0, pieces, config)
+    assert tie.passed and tie.failure() is None
+    assert any("only at near ties" in n and "prompt 1 step 2: 3 for 5" in n for n in tie.notes), tie.notes
+    wrong = measure(Fake([5, 5, 0]), reference, prompts, 3, 0, pieces, config)
+    assert not wrong.passed
+    assert wrong.failure() == ("fake: prompt 1 (ids [1, 2]), step 3: expected token 5 '<5>', got 0 '<0>'; the reference's "
+                               "logits for them are 4 apart, beyond the F32 noise (0.0008)")
 
 
 def test_a_float16_cache_that_fails_is_run_again_with_a_float32_one():
