@@ -373,11 +373,13 @@ def test_onnx_held_back_model(held_back, cli, runtime):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("runtime", ["onnxruntime", "ort-genai"])
-def test_onnx_merged_readme_graph_and_tampered_initializer_fails(readme, cli, tmp_path, runtime):
+def test_onnx_merged_readme_graph_and_tampered_initializer_fails(readme, cli, tmp_path):
+    """The ONNX section's merged graph (the tiny example) in onnxruntime, its section's runtime.
+    (Not in ort-genai: og.Tokenizer cannot read the tiny example's word-level tokenizer.json; it
+    raises, or gives -1 for every word, so such a run is about og's tokenizer, not the graph.
+    The GenAI section's own folder, with a SentencePiece tokenizer, is run above.)"""
     need_onnx()
-    if runtime == "ort-genai":
-        pytest.importorskip("onnxruntime_genai")
+    runtime = "onnxruntime"
     import onnx
     from onnx import numpy_helper
 
