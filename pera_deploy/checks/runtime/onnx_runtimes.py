@@ -145,6 +145,7 @@ class GenAIRunner(Runner):
             raise InputError(f"{folder}: onnxruntime_genai.Model cannot open it ({str(exc).splitlines()[0][:160]})") \
                 from None
         self.adapters, self.active = None, None
+        self.tokenizer: Any = None  # og.Tokenizer, made on the first prompt
         if artifact.adapter_file is not None:
             self.adapters = og.Adapters(self.model)
             self.active = artifact.use or artifact.adapter_file.stem
@@ -173,14 +174,28 @@ class GenAIRunner(Runner):
         return Generation(tokens[:len(logits)], logits[:len(tokens)])
 
     def encode(self, text: str) -> list[int] | None:
-        """og.Tokenizer.encode, which adds no special token (the caller prepends BOS)."""
-        try:
-            tokenizer = self.og.Tokenizer(self.model)
-        except Exception as exc:  # noqa: BLE001  GenAI reading the folder's tokenizer files
-            self.tokenizer_problem = f"og.Tokenizer cannot read the folder's tokenizer ({str(exc).splitlines()[0][:120]})"
+        """og.Tokenizer.encode, which adds no special token (the caller prepends BOS); None once
+        og has shown it cannot read the folder's tokenizer files. It shows that by raising, or
+        by giving -1 (no token) for words: on one tokenizer.json (a WordLevel model, which it
+        does not support) og 0.18 does one or the other from one process to the next, so both
+        are the same finding, noted, and the prompts' ids are fed directly."""
+        if self.tokenizer_problem is not None:
             return None
-        return [int(i) for i in tokenizer.encode(text)]
+        if self.tokenizer is None:
+            try:
+                self.tokenizer = self.og.Tokenizer(self.model)
+            except Exception as exc:  # noqa: BLE001  GenAI reading the folder's tokenizer files
+                self.tokenizer_problem = (f"og.Tokenizer cannot read the folder's tokenizer "
+                                          f"({str(exc).splitlines()[0][:120]})")
+                return None
+        ids = [int(i) for i in self.tokenizer.encode(text)]
+        if any(i < 0 for i in ids):
+            self.tokenizer_problem = (f"og.Tokenizer cannot read the folder's tokenizer (it gives id {min(ids)}, no "
+                                      f"token, in {ids[:8]} for {text!r})")
+            return None
+        return ids
 
     def close(self) -> None:
         self.adapters = None
+        self.tokenizer = None
         self.model = None
