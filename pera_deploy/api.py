@@ -142,7 +142,9 @@ def merge(adapter: AdapterLike | Sequence[AdapterLike], base: str | Path, output
 
 def verify(merged: str | Path, adapter: AdapterLike | None = None, base: str | Path | None = None, *,
            forward: bool = True, precision: str | None = None, untie_embeddings: bool | None = None, seed: int = 0,
-           progress: bool | None = None, **load_options: Any) -> Report:
+           progress: bool | None = None, runtime: str | None = None, prompts: str | Path | None = None,
+           max_new_tokens: int | None = None, use: str | None = None, base_gguf: str | Path | None = None,
+           record: bool = False, **load_options: Any) -> Report:
     """Check an existing merged folder (pera-deploy's or another tool's) against its base and
     adapter. Returns the report (`report.check("weights")`, `report.check("forward")`);
     raises CheckFailed, carrying it, when a check fails.
@@ -150,12 +152,26 @@ def verify(merged: str | Path, adapter: AdapterLike | None = None, base: str | P
     A bundle (`pera-deploy bundle`) needs neither: each of its adapters is checked against
     its recorded source (sha256 and its stored LoRA against the PERA update, with numpy; then,
     unless `forward` is False, the outputs of base + LoRA against base + PERA, with torch).
+
+    With `runtime` ("transformers", "onnxruntime", "ort-genai", "llama.cpp", "vllm"), `merged`
+    is any artifact that runtime serves (a merged, LoRA, --keep-branch, bundle or ONNX folder,
+    or an export-gguf file on `base_gguf`), run there greedily on `prompts` (a file, one a
+    line; by default a few fixed ones) and compared step by step with the unmerged model
+    (`report.check("runtime")`). `use` names the adapter of a bundle or branch ONNX folder;
+    `record` joins a passed report to the artifact's manifest (otherwise nothing is written).
     """
     from .checks.bundle import is_bundle
 
     no_precision(precision)
     option_seed(seed)
     merged = Path(merged)
+    if runtime is not None:
+        return _verify_runtime(merged, adapter, base, runtime, prompts, max_new_tokens, use, base_gguf, record, seed,
+                               load_options)
+    given = [flag for flag, value in (("--prompts", prompts), ("--max-new-tokens", max_new_tokens), ("--use", use),
+                                      ("--base-gguf", base_gguf), ("--record", record or None)) if value is not None]
+    if given:
+        raise InputError(f"{', '.join(given)}: only with --runtime (they say how a runtime runs the artifact)")
     if is_bundle(merged):
         return _verify_bundle(merged, seed, load_options, forward=forward)
     if adapter is None or base is None:
@@ -169,6 +185,35 @@ def verify(merged: str | Path, adapter: AdapterLike | None = None, base: str | P
     with offline():
         return verify_merged(merged, loaded, Path(base), forward=forward,
                              untie_embeddings=untie_embeddings, seed=seed, progress=progress)
+
+
+def _verify_runtime(artifact: Path, adapter: AdapterLike | None, base: str | Path | None, runtime: str,
+                    prompts: str | Path | None, max_new_tokens: int | None, use: str | None,
+                    base_gguf: str | Path | None, record: bool, seed: int, load_options: dict[str, Any]) -> Report:
+    from .checks.runtime.check import verify_runtime
+    from .checks.runtime.common import DEFAULT_MAX_NEW_TOKENS
+
+    if adapter is None or base is None:
+        raise InputError(f"--runtime {runtime}: verify needs the PERA adapter and its base model (--adapter, --base), "
+                         f"which the unmerged reference is made of")
+    target = None
+    if record:
+        from .publish.runtime_record import record_file
+
+        target = record_file(artifact)
+    loaded = _load(adapter, load_options)
+    with offline():
+        report = verify_runtime(artifact, loaded, Path(base), runtime,
+                                prompts_file=Path(prompts) if prompts is not None else None,
+                                max_new_tokens=DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens,
+                                use=use, base_gguf=Path(base_gguf) if base_gguf is not None else None, seed=seed)
+    if target is not None:
+        from .publish.runtime_record import record_runtime_check
+
+        check = report.check("runtime")
+        record_runtime_check(target, f"{runtime}:{use}" if use else runtime, check.to_dict())
+        report.manifest = {"checks": {"runtime": check.to_dict()}, "recorded_in": str(target)}
+    return report
 
 
 def _bundle_schema() -> dict[str, Any]:

@@ -606,12 +606,27 @@ def merge(paths: tuple[Path, ...], output: Path, adapter_opts: tuple[Path, ...],
 @click.option("--forward/--no-forward", default=True, show_default=True,
               help="Also compare outputs of the merged and the unmerged model on seeded inputs.")
 @click.option("--seed", default=0, show_default=True, help="Seed for the forward check's inputs (0 to 2**32 - 1).")
+@click.option("--runtime", type=click.Choice(["transformers", "onnxruntime", "ort-genai", "llama.cpp", "vllm"]),
+              default=None, help="Run MERGED (any artifact: merged, LoRA, --keep-branch, bundle, ONNX folder or GGUF "
+              "file) in this runtime, greedily, and compare tokens and logits step by step with the unmerged model.")
+@click.option("--prompts", type=click.Path(path_type=Path), default=None, metavar="FILE",
+              help="With --runtime: prompts, one a line (default: a few fixed ones), tokenized by --base's tokenizer.")
+@click.option("--max-new-tokens", type=int, default=None, metavar="N",
+              help="With --runtime: tokens generated and compared per prompt (default 16).")
+@click.option("--use", default=None, metavar="NAME",
+              help="With --runtime: the adapter of a bundle or a branch ONNX folder (NAME.onnx_adapter) to run.")
+@click.option("--base-gguf", type=click.Path(path_type=Path), default=None, metavar="FILE",
+              help="With --runtime llama.cpp: the base model as a GGUF (llama.cpp's convert_hf_to_gguf.py of --base).")
+@click.option("--record", is_flag=True,
+              help="With --runtime: when the check passes, add its report to the artifact's pera_deploy_manifest.json "
+              "(or bundle.json) under runtime_checks; without it verify writes nothing.")
 @precision_option
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
 @json_option
 @debug_option
 def verify(merged: Path, adapter: Path | None, base: Path | None, format_: str | None, adapter_name: str | None,
-           missing_coefficients: str | None, config: Path | None, forward: bool, seed: int,
+           missing_coefficients: str | None, config: Path | None, forward: bool, seed: int, runtime: str | None,
+           prompts: Path | None, max_new_tokens: int | None, use: str | None, base_gguf: Path | None, record: bool,
            progress: bool | None) -> None:
     """Check a merged model folder against its base and the adapter (exit 1 if it does not match).
 
@@ -630,13 +645,25 @@ def verify(merged: Path, adapter: Path | None, base: Path | None, format_: str |
     its recorded source (sha256), and base + its LoRA against base + the PERA adapter.
 
     \b
+    --runtime runs MERGED as it is served (transformers + PEFT, ONNX Runtime, ORT GenAI,
+    llama.cpp, vLLM), generating greedily on a few prompts; the unmerged model (PyTorch,
+    float32) is run on the same tokens. Each step's logits must be within a tolerance set
+    by the artifact's dtype and its token the reference's choice, except at near ties.
+    Exit 1 names the prompt, step, and expected and actual token; exit 2 when the runtime
+    is not installed, naming the package. The report gives the runtime's version, the
+    KV-cache dtype and, per prompt, the steps compared and the worst logit difference.
+
+    \b
     Examples:
       pera-deploy verify merged --adapter fixtures/examples/llama-pera --base fixtures/examples/llama-base
       pera-deploy verify bundle
+      pera-deploy verify onnx --runtime ort-genai --adapter ADAPTER --base BASE
     """
     from .api import verify as run_verify
 
     def render(report: Any) -> str:
+        if report.check("runtime") is not None:
+            return _runtime_lines(report.check("runtime"), report.manifest.get("recorded_in"))
         if report.check("bundle base") is not None:
             return "\n".join(
                 f"{c.kind}: {'ok' if c.passed else 'FAILED'}" + (
@@ -650,9 +677,30 @@ def verify(merged: Path, adapter: Path | None, base: Path | None, format_: str |
             lines.append(f"forward: {'ok' if fwd.passed else 'FAILED'} — {_forward_line(fwd)}")
         return "\n".join(lines)
 
-    _run(lambda: run_verify(merged, adapter, base, forward=forward, seed=seed,
-                                     progress=progress,
-                                     **_load_options(format_, adapter_name, missing_coefficients, config)), render)
+    _run(lambda: run_verify(merged, adapter, base, forward=forward, seed=seed, progress=progress, runtime=runtime,
+                            prompts=prompts, max_new_tokens=max_new_tokens, use=use, base_gguf=base_gguf,
+                            record=record, **_load_options(format_, adapter_name, missing_coefficients, config)),
+         render)
+
+
+def _runtime_lines(check: Any, recorded_in: str | None) -> str:
+    """verify --runtime's text: what ran, the tolerance, each prompt's figures, the notes."""
+    lines = [f"runtime: {'ok' if check.passed else 'FAILED'} — {check.version}: {check.artifact}"]
+    if check.findings:
+        return "\n".join([*lines, *(f"  {finding}" for finding in check.findings)])
+    lines.append(f"  artifact {check.dtype}, computed in {check.compute_dtype}, KV cache {check.kv_cache}; {check.compared} "
+                 f"tolerance {check.tolerance:.2g} relative (noise floor {check.noise_floor:.2g})")
+    if "max_lora_rank" in check.details:
+        lines.append(f"  vLLM: rank {check.details['rank']}, needs --max-lora-rank {check.details['max_lora_rank']}")
+    for p in check.prompts:
+        label = repr(p.text) if p.text is not None else f"ids {p.ids}"
+        ties = f", {len(p.near_ties)} near tie(s)" if p.near_ties else ""
+        lines.append(f"  prompt {p.prompt} {label}: {p.steps} steps, worst {check.compared} difference "
+                     f"{p.max_rel_diff:.2g} relative (step {p.worst_step}){ties}; tokenizer: {p.tokenizer}")
+    lines.extend(f"  note: {note}" for note in check.notes)
+    if recorded_in:
+        lines.append(f"recorded in {recorded_in}")
+    return "\n".join(lines)
 
 
 @main.command("export-lora")

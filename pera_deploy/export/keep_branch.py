@@ -8,6 +8,7 @@ from typing import Any
 
 from .. import __version__
 from ..checks.base import Report
+from ..checks.runtime.vllm_ranks import vllm_rank
 from ..core.adapter import PeraAdapter
 from ..io.digests import Digests
 from ..io.model_files import place_files
@@ -16,13 +17,6 @@ from ..publish import Written, adapter_inputs, publish
 from ..publish.manifest import adapter_record, model_record
 from ..publish.model_card import ModelCard
 from .lora import LORA_DTYPES, LoraExport, export_summary, peft_names, plan_lora_export, write_lora_folder
-
-VLLM_MAX_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
-
-
-def vllm_rank(r: int) -> int:
-    """The smallest of vLLM's --max-lora-rank choices that holds rank r."""
-    return next((k for k in VLLM_MAX_LORA_RANKS if k >= r), r)
 
 
 def keep_branch_folder(adapter: PeraAdapter, base: Path, output: Path, digests: Digests, *, base_files: str = "copy",
