@@ -119,7 +119,6 @@ def held_back(tmp_path_factory) -> dict[str, Path]:
     """A random Llama built here (seed, shape and float32 weights of its own) and a PEFT-style
     PERA adapter on it with rsLoRA and an alpha_pattern: exported as a LoRA (the scalings folded
     into lora_B) and as a branch ONNX folder."""
-    import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     from fixtures.build_fixtures import (
@@ -143,7 +142,8 @@ def held_back(tmp_path_factory) -> dict[str, Path]:
     base.mkdir()
     config.save_pretrained(base)
     GenerationConfig(bos_token_id=1, eos_token_id=2).save_pretrained(base)
-    save_shards(base, seeded_state(LlamaForCausalLM(config), 4242, torch.float32), shards=1)
+    shapes = {name: tuple(t.shape) for name, t in LlamaForCausalLM(config).state_dict().items()}
+    save_shards(base, seeded_state(shapes, 4242, np.float32), shards=1)
     spm_tokenizer(base, config.vocab_size)  # its own SentencePiece model, trained for this vocabulary
     shapes = module_shapes(base, LLAMA_TARGETS)
     adapter = write_peft_adapter(root / "pera", small_factors(shapes, 4243, 4), targets=LLAMA_TARGETS, r=4, alpha=8,
