@@ -67,6 +67,7 @@ def test_merge_json_is_the_only_stdout(cli, fx, tmp_path):
 
 
 def test_merge_text_summary_and_forward(cli, fx, tmp_path):
+    pytest.importorskip("torch")  # it runs the models (the forward check)
     result = cli("merge", fx["bert-peft"], fx["bert-base"], "-o", tmp_path / "m", "--check-forward")
     assert result.exit_code == 0, result.stderr
     assert "merged 4 layers of bert-peft (peft, r=4) into bert-base" in result.stdout
@@ -75,6 +76,7 @@ def test_merge_text_summary_and_forward(cli, fx, tmp_path):
 
 
 def test_verify_passes_on_a_merge(cli, fx, tmp_path):
+    pytest.importorskip("torch")  # it runs the models (the forward check)
     assert cli("merge", fx["llama-pera"], fx["llama-base"], "-o", tmp_path / "m").exit_code == 0
     result = cli("verify", tmp_path / "m", "--adapter", fx["llama-pera"], "--base", fx["llama-base"])
     assert result.exit_code == 0, result.stderr
@@ -90,6 +92,7 @@ def test_verify_passes_on_a_merge(cli, fx, tmp_path):
 
 
 def test_verify_untied_merge(cli, fx, tmp_path):
+    pytest.importorskip("torch")  # it runs the models (the forward check)
     assert cli("merge", fx["gpt2-lm-head"], fx["gpt2-base"], "-o", tmp_path / "m", "--untie-embeddings").exit_code == 0
     result = cli("verify", tmp_path / "m", "--adapter", fx["gpt2-lm-head"], "--base", fx["gpt2-base"])
     assert result.exit_code == 0, result.stdout + result.stderr
@@ -140,6 +143,7 @@ def test_verify_catches_a_changed_untouched_tensor(cli, fx, tmp_path):
 def test_verify_names_a_merged_tensor_of_the_wrong_shape_and_exits_1(cli, fx, tmp_path):
     """A merged weight cut short (a faulty tool) fails the check; it is not an internal error,
     and no forward check tries to build a model from it."""
+    pytest.importorskip("torch")  # it runs the models (the forward check)
     assert cli("merge", fx["llama-pera"], fx["llama-base"], "-o", tmp_path / "m").exit_code == 0
     name = "model.layers.0.self_attn.q_proj.weight"
     _tamper(tmp_path / "m", name, lambda t: t[:-1].copy())
@@ -149,6 +153,7 @@ def test_verify_names_a_merged_tensor_of_the_wrong_shape_and_exits_1(cli, fx, tm
 
 
 def test_verify_catches_an_unmerged_model(cli, fx):
+    pytest.importorskip("torch")  # it runs the models (the forward check)
     result = cli("verify", fx["llama-base"], "--adapter", fx["llama-pera"], "--base", fx["llama-base"])
     assert result.exit_code == 1
     assert "weights: FAILED" in result.stdout and "forward: FAILED" in result.stdout
@@ -190,6 +195,7 @@ def _same_tensors(a: Path, b: Path) -> bool:
 def test_shipped_examples_are_what_the_script_builds(tmp_path):
     """Tensors bit for bit and the same files; the tokenizer files transformers derives may be
     spelled differently by other transformers versions, so those are compared by behaviour."""
+    pytest.importorskip("transformers")  # its tokenizers are compared by behaviour
     from transformers import AutoTokenizer
 
     from fixtures.build_fixtures import corpus

@@ -711,6 +711,9 @@ def test_a_bundle_with_linked_base_files_verifies(cli, fx, tmp_path):
                  "symlink")
     assert result.exit_code == 0, result.stderr
     assert (bundle / "base" / "config.json").is_symlink()
+    result = cli("verify", bundle, "--no-forward")  # digests and stored LoRAs: numpy, no extra
+    assert result.exit_code == 0, result.stderr
+    pytest.importorskip("torch")  # the outputs of base + LoRA against base + PERA
     result = cli("verify", bundle)
     assert result.exit_code == 0, result.stderr
 
