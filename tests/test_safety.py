@@ -19,6 +19,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import pera_deploy
+from pera_deploy.publish.manifest import MANIFEST
 from pera_deploy.publish.output_folder import LOCK_FILE, OLD_MARK, TMP_MARK, OutputFolder, sweep
 from tests.helpers import refused
 
@@ -90,6 +91,44 @@ def test_force_replaces_only_an_earlier_output(cli, copies):
     assert cli("merge", adapter, base, "-o", parent / "ours", "--force").exit_code == 0
     (parent / "empty").mkdir()
     assert cli("merge", adapter, base, "-o", parent / "empty", "--force").exit_code == 0
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_every_writer_replaces_the_folder_it_runs_in(fx, copies, force):
+    """`cd out && pera-deploy ... -o ../out`: the first rename moves the working folder, and a
+    relative target must still name the same place (it used to exit 4, delete `out` and leave
+    the moved-aside copy and the staging box in the parent)."""
+    parent, adapter, base = copies
+    gguf_base = shutil.copytree(fx["small-llama-base"], parent / "gguf-base")
+    gguf_adapter = shutil.copytree(fx["small-llama-pera"], parent / "gguf-adapter")
+    pera_deploy.merge(adapter, base, parent / "merged", progress=False)
+    cases = {
+        "merge": ["merge", adapter, base],
+        "unmerge": ["unmerge", parent / "merged", "--adapter", adapter],
+        "export-lora": ["export-lora", adapter],
+        "extract": ["extract", adapter, "--base", base],
+        "combine": ["combine", adapter, adapter, "--weights", "0.5,0.5"],
+        "bundle": ["bundle", base, "--adapter", f"a={adapter}"],
+        "keep-branch": ["merge", adapter, base, "--keep-branch"],
+    }
+    cli = [sys.executable, "-c", "from pera_deploy.cli import main; main()"]
+    for name, args in cases.items():
+        out = parent / name
+        out.mkdir()
+        if force:  # an earlier output of the same command, to be replaced from inside it
+            assert subprocess.run([*cli, *map(str, args), "-o", str(out)], capture_output=True).returncode == 0, name
+        before = sorted(p.name for p in parent.iterdir())
+        cmd = [*cli, *map(str, args), "-o", f"../{name}", *(["--force"] if force else [])]
+        result = subprocess.run(cmd, cwd=out, capture_output=True, text=True)
+        assert result.returncode == 0, (name, result.stderr)
+        assert sorted(p.name for p in parent.iterdir()) == before, name  # no box, no moved-aside copy
+        assert (out / MANIFEST).is_file(), name
+    out = parent / "gguf"
+    out.mkdir()
+    cmd = [*cli, "export-gguf", str(gguf_adapter), "--base", str(gguf_base), "-o", "../gguf/../lora.gguf"]
+    result = subprocess.run(cmd, cwd=out, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (parent / "lora.gguf").is_file()
 
 
 # -- links -------------------------------------------------------------------------------------------

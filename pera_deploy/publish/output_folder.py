@@ -114,6 +114,19 @@ def check_target(target: Path, force: bool, inputs: Iterable[Path] = ()) -> None
                          "--force replaces only those, or an empty folder")
 
 
+def anchored(target: str | Path) -> Path:
+    """`target` with its parent resolved: the same place after the working folder moves.
+
+    Run from inside the folder it replaces (`cd out && pera-deploy ... -o ../out`), the
+    first rename of --force (or of an empty target) moves the working folder itself, and a
+    relative `../out` would then name a place inside the moved-aside copy. The target
+    itself is not resolved: a link at the target is the check's to refuse, not to follow."""
+    path = Path(target)
+    if path.name in ("", ".", ".."):  # `-o .` or `-o ..`: the folder itself
+        return path.resolve()
+    return path.parent.resolve() / path.name
+
+
 @contextmanager
 def _folder_lock(folder: Path) -> Iterator[None]:
     """An exclusive flock on `folder` itself, for the few steps that must not interleave."""
@@ -239,7 +252,7 @@ class OutputFolder:
 
     def __init__(self, target: str | Path, force: bool = False, inputs: Iterable[Path] = (), *,
                  check: TargetCheck = check_target, folder: bool = True):
-        self.target = Path(target)
+        self.target = anchored(target)
         self.force = force
         self.inputs = list(inputs)
         self.check = check
