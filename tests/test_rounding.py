@@ -145,6 +145,32 @@ def test_float64_conversions_round_once(code):
     assert np.array_equal(got, want), values[got != want][:5]
 
 
+def test_bfloat16_bits_agree_with_ml_dtypes_on_every_kind_of_float64():
+    """`bfloat16_bits` (the merge's own float64 → bfloat16, no ml_dtypes import) against
+    ml_dtypes 0.7's cast, which rounds once: random bit patterns (every exponent, subnormal
+    float64s, huge ones), the specials, and the edges of bfloat16's range. The first-principles
+    oracle covers the finite values above (test_float64_conversions_round_once)."""
+    import ml_dtypes
+
+    from pera_deploy.core.rounding import bfloat16_bits
+
+    rng = np.random.default_rng(7)
+    top = FORMATS["BF16"].max_finite
+    values = np.concatenate([
+        rng.integers(0, 2**64, 200_000, dtype=np.uint64).view(np.float64),
+        np.array([0.0, -0.0, np.inf, -np.inf, 1e300, -1e300, 2.0**128, top, np.nextafter(top, np.inf),
+                  top * (1 + 2.0**-9), np.nextafter(top * (1 + 2.0**-9), 0), 2.0**-126, 2.0**-133, 2.0**-134,
+                  np.nextafter(2.0**-134, 1), 3 * 2.0**-135, 5e-324, 1 + 2.0**-8 + 2.0**-40]),
+    ])
+    got = bfloat16_bits(values)
+    with np.errstate(over="ignore"):
+        want = values.astype(ml_dtypes.bfloat16).view(np.uint16)
+    nan = np.isnan(values)
+    assert np.array_equal(got[~nan], want[~nan]), values[~nan][got[~nan] != want[~nan]][:5]
+    assert np.isnan(got[nan].view(ml_dtypes.bfloat16).astype(np.float32)).all()
+    assert bfloat16_bits(np.array([1 + 2.0**-8 + 2.0**-40]))[0] == 0x3F81  # the issue's example: 1.0078125
+
+
 @pytest.mark.parametrize("code", ["F16", "BF16"])
 def test_float32_conversions_round_once(code):
     from pera_deploy.core.rounding import _round_f32_bits

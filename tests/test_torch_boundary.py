@@ -38,6 +38,7 @@ try:
     main(sys.argv[1:], prog_name="pera-deploy")
 except SystemExit as stop:
     assert stop.code in (0, None), stop.code
+print("ml_dtypes:", "ml_dtypes" in sys.modules, file=sys.stderr)
 heavy = sorted(m for m in ("torch", "transformers") if m in sys.modules)
 print("imported:", ",".join(heavy) or "none", file=sys.stderr)
 """
@@ -94,6 +95,48 @@ def test_the_tool_alone_does_not_import_torch(fx, merged, tmp_path, command):
     run = fresh(*command_line(TOOL_ALONE[command], fx, out=tmp_path, merged=merged))
     assert run.returncode == 0, run.stderr
     assert run.stderr.strip().splitlines()[-1] == "imported: none", run.stderr
+
+
+SMALL = {"adapter": EXAMPLES / "small-llama-pera", "base": EXAMPLES / "small-llama-base"}
+# Paths that read and write bfloat16 without importing ml_dtypes (its import alone costs more
+# CPU than the README's example merge): they carry bfloat16 as its bits (core/dtypes.carrier).
+WITHOUT_ML_DTYPES = {
+    "merge (the README's example, bfloat16)": "merge {adapter} {base} -o {out}/m",
+    "merge --keep-branch": "merge {adapter} {base} -o {out}/k --keep-branch",
+    "inspect": "inspect {adapter}",
+    "export-lora": "export-lora {adapter} -o {out}/l",
+}
+
+
+@pytest.mark.parametrize("command", sorted(WITHOUT_ML_DTYPES))
+def test_the_bfloat16_merge_does_not_import_ml_dtypes(tmp_path, command):
+    run = fresh(*command_line(WITHOUT_ML_DTYPES[command], {}, out=tmp_path, **SMALL))
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.strip().splitlines()[-2] == "ml_dtypes: False", run.stderr
+
+
+def test_the_merge_without_ml_dtypes_writes_the_same_bytes(tmp_path):
+    """The merge's own bfloat16 path (bits, `bfloat16_bits`) against a merge whose every array
+    is ml_dtypes' bfloat16 (`carrier` patched to the real dtypes, rounding through ml_dtypes)."""
+    import ml_dtypes
+
+    from pera_deploy.core import dtypes, rounding
+    from pera_deploy.merging import execute
+
+    run = fresh(*command_line("merge {adapter} {base} -o {out}/bits", {}, out=tmp_path, **SMALL))
+    assert run.returncode == 0, run.stderr
+    real = dtypes.NUMPY.__getitem__
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dtypes, "carrier", real)
+        patch.setattr(rounding, "carrier", real)
+        patch.setattr(execute, "carrier", real)
+        patch.setattr(rounding, "bfloat16_bits",
+                      lambda v: np.asarray(v, dtype=np.float64).astype(ml_dtypes.bfloat16).view(np.uint16))
+        pera_deploy.merge(SMALL["adapter"], SMALL["base"], tmp_path / "library", progress=False)
+    shards = sorted(p.name for p in (tmp_path / "bits").glob("*.safetensors"))
+    assert shards and shards == sorted(p.name for p in (tmp_path / "library").glob("*.safetensors"))
+    for name in shards:
+        assert (tmp_path / "bits" / name).read_bytes() == (tmp_path / "library" / name).read_bytes(), name
 
 
 # -- what runs a model asks for its extra --------------------------------------------------------------------

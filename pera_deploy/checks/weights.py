@@ -15,7 +15,7 @@ from typing import Any, Iterable, Protocol
 import numpy as np
 
 from ..core.adapter import PeraAdapter, PeraLayer
-from ..core.dtypes import code_of
+from ..core.dtypes import code_of, widen
 from ..core.rounding import NotFinite, convert
 from ..errors import InputError
 from ..io.model_folder import ModelFolder
@@ -33,7 +33,7 @@ class TensorSource(Protocol):
 
     def get(self, name: str) -> np.ndarray: ...
 
-    def rows(self, name: str) -> np.ndarray | TensorRows: ...
+    def rows(self, name: str, bits: bool = False) -> np.ndarray | TensorRows: ...
 
 
 # Rows are checked in the merge's blocks (cache-sized), or in eighths of them when sampled.
@@ -182,11 +182,11 @@ def check_merged_layer(w_merged: np.ndarray | TensorRows, w0: np.ndarray | Tenso
         off += n
         max_steps = max(max_steps, steps)
         if n and allowance is not None:
-            beyond += allowance.beyond(stored, want, p, base_rows, start)
+            beyond += allowance.beyond(stored, want, p, widen(base_rows, stored_code), start)
         # The update's survival in storage, for the report: ‖W' − x‖ against ‖ΔW‖, x ≈ W0 + ΔW in float64
         with np.errstate(over="ignore", invalid="ignore"):
-            x = p + base_rows.astype(np.float64)
-            r2 += float(np.square(stored.astype(np.float64) - x).sum())
+            x = p + widen(base_rows, stored_code)
+            r2 += float(np.square(widen(stored, out_code) - x).sum())
             x2 += float(np.square(x).sum())
     delta = layer.delta_norm()
     fraction = recomputed / max(1, w0.shape[0])
@@ -207,14 +207,16 @@ class _Float32Allowance:
     rounding to storage, and a float32 dot product of length K in any order)."""
 
     def __init__(self, kernel: Any, out_code: str) -> None:
+        self.code = out_code
         self.u = UNIT_ROUNDOFF[out_code] + 8 * 2.0**-24
         left, right = kernel.left, kernel.right
         self.slack = 4 * left.shape[1] * 2.0**-24 * np.sqrt(np.square(left).sum(axis=1)) \
             * float(np.sqrt(np.square(right).sum(axis=0)).max(initial=0.0)) + 2 * 2.0**-149
 
     def beyond(self, stored: np.ndarray, want: np.ndarray, p: np.ndarray, w0: np.ndarray, start: int) -> int:
-        """How many elements of `stored` are neither the correctly rounded `want`, nor its
-        neighbour, nor within the float32 allowance of x = W0 + p."""
+        """How many elements of `stored` (in its dtype or carrier) are neither the correctly
+        rounded `want`, nor its neighbour, nor within the float32 allowance of x = W0 + p
+        (`w0` widened to float64)."""
         width = stored.dtype.itemsize * 8
         unsigned = {16: np.uint16, 32: np.uint32, 64: np.uint64}[width]
         rows, cols = np.nonzero(stored.view(unsigned) != want.view(unsigned))
@@ -223,7 +225,7 @@ class _Float32Allowance:
             if differences(stored[i:i + 1, j], want[i:i + 1, j])[1] <= 1:
                 continue
             x = float(p[i, j]) + float(w0[i, j])
-            if abs(float(stored[i, j]) - x) > self.u * abs(x) + float(self.slack[start + i]):
+            if abs(float(widen(stored[i, j:j + 1], self.code)[0]) - x) > self.u * abs(x) + float(self.slack[start + i]):
                 count += 1
         return count
 
@@ -273,7 +275,9 @@ def check_tensors(names: Iterable[str], merged: TensorSource, base: ModelFolder,
         if name in merges:
             m = merges[name]
             # rows(): only the blocks of rows the check recomputes are read
-            report.layers.append(check_merged_layer(merged.rows(name), base.rows(m.source), adapter.layers[m.module],
+            # bits=True: bfloat16 rows as their bits (compared bit for bit, widened exactly)
+            report.layers.append(check_merged_layer(merged.rows(name, bits=True), base.rows(m.source, bits=True),
+                                                    adapter.layers[m.module],
                                                     m.transpose, name, every, sign, tolerant))
         elif name in extras:
             want = adapter.extra_tensors[extras[name].name]

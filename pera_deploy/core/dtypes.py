@@ -1,39 +1,100 @@
 """Storage dtypes in one place: safetensors' codes, numpy's (and ml_dtypes') types, torch's names.
 
-pera-deploy computes with numpy; bfloat16 and the float8 types come from ml_dtypes, whose
-casts from float64 round once, correctly. Every module that needs to name, read or write a
-dtype asks here, so the maps are not repeated.
+pera-deploy computes with numpy; bfloat16 and the float8 types come from ml_dtypes. Every
+module that needs to name, read or write a dtype asks here, so the maps are not repeated.
+
+ml_dtypes is imported only when an array of one of its types is made (`NUMPY["BF16"]`):
+its import costs more than half a second of CPU (0.7: it registers casts between all its
+types), more than a whole merge of a small model. The merge and its weight check never make
+one: they carry bfloat16 as its bits (`carrier`), widen those exactly (`widen`), and round
+to them with their own correctly rounding conversion (core/rounding.py).
 """
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Iterator, Mapping
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
-# safetensors code → (numpy dtype, torch's name for it)
-_TABLE: dict[str, tuple[Any, str]] = {
-    "F64": (np.float64, "float64"),
-    "F32": (np.float32, "float32"),
-    "F16": (np.float16, "float16"),
-    "BF16": (ml_dtypes.bfloat16, "bfloat16"),
-    "F8_E4M3": (ml_dtypes.float8_e4m3fn, "float8_e4m3fn"),
-    "F8_E5M2": (ml_dtypes.float8_e5m2, "float8_e5m2"),
-    "I64": (np.int64, "int64"),
-    "I32": (np.int32, "int32"),
-    "I16": (np.int16, "int16"),
-    "I8": (np.int8, "int8"),
-    "U64": (np.uint64, "uint64"),
-    "U32": (np.uint32, "uint32"),
-    "U16": (np.uint16, "uint16"),
-    "U8": (np.uint8, "uint8"),
-    "BOOL": (np.bool_, "bool"),
+# safetensors code → (numpy's dtype name, torch's name for it, bytes per element)
+_TABLE: dict[str, tuple[str, str, int]] = {
+    "F64": ("float64", "float64", 8),
+    "F32": ("float32", "float32", 4),
+    "F16": ("float16", "float16", 2),
+    "BF16": ("bfloat16", "bfloat16", 2),
+    "F8_E4M3": ("float8_e4m3fn", "float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", "float8_e5m2", 1),
+    "I64": ("int64", "int64", 8),
+    "I32": ("int32", "int32", 4),
+    "I16": ("int16", "int16", 2),
+    "I8": ("int8", "int8", 1),
+    "U64": ("uint64", "uint64", 8),
+    "U32": ("uint32", "uint32", 4),
+    "U16": ("uint16", "uint16", 2),
+    "U8": ("uint8", "uint8", 1),
+    "BOOL": ("bool", "bool", 1),
 }
+# the codes whose numpy type is ml_dtypes', and the unsigned integers that carry their bits
+_ML_DTYPES: dict[str, np.dtype] = {"BF16": np.dtype(np.uint16), "F8_E4M3": np.dtype(np.uint8), "F8_E5M2": np.dtype(np.uint8)}
 
-NUMPY: dict[str, np.dtype] = {code: np.dtype(t) for code, (t, _) in _TABLE.items()}
-TORCH_NAMES: dict[str, str] = {code: name for code, (_, name) in _TABLE.items()}
-CODES: dict[np.dtype, str] = {dtype: code for code, dtype in NUMPY.items()}
+
+class _Dtypes(Mapping[str, np.dtype]):
+    """code → numpy dtype, importing ml_dtypes at the first look-up of one of its types."""
+
+    def __init__(self) -> None:
+        self._known = {code: np.dtype(name) for code, (name, _, _) in _TABLE.items() if code not in _ML_DTYPES}
+
+    def __getitem__(self, code: str) -> np.dtype:
+        if code not in self._known:
+            if code not in _ML_DTYPES:
+                raise KeyError(code)
+            ml_dtypes = importlib.import_module("ml_dtypes")
+            self._known[code] = np.dtype(getattr(ml_dtypes, _TABLE[code][0]))
+        return self._known[code]
+
+    def __contains__(self, code: object) -> bool:
+        return code in _TABLE
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_TABLE)
+
+    def __len__(self) -> int:
+        return len(_TABLE)
+
+
+class _Codes(Mapping[Any, str]):
+    """numpy dtype → code, by the dtype's name (so an ml_dtypes type is named without importing it)."""
+
+    _by_name = {name: code for code, (name, _, _) in _TABLE.items()}
+
+    def __getitem__(self, dtype: Any) -> str:
+        try:
+            dt = np.dtype(dtype)
+        except TypeError:
+            raise KeyError(dtype) from None
+        if dt.byteorder == ">" or dt.name not in self._by_name:  # safetensors is little-endian
+            raise KeyError(dtype)
+        return self._by_name[dt.name]
+
+    def __contains__(self, dtype: object) -> bool:
+        try:
+            self[dtype]
+        except KeyError:
+            return False
+        return True
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(NUMPY[code] for code in _TABLE)
+
+    def __len__(self) -> int:
+        return len(_TABLE)
+
+
+NUMPY: Mapping[str, np.dtype] = _Dtypes()
+TORCH_NAMES: dict[str, str] = {code: torch for code, (_, torch, _) in _TABLE.items()}
+CODES: Mapping[Any, str] = _Codes()
 CODE_OF_TORCH_NAME: dict[str, str] = {name: code for code, name in TORCH_NAMES.items()}
 
 # Floating-point storage a weight may be merged in and written to.
@@ -50,7 +111,24 @@ def code_of(array: np.ndarray) -> str:
 
 
 def itemsize(code: str) -> int:
-    return NUMPY[code].itemsize
+    return _TABLE[code][2]
+
+
+def carrier(code: str) -> np.dtype:
+    """The numpy dtype the merge holds `code`'s elements in: its own, or for bfloat16 and
+    float8 the unsigned integer of their bits (no ml_dtypes import; `widen` reads them)."""
+    bits = _ML_DTYPES.get(code)
+    return NUMPY[code] if bits is None else bits
+
+
+def widen(values: np.ndarray, code: str) -> np.ndarray:
+    """float64 values of `values`, stored as `code` (in its own dtype or as its `carrier`'s
+    bits), exactly: every float storage type is a subset of float64."""
+    if code in _ML_DTYPES and values.dtype == _ML_DTYPES[code]:
+        if code == "BF16":  # a bfloat16 is the top half of a float32
+            return (values.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+        values = values.view(NUMPY[code])
+    return values.astype(np.float64)
 
 
 def is_float(code: str) -> bool:

@@ -30,10 +30,10 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from ..errors import InternalError
+from .dtypes import NUMPY, carrier, widen
 
 # ---------------------------------------------------------------------------------------------
 # Formats and exact rounding
@@ -47,8 +47,12 @@ class Format:
     code: str  # the safetensors dtype code
     precision: int
     emax: int
-    dtype: Any  # numpy's (or ml_dtypes') dtype
     uint: Any  # the unsigned integer type of its bits
+
+    @property
+    def dtype(self) -> np.dtype:
+        """numpy's (or ml_dtypes') dtype: for bfloat16, importing ml_dtypes (`core.dtypes`)."""
+        return NUMPY[self.code]
 
     @property
     def emin(self) -> int:
@@ -68,10 +72,10 @@ class Format:
 
 
 FORMATS: dict[str, Format] = {
-    "F64": Format("F64", 53, 1023, np.dtype(np.float64), np.uint64),
-    "F32": Format("F32", 24, 127, np.dtype(np.float32), np.uint32),
-    "F16": Format("F16", 11, 15, np.dtype(np.float16), np.uint16),
-    "BF16": Format("BF16", 8, 127, np.dtype(ml_dtypes.bfloat16), np.uint16),
+    "F64": Format("F64", 53, 1023, np.uint64),
+    "F32": Format("F32", 24, 127, np.uint32),
+    "F16": Format("F16", 11, 15, np.uint16),
+    "BF16": Format("BF16", 8, 127, np.uint16),
 }
 
 
@@ -135,27 +139,65 @@ def settle(w0: np.ndarray, left: np.ndarray, right: np.ndarray, fmt: Format) -> 
 # Conversions
 
 
-def round_to(values: np.ndarray, fmt: Format) -> np.ndarray:
-    """float64 (or float32) `values` rounded once, correctly, to `fmt` (its numpy dtype).
+def round_bits(values: np.ndarray, fmt: Format) -> np.ndarray:
+    """The bits (`fmt.uint`) of float64 (or float32) `values` rounded once, correctly, to
+    `fmt`: to nearest, ties to even; beyond the format's range is inf, silently (the caller
+    reports it).
 
-    numpy's float64 → float32 / float16 and float32 → float16 conversions round once (IEEE),
-    and ml_dtypes' to bfloat16 does too; tests/test_rounding.py checks each against a
-    first-principles oracle, subnormals and ties included. Beyond the format's range is inf,
-    silently: the caller reports it."""
+    numpy's float64 → float32 / float16 and float32 → float16 conversions round once (IEEE);
+    bfloat16 is rounded here (`bfloat16_bits`). tests/test_rounding.py checks each against a
+    first-principles oracle, subnormals and ties included."""
+    if fmt.code == "BF16":
+        return bfloat16_bits(values)
     with np.errstate(over="ignore"):
-        return values.astype(fmt.dtype)
+        return np.asarray(values).astype(NUMPY[fmt.code]).view(fmt.uint)
+
+
+def round_to(values: np.ndarray, fmt: Format) -> np.ndarray:
+    """`round_bits` as an array of `fmt`'s own dtype (for bfloat16: ml_dtypes')."""
+    return round_bits(values, fmt).view(fmt.dtype)
+
+
+def bfloat16_bits(values: np.ndarray) -> np.ndarray:
+    """float64 (or float32) values rounded once, correctly, to bfloat16, as uint16 bits.
+
+    Normal results: the float64 significand is rounded to bfloat16's 8 bits in its own bits
+    (add 2⁴⁴ − 1 plus the last kept bit, clear the 45 below: to nearest, ties to even). The
+    result has 8 significant bits, so below 2¹²⁸ float32 holds it exactly and its top half
+    is the bfloat16; from 2¹²⁸ up the cast gives inf, as it must (the largest bfloat16 is
+    (2 − 2⁻⁷)·2¹²⁷, and the tie above it rounds to even, up). Below 2⁻¹²⁶ the grid is the
+    subnormals' 2⁻¹³³: |x|·2¹³³ is exact and `rint` rounds it to nearest even; 128 there is
+    2⁻¹²⁶, whose bits are 128 too. NaN is the quiet NaN, with its sign.
+
+    ml_dtypes' cast (0.7) rounds the same way, but importing it costs more than a small merge."""
+    x = np.asarray(values, dtype=np.float64)
+    a = np.abs(x)
+    bits = a.view(np.uint64)
+    keep = (bits >> np.uint64(45)) & np.uint64(1)
+    rounded = (bits + np.uint64((1 << 44) - 1) + keep) & np.uint64(~((1 << 45) - 1) & (2**64 - 1))
+    with np.errstate(over="ignore", invalid="ignore"):
+        f = rounded.view(np.float64).astype(np.float32)
+    out = (f.view(np.uint32) >> np.uint32(16)).astype(np.uint16)
+    small = a < 2.0**-126
+    if small.any():
+        out[small] = np.rint(a[small] * 2.0**133).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        out[nan] = 0x7FC0
+    out |= ((x.view(np.uint64) >> np.uint64(48)) & np.uint64(0x8000)).astype(np.uint16)
+    return out
 
 
 def convert(values: np.ndarray, code: str) -> np.ndarray:
     """`values` as the dtype `code`: float to float rounded once, correctly (widened exactly
     to float64 first, which every float storage type allows); anything else, or the same
     dtype, as it is (the merge plan converts only floats)."""
-    from .dtypes import FACTOR_CODES, NUMPY, code_of
+    from .dtypes import FACTOR_CODES, code_of
 
-    target = NUMPY[code]
-    if values.dtype == target or code not in FORMATS or code_of(values) not in FACTOR_CODES:
+    have = code_of(values)
+    if have == code or code not in FORMATS or have not in FACTOR_CODES:
         return values
-    return round_to(values.astype(np.float64), FORMATS[code])
+    return round_to(widen(values, have), FORMATS[code])
 
 
 def _round_f32_bits(bits: np.ndarray, code: str, out: np.ndarray, t: np.ndarray, lsb: np.ndarray) -> None:
@@ -367,14 +409,15 @@ class RoundedProduct:
 
     def rows(self, w0: np.ndarray, start: int, product: np.ndarray | None = None,
              out: np.ndarray | None = None) -> np.ndarray:
-        """The output rows start:start + len(w0), in the output dtype, from `w0` (those rows
-        of the base weight, in its stored dtype) and, if the caller has it, `product`
+        """The output rows start:start + len(w0), in the output dtype's `carrier` (bfloat16
+        as its bits), from `w0` (those rows of the base weight, in its stored dtype or its
+        carrier) and, if the caller has it, `product`
         (`self.product(start, stop)`); into `out` when given. Raises NotFinite.
 
         Worked through in slices of about SLICE_ELEMENTS, so that the dozen working arrays of
         a slice stay in the CPU's cache between the passes over them."""
         n = w0.shape[0]
-        result = np.empty(w0.shape, dtype=self.out.dtype) if out is None else out
+        result = np.empty(w0.shape, dtype=carrier(self.out.code)) if out is None else out
         bits = result.view(self.out.uint)
         step = max(1, SLICE_ELEMENTS // max(1, w0.shape[1]))
         for a in range(0, n, step):
@@ -388,7 +431,7 @@ class RoundedProduct:
 
     def reference_rows(self, w0: np.ndarray, start: int, product: np.ndarray | None = None) -> np.ndarray:
         """The same rows by the plain route, for an independent check of `rows`: every element
-        decided by rounding G ± 2E with numpy's and ml_dtypes' own conversions (no bit-level
+        decided by rounding G ± 2E in float64 with `round_bits` (not the fast path's float32 bit
         arithmetic), near-ties settled exactly. Several times slower."""
         stop = start + w0.shape[0]
         if self.fast is None:
@@ -462,21 +505,22 @@ class RoundedProduct:
         """Elements (flat: their L·R approximation `p`, W0, row and column) decided by the
         bound directly: G = W0 + p and G ± 2E rounded with the library conversions (every
         point between rounds alike when both ends do), and settled exactly where they do not."""
-        w = w0.astype(np.float64)
+        w = widen(w0, self.stored.code)
         if not np.isfinite(w).all():
             raise NotFinite(base=True)
         with np.errstate(over="ignore", invalid="ignore"):
             g = p + w
             e = np.abs(g) * self.bound.g + self.bound.row[rows] * self.bound.col[cols]
             e *= 2  # covers the rounding of g ± e
-            out = round_to(g, self.out).view(self.out.uint)
-            near = round_to(g - e, self.out).view(self.out.uint) != round_to(g + e, self.out).view(self.out.uint)
+            out = round_bits(g, self.out)
+            near = round_bits(g - e, self.out) != round_bits(g + e, self.out)
         near |= ~np.isfinite(e) | ~np.isfinite(g)
         if near.any():
             (t,) = np.nonzero(near)
             out[t] = settle(w[t], self.left[rows[t]], self.right_t[cols[t]], self.out)
             self.settled += len(t)
-        if not np.isfinite(out.view(self.out.dtype)).all():
+        inf = self.out.uint(self.out.inf_bits)
+        if ((out & inf) == inf).any():  # every exponent bit set: inf or NaN
             raise NotFinite(base=False)
         return out
 
@@ -490,7 +534,7 @@ class RoundedProduct:
         RN(V) = r unless [tail − δ, tail + δ] reaches half the gap to a neighbour of r; the
         elements where it does are settled exactly."""
         left, right = self.left[start:stop], self.right
-        s = w0.astype(np.float64)
+        s = widen(w0, self.stored.code)
         if not np.isfinite(s).all():
             raise NotFinite(base=True)
         k = left.shape[1]
@@ -513,7 +557,7 @@ class RoundedProduct:
         gamma = n * U64 / (1 - n * U64)
         # S ≤ ‖L_i‖‖R_j‖ (the bound's row and column carry other constants: use the norms)
         norm_row, norm_col = _norms(left, axis=1), _norms(right, axis=0)
-        delta = 1.25 * gamma * gamma * (np.abs(w0.astype(np.float64)) + np.multiply.outer(norm_row, norm_col))
+        delta = 1.25 * gamma * gamma * (np.abs(widen(w0, self.stored.code)) + np.multiply.outer(norm_row, norm_col))
         delta = 2 * delta + 2 * U64 * np.abs(tail) + 2.0**-1074
         half_up = (np.nextafter(r, np.inf) - r) / 2
         half_down = (r - np.nextafter(r, -np.inf)) / 2
@@ -522,14 +566,14 @@ class RoundedProduct:
         if near.any():
             ri, ci = np.nonzero(near)
             rows = ri + start
-            out[ri, ci] = settle(w0[ri, ci].astype(np.float64), self.left[rows], self.right_t[ci], self.out)
+            out[ri, ci] = settle(widen(w0[ri, ci], self.stored.code), self.left[rows], self.right_t[ci], self.out)
             self.settled += len(ri)
         return out
 
     def _settle_all(self, w0: np.ndarray, start: int, stop: int) -> np.ndarray:
         n, m = w0.shape
         ri, ci = (a.ravel() for a in np.indices((n, m)))
-        bits = settle(w0.astype(np.float64).ravel(), self.left[ri + start], self.right_t[ci], self.out)
+        bits = settle(widen(w0, self.stored.code).ravel(), self.left[ri + start], self.right_t[ci], self.out)
         self.settled += bits.size
         return bits.reshape(n, m)
 

@@ -225,13 +225,13 @@ class ModelFolder:
             return self._records[name].read(name)
         return read_entry(entry)
 
-    def rows(self, name: str) -> np.ndarray | TensorRows:
+    def rows(self, name: str, bits: bool = False) -> np.ndarray | TensorRows:
         """A 2-D tensor to read a block of rows at a time (`rows(name)[a:b]`), for the checks;
-        a tensor from a pickle comes whole."""
+        a tensor from a pickle comes whole. `bits`: rows in the dtype's carrier (`read_entry`)."""
         entry = self.entries[name]
         if entry.begin < 0 or len(entry.shape) != 2:
             return self.get(name)
-        return TensorRows(entry)
+        return TensorRows(entry, bits)
 
     def same_tensor(self, a: str, b: str) -> bool:
         """Whether two of this folder's tensors hold the same bytes (shape and dtype too)."""
@@ -284,6 +284,6 @@ class WrittenTensors:
     def get(self, name: str) -> np.ndarray:
         return read_entry(self.entries[name])
 
-    def rows(self, name: str) -> np.ndarray | TensorRows:
+    def rows(self, name: str, bits: bool = False) -> np.ndarray | TensorRows:
         entry = self.entries[name]
-        return TensorRows(entry) if len(entry.shape) == 2 else read_entry(entry)
+        return TensorRows(entry, bits) if len(entry.shape) == 2 else read_entry(entry, bits=bits)

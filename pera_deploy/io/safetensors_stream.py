@@ -21,6 +21,7 @@ from typing import BinaryIO
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from ..core import dtypes
 from ..core.dtypes import FLOAT_CODES as FLOAT_CODES  # re-exported: the codes a weight may be merged in
 from ..core.dtypes import NUMPY, TORCH_NAMES, code_of
 from ..errors import InputError
@@ -41,7 +42,7 @@ def dtype_name(code: str) -> str:
 
 
 def itemsize(code: str) -> int:
-    return NUMPY[code].itemsize
+    return dtypes.itemsize(code)
 
 
 def floating(code: str) -> bool:
@@ -127,9 +128,10 @@ def read_header(path: Path) -> tuple[list[TensorEntry], dict[str, str]]:
 
 
 def read_entry(entry: TensorEntry, rows: tuple[int, int] | None = None,
-               into: np.ndarray | None = None) -> np.ndarray:
+               into: np.ndarray | None = None, bits: bool = False) -> np.ndarray:
     """A tensor (or its rows `start:stop`) read from its bytes in the file, with pread, as a
-    numpy array of its own dtype (bfloat16 and float8 from ml_dtypes).
+    numpy array of its own dtype (bfloat16 and float8 from ml_dtypes), or with `bits` of its
+    `core.dtypes.carrier` (bfloat16 as uint16 bits: the merge's way, without ml_dtypes).
 
     Not a memory map: a file truncated while mapped kills the process with SIGBUS (exit 135,
     its temporary folder left behind), where a short read is one line naming the file. Also
@@ -141,7 +143,7 @@ def read_entry(entry: TensorEntry, rows: tuple[int, int] | None = None,
     buffer: reusing one buffer spares the page faults of a new allocation per tensor and the
     allocator's growth between threads.
     """
-    dtype = NUMPY[entry.dtype]
+    dtype = dtypes.carrier(entry.dtype) if bits else NUMPY[entry.dtype]
     shape = entry.shape
     begin, nbytes = entry.begin, entry.nbytes
     if rows is not None:
@@ -187,16 +189,17 @@ class TensorRows:
     Tensor that only slices rows (the weight check) reads just the rows it uses.
     """
 
-    def __init__(self, entry: TensorEntry):
+    def __init__(self, entry: TensorEntry, bits: bool = False):
         self.entry = entry
         self.shape = tuple(entry.shape)
-        self.dtype = NUMPY[entry.dtype]
+        self.bits = bits  # rows in the dtype's carrier (`read_entry`)
+        self.dtype = dtypes.carrier(entry.dtype) if bits else NUMPY[entry.dtype]
 
     def __getitem__(self, rows: slice) -> np.ndarray:
         if not isinstance(rows, slice) or rows.step not in (None, 1):
             raise TypeError("TensorRows takes a contiguous slice of rows")
         start, stop, _ = rows.indices(self.shape[0])
-        return read_entry(self.entry, (start, stop))
+        return read_entry(self.entry, (start, stop), bits=self.bits)
 
 
 def _header_bytes(layout: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> tuple[bytes, list[int]]:

@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..core.adapter import PeraLayer
-from ..core.dtypes import NUMPY
+from ..core.dtypes import NUMPY, TORCH_NAMES, carrier, itemsize
 from ..core.rounding import NotFinite, RoundedProduct, convert
 from ..errors import InputError
 from ..io.safetensors_stream import ShardWriter, TensorEntry, read_entry
@@ -63,7 +63,7 @@ class BlockMerge:
         except NotFinite as exc:
             cause = "the base weight" if exc.base else "the merge"
             raise InputError(f"merging module {self.module}: NaN, Inf or a value beyond the "
-                             f"{NUMPY[self.out].name} range, produced by {cause}") from None
+                             f"{TORCH_NAMES[self.out]} range, produced by {cause}") from None
 
 
 def merged_weight(w0: np.ndarray, layer: PeraLayer, transpose: bool, stored: str, out: str,
@@ -173,9 +173,9 @@ def _stream_merge(plan: MergePlan, t: TensorPlan, entry: TensorEntry, writer: Sh
     """
     layer = plan.adapter.layers[t.layer]
     merge = BlockMerge(layer, layer.fan_in_fan_out, entry.shape, entry.dtype, t.dtype, plan.sign)
-    out_dtype = NUMPY[t.dtype]
+    out_dtype = carrier(t.dtype)  # bfloat16 as its bits: no ml_dtypes in the merge
     cols = entry.shape[1]
-    w0_row_bytes, out_row_bytes = cols * NUMPY[entry.dtype].itemsize, cols * out_dtype.itemsize
+    w0_row_bytes, out_row_bytes = cols * itemsize(entry.dtype), cols * out_dtype.itemsize
     slot = workers.slot()
     need = merge.rows * out_row_bytes
     if any(buffer.size < need for half in ring for buffer in half):
@@ -187,7 +187,7 @@ def _stream_merge(plan: MergePlan, t: TensorPlan, entry: TensorEntry, writer: Sh
         start, out = item
         n = out.shape[0]
         with slot:
-            w0 = read_entry(entry, (start, start + n), into=workers.scratch("w0", n * w0_row_bytes))
+            w0 = read_entry(entry, (start, start + n), into=workers.scratch("w0", n * w0_row_bytes), bits=True)
             merge.merge_block(w0, start, out)
 
     queue.submit(writer.begin_tensor, t.name, entry.numel * out_dtype.itemsize)
