@@ -387,7 +387,9 @@ def export_onnx(model: str | Path, output: str | Path, *, adapters: dict[str, Ad
 
     The graph is exported in float32; `dtype="float16"` converts it afterwards (and checks
     it with its own wider tolerance). Decoders ONNX Runtime GenAI runs get `genai_config.json`
-    beside the graph and tokenizer (`genai=None`: where it can; True: or bad input; False: never).
+    beside the graph and tokenizer (`genai=None`: where it can, the manifest's `genai_skipped`
+    saying why not elsewhere; True: or bad input; False: never); a SentencePiece
+    `tokenizer.model` without `tokenizer.json` gets the `tokenizer.json` transformers makes.
     """
     options = recorded(export_onnx, locals())
     from .export.onnx.requirements import require_onnx
@@ -411,15 +413,15 @@ def export_onnx(model: str | Path, output: str | Path, *, adapters: dict[str, Ad
 
     with _digests(digests) as hasher, offline(), quiet_transformers():
         from .export.onnx.folders import export_branch_folder, export_merged_folder
-        from .export.onnx.genai import genai_wanted
+        from .export.onnx.genai import genai_plan
         from .export.onnx.tasks import derive_task
 
         task = derive_task(model, task)
-        wanted = genai_wanted(model, task, genai)
+        plan = genai_plan(model, task, genai)
         if branch:
-            return export_branch_folder(model, output, loaded, task, opset, dtype, force, hasher, options, wanted)
+            return export_branch_folder(model, output, loaded, task, opset, dtype, force, hasher, options, plan)
         return export_merged_folder(model, output, next(iter(loaded.items()), None), task, opset, dtype, force,
-                                    hasher, options, wanted)
+                                    hasher, options, plan)
 
 
 def extract(checkpoint: AdapterLike, output: str | Path, *, base: str | Path | None = None, force: bool = False,

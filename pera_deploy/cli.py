@@ -916,6 +916,20 @@ def unmerge(merged: Path, adapter: Path, output: Path, format_: str | None, adap
                                       **_load_options(format_, adapter_name, missing_coefficients, config)), render)
 
 
+def genai_written(m: dict[str, Any]) -> str:
+    """An ONNX report's word on the genai_config.json written (and the tokenizer.json made for it)."""
+    if not m.get("genai_config"):
+        return ""
+    made = f"; tokenizer.json made from {m['tokenizer_made_from']}" if m.get("tokenizer_made_from") else ""
+    return f", with {m['genai_config']} for ONNX Runtime GenAI{made}"
+
+
+def genai_skipped(m: dict[str, Any], indent: str = "") -> list[str]:
+    """Why an ONNX report's folder has no genai_config.json: a decoder exported for plain ONNX
+    Runtime must not leave the user guessing why og.Model cannot open it."""
+    return [f"{indent}no genai_config.json for ONNX Runtime GenAI: {m['genai_skipped']}"] if m.get("genai_skipped") else []
+
+
 @main.command("export-onnx")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="The ONNX folder to write.")
@@ -927,8 +941,9 @@ def unmerge(merged: Path, adapter: Path, output: Path, format_: str | None, adap
 @click.option("--task", default=None, help="Optimum task (default: from the config's architecture; decoders with past).")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: Optimum's for the architecture).")
 @click.option("--genai/--no-genai", default=None,
-              help="Write genai_config.json for ONNX Runtime GenAI (default: for every decoder it runs, which then "
-                   "needs the model's tokenizer.json; --genai makes a model it cannot run an error).")
+              help="Write genai_config.json for ONNX Runtime GenAI. Default: where GenAI can run the export "
+                   "(a decoder of a type it runs, with tokenizer.json or a SentencePiece tokenizer.model to make it "
+                   "from); elsewhere the graph alone, the report saying why. --genai: elsewhere is an error.")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="float16 converts the float32 graph (and adapter files) after export; checked with a wider tolerance.")
 @click.option("--format", "format_", default=None, metavar="FORMAT", help="Adapter format, instead of detecting it.")
@@ -955,7 +970,9 @@ def export_onnx(model: Path, output: Path, adapter_specs: tuple[str, ...], branc
     and compared with PyTorch, output by output: float32 within 1e-4 relative, float16
     within 1e-2, or exit 1. Decoders get genai_config.json beside the graph and tokenizer,
     so onnxruntime_genai.Model(ONNX) runs the folder as written (og.Adapters loads the
-    .onnx_adapter files).
+    .onnx_adapter files); a SentencePiece tokenizer.model without tokenizer.json gets the
+    tokenizer.json transformers makes from it. A folder GenAI cannot run (no tokenizer, a
+    model type it does not run) is exported without genai_config.json, and the report says why.
 
     \b
     Examples:
@@ -986,9 +1003,8 @@ def export_onnx(model: Path, output: Path, adapter_specs: tuple[str, ...], branc
             lines.append(f"  {run}: {', '.join(main_outputs) or 'no main output'}; worst output {worst.output} "
                          f"{worst.max_rel_diff:.2g} (tolerance {worst.tolerance:.0e})")
         written = f"wrote {output}" if report.passed else f"did not write {output}"
-        genai = f", with {m['genai_config']} for ONNX Runtime GenAI" if m.get("genai_config") else ""
-        return "\n".join([f"{written}: {m['graph']} graph, task {m['task']}, {m['options']['dtype']}{genai}",
-                          "checked with ONNX Runtime against the unmerged PyTorch model:"] + lines)
+        return "\n".join([f"{written}: {m['graph']} graph, task {m['task']}, {m['options']['dtype']}{genai_written(m)}",
+                          *genai_skipped(m), "checked with ONNX Runtime against the unmerged PyTorch model:"] + lines)
 
     _run(lambda: run_export(model, output, adapters=adapters, branch=branch, task=task, opset=opset,
                                      dtype=dtype, genai=genai, force=force, format=format_,
@@ -1048,7 +1064,8 @@ def extract(checkpoint: Path, output: Path, format_: str | None, adapter_name: s
 @click.option("--onnx", is_flag=True, help="Also BUNDLE/onnx: one branch graph and NAME.onnx_adapter per adapter.")
 @click.option("--task", default=None, help="With --onnx: the Optimum task (default: from the architecture).")
 @click.option("--genai/--no-genai", default=None,
-              help="With --onnx: genai_config.json for ONNX Runtime GenAI (as export-onnx: by default for decoders).")
+              help="With --onnx: genai_config.json for ONNX Runtime GenAI, as export-onnx: by default where GenAI "
+                   "can run the graph (else the report says why not); --genai: elsewhere is an error.")
 @click.option("--format", "format_", default=None, metavar="FORMAT", help="Adapter format, instead of detecting it.")
 @click.option("--missing-coefficients", type=click.Choice(["zero", "one"]), default=None,
               help="How to read layers saved with no coefficient tensor (see merge --help).")
@@ -1092,7 +1109,8 @@ def bundle(base: Path, output: Path, adapter_specs: tuple[str, ...], base_files:
             lines.append(f"  adapters/{name}: plain LoRA of rank {summary['r']}, exact")
         if "onnx" in m:
             lines.append(f"  onnx/: one branch graph over {len(json.loads(m['onnx']['metadata']['pera_deploy.modules']))} "
-                         "modules, " + ", ".join(f"{n}.onnx_adapter" for n in adapters))
+                         "modules, " + ", ".join(f"{n}.onnx_adapter" for n in adapters) + genai_written(m["onnx"]))
+            lines += genai_skipped(m["onnx"], "  onnx/: ")
         return "\n".join(lines)
 
     _run(lambda: run_bundle(base, output, adapters, base_files=base_files, onnx=onnx, task=task, genai=genai,

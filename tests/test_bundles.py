@@ -127,6 +127,7 @@ def test_onnx_graph_with_each_adapter(bundled):
     genai = family == "llama"
     assert manifest["onnx"]["genai_config"] == ("genai_config.json" if genai else None)
     assert (out / "onnx" / "genai_config.json").is_file() == genai
+    assert (manifest["onnx"]["genai_skipped"] is None) == genai  # and where not, why not
 
 
 def test_verify_a_bundle(cli, bundled, tmp_path):

@@ -9,6 +9,7 @@ graph is one float32 evaluation order away from PyTorch: a few 1e-7 measured).
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ torch = pytest.importorskip("torch")  # these tests run models: the check extra
 pytest.importorskip("onnx")  # the `onnx` extra: these tests skip cleanly without it
 pytest.importorskip("optimum.exporters.onnx")
 og = pytest.importorskip("onnxruntime_genai")
+sentencepiece = pytest.importorskip("sentencepiece")
 pytestmark = pytest.mark.slow
 
 from pera_deploy.checks.reference_model import PeraBranch, load_unmerged_model  # noqa: E402
@@ -78,7 +80,6 @@ def genai_greedy(model, ids: list[int], adapters=None, active: str | None = None
 def prompt_ids(folder: Path) -> list[int]:
     """The prompt's ids as GenAI's tokenizer reads the exported files (the same as transformers
     and SentencePiece), after BOS: og's encode adds no special tokens."""
-    import sentencepiece
     from transformers import AutoTokenizer
 
     ids = [int(i) for i in og.Tokenizer(og.Model(str(folder))).encode(PROMPT)]
@@ -156,16 +157,86 @@ def test_no_genai_and_models_genai_cannot_run(cli, fx, tmp_path):
     assert not (tmp_path / "bert").exists()
 
 
-def test_a_decoder_without_its_tokenizer_is_refused_before_writing(cli, tmp_path):
-    import shutil
-
-    base = tmp_path / "no-tokenizer"
-    shutil.copytree(BASE, base)
-    (base / "tokenizer.json").unlink()
-    refused(cli("export-onnx", base, "-o", tmp_path / "out"), str(base), "no tokenizer.json", "--no-genai")
-    assert not (tmp_path / "out").exists()
-    result = cli("export-onnx", base, "-o", tmp_path / "out", "--no-genai")  # the way out the line offers
+def test_a_decoder_without_its_tokenizer_is_exported_for_onnx_runtime_alone(cli, fx, tmp_path):
+    """A base with no tokenizer exported for plain ONNX Runtime before genai_config.json existed:
+    by default it still does, and the report and the manifest say why GenAI is left out;
+    --genai makes that bad input, with nothing written."""
+    base = shutil.copytree(fx["llama-base"], tmp_path / "no-tokenizer")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (base / name).unlink()
+    why = (f"{base}: no tokenizer.json (nor a tokenizer.model to make it from) and no tokenizer_config.json: "
+           "ONNX Runtime GenAI reads the model's tokenizer")
+    out = tmp_path / "out"
+    result = cli("export-onnx", base, "-o", out)
     assert result.exit_code == 0, result.stderr
+    assert f"no genai_config.json for ONNX Runtime GenAI: {why}" in result.stdout
+    manifest = json.loads((out / "pera_deploy_manifest.json").read_text())
+    assert manifest["genai_config"] is None and manifest["genai_skipped"].startswith(why)
+    assert (out / "model.onnx").is_file() and not (out / "genai_config.json").exists()
+
+    refused(cli("export-onnx", base, "-o", tmp_path / "asked", "--genai"), f"--genai: {why}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["no-tokenizer", "out"]  # no folder, no temporary box
+    plain = cli("export-onnx", base, "-o", tmp_path / "plain", "--no-genai", "--json")
+    assert plain.exit_code == 0, plain.stderr
+    report = json.loads(plain.stdout)
+    assert report["genai_config"] is None and report["genai_skipped"] == "--no-genai"
+    assert not (tmp_path / "plain" / "genai_config.json").exists()
+
+
+def sentencepiece_only(tmp_path: Path) -> Path:
+    """The small Llama with its SentencePiece tokenizer.model and tokenizer_config.json but no
+    tokenizer.json, as many Llama-family checkpoints are published."""
+    base = shutil.copytree(BASE, tmp_path / "spm-only")
+    (base / "tokenizer.json").unlink()
+    return base
+
+
+TEXTS = [PROMPT, "Rain 1987 and snow, then: the river? ünïcode ✓ falls back to bytes", "a\ttab and\nnew line"]
+# Runs of spaces: transformers reads them as its converter wrote them, but og 0.18 adds a second "▁"
+# before a leading space and SentencePiece splits double spaces its own way, with the fixture's own
+# tokenizer.json as with the converted one: so only the written file is compared with transformers here
+SPACES = "  two  spaces and  more"
+
+
+def test_a_sentencepiece_base_gets_tokenizer_json_and_genai_config(cli, tmp_path):
+    """tokenizer.json is made from tokenizer.model by transformers' converter, so og.Model runs
+    the folder: og's tokenizer gives the ids transformers and SentencePiece give (without the
+    BOS og's encode does not add), those of the fixture's own tokenizer.json, and decodes
+    them back."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    base = sentencepiece_only(tmp_path)
+    out = tmp_path / "out"
+    result = cli("export-onnx", base, "-o", out)
+    assert result.exit_code == 0, result.stderr
+    assert "with genai_config.json for ONNX Runtime GenAI; tokenizer.json made from tokenizer.model" in result.stdout
+    manifest = json.loads((out / "pera_deploy_manifest.json").read_text())
+    assert manifest["genai_config"] == "genai_config.json" and manifest["genai_skipped"] is None
+    assert manifest["tokenizer_made_from"] == "tokenizer.model"
+    assert not (base / "tokenizer.json").exists()  # written into the output only
+
+    tokenizer = og.Tokenizer(og.Model(str(out)))
+    reference = AutoTokenizer.from_pretrained(base)
+    written, fixture = Tokenizer.from_file(str(out / "tokenizer.json")), Tokenizer.from_file(str(BASE / "tokenizer.json"))
+    spm = sentencepiece.SentencePieceProcessor(model_file=str(base / "tokenizer.model"))
+    bos = json.loads((base / "config.json").read_text())["bos_token_id"]
+    for text in TEXTS:
+        ids = [int(i) for i in tokenizer.encode(text)]
+        with_bos = reference(text)["input_ids"]
+        assert with_bos == [bos, *ids], text
+        assert ids == spm.encode(text) == written.encode(text, add_special_tokens=False).ids, text
+        assert written.encode(text).ids == fixture.encode(text).ids == with_bos, text
+        assert tokenizer.decode([bos, *ids]) == spm.decode(ids), text  # og strips the first space after BOS only
+    assert written.encode(SPACES).ids == fixture.encode(SPACES).ids == reference(SPACES)["input_ids"]
+
+
+def test_genai_refuses_a_tokenizer_model_transformers_cannot_convert(cli, tmp_path):
+    base = sentencepiece_only(tmp_path)
+    (base / "tokenizer.model").write_bytes(b"not a SentencePiece model")
+    refused(cli("export-onnx", base, "-o", tmp_path / "out", "--genai"),
+            f"--genai: {base / 'tokenizer.model'}: transformers cannot make tokenizer.json from it")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spm-only"]
 
 
 def test_readme_genai_example_runs_as_written(cli, tmp_path, monkeypatch):

@@ -439,13 +439,18 @@ def genai_base(fx, tmp_path: Path, **generation) -> Path:
                                         (True, "true: true")])
 def test_genai_token_ids_must_be_ids_of_the_vocabulary(cli, fx, tmp_path, eos, shown):
     """genai_config.json took eos from generation_config.json as it was: ONNX Runtime GenAI
-    then refused the folder ("Expected a number", "must be in range [0, vocab_size)")."""
+    then refused the folder ("Expected a number", "must be in range [0, vocab_size)"). Now
+    --genai refuses it before writing, and by default the graph is exported without
+    genai_config.json, the reason recorded (test_genai.py exports such a folder)."""
+    from pera_deploy.export.onnx.genai import genai_plan
+
     base = genai_base(fx, tmp_path, eos_token_id=eos)
-    out = tmp_path / "out"
-    refused(cli("export-onnx", base, "-o", out), f"{base / 'generation_config.json'}: eos_token_id {shown}",
-            "--no-genai")
-    refused(cli("export-onnx", base, "-o", out, "--genai"), "eos_token_id")
+    why = f"{base / 'generation_config.json'}: eos_token_id {shown}"
+    refused(cli("export-onnx", base, "-o", tmp_path / "out", "--genai"), f"--genai: {why}",
+            "without --genai the graph is exported alone")
     nothing_beside(tmp_path, "base")
+    plan = genai_plan(base, "text-generation-with-past", None)
+    assert not plan.write and plan.skipped is not None and plan.skipped.startswith(why)
 
 
 @needs_onnx

@@ -48,16 +48,17 @@ def bundle_folder(base: Path, output: Path, adapters: dict[str, PeraAdapter], so
             names[name] = peft_names(adapter, checkpoint)
             inputs += adapter_inputs(adapter)
     digests.prefetch([f for a in adapters.values() for f in a.files] + weight_files)
-    branch, chosen, wanted = None, None, False
+    branch, chosen, plan = None, None, None
     if onnx:
         from .onnx.folders import prepare_branch
-        from .onnx.genai import genai_wanted
+        from .onnx.genai import genai_plan
         from .onnx.tasks import derive_task
 
         chosen = derive_task(base, task)
-        wanted = genai_wanted(base, chosen, genai)
+        plan = genai_plan(base, chosen, genai)
         if options is not None:
-            options.update(task=chosen, genai=wanted)
+            # as resolved where it was written; else as given, so reproduce skips it for the same reason
+            options.update(task=chosen, genai=True if plan.write else genai)
         branch = prepare_branch(base, adapters)
 
     def write(folder: Path) -> Written:
@@ -77,12 +78,12 @@ def bundle_folder(base: Path, output: Path, adapters: dict[str, PeraAdapter], so
             summaries[name] = export_summary(export)
             del export
         sections: dict[str, Any] = {"adapters_written": summaries}
-        if branch is not None and chosen is not None:
+        if branch is not None and chosen is not None and plan is not None:
             from .onnx.folders import write_branch_graph
 
             (folder / "onnx").mkdir()
             graph_check, onnx_sections = write_branch_graph(folder / "onnx", branch, chosen, opset, "float32",
-                                                            base_record["sha256"], wanted)
+                                                            base_record["sha256"], plan)
             checks.append(graph_check)
             sections["onnx"] = onnx_sections
         max_rank = vllm_rank(max(summary["r"] for summary in summaries.values()))

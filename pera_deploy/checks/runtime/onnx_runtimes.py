@@ -133,7 +133,8 @@ class GenAIRunner(Runner):
         folder = artifact.onnx
         if not (folder / "genai_config.json").is_file():
             raise InputError(f"{folder}: no genai_config.json, which onnxruntime_genai.Model needs (export-onnx writes "
-                             "it for the decoders GenAI runs, unless --no-genai)")
+                             "it where GenAI can run the folder, unless --no-genai; its manifest's genai_skipped says "
+                             "why it did not)")
         self.og = og
         self.version = f"onnxruntime-genai {og.__version__}"
         self.compute = self.dtype = graph_dtype(folder / "model.onnx", self.runtime)

@@ -29,14 +29,14 @@ from ...publish import Written, adapter_inputs, publish
 from ...publish.manifest import adapter_record, model_record
 from ..merged import merge_folder
 from .adapters import branch_factors, write_adapter_file
-from .genai import write_genai_config
+from .genai import GenaiPlan, write_genai_config
 from .graph import data_readable_as_graph, set_metadata, to_float16
 from .trace import export_branch_graph, export_model
 
 
 def export_merged_folder(model: Path, output: Path, adapter: tuple[str, PeraAdapter] | None, task: str,
                          opset: int | None, dtype: str, force: bool, digests: Digests,
-                         options: dict[str, Any], genai: bool = False) -> Report:
+                         options: dict[str, Any], genai: GenaiPlan) -> Report:
     """`model` exported as it is, or with `adapter` merged into it first (in float32, in a
     scratch folder inside the temporary output folder, removed before publishing)."""
     with ModelFolder(model) as checkpoint:
@@ -64,8 +64,7 @@ def export_merged_folder(model: Path, output: Path, adapter: tuple[str, PeraAdap
                          config=model_class(folder)[0])
         if folder != model:
             shutil.rmtree(folder)
-        sections = {"graph": "merged", "task": task, "metadata": metadata,
-                    "genai_config": write_genai_config(out, model) if genai else None}
+        sections = {"graph": "merged", "task": task, "metadata": metadata, **write_genai_config(out, model, genai)}
         return Written([check], inputs, sections)
 
     def write(out: Path) -> Written:
@@ -120,7 +119,7 @@ def prepare_branch(base: Path, adapters: dict[str, PeraAdapter]) -> BranchExport
 
 
 def write_branch_graph(out: Path, branch: BranchExport, task: str, opset: int | None, dtype: str,
-                       base_sha256: str, genai: bool = False) -> tuple[OnnxOutputsCheck, dict[str, Any]]:
+                       base_sha256: str, genai: GenaiPlan) -> tuple[OnnxOutputsCheck, dict[str, Any]]:
     """model.onnx with the branch inputs and NAME.onnx_adapter for each adapter in `out`,
     validated with no adapter and with each; returns the check and the manifest sections."""
     export_branch_graph(branch.base, out, task, opset, branch.modules, branch.model)
@@ -151,13 +150,13 @@ def write_branch_graph(out: Path, branch: BranchExport, task: str, opset: int | 
                 "adapter_files": {name: {"file": files[name].name, "rank": ranks[name],
                                          "modules": sorted(branch.targets[name].values())}
                                   for name in branch.adapters},
-                "genai_config": write_genai_config(out, branch.base) if genai else None}
+                **write_genai_config(out, branch.base, genai)}
     return check, sections
 
 
 def export_branch_folder(base: Path, output: Path, adapters: dict[str, PeraAdapter], task: str, opset: int | None,
                          dtype: str, force: bool, digests: Digests, options: dict[str, Any],
-                         genai: bool = False) -> Report:
+                         genai: GenaiPlan) -> Report:
     """The base graph with a swappable branch at every module any adapter targets, and one
     `NAME.onnx_adapter` per adapter; validated with no adapter and with each."""
     with ModelFolder(base) as checkpoint:

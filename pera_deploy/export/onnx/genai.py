@@ -9,11 +9,19 @@ and values rather than writing into a preallocated buffer, so `past_present_shar
 is false: true fails on it (a `present.0.key` shape error in GenAI). The token ids are
 checked before anything is written (`special_tokens`): GenAI loads only integers of the
 vocabulary there.
+
+By default (`genai_plan`) a folder GenAI cannot run (not a decoder, a model type it does not
+run, no tokenizer, token ids it refuses) is exported all the same, for plain ONNX Runtime,
+and the manifest's `genai_skipped` says why it has no genai_config.json: the graph never
+depended on GenAI. `--genai` makes the same reason bad input, before anything is written. A
+SentencePiece `tokenizer.model` without `tokenizer.json` (GenAI reads only the latter) gets
+the `tokenizer.json` transformers converts from it (`converted_tokenizer`).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,32 +32,51 @@ from ...io.strict_json import read_json
 GENAI_CONFIG = "genai_config.json"
 # what GenAI's tokenizer reads beside the graph
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# a SentencePiece model, from which transformers makes tokenizer.json where a folder has none
+SENTENCEPIECE_MODEL = "tokenizer.model"
 # decoder model types GenAI runs from a generic config like this one, whose Optimum graph has the
 # usual inputs (input_ids, attention_mask, position_ids, past_key_values.N.key/value); llama (and
 # its relatives below) is what the tests run, generation included
 GENAI_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "olmo", "smollm3"})
 
 
-def genai_wanted(folder: Path, task: str, requested: bool | None) -> bool:
-    """Whether to write genai_config.json: by default for every decoder GenAI can run; asked
-    for explicitly (`--genai`) where it cannot, or without the tokenizer it needs, it is bad
-    input (checked before anything is written)."""
+@dataclass(frozen=True)
+class GenaiPlan:
+    """What an ONNX export does about genai_config.json, settled before anything is written.
+    A folder GenAI cannot run is still exported for plain ONNX Runtime (the manifest says why
+    it has no genai_config.json), unless --genai asked for it."""
+
+    write: bool
+    skipped: str | None = None  # why genai_config.json is not written (None: it is)
+    tokenizer: Any = None  # a transformers fast tokenizer, made from tokenizer.model, to save as tokenizer.json
+
+
+def genai_plan(folder: Path, task: str, requested: bool | None) -> GenaiPlan:
+    """`requested` None (the default): genai_config.json where GenAI can run the folder, and the
+    reason where it cannot; True (--genai): where it cannot is bad input; False: never."""
     if requested is False:
-        return False
+        return GenaiPlan(False, skipped="--no-genai")
+    try:
+        return GenaiPlan(True, tokenizer=genai_obstacles(folder, task))
+    except InputError as exc:
+        if requested:
+            raise InputError(f"--genai: {exc}; without --genai the graph is exported alone") from None
+        return GenaiPlan(False, skipped=str(exc))
+
+
+def genai_obstacles(folder: Path, task: str) -> Any:
+    """InputError naming the first thing that keeps GenAI from running the export of `folder`
+    (the task, the model type, the tokenizer, the token ids); else the tokenizer to write as
+    tokenizer.json (None where the folder has one)."""
     model_type = read_json(folder / "config.json").get("model_type")
     if not task.startswith("text-generation"):
-        if requested:
-            raise InputError(f"--genai: {folder} exports as task {task!r}; ONNX Runtime GenAI runs decoders "
-                             "(text-generation) only")
-        return False
+        raise InputError(f"{folder} exports as task {task!r}; ONNX Runtime GenAI runs decoders (text-generation) only")
     if model_type not in GENAI_MODEL_TYPES:
-        if requested:
-            raise InputError(f"--genai: model type {model_type!r} of {folder / 'config.json'} is not one pera-deploy "
-                             f"writes {GENAI_CONFIG} for ({', '.join(sorted(GENAI_MODEL_TYPES))})")
-        return False
-    require_tokenizer(folder)
+        raise InputError(f"model type {model_type!r} of {folder / 'config.json'} is not one pera-deploy writes "
+                         f"{GENAI_CONFIG} for ({', '.join(sorted(GENAI_MODEL_TYPES))})")
+    tokenizer = tokenizer_to_write(folder)
     special_tokens(folder)
-    return True
+    return tokenizer
 
 
 def special_tokens(folder: Path) -> dict[str, Any]:
@@ -61,7 +88,7 @@ def special_tokens(folder: Path) -> dict[str, Any]:
     config_path, generation_path = folder / "config.json", folder / "generation_config.json"
     config = read_json(config_path)
     generation = read_json(generation_path) if generation_path.is_file() else {}
-    hint = f"ONNX Runtime GenAI ({GENAI_CONFIG}) needs it; fix it, or pass --no-genai"
+    hint = f"ONNX Runtime GenAI ({GENAI_CONFIG}) needs it"
     vocab = config.get("vocab_size")
     if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1:
         raise InputError(f"{config_path}: vocab_size {vocab!r} is not a positive integer; {hint}")
@@ -152,19 +179,64 @@ def genai_config(folder: Path, graph: Path) -> dict[str, Any]:
     }
 
 
-def require_tokenizer(folder: Path) -> None:
-    """GenAI runs a folder only with its tokenizer beside the graph: say what is missing."""
-    missing = [name for name in TOKENIZER_FILES if not (folder / name).is_file()]
+def tokenizer_to_write(folder: Path) -> Any:
+    """None where `folder` has the tokenizer files GenAI reads beside the graph; where only
+    tokenizer.json is missing and a SentencePiece tokenizer.model is there, the fast tokenizer
+    transformers converts from it, to be written as tokenizer.json; else InputError saying
+    what is missing. GenAI's tokenizer (onnxruntime-extensions' TokenJsonConfig) opens
+    tokenizer_config.json and tokenizer.json and nothing else: og 0.18 refuses a Llama folder
+    with only tokenizer.model ("Invalid file: tokenizer.json") and one without
+    tokenizer_config.json ("Failed to open a json file")."""
+    has_json, has_model = (folder / "tokenizer.json").is_file(), (folder / SENTENCEPIECE_MODEL).is_file()
+    missing = [] if has_json or has_model else [f"tokenizer.json (nor a {SENTENCEPIECE_MODEL} to make it from)"]
+    missing += [] if (folder / "tokenizer_config.json").is_file() else ["tokenizer_config.json"]
     if missing:
-        raise InputError(f"{folder}: no {' or '.join(missing)}: ONNX Runtime GenAI ({GENAI_CONFIG}) needs the "
-                         "model's tokenizer beside the graph; add the tokenizer files, or pass --no-genai")
+        raise InputError(f"{folder}: no {' and no '.join(missing)}: ONNX Runtime GenAI reads the model's tokenizer "
+                         "(tokenizer.json and tokenizer_config.json) beside the graph")
+    if has_json:
+        return None
+    return converted_tokenizer(folder)
 
 
-def write_genai_config(out: Path, folder: Path) -> str:
+def converted_tokenizer(folder: Path) -> Any:
+    """The fast tokenizer transformers makes from `folder`'s SentencePiece tokenizer.model, as
+    `AutoTokenizer.from_pretrained(folder)` does (and so Optimum's exporter): the class and its
+    options (legacy, add_prefix_space, added tokens, BOS post-processor) from
+    tokenizer_config.json, converted by `convert_slow_tokenizer`. Local files only (the
+    caller is offline); sentencepiece and protobuf (the `onnx` extra) read the model."""
+    import importlib.util
+
+    source = folder / SENTENCEPIECE_MODEL
+    absent = [name for name, module in (("sentencepiece", "sentencepiece"), ("protobuf", "google.protobuf"))
+              if importlib.util.find_spec(module.split(".")[0]) is None]
+    if absent:
+        raise InputError(f"{source}: making tokenizer.json from it needs {' and '.join(absent)} (pip install "
+                         "'pera-deploy[onnx]')")
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), use_fast=True, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure of transformers' loader or converter: say it, and go on
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise InputError(f"{source}: transformers cannot make tokenizer.json from it ({type(exc).__name__}: "
+                         f"{first})") from None
+    if not tokenizer.is_fast:
+        raise InputError(f"{source}: transformers has no converter to tokenizer.json for {type(tokenizer).__name__}")
+    return tokenizer
+
+
+def write_genai_config(out: Path, folder: Path, plan: GenaiPlan) -> dict[str, Any]:
     """genai_config.json for `out/model.onnx` (exported from `folder`, whose tokenizer files
-    the export copied beside it); returns the file's name for the manifest."""
+    the export copied beside it), and tokenizer.json where `plan` made one from tokenizer.model;
+    or nothing, and why. Returns the manifest's sections: genai_config (the file's name, or
+    None), genai_skipped (the reason, or None) and tokenizer_made_from."""
+    if not plan.write:
+        return {"genai_config": None, "genai_skipped": plan.skipped, "tokenizer_made_from": None}
+    if plan.tokenizer is not None:  # the same file save_pretrained writes, whatever Optimum left there
+        plan.tokenizer.backend_tokenizer.save(str(out / "tokenizer.json"))
     write_json(out / GENAI_CONFIG, genai_config(folder, out / "model.onnx"))
     missing = [name for name in TOKENIZER_FILES if not (out / name).is_file()]
-    if missing:  # copied by the export from the folder require_tokenizer checked
+    if missing:  # copied by the export from the folder tokenizer_to_write checked
         raise InternalError(f"{', '.join(missing)} not copied beside the graph")
-    return GENAI_CONFIG
+    return {"genai_config": GENAI_CONFIG, "genai_skipped": None,
+            "tokenizer_made_from": SENTENCEPIECE_MODEL if plan.tokenizer is not None else None}
