@@ -64,7 +64,7 @@ def _sources(adapter: AdapterLike | Sequence[AdapterLike]) -> list[AdapterLike]:
 def _load_weighted(sources: list[AdapterLike], weights: Sequence[float] | None,
                    load_options: dict[str, Any]) -> PeraAdapter:
     """One adapter as it is, or several (or one with a weight) as their weighted sum."""
-    from .core.combination import combine
+    from .core.combination import combine as weighted_sum  # (not api.combine, the command)
 
     if len(sources) == 1 and weights is None:
         return _load(sources[0], load_options)
@@ -77,7 +77,7 @@ def _load_weighted(sources: list[AdapterLike], weights: Sequence[float] | None,
         while name in names:
             name = f"{adapter.label}-{len(names) + 1}"
         names.append(name)
-    return combine(list(zip(names, loaded)), weights)
+    return weighted_sum(list(zip(names, loaded)), weights)
 
 
 def _given(*paths: Any) -> list[Path]:

@@ -946,16 +946,12 @@ def genai_skipped(m: dict[str, Any], indent: str = "") -> list[str]:
                    "from); elsewhere the graph alone, the report saying why. --genai: elsewhere is an error.")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="float16 converts the float32 graph (and adapter files) after export; checked with a wider tolerance.")
-@click.option("--format", "format_", default=None, metavar="FORMAT", help="Adapter format, instead of detecting it.")
-@click.option("--missing-coefficients", type=click.Choice(["zero", "one"]), default=None,
-              help="How to read layers saved with no coefficient tensor (see merge --help).")
-@click.option("--config", "config", type=click.Path(path_type=Path), default=None, metavar="FILE",
-              help="An adapter_config.json for adapter tensors that come without one.")
+@adapter_options
 @force_option
 @json_option
 @debug_option
 def export_onnx(model: Path, output: Path, adapter_specs: tuple[str, ...], branch: bool, task: str | None,
-                opset: int | None, genai: bool | None, dtype: str, format_: str | None,
+                opset: int | None, genai: bool | None, dtype: str, format_: str | None, adapter_name: str | None,
                 missing_coefficients: str | None, config: Path | None, force: bool) -> None:
     """Export to ONNX, checked with ONNX Runtime against the unmerged PyTorch model.
 
@@ -1007,8 +1003,8 @@ def export_onnx(model: Path, output: Path, adapter_specs: tuple[str, ...], branc
                           *genai_skipped(m), "checked with ONNX Runtime against the unmerged PyTorch model:"] + lines)
 
     _run(lambda: run_export(model, output, adapters=adapters, branch=branch, task=task, opset=opset,
-                                     dtype=dtype, genai=genai, force=force, format=format_,
-                                     missing_coefficients=missing_coefficients, config=config), render)
+                                     dtype=dtype, genai=genai, force=force,
+                                     **_load_options(format_, adapter_name, missing_coefficients, config)), render)
 
 
 @main.command()
@@ -1066,14 +1062,13 @@ def extract(checkpoint: Path, output: Path, format_: str | None, adapter_name: s
 @click.option("--genai/--no-genai", default=None,
               help="With --onnx: genai_config.json for ONNX Runtime GenAI, as export-onnx: by default where GenAI "
                    "can run the graph (else the report says why not); --genai: elsewhere is an error.")
-@click.option("--format", "format_", default=None, metavar="FORMAT", help="Adapter format, instead of detecting it.")
-@click.option("--missing-coefficients", type=click.Choice(["zero", "one"]), default=None,
-              help="How to read layers saved with no coefficient tensor (see merge --help).")
+@adapter_options
 @force_option
 @json_option
 @debug_option
 def bundle(base: Path, output: Path, adapter_specs: tuple[str, ...], base_files: str, onnx: bool, task: str | None,
-           genai: bool | None, format_: str | None, missing_coefficients: str | None, force: bool) -> None:
+           genai: bool | None, format_: str | None, adapter_name: str | None, missing_coefficients: str | None,
+           config: Path | None, force: bool) -> None:
     """Package one base and several PERA (or LoRA) adapters for PEFT, vLLM and ONNX Runtime.
 
     \b
@@ -1090,14 +1085,14 @@ def bundle(base: Path, output: Path, adapter_specs: tuple[str, ...], base_files:
           --adapter pera=fixtures/examples/llama-pera --adapter second=fixtures/examples/llama-pera-2
     """
     from .api import bundle as run_bundle
-    from .options import adapter_name
+    from .options import adapter_name as served_name  # (not the --adapter-name parameter)
 
     adapters: dict[str, Path] = {}
     for spec in adapter_specs:
         name, sep, path = spec.partition("=")
         if not sep:
             raise InputError(f"--adapter {spec!r}: expected NAME=PATH")
-        adapter_name(name)
+        served_name(name)
         if name in adapters:
             raise InputError(f"--adapter {name}: the name is given twice")
         adapters[name] = Path(path)
@@ -1114,7 +1109,8 @@ def bundle(base: Path, output: Path, adapter_specs: tuple[str, ...], base_files:
         return "\n".join(lines)
 
     _run(lambda: run_bundle(base, output, adapters, base_files=base_files, onnx=onnx, task=task, genai=genai,
-                                     force=force, format=format_, missing_coefficients=missing_coefficients), render)
+                                     force=force, **_load_options(format_, adapter_name, missing_coefficients, config)),
+         render)
 
 
 @main.command()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -179,6 +180,40 @@ def test_adapter_name_option(cli, fx, tmp_path):
     assert info["adapter_name"] == "second" and info["scaling"] == [1.0]
     result = cli("merge", fx["llama-multi"], fx["llama-base"], "-o", tmp_path / "m", "--adapter-name", "second", "--json")
     assert json.loads(result.stdout)["adapter"]["adapter_name"] == "second"
+
+
+ADAPTER_READERS = ("inspect", "merge", "verify", "unmerge", "export-lora", "export-gguf", "export-onnx", "combine",
+                   "extract", "bundle")
+
+
+def test_every_command_that_reads_adapters_takes_the_same_adapter_options():
+    """Issue 21, item 4: --format, --config, --adapter-name and --missing-coefficients on every
+    command that reads an adapter, from one decorator (the same name, type and help)."""
+    from pera_deploy.cli import main
+
+    def adapter_params(command: str) -> dict[str, tuple]:
+        params = {p.name: p for p in main.commands[command].params}
+        return {name: (tuple(params[name].opts), params[name].help, params[name].type.to_info_dict())
+                for name in ("format_", "config", "adapter_name", "missing_coefficients") if name in params}
+
+    first = adapter_params("merge")
+    assert len(first) == 4
+    for command in ADAPTER_READERS:
+        assert adapter_params(command) == first, command
+
+
+def test_bundle_reads_a_state_dict_with_config_and_a_folder_by_adapter_name(cli, fx, tmp_path):
+    """bundle --config (a trained state dict that comes without its config) and --adapter-name
+    (one adapter of a PEFT folder holding several), which the CLI did not offer before."""
+    state = shutil.copy(fx["llama-peft"] / "adapter_model.safetensors", tmp_path / "step-100.safetensors")
+    config = shutil.copy(fx["llama-peft"] / "adapter_config.json", tmp_path / "trained-config.json")
+    assert cli("bundle", fx["llama-base"], "-o", tmp_path / "b", "--adapter", f"a={state}").exit_code == 2
+    result = cli("bundle", fx["llama-base"], "-o", tmp_path / "b", "--adapter", f"a={state}", "--config", config,
+                 "--base-files", "symlink", "--json")
+    assert result.exit_code == 0, result.stderr
+    result = cli("bundle", fx["llama-base"], "-o", tmp_path / "m", "--adapter", f"two={fx['llama-multi']}",
+                 "--adapter-name", "second", "--base-files", "symlink", "--json")
+    assert result.exit_code == 0, result.stderr
 
 
 def _tensors(path: Path) -> dict[str, np.ndarray]:

@@ -460,3 +460,26 @@ def test_a_tensor_written_in_parts_must_be_whole(tmp_path):
         writer.write_tensor("b", np.zeros(2, np.float32))
     with pytest.raises(RuntimeError, match="closed before a"):
         writer.close()
+
+
+def test_no_local_import_shadows_a_parameter_or_a_name_of_its_module():
+    """A function's local `from X import name` must not rebind one of its parameters or a
+    function of its own module (issue 21: bundle's `from .options import adapter_name` hid
+    its --adapter-name parameter, an exit 3 once the option was added; api._load_weighted's
+    `combine` hid api.combine)."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        own = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            args = fn.args
+            params = {a.arg for a in [*args.posonlyargs, *args.args, *args.kwonlyargs]}
+            for node in ast.walk(fn):
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    for alias in node.names:
+                        bound = alias.asname or alias.name.split(".")[0]
+                        if bound in params or bound in own:
+                            found.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {fn.name}() imports {bound}")
+    assert not found, found
