@@ -14,6 +14,7 @@ run's outcome alone.
 from __future__ import annotations
 
 import getpass
+import importlib
 import logging
 import os
 import re
@@ -88,7 +89,7 @@ def quiet_transformers() -> Iterator[None]:
     optimum_logging: Any = None
     if sys.modules.get("optimum") is not None:  # only quieten Optimum when it is already loaded
         try:
-            from optimum.utils import logging as optimum_logging
+            optimum_logging = importlib.import_module("optimum.utils.logging")
         except ImportError:
             optimum_logging = None
     optimum_level = optimum_logging.get_verbosity() if optimum_logging else None

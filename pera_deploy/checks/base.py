@@ -55,7 +55,8 @@ class Report:
         return next((c for c in self.checks if c.kind == kind), None)
 
     def to_dict(self) -> dict[str, Any]:
-        data = {"command": self.command, "output": str(self.output) if self.output else None, "passed": self.passed}
+        data: dict[str, Any] = {"command": self.command, "output": str(self.output) if self.output else None,
+                                "passed": self.passed}
         if self.manifest:
             data.update(self.manifest)
         else:

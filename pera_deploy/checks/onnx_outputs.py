@@ -14,7 +14,7 @@ import inspect
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -181,7 +181,7 @@ Reference = Callable[[], tuple[nn.Module, AbstractContextManager]]
 
 
 def validate(onnx_path: Path, model: nn.Module | Reference,
-             runs: list[tuple[str, Path | None, Callable[[], AbstractContextManager]]],
+             runs: Sequence[tuple[str, Path | None, Callable[[], AbstractContextManager]]],
              float16: bool, seed: int = 0, config: Any = None) -> OnnxOutputsCheck:
     """Run the graph once per (label, adapter file or None, reference hooks) and compare.
 
@@ -199,7 +199,7 @@ def validate(onnx_path: Path, model: nn.Module | Reference,
     import onnxruntime as ort
 
     loaded = isinstance(model, nn.Module)
-    config = model.config if loaded else config
+    config = model.config if isinstance(model, nn.Module) else config
     sess = session(onnx_path)
     dtype = np.float16 if float16 else np.float32
     tolerance = FLOAT16_TOLERANCE if float16 else FLOAT32_TOLERANCE
@@ -219,7 +219,7 @@ def validate(onnx_path: Path, model: nn.Module | Reference,
         del adapter
     del sess
     gc.collect()
-    reference_model, held = (model, nullcontext()) if loaded else model()
+    reference_model, held = (model, nullcontext()) if isinstance(model, nn.Module) else model()
     checks = []
     with held:
         for (label, _, reference), got in zip(runs, graph_outputs):

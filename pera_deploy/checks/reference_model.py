@@ -13,7 +13,7 @@ import zlib
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -45,6 +45,9 @@ def _targets(model: nn.Module, adapter: PeraAdapter) -> dict[str, nn.Module]:
     return {path: modules[name] for path, name in targets_in_model(model, adapter).items()}
 
 
+HooksT = TypeVar("HooksT", bound="_Hooks")
+
+
 class _Hooks:
     """Forward hooks on the adapted modules, removed on exit; the weights are left alone."""
 
@@ -56,7 +59,7 @@ class _Hooks:
             handle.remove()
         self.handles = []
 
-    def __enter__(self) -> _Hooks:
+    def __enter__(self: HooksT) -> HooksT:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -191,11 +194,11 @@ def uniform_noise(rng: np.random.Generator, shape: tuple[int, ...], scale: float
 
 
 def _noise_hook(layer: Any, module: nn.Module, unit_roundoff: float, seed: int,
-                factors: Callable[[], tuple[Tensor, Tensor]] | None):
+                factors: Callable[[], tuple[Tensor, Tensor]] | None) -> Callable[..., Tensor]:
     """output + x·(E ∘ U)ᵀ, E = W0 + ΔW the module's effective weight, U uniform noise of ±u:
     worked through in blocks of the weight's stored rows, so neither E nor U is ever whole."""
     def hook(mod: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
-        weight = module.weight.detach()
+        weight = cast(Tensor, module.weight).detach()
         b_hat, a_hat = factors() if factors is not None else torch_factors(layer, torch.float32)
         # rows as the weight is stored: Linear (out, in) with ΔW = B̂Â; Conv1D (in, out) with ΔWᵀ = ÂᵀB̂ᵀ
         left, right = (a_hat.T, b_hat.T) if layer.fan_in_fan_out else (b_hat, a_hat)

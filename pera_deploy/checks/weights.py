@@ -280,9 +280,9 @@ def check_tensors(names: Iterable[str], merged: TensorSource, base: ModelFolder,
                                                     adapter.layers[m.module],
                                                     m.transpose, name, every, sign, tolerant))
         elif name in extras:
-            want = adapter.extra_tensors[extras[name].name]
+            trained = adapter.extra_tensors[extras[name].name]
             got = merged.get(name)
-            if same_bits(got, convert(want, code_of(got))):
+            if same_bits(got, convert(trained, code_of(got))):
                 report.extras_ok += 1
             else:
                 report.extras_bad.append(name)
@@ -292,8 +292,7 @@ def check_tensors(names: Iterable[str], merged: TensorSource, base: ModelFolder,
                 same = same_bytes(out, source)
             else:
                 got = merged.get(name)
-                want = base.get(source.name)
-                same = same_bits(got, convert(want, code_of(got)))
+                same = same_bits(got, convert(base.get(source.name), code_of(got)))
             if same:
                 report.identical += 1
             else:

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from typing import Iterable
 
+# Where PEFT's keys put a module: `base_model.model.<its path in the base model>`.
+PEFT_PREFIX = "base_model.model."
+
 
 def common_suffix(a: list[str], b: list[str]) -> int:
     """How many trailing components two split names share."""

@@ -26,6 +26,7 @@ import numpy as np
 from ..checks.base import Report
 from ..checks.numerics import same_bits
 from ..core.adapter import PeraAdapter
+from ..core.names import PEFT_PREFIX
 from ..errors import InputError
 from ..io.digests import Digests
 from ..io.model_files import write_json
@@ -36,7 +37,6 @@ from ..publish.manifest import adapter_record
 from ..publish.model_card import ModelCard
 from .lora import peft_names
 
-PREFIX = "base_model.model."
 PROVENANCE = "pera_deploy"
 
 
@@ -46,7 +46,7 @@ def canonical_state(adapter: PeraAdapter, names: dict[str, str]) -> dict[str, np
     their bytes are written unchanged."""
     state: dict[str, np.ndarray] = {}
     for module, layer in adapter.layers.items():
-        key = PREFIX + names.get(module, module)
+        key = PEFT_PREFIX + names.get(module, module)
         state[f"{key}.lora_A.weight"] = np.ascontiguousarray(layer.A)
         state[f"{key}.lora_B.weight"] = np.ascontiguousarray(layer.B)
         if layer.layout != "lora":
@@ -54,7 +54,7 @@ def canonical_state(adapter: PeraAdapter, names: dict[str, str]) -> dict[str, np
         if layer.hB is not None:
             state[f"{key}.pera_h_B"] = np.ascontiguousarray(layer.hB)
     for name, tensor in adapter.extra_tensors.items():
-        state[PREFIX + names.get(name, name)] = np.ascontiguousarray(tensor)
+        state[PEFT_PREFIX + names.get(name, name)] = np.ascontiguousarray(tensor)
     return state
 
 

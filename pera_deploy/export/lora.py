@@ -24,6 +24,7 @@ from ..core.adapter import PeraAdapter, PeraLayer
 from ..core.dtypes import OUTPUT_CODES
 from ..core.limits import require_storable
 from ..core.lowrank import choose_rank, factored_norm, factored_svd, one_blas_thread, total_relative_error
+from ..core.names import PEFT_PREFIX
 from ..errors import InputError
 from ..io.digests import Digests
 from ..io.model_files import write_json
@@ -39,7 +40,6 @@ from ..publish.model_card import ModelCard
 # PEFT task types whose model wraps a task head as modules_to_save, expecting its weights.
 HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
 LORA_DTYPES = {name: OUTPUT_CODES[name] for name in LORA_DTYPE_NAMES}  # --dtype → safetensors code
-PEFT_PREFIX = "base_model.model."
 
 
 @dataclass

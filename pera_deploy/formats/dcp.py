@@ -40,7 +40,7 @@ from ..io.safe_unpickle import Inert, inert_name
 from ..io.schema import shown
 from ..io.torch_save import StoredTensor, TorchDtype, is_tensor, loads_safely
 from .registry import AdapterFormat, LoadOptions
-from .training_keys import FACTOR_KEY, Found, normalize, read_adapter
+from .training_keys import FACTOR_KEY, Found, Tensor, normalize, read_adapter
 
 NAME = "dcp"
 METADATA = ".metadata"
@@ -242,8 +242,8 @@ def read_found(path: Path) -> Found:
     for info in metadata.storage_data.values():  # every path the checkpoint names, read or not, lies inside it
         name = info.get("relative_path")
         if not (isinstance(name, str) and name in seen):
-            contained_file(path, name, f"{where}: relative_path")
-            seen.add(name)
+            contained_file(path, name, f"{where}: relative_path")  # refuses a name that is not a str too
+            seen.add(str(name))
     planner = metadata.planner_data
     entries = {fqn: fields for fqn, md in metadata.state_dict_metadata.items()
                if (fields := _fields(md, "TensorStorageMetadata")) is not None}
@@ -271,7 +271,7 @@ def read_found(path: Path) -> Found:
     if duplicates & {names[f] for f in wanted}:
         raise InputError(f"{path}: tensor {sorted(duplicates)[0]} appears under several top-level keys; "
                          "pera-deploy cannot tell which is the adapter")
-    tensors = {names[fqn]: getter(fqn) for fqn in entries}
+    tensors: dict[str, Callable[[], Tensor]] = {names[fqn]: getter(fqn) for fqn in entries}
     read = sorted({chunk.file for entry in checked for chunk in entry.chunks})
     return Found(tensors, "a torch.distributed.checkpoint folder", path, [where, *read])
 

@@ -42,8 +42,9 @@ import math
 import os
 import re
 from collections import Counter
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeGuard
 
 import numpy as np
 
@@ -53,7 +54,7 @@ from ..io.paths import allowed_roots, checked_file, inside, real_path
 from ..io.safe_unpickle import Inert
 from ..io.torch_save import StoredTensor, is_tensor, load_checkpoint
 from .registry import AdapterFormat, LoadOptions
-from .training_keys import Found, Tensor, read_adapter
+from .training_keys import Found, Tensor, holding, read_adapter
 
 NAME = "deepspeed"
 RANK_FILE = re.compile(r"^(?:bf16_)?(?:zero_pp_rank_(?P<dp>\d+)_)?mp_rank_(?P<mp>\d+)_(?P<kind>model|optim)_states\.pt$")
@@ -255,7 +256,7 @@ def _optimizer_step(state: dict[str, Any]) -> Any:
     return steps[0] if len(set(steps)) == 1 else tuple(steps)
 
 
-def _dense(value: Any, dims: int | None = None) -> bool:
+def _dense(value: Any, dims: int | None = None) -> TypeGuard[StoredTensor]:
     """A plain dense floating-point tensor (not meta, sparse or nested), of `dims` dimensions."""
     return isinstance(value, StoredTensor) and value.floating and (dims is None or value.ndim == dims)
 
@@ -325,12 +326,12 @@ def _slice_mappings(state: dict[str, Any], groups: int) -> list[dict[str, tuple[
     raw = state.get("param_slice_mappings")
     if not isinstance(raw, list) or len(raw) != groups or not all(isinstance(g, dict) for g in raw):
         return None
-    out = []
+    out: list[dict[str, tuple[int, int]]] = []
     for group in raw:
         parsed = {name: _fragment(value) for name, value in group.items()}
         if not all(isinstance(n, str) and f is not None for n, f in parsed.items()):
             return None
-        out.append(parsed)  # type: ignore[arg-type]
+        out.append({n: f for n, f in parsed.items() if f is not None})
     return out
 
 
@@ -368,7 +369,7 @@ def _zero12(folder: Path, model: dict[int, Path], optim: dict[int, Path]) -> Fou
     if not isinstance(module, dict):
         raise InputError(f"{model[0]}: no module state dict in it")
     module = {k: v for k, v in module.items() if isinstance(k, str) and is_tensor(v)}
-    tensors: dict[str, Callable[[], Tensor]] = {k: (lambda t=v: t) for k, v in module.items()}
+    tensors: dict[str, Callable[[], Tensor]] = {k: holding(v) for k, v in module.items()}
     details = _provenance(state)
     if not optim:
         weights = _stage0_masters(state, module, tensors)
@@ -406,8 +407,7 @@ def _zero12(folder: Path, model: dict[int, Path], optim: dict[int, Path]) -> Fou
         if mappings is not None:
             _check_mappings(optim, mappings, group, names, offsets, size)
         for (name, shape), offset in zip(names.items(), offsets):
-            tensors[name] = (lambda f=full, o=offset, n=name, s=shape, p=size: _master(
-                f[o:o + math.prod(s)].reshape(s), n, module.get(n), o, p, optim, model[0]))
+            tensors[name] = partial(_master_slice, full, offset, name, shape, size, module, optim, model)
     details.update(zero_stage=stage, ranks=world, weights="fp32 master weights, from the optimizer partitions (each "
                    "checked to round to the module's copy)")
     return Found(tensors, f"a DeepSpeed ZeRO-{stage} checkpoint ({folder.name}, {world} rank{'s' * (world > 1)})",
@@ -515,6 +515,13 @@ def _check_mappings(optim: dict[int, Path], mappings: list[list[dict[str, tuple[
                              f"not rank {rank}'s file")
 
 
+def _master_slice(full: np.ndarray, offset: int, name: str, shape: tuple[int, ...], size: int,
+                  module: dict[str, Tensor], optim: dict[int, Path], model: dict[int, Path]) -> np.ndarray:
+    """`name`'s fp32 master, cut from the gathered flat partition `full` when the adapter asks."""
+    return _master(full[offset:offset + math.prod(shape)].reshape(shape), name, module.get(name), offset, size,
+                   optim, model[0])
+
+
 def _master(master: np.ndarray, name: str, copy: Tensor | None, offset: int, size: int, optim: dict[int, Path],
             model: Path) -> np.ndarray:
     """The fp32 master of `name`, checked to round to the module's copy where the model states
@@ -563,7 +570,7 @@ def _stage0_masters(state: dict[str, Any], module: dict[str, Tensor],
     if current is not None:
         return "module copies, in the training dtype (its fp32 masters could not be matched to names)"
     for name, master in assigned.items():
-        tensors[name] = (lambda t=master: t)
+        tensors[name] = holding(master)
     return ("fp32 master weights, from the mixed-precision optimizer (matched by shape and order, each "
             "rounding to the module's copy)")
 
@@ -614,7 +621,7 @@ def _zero3(folder: Path, model: dict[int, Path], optim: dict[int, Path]) -> Foun
     offset = 0
     for name, shape in shapes.items():
         partitioned = math.ceil(math.prod(shape) / world)
-        tensors[name] = (lambda o=offset, p=partitioned, s=shape: gather(o, p, s))
+        tensors[name] = partial(gather, offset, partitioned, shape)
         offset += partitioned
     if offset != bounds[-1]:
         raise InputError(f"{optim[0]}: parameters use {offset} of the {bounds[-1]} elements of each rank's partition: "
@@ -623,12 +630,12 @@ def _zero3(folder: Path, model: dict[int, Path], optim: dict[int, Path]) -> Foun
     if isinstance(frozen, dict):
         for name, shape in frozen.items():  # the frozen base: named (and counted), never read
             if isinstance(name, str) and name not in tensors:
-                tensors[name] = (lambda n=name, s=shape: _frozen(states, model, n, s))
+                tensors[name] = partial(_frozen, states, model, name, shape)
     buffers = states[0].get("module")
     names = states[0].get("buffer_names")
     for name in names if isinstance(names, list) and isinstance(buffers, dict) else []:
         if isinstance(name, str) and name not in tensors and is_tensor(buffers.get(name)):
-            tensors[name] = (lambda t=buffers[name]: t)
+            tensors[name] = holding(buffers[name])
     details = {"zero_stage": 3, **_provenance(states[0]), "ranks": world,
                "weights": f"fp32 master weights, gathered from {world} ZeRO-3 partition{'s' * (world > 1)}"}
     files = [model[r] for r in range(world)] + [optim[r] for r in range(world)]
@@ -644,7 +651,7 @@ def _frozen(states: list[dict[str, Any]], model: dict[int, Path], name: str, sha
         piece = fragments.get(name) if isinstance(fragments, dict) else None
         if not _dense(piece):
             raise InputError(f"{model[rank]}: no frozen_param_fragments entry for {_short(name)}")
-        pieces.append(piece.read(name).reshape(-1))  # type: ignore[union-attr]
+        pieces.append(piece.read(name).reshape(-1))
     numel = math.prod(shape) if isinstance(shape, (tuple, list)) else -1
     full = np.concatenate(pieces)
     if numel < 0 or full.size < numel:

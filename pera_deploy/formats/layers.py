@@ -67,9 +67,9 @@ def check_layer(module: str, parts: Mapping[Role, TensorMeta], path: Path, *,
             raise InputError(f"{where}: {ROLE_NAMES[role]} has dtype {t.dtype}; adapter factors and coefficients "
                              f"must be {', '.join(FACTOR_DTYPES[:-1])} or {FACTOR_DTYPES[-1]}")
     A, B = parts["A"].shape, parts["B"].shape
-    for role, shape in (("lora_A", A), ("lora_B", B)):
+    for factor, shape in (("lora_A", A), ("lora_B", B)):
         if len(shape) != 2:
-            raise InputError(f"{where}: {role} has shape {shape}, expected a matrix")
+            raise InputError(f"{where}: {factor} has shape {shape}, expected a matrix")
     r = A[0]
     if B[1] != r:
         raise InputError(f"{where}: lora_A is {A} and lora_B is {B}; their ranks differ")

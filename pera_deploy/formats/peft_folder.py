@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..core.names import PEFT_PREFIX
 from ..errors import InputError
 from ..io.files import read_json
 from .config_schema import validate_adapter_config
@@ -21,7 +22,6 @@ from .registry import LoadOptions
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-PEFT_PREFIX = "base_model.model."
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,13 @@ from ..core.adapter import PeraAdapter
 from ..errors import InputError
 from ..io.files import read_tensors, require_finite
 from . import peft_folder
-from .layers import assemble_layer, build_layers, group_tensors
+from .layers import Role, assemble_layer, build_layers, group_tensors
 from .registry import AdapterFormat, LoadOptions
 
 NAME = "peft"
 T = TypeVar("T")
 
-ROLE_SUFFIXES = (
+ROLE_SUFFIXES: tuple[tuple[str, Role], ...] = (
     (".lora_A.weight", "A"),
     (".lora_B.weight", "B"),
     (".pera_h_A", "hA"),

@@ -14,14 +14,14 @@ from ..core.adapter import PeraAdapter
 from ..errors import InputError
 from ..io.files import read_tensors, require_finite
 from . import peft_folder
-from .layers import assemble_layer, build_layers, group_tensors
+from .layers import Role, assemble_layer, build_layers, group_tensors
 from .registry import AdapterFormat, LoadOptions
 
 NAME = "reference"
 T = TypeVar("T")
 
 # Longest suffix first: "lora_A_parameter_square" must not be read as "lora_A_parameter".
-ROLE_SUFFIXES = (
+ROLE_SUFFIXES: tuple[tuple[str, Role], ...] = (
     (".lora_A_parameter_square", "hA_square"),
     (".lora_A_parameter_cross", "hA_cross"),
     (".lora_A_parameter", "hA"),

@@ -9,6 +9,7 @@ only the adapter's are ever read (training_keys.py).
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,7 +20,7 @@ from ..io.paths import contained_file
 from ..io.safetensors_stream import TensorEntry, read_entry, read_header
 from ..io.torch_save import is_tensor, load_checkpoint
 from .registry import AdapterFormat, LoadOptions
-from .training_keys import Found, Tensor, read_adapter
+from .training_keys import Found, Tensor, holding, read_adapter
 
 NAME = "state-dict"
 
@@ -58,7 +59,7 @@ def tensors_in(obj: Any, path: Path, found: dict[str, Callable[[], Tensor]], hol
             if key in found and holders[key] != container:
                 raise InputError(f"{path}: tensor {key} is both under {holders[key] or 'the top level'} and under "
                                  f"{container or 'the top level'}; pera-deploy cannot tell which is the adapter")
-            found[key] = (lambda t=value: t)
+            found[key] = holding(value)
             holders[key] = container
         elif isinstance(value, dict):
             tensors_in(value, path, found, holders, f"{container}.{key}" if container else key)
@@ -75,7 +76,7 @@ def read_state_dict_files(files: list[Path]) -> dict[str, Callable[[], Tensor]]:
     for file in files:
         if file.suffix == ".safetensors":
             for entry in sorted(read_header(file)[0], key=lambda e: e.name):  # strict header checks first
-                tensors[entry.name] = (lambda e=entry: read_tensor(e))
+                tensors[entry.name] = partial(read_tensor, entry)
         else:
             tensors_in(load_checkpoint(file), file, tensors, holders)
     return tensors

@@ -29,6 +29,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..core.adapter import PeraAdapter
+from ..core.names import PEFT_PREFIX
 from ..errors import InputError
 from ..io.files import read_json, require_finite, tensor_problem
 from ..io.torch_save import OddTensor, StoredTensor
@@ -43,9 +44,13 @@ from .registry import LoadOptions
 # cannot be read, which says why), or values already gathered (a DeepSpeed partition's slice).
 Tensor = StoredTensor | OddTensor | np.ndarray
 
+
+def holding(tensor: Tensor) -> Callable[[], Tensor]:
+    """A tensor already at hand, as the reader `Found` expects (one that reads it on demand)."""
+    return lambda: tensor
+
 LEADING_WRAPPERS = ("module",)  # DistributedDataParallel and DeepSpeed wrap the model as `module`
 ANYWHERE_WRAPPERS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
-PEFT_MARKER = "base_model.model."
 
 # Longest first: `lora_A_parameter_square` must not be read as `lora_A_parameter` or `lora_A`.
 FACTORS = {
@@ -92,10 +97,10 @@ def normalize(name: str) -> tuple[str, list[str]]:
         else:
             kept.append(part)
     joined = ".".join(kept)
-    at = joined.find(PEFT_MARKER)
+    at = joined.find(PEFT_PREFIX)
     if at >= 0 and (at == 0 or joined[at - 1] == "."):
-        dropped.append(joined[: at + len(PEFT_MARKER)])
-        joined = joined[at + len(PEFT_MARKER):]
+        dropped.append(joined[: at + len(PEFT_PREFIX)])
+        joined = joined[at + len(PEFT_PREFIX):]
     return joined, dropped
 
 

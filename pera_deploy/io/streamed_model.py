@@ -122,7 +122,7 @@ class StreamedModel:
 
     @classmethod
     def build(cls, folder: str | Path, dtype: torch.dtype = torch.float32,
-              overrides: Mapping[str, Tensor] | None = None) -> StreamedModel:
+              overrides: Mapping[str, Any] | None = None) -> StreamedModel:
         """The model a local folder holds, built without its weights. `overrides` maps tensor
         names (as the adapter names them, matched like the merge's names) to tensors used
         instead of the checkpoint's. Raises NotStreamable saying why it cannot stream."""
@@ -252,7 +252,7 @@ class StreamedModel:
         self.close()
 
 
-def extra_tensor_targets(model: nn.Module, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def extra_tensor_targets(model: nn.Module, tensors: Mapping[str, Any]) -> dict[str, Tensor]:
     """The adapter's full tensors (modules_to_save, biases) by the model's names for them:
     each must match exactly one parameter or persistent buffer, as merging matches names."""
     names = [n for n, _ in model.named_parameters(remove_duplicate=False)] + [n for n, _ in _persistent_buffers(model)]

@@ -171,7 +171,7 @@ def _stream_merge(plan: MergePlan, t: TensorPlan, entry: TensorEntry, writer: Sh
     with pread into its own buffer) into one half of `ring`, then handed to the writer,
     which writes them while the next round fills the other half.
     """
-    layer = plan.adapter.layers[t.layer]
+    layer = plan.adapter.layers[t.needs(t.layer, "layer")]
     merge = BlockMerge(layer, layer.fan_in_fan_out, entry.shape, entry.dtype, t.dtype, plan.sign)
     out_dtype = carrier(t.dtype)  # bfloat16 as its bits: no ml_dtypes in the merge
     cols = entry.shape[1]
@@ -206,13 +206,13 @@ def _produce(plan: MergePlan, t: TensorPlan) -> np.ndarray:
     """The whole output value of a planned tensor that is not streamed: a merge into a
     pickled weight, a dtype conversion, a tensor the adapter replaces or adds."""
     if t.action == "merge":
-        layer = plan.adapter.layers[t.layer]
-        entry = plan.checkpoint.entries[t.source]
-        return merged_weight(plan.checkpoint.get(t.source), layer, layer.fan_in_fan_out, entry.dtype, t.dtype,
+        layer, source = plan.adapter.layers[t.needs(t.layer, "layer")], t.needs(t.source, "source")
+        entry = plan.checkpoint.entries[source]
+        return merged_weight(plan.checkpoint.get(source), layer, layer.fan_in_fan_out, entry.dtype, t.dtype,
                              plan.sign)
     if t.action in ("copy", "convert"):
-        return convert(plan.checkpoint.get(t.source), t.dtype)
-    return convert(plan.adapter.extra_tensors[t.extra], t.dtype)  # replace / add
+        return convert(plan.checkpoint.get(t.needs(t.source, "source")), t.dtype)
+    return convert(plan.adapter.extra_tensors[t.needs(t.extra, "extra")], t.dtype)  # replace / add
 
 
 def execute_plan(plan: MergePlan, folder: Path, metadata: dict[str, str], progress: bool | None = None,

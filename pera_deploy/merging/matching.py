@@ -9,7 +9,7 @@ sides. Nothing here reads a weight: shapes and dtypes come from the headers.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 from ..core.adapter import PeraAdapter
 from ..core.names import NameIndex
@@ -80,7 +80,7 @@ class Matching:
         return output_name[len(self.base_prefix):] if output_name.startswith(self.base_prefix) else output_name
 
 
-def tied_embeddings(checkpoint: ModelFolder, wanted: list[str] = ()) -> dict[str, str]:
+def tied_embeddings(checkpoint: ModelFolder, wanted: Sequence[str] = ()) -> dict[str, str]:
     """Output-embedding name → the input-embedding tensor it is tied to.
 
     Ties come from shared storage in a pickle, or from `tie_word_embeddings` (default true)

@@ -11,7 +11,7 @@ from typing import Literal
 
 from ..core.adapter import PeraAdapter
 from ..core.dtypes import CODES, FLOAT_CODES, OUTPUT_CODES
-from ..errors import InputError
+from ..errors import InputError, InternalError
 from ..io.model_folder import ModelFolder
 from ..io.safetensors_stream import byte_size, itemsize
 from ..options import OUTPUT_DTYPES, choose
@@ -33,6 +33,13 @@ class TensorPlan:
     @property
     def nbytes(self) -> int:
         return byte_size(self.dtype, self.shape)
+
+    def needs(self, value: str | None, what: str) -> str:
+        """`value` (this plan's source, layer or extra), which its action requires: missing is
+        a broken invariant of the planner, not bad input."""
+        if value is None:
+            raise InternalError(f"tensor plan {self.name} ({self.action}) has no {what}")
+        return value
 
 
 @dataclass(frozen=True)

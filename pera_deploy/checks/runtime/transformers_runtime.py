@@ -6,6 +6,7 @@ float32, so the comparison sees the stored weights and not bfloat16 arithmetic."
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -59,9 +60,9 @@ class TransformersRunner(Runner):
         greedy = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=eos,
                                   pad_token_id=eos if isinstance(eos, int) else 0, bos_token_id=None)
         with torch.no_grad():
-            out = self.model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
-                                      dtype=torch.long), generation_config=greedy, output_logits=True,
-                                      return_dict_in_generate=True)
+            generate: Any = self.model.generate  # a transformers model (typed nn.Module here)
+            out = generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                           generation_config=greedy, output_logits=True, return_dict_in_generate=True)
         tokens = [int(t) for t in out.sequences[0, len(ids):]]
         logits = [np.asarray(step[0].double().numpy()) for step in out.logits]
         return Generation(tokens[:len(logits)], logits)

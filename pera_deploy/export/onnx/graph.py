@@ -38,7 +38,8 @@ def promote_to_inputs(path: Path, modules: dict[str, tuple[int, int]]) -> None:
     promoted: set[str] = set()
     for module, (n_in, n_out) in modules.items():
         rank = f"{module}.rank"
-        for name, shape, symbolic in zip(factor_names(module), ((n_in, 0), (0, n_out)), ([n_in, rank], [rank, n_out])):
+        dims: tuple[list[str | int | None], list[str | int | None]] = ([n_in, rank], [rank, n_out])
+        for name, shape, symbolic in zip(factor_names(module), ((n_in, 0), (0, n_out)), dims):
             placeholder = by_name.get(name)
             if placeholder is None:
                 raise RuntimeError(f"{path}: the exporter did not keep the branch initializer {name}")

@@ -10,9 +10,10 @@ from __future__ import annotations
 import gc
 import warnings
 from pathlib import Path
+from typing import cast
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ...errors import InputError
 from ...io.hf_model import load_model
@@ -82,7 +83,8 @@ def module_dims(path: str, module: nn.Module) -> tuple[int, int]:
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
     if type(module).__name__ == "Conv1D":
-        return module.weight.shape[0], module.weight.shape[1]
+        shape = cast(Tensor, module.weight).shape
+        return int(shape[0]), int(shape[1])
     raise InputError(f"adapter module {path} is a {type(module).__name__}; an ONNX branch can be added only to "
                      "Linear and Conv1D layers (merge the adapter instead: export-onnx without --branch)")
 
