@@ -393,21 +393,17 @@ def export_onnx(model: str | Path, output: str | Path, *, adapters: dict[str, Ad
 
 
 def extract(checkpoint: AdapterLike, output: str | Path, *, base: str | Path | None = None, force: bool = False,
-            digests: Digests | None = None, **load_options: Any) -> Report:
+            dry_run: bool = False, progress: bool | None = None, digests: Digests | None = None,
+            **load_options: Any) -> Any:
     """Write the adapter found in any container (a training checkpoint, a state dict, an
     adapter folder of any format) as a canonical PEFT-style PERA folder, bit-exact to the
     tensors taken, with where they came from in its config and manifest. `base` renames the
-    modules to the base model's own module names (what PEFT matches)."""
-    options = recorded(extract, locals())
-    from .export.extract import extract_folder
-    from .publish.output_folder import check_target
+    modules to the base model's own module names (what PEFT matches). On the driver:
+    `dry_run` returns the plan."""
+    from .export.extract import ExtractOptions
 
-    output = Path(output)
-    check_target(output, force, _given(checkpoint, base, load_options.get("config")))
-    loaded = _load(checkpoint, load_options)
-    with digests_scope(digests) as hasher, offline():
-        return extract_folder(loaded, output, hasher, base=Path(base) if base is not None else None, force=force,
-                              options=options)
+    opts = ExtractOptions(checkpoint=checkpoint, output=output, base=base, **load_options)
+    return drive("extract", opts, force=force, dry_run=dry_run, progress=progress, digests=digests)
 
 
 def combine(adapters: Sequence[AdapterLike], output: str | Path, *, weights: Sequence[float] | None = None,

@@ -1036,10 +1036,12 @@ def export_onnx(model: Path, output: Path, adapter_specs: tuple[str, ...], branc
 @click.option("--base", type=click.Path(path_type=Path), default=None,
               help="Name modules as this base model's transformers class does (what PEFT matches), and check shapes.")
 @force_option
+@writer_options
 @json_option
 @debug_option
 def extract(checkpoint: Path, output: Path, format_: str | None, adapter_name: str | None,
-            missing_coefficients: str | None, config: Path | None, base: Path | None, force: bool) -> None:
+            missing_coefficients: str | None, config: Path | None, base: Path | None, force: bool, dry_run: bool,
+            progress: bool | None) -> None:
     """Write the PERA adapter found in a training checkpoint as a canonical PEFT-style PERA folder.
 
     \b
@@ -1058,18 +1060,9 @@ def extract(checkpoint: Path, output: Path, format_: str | None, adapter_name: s
     """
     from .api import extract as run_extract
 
-    def render(report: Any) -> str:
-        m = report.manifest
-        source = m["adapter"].get("container", {})
-        lines = [f"wrote {output}: {m['adapter']['modules']} modules, r={_fmt_list(m['adapter']['r'])}, "
-                 f"from {m['extracted']['extracted_from']['container']}"]
-        if source:
-            lines.append(f"  took {source.get('tensors_taken')} tensors, ignored {source.get('tensors_ignored')}"
-                         + (f"; weights: {source['weights']}" if source.get("weights") else ""))
-        return "\n".join(lines)
-
-    _run(lambda: run_extract(checkpoint, output, base=base, force=force,
-                                      **_load_options(format_, adapter_name, missing_coefficients, config)), render)
+    _run(lambda: run_extract(checkpoint, output, base=base, force=force, dry_run=dry_run, progress=_progress(progress),
+                             **_load_options(format_, adapter_name, missing_coefficients, config)),
+         _render_with("extract"))
 
 
 @main.command()

@@ -16,18 +16,20 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .checks.base import Report
+from .errors import InternalError
 from .export.contract import Exporter, Plan, PlannedFile, WriteContext, WriterOptions
 from .io.digests import Digests
 from .publish import publish
 from .publish.manifest import MANIFEST
 from .publish.output_folder import listing
-from .recording import plain
+from .recording import plain, recorded_names
 from .scoped import offline
 
 # The writers on the driver: command → "module:attribute" of its Exporter (imported when it runs).
 EXPORTERS = {
     "export-lora": "pera_deploy.export.lora:EXPORT_LORA",
     "combine": "pera_deploy.export.lora:COMBINE",
+    "extract": "pera_deploy.export.extract:EXTRACT",
 }
 
 
@@ -55,7 +57,7 @@ def drive(command: str, opts: WriterOptions, *, force: bool = False, dry_run: bo
     with digests_scope(digests) as hasher, offline():
         hasher.prefetch(plan.digest_files)
         context = WriteContext(hasher, progress)
-        return publish(target, command, lambda staging: writer.write(plan, staging, context), options=record(opts),
+        return publish(target, command, lambda staging: writer.write(plan, staging, context), options=record(command, opts),
                        inputs=plan.inputs, digests=hasher, force=force, folder=writer.folder, check=writer.check)
 
 
@@ -78,12 +80,19 @@ def _replaced(target: Path, force: bool) -> list[str]:
     return [str(target)]
 
 
-def record(opts: WriterOptions) -> dict[str, Any]:
+def record(command: str, opts: WriterOptions) -> dict[str, Any]:
     """The manifest's `options`: every field of the options dataclass, as JSON (the output by
     its name: where it lies is no property of it), so that `reproduce` can call the writer
-    again with them. (Not dataclasses.asdict, which deep-copies a loaded adapter.)"""
-    return {f.name: Path(opts.output).name if f.name == "output" else plain(getattr(opts, f.name))
-            for f in fields(opts)}
+    again with them, in the order of the API function's arguments, which must be the same
+    names. (Not dataclasses.asdict, which deep-copies a loaded adapter.)"""
+    from .api import COMMANDS
+
+    order = recorded_names(COMMANDS[command])
+    names = [f.name for f in fields(opts)]
+    if sorted(order) != sorted(names):
+        raise InternalError(f"{command}: its options dataclass has {sorted(names)}, its API function records "
+                            f"{sorted(order)}")
+    return {name: Path(opts.output).name if name == "output" else plain(getattr(opts, name)) for name in order}
 
 
 @contextmanager
