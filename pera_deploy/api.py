@@ -29,7 +29,6 @@ from .options import (
     choose,
     no_precision,
     parse_size,
-    rank_options,
 )
 from .options import jobs as option_jobs
 from .options import seed as option_seed
@@ -426,27 +425,22 @@ def combine(adapters: Sequence[AdapterLike], output: str | Path, *, weights: Seq
 
 def export_gguf(adapter: AdapterLike, output: str | Path, *, base: str | Path, rank: int | None = None,
                 tol: float | None = None, max_rank: int | None = None, pad: bool = True, dtype: str = "float32",
-                force: bool = False, digests: Digests | None = None, **load_options: Any) -> Report:
+                force: bool = False, dry_run: bool = False, progress: bool | None = None,
+                digests: Digests | None = None, **load_options: Any) -> Any:
     """Write `adapter` as a llama.cpp LoRA adapter file (GGUF) for the model folder `base`.
 
     The factors are export_lora's (exact by default; `rank`, `tol`, `max_rank` and `pad` as
     there), named by the gguf package for the base's architecture, q/k rows in llama.cpp's
     rotary order, `adapter.lora.alpha` = the rank. The file is read back and every tensor
-    checked (and ΔW as llama.cpp computes it) before it appears; `force` replaces only an
-    earlier pera-deploy GGUF. Needs the `gguf` extra.
+    checked (and ΔW as llama.cpp computes it) before it appears, through the one publish
+    path (a single-file output); `force` replaces only an earlier pera-deploy GGUF. Needs the
+    `gguf` extra. `dry_run` returns the plan.
     """
-    options = recorded(export_gguf, locals())
-    from .export.gguf import GGUF_DTYPES, check_output_file, export_gguf_file, require_gguf
+    from .export.gguf import ExportGgufOptions
 
-    choose("--dtype", dtype, GGUF_DTYPES)
-    rank_options(rank, tol, max_rank)
-    require_gguf()
-    output, base = Path(output), Path(base)
-    check_output_file(output, force, _given(adapter, base, load_options.get("config")))
-    loaded = _load(adapter, load_options)
-    with digests_scope(digests) as hasher, offline():
-        return export_gguf_file(loaded, output, base, hasher, rank=rank, tol=tol, max_rank=max_rank, pad=pad,
-                                dtype=dtype, force=force, options=options)
+    opts = ExportGgufOptions(adapter=adapter, output=output, base=base, rank=rank, tol=tol, max_rank=max_rank,
+                             pad=pad, dtype=dtype, **load_options)
+    return drive("export-gguf", opts, force=force, dry_run=dry_run, progress=progress, digests=digests)
 
 
 def reproduce(output: str | Path, *, adapters: Sequence[str | Path] = (), base: str | Path | None = None,

@@ -791,11 +791,12 @@ def _warned(result: Any) -> Any:
               help="Storage type of lora_a and lora_b (GGUF F32 or F16).")
 @click.option("--force", is_flag=True,
               help="Replace OUTPUT if it is a GGUF written by pera-deploy; nothing else is replaced.")
+@writer_options
 @json_option
 @debug_option
 def export_gguf(adapter: Path, base: Path, output: Path, format_: str | None, adapter_name: str | None,
                 missing_coefficients: str | None, config: Path | None, rank: int | None, tol: float | None,
-                max_rank: int | None, pad: bool, dtype: str, force: bool) -> None:
+                max_rank: int | None, pad: bool, dtype: str, force: bool, dry_run: bool, progress: bool | None) -> None:
     """Write a PERA adapter as a llama.cpp LoRA adapter file (GGUF), for `llama-cli --lora`.
 
     \b
@@ -820,27 +821,10 @@ def export_gguf(adapter: Path, base: Path, output: Path, format_: str | None, ad
     """
     from .api import export_gguf as run_export
 
-    def render(report: Any) -> str:
-        m = report.manifest
-        lora, gguf = m["lora"], m["gguf"]
-        rows = [f"wrote {output}: {gguf['tensors']} tensors ({gguf['dtype']}) for llama.cpp architecture "
-                f"{gguf['architecture']}, rank {lora['r']} ({'padded' if lora['padded'] else 'per-module ranks'}), "
-                f"alpha {gguf['alpha']:g}, "
-                + ("exact" if lora["exact"] else f"total relative error {lora['total_rel_error']:.3g}")]
-        factors = m["checks"]["lora_factors"]
-        rows.append(f"  read back: every tensor as written; ΔW as llama.cpp computes it within "
-                    f"{factors['max_rel_error']:.2g} of the adapter's (relative)")
-        rows.append(f"  use: llama-cli -m BASE.gguf --lora {output}")
-        return "\n".join(rows)
-
-    def call() -> Any:
-        report = run_export(adapter, output, base=base, rank=rank, tol=tol, max_rank=max_rank, pad=pad, dtype=dtype,
-                            force=force, **_load_options(format_, adapter_name, missing_coefficients, config))
-        for warning in report.manifest["lora"]["warnings"]:
-            _echo(f"pera-deploy: warning: {warning}", err=True)
-        return report
-
-    _run(call, render)
+    _run(lambda: _warned(run_export(adapter, output, base=base, rank=rank, tol=tol, max_rank=max_rank, pad=pad,
+                                    dtype=dtype, force=force, dry_run=dry_run, progress=_progress(progress),
+                                    **_load_options(format_, adapter_name, missing_coefficients, config))),
+         _render_with("export-gguf"))
 
 
 @main.command()

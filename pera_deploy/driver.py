@@ -30,6 +30,7 @@ EXPORTERS = {
     "export-lora": "pera_deploy.export.lora:EXPORT_LORA",
     "combine": "pera_deploy.export.lora:COMBINE",
     "extract": "pera_deploy.export.extract:EXTRACT",
+    "export-gguf": "pera_deploy.export.gguf:EXPORT_GGUF",
 }
 
 
@@ -56,8 +57,9 @@ def drive(command: str, opts: WriterOptions, *, force: bool = False, dry_run: bo
         return plan
     with digests_scope(digests) as hasher, offline():
         hasher.prefetch(plan.digest_files)
-        context = WriteContext(hasher, progress)
-        return publish(target, command, lambda staging: writer.write(plan, staging, context), options=record(command, opts),
+        options = record(command, opts)
+        context = WriteContext(hasher, progress, options)
+        return publish(target, command, lambda staging: writer.write(plan, staging, context), options=options,
                        inputs=plan.inputs, digests=hasher, force=force, folder=writer.folder, check=writer.check)
 
 

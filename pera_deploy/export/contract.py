@@ -120,6 +120,7 @@ class WriteContext:
 
     digests: Digests
     progress: bool | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # the manifest's (a file carrying its own records them)
 
     def bar(self, items: Iterable[Any] | None = None, *, total: int | None = None, desc: str = "",
             unit: str = "it") -> tqdm:
