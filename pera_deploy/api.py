@@ -291,7 +291,7 @@ def export_lora(adapter: AdapterLike, output: str | Path, *, rank: int | None = 
 
     opts = ExportLoraOptions(adapter=adapter, output=output, rank=rank, tol=tol, max_rank=max_rank, pad=pad,
                              dtype=dtype, base=base, **load_options)
-    return drive("export-lora", opts, force=force, dry_run=dry_run, progress=progress, digests=digests)
+    return drive("export-lora", export_lora, opts, force=force, dry_run=dry_run, progress=progress, digests=digests)
 
 
 def keep_branch(adapter: AdapterLike, base: str | Path, output: str | Path, *, base_files: str = "copy",
@@ -402,7 +402,7 @@ def extract(checkpoint: AdapterLike, output: str | Path, *, base: str | Path | N
     from .export.extract import ExtractOptions
 
     opts = ExtractOptions(checkpoint=checkpoint, output=output, base=base, **load_options)
-    return drive("extract", opts, force=force, dry_run=dry_run, progress=progress, digests=digests)
+    return drive("extract", extract, opts, force=force, dry_run=dry_run, progress=progress, digests=digests)
 
 
 def combine(adapters: Sequence[AdapterLike], output: str | Path, *, weights: Sequence[float] | None = None,
@@ -420,7 +420,7 @@ def combine(adapters: Sequence[AdapterLike], output: str | Path, *, weights: Seq
 
     opts = CombineOptions(adapters=_sources(adapters), output=output, weights=weights, rank=rank, tol=tol,
                           max_rank=max_rank, pad=pad, dtype=dtype, base=base, **load_options)
-    return drive("combine", opts, force=force, dry_run=dry_run, progress=progress, digests=digests)
+    return drive("combine", combine, opts, force=force, dry_run=dry_run, progress=progress, digests=digests)
 
 
 def export_gguf(adapter: AdapterLike, output: str | Path, *, base: str | Path, rank: int | None = None,
@@ -440,7 +440,7 @@ def export_gguf(adapter: AdapterLike, output: str | Path, *, base: str | Path, r
 
     opts = ExportGgufOptions(adapter=adapter, output=output, base=base, rank=rank, tol=tol, max_rank=max_rank,
                              pad=pad, dtype=dtype, **load_options)
-    return drive("export-gguf", opts, force=force, dry_run=dry_run, progress=progress, digests=digests)
+    return drive("export-gguf", export_gguf, opts, force=force, dry_run=dry_run, progress=progress, digests=digests)
 
 
 def reproduce(output: str | Path, *, adapters: Sequence[str | Path] = (), base: str | Path | None = None,

@@ -13,7 +13,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .checks.base import Report
 from .errors import InternalError
@@ -43,9 +43,10 @@ def exporter(command: str) -> Exporter[Any, Any]:
     return found
 
 
-def drive(command: str, opts: WriterOptions, *, force: bool = False, dry_run: bool = False,
+def drive(command: str, function: Callable[..., Any], opts: WriterOptions, *, force: bool = False, dry_run: bool = False,
           progress: bool | None = None, digests: Digests | None = None) -> Report | Plan:
-    """Run the writer `command` with `opts`: its plan with `dry_run`, else its published report."""
+    """Run the writer `command` with `opts`: its plan with `dry_run`, else its published report.
+    `function` is the API function reproduce calls again: the manifest records its arguments."""
     writer = exporter(command)
     writer.validate(opts)
     target = Path(opts.output)
@@ -57,7 +58,7 @@ def drive(command: str, opts: WriterOptions, *, force: bool = False, dry_run: bo
         return plan
     with digests_scope(digests) as hasher, offline():
         hasher.prefetch(plan.digest_files)
-        options = record(command, opts)
+        options = record(command, function, opts)
         context = WriteContext(hasher, progress, options)
         return publish(target, command, lambda staging: writer.write(plan, staging, context), options=options,
                        inputs=plan.inputs, digests=hasher, force=force, folder=writer.folder, check=writer.check)
@@ -82,14 +83,12 @@ def _replaced(target: Path, force: bool) -> list[str]:
     return [str(target)]
 
 
-def record(command: str, opts: WriterOptions) -> dict[str, Any]:
+def record(command: str, function: Callable[..., Any], opts: WriterOptions) -> dict[str, Any]:
     """The manifest's `options`: every field of the options dataclass, as JSON (the output by
     its name: where it lies is no property of it), so that `reproduce` can call the writer
     again with them, in the order of the API function's arguments, which must be the same
     names. (Not dataclasses.asdict, which deep-copies a loaded adapter.)"""
-    from .api import COMMANDS
-
-    order = recorded_names(COMMANDS[command])
+    order = recorded_names(function)
     names = [f.name for f in fields(opts)]
     if sorted(order) != sorted(names):
         raise InternalError(f"{command}: its options dataclass has {sorted(names)}, its API function records "
