@@ -9,13 +9,14 @@ when a check fails and `EnvironmentFailure` when writing fails; nothing is left 
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from .checks.base import Report
 from .core.adapter import PeraAdapter
+from .driver import digests_scope, drive
 from .errors import InputError
+from .export.contract import load, load_weighted
 from .extras import require
 from .formats import load_adapter
 from .io.digests import Digests
@@ -28,7 +29,6 @@ from .options import (
     choose,
     no_precision,
     parse_size,
-    rank_options,
 )
 from .options import jobs as option_jobs
 from .options import seed as option_seed
@@ -41,20 +41,7 @@ __all__ = ["load_adapter", "inspect_adapter", "merge", "verify", "export_lora", 
            "export_onnx", "extract", "combine", "bundle", "load_bundle", "export_gguf", "reproduce"]
 
 def _load(adapter: AdapterLike, load_options: dict[str, Any]) -> PeraAdapter:
-    return adapter if isinstance(adapter, PeraAdapter) else load_adapter(adapter, **load_options)
-
-
-@contextmanager
-def _digests(given: Digests | None) -> Iterator[Digests]:
-    """The caller's digest hasher (the CLI starts one before torch loads), or one of our own."""
-    if given is not None:
-        yield given
-        return
-    own = Digests()
-    try:
-        yield own
-    finally:
-        own.close()
+    return load(adapter, load_options)
 
 
 def _sources(adapter: AdapterLike | Sequence[AdapterLike]) -> list[AdapterLike]:
@@ -65,21 +52,7 @@ def _sources(adapter: AdapterLike | Sequence[AdapterLike]) -> list[AdapterLike]:
 
 def _load_weighted(sources: list[AdapterLike], weights: Sequence[float] | None,
                    load_options: dict[str, Any]) -> PeraAdapter:
-    """One adapter as it is, or several (or one with a weight) as their weighted sum."""
-    from .core.combination import combine as weighted_sum  # (not api.combine, the command)
-
-    if len(sources) == 1 and weights is None:
-        return _load(sources[0], load_options)
-    if weights is not None and len(weights) != len(sources):
-        raise InputError(f"--weights: {len(weights)} weight(s) for {len(sources)} adapter(s)")
-    loaded = [_load(source, load_options) for source in sources]
-    names: list[str] = []
-    for adapter in loaded:
-        name = adapter.label
-        while name in names:
-            name = f"{adapter.label}-{len(names) + 1}"
-        names.append(name)
-    return weighted_sum(list(zip(names, loaded)), weights)
+    return load_weighted(sources, weights, load_options)
 
 
 def _given(*paths: Any) -> list[Path]:
@@ -131,7 +104,7 @@ def merge(adapter: AdapterLike | Sequence[AdapterLike], base: str | Path, output
     sources = _sources(adapter)
     check_target(output, force, _given(*sources, base, load_options.get("config")))
     loaded = _load_weighted(sources, weights, load_options)
-    with _digests(digests) as hasher, offline():
+    with digests_scope(digests) as hasher, offline():
         if check_forward_pass:  # a base transformers cannot build is refused by its name, before any merging
             from .io.hf_model import model_names
 
@@ -253,7 +226,7 @@ def _verify_bundle(folder: Path, seed: int, load_options: dict[str, Any], forwar
     from .publish.manifest import adapter_record
 
     validate(read_json(folder / BUNDLE_FILE), _bundle_schema(), folder / BUNDLE_FILE)
-    with _digests(None) as hasher, offline():
+    with digests_scope(None) as hasher, offline():
         report = verify_bundle(folder, lambda path: _load(path, load_options),
                                lambda adapter: adapter_record(adapter, hasher)["sha256"], hasher.sha256, seed,
                                forward=forward)
@@ -291,7 +264,7 @@ def bundle(base: str | Path, output: str | Path, adapters: Mapping[str, AdapterL
                for name, source in zip(names, adapters.values())}
     from .scoped import quiet_transformers
 
-    with _digests(digests) as hasher, offline(), quiet_transformers():
+    with digests_scope(digests) as hasher, offline(), quiet_transformers():
         return bundle_folder(Path(base), output, loaded, sources, hasher, base_files=base_files, onnx=onnx, task=task,
                              opset=opset, genai=genai, force=force, options=options)
 
@@ -306,27 +279,21 @@ def load_bundle(folder: str | Path) -> Any:
 
 def export_lora(adapter: AdapterLike, output: str | Path, *, rank: int | None = None, tol: float | None = None,
                 max_rank: int | None = None, pad: bool = True, dtype: str = "float32", base: str | Path | None = None,
-                force: bool = False, digests: Digests | None = None, **load_options: Any) -> Report:
-    """Write `adapter` as a plain PEFT LoRA adapter folder.
+                force: bool = False, dry_run: bool = False, progress: bool | None = None,
+                digests: Digests | None = None, **load_options: Any) -> Any:
+    """Write `adapter` as a plain PEFT LoRA adapter folder (export/lora.py, on the driver).
 
     Exact (rank R') by default; `rank`, `tol` (relative Frobenius error) and `max_rank`
     choose a best low-rank approximation per module instead (`report.plan` holds each
     module's rank and error). `base` renames modules to the base model's own module names
     (and checks the shapes). Every module's stored factors are checked against ΔW.
+    `dry_run` returns the plan (export.contract.Plan) and writes nothing.
     """
-    options = recorded(export_lora, locals())
-    from .export.lora import export_lora_folder
-    from .publish.output_folder import check_target
+    from .export.lora import ExportLoraOptions
 
-    choose("--dtype", dtype, LORA_DTYPES)
-    rank_options(rank, tol, max_rank)
-    output = Path(output)
-    check_target(output, force, _given(adapter, base, load_options.get("config")))
-    loaded = _load(adapter, load_options)
-    with _digests(digests) as hasher, offline():
-        return export_lora_folder(loaded, output, hasher, rank=rank, tol=tol, max_rank=max_rank, pad=pad,
-                                  dtype=dtype, base=Path(base) if base is not None else None, force=force,
-                                  options=options)
+    opts = ExportLoraOptions(adapter=adapter, output=output, rank=rank, tol=tol, max_rank=max_rank, pad=pad,
+                             dtype=dtype, base=base, **load_options)
+    return drive("export-lora", export_lora, opts, force=force, dry_run=dry_run, progress=progress, digests=digests)
 
 
 def keep_branch(adapter: AdapterLike, base: str | Path, output: str | Path, *, base_files: str = "copy",
@@ -343,7 +310,7 @@ def keep_branch(adapter: AdapterLike, base: str | Path, output: str | Path, *, b
     output = Path(output)
     check_target(output, force, _given(adapter, base, load_options.get("config")))
     loaded = _load(adapter, load_options)
-    with _digests(digests) as hasher, offline():
+    with digests_scope(digests) as hasher, offline():
         return keep_branch_folder(loaded, Path(base), output, hasher, base_files=base_files, dtype=dtype, force=force,
                                   options=options)
 
@@ -367,7 +334,7 @@ def unmerge(merged: str | Path, adapter: AdapterLike, output: str | Path, *, che
     output = Path(output)
     check_target(output, force, _given(adapter, merged, check_against, load_options.get("config")))
     loaded = _load(adapter, load_options)
-    with _digests(digests) as hasher, offline():
+    with digests_scope(digests) as hasher, offline():
         return unmerge_folder(Path(merged), loaded, output, hasher,
                               check_against=Path(check_against) if check_against is not None else None,
                               full_check=full_check, force=force, progress=progress,
@@ -413,7 +380,7 @@ def export_onnx(model: str | Path, output: str | Path, *, adapters: Mapping[str,
     loaded = {adapter_name(name): _load(source, load_options) for name, source in (adapters or {}).items()}
     from .scoped import quiet_transformers
 
-    with _digests(digests) as hasher, offline(), quiet_transformers():
+    with digests_scope(digests) as hasher, offline(), quiet_transformers():
         from .export.onnx.folders import export_branch_folder, export_merged_folder
         from .export.onnx.genai import genai_plan
         from .export.onnx.tasks import derive_task
@@ -427,75 +394,55 @@ def export_onnx(model: str | Path, output: str | Path, *, adapters: Mapping[str,
 
 
 def extract(checkpoint: AdapterLike, output: str | Path, *, base: str | Path | None = None, force: bool = False,
-            digests: Digests | None = None, **load_options: Any) -> Report:
+            dry_run: bool = False, progress: bool | None = None, digests: Digests | None = None,
+            **load_options: Any) -> Any:
     """Write the adapter found in any container (a training checkpoint, a state dict, an
     adapter folder of any format) as a canonical PEFT-style PERA folder, bit-exact to the
     tensors taken, with where they came from in its config and manifest. `base` renames the
-    modules to the base model's own module names (what PEFT matches)."""
-    options = recorded(extract, locals())
-    from .export.extract import extract_folder
-    from .publish.output_folder import check_target
+    modules to the base model's own module names (what PEFT matches). On the driver:
+    `dry_run` returns the plan."""
+    from .export.extract import ExtractOptions
 
-    output = Path(output)
-    check_target(output, force, _given(checkpoint, base, load_options.get("config")))
-    loaded = _load(checkpoint, load_options)
-    with _digests(digests) as hasher, offline():
-        return extract_folder(loaded, output, hasher, base=Path(base) if base is not None else None, force=force,
-                              options=options)
+    opts = ExtractOptions(checkpoint=checkpoint, output=output, base=base, **load_options)
+    return drive("extract", extract, opts, force=force, dry_run=dry_run, progress=progress, digests=digests)
 
 
 def combine(adapters: Sequence[AdapterLike], output: str | Path, *, weights: Sequence[float] | None = None,
             rank: int | None = None, tol: float | None = None, max_rank: int | None = None, pad: bool = True,
-            dtype: str = "float32", base: str | Path | None = None, force: bool = False,
-            digests: Digests | None = None, **load_options: Any) -> Report:
-    """Σᵢ wᵢ ΔWᵢ of several adapters (PERA or LoRA) as one plain PEFT LoRA.
+            dtype: str = "float32", base: str | Path | None = None, force: bool = False, dry_run: bool = False,
+            progress: bool | None = None, digests: Digests | None = None, **load_options: Any) -> Any:
+    """Σᵢ wᵢ ΔWᵢ of several adapters (PERA or LoRA) as one plain PEFT LoRA (on the driver).
 
     Exactly, by default: its factors are the stacked wᵢsᵢB̂ᵢ and Âᵢ, of rank ΣR′ᵢ. With `rank`,
     `tol` or `max_rank`, the best approximation of the sum per module instead (the factored
     SVD of export_lora), each module's error reported. Modules only some adapters target are
-    fine; adapters for different bases are refused.
+    fine; adapters for different bases are refused. `dry_run` returns the plan.
     """
-    options = recorded(combine, locals())
-    from .export.lora import export_lora_folder
-    from .publish.output_folder import check_target
+    from .export.lora import CombineOptions
 
-    choose("--dtype", dtype, LORA_DTYPES)
-    rank_options(rank, tol, max_rank)
-    sources = _sources(adapters)
-    if len(sources) < 2 and weights is None:
-        raise InputError("combine needs two adapters or more (or --weights for one)")
-    output = Path(output)
-    check_target(output, force, _given(*sources, base, load_options.get("config")))
-    combined = _load_weighted(sources, weights if weights is not None else [1.0] * len(sources), load_options)
-    with _digests(digests) as hasher, offline():
-        return export_lora_folder(combined, output, hasher, rank=rank, tol=tol, max_rank=max_rank, pad=pad,
-                                  dtype=dtype, base=Path(base) if base is not None else None, force=force,
-                                  options=options, command="combine")
+    opts = CombineOptions(adapters=_sources(adapters), output=output, weights=weights, rank=rank, tol=tol,
+                          max_rank=max_rank, pad=pad, dtype=dtype, base=base, **load_options)
+    return drive("combine", combine, opts, force=force, dry_run=dry_run, progress=progress, digests=digests)
 
 
 def export_gguf(adapter: AdapterLike, output: str | Path, *, base: str | Path, rank: int | None = None,
                 tol: float | None = None, max_rank: int | None = None, pad: bool = True, dtype: str = "float32",
-                force: bool = False, digests: Digests | None = None, **load_options: Any) -> Report:
+                force: bool = False, dry_run: bool = False, progress: bool | None = None,
+                digests: Digests | None = None, **load_options: Any) -> Any:
     """Write `adapter` as a llama.cpp LoRA adapter file (GGUF) for the model folder `base`.
 
     The factors are export_lora's (exact by default; `rank`, `tol`, `max_rank` and `pad` as
     there), named by the gguf package for the base's architecture, q/k rows in llama.cpp's
     rotary order, `adapter.lora.alpha` = the rank. The file is read back and every tensor
-    checked (and ΔW as llama.cpp computes it) before it appears; `force` replaces only an
-    earlier pera-deploy GGUF. Needs the `gguf` extra.
+    checked (and ΔW as llama.cpp computes it) before it appears, through the one publish
+    path (a single-file output); `force` replaces only an earlier pera-deploy GGUF. Needs the
+    `gguf` extra. `dry_run` returns the plan.
     """
-    options = recorded(export_gguf, locals())
-    from .export.gguf import GGUF_DTYPES, check_output_file, export_gguf_file, require_gguf
+    from .export.gguf import ExportGgufOptions
 
-    choose("--dtype", dtype, GGUF_DTYPES)
-    rank_options(rank, tol, max_rank)
-    require_gguf()
-    output, base = Path(output), Path(base)
-    check_output_file(output, force, _given(adapter, base, load_options.get("config")))
-    loaded = _load(adapter, load_options)
-    with _digests(digests) as hasher, offline():
-        return export_gguf_file(loaded, output, base, hasher, rank=rank, tol=tol, max_rank=max_rank, pad=pad,
-                                dtype=dtype, force=force, options=options)
+    opts = ExportGgufOptions(adapter=adapter, output=output, base=base, rank=rank, tol=tol, max_rank=max_rank,
+                             pad=pad, dtype=dtype, **load_options)
+    return drive("export-gguf", export_gguf, opts, force=force, dry_run=dry_run, progress=progress, digests=digests)
 
 
 def reproduce(output: str | Path, *, adapters: Sequence[str | Path] = (), base: str | Path | None = None,

@@ -128,6 +128,29 @@ force_option = click.option(
     help="Replace OUTPUT if it is an earlier output of pera-deploy (or an empty folder); nothing else is replaced.")
 
 
+def writer_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """What every writer takes from the driver: --dry-run and --progress/--no-progress."""
+    f = click.option("--progress/--no-progress", default=None,
+                     help="Progress on stderr (default: on a terminal; never with --json).")(f)
+    f = click.option("--dry-run", is_flag=True,
+                     help="Print what would be written (files, sizes, ranks, modules, checks, what --force would "
+                     "replace) and write nothing; bad input still exits 2.")(f)
+    return f
+
+
+def _progress(progress: bool | None) -> bool | None:
+    """--progress as the driver takes it: never under --json (stdout holds one JSON object,
+    and a caller reading it wants no bar on stderr either)."""
+    return False if click.get_current_context().meta.get(JSON_KEY) else progress
+
+
+def _render_with(command: str) -> Callable[[Any], str]:
+    """The registered writer's renderer, for its report."""
+    from .driver import exporter
+
+    return lambda report: exporter(command).render(report)
+
+
 def _load_options(format_: str | None, adapter_name: str | None, missing_coefficients: str | None,
                   config: Path | None) -> dict[str, Any]:
     return {"format": format_, "adapter_name": adapter_name, "missing_coefficients": missing_coefficients,
@@ -346,6 +369,10 @@ def _run(call: Callable[[], Any], render: Callable[[Any], str],
             _echo(render(exc.report))
         raise
     scoped.settle()
+    from .export.contract import Plan
+
+    if isinstance(result, Plan):  # a writer's --dry-run: its plan, whatever the command
+        render, to_dict = Plan.render, Plan.to_dict
     _echo(json.dumps({**to_dict(result), "exit_code": EXIT_OK}, indent=2, default=str) if as_json else render(result))
 
 
@@ -709,11 +736,13 @@ def _runtime_lines(check: Any, recorded_in: str | None) -> str:
 @adapter_options
 @lora_options
 @force_option
+@writer_options
 @json_option
 @debug_option
 def export_lora(adapter: Path, output: Path, format_: str | None, adapter_name: str | None,
                 missing_coefficients: str | None, config: Path | None, rank: int | None, tol: float | None,
-                max_rank: int | None, pad: bool, dtype: str, base: Path | None, force: bool) -> None:
+                max_rank: int | None, pad: bool, dtype: str, base: Path | None, force: bool, dry_run: bool,
+                progress: bool | None) -> None:
     """Write a PERA adapter as a plain PEFT LoRA adapter, which every LoRA runtime serves.
 
     \b
@@ -730,24 +759,20 @@ def export_lora(adapter: Path, output: Path, format_: str | None, adapter_name: 
     """
     from .api import export_lora as run_export
 
-    def render(report: Any) -> str:
-        lora = report.manifest["lora"]
-        width = max(len(m["module"]) for m in lora["modules"])
-        rows = [f"{'module':<{width}}  {'exact':>5} {'rank':>5}  relative error"]
-        rows += [f"{m['module']:<{width}}  {m['exact_rank']:>5} {m['rank']:>5}  {m['rel_error']:.3g}"
-                 for m in lora["modules"]]
-        rows.append(f"wrote {output}: plain LoRA, rank {lora['r']} ({'padded' if lora['padded'] else 'per-module ranks'}), "
-                    + ("exact" if lora["exact"] else f"total relative error {lora['total_rel_error']:.3g}"))
-        return "\n".join(rows)
-
     def call() -> Any:
-        report = run_export(adapter, output, rank=rank, tol=tol, max_rank=max_rank, pad=pad, dtype=dtype, base=base,
-                            force=force, **_load_options(format_, adapter_name, missing_coefficients, config))
-        for warning in report.manifest["lora"]["warnings"]:
-            _echo(f"pera-deploy: warning: {warning}", err=True)
-        return report
+        return _warned(run_export(adapter, output, rank=rank, tol=tol, max_rank=max_rank, pad=pad, dtype=dtype,
+                                  base=base, force=force, dry_run=dry_run, progress=_progress(progress),
+                                  **_load_options(format_, adapter_name, missing_coefficients, config)))
 
-    _run(call, render)
+    _run(call, _render_with("export-lora"))
+
+
+def _warned(result: Any) -> Any:
+    """A LoRA export's warnings on stderr (a plan's, or the report's), then the result."""
+    lora = result.summary if hasattr(result, "summary") else result.manifest["lora"]
+    for warning in lora["warnings"]:
+        _echo(f"pera-deploy: warning: {warning}", err=True)
+    return result
 
 
 @main.command("export-gguf")
@@ -766,11 +791,12 @@ def export_lora(adapter: Path, output: Path, format_: str | None, adapter_name: 
               help="Storage type of lora_a and lora_b (GGUF F32 or F16).")
 @click.option("--force", is_flag=True,
               help="Replace OUTPUT if it is a GGUF written by pera-deploy; nothing else is replaced.")
+@writer_options
 @json_option
 @debug_option
 def export_gguf(adapter: Path, base: Path, output: Path, format_: str | None, adapter_name: str | None,
                 missing_coefficients: str | None, config: Path | None, rank: int | None, tol: float | None,
-                max_rank: int | None, pad: bool, dtype: str, force: bool) -> None:
+                max_rank: int | None, pad: bool, dtype: str, force: bool, dry_run: bool, progress: bool | None) -> None:
     """Write a PERA adapter as a llama.cpp LoRA adapter file (GGUF), for `llama-cli --lora`.
 
     \b
@@ -795,27 +821,10 @@ def export_gguf(adapter: Path, base: Path, output: Path, format_: str | None, ad
     """
     from .api import export_gguf as run_export
 
-    def render(report: Any) -> str:
-        m = report.manifest
-        lora, gguf = m["lora"], m["gguf"]
-        rows = [f"wrote {output}: {gguf['tensors']} tensors ({gguf['dtype']}) for llama.cpp architecture "
-                f"{gguf['architecture']}, rank {lora['r']} ({'padded' if lora['padded'] else 'per-module ranks'}), "
-                f"alpha {gguf['alpha']:g}, "
-                + ("exact" if lora["exact"] else f"total relative error {lora['total_rel_error']:.3g}")]
-        factors = m["checks"]["lora_factors"]
-        rows.append(f"  read back: every tensor as written; ΔW as llama.cpp computes it within "
-                    f"{factors['max_rel_error']:.2g} of the adapter's (relative)")
-        rows.append(f"  use: llama-cli -m BASE.gguf --lora {output}")
-        return "\n".join(rows)
-
-    def call() -> Any:
-        report = run_export(adapter, output, base=base, rank=rank, tol=tol, max_rank=max_rank, pad=pad, dtype=dtype,
-                            force=force, **_load_options(format_, adapter_name, missing_coefficients, config))
-        for warning in report.manifest["lora"]["warnings"]:
-            _echo(f"pera-deploy: warning: {warning}", err=True)
-        return report
-
-    _run(call, render)
+    _run(lambda: _warned(run_export(adapter, output, base=base, rank=rank, tol=tol, max_rank=max_rank, pad=pad,
+                                    dtype=dtype, force=force, dry_run=dry_run, progress=_progress(progress),
+                                    **_load_options(format_, adapter_name, missing_coefficients, config))),
+         _render_with("export-gguf"))
 
 
 @main.command()
@@ -826,11 +835,13 @@ def export_gguf(adapter: Path, base: Path, output: Path, format_: str | None, ad
 @adapter_options
 @lora_options
 @force_option
+@writer_options
 @json_option
 @debug_option
 def combine(adapters: tuple[Path, ...], output: Path, weights: str | None, format_: str | None,
             adapter_name: str | None, missing_coefficients: str | None, config: Path | None, rank: int | None,
-            tol: float | None, max_rank: int | None, pad: bool, dtype: str, base: Path | None, force: bool) -> None:
+            tol: float | None, max_rank: int | None, pad: bool, dtype: str, base: Path | None, force: bool,
+            dry_run: bool, progress: bool | None) -> None:
     """Write the weighted sum of several adapters (PERA or LoRA) as one plain PEFT LoRA.
 
     \b
@@ -846,16 +857,11 @@ def combine(adapters: tuple[Path, ...], output: Path, weights: str | None, forma
     """
     from .api import combine as run_combine
 
-    def render(report: Any) -> str:
-        lora = report.manifest["lora"]
-        members = report.manifest["adapter"]["combination"]
-        what = " + ".join(f"{m['weight']:g}·{m['name']}" for m in members)
-        exact = "exact" if lora["exact"] else f"total relative error {lora['total_rel_error']:.3g}"
-        return f"wrote {output}: {what} as a plain LoRA of rank {lora['r']}, {exact}"
-
-    _run(lambda: run_combine(list(adapters), output, weights=parse_weights(weights), rank=rank, tol=tol,
-                                      max_rank=max_rank, pad=pad, dtype=dtype, base=base, force=force,
-                                      **_load_options(format_, adapter_name, missing_coefficients, config)), render)
+    _run(lambda: _warned(run_combine(list(adapters), output, weights=parse_weights(weights), rank=rank, tol=tol,
+                                     max_rank=max_rank, pad=pad, dtype=dtype, base=base, force=force,
+                                     dry_run=dry_run, progress=_progress(progress),
+                                     **_load_options(format_, adapter_name, missing_coefficients, config))),
+         _render_with("combine"))
 
 
 @main.command()
@@ -1014,10 +1020,12 @@ def export_onnx(model: Path, output: Path, adapter_specs: tuple[str, ...], branc
 @click.option("--base", type=click.Path(path_type=Path), default=None,
               help="Name modules as this base model's transformers class does (what PEFT matches), and check shapes.")
 @force_option
+@writer_options
 @json_option
 @debug_option
 def extract(checkpoint: Path, output: Path, format_: str | None, adapter_name: str | None,
-            missing_coefficients: str | None, config: Path | None, base: Path | None, force: bool) -> None:
+            missing_coefficients: str | None, config: Path | None, base: Path | None, force: bool, dry_run: bool,
+            progress: bool | None) -> None:
     """Write the PERA adapter found in a training checkpoint as a canonical PEFT-style PERA folder.
 
     \b
@@ -1036,18 +1044,9 @@ def extract(checkpoint: Path, output: Path, format_: str | None, adapter_name: s
     """
     from .api import extract as run_extract
 
-    def render(report: Any) -> str:
-        m = report.manifest
-        source = m["adapter"].get("container", {})
-        lines = [f"wrote {output}: {m['adapter']['modules']} modules, r={_fmt_list(m['adapter']['r'])}, "
-                 f"from {m['extracted']['extracted_from']['container']}"]
-        if source:
-            lines.append(f"  took {source.get('tensors_taken')} tensors, ignored {source.get('tensors_ignored')}"
-                         + (f"; weights: {source['weights']}" if source.get("weights") else ""))
-        return "\n".join(lines)
-
-    _run(lambda: run_extract(checkpoint, output, base=base, force=force,
-                                      **_load_options(format_, adapter_name, missing_coefficients, config)), render)
+    _run(lambda: run_extract(checkpoint, output, base=base, force=force, dry_run=dry_run, progress=_progress(progress),
+                             **_load_options(format_, adapter_name, missing_coefficients, config)),
+         _render_with("extract"))
 
 
 @main.command()

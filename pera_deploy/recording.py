@@ -13,7 +13,7 @@ from .core.adapter import PeraAdapter
 from .formats import load_adapter
 
 # Arguments that steer a run but not what it writes: not recorded (`precision` does nothing any more).
-RUN_ONLY = frozenset({"force", "progress", "digests", "jobs", "precision"})
+RUN_ONLY = frozenset({"force", "progress", "digests", "jobs", "precision", "dry_run"})
 # The load options every command takes as **load_options: load_adapter's keyword arguments.
 LOAD_OPTIONS = tuple(name for name, p in inspect.signature(load_adapter).parameters.items() if p.kind is p.KEYWORD_ONLY)
 
@@ -28,7 +28,7 @@ def recorded(function: Callable[..., Any], arguments: dict[str, Any]) -> dict[st
     before any argument is rebound."""
     loads: dict[str, Any] = next((arguments[n] for n, p in inspect.signature(function).parameters.items()
                                   if p.kind is p.VAR_KEYWORD), {})
-    return {name: Path(arguments[name]).name if name == "output" else _plain(loads.get(name) if name in LOAD_OPTIONS
+    return {name: Path(arguments[name]).name if name == "output" else plain(loads.get(name) if name in LOAD_OPTIONS
                                                                                  else arguments[name])
             for name in recorded_names(function)}
 
@@ -45,7 +45,7 @@ def recorded_names(function: Callable[..., Any]) -> list[str]:
     return names
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     """An argument as JSON: paths as given, a loaded adapter by its path (None for a sum built
     in memory, which no file records)."""
     if isinstance(value, PeraAdapter):
@@ -53,9 +53,9 @@ def _plain(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, dict):
-        return {str(key): _plain(item) for key, item in value.items()}
+        return {str(key): plain(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
+        return [plain(item) for item in value]
     if value is None or isinstance(value, (bool, str, int, float)):
         return value
     if isinstance(value, numbers.Integral):

@@ -26,15 +26,17 @@ import numpy as np
 from ..checks.base import Report
 from ..checks.numerics import same_bits
 from ..core.adapter import PeraAdapter
+from ..core.dtypes import code_of
 from ..core.names import PEFT_PREFIX
 from ..errors import InputError
 from ..io.digests import Digests
 from ..io.model_files import write_json
 from ..io.model_folder import ModelFolder
-from ..io.safetensors_stream import save_tensors
-from ..publish import Written, adapter_inputs, publish
+from ..io.safetensors_stream import file_size, save_tensors
+from ..publish import Written, adapter_inputs
 from ..publish.manifest import adapter_record
 from ..publish.model_card import ModelCard
+from .contract import AdapterLike, Exporter, Plan, PlannedFile, WriteContext, WriterOptions, load, paths
 from .lora import peft_names
 
 PROVENANCE = "pera_deploy"
@@ -153,27 +155,63 @@ def check_extracted(folder: Path, adapter: PeraAdapter, names: dict[str, str]) -
     return check
 
 
-def extract_folder(adapter: PeraAdapter, output: Path, digests: Digests, *, base: Path | None = None,
-                   force: bool = False, options: dict[str, Any] | None = None) -> Report:
+@dataclass(kw_only=True)
+class ExtractOptions(WriterOptions):
+    """extract's options (api.extract's recorded arguments)."""
+
+    checkpoint: AdapterLike
+    base: str | Path | None = None
+
+
+def _plan(opts: ExtractOptions, adapter: PeraAdapter) -> Plan:
+    """The base's names for the modules (when given) and the files, the tensors' file sized."""
     names: dict[str, str] = {}
     inputs = adapter_inputs(adapter)
-    if base is not None:
-        with ModelFolder(base) as checkpoint:
+    if opts.base is not None:
+        with ModelFolder(Path(opts.base)) as checkpoint:
             names = peft_names(adapter, checkpoint)
             inputs += checkpoint.input_paths()
-    digests.prefetch(list(adapter.files))
+    state = canonical_state(adapter, names)
+    layout = [(name, code_of(t), tuple(t.shape)) for name, t in state.items()]
+    files = [PlannedFile("adapter_model.safetensors", file_size(layout, {"format": "pt"})),
+             PlannedFile("adapter_config.json"), PlannedFile("README.md")]
+    summary = {"modules": len(adapter.layers), "r": adapter.ranks, "tensors": len(state)}
+    return Plan(files, inputs, [ExtractCheck.kind], summary, list(adapter.files), (adapter, names))
 
-    def write(folder: Path) -> Written:
-        config = canonical_config(adapter, names, digests)
+
+def _write(plan: Plan, folder: Path, context: WriteContext) -> Written:
+    """The canonical folder, read back and compared tensor by tensor before it is published."""
+    adapter, names = plan.state
+    config = canonical_config(adapter, names, context.digests)
+    with context.bar(total=2, desc="extract", unit="step") as bar:
         save_tensors(folder / "adapter_model.safetensors", canonical_state(adapter, names), {"format": "pt"})
         write_json(folder / "adapter_config.json", config)
+        bar.update()
         check = check_extracted(folder, adapter, names)
-        record = adapter_record(adapter, digests)
-        card = ModelCard(f"PERA adapter extracted from {adapter.path.name if adapter.path else 'a checkpoint'}",
-                         f"The PERA adapter found in {config[PROVENANCE]['extracted_from']['container']}, written by "
-                         "pera-deploy in the PEFT-style PERA layout (adapter_model.safetensors, adapter_config.json), "
-                         "its tensors bit for bit as they were taken.",
-                         base_model=adapter.base_model_name_or_path, library_name="peft", tags=["extracted"])
-        return Written([check], {"adapter": record}, {"extracted": config[PROVENANCE]}, card=card)
+        bar.update()
+    record = adapter_record(adapter, context.digests)
+    card = ModelCard(f"PERA adapter extracted from {adapter.path.name if adapter.path else 'a checkpoint'}",
+                     f"The PERA adapter found in {config[PROVENANCE]['extracted_from']['container']}, written by "
+                     "pera-deploy in the PEFT-style PERA layout (adapter_model.safetensors, adapter_config.json), "
+                     "its tensors bit for bit as they were taken.",
+                     base_model=adapter.base_model_name_or_path, library_name="peft", tags=["extracted"])
+    return Written([check], {"adapter": record}, {"extracted": config[PROVENANCE]}, card=card)
 
-    return publish(output, "extract", write, options=options or {}, inputs=inputs, digests=digests, force=force)
+
+def _render(report: Report) -> str:
+    """The modules and ranks written, where they came from, what was taken and ignored."""
+    m = report.manifest
+    source = m["adapter"].get("container", {})
+    ranks = ", ".join(map(str, m["adapter"]["r"]))
+    lines = [f"wrote {report.output}: {m['adapter']['modules']} modules, r={ranks}, "
+             f"from {m['extracted']['extracted_from']['container']}"]
+    if source:
+        lines.append(f"  took {source.get('tensors_taken')} tensors, ignored {source.get('tensors_ignored')}"
+                     + (f"; weights: {source['weights']}" if source.get("weights") else ""))
+    return "\n".join(lines)
+
+
+EXTRACT: Exporter[ExtractOptions, PeraAdapter] = Exporter(
+    "extract", ExtractOptions, folder=True, given=lambda o: paths(o.checkpoint, o.base, o.config),
+    validate=lambda o: None, load=lambda o: load(o.checkpoint, o.load_options()), plan=_plan, write=_write,
+    render=_render)

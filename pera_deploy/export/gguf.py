@@ -54,12 +54,13 @@ from ..checks.numerics import UNIT_ROUNDOFF, unit_roundoff
 from ..core.adapter import PeraAdapter, PeraLayer
 from ..core.limits import require_storable
 from ..core.lowrank import factored_norm, one_blas_thread
-from ..errors import ENVIRONMENT_ERRNOS, CheckFailed, InputError, environment_failure
-from ..io.digests import Digests
+from ..errors import InputError
 from ..io.model_folder import ModelFolder
-from ..publish import adapter_inputs
-from ..publish.manifest import GGUF_MANIFEST_KEY, adapter_record, build_manifest, model_record, recipe_json
-from ..publish.output_folder import OutputFolder, refuse_overlap
+from ..options import choose, rank_options
+from ..publish import Written, adapter_inputs
+from ..publish.manifest import GGUF_MANIFEST_KEY, adapter_record, model_record, recipe_json
+from ..publish.output_folder import refuse_overlap
+from .contract import AdapterLike, Exporter, Plan, PlannedFile, WriteContext, WriterOptions, load, paths
 from .lora import LoraExport, LoraModule, export_summary, padded, peft_names, plan_lora_export
 
 GGUF_DTYPES = {"float32": "F32", "float16": "F16"}  # --dtype → safetensors code (llama.cpp's F32, F16)
@@ -433,40 +434,76 @@ def gguf_summary(target: Path, plan: GgufPlan) -> dict[str, Any]:
     }
 
 
-def export_gguf_file(adapter: PeraAdapter, output: Path, base: Path, digests: Digests, *, rank: int | None = None,
-                     tol: float | None = None, max_rank: int | None = None, pad: bool = True, dtype: str = "float32",
-                     force: bool = False, options: dict[str, Any] | None = None,
-                     command: str = "export-gguf") -> Report:
-    """`adapter` as a llama.cpp LoRA GGUF for `base`, read back and checked before it is published."""
+@dataclass(kw_only=True)
+class ExportGgufOptions(WriterOptions):
+    """export-gguf's options (api.export_gguf's recorded arguments)."""
+
+    adapter: AdapterLike
+    base: str | Path
+    rank: int | None = None
+    tol: float | None = None
+    max_rank: int | None = None
+    pad: bool = True
+    dtype: str = "float32"
+
+
+def _validate(opts: ExportGgufOptions) -> None:
+    """--dtype, the rank options and the gguf extra, before anything is read."""
+    choose("--dtype", opts.dtype, GGUF_DTYPES)
+    rank_options(opts.rank, opts.tol, opts.max_rank)
+    require_gguf()
+
+
+def _plan(opts: ExportGgufOptions, adapter: PeraAdapter) -> Plan:
+    """The architecture, every tensor's llama.cpp name and rank: nothing written. (The file's
+    size is not stated: its header carries the manifest, known only once the inputs are hashed.)"""
+    base = Path(opts.base)
     with ModelFolder(base) as checkpoint:
         arch = gguf_architecture(base, checkpoint.config)
         inputs = adapter_inputs(adapter) + checkpoint.input_paths()
-        check_output_file(output, force, inputs)
-        plan = plan_gguf(adapter, checkpoint, arch, rank=rank, tol=tol, max_rank=max_rank, pad=pad, dtype=dtype)
+        plan = plan_gguf(adapter, checkpoint, arch, rank=opts.rank, tol=opts.tol, max_rank=opts.max_rank,
+                         pad=opts.pad, dtype=opts.dtype)
         base_files = checkpoint.weight_files
-    digests.prefetch(list(adapter.files) + base_files)
-    records = {"adapter": adapter_record(adapter, digests), "base": model_record(base, base_files, digests)}
+    summary = {"architecture": arch.name, "r": plan.export.r, "exact": plan.export.exact,
+               "tensors": 2 * len(plan.modules), "modules": len(plan.modules), "warnings": plan.export.warnings}
+    return Plan([PlannedFile(Path(opts.output).name)], inputs, ["gguf_file", "lora_factors"], summary,
+                list(adapter.files) + base_files, (adapter, base, base_files, plan))
+
+
+def _write(staged: Plan, path: Path, context: WriteContext) -> Written:
+    """The GGUF, carrying its manifest, read back and checked tensor by tensor."""
+    adapter, base, base_files, plan = staged.state
+    records = {"adapter": adapter_record(adapter, context.digests),
+               "base": model_record(base, base_files, context.digests)}
     header = header_values(plan, adapter, base, {k: v["sha256"] for k, v in records.items()})
-    sections = {"gguf": gguf_summary(output, plan), "lora": export_summary(plan.export)}
+    sections = {"gguf": gguf_summary(staged.target, plan), "lora": export_summary(plan.export)}
     # the file carries its manifest, without what is measured, so that reproduce can re-derive it
-    header[GGUF_MANIFEST_KEY] = (recipe_json(command, records, options or {}, sections),
+    header[GGUF_MANIFEST_KEY] = (recipe_json("export-gguf", records, context.options, sections),
                                  require_gguf().GGUFValueType.STRING)
-    with OutputFolder(output, force, inputs, check=check_output_file, folder=False) as staging:
-        staged = staging.path
-        try:
-            write_gguf(staged, plan, header)
-            checks = check_gguf(staged, plan, adapter, header)
-            manifest = build_manifest(command, records, options or {}, sections, checks)
-            changed = digests.changed()
-            if changed is not None:
-                raise InputError(f"{changed}: changed while pera-deploy was reading it, so what was read is not what "
-                                 "the file's header would record; nothing was written")
-            report = Report(command, output, checks, manifest, plan)
-            if not report.passed:
-                raise CheckFailed(report.failure() or "a check failed", report)
-            staging.commit()
-        except OSError as exc:
-            if exc.errno in ENVIRONMENT_ERRNOS:
-                raise environment_failure(exc, output) from exc
-            raise
-    return report
+    with context.bar(total=2, desc="gguf", unit="step") as bar:
+        write_gguf(path, plan, header)
+        bar.update()
+        checks = check_gguf(path, plan, adapter, header)
+        bar.update()
+    return Written(checks, records, sections, plan=plan)
+
+
+def _render(report: Report) -> str:
+    """The tensors, architecture, rank and alpha written, the read-back check, how to use it."""
+    m = report.manifest
+    lora, gguf = m["lora"], m["gguf"]
+    rows = [f"wrote {report.output}: {gguf['tensors']} tensors ({gguf['dtype']}) for llama.cpp architecture "
+            f"{gguf['architecture']}, rank {lora['r']} ({'padded' if lora['padded'] else 'per-module ranks'}), "
+            f"alpha {gguf['alpha']:g}, "
+            + ("exact" if lora["exact"] else f"total relative error {lora['total_rel_error']:.3g}")]
+    factors = m["checks"]["lora_factors"]
+    rows.append(f"  read back: every tensor as written; ΔW as llama.cpp computes it within "
+                f"{factors['max_rel_error']:.2g} of the adapter's (relative)")
+    rows.append(f"  use: llama-cli -m BASE.gguf --lora {report.output}")
+    return "\n".join(rows)
+
+
+EXPORT_GGUF: Exporter[ExportGgufOptions, PeraAdapter] = Exporter(
+    "export-gguf", ExportGgufOptions, folder=False, given=lambda o: paths(o.adapter, o.base, o.config),
+    validate=_validate, load=lambda o: load(o.adapter, o.load_options()), plan=_plan, write=_write, render=_render,
+    check=check_output_file)

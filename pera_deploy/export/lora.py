@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -21,21 +21,21 @@ from .. import __version__
 from ..checks.base import Report
 from ..checks.lora_factors import LoraFactorsCheck, check_lora_module
 from ..core.adapter import PeraAdapter, PeraLayer
-from ..core.dtypes import OUTPUT_CODES
+from ..core.dtypes import OUTPUT_CODES, code_of
 from ..core.limits import require_storable
 from ..core.lowrank import choose_rank, factored_norm, factored_svd, one_blas_thread, total_relative_error
 from ..core.names import PEFT_PREFIX
 from ..errors import InputError
-from ..io.digests import Digests
 from ..io.model_files import write_json
 from ..io.model_folder import ModelFolder
-from ..io.safetensors_stream import save_tensors
+from ..io.safetensors_stream import file_size, save_tensors
 from ..merging.matching import _model_prefix_to_add, match_adapter
 from ..options import LORA_DTYPES as LORA_DTYPE_NAMES
-from ..options import rank_options
-from ..publish import Written, adapter_inputs, publish
+from ..options import choose, rank_options
+from ..publish import Written, adapter_inputs
 from ..publish.manifest import adapter_record, model_record
 from ..publish.model_card import ModelCard
+from .contract import AdapterLike, Exporter, Plan, PlannedFile, WriteContext, WriterOptions, load, load_weighted, paths
 
 # PEFT task types whose model wraps a task head as modules_to_save, expecting its weights.
 HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
@@ -235,13 +235,14 @@ def export_summary(export: LoraExport) -> dict[str, Any]:
 
 
 def write_lora_folder(folder: Path, export: LoraExport, adapter: PeraAdapter, dtype: str,
-                      metadata: dict[str, str]) -> LoraFactorsCheck:
+                      metadata: dict[str, str], context: WriteContext | None = None) -> LoraFactorsCheck:
     """adapter_config.json, adapter_model.safetensors and a model card, as PEFT saves an adapter,
     and the check of every module's stored factors against ΔW.
 
     A LoRA adapter is small (adapter-sized), so its state is built in memory and written by
     `save_tensors`: a fixed tensor order and sorted metadata, so the same export gives the
-    same bytes. `dtype` is the factors' safetensors code.
+    same bytes. `dtype` is the factors' safetensors code. With a `context`, the check shows
+    progress module by module.
     """
     folder.mkdir(parents=True, exist_ok=True)
     state = lora_state_dict(export, dtype)
@@ -252,7 +253,7 @@ def write_lora_folder(folder: Path, export: LoraExport, adapter: PeraAdapter, dt
         return LoraFactorsCheck([
             check_lora_module(adapter.layers[m.source], m.module, state[f"{PEFT_PREFIX}{m.module}.lora_B.weight"],
                               state[f"{PEFT_PREFIX}{m.module}.lora_A.weight"], m.rel_error, m.delta_norm)
-            for m in export.modules
+            for m in (context.bar(export.modules, desc="check", unit="module") if context else export.modules)
         ])
 
 
@@ -306,27 +307,138 @@ def model_prefix(base: ModelFolder) -> str:
     return _model_prefix_to_add(base)
 
 
-def export_lora_folder(adapter: PeraAdapter, output: Path, digests: Digests, *, rank: int | None = None,
-                       tol: float | None = None, max_rank: int | None = None, pad: bool = True,
-                       dtype: str = "float32", base: Path | None = None, force: bool = False,
-                       options: dict[str, Any] | None = None, command: str = "export-lora") -> Report:
-    """`adapter` as a plain PEFT LoRA folder, its factors checked against ΔW before publishing."""
+@dataclass(kw_only=True)
+class LoraWriterOptions(WriterOptions):
+    """How a plain LoRA is written: the same options on export-lora and combine."""
+
+    rank: int | None = None
+    tol: float | None = None
+    max_rank: int | None = None
+    pad: bool = True
+    dtype: str = "float32"
+    base: str | Path | None = None
+
+
+@dataclass(kw_only=True)
+class ExportLoraOptions(LoraWriterOptions):
+    """export-lora's options (api.export_lora's recorded arguments)."""
+
+    adapter: AdapterLike
+
+
+@dataclass(kw_only=True)
+class CombineOptions(LoraWriterOptions):
+    """combine's options (api.combine's recorded arguments)."""
+
+    adapters: Sequence[AdapterLike]
+    weights: Sequence[float] | None = None
+
+
+@dataclass
+class _LoraState:
+    """What export-lora's plan found, for its write step: the adapter, its factors, the base."""
+
+    adapter: PeraAdapter
+    export: LoraExport
+    dtype: str  # a safetensors code
+    base: Path | None
+    base_files: list[Path]
+
+
+def _validate_lora(opts: LoraWriterOptions) -> None:
+    """--dtype and the rank options, before anything is read."""
+    choose("--dtype", opts.dtype, LORA_DTYPE_NAMES)
+    rank_options(opts.rank, opts.tol, opts.max_rank)
+
+
+def _validate_combine(opts: CombineOptions) -> None:
+    _validate_lora(opts)
+    if len(opts.adapters) < 2 and opts.weights is None:
+        raise InputError("combine needs two adapters or more (or --weights for one)")
+
+
+def _load_combined(opts: CombineOptions) -> PeraAdapter:
+    weights = opts.weights if opts.weights is not None else [1.0] * len(opts.adapters)
+    return load_weighted(list(opts.adapters), weights, opts.load_options())
+
+
+def lora_metadata(adapter_sha256: str, **more: str) -> dict[str, str]:
+    """The safetensors metadata of every LoRA pera-deploy writes (its provenance)."""
+    return {"format": "pt", "pera_deploy.version": __version__, "pera_deploy.adapter_sha256": adapter_sha256, **more}
+
+
+def lora_files(export: LoraExport, dtype: str, metadata: dict[str, str], under: str = "") -> list[PlannedFile]:
+    """The files `write_lora_folder` writes, adapter_model.safetensors with its size: its
+    digests are sha256 hex (64 characters) whatever their value, so a placeholder of that
+    length gives the header's exact length before anything is hashed."""
+    layout = [(f"{PEFT_PREFIX}{m.module}.{key}.weight", dtype, shape) for m in export.modules
+              for key, shape in (("lora_A", (export.r if export.pad else m.rank, m.lora_A.shape[1])),
+                                 ("lora_B", (m.lora_B.shape[0], export.r if export.pad else m.rank)))]
+    layout += [(f"{PEFT_PREFIX}{key}", code_of(t), tuple(t.shape)) for key, t in export.extras.items()]
+    size = file_size(layout, {k: "0" * 64 if k.endswith("_sha256") else v for k, v in metadata.items()})
+    return [PlannedFile(f"{under}adapter_model.safetensors", size), PlannedFile(f"{under}adapter_config.json"),
+            PlannedFile(f"{under}README.md")]
+
+
+def lora_summary(export: LoraExport) -> dict[str, Any]:
+    """What a plan says of a LoRA: its rank, whether exact, each module's rank."""
+    return {"r": export.r, "exact": export.exact, "modules": len(export.modules),
+            "ranks": {m.module: m.rank for m in export.modules}, "warnings": export.warnings}
+
+
+def _plan_lora(opts: LoraWriterOptions, adapter: PeraAdapter) -> Plan:
+    """The factors (every module's rank and error), the files and their sizes: nothing written."""
     names, base_files, inputs = None, [], adapter_inputs(adapter)
+    base = Path(opts.base) if opts.base is not None else None
     if base is not None:
         with ModelFolder(base) as checkpoint:
             names, base_files = peft_names(adapter, checkpoint), checkpoint.weight_files
             inputs += checkpoint.input_paths()
-    export = plan_lora_export(adapter, rank=rank, tol=tol, max_rank=max_rank, pad=pad, names=names,
-                              dtype=LORA_DTYPES[dtype])
-    digests.prefetch(list(adapter.files) + base_files)
+    dtype = LORA_DTYPES[opts.dtype]
+    export = plan_lora_export(adapter, rank=opts.rank, tol=opts.tol, max_rank=opts.max_rank, pad=opts.pad,
+                              names=names, dtype=dtype)
+    return Plan(lora_files(export, dtype, lora_metadata("")), inputs, ["lora_factors"], lora_summary(export),
+                list(adapter.files) + base_files, _LoraState(adapter, export, dtype, base, base_files))
 
-    def write(folder: Path) -> Written:
-        inputs = {"adapter": adapter_record(adapter, digests)}
-        if base is not None:
-            inputs["base"] = model_record(base, base_files, digests)
-        metadata = {"format": "pt", "pera_deploy.version": __version__,
-                    "pera_deploy.adapter_sha256": inputs["adapter"]["sha256"]}
-        check = write_lora_folder(folder, export, adapter, LORA_DTYPES[dtype], metadata)
-        return Written([check], inputs, {"lora": export_summary(export)}, plan=export)
 
-    return publish(output, command, write, options=options or {}, inputs=inputs, digests=digests, force=force)
+def _write_lora(plan: Plan, folder: Path, context: WriteContext) -> Written:
+    """The LoRA folder, its factors checked against ΔW module by module."""
+    state: _LoraState = plan.state
+    inputs = {"adapter": adapter_record(state.adapter, context.digests)}
+    if state.base is not None:
+        inputs["base"] = model_record(state.base, state.base_files, context.digests)
+    check = write_lora_folder(folder, state.export, state.adapter, state.dtype, lora_metadata(inputs["adapter"]["sha256"]),
+                              context)
+    return Written([check], inputs, {"lora": export_summary(state.export)}, plan=state.export)
+
+
+def _render_lora(report: Report) -> str:
+    """Each module's exact and kept rank and error, then what was written."""
+    lora = report.manifest["lora"]
+    width = max(len(m["module"]) for m in lora["modules"])
+    rows = [f"{'module':<{width}}  {'exact':>5} {'rank':>5}  relative error"]
+    rows += [f"{m['module']:<{width}}  {m['exact_rank']:>5} {m['rank']:>5}  {m['rel_error']:.3g}"
+             for m in lora["modules"]]
+    layout = "padded" if lora["padded"] else "per-module ranks"
+    rows.append(f"wrote {report.output}: plain LoRA, rank {lora['r']} ({layout}), "
+                + ("exact" if lora["exact"] else f"total relative error {lora['total_rel_error']:.3g}"))
+    return "\n".join(rows)
+
+
+def _render_combine(report: Report) -> str:
+    lora = report.manifest["lora"]
+    members = report.manifest["adapter"]["combination"]
+    what = " + ".join(f"{m['weight']:g}·{m['name']}" for m in members)
+    exact = "exact" if lora["exact"] else f"total relative error {lora['total_rel_error']:.3g}"
+    return f"wrote {report.output}: {what} as a plain LoRA of rank {lora['r']}, {exact}"
+
+
+EXPORT_LORA: Exporter[ExportLoraOptions, PeraAdapter] = Exporter(
+    "export-lora", ExportLoraOptions, folder=True,
+    given=lambda o: paths(o.adapter, o.base, o.config), validate=_validate_lora,
+    load=lambda o: load(o.adapter, o.load_options()), plan=_plan_lora, write=_write_lora, render=_render_lora)
+
+COMBINE: Exporter[CombineOptions, PeraAdapter] = Exporter(
+    "combine", CombineOptions, folder=True,
+    given=lambda o: paths(*o.adapters, o.base, o.config), validate=_validate_combine,
+    load=_load_combined, plan=_plan_lora, write=_write_lora, render=_render_combine)

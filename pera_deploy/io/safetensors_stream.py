@@ -16,7 +16,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Sequence
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
@@ -216,6 +216,13 @@ def _header_bytes(layout: list[tuple[str, str, tuple[int, ...]]], metadata: dict
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
     return struct.pack("<Q", len(raw)) + raw, offsets
+
+
+def file_size(layout: Sequence[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> int:
+    """The size of the safetensors file `ShardWriter` writes for `layout` and `metadata`,
+    known before it is written (a dry run states it; the header's order does not change it)."""
+    header, _ = _header_bytes(layout, dict(sorted(metadata.items())))
+    return len(header) + sum(byte_size(code, shape) for _, code, shape in layout)
 
 
 class ShardWriter:

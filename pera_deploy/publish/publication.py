@@ -1,4 +1,4 @@
-"""publish(): the one path every command that writes a folder goes through.
+"""publish(): the one path every command that writes a folder (or one file) goes through.
 
     temporary folder beside the target → the command writes and checks into it →
     manifest → model card → CheckFailed if a check failed, else the atomic rename
@@ -21,7 +21,7 @@ from ..io.digests import Digests
 from ..io.model_files import write_json
 from .manifest import MANIFEST, build_manifest
 from .model_card import ModelCard
-from .output_folder import OutputFolder
+from .output_folder import OutputFolder, TargetCheck, check_target
 
 
 @dataclass
@@ -36,20 +36,24 @@ class Written:
 
 
 def publish(target: Path, command: str, write: Callable[[Path], Written], *, options: dict[str, Any],
-            inputs: Iterable[Path], digests: Digests, force: bool = False) -> Report:
-    """Run `write(temporary_folder)`, record and check what it wrote, and publish it as `target`.
+            inputs: Iterable[Path], digests: Digests, force: bool = False, folder: bool = True,
+            check: TargetCheck = check_target) -> Report:
+    """Run `write(temporary_place)`, record and check what it wrote, and publish it as `target`.
 
     `inputs` are every path the command reads: the output may not be, contain or lie inside
     any of them (see output_folder.py). `digests` took the inputs' sha256 for the manifest:
-    an input rewritten while the command ran is bad input, and nothing is published.
+    an input rewritten while the command ran is bad input, and nothing is published. With
+    `folder=False` the output is one file (`check` says what it may replace), which carries
+    its manifest itself: the report still gets the manifest, and no file is added beside it.
     """
     target = Path(target)
-    with OutputFolder(target, force=force, inputs=inputs) as out:
+    with OutputFolder(target, force=force, inputs=inputs, check=check, folder=folder) as out:
         try:
             written = write(out.path)
             manifest = build_manifest(command, written.inputs, options, written.sections, written.checks)
-            write_json(out.path / MANIFEST, manifest)
-            if written.card is not None:
+            if folder:
+                write_json(out.path / MANIFEST, manifest)
+            if folder and written.card is not None:
                 (out.path / "README.md").write_text(written.card.render(), encoding="utf-8")
         except OSError as exc:
             if exc.errno in ENVIRONMENT_ERRNOS:

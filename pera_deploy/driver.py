@@ -1,0 +1,110 @@
+"""The one driver every writer runs through (the writers fill in export/contract.Exporter).
+
+For every writer, once: the option checks and the target check (an output over an input,
+or over anything --force may not replace, is refused before anything is read), loading,
+the plan, then either the plan itself (--dry-run: nothing written, no temporary folder, no
+lock, no digest computed or cached) or the digests, the offline scope and `publish`, which
+stages the folder or file, records the manifest (the options dataclass, field by field) and
+renames it into place only once every check passed.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from .checks.base import Report
+from .errors import InternalError
+from .export.contract import Exporter, Plan, PlannedFile, WriteContext, WriterOptions
+from .io.digests import Digests
+from .publish import publish
+from .publish.manifest import MANIFEST
+from .publish.output_folder import listing
+from .recording import plain, recorded_names
+from .scoped import offline
+
+# The writers on the driver: command → "module:attribute" of its Exporter (imported when it runs).
+EXPORTERS = {
+    "export-lora": "pera_deploy.export.lora:EXPORT_LORA",
+    "combine": "pera_deploy.export.lora:COMBINE",
+    "extract": "pera_deploy.export.extract:EXTRACT",
+    "export-gguf": "pera_deploy.export.gguf:EXPORT_GGUF",
+}
+
+
+def exporter(command: str) -> Exporter[Any, Any]:
+    """The registered writer for `command`."""
+    import importlib
+
+    module, _, name = EXPORTERS[command].partition(":")
+    found: Exporter[Any, Any] = getattr(importlib.import_module(module), name)
+    return found
+
+
+def drive(command: str, function: Callable[..., Any], opts: WriterOptions, *, force: bool = False, dry_run: bool = False,
+          progress: bool | None = None, digests: Digests | None = None) -> Report | Plan:
+    """Run the writer `command` with `opts`: its plan with `dry_run`, else its published report.
+    `function` is the API function reproduce calls again: the manifest records its arguments."""
+    writer = exporter(command)
+    writer.validate(opts)
+    target = Path(opts.output)
+    writer.check(target, force, writer.given(opts))
+    with offline():
+        plan = _planned(writer, opts, target, force)
+    writer.check(target, force, plan.inputs)  # with every file the plan found
+    if dry_run:
+        return plan
+    with digests_scope(digests) as hasher, offline():
+        hasher.prefetch(plan.digest_files)
+        options = record(command, function, opts)
+        context = WriteContext(hasher, progress, options)
+        return publish(target, command, lambda staging: writer.write(plan, staging, context), options=options,
+                       inputs=plan.inputs, digests=hasher, force=force, folder=writer.folder, check=writer.check)
+
+
+def _planned(writer: Exporter[Any, Any], opts: WriterOptions, target: Path, force: bool) -> Plan:
+    """The writer's plan, with what the driver knows: the command, the target, the manifest
+    file of a folder, and what --force would replace there."""
+    plan = writer.plan(opts, writer.load(opts))
+    files = [*plan.files, *([PlannedFile(MANIFEST)] if writer.folder else [])]
+    return replace(plan, files=files, command=writer.name, target=target, folder=writer.folder,
+                   replaces=_replaced(target, force))
+
+
+def _replaced(target: Path, force: bool) -> list[str]:
+    """What --force would replace at `target` (the check has refused whatever it may not)."""
+    if not force or not (target.exists() or target.is_symlink()):
+        return []
+    if target.is_dir() and not target.is_symlink():
+        names = sorted(p.name for p in target.iterdir())
+        return [f"{target}: {listing(names)}"] if names else []
+    return [str(target)]
+
+
+def record(command: str, function: Callable[..., Any], opts: WriterOptions) -> dict[str, Any]:
+    """The manifest's `options`: every field of the options dataclass, as JSON (the output by
+    its name: where it lies is no property of it), so that `reproduce` can call the writer
+    again with them, in the order of the API function's arguments, which must be the same
+    names. (Not dataclasses.asdict, which deep-copies a loaded adapter.)"""
+    order = recorded_names(function)
+    names = [f.name for f in fields(opts)]
+    if sorted(order) != sorted(names):
+        raise InternalError(f"{command}: its options dataclass has {sorted(names)}, its API function records "
+                            f"{sorted(order)}")
+    return {name: Path(opts.output).name if name == "output" else plain(getattr(opts, name)) for name in order}
+
+
+@contextmanager
+def digests_scope(given: Digests | None) -> Iterator[Digests]:
+    """The caller's digest hasher (the CLI starts one before torch loads), or one of our own."""
+    if given is not None:
+        yield given
+        return
+    own = Digests()
+    try:
+        yield own
+    finally:
+        own.close()
+

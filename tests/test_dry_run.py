@@ -1,0 +1,138 @@
+"""The writers on the driver (pera_deploy/driver.py): --dry-run writes nothing anywhere (not
+beside the output, not in the digest cache) and its plan names what the real run then
+writes; bad input under --dry-run is refused as the real run refuses it; progress goes to
+stderr with --progress and never with --json; the manifest records the options dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pera_deploy import api
+from pera_deploy.driver import EXPORTERS, exporter
+from pera_deploy.recording import recorded_names
+from tests.test_reproduce import WRITERS
+
+# WRITERS' lines whose command is on the driver.
+DRIVEN = [name for name, line in WRITERS.items() if line[0] in EXPORTERS]
+INPUTS = {"A": "llama-pera", "A2": "llama-pera-2", "B": "llama-base", "SA": "small-llama-pera",
+          "SB": "small-llama-base"}
+
+
+def command_line(name: str, fx, out: Path) -> list[str]:
+    """WRITERS[name] with its words filled in: the fixtures, and `out` as the output."""
+    words = {key: str(fx[folder]) for key, folder in INPUTS.items()}
+    words.update({"OUT": str(out), "OUT.gguf": str(out)})
+    args = [words.get(a, a) for a in WRITERS[name]]
+    return [a.replace("=A2", f"={fx['llama-pera-2']}").replace("=A", f"={fx['llama-pera']}") if "=" in a else a
+            for a in args]
+
+
+def snapshot(*folders: Path) -> dict[str, tuple[int, bytes | str]]:
+    """Every entry under `folders`: name → (mtime, contents or link target)."""
+    found: dict[str, tuple[int, bytes | str]] = {}
+    for folder in folders:
+        for item in sorted([folder, *folder.rglob("*")]):
+            stat = item.lstat()
+            content: bytes | str = (str(item.readlink()) if item.is_symlink() else
+                                    item.read_bytes() if item.is_file() else "dir")
+            found[str(item)] = (stat.st_mtime_ns, content)
+    return found
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    folder = tmp_path / "sha256-cache"
+    folder.mkdir()
+    monkeypatch.setenv("PERA_DEPLOY_CACHE_DIR", str(folder))
+    return folder
+
+
+def written(out: Path) -> dict[str, int]:
+    """What a run wrote: each file's path inside the output (the name of a file output) → size."""
+    if out.is_file():
+        return {out.name: out.stat().st_size}
+    return {str(p.relative_to(out)): p.stat().st_size for p in out.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("name", DRIVEN)
+def test_a_dry_run_writes_nothing_and_its_plan_is_what_the_run_writes(name, cli, fx, tmp_path, cache):
+    parent = tmp_path / "work"
+    parent.mkdir()
+    out = parent / ("out.gguf" if name == "export-gguf" else "out")
+    line = command_line(name, fx, out)
+    before = snapshot(parent, cache)
+    text = cli(*line, "--dry-run")
+    assert text.exit_code == 0, text.stderr
+    assert "nothing was written" in text.stdout and str(out) in text.stdout
+    result = cli(*line, "--dry-run", "--json")
+    assert result.exit_code == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert snapshot(parent, cache) == before  # no output, no temporary folder, no lock, no digest cached
+    assert plan["exit_code"] == 0 and plan["dry_run"] is True and plan["command"] == WRITERS[name][0]
+    assert plan["output"] == str(out) and plan["checks"] and plan["replaces"] == []
+
+    real = cli(*line)
+    assert real.exit_code == 0, real.stderr
+    files = written(out)
+    assert sorted(f["name"] for f in plan["files"]) == sorted(files)
+    sized = {f["name"]: f["bytes"] for f in plan["files"] if f["bytes"] is not None}
+    assert sized == {n: files[n] for n in sized}
+    assert sized or name == "export-gguf"  # (a GGUF's header holds its manifest: sized once hashed)
+
+
+@pytest.mark.parametrize("name", DRIVEN)
+def test_a_dry_run_says_what_force_replaces_and_refuses_what_the_run_refuses(name, cli, fx, tmp_path, cache):
+    out = tmp_path / ("out.gguf" if name == "export-gguf" else "out")
+    line = command_line(name, fx, out)
+    assert cli(*line).exit_code == 0
+    before = snapshot(tmp_path)
+    refused = cli(*line, "--dry-run")  # an existing output without --force
+    assert refused.exit_code == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert "--force" in refused.stderr
+    plan = cli.json(*line, "--dry-run", "--force")
+    assert plan["replaces"] and str(out) in plan["replaces"][0]
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("name", DRIVEN)
+def test_bad_input_under_dry_run_exits_2_with_one_line(name, cli, fx, tmp_path, cache):
+    broken = tmp_path / "broken-adapter"
+    adapter = fx["small-llama-pera" if name == "export-gguf" else "llama-pera"]
+    shutil.copytree(adapter, broken)
+    (broken / "adapter_config.json").write_text("{not json")
+    line = command_line(name, fx, tmp_path / "out")
+    first_adapter = next(i for i, a in enumerate(line) if a.endswith("-pera") or a.endswith("llama-pera"))
+    line[first_adapter] = str(broken)
+    before = snapshot(tmp_path)
+    result = cli(*line, "--dry-run")
+    assert result.exit_code == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "broken-adapter" in result.stderr
+    over_input = cli(*command_line(name, fx, adapter / "out"), "--dry-run")  # the output inside an input
+    assert over_input.exit_code == 2 and "never writes over what it reads" in over_input.stderr
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("name", DRIVEN)
+def test_progress_on_stderr_with_progress_and_never_with_json(name, cli, fx, tmp_path):
+    shown = cli(*command_line(name, fx, tmp_path / "a"), "--progress")
+    assert shown.exit_code == 0, shown.stderr
+    assert "%|" in shown.stderr and "%|" not in shown.stdout  # a tqdm bar, on stderr only
+    quiet = cli(*command_line(name, fx, tmp_path / "b"), "--progress", "--json")
+    assert quiet.exit_code == 0 and "%|" not in quiet.stderr and "%|" not in quiet.stdout
+    json.loads(quiet.stdout)
+    none = cli(*command_line(name, fx, tmp_path / "c"), "--no-progress")
+    assert none.exit_code == 0 and "%|" not in none.stderr
+
+
+@pytest.mark.parametrize("command", sorted(EXPORTERS))
+def test_the_options_dataclass_is_what_the_manifest_records(command):
+    """The driver records the options dataclass field by field; reproduce calls the API
+    function with them: the two must name the same arguments."""
+    function = api.COMMANDS[command]
+    fields = {f.name for f in dataclasses.fields(exporter(command).options)}
+    assert fields == set(recorded_names(function))
