@@ -221,7 +221,7 @@ def _header_bytes(layout: list[tuple[str, str, tuple[int, ...]]], metadata: dict
 def file_size(layout: Sequence[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> int:
     """The size of the safetensors file `ShardWriter` writes for `layout` and `metadata`,
     known before it is written (a dry run states it; the header's order does not change it)."""
-    header, _ = _header_bytes(layout, dict(sorted(metadata.items())))
+    header, _ = _header_bytes(list(layout), dict(sorted(metadata.items())))
     return len(header) + sum(byte_size(code, shape) for _, code, shape in layout)
 
 
