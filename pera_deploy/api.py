@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 from .checks.base import Report
 from .core.adapter import PeraAdapter
@@ -235,7 +235,7 @@ def _verify_bundle(folder: Path, seed: int, load_options: dict[str, Any], forwar
     return report
 
 
-def bundle(base: str | Path, output: str | Path, adapters: Mapping[str, AdapterLike], *, base_files: str = "copy",
+def bundle(base: str | Path, output: str | Path, adapters: dict[str, AdapterLike], *, base_files: str = "copy",
            onnx: bool = False, task: str | None = None, opset: int | None = None, genai: bool | None = None,
            force: bool = False, digests: Digests | None = None, **load_options: Any) -> Report:
     """One base and several adapters, packaged for every runtime (export/bundle.py): `base/`,
@@ -341,7 +341,7 @@ def unmerge(merged: str | Path, adapter: AdapterLike, output: str | Path, *, che
                               options=options, jobs=threads)
 
 
-def export_onnx(model: str | Path, output: str | Path, *, adapters: Mapping[str, AdapterLike] | None = None,
+def export_onnx(model: str | Path, output: str | Path, *, adapters: dict[str, AdapterLike] | None = None,
                 branch: bool = False, task: str | None = None, opset: int | None = None, dtype: str = "float32",
                 genai: bool | None = None, force: bool = False, digests: Digests | None = None,
                 **load_options: Any) -> Report:

@@ -984,7 +984,7 @@ def export_onnx(model: Path, output: Path, adapter_specs: tuple[str, ...], branc
     """
     from .api import export_onnx as run_export
 
-    adapters: dict[str, Path] = {}
+    adapters: dict[str, Any] = {}
     for spec in adapter_specs:
         name, sep, path = spec.partition("=")
         if not sep:
@@ -1086,7 +1086,7 @@ def bundle(base: Path, output: Path, adapter_specs: tuple[str, ...], base_files:
     from .api import bundle as run_bundle
     from .options import adapter_name as served_name  # (not the --adapter-name parameter)
 
-    adapters: dict[str, Path] = {}
+    adapters: dict[str, Any] = {}
     for spec in adapter_specs:
         name, sep, path = spec.partition("=")
         if not sep:
