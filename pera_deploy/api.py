@@ -22,13 +22,10 @@ from .formats import load_adapter
 from .io.digests import Digests
 from .options import (
     BASE_FILE_MODES,
-    LORA_DTYPES,
     ONNX_DTYPES,
-    OUTPUT_DTYPES,
     adapter_name,
     choose,
     no_precision,
-    parse_size,
 )
 from .options import jobs as option_jobs
 from .options import seed as option_seed
@@ -77,9 +74,10 @@ def inspect_adapter(adapter: AdapterLike, **load_options: Any) -> dict[str, Any]
 def merge(adapter: AdapterLike | Sequence[AdapterLike], base: str | Path, output: str | Path, *,
           weights: Sequence[float] | None = None, dtype: str = "auto", precision: str | None = None,
           max_shard_size: str | int | None = None, untie_embeddings: bool = False, check_forward_pass: bool = False,
-          full_check: bool = False, force: bool = False, progress: bool | None = None, digests: Digests | None = None,
-          jobs: int | None = None, **load_options: Any) -> Report:
-    """Merge `adapter` into the model folder `base`, writing a new model folder `output`.
+          full_check: bool = False, force: bool = False, dry_run: bool = False, progress: bool | None = None,
+          digests: Digests | None = None, jobs: int | None = None, **load_options: Any) -> Any:
+    """Merge `adapter` into the model folder `base`, writing a new model folder `output`
+    (export/merged.py, on the driver).
 
     Several adapters (a list) are merged as their weighted sum Σ wᵢ ΔWᵢ (`weights`, default
     all 1, negative allowed), in the same single streaming pass and single rounding.
@@ -87,32 +85,17 @@ def merge(adapter: AdapterLike | Sequence[AdapterLike], base: str | Path, output
     of every merged weight's rows (about 1/8, from every block the merge wrote), or all of them
     with `full_check`; `check_forward_pass` also compares the outputs with the unmerged model.
     `jobs` threads share out the arithmetic (default: the cores available); the output is
-    byte-identical whatever their number.
+    byte-identical whatever their number. `dry_run` returns the plan and writes nothing.
     """
-    options = recorded(merge, locals())
-    from .export.merged import merge_folder
-    from .publish.output_folder import check_target
+    from .export.merged import MergeOptions
 
-    choose("--dtype", dtype, OUTPUT_DTYPES)
     no_precision(precision)
-    if check_forward_pass:  # before anything is read: the extra is missing whatever the inputs
-        require("check", "merge --check-forward (it runs the merged and the unmerged model)",
-                "without --check-forward the merge still checks every merged weight")
-    shard_limit = parse_size(max_shard_size) if max_shard_size is not None else None
     threads = option_jobs(jobs)
-    output = Path(output)
-    sources = _sources(adapter)
-    check_target(output, force, _given(*sources, base, load_options.get("config")))
-    loaded = _load_weighted(sources, weights, load_options)
-    with digests_scope(digests) as hasher, offline():
-        if check_forward_pass:  # a base transformers cannot build is refused by its name, before any merging
-            from .io.hf_model import model_names
-
-            model_names(base)
-        return merge_folder(loaded, Path(base), output, hasher, dtype=dtype,
-                            max_shard_size=shard_limit, untie_embeddings=untie_embeddings,
-                            check_forward_pass=check_forward_pass, full_check=full_check, force=force,
-                            progress=progress, options=options, jobs=threads)
+    opts = MergeOptions(adapter=adapter, base=base, output=output, weights=weights, dtype=dtype,
+                        max_shard_size=max_shard_size, untie_embeddings=untie_embeddings,
+                        check_forward_pass=check_forward_pass, full_check=full_check, **load_options)
+    return drive("merge", merge, opts, force=force, dry_run=dry_run, progress=progress, digests=digests,
+                 jobs=threads)
 
 
 def verify(merged: str | Path, adapter: AdapterLike | None = None, base: str | Path | None = None, *,
@@ -297,48 +280,40 @@ def export_lora(adapter: AdapterLike, output: str | Path, *, rank: int | None = 
 
 
 def keep_branch(adapter: AdapterLike, base: str | Path, output: str | Path, *, base_files: str = "copy",
-                dtype: str = "float32", force: bool = False, digests: Digests | None = None,
-                **load_options: Any) -> Report:
+                dtype: str = "float32", force: bool = False, dry_run: bool = False, progress: bool | None = None,
+                digests: Digests | None = None, **load_options: Any) -> Any:
     """`output/base` (the base untouched: copied, hard-linked or symlinked) and
-    `output/adapter` (the exact plain LoRA, named as the base model names its modules)."""
-    options = recorded(keep_branch, locals())
-    from .export.keep_branch import keep_branch_folder
-    from .publish.output_folder import check_target
+    `output/adapter` (the exact plain LoRA, named as the base model names its modules), on
+    the driver (export/keep_branch.py). `dry_run` returns the plan and writes nothing."""
+    from .export.keep_branch import KeepBranchOptions
 
-    choose("--base-files", base_files, BASE_FILE_MODES)
-    choose("--dtype", dtype, LORA_DTYPES)
-    output = Path(output)
-    check_target(output, force, _given(adapter, base, load_options.get("config")))
-    loaded = _load(adapter, load_options)
-    with digests_scope(digests) as hasher, offline():
-        return keep_branch_folder(loaded, Path(base), output, hasher, base_files=base_files, dtype=dtype, force=force,
-                                  options=options)
+    opts = KeepBranchOptions(adapter=adapter, base=base, output=output, base_files=base_files, dtype=dtype,
+                             **load_options)
+    return drive("merge --keep-branch", keep_branch, opts, force=force, dry_run=dry_run, progress=progress,
+                 digests=digests)
 
 
 def unmerge(merged: str | Path, adapter: AdapterLike, output: str | Path, *, check_against: str | Path | None = None,
-            precision: str | None = None, full_check: bool = False, force: bool = False, progress: bool | None = None,
-            digests: Digests | None = None, jobs: int | None = None, **load_options: Any) -> Report:
-    """Recover W0 = round(W' − ΔW) from a merged model folder, streamed like a merge.
+            precision: str | None = None, full_check: bool = False, force: bool = False, dry_run: bool = False,
+            progress: bool | None = None, digests: Digests | None = None, jobs: int | None = None,
+            **load_options: Any) -> Any:
+    """Recover W0 = round(W' − ΔW) from a merged model folder, streamed like a merge
+    (export/merged.py, on the driver).
 
     The merge's own rounding cannot be undone: each recovered element can be about two
     storage steps from the original. With `check_against` (the original base) the recovered
     model is compared with it, and an unmerge further off than that fails (CheckFailed).
     Tensors the merge replaced (modules_to_save, biases) are kept as merged and listed.
+    `dry_run` returns the plan and writes nothing.
     """
-    options = recorded(unmerge, locals())
-    from .export.merged import unmerge_folder
-    from .publish.output_folder import check_target
+    from .export.merged import UnmergeOptions
 
     no_precision(precision)
     threads = option_jobs(jobs)
-    output = Path(output)
-    check_target(output, force, _given(adapter, merged, check_against, load_options.get("config")))
-    loaded = _load(adapter, load_options)
-    with digests_scope(digests) as hasher, offline():
-        return unmerge_folder(Path(merged), loaded, output, hasher,
-                              check_against=Path(check_against) if check_against is not None else None,
-                              full_check=full_check, force=force, progress=progress,
-                              options=options, jobs=threads)
+    opts = UnmergeOptions(merged=merged, adapter=adapter, output=output, check_against=check_against,
+                          full_check=full_check, **load_options)
+    return drive("unmerge", unmerge, opts, force=force, dry_run=dry_run, progress=progress, digests=digests,
+                 jobs=threads)
 
 
 def export_onnx(model: str | Path, output: str | Path, *, adapters: dict[str, AdapterLike] | None = None,

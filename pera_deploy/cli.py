@@ -400,27 +400,6 @@ def _adapters_and_base(paths: tuple[Path, ...], adapter_opts: tuple[Path, ...],
     return adapters, base
 
 
-def _forward_line(f: Any) -> str:
-    return (
-        f"{f.architecture} ({f.dtype}) {f.output}: max abs diff {f.max_abs_diff:.3g}, max rel diff "
-        f"{f.max_rel_diff:.3g} (tolerance {f.tolerance:.3g}; {f.dtype} rounding noise alone: {f.noise_floor:.3g}), "
-        f"top-1 agreement {f.top1_agreement:.1%}" + ("" if f.loading == "layer by layer" else f"; {f.loading}")
-    )
-
-
-def _weights_line(w: dict[str, Any]) -> str:
-    if w["every_element_correctly_rounded"]:
-        how = "W0 + ΔW correctly rounded, every element"
-    elif w["passed"]:
-        how = (f"W0 + ΔW within a float32 merge's rounding ({w['elements_off']} elements not the correctly rounded "
-               "value)")
-    else:
-        how = f"NOT W0 + ΔW correctly rounded ({w['elements_off']} elements differ)"
-    return (f"{w['merged_layers']} merged tensors are {how} ({w['rows_recomputed']:.0%} of their rows recomputed; "
-            f"the rounding costs at most {w['max_rel_error']:.2g} of ‖ΔW‖), {w['untouched_identical']} untouched "
-            "tensors identical")
-
-
 def _fmt_list(values: list[Any]) -> str:
     return ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
 
@@ -516,14 +495,15 @@ def inspect(adapter: Path, format_: str | None, adapter_name: str | None, missin
               help="With --keep-branch: how OUTPUT/base holds the base's files.")
 @jobs_option
 @force_option
-@click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
+@writer_options
 @json_option
 @debug_option
 def merge(paths: tuple[Path, ...], output: Path, adapter_opts: tuple[Path, ...], base_opt: Path | None,
           weights: str | None, format_: str | None, adapter_name: str | None,
           missing_coefficients: str | None, config: Path | None, dtype: str,
           max_shard_size: str | None, untie_embeddings: bool, check_forward: bool, full_check: bool,
-          keep_branch: bool, base_files: str, jobs: int | None, force: bool, progress: bool | None) -> None:
+          keep_branch: bool, base_files: str, jobs: int | None, force: bool, dry_run: bool,
+          progress: bool | None) -> None:
     """Merge the PERA adapter ADAPTER into the model folder BASE, writing a new model folder.
 
     Several adapters are merged as their weighted sum (--weights, default all 1), exactly, in
@@ -563,21 +543,9 @@ def merge(paths: tuple[Path, ...], output: Path, adapter_opts: tuple[Path, ...],
         if given:
             raise InputError(f"{', '.join(given)} do(es) not apply with --keep-branch: the base is written untouched")
         from .api import keep_branch as run_keep_branch
-        from .export.keep_branch import vllm_rank
 
-        def render_branch(report: Any) -> str:
-            lora = report.manifest["lora"]
-            check = report.check("lora_factors").to_dict()
-            return "\n".join([
-                f"wrote {output}/base ({base_files} of {base}) and {output}/adapter: a plain LoRA of rank {lora['r']} "
-                f"(lora_alpha {lora['r']}, scaling 1) equal to the PERA update "
-                f"(largest factor error {check['max_rel_error']:.2g} of ‖ΔW‖, float32 storage)",
-                f"serve: vllm serve {output}/base --enable-lora --max-lora-rank {vllm_rank(lora['r'])} "
-                f"--lora-modules pera={output}/adapter",
-            ])
-
-        _run(lambda: run_keep_branch(adapter, base, output, base_files=base_files, force=force, **load),
-             render_branch)
+        _run(lambda: run_keep_branch(adapter, base, output, base_files=base_files, force=force, dry_run=dry_run,
+                                     progress=_progress(progress), **load), _render_with("merge --keep-branch"))
         return
 
     started = time.perf_counter()
@@ -587,29 +555,12 @@ def merge(paths: tuple[Path, ...], output: Path, adapter_opts: tuple[Path, ...],
 
     check_adapter_name(adapter_name)
     digests = Digests()
-    for path in adapters:
+    for path in adapters if not dry_run else ():  # a dry run hashes (and caches) nothing
         digests.prefetch(likely_inputs(path / adapter_name if adapter_name else path, base))
 
-    def render(report: Any) -> str:
-        m = report.manifest
-        record = m["adapter"]
-        what = (" + ".join(f"{c['weight']:g}·{c['name']}" for c in record["combination"]) if "combination" in record
-                else record["source"])
-        lines = [f"merged {len(m['merged_layers'])} layers of {what} ({record['format']}, "
-                 f"r={_fmt_list(record['r'])}) into {m['base']['source']}"]
-        if "weights" in m["checks"]:
-            lines.append(f"  weights: {_weights_line(m['checks']['weights'])}")
-        for key, label in (("replaced_tensors", "replaced"), ("added_tensors", "added")):
-            if m[key]:
-                lines.append(f"  {label}: {', '.join(e['tensor'] for e in m[key])}")
-        if report.check("forward"):
-            lines.append(f"  forward: {_forward_line(report.check('forward'))}")
-        if report.passed:
-            size = sum(s["bytes"] for s in m["shards"])
-            shards = len(m["shards"])
-            lines.append(f"wrote {output} ({shards} shard{'s' if shards != 1 else ''}, {size / 1e6:,.1f} MB) "
-                         f"in {time.perf_counter() - started:.1f} s")
-        return "\n".join(lines)
+    def render(report: Any) -> str:  # the writer's report, and the time the command took
+        text = _render_with("merge")(report)
+        return text + (f" in {time.perf_counter() - started:.1f} s" if report.passed else "")
 
     try:
         from .api import merge as run_merge
@@ -617,7 +568,7 @@ def merge(paths: tuple[Path, ...], output: Path, adapter_opts: tuple[Path, ...],
         _run(lambda: run_merge(
             adapter, base, output, weights=weight_list, dtype=dtype, max_shard_size=max_shard_size,
             untie_embeddings=untie_embeddings, check_forward_pass=check_forward, full_check=full_check, force=force,
-            progress=progress, digests=digests, jobs=jobs, **load), render,
+            dry_run=dry_run, progress=_progress(progress), digests=digests, jobs=jobs, **load), render,
             to_dict=lambda report: {**report.to_dict(), "seconds": time.perf_counter() - started})
     finally:
         digests.close()
@@ -689,6 +640,8 @@ def verify(merged: Path, adapter: Path | None, base: Path | None, format_: str |
     from .api import verify as run_verify
 
     def render(report: Any) -> str:
+        from .checks.lines import forward_line, weights_line
+
         if report.check("runtime") is not None:
             return _runtime_lines(report.check("runtime"), report.manifest.get("recorded_in"))
         if report.check("bundle base") is not None:
@@ -699,9 +652,9 @@ def verify(merged: Path, adapter: Path | None, base: Path | None, format_: str |
                         "not run (--no-forward)") if hasattr(c, "source") else "")
                 for c in report.checks)
         weights, fwd = report.check("weights"), report.check("forward")
-        lines = [f"weights: {'ok' if weights.passed else 'FAILED'} — {_weights_line(weights.to_dict())}"]
+        lines = [f"weights: {'ok' if weights.passed else 'FAILED'} — {weights_line(weights.to_dict())}"]
         if fwd:
-            lines.append(f"forward: {'ok' if fwd.passed else 'FAILED'} — {_forward_line(fwd)}")
+            lines.append(f"forward: {'ok' if fwd.passed else 'FAILED'} — {forward_line(fwd)}")
         return "\n".join(lines)
 
     _run(lambda: run_verify(merged, adapter, base, forward=forward, seed=seed, progress=progress, runtime=runtime,
@@ -877,12 +830,12 @@ def combine(adapters: tuple[Path, ...], output: Path, weights: str | None, forma
               help="Recompute every recovered element independently (default: a sample of rows).")
 @jobs_option
 @force_option
-@click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
+@writer_options
 @json_option
 @debug_option
 def unmerge(merged: Path, adapter: Path, output: Path, format_: str | None, adapter_name: str | None,
             missing_coefficients: str | None, config: Path | None, check_against: Path | None,
-            full_check: bool, jobs: int | None, force: bool, progress: bool | None) -> None:
+            full_check: bool, jobs: int | None, force: bool, dry_run: bool, progress: bool | None) -> None:
     """Take a PERA update back out of a merged model: W0 = W' − ΔW, streamed like a merge.
 
     \b
@@ -899,27 +852,10 @@ def unmerge(merged: Path, adapter: Path, output: Path, format_: str | None, adap
     """
     from .api import unmerge as run_unmerge
 
-    def render(report: Any) -> str:
-        m = report.manifest
-        lines = [f"took the update of {len(m['merged_layers'])} layers out of {merged}"
-                 + (f"; wrote {output}" if report.passed else "")]
-        rec = m["checks"].get("reconstruction")
-        if rec:
-            lines.append(
-                f"  against {rec['compared_with']}: relative error at most {rec['max_rel_error']:.3g}, at most "
-                f"{rec['max_roundings']:.2f} roundings of the merged dtype (allowed {rec['allowed_roundings']:g}); "
-                f"{rec['min_exact_fraction']:.1%} or more of each weight's elements recovered exactly; "
-                f"{rec['untouched_identical']} untouched tensors identical"
-            )
-        else:
-            lines.append(f"  expected: {m['unmerge']['expected']}")
-        if m["unmerge"]["not_restored"]:
-            lines.append(f"  not restored (the merge replaced them): {', '.join(m['unmerge']['not_restored'])}")
-        return "\n".join(lines)
-
-    _run(lambda: run_unmerge(merged, adapter, output, check_against=check_against,
-                                      full_check=full_check, force=force, progress=progress, jobs=jobs,
-                                      **_load_options(format_, adapter_name, missing_coefficients, config)), render)
+    _run(lambda: run_unmerge(merged, adapter, output, check_against=check_against, full_check=full_check,
+                             force=force, dry_run=dry_run, progress=_progress(progress), jobs=jobs,
+                             **_load_options(format_, adapter_name, missing_coefficients, config)),
+         _render_with("unmerge"))
 
 
 def genai_written(m: dict[str, Any]) -> str:

@@ -27,6 +27,9 @@ from .scoped import offline
 
 # The writers on the driver: command → "module:attribute" of its Exporter (imported when it runs).
 EXPORTERS = {
+    "merge": "pera_deploy.export.merged:MERGE",
+    "unmerge": "pera_deploy.export.merged:UNMERGE",
+    "merge --keep-branch": "pera_deploy.export.keep_branch:KEEP_BRANCH",
     "export-lora": "pera_deploy.export.lora:EXPORT_LORA",
     "combine": "pera_deploy.export.lora:COMBINE",
     "extract": "pera_deploy.export.extract:EXTRACT",
@@ -44,9 +47,10 @@ def exporter(command: str) -> Exporter[Any, Any]:
 
 
 def drive(command: str, function: Callable[..., Any], opts: WriterOptions, *, force: bool = False, dry_run: bool = False,
-          progress: bool | None = None, digests: Digests | None = None) -> Report | Plan:
+          progress: bool | None = None, digests: Digests | None = None, jobs: int = 1) -> Report | Plan:
     """Run the writer `command` with `opts`: its plan with `dry_run`, else its published report.
-    `function` is the API function reproduce calls again: the manifest records its arguments."""
+    `function` is the API function reproduce calls again: the manifest records its arguments.
+    `jobs` threads may share the writer's arithmetic (its bytes are the same for any number)."""
     writer = exporter(command)
     writer.validate(opts)
     target = Path(opts.output)
@@ -59,7 +63,7 @@ def drive(command: str, function: Callable[..., Any], opts: WriterOptions, *, fo
     with digests_scope(digests) as hasher, offline():
         hasher.prefetch(plan.digest_files)
         options = record(command, function, opts)
-        context = WriteContext(hasher, progress, options)
+        context = WriteContext(hasher, progress, options, jobs)
         return publish(target, command, lambda staging: writer.write(plan, staging, context), options=options,
                        inputs=plan.inputs, digests=hasher, force=force, folder=writer.folder, check=writer.check)
 

@@ -17,18 +17,33 @@ from pera_deploy.driver import EXPORTERS, exporter
 from pera_deploy.recording import recorded_names
 from tests.test_reproduce import WRITERS
 
-# WRITERS' lines whose command is on the driver.
-DRIVEN = [name for name, line in WRITERS.items() if line[0] in EXPORTERS]
+# WRITERS' line name → the driver's name for its command (merge --keep-branch is an exporter of
+# its own); DRIVEN: the lines whose command is on the driver.
+COMMAND = {name: "merge --keep-branch" if "--keep-branch" in line else line[0] for name, line in WRITERS.items()}
+DRIVEN = [name for name in WRITERS if COMMAND[name] in EXPORTERS]
 INPUTS = {"A": "llama-pera", "A2": "llama-pera-2", "B": "llama-base", "SA": "small-llama-pera",
           "SB": "small-llama-base"}
 
 
-def command_line(name: str, fx, out: Path) -> list[str]:
-    """WRITERS[name] with its words filled in: the fixtures, and `out` as the output."""
-    words = {key: str(fx[folder]) for key, folder in INPUTS.items()}
-    words.update({"OUT": str(out), "OUT.gguf": str(out)})
-    args = [words.get(a, a) for a in WRITERS[name]]
-    return [a.replace("=A2", f"={fx['llama-pera-2']}").replace("=A", f"={fx['llama-pera']}") if "=" in a else a
+@pytest.fixture(scope="module")
+def words(fx, tmp_path_factory) -> dict[str, Path]:
+    """What WRITERS' words stand for: the fixtures; STATE and CONFIG (a trained state dict and
+    its config, copied out of llama-peft); M, a merged folder (what unmerge reads)."""
+    root = tmp_path_factory.mktemp("words")
+    found = {key: Path(fx[folder]) for key, folder in INPUTS.items()}
+    found["STATE"] = Path(shutil.copy(fx["llama-peft"] / "adapter_model.safetensors", root / "step-100.safetensors"))
+    found["CONFIG"] = Path(shutil.copy(fx["llama-peft"] / "adapter_config.json", root / "trained-config.json"))
+    found["M"] = root / "merged"
+    api.merge(found["A"], found["B"], found["M"])
+    return found
+
+
+def command_line(name: str, words: dict[str, Path], out: Path) -> list[str]:
+    """WRITERS[name] with its words filled in: the inputs, and `out` as the output."""
+    filled = {key: str(path) for key, path in words.items()}
+    filled.update({"OUT": str(out), "OUT.gguf": str(out)})
+    args = [filled.get(a, a) for a in WRITERS[name]]
+    return [a.replace("=A2", f"={words['A2']}").replace("=A", f"={words['A']}") if "=" in a else a
             for a in args]
 
 
@@ -60,11 +75,11 @@ def written(out: Path) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("name", DRIVEN)
-def test_a_dry_run_writes_nothing_and_its_plan_is_what_the_run_writes(name, cli, fx, tmp_path, cache):
+def test_a_dry_run_writes_nothing_and_its_plan_is_what_the_run_writes(name, cli, words, tmp_path, cache):
     parent = tmp_path / "work"
     parent.mkdir()
     out = parent / ("out.gguf" if name == "export-gguf" else "out")
-    line = command_line(name, fx, out)
+    line = command_line(name, words, out)
     before = snapshot(parent, cache)
     text = cli(*line, "--dry-run")
     assert text.exit_code == 0, text.stderr
@@ -73,7 +88,7 @@ def test_a_dry_run_writes_nothing_and_its_plan_is_what_the_run_writes(name, cli,
     assert result.exit_code == 0, result.stderr
     plan = json.loads(result.stdout)
     assert snapshot(parent, cache) == before  # no output, no temporary folder, no lock, no digest cached
-    assert plan["exit_code"] == 0 and plan["dry_run"] is True and plan["command"] == WRITERS[name][0]
+    assert plan["exit_code"] == 0 and plan["dry_run"] is True and plan["command"] == COMMAND[name]
     assert plan["output"] == str(out) and plan["checks"] and plan["replaces"] == []
 
     real = cli(*line)
@@ -86,9 +101,9 @@ def test_a_dry_run_writes_nothing_and_its_plan_is_what_the_run_writes(name, cli,
 
 
 @pytest.mark.parametrize("name", DRIVEN)
-def test_a_dry_run_says_what_force_replaces_and_refuses_what_the_run_refuses(name, cli, fx, tmp_path, cache):
+def test_a_dry_run_says_what_force_replaces_and_refuses_what_the_run_refuses(name, cli, words, tmp_path, cache):
     out = tmp_path / ("out.gguf" if name == "export-gguf" else "out")
-    line = command_line(name, fx, out)
+    line = command_line(name, words, out)
     assert cli(*line).exit_code == 0
     before = snapshot(tmp_path)
     refused = cli(*line, "--dry-run")  # an existing output without --force
@@ -100,32 +115,37 @@ def test_a_dry_run_says_what_force_replaces_and_refuses_what_the_run_refuses(nam
 
 
 @pytest.mark.parametrize("name", DRIVEN)
-def test_bad_input_under_dry_run_exits_2_with_one_line(name, cli, fx, tmp_path, cache):
-    broken = tmp_path / "broken-adapter"
-    adapter = fx["small-llama-pera" if name == "export-gguf" else "llama-pera"]
-    shutil.copytree(adapter, broken)
-    (broken / "adapter_config.json").write_text("{not json")
-    line = command_line(name, fx, tmp_path / "out")
-    first_adapter = next(i for i, a in enumerate(line) if a.endswith("-pera") or a.endswith("llama-pera"))
-    line[first_adapter] = str(broken)
+def test_bad_input_under_dry_run_exits_2_with_one_line(name, cli, words, tmp_path, cache):
+    line = command_line(name, words, tmp_path / "out")
+    if "CONFIG" in WRITERS[name]:  # a state dict: its config is the adapter's description
+        broken = tmp_path / "broken-adapter.json"
+        broken.write_text("{not json")
+        line[WRITERS[name].index("CONFIG")] = str(broken)
+    else:
+        key = "SA" if "SA" in WRITERS[name] else "A"
+        broken = tmp_path / "broken-adapter"
+        shutil.copytree(words[key], broken)
+        (broken / "adapter_config.json").write_text("{not json")
+        line[WRITERS[name].index(key)] = str(broken)
     before = snapshot(tmp_path)
     result = cli(*line, "--dry-run")
     assert result.exit_code == 2, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "broken-adapter" in result.stderr
-    over_input = cli(*command_line(name, fx, adapter / "out"), "--dry-run")  # the output inside an input
+    first_folder = next(words[a] for a in WRITERS[name] if a in words and words[a].is_dir())
+    over_input = cli(*command_line(name, words, first_folder / "out"), "--dry-run")  # the output inside an input
     assert over_input.exit_code == 2 and "never writes over what it reads" in over_input.stderr
     assert snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize("name", DRIVEN)
-def test_progress_on_stderr_with_progress_and_never_with_json(name, cli, fx, tmp_path):
-    shown = cli(*command_line(name, fx, tmp_path / "a"), "--progress")
+def test_progress_on_stderr_with_progress_and_never_with_json(name, cli, words, tmp_path):
+    shown = cli(*command_line(name, words, tmp_path / "a"), "--progress")
     assert shown.exit_code == 0, shown.stderr
     assert "%|" in shown.stderr and "%|" not in shown.stdout  # a tqdm bar, on stderr only
-    quiet = cli(*command_line(name, fx, tmp_path / "b"), "--progress", "--json")
+    quiet = cli(*command_line(name, words, tmp_path / "b"), "--progress", "--json")
     assert quiet.exit_code == 0 and "%|" not in quiet.stderr and "%|" not in quiet.stdout
     json.loads(quiet.stdout)
-    none = cli(*command_line(name, fx, tmp_path / "c"), "--no-progress")
+    none = cli(*command_line(name, words, tmp_path / "c"), "--no-progress")
     assert none.exit_code == 0 and "%|" not in none.stderr
 
 

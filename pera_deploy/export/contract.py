@@ -116,11 +116,13 @@ def _short(value: Any) -> str:
 @dataclass
 class WriteContext:
     """What a writer's `write` step is given besides its plan: the digests the manifest
-    records, and whether to show progress (None: on a terminal, tqdm's choice)."""
+    records, whether to show progress (None: on a terminal, tqdm's choice), and how many
+    threads may compute."""
 
     digests: Digests
     progress: bool | None = None
     options: dict[str, Any] = field(default_factory=dict)  # the manifest's (a file carrying its own records them)
+    jobs: int = 1  # threads sharing the arithmetic (the bytes written are the same for any number)
 
     def bar(self, items: Iterable[Any] | None = None, *, total: int | None = None, desc: str = "",
             unit: str = "it") -> tqdm:

@@ -1,92 +1,186 @@
-"""Merged (and unmerged) model folders: a merge plan streamed, checked and published.
+"""Merged (and unmerged) model folders: the writers `merge` (W0 + ΔW) and `unmerge` (W' − ΔW)
+on the driver (export/contract.py).
 
-`merge_folder` writes W0 + ΔW, `unmerge_folder` W' − ΔW; both execute a `MergePlan` into
-the temporary folder `publish` gives them, with the weight check following the writer
+Both plan with `merging.plan.plan_merge` (which tensors are merged, copied or converted, in
+which shards, each shard's size known before anything is written) and execute that plan
+into the staging folder the driver gives them, with the weight check following the writer
 tensor by tensor, the sha256 of the inputs computed beside the work and stamped into every
-shard, and the folder renamed into place only if every check passed.
+shard; the driver renames the folder into place only if every check passed.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from .. import __version__
 from ..checks.base import Check, Report
+from ..checks.lines import forward_line, weights_line
 from ..checks.reconstruction import EXPECTED, check_reconstruction, not_restored, require_comparable
 from ..checks.weights import WeightCheck, check_tensors, expected_names
 from ..core.adapter import PeraAdapter
+from ..extras import require
 from ..io.digests import Digests
-from ..io.model_files import copy_side_files, write_index
+from ..io.model_files import copy_side_files, side_file_names, write_index
 from ..io.model_folder import ModelFolder, WrittenTensors
-from ..io.safetensors_stream import TensorEntry, read_header, rewrite_metadata
+from ..io.safetensors_stream import TensorEntry, file_size, read_header, rewrite_metadata
 from ..merging.execute import Workers, execute_plan
 from ..merging.plan import MergePlan, plan_merge
+from ..options import OUTPUT_DTYPES, choose, parse_size
 from ..publish import Written, adapter_inputs, publish
 from ..publish.manifest import MANIFEST, adapter_record, model_record
 from ..publish.model_card import ModelCard
 from ..scoped import blas_threads
+from .contract import AdapterLike, Exporter, Plan, PlannedFile, WriteContext, WriterOptions, load, load_weighted, paths
 
+INDEX = "model.safetensors.index.json"
 PLACEHOLDER_DIGEST = "0" * 64
 SAMPLED_CHECK_EVERY = 8  # the merge's own check recomputes 1/8 of the rows (checks.weights.check_merged_layer)
 
 
+@dataclass(kw_only=True)
+class MergeOptions(WriterOptions):
+    """merge's options (api.merge's recorded arguments)."""
+
+    adapter: AdapterLike | Sequence[AdapterLike]
+    base: str | Path
+    weights: Sequence[float] | None = None
+    dtype: str = "auto"
+    max_shard_size: str | int | None = None
+    untie_embeddings: bool = False
+    check_forward_pass: bool = False
+    full_check: bool = False
+
+    def sources(self) -> list[AdapterLike]:
+        """The adapters as a list (one given alone, or several)."""
+        return [self.adapter] if isinstance(self.adapter, (str, Path, PeraAdapter)) else list(self.adapter)
+
+
+@dataclass(kw_only=True)
+class UnmergeOptions(WriterOptions):
+    """unmerge's options (api.unmerge's recorded arguments)."""
+
+    merged: str | Path
+    adapter: AdapterLike
+    check_against: str | Path | None = None
+    full_check: bool = False
+
+
+def _validate_merge(opts: MergeOptions) -> None:
+    """--dtype, --max-shard-size and the forward check's extra, before anything is read."""
+    choose("--dtype", opts.dtype, OUTPUT_DTYPES)
+    if opts.max_shard_size is not None:
+        parse_size(opts.max_shard_size)
+    if opts.check_forward_pass:  # missing whatever the inputs
+        require("check", "merge --check-forward (it runs the merged and the unmerged model)",
+                "without --check-forward the merge still checks every merged weight")
+
+
+def _plan_merge(opts: MergeOptions, adapter: PeraAdapter) -> Plan:
+    """Which tensors of the base are merged, copied or converted, into which shards: nothing
+    written. A base transformers cannot build is refused here when the forward check would run."""
+    checkpoint = ModelFolder(Path(opts.base))  # reads nothing between calls: nothing to close
+    if opts.check_forward_pass:
+        from ..io.hf_model import model_names
+
+        model_names(checkpoint.folder)
+    limit = parse_size(opts.max_shard_size) if opts.max_shard_size is not None else None
+    plan = plan_merge(adapter, checkpoint, dtype=opts.dtype, max_shard_size=limit,
+                      untie_embeddings=opts.untie_embeddings)
+    checks = ["weights", *(["forward"] if opts.check_forward_pass else [])]
+    return _merge_plan(plan, [*adapter_inputs(adapter), *checkpoint.input_paths()], checks,
+                       _MergeState(plan, opts.full_check, opts.check_forward_pass))
+
+
+def _plan_unmerge(opts: UnmergeOptions, adapter: PeraAdapter) -> Plan:
+    """The merge plan run backwards, and the original base validated now when it is given."""
+    checkpoint = ModelFolder(Path(opts.merged))
+    plan = plan_merge(adapter, checkpoint, untie_embeddings=True, unmerge=True)
+    inputs = [*adapter_inputs(adapter), *checkpoint.input_paths()]
+    against = None
+    if opts.check_against is not None:
+        original = ModelFolder(Path(opts.check_against))
+        require_comparable(plan, original)
+        against = (original.folder, original.weight_files)
+        inputs += original.input_paths()
+    checks = ["weights", *(["reconstruction"] if against is not None else [])]
+    return _merge_plan(plan, inputs, checks, _MergeState(plan, opts.full_check, against=against))
+
+
+@dataclass
+class _MergeState:
+    """What a merge's (or unmerge's) plan hands its write step."""
+
+    plan: MergePlan
+    full_check: bool
+    forward: bool = False
+    against: tuple[Path, list[Path]] | None = None
+
+
+def _merge_plan(plan: MergePlan, inputs: list[Path], checks: list[str], state: _MergeState) -> Plan:
+    """The files a merge plan writes, each shard sized (its digests are placeholders of their
+    final length until the end), and what the plan merges."""
+    metadata = _metadata()
+    files = [PlannedFile(s.filename, file_size([(t.name, t.dtype, t.shape) for t in s.tensors], metadata))
+             for s in plan.shards]
+    files += [PlannedFile(INDEX)] if plan.indexed else []
+    files += [PlannedFile(name) for name in side_file_names(plan.checkpoint.folder)]
+    files.append(PlannedFile("README.md"))
+    adapter = plan.adapter
+    summary = {"merged_layers": len(plan.matching.layers), "r": adapter.ranks,
+               "modules": [m.module for m in plan.matching.layers],
+               "replaced_tensors": [e.tensor for e in plan.matching.extras if e.action == "replace"],
+               "added_tensors": [e.tensor for e in plan.matching.extras if e.action == "add"],
+               "untied_tensors": plan.matching.untied, "tensor_bytes": plan.total_bytes}
+    return Plan(files, inputs, checks, summary, list(adapter.files) + plan.checkpoint.weight_files, state)
+
+
+def _write_merge(plan: Plan, folder: Path, context: WriteContext) -> Written:
+    """W0 + ΔW streamed into `folder`, the weight check following it; then the forward check
+    (the `check` extra) if asked and the weights passed."""
+    state: _MergeState = plan.state
+    written = _write_plan(state.plan, folder, context.digests, full_check=state.full_check,
+                          progress=context.progress, base_role="base", jobs=context.jobs)
+    if state.forward and all(c.passed for c in written.checks):
+        from ..checks.forward import check_forward  # torch and transformers: the [check] extra
+
+        written.checks.append(check_forward(folder, state.plan.checkpoint.folder, state.plan.adapter,
+                                            progress=context.progress))
+    written.card = _card(state.plan, plan.target.name, "merge")
+    return written
+
+
+def _write_unmerge(plan: Plan, folder: Path, context: WriteContext) -> Written:
+    """W' − ΔW streamed into `folder`; compared with the original base when it is given (the
+    merge's own rounding cannot be undone: checks/reconstruction.py)."""
+    state: _MergeState = plan.state
+    written = _write_plan(state.plan, folder, context.digests, full_check=state.full_check,
+                          progress=context.progress, base_role="merged", jobs=context.jobs)
+    written.sections["unmerge"] = {"expected": EXPECTED, "not_restored": not_restored(state.plan)}
+    if state.against is not None:
+        written.inputs["check_against"] = model_record(state.against[0], state.against[1], context.digests)
+        written.checks.append(check_reconstruction(folder, state.plan, state.against[0]))
+    written.card = _card(state.plan, plan.target.name, "unmerge")
+    return written
+
+
 def merge_folder(adapter: PeraAdapter, base: Path, output: Path, digests: Digests, *, dtype: str = "auto",
-                 max_shard_size: int | None = None, untie_embeddings: bool = False,
-                 check_forward_pass: bool = False, full_check: bool = False, force: bool = False,
-                 progress: bool | None = None, options: dict[str, Any] | None = None, jobs: int = 1) -> Report:
-    """W0 + ΔW for every targeted weight of `base`, as a new model folder `output`.
-    `check_forward_pass` runs models (the `check` extra: api.merge asks for it first)."""
-    with ModelFolder(base) as checkpoint:
-        plan = plan_merge(adapter, checkpoint, dtype=dtype, max_shard_size=max_shard_size,
-                          untie_embeddings=untie_embeddings)
-
-        def write(folder: Path) -> Written:
-            written = _write_plan(plan, folder, digests, full_check=full_check, progress=progress, base_role="base",
-                                  jobs=jobs)
-            if check_forward_pass and all(c.passed for c in written.checks):
-                from ..checks.forward import check_forward  # torch and transformers: the [check] extra
-
-                written.checks.append(check_forward(folder, checkpoint.folder, adapter, progress=progress))
-            written.card = _card(plan, output.name, "merge")
-            return written
-
-        inputs = [*adapter_inputs(adapter), *checkpoint.input_paths()]
-        return publish(output, "merge", write, options=options or {}, inputs=inputs, digests=digests, force=force)
+                 progress: bool | None = False) -> Report:
+    """A plain merge published as `output` with the merge's own steps, for a writer that needs
+    a merged model on the way (export-onnx merges into a scratch folder of its own output)."""
+    opts = MergeOptions(adapter=adapter, base=base, output=output, dtype=dtype)
+    plan = replace(_plan_merge(opts, adapter), target=output)
+    context = WriteContext(digests, progress)
+    return publish(output, "merge", lambda folder: _write_merge(plan, folder, context), options={},
+                   inputs=plan.inputs, digests=digests)
 
 
-def unmerge_folder(merged: Path, adapter: PeraAdapter, output: Path, digests: Digests, *,
-                   check_against: Path | None = None, full_check: bool = False,
-                   force: bool = False, progress: bool | None = None, options: dict[str, Any] | None = None,
-                   jobs: int = 1) -> Report:
-    """W' − ΔW for every targeted weight of the merged folder `merged`.
-
-    The merge's own rounding cannot be undone (checks/reconstruction.py); with
-    `check_against` (the original base) the recovered model is compared with it, and an
-    unmerge clearly further from it than two roundings fails.
-    """
-    with ModelFolder(merged) as checkpoint:
-        plan = plan_merge(adapter, checkpoint, untie_embeddings=True, unmerge=True)
-        against = None
-        inputs = [*adapter_inputs(adapter), *checkpoint.input_paths()]
-        if check_against is not None:
-            with ModelFolder(check_against) as original:  # validated now, before anything is written
-                require_comparable(plan, original)
-                against = (original.folder, original.weight_files)
-                inputs += original.input_paths()
-
-        def write(folder: Path) -> Written:
-            written = _write_plan(plan, folder, digests, full_check=full_check, progress=progress, base_role="merged",
-                                  jobs=jobs)
-            written.sections["unmerge"] = {"expected": EXPECTED, "not_restored": not_restored(plan)}
-            if against is not None:
-                written.inputs["check_against"] = model_record(against[0], against[1], digests)
-                written.checks.append(check_reconstruction(folder, plan, against[0]))
-            written.card = _card(plan, output.name, "unmerge")
-            return written
-
-        return publish(output, "unmerge", write, options=options or {}, inputs=inputs, digests=digests, force=force)
+def _metadata() -> dict[str, str]:
+    """Every shard's metadata, its digests placeholders of their final length (stamped once known)."""
+    return {"format": "pt", "pera_deploy.version": __version__,
+            "pera_deploy.adapter_sha256": PLACEHOLDER_DIGEST, "pera_deploy.base_sha256": PLACEHOLDER_DIGEST}
 
 
 def _write_plan(plan: MergePlan, folder: Path, digests: Digests, *, full_check: bool, progress: bool | None,
@@ -94,12 +188,7 @@ def _write_plan(plan: MergePlan, folder: Path, digests: Digests, *, full_check: 
     """Execute `plan` into `folder` with the weight check following it; stamp the digests."""
     checkpoint, adapter = plan.checkpoint, plan.adapter
     digests.prefetch(list(adapter.files) + checkpoint.weight_files)
-    metadata = {
-        "format": "pt",
-        "pera_deploy.version": __version__,
-        "pera_deploy.adapter_sha256": PLACEHOLDER_DIGEST,
-        "pera_deploy.base_sha256": PLACEHOLDER_DIGEST,
-    }
+    metadata = _metadata()
     weights = WeightCheck()
     written = WrittenTensors()
     every = 1 if full_check else SAMPLED_CHECK_EVERY
@@ -129,7 +218,7 @@ def _write_plan(plan: MergePlan, folder: Path, digests: Digests, *, full_check: 
     expected = expected_names(checkpoint, plan.matching)
     weights.missing, weights.unexpected = sorted(expected - present), sorted(present - expected)
     if plan.indexed:
-        write_index(folder, plan.weight_map, plan.total_bytes)
+        write_index(folder, plan.weight_map, plan.total_bytes, INDEX)
     side_files = copy_side_files(checkpoint.folder, folder, plan.config_updates)
 
     inputs = {"adapter": adapter_record(adapter, digests),
@@ -184,3 +273,55 @@ def _card(plan: MergePlan, title: str, command: str) -> ModelCard:
             "inputs, and the results of the checks.")
     return ModelCard(title, body, base_model=adapter.base_model_name_or_path if command == "merge" else None,
                      tags=[f"{command}d"])
+
+
+def _render_merge(report: Report) -> str:
+    """What was merged into what, the checks, and what was written."""
+    m = report.manifest
+    record = m["adapter"]
+    what = (" + ".join(f"{c['weight']:g}·{c['name']}" for c in record["combination"]) if "combination" in record
+            else record["source"])
+    lines = [f"merged {len(m['merged_layers'])} layers of {what} ({record['format']}, "
+             f"r={', '.join(map(str, record['r']))}) into {m['base']['source']}"]
+    if "weights" in m["checks"]:
+        lines.append(f"  weights: {weights_line(m['checks']['weights'])}")
+    for key, label in (("replaced_tensors", "replaced"), ("added_tensors", "added")):
+        if m[key]:
+            lines.append(f"  {label}: {', '.join(e['tensor'] for e in m[key])}")
+    forward = report.check("forward")
+    if forward:
+        lines.append(f"  forward: {forward_line(forward)}")
+    if report.passed:
+        size, shards = sum(s["bytes"] for s in m["shards"]), len(m["shards"])
+        lines.append(f"wrote {report.output} ({shards} shard{'s' if shards != 1 else ''}, {size / 1e6:,.1f} MB)")
+    return "\n".join(lines)
+
+
+def _render_unmerge(report: Report) -> str:
+    """What was taken out, and how close the recovered model is to the original."""
+    m = report.manifest
+    lines = [f"took the update of {len(m['merged_layers'])} layers out of {m['merged']['source']}"
+             + (f"; wrote {report.output}" if report.passed else "")]
+    rec = m["checks"].get("reconstruction")
+    if rec:
+        lines.append(
+            f"  against {rec['compared_with']}: relative error at most {rec['max_rel_error']:.3g}, at most "
+            f"{rec['max_roundings']:.2f} roundings of the merged dtype (allowed {rec['allowed_roundings']:g}); "
+            f"{rec['min_exact_fraction']:.1%} or more of each weight's elements recovered exactly; "
+            f"{rec['untouched_identical']} untouched tensors identical")
+    else:
+        lines.append(f"  expected: {m['unmerge']['expected']}")
+    if m["unmerge"]["not_restored"]:
+        lines.append(f"  not restored (the merge replaced them): {', '.join(m['unmerge']['not_restored'])}")
+    return "\n".join(lines)
+
+
+MERGE: Exporter[MergeOptions, PeraAdapter] = Exporter(
+    "merge", MergeOptions, folder=True, given=lambda o: paths(*o.sources(), o.base, o.config),
+    validate=_validate_merge, load=lambda o: load_weighted(o.sources(), o.weights, o.load_options()),
+    plan=_plan_merge, write=_write_merge, render=_render_merge)
+
+UNMERGE: Exporter[UnmergeOptions, PeraAdapter] = Exporter(
+    "unmerge", UnmergeOptions, folder=True, given=lambda o: paths(o.adapter, o.merged, o.check_against, o.config),
+    validate=lambda o: None, load=lambda o: load(o.adapter, o.load_options()), plan=_plan_unmerge,
+    write=_write_unmerge, render=_render_unmerge)

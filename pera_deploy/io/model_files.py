@@ -29,6 +29,13 @@ def write_index(folder: Path, weight_map: dict[str, str], total_size: int,
     write_json(folder / name, {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))})
 
 
+def side_file_names(source: Path) -> list[str]:
+    """The names (inside the output) of the files `copy_side_files` copies from `source`:
+    what a dry run lists, read from the same two listings."""
+    return [item.name for item in side_files(source)] + [item.relative_to(source).as_posix()
+                                                          for item in module_folder_files(source)]
+
+
 def copy_side_files(source: Path, out: Path, config_updates: dict[str, Any] | None = None,
                     keep_existing: bool = False) -> list[str]:
     """Copy every side file of the model folder `source` (see `model_folder.side_files`) into
@@ -59,6 +66,11 @@ def copy_side_files(source: Path, out: Path, config_updates: dict[str, Any] | No
 
 
 BASE_FILE_MODES = ("copy", "hardlink", "symlink")
+
+
+def placed_names(source: Path) -> list[str]:
+    """The names (inside the target) of the files `place_files` puts there from `source`."""
+    return [item.relative_to(source).as_posix() for item in [*folder_files(source), *module_folder_files(source)]]
 
 
 def place_files(source: Path, target: Path, mode: str) -> list[str]:

@@ -15,7 +15,16 @@ import numpy as np
 
 from ..errors import InputError
 from .files import flat_tensors, load_pickle, read_json
-from .paths import allowed_roots, checked_file, contained_file, inside, protected_roots, real_path, require_folder
+from .paths import (
+    PLACED_RECORDS,
+    allowed_roots,
+    checked_file,
+    contained_file,
+    inside,
+    protected_roots,
+    real_path,
+    require_folder,
+)
 from .safetensors_stream import TensorEntry, TensorRows, read_entry, read_header, same_bytes
 from .schema import boolean, mapping, optional, string, string_list, validate
 from .strict_json import parse_json
@@ -39,8 +48,9 @@ MODEL_CONFIG_SCHEMA = {
 }
 INDEX_SCHEMA = {"weight_map": mapping(string, string), "metadata": optional(mapping(string, lambda v: v))}
 
-# Files of a model folder that describe the old model, not a new one written from it.
-NOT_CARRIED = ("README.md", ".gitattributes")
+# Files of a model folder that describe the old model, not a new one written from it (its
+# README, and the records pera-deploy left in it: the new folder gets its own).
+NOT_CARRIED = ("README.md", ".gitattributes", *PLACED_RECORDS)
 
 
 def is_weight_file(name: str) -> bool:
