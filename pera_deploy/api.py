@@ -16,12 +16,11 @@ from .checks.base import Report
 from .core.adapter import PeraAdapter
 from .driver import digests_scope, drive
 from .errors import InputError
-from .export.contract import load, load_weighted
+from .export.contract import load
 from .extras import require
 from .formats import load_adapter
 from .io.digests import Digests
 from .options import (
-    BASE_FILE_MODES,
     ONNX_DTYPES,
     adapter_name,
     choose,
@@ -45,11 +44,6 @@ def _sources(adapter: AdapterLike | Sequence[AdapterLike]) -> list[AdapterLike]:
     if isinstance(adapter, (str, Path, PeraAdapter)):
         return [adapter]
     return list(adapter)
-
-
-def _load_weighted(sources: list[AdapterLike], weights: Sequence[float] | None,
-                   load_options: dict[str, Any]) -> PeraAdapter:
-    return load_weighted(sources, weights, load_options)
 
 
 def _given(*paths: Any) -> list[Path]:
@@ -220,36 +214,19 @@ def _verify_bundle(folder: Path, seed: int, load_options: dict[str, Any], forwar
 
 def bundle(base: str | Path, output: str | Path, adapters: dict[str, AdapterLike], *, base_files: str = "copy",
            onnx: bool = False, task: str | None = None, opset: int | None = None, genai: bool | None = None,
-           force: bool = False, digests: Digests | None = None, **load_options: Any) -> Report:
-    """One base and several adapters, packaged for every runtime (export/bundle.py): `base/`,
-    `adapters/NAME/` (exact plain PEFT LoRAs named for the base), `onnx/` with `onnx`,
-    `bundle.json` and a README with the real names. Names must be filesystem-safe and unique."""
-    options = recorded(bundle, locals())
-    from .publish.output_folder import check_target
-
-    choose("--base-files", base_files, BASE_FILE_MODES)
-    if not adapters:
-        raise InputError("bundle needs at least one --adapter NAME=PATH")
-    names = [adapter_name(name) for name in adapters]
-    output = Path(output)
-    check_target(output, force, _given(base, *adapters.values(), load_options.get("config")))
-    if onnx:
-        from .export.onnx.requirements import require_onnx
-
-        require_onnx()
-        from .export.onnx.trace import check_opset
-
-        check_opset(opset)
-    from .export.bundle import bundle_folder  # after the extra is known to be there
-
-    loaded = {name: _load(source, load_options) for name, source in zip(names, adapters.values())}
-    sources = {name: str(source) if isinstance(source, (str, Path)) else loaded[name].label
-               for name, source in zip(names, adapters.values())}
+           force: bool = False, dry_run: bool = False, progress: bool | None = None, digests: Digests | None = None,
+           **load_options: Any) -> Any:
+    """One base and several adapters, packaged for every runtime (export/bundle.py, on the
+    driver): `base/`, `adapters/NAME/` (exact plain PEFT LoRAs named for the base), `onnx/`
+    with `onnx`, `bundle.json` and a README with the real names. Names must be
+    filesystem-safe and unique. `dry_run` returns the plan and writes nothing."""
+    from .export.bundle import BundleOptions
     from .scoped import quiet_transformers
 
-    with digests_scope(digests) as hasher, offline(), quiet_transformers():
-        return bundle_folder(Path(base), output, loaded, sources, hasher, base_files=base_files, onnx=onnx, task=task,
-                             opset=opset, genai=genai, force=force, options=options)
+    opts = BundleOptions(base=base, output=output, adapters=dict(adapters), base_files=base_files, onnx=onnx, task=task,
+                         opset=opset, genai=genai, **load_options)
+    with quiet_transformers():
+        return drive("bundle", bundle, opts, force=force, dry_run=dry_run, progress=progress, digests=digests)
 
 
 def load_bundle(folder: str | Path) -> Any:

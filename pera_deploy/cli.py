@@ -858,20 +858,6 @@ def unmerge(merged: Path, adapter: Path, output: Path, format_: str | None, adap
          _render_with("unmerge"))
 
 
-def genai_written(m: dict[str, Any]) -> str:
-    """An ONNX report's word on the genai_config.json written (and the tokenizer.json made for it)."""
-    if not m.get("genai_config"):
-        return ""
-    made = f"; tokenizer.json made from {m['tokenizer_made_from']}" if m.get("tokenizer_made_from") else ""
-    return f", with {m['genai_config']} for ONNX Runtime GenAI{made}"
-
-
-def genai_skipped(m: dict[str, Any], indent: str = "") -> list[str]:
-    """Why an ONNX report's folder has no genai_config.json: a decoder exported for plain ONNX
-    Runtime must not leave the user guessing why og.Model cannot open it."""
-    return [f"{indent}no genai_config.json for ONNX Runtime GenAI: {m['genai_skipped']}"] if m.get("genai_skipped") else []
-
-
 @main.command("export-onnx")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="The ONNX folder to write.")
@@ -930,6 +916,8 @@ def export_onnx(model: Path, output: Path, adapter_specs: tuple[str, ...], branc
         adapters[name] = Path(path)
 
     def render(report: Any) -> str:
+        from .checks.lines import genai_skipped, genai_written
+
         m = report.manifest
         outputs = report.check("onnx_outputs").outputs
         lines = []
@@ -998,12 +986,13 @@ def extract(checkpoint: Path, output: Path, format_: str | None, adapter_name: s
               help="With --onnx: genai_config.json for ONNX Runtime GenAI, as export-onnx: by default where GenAI "
                    "can run the graph (else the report says why not); --genai: elsewhere is an error.")
 @adapter_options
+@writer_options
 @force_option
 @json_option
 @debug_option
 def bundle(base: Path, output: Path, adapter_specs: tuple[str, ...], base_files: str, onnx: bool, task: str | None,
            genai: bool | None, format_: str | None, adapter_name: str | None, missing_coefficients: str | None,
-           config: Path | None, force: bool) -> None:
+           config: Path | None, force: bool, dry_run: bool, progress: bool | None) -> None:
     """Package one base and several PERA (or LoRA) adapters for PEFT, vLLM and ONNX Runtime.
 
     \b
@@ -1020,32 +1009,19 @@ def bundle(base: Path, output: Path, adapter_specs: tuple[str, ...], base_files:
           --adapter pera=fixtures/examples/llama-pera --adapter second=fixtures/examples/llama-pera-2
     """
     from .api import bundle as run_bundle
-    from .options import adapter_name as served_name  # (not the --adapter-name parameter)
 
     adapters: dict[str, Any] = {}
     for spec in adapter_specs:
         name, sep, path = spec.partition("=")
         if not sep:
             raise InputError(f"--adapter {spec!r}: expected NAME=PATH")
-        served_name(name)
         if name in adapters:
             raise InputError(f"--adapter {name}: the name is given twice")
         adapters[name] = Path(path)
-
-    def render(report: Any) -> str:
-        m = report.manifest
-        lines = [f"wrote {output}: {len(adapters)} adapters on {m['base']['source']} ({base_files})"]
-        for name, summary in m["adapters_written"].items():
-            lines.append(f"  adapters/{name}: plain LoRA of rank {summary['r']}, exact")
-        if "onnx" in m:
-            lines.append(f"  onnx/: one branch graph over {len(json.loads(m['onnx']['metadata']['pera_deploy.modules']))} "
-                         "modules, " + ", ".join(f"{n}.onnx_adapter" for n in adapters) + genai_written(m["onnx"]))
-            lines += genai_skipped(m["onnx"], "  onnx/: ")
-        return "\n".join(lines)
-
     _run(lambda: run_bundle(base, output, adapters, base_files=base_files, onnx=onnx, task=task, genai=genai,
-                                     force=force, **_load_options(format_, adapter_name, missing_coefficients, config)),
-         render)
+                            force=force, dry_run=dry_run, progress=_progress(progress),
+                            **_load_options(format_, adapter_name, missing_coefficients, config)),
+         _render_with("bundle"))
 
 
 @main.command()

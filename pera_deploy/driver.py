@@ -34,6 +34,7 @@ EXPORTERS = {
     "combine": "pera_deploy.export.lora:COMBINE",
     "extract": "pera_deploy.export.extract:EXTRACT",
     "export-gguf": "pera_deploy.export.gguf:EXPORT_GGUF",
+    "bundle": "pera_deploy.export.bundle:BUNDLE",
 }
 
 
@@ -62,7 +63,7 @@ def drive(command: str, function: Callable[..., Any], opts: WriterOptions, *, fo
         return plan
     with digests_scope(digests) as hasher, offline():
         hasher.prefetch(plan.digest_files)
-        options = record(command, function, opts)
+        options = {**record(command, function, opts), **plan.resolved}
         context = WriteContext(hasher, progress, options, jobs)
         return publish(target, command, lambda staging: writer.write(plan, staging, context), options=options,
                        inputs=plan.inputs, digests=hasher, force=force, folder=writer.folder, check=writer.check)

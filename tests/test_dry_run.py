@@ -15,6 +15,7 @@ import pytest
 from pera_deploy import api
 from pera_deploy.driver import EXPORTERS, exporter
 from pera_deploy.recording import recorded_names
+from tests.test_bundles import installed
 from tests.test_reproduce import WRITERS
 
 # WRITERS' line name → the driver's name for its command (merge --keep-branch is an exporter of
@@ -126,7 +127,8 @@ def test_bad_input_under_dry_run_exits_2_with_one_line(name, cli, words, tmp_pat
         broken = tmp_path / "broken-adapter"
         shutil.copytree(words[key], broken)
         (broken / "adapter_config.json").write_text("{not json")
-        line[WRITERS[name].index(key)] = str(broken)
+        at = next(i for i, a in enumerate(WRITERS[name]) if a == key or a.endswith(f"={key}"))
+        line[at] = WRITERS[name][at].replace(key, str(broken)) if "=" in WRITERS[name][at] else str(broken)
     before = snapshot(tmp_path)
     result = cli(*line, "--dry-run")
     assert result.exit_code == 2, result.stderr
@@ -156,3 +158,18 @@ def test_the_options_dataclass_is_what_the_manifest_records(command):
     function = api.COMMANDS[command]
     fields = {f.name for f in dataclasses.fields(exporter(command).options)}
     assert fields == set(recorded_names(function))
+
+
+def test_bundle_with_onnx_plans_every_file_it_writes(cli, words, tmp_path, cache):
+    """bundle --onnx: the plan names the graph, the adapter files, the side files beside them
+    and genai_config.json (what the export then writes; the graph's size only once traced)."""
+    if not (installed("optimum.exporters.onnx") and installed("torch")):
+        pytest.skip("the onnx extra is not installed")
+    out = tmp_path / "out"
+    line = [*command_line("bundle", words, out), "--onnx"]
+    plan = cli.json(*line, "--dry-run")
+    assert not out.exists() and plan["checks"][-1] == "onnx_outputs"
+    real = cli(*line)
+    assert real.exit_code == 0, real.stderr
+    assert sorted(f["name"] for f in plan["files"]) == sorted(written(out))
+    assert "onnx/genai_config.json" in written(out)

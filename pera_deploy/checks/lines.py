@@ -1,5 +1,6 @@
 """One line per check, as the CLI prints it: the weight check and the forward check appear in
-merge, verify and the writers' reports alike, so their wording is written once."""
+merge, verify and the writers' reports alike, and the word on genai_config.json in export-onnx's
+and bundle's, so their wording is written once."""
 
 from __future__ import annotations
 
@@ -25,3 +26,17 @@ def weights_line(w: dict[str, Any]) -> str:
     return (f"{w['merged_layers']} merged tensors are {how} ({w['rows_recomputed']:.0%} of their rows recomputed; "
             f"the rounding costs at most {w['max_rel_error']:.2g} of ‖ΔW‖), {w['untouched_identical']} untouched "
             "tensors identical")
+
+
+def genai_written(m: dict[str, Any]) -> str:
+    """An ONNX report's word on the genai_config.json written (and the tokenizer.json made for it)."""
+    if not m.get("genai_config"):
+        return ""
+    made = f"; tokenizer.json made from {m['tokenizer_made_from']}" if m.get("tokenizer_made_from") else ""
+    return f", with {m['genai_config']} for ONNX Runtime GenAI{made}"
+
+
+def genai_skipped(m: dict[str, Any], indent: str = "") -> list[str]:
+    """Why an ONNX report's folder has no genai_config.json: a decoder exported for plain ONNX
+    Runtime must not leave the user guessing why og.Model cannot open it."""
+    return [f"{indent}no genai_config.json for ONNX Runtime GenAI: {m['genai_skipped']}"] if m.get("genai_skipped") else []

@@ -16,105 +16,204 @@ against PyTorch with no adapter and with each, before the bundle is published.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
 from ..checks.base import Check, Report
 from ..checks.bundle import BUNDLE_FILE
+from ..checks.runtime.vllm_ranks import vllm_rank
 from ..core.adapter import PeraAdapter
-from ..io.digests import Digests
-from ..io.model_files import place_files, write_json
+from ..errors import InputError
+from ..io.model_files import BASE_FILE_MODES, place_files, placed_names, side_file_names, write_json
 from ..io.model_folder import ModelFolder
-from ..publish import Written, adapter_inputs, publish
+from ..options import adapter_name, choose
+from ..publish import Written, adapter_inputs
 from ..publish.manifest import adapter_record, file_digests, model_record
 from ..publish.model_card import ModelCard
-from .keep_branch import vllm_rank
-from .lora import LORA_DTYPES, export_summary, peft_names, plan_lora_export, write_lora_folder
+from .contract import AdapterLike, Exporter, Plan, PlannedFile, WriteContext, WriterOptions, load, paths
+from .lora import LORA_DTYPES, export_summary, lora_files, lora_metadata, peft_names, plan_lora_export, write_lora_folder
+
+FACTORS = LORA_DTYPES["float32"]  # a bundle's LoRAs are exact, stored in float32
 
 
-def bundle_folder(base: Path, output: Path, adapters: dict[str, PeraAdapter], sources: dict[str, str],
-                  digests: Digests, *, base_files: str = "copy", onnx: bool = False, task: str | None = None,
-                  opset: int | None = None, genai: bool | None = None, force: bool = False,
-                  options: dict[str, Any] | None = None) -> Report:
-    """Write the bundle; `sources` are the adapter paths as the user gave them (for bundle.json).
-    With `onnx`, `genai` is export-onnx's: genai_config.json beside the graph where GenAI runs it."""
+@dataclass(kw_only=True)
+class BundleOptions(WriterOptions):
+    """bundle's options (api.bundle's recorded arguments)."""
+
+    base: str | Path
+    adapters: dict[str, AdapterLike]
+    base_files: str = "copy"
+    onnx: bool = False
+    task: str | None = None
+    opset: int | None = None
+    genai: bool | None = None
+
+
+@dataclass
+class _BundleState:
+    base: Path
+    adapters: dict[str, PeraAdapter]
+    sources: dict[str, str]  # each adapter as the user gave it (bundle.json)
+    names: dict[str, dict[str, str]]  # adapter → its module paths → the base's
+    weight_files: list[Path]
+    config: Path
+    mode: str  # --base-files
+    onnx: Any = None  # (task, GenaiPlan, opset) with --onnx
+    ranks: dict[str, int] = field(default_factory=dict)
+
+
+def _validate(opts: BundleOptions) -> None:
+    """--base-files, the served names, and with --onnx its extra and --opset, before anything is read."""
+    choose("--base-files", opts.base_files, BASE_FILE_MODES)
+    if not opts.adapters:
+        raise InputError("bundle needs at least one --adapter NAME=PATH")
+    for name in opts.adapters:
+        adapter_name(name)
+    if opts.onnx:
+        from .onnx.requirements import require_onnx
+
+        require_onnx()
+        from .onnx.trace import check_opset
+
+        check_opset(opts.opset)
+
+
+def _load(opts: BundleOptions) -> dict[str, PeraAdapter]:
+    return {name: load(source, opts.load_options()) for name, source in opts.adapters.items()}
+
+
+def _plan(opts: BundleOptions, adapters: dict[str, PeraAdapter]) -> Plan:
+    """Every adapter validated against the base and its exact LoRA's size found (its factors
+    then dropped: the write step computes them again, one adapter at a time); with --onnx
+    the task and what becomes of genai_config.json. Nothing written."""
+    base = Path(opts.base)
     names: dict[str, dict[str, str]] = {}
     with ModelFolder(base) as checkpoint:
-        weight_files = checkpoint.weight_files
-        all_files = [checkpoint.folder / "config.json", *weight_files]
         inputs = list(checkpoint.input_paths())
-        for name, adapter in adapters.items():  # every adapter validated against the base before anything is written
+        for name, adapter in adapters.items():
             names[name] = peft_names(adapter, checkpoint)
             inputs += adapter_inputs(adapter)
-    digests.prefetch([f for a in adapters.values() for f in a.files] + weight_files)
-    branch, chosen, plan = None, None, None
-    if onnx:
-        from .onnx.folders import prepare_branch
+        if opts.onnx:
+            from .onnx.adapters import require_branchable
+
+            require_branchable(adapters, checkpoint)
+        weight_files, folder = checkpoint.weight_files, checkpoint.folder
+    files = [PlannedFile(f"base/{name}") for name in placed_names(folder)]
+    ranks = {}
+    metadata = lora_metadata("", **{"pera_deploy.base_sha256": ""})
+    for name, adapter in adapters.items():
+        export = plan_lora_export(adapter, names=names[name])
+        ranks[name] = export.r
+        files += lora_files(export, FACTORS, metadata, under=f"adapters/{name}/")
+    files += [PlannedFile(BUNDLE_FILE), PlannedFile("README.md")]
+    checks = [f"lora_factors[{name}]" for name in adapters]
+    summary: dict[str, Any] = {"base_files": opts.base_files, "ranks": ranks,
+                               "vllm_max_lora_rank": vllm_rank(max(ranks.values()))}
+    resolved: dict[str, Any] = {}
+    onnx = None
+    if opts.onnx:
         from .onnx.genai import genai_plan
         from .onnx.tasks import derive_task
 
-        chosen = derive_task(base, task)
-        plan = genai_plan(base, chosen, genai)
-        if options is not None:
-            # as resolved where it was written; else as given, so reproduce skips it for the same reason
-            options.update(task=chosen, genai=True if plan.write else genai)
-        branch = prepare_branch(base, adapters)
+        task = derive_task(folder, opts.task)
+        genai = genai_plan(folder, task, opts.genai)
+        onnx = (task, genai, opts.opset)
+        # recorded as resolved where it was written; else as given, so reproduce skips it for the same reason
+        resolved = {"task": task, "genai": True if genai.write else opts.genai}
+        onnx_files = ["model.onnx", *(f"{name}.onnx_adapter" for name in adapters), *side_file_names(folder),
+                      *(["genai_config.json"] if genai.write else []),
+                      *(["tokenizer.json"] if genai.tokenizer is not None else [])]
+        files += [PlannedFile(f"onnx/{name}") for name in dict.fromkeys(onnx_files)]
+        summary["onnx"] = (f"a branch graph for the task {task}, its weights inside model.onnx or, past ONNX's 2 GB, "
+                           "in onnx/model.onnx_data beside it"
+                           + ("" if genai.write else f"; no genai_config.json: {genai.skipped}"))
+        checks.append("onnx_outputs")
+    sources = {name: str(source) if isinstance(source, (str, Path)) else adapters[name].label
+               for name, source in opts.adapters.items()}
+    state = _BundleState(base, adapters, sources, names, weight_files, folder / "config.json", opts.base_files, onnx,
+                         ranks)
+    return Plan(files, inputs, checks, summary, [f for a in adapters.values() for f in a.files] + weight_files, state,
+                resolved=resolved)
 
-    def write(folder: Path) -> Written:
-        placed = place_files(base, folder / "base", base_files)
-        records = {name: adapter_record(adapter, digests) for name, adapter in adapters.items()}
-        base_record = model_record(base, weight_files, digests)
-        checks: list[Check] = []
-        summaries: dict[str, dict[str, Any]] = {}
-        for name, adapter in adapters.items():  # one adapter's factors in memory at a time
-            export = plan_lora_export(adapter, names=names[name])
-            metadata = {"format": "pt", "pera_deploy.version": __version__,
-                        "pera_deploy.adapter_sha256": records[name]["sha256"],
-                        "pera_deploy.base_sha256": base_record["sha256"]}
-            check = write_lora_folder(folder / "adapters" / name, export, adapter, LORA_DTYPES["float32"], metadata)
-            check.kind = f"lora_factors[{name}]"
-            checks.append(check)
-            summaries[name] = export_summary(export)
-            del export
-        sections: dict[str, Any] = {"adapters_written": summaries}
-        if branch is not None and chosen is not None and plan is not None:
-            from .onnx.folders import write_branch_graph
 
-            (folder / "onnx").mkdir()
-            graph_check, onnx_sections = write_branch_graph(folder / "onnx", branch, chosen, opset, "float32",
-                                                            base_record["sha256"], plan)
-            checks.append(graph_check)
-            sections["onnx"] = onnx_sections
-        max_rank = vllm_rank(max(summary["r"] for summary in summaries.values()))
-        bundle = {
-            "base": {"path": str(base), "files": file_digests(all_files, base, digests),
-                     "sha256": base_record["sha256"], "placed_as": base_files, "placed": placed},
-            "adapters": {
-                name: {
-                    "source": sources[name],
-                    "format": adapter.format,
-                    "sha256": records[name]["sha256"],
-                    "files": records[name].get("files", {}),
-                    "r": adapter.ranks,
-                    "R_prime": records[name]["R_prime"],
-                    "exported_rank": summaries[name]["r"],
-                    "modules": sorted(m["module"] for m in summaries[name]["modules"]),
-                    "delta_norm": {m["module"]: m["delta_norm"] for m in summaries[name]["modules"]},
-                    "folder": f"adapters/{name}",
-                    "onnx_adapter": f"onnx/{name}.onnx_adapter" if branch is not None else None,
-                }
-                for name, adapter in adapters.items()
-            },
-            "vllm_max_lora_rank": max_rank,
-            "checks": {c.kind: c.to_dict() for c in checks},
-        }
-        write_json(folder / BUNDLE_FILE, bundle)
-        card = _card(output.name, list(adapters), {n: summary["r"] for n, summary in summaries.items()}, max_rank,
-                     branch is not None)
-        return Written(checks, {"base": base_record, "adapters": records}, sections, card=card)
+def _write(plan: Plan, folder: Path, context: WriteContext) -> Written:
+    """base/, one exact LoRA per adapter (each checked against its ΔW), onnx/ with --onnx
+    (checked against PyTorch with no adapter and with each), bundle.json and the README."""
+    state: _BundleState = plan.state
+    digests = context.digests
+    placed = place_files(state.base, folder / "base", state.mode)
+    records = {name: adapter_record(adapter, digests) for name, adapter in state.adapters.items()}
+    base_record = model_record(state.base, state.weight_files, digests)
+    checks: list[Check] = []
+    summaries: dict[str, dict[str, Any]] = {}
+    for name, adapter in context.bar(state.adapters.items(), total=len(state.adapters), desc="adapters",
+                                     unit="adapter"):  # one adapter's factors in memory at a time
+        export = plan_lora_export(adapter, names=state.names[name])
+        metadata = lora_metadata(records[name]["sha256"], **{"pera_deploy.base_sha256": base_record["sha256"]})
+        check = write_lora_folder(folder / "adapters" / name, export, adapter, FACTORS, metadata)
+        check.kind = f"lora_factors[{name}]"
+        checks.append(check)
+        summaries[name] = export_summary(export)
+        del export
+    sections: dict[str, Any] = {"adapters_written": summaries}
+    if state.onnx is not None:
+        from .onnx.folders import prepare_branch, write_branch_graph
 
-    return publish(output, "bundle", write, options=options or {}, inputs=inputs, digests=digests, force=force)
+        task, genai, opset = state.onnx
+        (folder / "onnx").mkdir()
+        graph_check, onnx_sections = write_branch_graph(folder / "onnx", prepare_branch(state.base, state.adapters),
+                                                        task, opset, "float32", base_record["sha256"], genai)
+        checks.append(graph_check)
+        sections["onnx"] = onnx_sections
+    max_rank = vllm_rank(max(summary["r"] for summary in summaries.values()))
+    bundle = {
+        "base": {"path": str(state.base), "files": file_digests([state.config, *state.weight_files], state.base, digests),
+                 "sha256": base_record["sha256"], "placed_as": state.mode, "placed": placed},
+        "adapters": {
+            name: {
+                "source": state.sources[name],
+                "format": adapter.format,
+                "sha256": records[name]["sha256"],
+                "files": records[name].get("files", {}),
+                "r": adapter.ranks,
+                "R_prime": records[name]["R_prime"],
+                "exported_rank": summaries[name]["r"],
+                "modules": sorted(m["module"] for m in summaries[name]["modules"]),
+                "delta_norm": {m["module"]: m["delta_norm"] for m in summaries[name]["modules"]},
+                "folder": f"adapters/{name}",
+                "onnx_adapter": f"onnx/{name}.onnx_adapter" if state.onnx is not None else None,
+            }
+            for name, adapter in state.adapters.items()
+        },
+        "vllm_max_lora_rank": max_rank,
+        "checks": {c.kind: c.to_dict() for c in checks},
+    }
+    write_json(folder / BUNDLE_FILE, bundle)
+    card = _card(plan.target.name, list(state.adapters), {n: summary["r"] for n, summary in summaries.items()},
+                 max_rank, state.onnx is not None)
+    return Written(checks, {"base": base_record, "adapters": records}, sections, card=card)
+
+
+def _render(report: Report) -> str:
+    """Where the bundle is, each adapter's rank, and the ONNX graph with --onnx."""
+    from ..checks.lines import genai_skipped, genai_written
+
+    m = report.manifest
+    adapters = list(m["adapters_written"])
+    lines = [f"wrote {report.output}: {len(adapters)} adapters on {m['base']['source']} "
+             f"({m['options']['base_files']})"]
+    for name, summary in m["adapters_written"].items():
+        lines.append(f"  adapters/{name}: plain LoRA of rank {summary['r']}, exact")
+    if "onnx" in m:
+        import json
+
+        modules = len(json.loads(m["onnx"]["metadata"]["pera_deploy.modules"]))
+        lines.append(f"  onnx/: one branch graph over {modules} modules, "
+                     + ", ".join(f"{n}.onnx_adapter" for n in adapters) + genai_written(m["onnx"]))
+        lines += genai_skipped(m["onnx"], "  onnx/: ")
+    return "\n".join(lines)
 
 
 def _card(title: str, names: list[str], ranks: dict[str, int], max_rank: int, onnx: bool) -> ModelCard:
@@ -154,6 +253,11 @@ def _card(title: str, names: list[str], ranks: dict[str, int], max_rank: int, on
             "```\n"
         )
     return ModelCard(title, body, tags=["lora", "bundle"])
+
+
+BUNDLE: Exporter[BundleOptions, dict[str, PeraAdapter]] = Exporter(
+    "bundle", BundleOptions, folder=True, given=lambda o: paths(o.base, *o.adapters.values(), o.config),
+    validate=_validate, load=_load, plan=_plan, write=_write, render=_render)
 
 
 def load_bundle(folder: Path, dtype: Any = None) -> Any:

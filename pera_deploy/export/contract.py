@@ -77,6 +77,9 @@ class Plan:
     summary: dict[str, Any] = field(default_factory=dict)  # ranks, modules, ...: shown as they are
     digest_files: list[Path] = field(default_factory=list)  # the files hashed for the manifest
     state: Any = field(default=None, repr=False)
+    # options the plan settled (a task derived from the architecture): the manifest records
+    # these values, so that reproduce asks for what was written
+    resolved: dict[str, Any] = field(default_factory=dict)
     # filled in by the driver:
     command: str = ""
     target: Path = Path()

@@ -15,7 +15,20 @@ from pathlib import Path
 import numpy as np
 
 from ...core.adapter import PeraAdapter
+from ...errors import InputError
+from ...io.model_folder import ModelFolder
+from ...merging.matching import match_adapter
 from .graph import factor_names
+
+
+def require_branchable(adapters: dict[str, PeraAdapter], checkpoint: ModelFolder) -> None:
+    """Every adapter fits the base (shapes: "made for another base?") and is low-rank only:
+    a swappable branch cannot hold trained full tensors. Torch-free, so a dry run checks it."""
+    for name, adapter in adapters.items():
+        if adapter.extra_tensors:
+            raise InputError(f"adapter {name} trains full tensors ({', '.join(sorted(adapter.extra_tensors)[:3])}); "
+                             "a swappable ONNX adapter holds only low-rank factors: merge it instead")
+        match_adapter(adapter, checkpoint, untie_embeddings=True)
 
 
 def branch_factors(adapter: PeraAdapter, names: dict[str, str], code: str) -> dict[str, np.ndarray]:

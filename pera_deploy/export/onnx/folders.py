@@ -20,15 +20,14 @@ from ...checks.base import Report
 from ...checks.onnx_outputs import OnnxOutputsCheck, no_hooks, validate
 from ...checks.reference_model import PeraBranch, load_unmerged_model, targets_in_model
 from ...core.adapter import PeraAdapter
-from ...errors import InputError, PeraDeployError
+from ...errors import PeraDeployError
 from ...io.digests import Digests
 from ...io.hf_model import load_model, model_class
 from ...io.model_folder import ModelFolder
-from ...merging.matching import match_adapter
 from ...publish import Written, adapter_inputs, publish
 from ...publish.manifest import adapter_record, model_record
 from ..merged import merge_folder
-from .adapters import branch_factors, write_adapter_file
+from .adapters import branch_factors, require_branchable, write_adapter_file
 from .genai import GenaiPlan, write_genai_config
 from .graph import data_readable_as_graph, set_metadata, to_float16
 from .trace import export_branch_graph, export_model
@@ -106,11 +105,7 @@ class BranchExport:
 def prepare_branch(base: Path, adapters: dict[str, PeraAdapter]) -> BranchExport:
     """Validate the adapters against the base (shapes, full tensors) and find their modules."""
     with ModelFolder(base) as checkpoint:
-        for name, adapter in adapters.items():
-            if adapter.extra_tensors:
-                raise InputError(f"adapter {name} trains full tensors ({', '.join(sorted(adapter.extra_tensors)[:3])}); "
-                                 "a swappable ONNX adapter holds only low-rank factors: merge it instead")
-            match_adapter(adapter, checkpoint, untie_embeddings=True)  # shapes: "made for another base?"
+        require_branchable(adapters, checkpoint)
     model = load_model(base, torch.float32)
     targets = {name: targets_in_model(model, adapter) for name, adapter in adapters.items()}
     union = {path for mapping in targets.values() for path in mapping.values()}
