@@ -20,15 +20,11 @@ from .export.contract import load
 from .extras import require
 from .formats import load_adapter
 from .io.digests import Digests
+from .options import jobs as option_jobs
 from .options import (
-    ONNX_DTYPES,
-    adapter_name,
-    choose,
     no_precision,
 )
-from .options import jobs as option_jobs
 from .options import seed as option_seed
-from .recording import recorded
 from .scoped import offline
 
 AdapterLike = str | Path | PeraAdapter
@@ -44,12 +40,6 @@ def _sources(adapter: AdapterLike | Sequence[AdapterLike]) -> list[AdapterLike]:
     if isinstance(adapter, (str, Path, PeraAdapter)):
         return [adapter]
     return list(adapter)
-
-
-def _given(*paths: Any) -> list[Path]:
-    """The input paths a caller named, for refusing an output over them before any work;
-    the exporters check again with every file they found."""
-    return [Path(p) for p in paths if isinstance(p, (str, Path))]
 
 
 def inspect_adapter(adapter: AdapterLike, **load_options: Any) -> dict[str, Any]:
@@ -295,8 +285,8 @@ def unmerge(merged: str | Path, adapter: AdapterLike, output: str | Path, *, che
 
 def export_onnx(model: str | Path, output: str | Path, *, adapters: dict[str, AdapterLike] | None = None,
                 branch: bool = False, task: str | None = None, opset: int | None = None, dtype: str = "float32",
-                genai: bool | None = None, force: bool = False, digests: Digests | None = None,
-                **load_options: Any) -> Report:
+                genai: bool | None = None, force: bool = False, dry_run: bool = False, progress: bool | None = None,
+                digests: Digests | None = None, **load_options: Any) -> Any:
     """Export to ONNX through Optimum and check the graph with ONNX Runtime against PyTorch.
 
     * `model` alone: a (merged) model folder as it is.
@@ -311,38 +301,16 @@ def export_onnx(model: str | Path, output: str | Path, *, adapters: dict[str, Ad
     beside the graph and tokenizer (`genai=None`: where it can, the manifest's `genai_skipped`
     saying why not elsewhere; True: or bad input; False: never); a SentencePiece
     `tokenizer.model` without `tokenizer.json` gets the `tokenizer.json` transformers makes.
+    On the driver (export/onnx/exporter.py): `dry_run` returns the plan and writes nothing.
     """
-    options = recorded(export_onnx, locals())
-    from .export.onnx.requirements import require_onnx
-    from .publish.output_folder import check_target
-
-    choose("--dtype", dtype, ONNX_DTYPES)
-    output, model = Path(output), Path(model)
-    check_target(output, force, _given(model, *(adapters or {}).values(), load_options.get("config")))
-    if not model.is_dir():
-        raise InputError(f"{model}: model folder not found")
-    if branch and not adapters:
-        raise InputError("--branch needs at least one --adapter NAME=PATH")
-    if not branch and len(adapters or {}) > 1:
-        raise InputError("several adapters need --branch (a merged graph holds one)")
-    require_onnx()
-    from .export.onnx.trace import check_opset
-
-    check_opset(opset)
-    loaded = {adapter_name(name): _load(source, load_options) for name, source in (adapters or {}).items()}
+    from .export.onnx.exporter import ExportOnnxOptions
     from .scoped import quiet_transformers
 
-    with digests_scope(digests) as hasher, offline(), quiet_transformers():
-        from .export.onnx.folders import export_branch_folder, export_merged_folder
-        from .export.onnx.genai import genai_plan
-        from .export.onnx.tasks import derive_task
-
-        task = derive_task(model, task)
-        plan = genai_plan(model, task, genai)
-        if branch:
-            return export_branch_folder(model, output, loaded, task, opset, dtype, force, hasher, options, plan)
-        return export_merged_folder(model, output, next(iter(loaded.items()), None), task, opset, dtype, force,
-                                    hasher, options, plan)
+    opts = ExportOnnxOptions(model=model, output=output, adapters=dict(adapters) if adapters is not None else None,
+                             branch=branch, task=task, opset=opset, dtype=dtype, genai=genai, **load_options)
+    with quiet_transformers():
+        return drive("export-onnx --branch" if branch else "export-onnx", export_onnx, opts, force=force,
+                     dry_run=dry_run, progress=progress, digests=digests)
 
 
 def extract(checkpoint: AdapterLike, output: str | Path, *, base: str | Path | None = None, force: bool = False,

@@ -527,15 +527,13 @@ def merge(paths: tuple[Path, ...], output: Path, adapter_opts: tuple[Path, ...],
           -o merged-sum --weights 0.7,0.3
       pera-deploy merge fixtures/examples/llama-pera fixtures/examples/llama-base -o served --keep-branch
     """
-    from .io.digests import Digests, likely_inputs
-
     adapters, base = _adapters_and_base(paths, adapter_opts, base_opt)
     weight_list = parse_weights(weights)
     load = _load_options(format_, adapter_name, missing_coefficients, config)
     adapter: Any = adapters[0] if len(adapters) == 1 else list(adapters)
-    if keep_branch and (len(adapters) > 1 or weight_list is not None):
-        raise InputError("--keep-branch writes one adapter; for several, see `pera-deploy bundle`")
     if keep_branch:
+        if len(adapters) > 1 or weight_list is not None:
+            raise InputError("--keep-branch writes one adapter; for several, see `pera-deploy bundle`")
         given = [flag for flag, on in (("--dtype", dtype != "auto"), ("--max-shard-size", max_shard_size is not None),
                                        ("--untie-embeddings", untie_embeddings), ("--check-forward", check_forward),
                                        ("--full-check", full_check),
@@ -547,16 +545,26 @@ def merge(paths: tuple[Path, ...], output: Path, adapter_opts: tuple[Path, ...],
         _run(lambda: run_keep_branch(adapter, base, output, base_files=base_files, force=force, dry_run=dry_run,
                                      progress=_progress(progress), **load), _render_with("merge --keep-branch"))
         return
+    _merge_timed(adapters, base, dry_run, load, lambda digests: dict(
+        adapter=adapter, base=base, output=output, weights=weight_list, dtype=dtype, max_shard_size=max_shard_size,
+        untie_embeddings=untie_embeddings, check_forward_pass=check_forward, full_check=full_check, force=force,
+        dry_run=dry_run, progress=_progress(progress), digests=digests, jobs=jobs, **load))
+
+
+def _merge_timed(adapters: list[Path], base: Path, dry_run: bool, load: dict[str, Any],
+                 arguments: Callable[[Any], dict[str, Any]]) -> None:
+    """api.merge with `arguments(digests)`, the inputs hashed from the start (while the rest of
+    the tool is still being imported), and the time the command took in its report."""
+    from .io.digests import Digests, likely_inputs
 
     started = time.perf_counter()
-    # Start hashing the inputs now, while torch is still being imported (the adapter name
-    # checked first: a path there would have a sibling folder's files read).
+    # the adapter name checked first: a path there would have a sibling folder's files read
     from .formats.peft_folder import check_adapter_name
 
-    check_adapter_name(adapter_name)
+    check_adapter_name(load["adapter_name"])
     digests = Digests()
     for path in adapters if not dry_run else ():  # a dry run hashes (and caches) nothing
-        digests.prefetch(likely_inputs(path / adapter_name if adapter_name else path, base))
+        digests.prefetch(likely_inputs(path / load["adapter_name"] if load["adapter_name"] else path, base))
 
     def render(report: Any) -> str:  # the writer's report, and the time the command took
         text = _render_with("merge")(report)
@@ -565,11 +573,8 @@ def merge(paths: tuple[Path, ...], output: Path, adapter_opts: tuple[Path, ...],
     try:
         from .api import merge as run_merge
 
-        _run(lambda: run_merge(
-            adapter, base, output, weights=weight_list, dtype=dtype, max_shard_size=max_shard_size,
-            untie_embeddings=untie_embeddings, check_forward_pass=check_forward, full_check=full_check, force=force,
-            dry_run=dry_run, progress=_progress(progress), digests=digests, jobs=jobs, **load), render,
-            to_dict=lambda report: {**report.to_dict(), "seconds": time.perf_counter() - started})
+        _run(lambda: run_merge(**arguments(digests)), render,
+             to_dict=lambda report: {**report.to_dict(), "seconds": time.perf_counter() - started})
     finally:
         digests.close()
 
@@ -875,12 +880,14 @@ def unmerge(merged: Path, adapter: Path, output: Path, format_: str | None, adap
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="float16 converts the float32 graph (and adapter files) after export; checked with a wider tolerance.")
 @adapter_options
+@writer_options
 @force_option
 @json_option
 @debug_option
 def export_onnx(model: Path, output: Path, adapter_specs: tuple[str, ...], branch: bool, task: str | None,
                 opset: int | None, genai: bool | None, dtype: str, format_: str | None, adapter_name: str | None,
-                missing_coefficients: str | None, config: Path | None, force: bool) -> None:
+                missing_coefficients: str | None, config: Path | None, force: bool, dry_run: bool,
+                progress: bool | None) -> None:
     """Export to ONNX, checked with ONNX Runtime against the unmerged PyTorch model.
 
     \b
@@ -915,26 +922,10 @@ def export_onnx(model: Path, output: Path, adapter_specs: tuple[str, ...], branc
             raise InputError(f"--adapter {name}: the name is given twice")
         adapters[name] = Path(path)
 
-    def render(report: Any) -> str:
-        from .checks.lines import genai_skipped, genai_written
-
-        m = report.manifest
-        outputs = report.check("onnx_outputs").outputs
-        lines = []
-        for run in dict.fromkeys(c.run for c in outputs):
-            checks = [c for c in outputs if c.run == run]
-            worst = max(checks, key=lambda c: c.max_rel_diff)
-            main_outputs = [f"{c.step} {c.output} {c.max_rel_diff:.2g}" for c in checks
-                            if c.output in ("logits", "last_hidden_state")]
-            lines.append(f"  {run}: {', '.join(main_outputs) or 'no main output'}; worst output {worst.output} "
-                         f"{worst.max_rel_diff:.2g} (tolerance {worst.tolerance:.0e})")
-        written = f"wrote {output}" if report.passed else f"did not write {output}"
-        return "\n".join([f"{written}: {m['graph']} graph, task {m['task']}, {m['options']['dtype']}{genai_written(m)}",
-                          *genai_skipped(m), "checked with ONNX Runtime against the unmerged PyTorch model:"] + lines)
-
-    _run(lambda: run_export(model, output, adapters=adapters, branch=branch, task=task, opset=opset,
-                                     dtype=dtype, genai=genai, force=force,
-                                     **_load_options(format_, adapter_name, missing_coefficients, config)), render)
+    _run(lambda: run_export(model, output, adapters=adapters, branch=branch, task=task, opset=opset, dtype=dtype,
+                            genai=genai, force=force, dry_run=dry_run, progress=_progress(progress),
+                            **_load_options(format_, adapter_name, missing_coefficients, config)),
+         _render_with("export-onnx"))
 
 
 @main.command()

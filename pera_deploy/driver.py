@@ -35,6 +35,8 @@ EXPORTERS = {
     "extract": "pera_deploy.export.extract:EXTRACT",
     "export-gguf": "pera_deploy.export.gguf:EXPORT_GGUF",
     "bundle": "pera_deploy.export.bundle:BUNDLE",
+    "export-onnx": "pera_deploy.export.onnx.exporter:EXPORT_ONNX",
+    "export-onnx --branch": "pera_deploy.export.onnx.exporter:EXPORT_ONNX_BRANCH",
 }
 
 

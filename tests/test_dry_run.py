@@ -173,3 +173,37 @@ def test_bundle_with_onnx_plans_every_file_it_writes(cli, words, tmp_path, cache
     assert real.exit_code == 0, real.stderr
     assert sorted(f["name"] for f in plan["files"]) == sorted(written(out))
     assert "onnx/genai_config.json" in written(out)
+
+
+# export-onnx: one line per kind of graph (B = the small Llama, ST = a sentence-transformers
+# folder with module folders, G = GPT-2, a model type ONNX Runtime GenAI does not run).
+ONNX_LINES = {
+    "merged": ["export-onnx", "B", "--adapter", "A", "-o", "OUT"],
+    "branch": ["export-onnx", "B", "--branch", "--adapter", "a=A", "--adapter", "b=A2", "--dtype", "float16",
+               "-o", "OUT"],
+    "sentence-transformers": ["export-onnx", "ST", "-o", "OUT"],
+    "no-genai": ["export-onnx", "G", "-o", "OUT"],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(ONNX_LINES))
+def test_export_onnx_plans_every_file_it_writes_and_shows_its_stages(kind, cli, fx, words, tmp_path, cache):
+    """The plan names the graph, the adapter files, the side files and genai_config.json where
+    GenAI runs the folder: what the export writes. --progress shows the stages on stderr."""
+    if not (installed("optimum.exporters.onnx") and installed("torch")):
+        pytest.skip("the onnx extra is not installed")
+    out = tmp_path / "out"
+    filled = {**{k: str(v) for k, v in words.items()}, "ST": str(fx["st-dense-base"]), "G": str(fx["gpt2-base"]),
+              "OUT": str(out)}
+    line = [filled.get(a, a) for a in ONNX_LINES[kind]]
+    line = [f"{a[:2]}{filled[a[2:]]}" if a[1:2] == "=" else a for a in line]
+    plan = cli.json(*line, "--dry-run")
+    assert not out.exists() and plan["checks"] == ["onnx_outputs"]
+    assert plan["command"] == ("export-onnx --branch" if kind == "branch" else "export-onnx")
+    real = cli(*line, "--progress")
+    assert real.exit_code == 0, real.stderr
+    assert "export-onnx" in real.stderr and "%|" in real.stderr  # the stage bar, on stderr
+    files = written(out)
+    assert sorted(f["name"] for f in plan["files"]) == sorted(files)
+    assert ("genai_config.json" in files) == (kind in ("merged", "branch"))
+    assert ("genai_skipped" in plan) == (kind not in ("merged", "branch"))

@@ -33,9 +33,9 @@ from ..publish import Written, adapter_inputs
 from ..publish.manifest import adapter_record, file_digests, model_record
 from ..publish.model_card import ModelCard
 from .contract import AdapterLike, Exporter, Plan, PlannedFile, WriteContext, WriterOptions, load, paths
-from .lora import LORA_DTYPES, export_summary, lora_files, lora_metadata, peft_names, plan_lora_export, write_lora_folder
+from .lora import LORA_CODES, export_summary, lora_files, lora_metadata, peft_names, plan_lora_export, write_lora_folder
 
-FACTORS = LORA_DTYPES["float32"]  # a bundle's LoRAs are exact, stored in float32
+FACTORS = LORA_CODES["float32"]  # a bundle's LoRAs are exact, stored in float32
 
 
 @dataclass(kw_only=True)

@@ -98,7 +98,9 @@ class Plan:
         lines = [f"dry run: {self.command} would write {self.target} ({'folder' if self.folder else 'file'}; "
                  f"nothing was written)"]
         lines += [f"  {f.name}" + (f"  {f.bytes:,} B" if f.bytes is not None else "") for f in self.files]
-        lines.append(f"  known size {total:,} B")
+        known = [f for f in self.files if f.bytes is not None]
+        lines.append(f"  known size {total:,} B" + ("" if len(known) == len(self.files) else
+                                                     f" ({len(known)} of {len(self.files)} files sized before writing)"))
         for key, value in self.summary.items():
             lines.append(f"  {key}: {_short(value)}")
         lines.append(f"  checks: {', '.join(self.checks) or 'none'}")

@@ -13,14 +13,13 @@ from ..checks.runtime.vllm_ranks import vllm_rank
 from ..core.adapter import PeraAdapter
 from ..io.model_files import BASE_FILE_MODES, place_files, placed_names
 from ..io.model_folder import ModelFolder
-from ..options import LORA_DTYPES as LORA_DTYPE_NAMES
-from ..options import choose
+from ..options import LORA_DTYPES, choose
 from ..publish import Written, adapter_inputs
 from ..publish.manifest import adapter_record, model_record
 from ..publish.model_card import ModelCard
 from .contract import AdapterLike, Exporter, Plan, PlannedFile, WriteContext, WriterOptions, load, paths
 from .lora import (
-    LORA_DTYPES,
+    LORA_CODES,
     LoraExport,
     export_summary,
     lora_files,
@@ -54,7 +53,7 @@ class _BranchState:
 
 def _validate(opts: KeepBranchOptions) -> None:
     choose("--base-files", opts.base_files, BASE_FILE_MODES)
-    choose("--dtype", opts.dtype, LORA_DTYPE_NAMES)
+    choose("--dtype", opts.dtype, LORA_DTYPES)
 
 
 def _plan(opts: KeepBranchOptions, adapter: PeraAdapter) -> Plan:
@@ -64,7 +63,7 @@ def _plan(opts: KeepBranchOptions, adapter: PeraAdapter) -> Plan:
         names = peft_names(adapter, checkpoint)
         weight_files, base = checkpoint.weight_files, checkpoint.folder
         inputs = [*adapter_inputs(adapter), *checkpoint.input_paths()]
-    code = LORA_DTYPES[opts.dtype]
+    code = LORA_CODES[opts.dtype]
     export = plan_lora_export(adapter, names=names, dtype=code)
     files = [PlannedFile(f"base/{name}") for name in placed_names(base)]
     files += lora_files(export, code, _metadata("", ""), under="adapter/") + [PlannedFile("README.md")]

@@ -30,8 +30,7 @@ from ..io.model_files import write_json
 from ..io.model_folder import ModelFolder
 from ..io.safetensors_stream import file_size, save_tensors
 from ..merging.matching import _model_prefix_to_add, match_adapter
-from ..options import LORA_DTYPES as LORA_DTYPE_NAMES
-from ..options import choose, rank_options
+from ..options import LORA_DTYPES, choose, rank_options
 from ..publish import Written, adapter_inputs
 from ..publish.manifest import adapter_record, model_record
 from ..publish.model_card import ModelCard
@@ -39,7 +38,7 @@ from .contract import AdapterLike, Exporter, Plan, PlannedFile, WriteContext, Wr
 
 # PEFT task types whose model wraps a task head as modules_to_save, expecting its weights.
 HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
-LORA_DTYPES = {name: OUTPUT_CODES[name] for name in LORA_DTYPE_NAMES}  # --dtype → safetensors code
+LORA_CODES = {name: OUTPUT_CODES[name] for name in LORA_DTYPES}  # --dtype → safetensors code
 
 
 @dataclass
@@ -347,7 +346,7 @@ class _LoraState:
 
 def _validate_lora(opts: LoraWriterOptions) -> None:
     """--dtype and the rank options, before anything is read."""
-    choose("--dtype", opts.dtype, LORA_DTYPE_NAMES)
+    choose("--dtype", opts.dtype, LORA_DTYPES)
     rank_options(opts.rank, opts.tol, opts.max_rank)
 
 
@@ -394,7 +393,7 @@ def _plan_lora(opts: LoraWriterOptions, adapter: PeraAdapter) -> Plan:
         with ModelFolder(base) as checkpoint:
             names, base_files = peft_names(adapter, checkpoint), checkpoint.weight_files
             inputs += checkpoint.input_paths()
-    dtype = LORA_DTYPES[opts.dtype]
+    dtype = LORA_CODES[opts.dtype]
     export = plan_lora_export(adapter, rank=opts.rank, tol=opts.tol, max_rank=opts.max_rank, pad=opts.pad,
                               names=names, dtype=dtype)
     return Plan(lora_files(export, dtype, lora_metadata("")), inputs, ["lora_factors"], lora_summary(export),

@@ -150,8 +150,20 @@ def _pera_or_lora(config: Any, path: Path) -> dict[str, Any]:
     return config
 
 
-def read_adapter(found: Found, options: LoadOptions, format_name: str) -> PeraAdapter:
-    """The PERA adapter in `found`, in canonical form, with where everything came from."""
+@dataclass
+class _Sorted:
+    """A container's tensors sorted out: PERA factors, trained full tensors (name → (adapter,
+    raw name)), and the prefixes stripped to name them."""
+
+    names: list[str]
+    attribute: str  # an attribute prefix all names share ("model."), dropped
+    factors: list[_Factor]
+    extras: dict[str, tuple[str | None, str]]
+    dropped: set[str]
+
+
+def _sort_tensors(found: Found) -> _Sorted:
+    """Which tensors are factors, which trained full tensors, which neither (ignored)."""
     names = list(found.tensors)
     attribute = ""
     if found.attribute_prefix and names:
@@ -177,28 +189,35 @@ def read_adapter(found: Found, options: LoadOptions, format_name: str) -> PeraAd
         sample = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
         raise InputError(f"{found.path}: found {len(names)} tensors, none of them PERA factors "
                          f"({sample or 'no tensors at all'})")
+    return _Sorted(names, attribute, factors, extras, dropped)
 
-    wanted = _choose_adapter(found, {f.adapter for f in factors} | {n for n, _ in extras.values()}, options)
-    factors = [f for f in factors if f.adapter == wanted]
-    extras = {k: v for k, v in extras.items() if v[0] == wanted}
-    # The coefficients' names say whose naming this is (the factors may be Linear modules, with
-    # `.weight`, in either); with no coefficients at all, the factors' `.weight` says.
+
+def _family(found: Found, factors: list[_Factor]) -> str | None:
+    """Whose naming this is, "authors" or "peft": the coefficients' names say (the factors may
+    be Linear modules, with `.weight`, in either); with no coefficients, the factors' `.weight`."""
     coefficient_families = {f.family for f in factors if f.role not in ("A", "B")}
     if len(coefficient_families) > 1:
         authors = next(f.raw for f in factors if f.family == "authors" and f.role not in ("A", "B"))
         peft = next(f.raw for f in factors if f.family == "peft" and f.role not in ("A", "B"))
         raise InputError(f"{found.path}: mixes the authors' coefficient names ({authors}) with PEFT's ({peft})")
-    family = coefficient_families.pop() if coefficient_families else factors[0].family
+    return coefficient_families.pop() if coefficient_families else factors[0].family
 
-    config, config_path = find_config(found, options)
-    listed = (config or {}).get("modules_to_save") or []
-    if listed and not extras:  # a saved adapter (no modules_to_save segment): the heads by the names config lists
-        for raw in names:
-            name, cut = normalize(raw[len(attribute):])
-            module = name.rpartition(".")[0]
-            if _classify(name) is None and any(module == m or module.endswith("." + m) for m in listed):
-                extras[name] = (wanted, raw)
-                dropped.update(cut)
+
+def _heads_listed(sorted_: _Sorted, wanted: str | None, listed: list[str]) -> None:
+    """A saved adapter (no modules_to_save segment in its names): its trained heads are the
+    tensors of the modules its config lists in modules_to_save."""
+    for raw in sorted_.names:
+        name, cut = normalize(raw[len(sorted_.attribute):])
+        module = name.rpartition(".")[0]
+        if _classify(name) is None and any(module == m or module.endswith("." + m) for m in listed):
+            sorted_.extras[name] = (wanted, raw)
+            sorted_.dropped.update(cut)
+
+
+def _scaling(found: Found, family: str | None, config: dict[str, Any] | None, config_path: Path | None,
+             options: LoadOptions) -> tuple[Callable[[str, int], float], dict[str, str], bool]:
+    """Each module's scaling (PEFT's naming: lora_alpha and r from the config, never guessed;
+    the authors': 1), where each setting came from, and whether this is a plain LoRA."""
     settings: dict[str, str] = {"r": "the shapes of lora_A", "target modules": "the tensor names"}
     plain_lora = False
     if family == "peft":
@@ -222,13 +241,29 @@ def read_adapter(found: Found, options: LoadOptions, format_name: str) -> PeraAd
             return 1.0
     if config_path is not None:
         settings["config"] = str(config_path) + (" (--config)" if options.config is not None else " (found beside)")
+    return scaling, settings, plain_lora
+
+
+def read_adapter(found: Found, options: LoadOptions, format_name: str) -> PeraAdapter:
+    """The PERA adapter in `found`, in canonical form, with where everything came from."""
+    sorted_ = _sort_tensors(found)
+    factors, names = sorted_.factors, sorted_.names
+    wanted = _choose_adapter(found, {f.adapter for f in factors} | {n for n, _ in sorted_.extras.values()}, options)
+    factors = [f for f in factors if f.adapter == wanted]
+    sorted_.extras = {k: v for k, v in sorted_.extras.items() if v[0] == wanted}
+    family = _family(found, factors)
+    config, config_path = find_config(found, options)
+    listed = (config or {}).get("modules_to_save") or []
+    if listed and not sorted_.extras:
+        _heads_listed(sorted_, wanted, listed)
+    scaling, settings, plain_lora = _scaling(found, family, config, config_path, options)
 
     groups: dict[str, dict[str, np.ndarray]] = {}
     for f in factors:
         if f.role in groups.setdefault(f.module, {}):
             raise InputError(f"{found.path}: module {f.module} has two {f.role} tensors ({f.raw} and another)")
         groups[f.module][f.role] = _take(found, f.raw)
-    extra_tensors = {name: _take(found, raw) for name, (_, raw) in extras.items()}
+    extra_tensors = {name: _take(found, raw) for name, (_, raw) in sorted_.extras.items()}
     require_finite({f.raw: groups[f.module][f.role] for f in factors}, found.path)
     require_finite(extra_tensors, found.path)
     layers = build_layers(groups, found.path, scaling=scaling,  # type: ignore[arg-type]
@@ -244,7 +279,7 @@ def read_adapter(found: Found, options: LoadOptions, format_name: str) -> PeraAd
     source = {
         "container": found.container,
         "naming": "the authors' (lora_A, lora_A_parameter)" if family == "authors" else "PEFT's (lora_A.weight, pera_h_A)",
-        "prefixes_stripped": sorted(p for p in dropped if p),
+        "prefixes_stripped": sorted(p for p in sorted_.dropped if p),
         "adapter_name": wanted,
         "settings": settings,
         "tensors_taken": taken,

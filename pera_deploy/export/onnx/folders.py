@@ -1,7 +1,9 @@
 """Writing an ONNX folder: export, convert, write adapter files, validate, publish.
 
-The two kinds of graph `api.export_onnx` offers. Both are validated in ONNX Runtime
-against the PyTorch reference (`checks.onnx_outputs`) and published through `publish`.
+The write steps of the two kinds of graph export-onnx offers (its Exporter is in
+exporter.py, which imports this module, and torch, only once the extra is known to be
+there). Both are validated in ONNX Runtime against the PyTorch reference
+(`checks.onnx_outputs`) before the driver publishes them.
 """
 
 from __future__ import annotations
@@ -11,12 +13,11 @@ import shutil
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
 from ... import __version__
-from ...checks.base import Report
 from ...checks.onnx_outputs import OnnxOutputsCheck, no_hooks, validate
 from ...checks.reference_model import PeraBranch, load_unmerged_model, targets_in_model
 from ...core.adapter import PeraAdapter
@@ -24,7 +25,7 @@ from ...errors import PeraDeployError
 from ...io.digests import Digests
 from ...io.hf_model import load_model, model_class
 from ...io.model_folder import ModelFolder
-from ...publish import Written, adapter_inputs, publish
+from ...publish import Written
 from ...publish.manifest import adapter_record, model_record
 from ..merged import merge_folder
 from .adapters import branch_factors, require_branchable, write_adapter_file
@@ -32,24 +33,25 @@ from .genai import GenaiPlan, write_genai_config
 from .graph import data_readable_as_graph, set_metadata, to_float16
 from .trace import export_branch_graph, export_model
 
+Stage = Callable[[str], None]  # told the name of each stage as it starts (a progress bar's)
 
-def export_merged_folder(model: Path, output: Path, adapter: tuple[str, PeraAdapter] | None, task: str,
-                         opset: int | None, dtype: str, force: bool, digests: Digests,
-                         options: dict[str, Any], genai: GenaiPlan) -> Report:
-    """`model` exported as it is, or with `adapter` merged into it first (in float32, in a
-    scratch folder inside the temporary output folder, removed before publishing)."""
-    with ModelFolder(model) as checkpoint:
-        weight_files = checkpoint.weight_files
-        input_paths = [*checkpoint.input_paths(), *(adapter_inputs(adapter[1]) if adapter else [])]
 
-    def write_graph(out: Path, folder: Path, inputs: dict[str, Any]) -> Written:
+def write_merged_graph(out: Path, model: Path, adapter: tuple[str, PeraAdapter] | None, weight_files: list[Path],
+                       task: str, opset: int | None, dtype: str, digests: Digests, genai: GenaiPlan,
+                       stage: Stage) -> Written:
+    """`model` exported into `out` as it is, or with `adapter` merged into it first (in
+    float32, in a scratch folder inside `out`, removed before publishing); then checked."""
+
+    def write_graph(folder: Path, inputs: dict[str, Any]) -> Written:
         metadata = {"pera_deploy.version": __version__, "pera_deploy.source": model.name}
         if adapter is not None:
             metadata.update({"pera_deploy.base": model.name, "pera_deploy.adapter": adapter[0],
                              "pera_deploy.adapter_sha256": inputs["adapter"]["sha256"],
                              "pera_deploy.base_sha256": inputs["base"]["sha256"]})
+        stage("trace")
         export_model(folder, out, task, opset)
         if dtype == "float16":
+            stage("float16")
             to_float16(out / "model.onnx")
         set_metadata(out / "model.onnx", metadata)
         data_readable_as_graph(out / "model.onnx")
@@ -59,6 +61,7 @@ def export_merged_folder(model: Path, output: Path, adapter: tuple[str, PeraAdap
                 return load_model(folder, torch.float32), nullcontext()
             return load_unmerged_model(model, adapter[1], torch.float32)
 
+        stage("check")
         check = validate(out / "model.onnx", reference, [("merged", None, nullcontext)], dtype == "float16",
                          config=model_class(folder)[0])
         if folder != model:
@@ -66,16 +69,14 @@ def export_merged_folder(model: Path, output: Path, adapter: tuple[str, PeraAdap
         sections = {"graph": "merged", "task": task, "metadata": metadata, **write_genai_config(out, model, genai)}
         return Written([check], inputs, sections)
 
-    def write(out: Path) -> Written:
-        if adapter is None:
-            return write_graph(out, model, {"model": model_record(model, weight_files, digests)})
-        scratch = out / ".merged"
-        with named_as(scratch, f"{model} (with adapter {adapter[0]} merged)"):
-            # merged on the fly, in float32: nothing is lost before the float32 export
-            merged = merge_folder(adapter[1], model, scratch, digests, dtype="float32", progress=False)
-            return write_graph(out, scratch, {"adapter": merged.manifest["adapter"], "base": merged.manifest["base"]})
-
-    return publish(output, "export-onnx", write, options=options, inputs=input_paths, digests=digests, force=force)
+    if adapter is None:
+        return write_graph(model, {"model": model_record(model, weight_files, digests)})
+    scratch = out / ".merged"
+    stage("merge")
+    with named_as(scratch, f"{model} (with adapter {adapter[0]} merged)"):
+        # merged on the fly, in float32: nothing is lost before the float32 export
+        merged = merge_folder(adapter[1], model, scratch, digests, dtype="float32", progress=False)
+        return write_graph(scratch, {"adapter": merged.manifest["adapter"], "base": merged.manifest["base"]})
 
 
 @contextmanager
@@ -114,11 +115,13 @@ def prepare_branch(base: Path, adapters: dict[str, PeraAdapter]) -> BranchExport
 
 
 def write_branch_graph(out: Path, branch: BranchExport, task: str, opset: int | None, dtype: str,
-                       base_sha256: str, genai: GenaiPlan) -> tuple[OnnxOutputsCheck, dict[str, Any]]:
+                       base_sha256: str, genai: GenaiPlan,
+                       stage: Stage = lambda name: None) -> tuple[OnnxOutputsCheck, dict[str, Any]]:
     """model.onnx with the branch inputs and NAME.onnx_adapter for each adapter in `out`,
     validated with no adapter and with each; returns the check and the manifest sections."""
     export_branch_graph(branch.base, out, task, opset, branch.modules, branch.model)
     if dtype == "float16":
+        stage("float16")
         to_float16(out / "model.onnx")
     files, ranks = {}, {}
     for name, adapter in branch.adapters.items():
@@ -140,6 +143,7 @@ def write_branch_graph(out: Path, branch: BranchExport, task: str, opset: int | 
         (f"adapter {name}", files[name], lambda adapter=adapter: PeraBranch(branch.model, adapter))
         for name, adapter in branch.adapters.items()
     ]
+    stage("check")
     check = validate(out / "model.onnx", branch.model, runs, dtype == "float16")
     sections = {"graph": "branch", "task": task, "metadata": metadata,
                 "adapter_files": {name: {"file": files[name].name, "rank": ranks[name],
@@ -149,22 +153,13 @@ def write_branch_graph(out: Path, branch: BranchExport, task: str, opset: int | 
     return check, sections
 
 
-def export_branch_folder(base: Path, output: Path, adapters: dict[str, PeraAdapter], task: str, opset: int | None,
-                         dtype: str, force: bool, digests: Digests, options: dict[str, Any],
-                         genai: GenaiPlan) -> Report:
+def write_branch(out: Path, base: Path, adapters: dict[str, PeraAdapter], weight_files: list[Path], task: str,
+                 opset: int | None, dtype: str, digests: Digests, genai: GenaiPlan, stage: Stage) -> Written:
     """The base graph with a swappable branch at every module any adapter targets, and one
-    `NAME.onnx_adapter` per adapter; validated with no adapter and with each."""
-    with ModelFolder(base) as checkpoint:
-        weight_files = checkpoint.weight_files
-        input_paths = [*checkpoint.input_paths(), *(p for a in adapters.values() for p in adapter_inputs(a))]
-    digests.prefetch([f for a in adapters.values() for f in a.files] + weight_files)
-    branch = prepare_branch(base, adapters)
-
-    def write(out: Path) -> Written:
-        inputs = {"base": model_record(base, weight_files, digests),
-                  "adapters": {name: adapter_record(a, digests) for name, a in adapters.items()}}
-        check, sections = write_branch_graph(out, branch, task, opset, dtype, inputs["base"]["sha256"], genai)
-        return Written([check], inputs, sections)
-
-    return publish(output, "export-onnx --branch", write, options=options, inputs=input_paths, digests=digests,
-                   force=force)
+    `NAME.onnx_adapter` per adapter, in `out`; validated with no adapter and with each."""
+    inputs = {"base": model_record(base, weight_files, digests),
+              "adapters": {name: adapter_record(a, digests) for name, a in adapters.items()}}
+    stage("trace")
+    check, sections = write_branch_graph(out, prepare_branch(base, adapters), task, opset, dtype,
+                                         inputs["base"]["sha256"], genai, stage)
+    return Written([check], inputs, sections)

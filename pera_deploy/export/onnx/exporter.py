@@ -1,0 +1,170 @@
+"""export-onnx as a writer on the driver (export/contract.py): a merged graph (a model folder
+as it is, or a base with one adapter merged on the fly) or a branch graph (`--branch`: the
+base with swappable adapters, one NAME.onnx_adapter each).
+
+Torch-free until the write step: the driver imports this module before the options are
+checked, and a missing `onnx` extra must be one line naming it, not an ImportError.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ...checks.base import Report
+from ...core.adapter import PeraAdapter
+from ...errors import InputError
+from ...io.model_files import side_file_names
+from ...io.model_folder import ModelFolder
+from ...options import ONNX_DTYPES, adapter_name, choose
+from ...publish import Written, adapter_inputs
+from ..contract import AdapterLike, Exporter, Plan, PlannedFile, WriteContext, WriterOptions, load, paths
+from .genai import GenaiPlan
+
+
+@dataclass(kw_only=True)
+class ExportOnnxOptions(WriterOptions):
+    """export-onnx's options (api.export_onnx's recorded arguments)."""
+
+    model: str | Path
+    adapters: dict[str, AdapterLike] | None = None
+    branch: bool = False
+    task: str | None = None
+    opset: int | None = None
+    dtype: str = "float32"
+    genai: bool | None = None
+
+
+@dataclass
+class _OnnxState:
+    model: Path
+    adapters: dict[str, PeraAdapter]
+    weight_files: list[Path]
+    task: str
+    genai: GenaiPlan
+    opset: int | None
+    dtype: str
+    branch: bool
+
+
+def _validate(opts: ExportOnnxOptions) -> None:
+    """--dtype, the model folder, the adapters --branch needs, the extra and --opset: before
+    anything is read."""
+    choose("--dtype", opts.dtype, ONNX_DTYPES)
+    if not Path(opts.model).is_dir():
+        raise InputError(f"{opts.model}: model folder not found")
+    if opts.branch and not opts.adapters:
+        raise InputError("--branch needs at least one --adapter NAME=PATH")
+    if not opts.branch and len(opts.adapters or {}) > 1:
+        raise InputError("several adapters need --branch (a merged graph holds one)")
+    for name in opts.adapters or {}:
+        adapter_name(name)
+    from .requirements import require_onnx
+
+    require_onnx()
+    from .trace import check_opset
+
+    check_opset(opts.opset)
+
+
+def _load(opts: ExportOnnxOptions) -> dict[str, PeraAdapter]:
+    return {name: load(source, opts.load_options()) for name, source in (opts.adapters or {}).items()}
+
+
+def _plan(opts: ExportOnnxOptions, adapters: dict[str, PeraAdapter]) -> Plan:
+    """The adapters checked against the model (shapes; a branch holds no full tensors), the
+    task, and what becomes of genai_config.json: nothing traced, nothing written."""
+    from ...merging.plan import plan_merge
+    from .adapters import require_branchable
+    from .genai import genai_plan
+    from .tasks import derive_task
+
+    model = Path(opts.model)
+    with ModelFolder(model) as checkpoint:
+        inputs = [*checkpoint.input_paths(), *(p for a in adapters.values() for p in adapter_inputs(a))]
+        if opts.branch:
+            require_branchable(adapters, checkpoint)
+        elif adapters:  # the merge on the fly, planned as the merge plans it (its shapes checked)
+            plan_merge(next(iter(adapters.values())), checkpoint, dtype="float32")
+        weight_files, folder = checkpoint.weight_files, checkpoint.folder
+    task = derive_task(folder, opts.task)
+    genai = genai_plan(folder, task, opts.genai)
+    generative = task.startswith(("text-generation", "text2text-generation"))  # Optimum saves its generation config
+    names = ["model.onnx", *(f"{name}.onnx_adapter" for name in adapters if opts.branch), *side_file_names(folder),
+             *(["generation_config.json"] if generative else []), *(["genai_config.json"] if genai.write else []),
+             *(["tokenizer.json"] if genai.tokenizer is not None else [])]
+    graph = "branch" if opts.branch else "merged"
+    summary: dict[str, Any] = {
+        "graph": graph, "task": task, "dtype": opts.dtype,
+        "weights": "inside model.onnx or, past ONNX's 2 GB, in model.onnx_data beside it",
+        "tokenizer": "saved again by transformers (through Optimum), which may add its own files beside those listed",
+    }
+    if adapters:
+        summary["adapters"] = list(adapters)
+    if not genai.write:
+        summary["genai_skipped"] = genai.skipped
+    state = _OnnxState(folder, adapters, weight_files, task, genai, opts.opset, opts.dtype, opts.branch)
+    return Plan([PlannedFile(name) for name in dict.fromkeys(names)], inputs, ["onnx_outputs"], summary,
+                [f for a in adapters.values() for f in a.files] + weight_files, state)
+
+
+def _write(plan: Plan, folder: Path, context: WriteContext) -> Written:
+    """Trace (after merging, for one adapter), convert, check: each stage shown as it starts."""
+    from .folders import write_branch, write_merged_graph
+
+    state: _OnnxState = plan.state
+    stages = ["trace", *(["float16"] if state.dtype == "float16" else []), "check"]
+    if state.adapters and not state.branch:
+        stages.insert(0, "merge")
+    with context.bar(total=len(stages), desc="export-onnx", unit="stage") as bar:
+        started: list[str] = []
+
+        def stage(name: str) -> None:
+            if started:  # the stage before this one is done
+                bar.update(1)
+            started.append(name)
+            bar.set_postfix_str(name)
+
+        if state.branch:
+            written = write_branch(folder, state.model, state.adapters, state.weight_files, state.task, state.opset,
+                                   state.dtype, context.digests, state.genai, stage)
+        else:
+            written = write_merged_graph(folder, state.model, next(iter(state.adapters.items()), None),
+                                         state.weight_files, state.task, state.opset, state.dtype, context.digests,
+                                         state.genai, stage)
+        bar.update(bar.total - bar.n)
+    return written
+
+
+def _render(report: Report) -> str:
+    """What was written (or not), and each run's comparison with PyTorch."""
+    from ...checks.lines import genai_skipped, genai_written
+
+    m = report.manifest
+    outputs = report.check("onnx_outputs").outputs
+    lines = []
+    for run in dict.fromkeys(c.run for c in outputs):
+        checks = [c for c in outputs if c.run == run]
+        worst = max(checks, key=lambda c: c.max_rel_diff)
+        main_outputs = [f"{c.step} {c.output} {c.max_rel_diff:.2g}" for c in checks
+                        if c.output in ("logits", "last_hidden_state")]
+        lines.append(f"  {run}: {', '.join(main_outputs) or 'no main output'}; worst output {worst.output} "
+                     f"{worst.max_rel_diff:.2g} (tolerance {worst.tolerance:.0e})")
+    written = f"wrote {report.output}" if report.passed else f"did not write {report.output}"
+    return "\n".join([f"{written}: {m['graph']} graph, task {m['task']}, {m['options']['dtype']}{genai_written(m)}",
+                      *genai_skipped(m), "checked with ONNX Runtime against the unmerged PyTorch model:"] + lines)
+
+
+def _given(opts: ExportOnnxOptions) -> list[Path]:
+    return paths(opts.model, *(opts.adapters or {}).values(), opts.config)
+
+
+EXPORT_ONNX: Exporter[ExportOnnxOptions, dict[str, PeraAdapter]] = Exporter(
+    "export-onnx", ExportOnnxOptions, folder=True, given=_given, validate=_validate, load=_load, plan=_plan,
+    write=_write, render=_render)
+
+# the same writer; its manifest names the kind of graph (reproduce calls export_onnx for both)
+EXPORT_ONNX_BRANCH: Exporter[ExportOnnxOptions, dict[str, PeraAdapter]] = Exporter(
+    "export-onnx --branch", ExportOnnxOptions, folder=True, given=_given, validate=_validate, load=_load,
+    plan=_plan, write=_write, render=_render)
