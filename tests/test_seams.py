@@ -9,6 +9,7 @@ import ast
 import errno
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -483,3 +484,44 @@ def test_no_local_import_shadows_a_parameter_or_a_name_of_its_module():
                         if bound in params or bound in own:
                             found.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {fn.name}() imports {bound}")
     assert not found, found
+
+
+def _listed(text: str) -> set[str]:
+    """The files and folders a text names in backticks (`name.py`, `name/`)."""
+    return set(re.findall(r"`([A-Za-z_]\w*(?:\.py|/))`", text))
+
+
+def _modules(folder: Path) -> set[str]:
+    """A package folder's modules and subpackages, as the README names them."""
+    return {p.name + ("/" if p.is_dir() else "") for p in folder.iterdir()
+            if (p.suffix == ".py" and p.name != "__init__.py") or (p.is_dir() and (p / "__init__.py").exists())}
+
+
+def test_the_readme_module_table_names_every_module_and_no_other():
+    """The README's package table is a newcomer's map: each package's row names each of its
+    modules (and nothing that is gone); the table's first column, the top-level modules."""
+    package = Path(pera_deploy.__file__).parent
+    rows = [line for line in (package.parent / "README.md").read_text(encoding="utf-8").splitlines()
+            if line.startswith("| `")]
+    rows = [row for row in rows if row.split("|")[1].strip().startswith(("`api.py`", "`errors.py`", "`reproduction",
+                                                                        "`recording")) or
+            row.split("|")[1].strip().rstrip("`").endswith("/")]
+    top = set()
+    for row in rows:
+        first, job = row.split("|")[1].strip(), row.split("|")[2]
+        if first.endswith("/`"):
+            name = first.strip("`")
+            assert _listed(job) == _modules(package / name), f"README row {name}"
+        else:
+            top |= _listed(first)
+    assert {n + "/" for n in ("core", "formats", "io", "merging", "checks", "publish", "export")} <= \
+        {row.split("|")[1].strip().strip("`") for row in rows}
+    assert top == {p.name for p in package.glob("*.py") if p.name != "__init__.py"}
+
+
+def test_the_export_package_docstring_names_every_writer_module():
+    import pera_deploy.export as export
+
+    folder = Path(export.__file__).parent
+    named = set(re.findall(r"`([a-z_]+/?)`", export.__doc__ or ""))  # (modules, not classes)
+    assert named == {m.removesuffix(".py") for m in _modules(folder)}

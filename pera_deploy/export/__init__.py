@@ -1,7 +1,10 @@
-"""What pera-deploy writes, each a folder published through `publish`:
+"""What pera-deploy writes: each writer an `Exporter` (`contract`), run by `pera_deploy.driver`.
 
 * `merged`: merged (W0 + ΔW) and unmerged (W' − ΔW) model folders;
-* `lora`: the adapter as a plain PEFT LoRA, exact or reduced;
 * `keep_branch`: the base untouched beside the exact LoRA (merge --keep-branch);
+* `lora`: the adapter as a plain PEFT LoRA, exact or reduced (export-lora, combine);
+* `extract`: any container's adapter as a canonical PERA folder;
+* `gguf`: a llama.cpp LoRA adapter file;
+* `bundle`: one base and several adapters for every runtime;
 * `onnx/`: merged graphs, and branch graphs with swappable `.onnx_adapter` files.
 """
