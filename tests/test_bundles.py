@@ -240,6 +240,19 @@ def test_a_reduced_combination_is_within_one_percent_of_optimal(fx, tmp_path):
 # -- bad input ------------------------------------------------------------------------------------
 
 
+def test_a_weighted_sum_of_a_weighted_sum_is_refused_naming_it(fx, tmp_path):
+    """A combination's layers are WeightedSums, not trained layers: summing one again is bad
+    input (exit 2 from the CLI), not an AttributeError deep in the range check."""
+    from pera_deploy.core.combination import combine as weighted_sum
+    from pera_deploy.errors import InputError
+    from pera_deploy.formats import load_adapter
+
+    inner = weighted_sum([("a", load_adapter(fx["llama-pera"])), ("b", load_adapter(fx["llama-pera-2"]))], [0.5, 0.5])
+    with pytest.raises(InputError, match="is itself a weighted sum"):
+        pera_deploy.combine([inner, fx["llama-pera"]], tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+
+
 
 
 def test_bad_bundles_and_combinations(cli, fx, tmp_path):

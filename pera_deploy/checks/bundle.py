@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..core.adapter import PeraAdapter, PeraLayer
+from ..core.adapter import PeraAdapter, PeraLayer, trained
 from ..core.lowrank import one_blas_thread
 from ..core.names import NameIndex
 from ..errors import InputError
@@ -112,15 +112,15 @@ def stored_lora_check(pera: PeraAdapter, lora: PeraAdapter, name: str) -> LoraFa
                 checks.append(factors_check(layer, module, b[:, :0], a[:0], 0.0, layer.delta_norm(), 0.0))
                 continue
             claimed.add(found)
-            stored = lora.layers[found]
+            stored = trained(lora.layers[found], "the bundle check")  # read back from the bundle
             b, a = stored.exact_factors()  # (s·B, A), s = lora_alpha / r: 1 as the bundle writes it
             rounding = 2.01 * max(unit_roundoff(stored.B), unit_roundoff(stored.A))
             checks.append(factors_check(layer, found, b, a, 0.0, layer.delta_norm(), rounding))
-        for found, stored in lora.layers.items():
+        for found, extra in lora.layers.items():
             if found not in claimed:
-                zero = PeraLayer(found, np.zeros((1, stored.in_features)), np.zeros((stored.out_features, 1)),
-                                 np.zeros(1), None, 1.0, stored.fan_in_fan_out, "lora")
-                checks.append(factors_check(zero, found, *stored.exact_factors(), 0.0, 0.0, 0.0))
+                zero = PeraLayer(found, np.zeros((1, extra.in_features)), np.zeros((extra.out_features, 1)),
+                                 np.zeros(1), None, 1.0, extra.fan_in_fan_out, "lora")
+                checks.append(factors_check(zero, found, *extra.exact_factors(), 0.0, 0.0, 0.0))
     return LoraFactorsCheck(checks, kind=f"lora_factors[{name}]")
 
 

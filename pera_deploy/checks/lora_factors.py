@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ..core.adapter import PeraLayer
+from ..core.adapter import LayerUpdate
 from ..core.lowrank import evaluation_floor, factored_norm
 from .numerics import unit_roundoff
 
@@ -23,7 +23,7 @@ class LoraCheck:
     passed: bool
 
 
-def check_lora_module(layer: PeraLayer, module: str, lora_b: np.ndarray, lora_a: np.ndarray, expected: float,
+def check_lora_module(layer: LayerUpdate, module: str, lora_b: np.ndarray, lora_a: np.ndarray, expected: float,
                       delta: float) -> LoraCheck:
     """Does the stored LoRA reproduce ΔW (exactly, or to its predicted truncation error)?
 
@@ -35,7 +35,7 @@ def check_lora_module(layer: PeraLayer, module: str, lora_b: np.ndarray, lora_a:
                          2.01 * unit_roundoff(lora_b))
 
 
-def factors_check(layer: PeraLayer, module: str, b: np.ndarray, a: np.ndarray, expected: float, delta: float,
+def factors_check(layer: LayerUpdate, module: str, b: np.ndarray, a: np.ndarray, expected: float, delta: float,
                   rounding: float) -> LoraCheck:
     """Is ‖ΔW − b·a‖ within what the rank choice and the storage allow? `b`, `a` in float64.
 

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Protocol
 
 import numpy as np
 
-from ..core.adapter import PeraAdapter, PeraLayer
+from ..core.adapter import LayerUpdate, PeraAdapter
 from ..core.dtypes import code_of, widen
 from ..core.rounding import NotFinite, convert
 from ..errors import InputError
@@ -133,7 +133,7 @@ class WeightCheck:
         }
 
 
-def check_merged_layer(w_merged: np.ndarray | TensorRows, w0: np.ndarray | TensorRows, layer: PeraLayer,
+def check_merged_layer(w_merged: np.ndarray | TensorRows, w0: np.ndarray | TensorRows, layer: LayerUpdate,
                        transpose: bool, tensor: str, every: int = 1, sign: float = 1.0,
                        tolerant: bool = False) -> LayerCheck:
     """Is `w_merged`, element for element, W0 + ΔW correctly rounded to its own dtype?

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -173,11 +173,52 @@ class PeraLayer:
         return factored_norm(*self.exact_factors())
 
 
+class LayerUpdate(Protocol):
+    """What a consumer of an adapter's layer may use: a trained `PeraLayer`, or a `WeightedSum`
+    of them (core/combination.py), which offers the same update through stacked factors.
+    Code that needs a trained layer's own tensors takes a `PeraLayer` by name."""
+
+    @property
+    def module(self) -> str: ...
+    @property
+    def r(self) -> int: ...
+    @property
+    def in_features(self) -> int: ...
+    @property
+    def out_features(self) -> int: ...
+    @property
+    def expanded_rank(self) -> int: ...
+    @property
+    def base_shape(self) -> tuple[int, int]: ...
+    @property
+    def parameter_count(self) -> int: ...
+    @property
+    def scaling(self) -> float: ...
+    @property
+    def fan_in_fan_out(self) -> bool: ...
+    @property
+    def layout(self) -> str: ...
+    def expanded_factors(self) -> tuple[np.ndarray, np.ndarray]: ...
+    def exact_factors(self) -> tuple[np.ndarray, np.ndarray]: ...
+    def delta_weight(self) -> np.ndarray: ...
+    def delta_norm(self) -> float: ...
+
+
+def trained(layer: LayerUpdate, what: str) -> PeraLayer:
+    """`layer` as the trained layer `what` needs (its own stored tensors): a weighted sum
+    reaching such code is a broken invariant, not bad input."""
+    if not isinstance(layer, PeraLayer):
+        from ..errors import InternalError
+
+        raise InternalError(f"{what}: module {layer.module} is a {type(layer).__name__}, not a trained PeraLayer")
+    return layer
+
+
 @dataclass
 class PeraAdapter:
     """All the layers of one adapter, plus the full tensors that were trained beside them."""
 
-    layers: dict[str, PeraLayer]
+    layers: Mapping[str, LayerUpdate]  # PeraLayers as read; WeightedSums in a combination
     # modules_to_save and trained biases (section 2.4), keyed by their name relative to
     # the base model (no "base_model.model." prefix, no ".base_layer" segment).
     extra_tensors: dict[str, np.ndarray] = field(default_factory=dict)

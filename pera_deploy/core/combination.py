@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import InputError
-from .adapter import PeraAdapter, PeraLayer
+from .adapter import LayerUpdate, PeraAdapter, PeraLayer
 from .limits import FLOAT32_MAX, check_update_range, sizes
 from .lowrank import factored_norm
 
@@ -27,7 +27,7 @@ class WeightedSum:
     """Σ wᵢ ΔWᵢ over the adapters that target one module."""
 
     module: str
-    parts: tuple[tuple[float, PeraLayer], ...]  # (weight, layer), in the order the adapters were given
+    parts: tuple[tuple[float, LayerUpdate], ...]  # (weight, layer), in the order the adapters were given
     names: tuple[str, ...] = field(default=())  # the adapter of each part, for reports
 
     @property
@@ -115,6 +115,9 @@ def combine(adapters: Sequence[tuple[str, PeraAdapter]], weights: Sequence[float
     modules: dict[str, list[tuple[str, float, PeraLayer]]] = {}
     for (name, adapter), w in zip(adapters, weights):
         for module, layer in adapter.layers.items():
+            if not isinstance(layer, PeraLayer):
+                raise InputError(f"adapter {name} is itself a weighted sum of adapters: sum the adapters it is made "
+                                 "of, with their weights, instead")
             modules.setdefault(module, []).append((name, float(w), layer))
     shown = ", ".join(f"{w:g}·{n}" for n, w in zip(names, weights))
     layers: dict[str, Any] = {}
@@ -129,7 +132,7 @@ def combine(adapters: Sequence[tuple[str, PeraAdapter]], weights: Sequence[float
                                  f"in={layer.in_features}, out={layer.out_features} in {name}")
         summed = WeightedSum(module, tuple((w, layer) for _, w, layer in parts), tuple(n for n, _, _ in parts))
         # each part fits float32 (checked as it was loaded); their weighted sum must too
-        check_update_range(module, [sizes(w, layer) for w, layer in summed.parts], summed.expanded_factors,
+        check_update_range(module, [sizes(w, layer) for _, w, layer in parts], summed.expanded_factors,
                            f" of the weighted sum {shown}")
         layers[module] = summed
     first_adapter = adapters[0][1]

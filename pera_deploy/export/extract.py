@@ -25,7 +25,7 @@ import numpy as np
 
 from ..checks.base import Report
 from ..checks.numerics import same_bits
-from ..core.adapter import PeraAdapter
+from ..core.adapter import PeraAdapter, trained
 from ..core.dtypes import code_of
 from ..core.names import PEFT_PREFIX
 from ..errors import InputError
@@ -47,7 +47,8 @@ def canonical_state(adapter: PeraAdapter, names: dict[str, str]) -> dict[str, np
     arrays the loader took, in their own dtype (bfloat16 and float8 through ml_dtypes), so
     their bytes are written unchanged."""
     state: dict[str, np.ndarray] = {}
-    for module, layer in adapter.layers.items():
+    for module, found in adapter.layers.items():
+        layer = trained(found, "extract")  # a container read, never a combination
         key = PEFT_PREFIX + names.get(module, module)
         state[f"{key}.lora_A.weight"] = np.ascontiguousarray(layer.A)
         state[f"{key}.lora_B.weight"] = np.ascontiguousarray(layer.B)
@@ -143,6 +144,7 @@ def check_extracted(folder: Path, adapter: PeraAdapter, names: dict[str, str]) -
         if other is None:
             check.mismatches.append(f"module {module}")
             continue
+        layer, other = trained(layer, "extract"), trained(other, "extract")
         for what, x, y in (("lora_A", layer.A, other.A), ("lora_B", layer.B, other.B), ("hA", layer.hA, other.hA),
                            ("hB", layer.hB, other.hB)):
             if not _same(x, y):

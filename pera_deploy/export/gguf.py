@@ -51,7 +51,7 @@ from .. import __version__
 from ..checks.base import Report
 from ..checks.lora_factors import LoraCheck, LoraFactorsCheck
 from ..checks.numerics import UNIT_ROUNDOFF, unit_roundoff
-from ..core.adapter import PeraAdapter, PeraLayer
+from ..core.adapter import LayerUpdate, PeraAdapter
 from ..core.limits import require_storable
 from ..core.lowrank import factored_norm, one_blas_thread
 from ..errors import InputError
@@ -347,7 +347,7 @@ def read_back(path: Path, plan: GgufPlan, header: dict[str, Any]) -> tuple[GgufF
     return GgufFileCheck(checks, kvs, (len(reader.tensors), len(planned))), found
 
 
-def runtime_check(layer: PeraLayer, m: GgufModule, alpha: float, lora_b: np.ndarray, lora_a: np.ndarray) -> LoraCheck:
+def runtime_check(layer: LayerUpdate, m: GgufModule, alpha: float, lora_b: np.ndarray, lora_a: np.ndarray) -> LoraCheck:
     """Does ΔW as llama.cpp computes it — scale·B·A, scale = alpha / rank in float32, B's
     rows back in HF order — reproduce the PERA update? As check_lora_module, from the
     factors alone in float64; storage may move the product by 2u·‖B‖‖A‖, and a scale other

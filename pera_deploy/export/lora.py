@@ -20,7 +20,7 @@ import numpy as np
 from .. import __version__
 from ..checks.base import Report
 from ..checks.lora_factors import LoraFactorsCheck, check_lora_module
-from ..core.adapter import PeraAdapter, PeraLayer
+from ..core.adapter import LayerUpdate, PeraAdapter
 from ..core.dtypes import OUTPUT_CODES, code_of
 from ..core.limits import require_storable
 from ..core.lowrank import choose_rank, factored_norm, factored_svd, one_blas_thread, total_relative_error
@@ -80,7 +80,7 @@ class LoraExport:
         return total_relative_error([m.delta_norm for m in self.modules], [m.rel_error for m in self.modules])
 
 
-def lora_module(layer: PeraLayer, name: str, *, rank: int | None = None, tol: float | None = None,
+def lora_module(layer: LayerUpdate, name: str, *, rank: int | None = None, tol: float | None = None,
                 max_rank: int | None = None, warnings: list[str] | None = None) -> LoraModule:
     """One module's LoRA factors, in float64: exact, or the best approximation of the chosen rank.
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence, TypeVar
 import numpy as np
 from tqdm import tqdm
 
-from ..core.adapter import PeraLayer
+from ..core.adapter import LayerUpdate
 from ..core.dtypes import NUMPY, TORCH_NAMES, carrier, itemsize
 from ..core.rounding import NotFinite, RoundedProduct, convert
 from ..errors import InputError
@@ -66,7 +66,7 @@ class BlockMerge:
                              f"{TORCH_NAMES[self.out]} range, produced by {cause}") from None
 
 
-def merged_weight(w0: np.ndarray, layer: PeraLayer, transpose: bool, stored: str, out: str,
+def merged_weight(w0: np.ndarray, layer: LayerUpdate, transpose: bool, stored: str, out: str,
                   sign: float = 1.0) -> np.ndarray:
     """W0 + sign·ΔW for a whole weight in memory (`BlockMerge`, block by block): for callers
     that hold W0 already (a pickled base). `sign` −1 takes the update back out (unmerge)."""
