@@ -258,11 +258,11 @@ def run_example(fx: dict[str, Path], cli: Any, m: dict[str, Any], which: str, op
         if result.exit_code == 2 or which in ("export-gguf", "unmerge", "verify", "inspect"):
             return
         import pera_deploy
-        from pera_deploy.api import _load_weighted
+        from pera_deploy.export.contract import load_weighted
 
         weights = [float(w) for w in options[options.index("--weights") + 1].split(",")] if "--weights" in options \
             else None
-        update = _load_weighted(adapters, weights if which == "merge" else weights or [1.0] * len(adapters), {})
+        update = load_weighted(adapters, weights if which == "merge" else weights or [1.0] * len(adapters), {})
         if which in ("export-lora", "combine"):
             def again() -> Any:
                 return pera_deploy.combine(adapters, root / "again", weights=weights, **api_options(options)) \
