@@ -24,7 +24,7 @@ from ..core.adapter import PeraAdapter
 from ..extras import require
 from ..io.digests import Digests
 from ..io.model_files import copy_side_files, side_file_names, write_index
-from ..io.model_folder import ModelFolder, WrittenTensors
+from ..io.model_folder import SAFETENSORS_INDEX, ModelFolder, WrittenTensors
 from ..io.safetensors_stream import TensorEntry, file_size, read_header, rewrite_metadata
 from ..merging.execute import Workers, execute_plan
 from ..merging.plan import MergePlan, plan_merge
@@ -35,7 +35,6 @@ from ..publish.model_card import ModelCard
 from ..scoped import blas_threads
 from .contract import AdapterLike, Exporter, Plan, PlannedFile, WriteContext, WriterOptions, load, load_weighted, paths
 
-INDEX = "model.safetensors.index.json"
 PLACEHOLDER_DIGEST = "0" * 64
 SAMPLED_CHECK_EVERY = 8  # the merge's own check recomputes 1/8 of the rows (checks.weights.check_merged_layer)
 
@@ -125,7 +124,7 @@ def _merge_plan(plan: MergePlan, inputs: list[Path], checks: list[str], state: _
     metadata = _metadata()
     files = [PlannedFile(s.filename, file_size([(t.name, t.dtype, t.shape) for t in s.tensors], metadata))
              for s in plan.shards]
-    files += [PlannedFile(INDEX)] if plan.indexed else []
+    files += [PlannedFile(SAFETENSORS_INDEX)] if plan.indexed else []
     files += [PlannedFile(name) for name in side_file_names(plan.checkpoint.folder)]
     files.append(PlannedFile("README.md"))
     adapter = plan.adapter
@@ -218,7 +217,7 @@ def _write_plan(plan: MergePlan, folder: Path, digests: Digests, *, full_check: 
     expected = expected_names(checkpoint, plan.matching)
     weights.missing, weights.unexpected = sorted(expected - present), sorted(present - expected)
     if plan.indexed:
-        write_index(folder, plan.weight_map, plan.total_bytes, INDEX)
+        write_index(folder, plan.weight_map, plan.total_bytes, SAFETENSORS_INDEX)
     side_files = copy_side_files(checkpoint.folder, folder, plan.config_updates)
 
     inputs = {"adapter": adapter_record(adapter, digests),

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..errors import InputError
 from .files import read_json
-from .model_folder import folder_files, module_folder_files, side_files
+from .model_folder import SAFETENSORS_INDEX, folder_files, module_folder_files, side_files
 from .paths import real_path
 
 
@@ -24,7 +24,7 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def write_index(folder: Path, weight_map: dict[str, str], total_size: int,
-                name: str = "model.safetensors.index.json") -> None:
+                name: str = SAFETENSORS_INDEX) -> None:
     """The Hugging Face shard index: total parameter bytes and tensor → shard file."""
     write_json(folder / name, {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))})
 
