@@ -340,12 +340,14 @@ def main() -> None:
       pera-deploy merge ADAPTER BASE -o MERGED
       pera-deploy verify MERGED --adapter ADAPTER --base BASE
       pera-deploy export-lora ADAPTER -o LORA        (serve PERA with any LoRA runtime)
+      pera-deploy export-gguf ADAPTER --base BASE -o A.gguf   (a llama.cpp LoRA)
       pera-deploy export-onnx BASE --adapter ADAPTER -o ONNX
       pera-deploy unmerge MERGED --adapter ADAPTER -o BASE
       pera-deploy extract CHECKPOINT -o ADAPTER      (from DeepSpeed, Lightning, DCP, HF Trainer)
       pera-deploy bundle BASE -o BUNDLE --adapter a=A1 --adapter b=A2
       pera-deploy combine A1 A2 -o LORA --weights 0.7,0.3
       pera-deploy reproduce OUTPUT                   (re-derive any output from its manifest)
+      pera-deploy formats                            (the adapter formats and checkpoints it reads)
 
     \b
     Exit status: 0 success, 1 a numerical check failed, 2 bad input, 3 internal error,
@@ -485,9 +487,9 @@ def inspect(adapter: Path, format_: str | None, adapter_name: str | None, missin
 @click.option("--check-forward", is_flag=True,
               help="Also run the merged and the unmerged model on seeded inputs and compare outputs.")
 @click.option("--full-check", is_flag=True,
-              help="Recompute every merged element independently (by default a sample of about 1/8 of the "
-              "rows of every merged weight, with rows from every block the merge wrote; about 1.5x the "
-              "merge's time).")
+              help="Recompute every merged element independently (by default a sample: about 1/8 of the "
+              "rows of a large weight, with rows from every block the merge wrote, and every row of a weight "
+              "of at most 2^17 elements; about 1.5x the merge's time).")
 @click.option("--keep-branch", is_flag=True,
               help="Do not merge: write OUTPUT/base (the base, untouched) and OUTPUT/adapter (the adapter as an "
               "exact plain PEFT LoRA) for multi-adapter serving with PEFT or vLLM.")
