@@ -20,13 +20,15 @@ def refused(result, *needles: str) -> str:
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def readme_example(cli, tmp_path: Path, monkeypatch, heading: str, command: str | None) -> dict:
-    """Run a README example as written from a checkout's root: in the section under `heading`,
-    the first line starting with `command` (through the CLI; None: no command), then the
-    section's first Python block. Returns the block's globals."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index(heading):]
-    (tmp_path / "fixtures").symlink_to(ROOT / "fixtures")
+def docs_example(cli, tmp_path: Path, monkeypatch, page: str, heading: str, command: str | None) -> dict:
+    """Run an example of a documentation page (`page`, from the checkout's root: "README.md",
+    "docs/api.md") as written from a checkout's root: in the section under `heading`, the
+    first line starting with `command` (through the CLI; None: no command), then the section's
+    first Python block. Returns the block's globals."""
+    text = (ROOT / page).read_text()
+    section = text[text.index(heading):]
+    if not (tmp_path / "fixtures").exists():
+        (tmp_path / "fixtures").symlink_to(ROOT / "fixtures")
     monkeypatch.chdir(tmp_path)
     if command is not None:
         line = next(l.strip() for l in section.splitlines() if l.strip().startswith(command))
@@ -34,7 +36,7 @@ def readme_example(cli, tmp_path: Path, monkeypatch, heading: str, command: str 
         assert result.exit_code == 0, result.stderr
     code = section[section.index("```python") + len("```python"):]
     namespace: dict = {}
-    exec(compile(code[:code.index("```")], "README.md", "exec"), namespace)  # noqa: S102 (our own README)
+    exec(compile(code[:code.index("```")], page, "exec"), namespace)  # noqa: S102 (our own docs)
     return namespace
 
 

@@ -284,13 +284,15 @@ def test_bad_bundles_and_combinations(cli, fx, tmp_path):
 
 def test_readme_bundle_and_combination_examples_run_as_written(cli, tmp_path, monkeypatch):
     """Every `pera-deploy bundle`, `verify bundle`, `combine` and multi-adapter `merge` line of the
-    README's bundles section, and its Python snippet, from a checkout's root."""
+    examples of docs/commands/bundle.md and docs/commands/combine.md, and the bundle page's Python
+    snippet, from a checkout's root."""
     import re
     import shlex
 
     pytest.importorskip("peft")  # the snippet loads the bundle into PEFT (and verify runs the models: torch)
     root = Path(__file__).resolve().parents[1]
-    section = (root / "README.md").read_text().split("## Bundles and combinations")[1].split("\n## ")[0]
+    pages = [(root / "docs" / "commands" / f"{name}.md").read_text() for name in ("bundle", "combine")]
+    section = "".join(page.split("## Examples")[1].split("\n## ")[0] for page in pages)
     lines = [l.strip() for l in section.splitlines() if l.strip().startswith("pera-deploy ")]
     assert [shlex.split(l)[1] for l in lines] == ["bundle", "verify", "combine", "merge"]
     (tmp_path / "fixtures").symlink_to(root / "fixtures")
@@ -300,5 +302,5 @@ def test_readme_bundle_and_combination_examples_run_as_written(cli, tmp_path, mo
         assert result.exit_code == 0, (line, result.stderr)
     snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     printed = []
-    exec(compile(snippet, "README.md", "exec"), {"print": printed.append})
+    exec(compile(snippet, "docs/commands/bundle.md", "exec"), {"print": printed.append})
     assert printed == [["pera", "second"]]

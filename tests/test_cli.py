@@ -15,7 +15,7 @@ from fixtures.build_fixtures import build_examples
 from pera_deploy.io.files import flat_tensors, load_pickle
 from pera_deploy.io.model_folder import ModelFolder
 from pera_deploy.io.safetensors_stream import read_array, read_header, save_tensors
-from tests.helpers import readme_example, same_array
+from tests.helpers import docs_example, same_array
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -256,7 +256,7 @@ def test_shipped_examples_are_what_the_script_builds(tmp_path):
 
 
 def test_readme_merge_command_runs(cli, tmp_path, monkeypatch):
-    """The first `pera-deploy merge` in the README, run as written from a checkout's root."""
+    """The first `pera-deploy merge` in the README (its first screen), run as written from a checkout's root."""
     readme = (ROOT / "README.md").read_text()
     line = next(l.strip() for l in readme.splitlines() if l.strip().startswith("pera-deploy merge fixtures/"))
     args = shlex.split(line, comments=True)[1:]
@@ -267,14 +267,16 @@ def test_readme_merge_command_runs(cli, tmp_path, monkeypatch):
     assert (tmp_path / args[args.index("-o") + 1] / "pera_deploy_manifest.json").exists()
 
 
-def test_readme_python_api_runs_as_written(tmp_path, monkeypatch, capsys):
-    """The README's Python API section, run as written from a checkout's root."""
+def test_docs_python_api_runs_as_written_twice(tmp_path, monkeypatch, capsys):
+    """docs/api.md's example, run as written from a checkout's root, and run again in the same
+    folder: it passes force=True, so the second run replaces the first's outputs."""
     pytest.importorskip("optimum.exporters.onnx")  # it ends with export_onnx (the onnx extra)
     pytest.importorskip("gguf")
-    readme_example(None, tmp_path, monkeypatch, "## Python API", None)
-    printed = capsys.readouterr().out.splitlines()
-    assert printed[0] == "[44]" and printed[1].startswith("True ") and printed[2] == "True True"
-    assert printed[-1].startswith("2 adapter module ")
-    for folder in ("api-merged", "api-lora", "api-served", "api-recovered", "api-onnx"):
-        assert (tmp_path / folder / "pera_deploy_manifest.json").is_file(), folder
-    assert (tmp_path / "api-lora.gguf").is_file() and not (tmp_path / "api-wrong").exists()
+    for _ in range(2):
+        docs_example(None, tmp_path, monkeypatch, "docs/api.md", "# Python API", None)
+        printed = capsys.readouterr().out.splitlines()
+        assert printed[0] == "[44]" and printed[1].startswith("True ") and printed[2] == "True True"
+        assert printed[-1].startswith("2 adapter module ")
+        for folder in ("api-merged", "api-lora", "api-served", "api-recovered", "api-onnx"):
+            assert (tmp_path / folder / "pera_deploy_manifest.json").is_file(), folder
+        assert (tmp_path / "api-lora.gguf").is_file() and not (tmp_path / "api-wrong").exists()

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 from pera_deploy.checks.reference_model import PeraBranch, load_unmerged_model  # noqa: E402
 from pera_deploy.formats import load_adapter  # noqa: E402
 from pera_deploy.io.hf_model import load_model  # noqa: E402
-from tests.helpers import readme_example, refused  # noqa: E402
+from tests.helpers import docs_example, refused  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "fixtures" / "examples"
@@ -240,6 +240,7 @@ def test_genai_refuses_a_tokenizer_model_transformers_cannot_convert(cli, tmp_pa
 
 
 def test_readme_genai_example_runs_as_written(cli, tmp_path, monkeypatch):
-    """The README's ORT GenAI example: the export-onnx line, then its Python, as written."""
-    namespace = readme_example(cli, tmp_path, monkeypatch, "### ONNX Runtime GenAI", "pera-deploy export-onnx")
+    """docs/runtimes/onnx.md's ORT GenAI example: the export-onnx line, then its Python, as written."""
+    namespace = docs_example(cli, tmp_path, monkeypatch, "docs/runtimes/onnx.md", "## ONNX Runtime GenAI",
+                             "pera-deploy export-onnx")
     assert len(namespace["tokens"]) == 24  # the example generated up to max_length

@@ -22,7 +22,7 @@ import pera_deploy
 from pera_deploy.api import export_gguf
 from pera_deploy.checks.numerics import same_bits
 from pera_deploy.errors import InputError
-from tests.helpers import readme_example, refused, stored_tensors
+from tests.helpers import docs_example, refused, stored_tensors
 
 gguf = pytest.importorskip("gguf")
 
@@ -418,7 +418,8 @@ def test_llama_cpp_runs_it(fx, tmp_path):
 
 
 def test_readme_gguf_example_runs_as_written(cli, tmp_path, monkeypatch):
-    """The README's llama.cpp example: the export-gguf line, then its Python, as written."""
-    namespace = readme_example(cli, tmp_path, monkeypatch, "### llama.cpp (GGUF)", "pera-deploy export-gguf")
+    """docs/runtimes/llama-cpp.md's example: the export-gguf line, then its Python, as written."""
+    namespace = docs_example(cli, tmp_path, monkeypatch, "docs/runtimes/llama-cpp.md", "# llama.cpp (GGUF)",
+                             "pera-deploy export-gguf")
     assert len(namespace["names"]) == 2 * 2 * 7  # lora_a and lora_b of 7 projections in 2 layers
     assert namespace["reader"].fields["adapter.type"].contents() == "lora"

@@ -492,16 +492,16 @@ def _listed(text: str) -> set[str]:
 
 
 def _modules(folder: Path) -> set[str]:
-    """A package folder's modules and subpackages, as the README names them."""
+    """A package folder's modules and subpackages, as docs/how-it-works.md names them."""
     return {p.name + ("/" if p.is_dir() else "") for p in folder.iterdir()
             if (p.suffix == ".py" and p.name != "__init__.py") or (p.is_dir() and (p / "__init__.py").exists())}
 
 
-def test_the_readme_module_table_names_every_module_and_no_other():
-    """The README's package table is a newcomer's map: each package's row names each of its
-    modules (and nothing that is gone); the table's first column, the top-level modules."""
+def test_the_docs_module_table_names_every_module_and_no_other():
+    """The package table of docs/how-it-works.md is a newcomer's map: each package's row names
+    each of its modules (and nothing that is gone); the table's first column, the top-level modules."""
     package = Path(pera_deploy.__file__).parent
-    rows = [line for line in (package.parent / "README.md").read_text(encoding="utf-8").splitlines()
+    rows = [line for line in (package.parent / "docs" / "how-it-works.md").read_text(encoding="utf-8").splitlines()
             if line.startswith("| `")]
     rows = [row for row in rows if row.split("|")[1].strip().startswith(("`api.py`", "`errors.py`", "`reproduction",
                                                                         "`recording")) or
@@ -511,7 +511,7 @@ def test_the_readme_module_table_names_every_module_and_no_other():
         first, job = row.split("|")[1].strip(), row.split("|")[2]
         if first.endswith("/`"):
             name = first.strip("`")
-            assert _listed(job) == _modules(package / name), f"README row {name}"
+            assert _listed(job) == _modules(package / name), f"docs/how-it-works.md row {name}"
         else:
             top |= _listed(first)
     assert {n + "/" for n in ("core", "formats", "io", "merging", "checks", "publish", "export")} <= \

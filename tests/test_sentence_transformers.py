@@ -20,7 +20,7 @@ st = pytest.importorskip("sentence_transformers")
 
 from pera_deploy.checks.reference_model import PeraBranch  # noqa: E402
 from pera_deploy.formats import load_adapter  # noqa: E402
-from tests.helpers import readme_example, refused  # noqa: E402
+from tests.helpers import docs_example, refused  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SENTENCES = ["the quick model reads the river", "hello world", "an unseen zzz token, twice: zzz"]
@@ -92,8 +92,9 @@ def test_onnx_folder_runs_in_sentence_transformers_onnx_backend(fx, cli, tmp_pat
 
 
 def test_readme_sentence_transformers_example_runs_as_written(cli, tmp_path, monkeypatch):
-    """The README's sentence-transformers example: the merge line, then its Python, as written."""
-    namespace = readme_example(cli, tmp_path, monkeypatch, "### sentence-transformers", "pera-deploy merge")
+    """docs/runtimes/sentence-transformers.md: the merge line, then its Python, as written."""
+    namespace = docs_example(cli, tmp_path, monkeypatch, "docs/runtimes/sentence-transformers.md", "# sentence-transformers",
+                             "pera-deploy merge")
     examples = ROOT / "fixtures" / "examples"
     plain, reference = unmerged(examples / "st-base", examples / "st-pera", namespace["sentences"])
     assert_same_embeddings(torch.as_tensor(namespace["embeddings"]), plain, reference)

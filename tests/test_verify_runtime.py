@@ -1,15 +1,15 @@
 """`verify ARTIFACT --runtime RUNTIME`: the artifact run in the engine that serves it, greedy,
 against the unmerged PERA model in PyTorch, step by step.
 
-The artifacts are exported once per module: the README's examples (its own command lines,
-run from a checkout's root), and a held-back random Llama (its own seed, shape and float32
-weights, never used to set a tolerance) with an rsLoRA adapter whose alpha_pattern gives
-v_proj another scaling: the scaling traps that export folds into lora_B. Every runtime has a
-negative test: one weight of the artifact scaled by 1.05 gives exit 1, naming the prompt, the
-step, and the expected and actual token (or the logit difference). Tolerances, as the module
-checks/runtime/common.py states them: float32 arithmetic 1e-4 relative (measured 5e-7 to
-1.1e-6 here), float16 arithmetic 1e-2, and 4x the reference's rounding-noise floor for what
-an artifact stores rounded (a bf16 merge: floor 6.5e-3, measured 3.7e-3). A 1.05 scaling of one
+The artifacts are exported once per module: the documentation's examples (the README's first merge
+and the command lines of docs/runtimes/, run from a checkout's root), and a held-back random Llama
+(its own seed, shape and float32 weights, never used to set a tolerance) with an rsLoRA adapter
+whose alpha_pattern gives v_proj another scaling: the scaling traps that export folds into lora_B.
+Every runtime has a negative test: one weight of the artifact scaled by 1.05 gives exit 1, naming
+the prompt, the step, and the expected and actual token (or the logit difference). Tolerances, as
+the module checks/runtime/common.py states them: float32 arithmetic 1e-4 relative (measured 5e-7 to
+1.1e-6 here), float16 arithmetic 1e-2, and 4x the reference's rounding-noise floor for what an
+artifact stores rounded (a bf16 merge: floor 6.5e-3, measured 3.7e-3). A 1.05 scaling of one
 float32 LoRA factor moves the logits by about 1e-2, of the bf16 merge's lm_head by 5e-2.
 
 llama.cpp (llama-cpp-python) and vLLM are not test dependencies: their runs skip without them,
@@ -39,12 +39,12 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "fixtures" / "examples"
 SMALL_BASE, SMALL_PERA = EXAMPLES / "small-llama-base", EXAMPLES / "small-llama-pera"
 TINY_BASE, TINY_PERA, TINY_PERA2 = EXAMPLES / "llama-base", EXAMPLES / "llama-pera", EXAMPLES / "llama-pera-2"
-README_SECTIONS = {  # runtime section → its verify line's runtime
-    "## Serving PERA as a plain LoRA": "transformers",
-    "### llama.cpp (GGUF)": "llama.cpp",
-    "### vLLM": "vllm",
-    "## ONNX": "onnxruntime",
-    "### ONNX Runtime GenAI": "ort-genai",
+DOC_SECTIONS = {  # (runtime page, section) → its verify line's runtime
+    ("docs/runtimes/peft-vllm.md", "## PEFT (transformers)"): "transformers",
+    ("docs/runtimes/llama-cpp.md", "# llama.cpp (GGUF)"): "llama.cpp",
+    ("docs/runtimes/peft-vllm.md", "## vLLM"): "vllm",
+    ("docs/runtimes/onnx.md", "## Merged and branch graphs"): "onnxruntime",
+    ("docs/runtimes/onnx.md", "## ONNX Runtime GenAI"): "ort-genai",
 }
 
 
@@ -65,9 +65,10 @@ def onnx_exporter() -> bool:
     return True
 
 
-def section(heading: str) -> str:
-    readme = (ROOT / "README.md").read_text()
-    text = readme[readme.index(heading) + len(heading):]
+def section(where: tuple[str, str]) -> str:
+    page, heading = where
+    readme = (ROOT / page).read_text()
+    text = readme[readme.index(heading + "\n") + len(heading):]
     ends = [i for i in (text.find("\n## "), text.find("\n### ")) if i >= 0]
     return text[:min(ends)] if ends else text
 
@@ -89,8 +90,8 @@ def run(cli, line: str):
 
 @pytest.fixture(scope="module")
 def readme(tmp_path_factory) -> Path:
-    """Every artifact-writing line of the README's runtime sections, run as written from a
-    checkout's root (the working folder returned), plus the first example's merged folder."""
+    """Every artifact-writing line of the runtime pages' sections (docs/runtimes/), run as written
+    from a checkout's root (the working folder returned), plus the first example's merged folder."""
     from tests.conftest import Cli
 
     pytest.importorskip("peft")
@@ -99,9 +100,9 @@ def readme(tmp_path_factory) -> Path:
     old = Path.cwd()
     os.chdir(cwd)
     try:
-        first = (ROOT / "README.md").read_text().split("## On your own models")[0]
+        first = (ROOT / "README.md").read_text().split("## Install")[0]
         lines = [l for l in command_lines(first) if " merge " in f" {l} "]
-        for heading, runtime in README_SECTIONS.items():
+        for heading, runtime in DOC_SECTIONS.items():
             if runtime in ("onnxruntime", "ort-genai") and not onnx_exporter():
                 continue
             lines += [l for l in command_lines(section(heading))
@@ -238,12 +239,12 @@ def tampered_gguf(source: Path, target: Path) -> Path:
     return target
 
 
-# -- the README's artifacts in every runtime CI has -------------------------------------------------------
+# -- the documentation's artifacts in every runtime CI has -------------------------------------------------------
 
 
 def readme_verify_lines() -> dict[str, str]:
     lines = {}
-    for heading, runtime in README_SECTIONS.items():
+    for heading, runtime in DOC_SECTIONS.items():
         found = [l for l in command_lines(section(heading)) if subcommand(l) == "verify" and "--runtime" in l]
         assert len(found) == 1, (heading, found)  # each runtime section ends with the one line that proves it
         assert f"--runtime {runtime}" in found[0]
@@ -252,7 +253,7 @@ def readme_verify_lines() -> dict[str, str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("runtime", list(README_SECTIONS.values()))
+@pytest.mark.parametrize("runtime", list(DOC_SECTIONS.values()))
 def test_readme_verify_line_proves_its_sections_artifact(readme, cli, runtime, monkeypatch):
     """Exit 0 where the runtime is installed; exit 2 naming the package to install where not."""
     line = readme_verify_lines()[runtime]
@@ -320,7 +321,7 @@ def test_transformers_held_back_model_folds_rslora_and_alpha_pattern(held_back, 
 
 @pytest.mark.slow
 def test_transformers_keep_branch_folder_and_tampered_fails(cli, tmp_path):
-    """merge --keep-branch's pair (base/ and adapter/) through PEFT, as its README section serves it."""
+    """merge --keep-branch's pair (base/ and adapter/) through PEFT, as docs/runtimes/peft-vllm.md serves it."""
     pytest.importorskip("peft")
     served = tmp_path / "served"
     result = cli("merge", TINY_PERA, TINY_BASE, "-o", served, "--keep-branch")
