@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"  # moves with CHANGELOG.md's topmost version
 
 _EXPORTS = {
     "PeraAdapter": "core.adapter",
