@@ -1,4 +1,4 @@
-"""How pera-deploy fails, and the exit status of each way (README, "Exit status and --json").
+"""How pera-deploy fails, and the exit status of each way (docs/exit-status.md).
 
 | exit | class | meaning |
 | --- | --- | --- |

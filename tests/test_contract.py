@@ -1,4 +1,4 @@
-"""The error contract (README, "Exit status and --json"), command by command.
+"""The error contract (docs/exit-status.md, README "Exit status"), command by command.
 
 0 success, 1 a failed check, 2 bad input, 3 internal error, 4 the environment failed.
 With --json, stdout is one JSON object in every case: the result and exit_code 0 on

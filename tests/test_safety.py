@@ -1,4 +1,4 @@
-"""Never lose or leak data (README, "Safety"): inputs are untouchable whatever the flags,
+"""Never lose or leak data (docs/safety.md): inputs are untouchable whatever the flags,
 links may not leave a model folder, interrupted and concurrent runs leave nothing behind,
 and configs and headers are checked by a schema before anything uses them."""
 
