@@ -747,8 +747,9 @@ def _warned(result: Any) -> Any:
 @click.option("--pad/--no-pad", default=True, show_default=True,
               help="Pad all modules to one rank, so llama.cpp's alpha / rank is exactly 1; --no-pad keeps each "
               "module's rank and folds rank / r into its lora_b instead.")
-@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
-              help="Storage type of lora_a and lora_b (GGUF F32 or F16).")
+@click.option("--dtype", default="float32", show_default=True, metavar="float32|float16|q8_0",
+              help="Storage type of lora_a and lora_b: GGUF F32, F16, or Q8_0 as llama.cpp's converter writes it "
+              "(blocks of 32 along each row; rows of another length, such as lora_b's, in F16).")
 @click.option("--force", is_flag=True,
               help="Replace OUTPUT if it is a GGUF written by pera-deploy; nothing else is replaced.")
 @writer_options

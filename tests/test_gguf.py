@@ -33,10 +33,17 @@ LLAMA_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self
 
 
 def read(path: Path) -> tuple[dict[str, object], list[tuple[str, str, np.ndarray]]]:
-    """(KVs, [(name, GGML type, data)] in file order) of a GGUF file."""
+    """(KVs, [(name, GGML type, data)] in file order) of a GGUF file; a quantized tensor's
+    data is its blocks, as bytes."""
     reader = gguf.GGUFReader(path)
     kvs = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     return kvs, [(t.name, t.tensor_type.name, np.array(t.data)) for t in reader.tensors]
+
+
+def values(path: Path) -> dict[str, np.ndarray]:
+    """name → the values llama.cpp computes with (Q8_0 dequantized by gguf, as ggml does)."""
+    return {t.name: gguf.quants.dequantize(np.array(t.data), t.tensor_type) if t.tensor_type.name == "Q8_0"
+            else np.array(t.data) for t in gguf.GGUFReader(path).tensors}
 
 
 def gguf_name(module: str) -> str:
@@ -69,8 +76,8 @@ def llama_heads(base: Path) -> dict[str, int]:
 
 def runtime_errors(path: Path, adapter_path: Path, heads: dict[str, int]) -> dict[str, float]:
     """Per module: ‖scale·B·A − ΔW‖ / ‖ΔW‖, as llama.cpp computes scale = alpha / rank."""
-    kvs, tensors = read(path)
-    data = {name: array for name, _, array in tensors}
+    kvs, _ = read(path)
+    data = values(path)
     alpha = float(kvs["adapter.lora.alpha"])
     adapter = pera_deploy.load_adapter(adapter_path)
     errors = {}
@@ -171,6 +178,74 @@ def test_float16(cli, fx, tmp_path):
                          else data16[f"{name}.{part}"], value), key
     errors = runtime_errors(out, fx["llama-pera"], llama_heads(fx["llama-base"]))
     assert max(errors.values()) < 5e-3
+
+
+def q8_0_bound(x: np.ndarray) -> np.ndarray:
+    """Per element, what Q8_0 may move x (float32), from first principles: per block of 32 the
+    scale d = max|x| / 127, q = round(x / d), d stored as float16, so |x − fp16(d)·q| ≤ d/2 +
+    |d − fp16(d)|·127, with |d − fp16(d)| ≤ 2⁻¹¹·d, or 2⁻²⁵ among float16's subnormals."""
+    blocks = np.abs(x.astype(np.float64)).reshape(-1, 32)
+    d = blocks.max(axis=1, keepdims=True) / 127
+    bound = d / 2 + 127 * np.maximum(2.0**-11 * d, 2.0**-25) + 1e-6 * 127 * d  # + float32's own roundings
+    return np.broadcast_to(bound, blocks.shape).reshape(x.shape)
+
+
+def test_q8_0_is_ggufs_quantization_of_the_float32_export(cli, fx, tmp_path):
+    """--dtype q8_0: every tensor is gguf.quants.quantize of the float32 export's (Q8_0 where its
+    rows split into blocks of 32, else float16 from the float32, llama.cpp's converter's
+    fallback); everything else in the file is the float32 export's; ΔW as llama.cpp computes
+    it stays within what Q8_0 may cost, element by element."""
+    f32, q8 = tmp_path / "f32.gguf", tmp_path / "q8.gguf"
+    cli.json("export-gguf", fx["llama-pera"], "--base", fx["llama-base"], "-o", f32)
+    data = cli.json("export-gguf", fx["llama-pera"], "--base", fx["llama-base"], "-o", q8, "--dtype", "q8_0")
+    kvs32, tensors32 = read(f32)
+    kvs8, tensors8 = read(q8)
+    assert [n for n, _, _ in tensors8] == [n for n, _, _ in tensors32]
+    types = {}
+    for (name, kind, blocks), (_, _, x) in zip(tensors8, tensors32):
+        if x.shape[-1] % 32 == 0:
+            assert kind == "Q8_0", name
+            assert blocks.tobytes() == gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0).tobytes(), name
+            decoded = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q8_0)
+            assert (np.abs(decoded.astype(np.float64) - x) <= q8_0_bound(x)).all(), name
+        else:
+            assert kind == "F16" and same_bits(blocks, x.astype(np.float16)), name
+        types[kind] = types.get(kind, 0) + 1
+    # the fixture's rank 14: lora_a (14, in) quantizes, lora_b (out, 14) falls back to F16
+    assert types == {"Q8_0": 14, "F16": 14} and data["gguf"]["types"] == types and data["gguf"]["dtype"] == "q8_0"
+    for key in ("general.architecture", "general.type", "adapter.type", "adapter.lora.alpha"):
+        assert kvs8[key] == kvs32[key], key
+    assert data["checks"]["gguf_file"]["identical"] == 28 and data["checks"]["lora_factors"]["passed"]
+    errors = runtime_errors(q8, fx["llama-pera"], llama_heads(fx["llama-base"]))
+    assert 1e-4 < max(errors.values()) < 2e-2  # quantized, and not more than Q8_0's few parts in a thousand
+
+
+def test_q8_0_check_catches_a_wrong_block(cli, fx, tmp_path, monkeypatch):
+    """A Q8_0 tensor whose blocks are not what its float32 factor quantizes to fails the check
+    against ΔW, though the file reads back as written."""
+    import pera_deploy.export.gguf as exporter
+
+    real = exporter.gguf_module
+
+    def rescaled(m, *args):
+        module = real(m, *args)
+        if module.tensor == "blk.1.attn_v.weight":
+            module.stored["lora_a"] = exporter.stored_as(module.lora_a * np.float32(1.03), "Q8_0")
+        return module
+
+    monkeypatch.setattr(exporter, "gguf_module", rescaled)
+    result = cli("export-gguf", fx["llama-pera"], "--base", fx["llama-base"], "-o", tmp_path / "a.gguf", "--dtype",
+                 "q8_0", "--json")
+    assert result.exit_code == 1, result.stderr
+    assert "model.layers.1.self_attn.v_proj" in json.loads(result.stdout)["error"]["message"]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("dtype", ["q4_k", "q6_k", "bfloat16", "q4_0"])
+def test_types_it_does_not_write(cli, fx, tmp_path, dtype):
+    result = cli("export-gguf", fx["llama-pera"], "--base", fx["llama-base"], "-o", tmp_path / "a.gguf", "--dtype", dtype)
+    refused(result, "float32, float16, q8_0")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_rank_reduction_is_export_loras(cli, fx, tmp_path):
@@ -305,6 +380,7 @@ def test_wrong_factors_fail_the_check(cli, fx, tmp_path, monkeypatch):
         module = real(m, *args)
         if module.tensor == "blk.1.attn_v.weight":
             module.lora_b = module.lora_b * np.float32(1.01)
+            module.stored["lora_b"] = exporter.stored_as(module.lora_b, None)  # what is written
         return module
 
     monkeypatch.setattr(exporter, "gguf_module", off_by_a_percent)
@@ -364,13 +440,13 @@ def convert(script: Path, *args: object) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype, outtype", [("float32", "f32"), ("float16", "f16")])
+@pytest.mark.parametrize("dtype, outtype", [("float32", "f32"), ("float16", "f16"), ("q8_0", "q8_0")])
 def test_equals_convert_lora_to_gguf(fx, tmp_path, dtype, outtype):
     """Tensor for tensor (names, types, shapes, bytes, order) what llama.cpp's own converter
-    writes from `export-lora --base` of the same adapter."""
+    writes from `export-lora --base` of the same adapter (for q8_0, from the float32 export)."""
     source = llama_cpp_source()
     base, adapter = fx["small-llama-base"], fx["small-llama-pera"]
-    pera_deploy.export_lora(adapter, tmp_path / "lora", base=base, dtype=dtype)
+    pera_deploy.export_lora(adapter, tmp_path / "lora", base=base, dtype="float32" if dtype == "q8_0" else dtype)
     convert(source / "convert_lora_to_gguf.py", "--base", base, "--outfile", tmp_path / "ref.gguf",
             "--outtype", outtype, tmp_path / "lora")
     export_gguf(adapter, tmp_path / "ours.gguf", base=base, dtype=dtype)

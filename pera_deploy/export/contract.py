@@ -110,7 +110,12 @@ class Plan:
 
 
 def _short(value: Any) -> str:
-    """A summary value on one line: a long list as its first items and its length."""
+    """A summary value on one line: a mapping as `key value` pairs, a long list or mapping as
+    its first items and its length, an empty one as "none"."""
+    if isinstance(value, dict):
+        value = [f"{k} {v}" for k, v in value.items()]
+    if isinstance(value, (list, tuple)) and not value:
+        return "none"
     if isinstance(value, (list, tuple)) and len(value) > 6:
         return ", ".join(map(str, value[:6])) + f" ... ({len(value)} in all)"
     if isinstance(value, (list, tuple)):

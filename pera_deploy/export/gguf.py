@@ -56,14 +56,19 @@ from ..core.limits import require_storable
 from ..core.lowrank import factored_norm, one_blas_thread
 from ..errors import InputError
 from ..io.model_folder import ModelFolder
-from ..options import choose, rank_options
+from ..options import rank_options
 from ..publish import Written, adapter_inputs
 from ..publish.manifest import GGUF_MANIFEST_KEY, adapter_record, model_record, recipe_json
 from ..publish.output_folder import refuse_overlap
 from .contract import AdapterLike, Exporter, Plan, PlannedFile, WriteContext, WriterOptions, load, paths
 from .lora import LoraExport, LoraModule, export_summary, padded, peft_names, plan_lora_export
 
-GGUF_DTYPES = {"float32": "F32", "float16": "F16"}  # --dtype → safetensors code (llama.cpp's F32, F16)
+# --dtype → the float the factors are rounded to once (a safetensors code). q8_0 then stores them as
+# llama.cpp's converter does from the float32 export (`quantized`).
+GGUF_DTYPES = {"float32": "F32", "float16": "F16", "q8_0": "F32"}
+QUANTIZED = {"q8_0": "Q8_0"}  # --dtype → GGML quantization type
+Q8_0_ERROR = 0.0045  # |x − dequantized x| ≤ Q8_0_ERROR·max|block| + Q8_0_FLOOR for every element (`q8_0_bounds`)
+Q8_0_FLOOR = 127 * 2.0**-25  # a block scale among float16's subnormals is off by up to 2⁻²⁵
 PROVENANCE_KEY = "pera_deploy.version"  # what marks a GGUF as ours (what --force may replace)
 
 # HF class (config.json "architectures"[0]) → (gguf architecture name, q/k rows permuted),
@@ -137,8 +142,18 @@ class GgufModule:
     tensor: str  # gguf base name, e.g. blk.0.attn_q.weight
     heads: int | None  # rows permuted into llama.cpp's rotary order with this head count, or None
     fold: float  # factor carried by lora_b so that llama.cpp's alpha / rank scale gives ΔW (1 when padded)
-    lora_a: np.ndarray = field(repr=False)  # (rank, in) as stored
-    lora_b: np.ndarray = field(repr=False)  # (out, rank) as stored, permuted and folded
+    lora_a: np.ndarray = field(repr=False)  # (rank, in) rounded to the float of --dtype
+    lora_b: np.ndarray = field(repr=False)  # (out, rank) the same, permuted and folded
+    stored: dict[str, GgufTensor] = field(repr=False, default_factory=dict)  # lora_a, lora_b as written
+
+
+@dataclass(frozen=True)
+class GgufTensor:
+    """A tensor as the file holds it: `data` is the float array, or for a quantized type its
+    blocks as bytes (rows of uint8, what gguf.quants.quantize returns); `type` the GGML type."""
+
+    data: np.ndarray = field(repr=False)
+    type: str  # F32, F16 or Q8_0
 
 
 @dataclass
@@ -149,10 +164,16 @@ class GgufPlan:
     export: LoraExport
     modules: list[GgufModule]
 
-    def tensors(self) -> list[tuple[str, np.ndarray]]:
-        """(name, array) in the order they are written."""
-        return [(f"{m.tensor}.{part}", data) for m in self.modules
-                for part, data in (("lora_a", m.lora_a), ("lora_b", m.lora_b))]
+    def tensors(self) -> list[tuple[str, GgufTensor]]:
+        """(name, tensor as written) in the order they are written."""
+        return [(f"{m.tensor}.{part}", m.stored[part]) for m in self.modules for part in ("lora_a", "lora_b")]
+
+    def types(self) -> dict[str, int]:
+        """How many tensors of each GGML type the file holds."""
+        counts: dict[str, int] = {}
+        for _, tensor in self.tensors():
+            counts[tensor.type] = counts.get(tensor.type, 0) + 1
+        return counts
 
 
 def rotary_rows(t: np.ndarray, n_head: int) -> np.ndarray:
@@ -194,12 +215,28 @@ def tensor_names(export: LoraExport, arch: GgufArch) -> dict[str, tuple[str, int
     return names
 
 
-def gguf_module(m: LoraModule, tensor: str, heads: int | None, rank: int, pad: bool, dtype: str) -> GgufModule:
+def stored_as(values: np.ndarray, quantize: str | None) -> GgufTensor:
+    """A float factor as the file holds it. Unquantized: as it is. Q8_0: as llama.cpp's
+    `convert_lora_to_gguf.py --outtype q8_0` stores the float32 factor of the export-lora
+    folder it reads: `gguf.quants.quantize` into blocks of 32 along each row, or, for rows that
+    do not split into such blocks (a lora_b's rows are `rank` long), float16, the converter's
+    fallback (rounded from the float32 factor, as it does)."""
+    if quantize is None:
+        return GgufTensor(values, "F32" if values.dtype == np.float32 else "F16")
+    gguf = require_gguf()
+    try:
+        return GgufTensor(gguf.quants.quantize(values, gguf.GGMLQuantizationType[quantize]), quantize)
+    except gguf.QuantError:
+        return GgufTensor(values.astype(np.float16), "F16")
+
+
+def gguf_module(m: LoraModule, tensor: str, heads: int | None, rank: int, pad: bool, dtype: str,
+                quantize: str | None = None) -> GgufModule:
     """One module's stored factors: padded (or folded) to give ΔW under alpha / rank, permuted.
 
     Formed in float64 (the fold is one more float64 product) and rounded once to `dtype` (a
     safetensors code) by `require_storable`; the row permutation moves values, so it commutes
-    with the rounding."""
+    with the rounding. `quantize` (a GGML type) then stores them as `stored_as` says."""
     lora_b, lora_a = m.lora_B, m.lora_A  # float64, scaling already in lora_B
     fold = 1.0
     if pad and m.rank < rank:
@@ -211,7 +248,9 @@ def gguf_module(m: LoraModule, tensor: str, heads: int | None, rank: int, pad: b
         lora_b = rotary_rows(lora_b, heads)
     stored_a = require_storable(m.source, "lora_A (Â)", lora_a.astype(np.float64), dtype)
     stored_b = require_storable(m.source, "lora_B (s·B̂)", lora_b.astype(np.float64), dtype)
-    return GgufModule(m, tensor, heads, fold, np.ascontiguousarray(stored_a), np.ascontiguousarray(stored_b))
+    stored_a, stored_b = np.ascontiguousarray(stored_a), np.ascontiguousarray(stored_b)
+    return GgufModule(m, tensor, heads, fold, stored_a, stored_b,
+                      {"lora_a": stored_as(stored_a, quantize), "lora_b": stored_as(stored_b, quantize)})
 
 
 def plan_gguf(adapter: PeraAdapter, base: ModelFolder, arch: GgufArch, *, rank: int | None = None,
@@ -226,7 +265,8 @@ def plan_gguf(adapter: PeraAdapter, base: ModelFolder, arch: GgufArch, *, rank: 
     names = tensor_names(export, arch)
     # the converter's order: PEFT keys as safetensors sorts them (lora_A first)
     ordered = sorted(export.modules, key=lambda m: f"{m.module}.lora_A.weight")
-    modules = [gguf_module(m, *names[m.module], export.r, pad, GGUF_DTYPES[dtype]) for m in ordered]
+    modules = [gguf_module(m, *names[m.module], export.r, pad, GGUF_DTYPES[dtype], QUANTIZED.get(dtype))
+               for m in ordered]
     return GgufPlan(arch, float(export.r), dtype, export, modules)
 
 
@@ -268,9 +308,11 @@ def write_gguf(path: Path, plan: GgufPlan, header: dict[str, Any]) -> None:
     try:
         for key, (value, kind) in header.items():
             writer.add_key_value(key, value, kind)
-        tensors = plan.tensors()
-        for name, data in tensors:
-            writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes)
+        tensors = [(name, t.data) for name, t in plan.tensors()]
+        for name, t in plan.tensors():
+            quantized = t.type not in ("F32", "F16")
+            writer.add_tensor_info(name, t.data.shape, t.data.dtype, t.data.nbytes,
+                                   raw_dtype=gguf.GGMLQuantizationType[t.type] if quantized else None)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
@@ -296,8 +338,8 @@ class GgufTensorCheck:
     name: str  # as read back
     expected: str
     shape: list[int]  # numpy order: lora_a (rank, in), lora_b (out, rank)
-    dtype: str
-    identical: bool  # name, shape, dtype and every byte as planned
+    dtype: str  # the GGML type read: F32, F16 or Q8_0
+    identical: bool  # name, shape, type and every byte as planned
 
 
 @dataclass
@@ -336,22 +378,63 @@ def read_back(path: Path, plan: GgufPlan, header: dict[str, Any]) -> tuple[GgufF
     reader = gguf.GGUFReader(path)
     planned = plan.tensors()
     checks, found = [], {}
-    for tensor, (name, data) in zip(reader.tensors, planned):
-        read = np.array(tensor.data)
-        found[tensor.name] = read
-        same = (tensor.name == name and read.dtype == data.dtype and read.shape == data.shape
-                and read.tobytes() == data.tobytes())
-        checks.append(GgufTensorCheck(tensor.name, name, list(read.shape), str(read.dtype), same))
+    for tensor, (name, planned_tensor) in zip(reader.tensors, planned):
+        read, data = np.array(tensor.data), planned_tensor.data
+        kind = tensor.tensor_type.name
+        same = (tensor.name == name and kind == planned_tensor.type and read.dtype == data.dtype
+                and read.shape == data.shape and read.tobytes() == data.tobytes())
+        # the values llama.cpp computes with: a quantized tensor's blocks dequantized (float32)
+        found[tensor.name] = gguf.quants.dequantize(read, tensor.tensor_type) if read.dtype == np.uint8 else read
+        checks.append(GgufTensorCheck(tensor.name, name, list(found[tensor.name].shape), kind, same))
     wanted = {gguf.Keys.General.ARCHITECTURE: plan.arch.name, **{key: value for key, (value, _) in header.items()}}
     kvs = {key: bool(key in reader.fields and reader.fields[key].contents() == value) for key, value in wanted.items()}
     return GgufFileCheck(checks, kvs, (len(reader.tensors), len(planned))), found
 
 
+def q8_0_bounds(values: np.ndarray) -> np.ndarray:
+    """Per element of a float32 factor, how far its Q8_0 encoding may decode from it.
+
+    gguf's Q8_0 (as ggml's): per block of 32, d = max|x|/127, q = round(x/d) in float32, and
+    d stored in float16; llama.cpp computes with d₁₆·q. So |x − d₁₆q| ≤ |x − dq| + |d − d₁₆|·|q|
+    ≤ d/2 + 2⁻¹¹·d·127 (+ float32 roundings, under 10⁻⁶·max|x|) = 0.00443·max|x|, and at most
+    127·2⁻²⁵ more where d is a float16 subnormal: Q8_0_ERROR·max|block| + Q8_0_FLOOR."""
+    blocks = np.abs(values.astype(np.float64)).reshape(-1, 32)
+    per_block = Q8_0_ERROR * blocks.max(axis=1, keepdims=True) + Q8_0_FLOOR
+    return np.broadcast_to(per_block, blocks.shape).reshape(values.shape)
+
+
+def q8_0_decodes_within(m: GgufModule, part: str, read: np.ndarray) -> bool:
+    """Does a Q8_0 factor, as read back and dequantized, lie element by element within Q8_0's
+    bound of the float32 factor it encodes? (The read-back check compares the file with the
+    planned blocks; this one checks the blocks themselves.) Other types: True."""
+    if m.stored[part].type != "Q8_0":
+        return True
+    planned: np.ndarray = getattr(m, part)
+    return bool((np.abs(read.astype(np.float64) - planned.astype(np.float64)) <= q8_0_bounds(planned)).all())
+
+
+def storage_error(m: GgufModule, part: str) -> float:
+    """A bound on ‖X − X̂‖ / ‖X‖ for the factor `part` of `m`: X the float64 factor, X̂ what the
+    file holds (dequantized): one rounding to the float of --dtype, then, for q8_0, the
+    float16 fallback's second rounding or the blocks' quantization error."""
+    planned: np.ndarray = getattr(m, part)
+    stored = m.stored[part]
+    u = unit_roundoff(planned)
+    if stored.type == "F16" and planned.dtype != np.float16:
+        u += UNIT_ROUNDOFF["F16"]  # the converter's fallback: float32, then float16
+    elif stored.type == "Q8_0":
+        norm = float(np.linalg.norm(planned.astype(np.float64)))
+        u += float(np.linalg.norm(q8_0_bounds(planned))) / norm if norm > 0 else 0.0
+    return 1.005 * u
+
+
 def runtime_check(layer: LayerUpdate, m: GgufModule, alpha: float, lora_b: np.ndarray, lora_a: np.ndarray) -> LoraCheck:
     """Does ΔW as llama.cpp computes it — scale·B·A, scale = alpha / rank in float32, B's
-    rows back in HF order — reproduce the PERA update? As check_lora_module, from the
-    factors alone in float64; storage may move the product by 2u·‖B‖‖A‖, and a scale other
-    than 1 by one more float32 rounding."""
+    rows back in HF order, quantized factors dequantized — reproduce the PERA update? As
+    check_lora_module, from the factors alone in float64. Storage may move the product by
+    (ε_B + ε_A + ε_Bε_A)·‖B‖‖A‖, ε the factors' `storage_error` (2u for two float factors),
+    and a scale other than 1 by one more float32 rounding. A Q8_0 factor must also decode,
+    element by element, within Q8_0's own bound of the float32 factor (`q8_0_decodes_within`)."""
     rank = lora_a.shape[0]
     scale = float(np.float32(alpha) / np.float32(rank))
     b = lora_b.astype(np.float64) * scale
@@ -362,10 +445,12 @@ def runtime_check(layer: LayerUpdate, m: GgufModule, alpha: float, lora_b: np.nd
     residual = factored_norm(np.concatenate([exact_b, -b], axis=1), np.concatenate([exact_a, a], axis=0))
     delta = m.lora.delta_norm
     rel = residual / delta if delta > 0 else (0.0 if residual == 0 else float("inf"))
-    u = 2.01 * unit_roundoff(lora_b) + (UNIT_ROUNDOFF["F32"] if scale != 1 else 0)
+    e_b, e_a = storage_error(m, "lora_b"), storage_error(m, "lora_a")
+    u = e_b + e_a + e_b * e_a + (UNIT_ROUNDOFF["F32"] if scale != 1 else 0)
     allowed = m.lora.rel_error + (u * float(np.linalg.norm(b)) * float(np.linalg.norm(a)) / delta if delta > 0 else 0.0) \
         + 1e-12
-    return LoraCheck(m.lora.module, rank, rel, m.lora.rel_error, allowed, rel <= allowed)
+    decoded = q8_0_decodes_within(m, "lora_b", lora_b) and q8_0_decodes_within(m, "lora_a", lora_a)
+    return LoraCheck(m.lora.module, rank, rel, m.lora.rel_error, allowed, rel <= allowed and decoded)
 
 
 def check_gguf(path: Path, plan: GgufPlan, adapter: PeraAdapter, header: dict[str, Any]) -> list[Any]:
@@ -428,6 +513,7 @@ def gguf_summary(target: Path, plan: GgufPlan) -> dict[str, Any]:
         "alpha": plan.alpha,
         "dtype": plan.dtype,
         "tensors": 2 * len(plan.modules),
+        "types": plan.types(),  # GGML type → tensors: with q8_0, rows not in blocks of 32 are F16
         "permuted": [m.tensor for m in plan.modules if m.heads is not None],
         "folded": {m.tensor: m.fold for m in plan.modules if m.fold != 1.0},
         "names": {m.lora.module: m.tensor for m in plan.modules},
@@ -449,7 +535,9 @@ class ExportGgufOptions(WriterOptions):
 
 def _validate(opts: ExportGgufOptions) -> None:
     """--dtype, the rank options and the gguf extra, before anything is read."""
-    choose("--dtype", opts.dtype, GGUF_DTYPES)
+    if opts.dtype not in GGUF_DTYPES:
+        raise InputError(f"--dtype {opts.dtype!r}: export-gguf writes {', '.join(GGUF_DTYPES)} (the types of "
+                         "llama.cpp's convert_lora_to_gguf.py; no k-quants: gguf quantizes none of them)")
     rank_options(opts.rank, opts.tol, opts.max_rank)
     require_gguf()
 
@@ -465,7 +553,8 @@ def _plan(opts: ExportGgufOptions, adapter: PeraAdapter) -> Plan:
                          pad=opts.pad, dtype=opts.dtype)
         base_files = checkpoint.weight_files
     summary = {"architecture": arch.name, "r": plan.export.r, "exact": plan.export.exact,
-               "tensors": 2 * len(plan.modules), "modules": len(plan.modules), "warnings": plan.export.warnings}
+               "tensors": 2 * len(plan.modules), "types": plan.types(), "modules": len(plan.modules),
+               "warnings": plan.export.warnings}
     return Plan([PlannedFile(Path(opts.output).name)], inputs, ["gguf_file", "lora_factors"], summary,
                 list(adapter.files) + base_files, (adapter, base, base_files, plan))
 
@@ -492,11 +581,17 @@ def _render(report: Report) -> str:
     """The tensors, architecture, rank and alpha written, the read-back check, how to use it."""
     m = report.manifest
     lora, gguf = m["lora"], m["gguf"]
-    rows = [f"wrote {report.output}: {gguf['tensors']} tensors ({gguf['dtype']}) for llama.cpp architecture "
+    types = gguf.get("types") or {}
+    stored = gguf["dtype"] if len(types) <= 1 else ", ".join(f"{n} {t}" for t, n in sorted(types.items()))
+    rows = [f"wrote {report.output}: {gguf['tensors']} tensors ({stored}) for llama.cpp architecture "
             f"{gguf['architecture']}, rank {lora['r']} ({'padded' if lora['padded'] else 'per-module ranks'}), "
             f"alpha {gguf['alpha']:g}, "
-            + ("exact" if lora["exact"] else f"total relative error {lora['total_rel_error']:.3g}")]
+            + ("exact" if lora["exact"] else f"total relative error {lora['total_rel_error']:.3g}")
+            + (f", then {gguf['dtype']}" if gguf["dtype"] in QUANTIZED else "")]
     factors = m["checks"]["lora_factors"]
+    if gguf["dtype"] in QUANTIZED and "F16" in types:
+        rows.append(f"  {types['F16']} tensors whose rows do not split into blocks of 32 (lora_b: rank {lora['r']}) "
+                    "are float16, as llama.cpp's converter stores them")
     rows.append(f"  read back: every tensor as written; ΔW as llama.cpp computes it within "
                 f"{factors['max_rel_error']:.2g} of the adapter's (relative)")
     rows.append(f"  use: llama-cli -m BASE.gguf --lora {report.output}")
