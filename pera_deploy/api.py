@@ -21,9 +21,7 @@ from .extras import require
 from .formats import load_adapter
 from .io.digests import Digests
 from .options import jobs as option_jobs
-from .options import (
-    no_precision,
-)
+from .options import no_precision
 from .options import seed as option_seed
 from .scoped import offline
 

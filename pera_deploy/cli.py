@@ -512,11 +512,11 @@ def merge(paths: tuple[Path, ...], output: Path, adapter_opts: tuple[Path, ...],
     the same single pass and single rounding as one.
 
     \b
-    The output is a plain Hugging Face model folder: the base's shards and index (merged
-    weights rounded once from float32; every other tensor bit-identical), its config,
-    tokenizer and generation files, and pera_deploy_manifest.json with the sha256 of the
-    inputs, each merged layer and the check results. It appears only once every check
-    has passed.
+    The output is a plain Hugging Face model folder: the base's shards and index (each merged
+    element W0 + ΔW evaluated in float64 and rounded once, correctly, the same bytes on any
+    machine; every other tensor bit-identical), its config, tokenizer and generation files,
+    and pera_deploy_manifest.json with the sha256 of the inputs, each merged layer and the
+    check results. It appears only once every check has passed.
 
     \b
     With --keep-branch nothing is merged: OUTPUT/base is the base as it is and

@@ -184,6 +184,12 @@ ONNX_LINES = {
     "sentence-transformers": ["export-onnx", "ST", "-o", "OUT"],
     "no-genai": ["export-onnx", "G", "-o", "OUT"],
 }
+ONNX_STAGES = {  # what the stage bar shows, in order
+    "merged": ["merge", "load + trace", "write", "check: ONNX Runtime (prefill, decode)", "check: PyTorch"],
+    "branch": ["load", "trace", "float16", "write", "check: ONNX Runtime (prefill, decode)", "check: PyTorch"],
+    "sentence-transformers": ["load + trace", "write", "check: ONNX Runtime (forward)", "check: PyTorch"],
+    "no-genai": ["load + trace", "write", "check: ONNX Runtime (prefill, decode)", "check: PyTorch"],
+}
 
 
 @pytest.mark.parametrize("kind", sorted(ONNX_LINES))
@@ -203,6 +209,8 @@ def test_export_onnx_plans_every_file_it_writes_and_shows_its_stages(kind, cli, 
     real = cli(*line, "--progress")
     assert real.exit_code == 0, real.stderr
     assert "export-onnx" in real.stderr and "%|" in real.stderr  # the stage bar, on stderr
+    shown = [real.stderr.find(f", {name}]") for name in ONNX_STAGES[kind]]
+    assert all(i >= 0 for i in shown) and shown == sorted(shown), (ONNX_STAGES[kind], real.stderr[-3000:])
     files = written(out)
     assert sorted(f["name"] for f in plan["files"]) == sorted(files)
     assert ("genai_config.json" in files) == (kind in ("merged", "branch"))

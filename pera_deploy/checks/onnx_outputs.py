@@ -180,9 +180,13 @@ def _compare(run: str, step: str, name: str, got: np.ndarray, want: np.ndarray |
 Reference = Callable[[], tuple[nn.Module, AbstractContextManager]]
 
 
+CHECK_STAGES = ("check: ONNX Runtime", "check: PyTorch")  # what `validate` tells its `stage`, in order
+
+
 def validate(onnx_path: Path, model: nn.Module | Reference,
              runs: Sequence[tuple[str, Path | None, Callable[[], AbstractContextManager]]],
-             float16: bool, seed: int = 0, config: Any = None) -> OnnxOutputsCheck:
+             float16: bool, seed: int = 0, config: Any = None,
+             stage: Callable[[str], None] = lambda name: None) -> OnnxOutputsCheck:
     """Run the graph once per (label, adapter file or None, reference hooks) and compare.
 
     `model` is the PyTorch model in float32, or a function that loads it (returning it and
@@ -192,7 +196,8 @@ def validate(onnx_path: Path, model: nn.Module | Reference,
     says what to feed). Each run's context manager puts the reference in the right state
     (a live PERA branch, or nothing) for the duration of the run. Each adapter file is
     loaded with `onnxruntime.LoraAdapter` and activated through
-    `RunOptions.add_active_adapter`, as a serving process would.
+    `RunOptions.add_active_adapter`, as a serving process would. `stage` is told when the
+    graph's runs (prefill, then one decode step) start, and when the reference's do.
     """
     import gc
 
@@ -207,6 +212,7 @@ def validate(onnx_path: Path, model: nn.Module | Reference,
     ids = rng.integers(3, config.vocab_size, size=(BATCH, SEQ + 1), dtype=np.int64)
     decoder = any(i.name.startswith("past_key_values.") for i in sess.get_inputs())
     ids = ids if decoder else ids[:, :SEQ]
+    stage(f"{CHECK_STAGES[0]} ({'prefill, decode' if decoder else 'forward'})")
     graph_outputs = []
     for _, adapter_file, _ in runs:
         options = ort.RunOptions()
@@ -219,6 +225,7 @@ def validate(onnx_path: Path, model: nn.Module | Reference,
         del adapter
     del sess
     gc.collect()
+    stage(CHECK_STAGES[1])
     reference_model, held = (model, nullcontext()) if isinstance(model, nn.Module) else model()
     checks = []
     with held:

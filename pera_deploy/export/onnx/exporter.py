@@ -110,13 +110,17 @@ def _plan(opts: ExportOnnxOptions, adapters: dict[str, PeraAdapter]) -> Plan:
 
 
 def _write(plan: Plan, folder: Path, context: WriteContext) -> Written:
-    """Trace (after merging, for one adapter), convert, check: each stage shown as it starts."""
+    """Load and trace (after merging, for one adapter), convert, write, check in ONNX Runtime
+    (prefill and a decode step) and against PyTorch: each stage shown as it starts."""
+    from ...checks.onnx_outputs import CHECK_STAGES
     from .folders import write_branch, write_merged_graph
 
     state: _OnnxState = plan.state
-    stages = ["trace", *(["float16"] if state.dtype == "float16" else []), "check"]
-    if state.adapters and not state.branch:
-        stages.insert(0, "merge")
+    if state.branch:
+        stages = ["load", "trace"]
+    else:
+        stages = [*(["merge"] if state.adapters else []), "load + trace"]
+    stages += [*(["float16"] if state.dtype == "float16" else []), "write", *CHECK_STAGES]
     with context.bar(total=len(stages), desc="export-onnx", unit="stage") as bar:
         started: list[str] = []
 

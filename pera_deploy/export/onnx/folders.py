@@ -1,4 +1,4 @@
-"""Writing an ONNX folder: export, convert, write adapter files, validate, publish.
+"""Writing an ONNX folder: export, convert, write adapter files, validate (the driver publishes it).
 
 The write steps of the two kinds of graph export-onnx offers (its Exporter is in
 exporter.py, which imports this module, and torch, only once the extra is known to be
@@ -48,11 +48,12 @@ def write_merged_graph(out: Path, model: Path, adapter: tuple[str, PeraAdapter] 
             metadata.update({"pera_deploy.base": model.name, "pera_deploy.adapter": adapter[0],
                              "pera_deploy.adapter_sha256": inputs["adapter"]["sha256"],
                              "pera_deploy.base_sha256": inputs["base"]["sha256"]})
-        stage("trace")
+        stage("load + trace")  # Optimum loads the model and traces it in one call
         export_model(folder, out, task, opset)
         if dtype == "float16":
             stage("float16")
             to_float16(out / "model.onnx")
+        stage("write")
         set_metadata(out / "model.onnx", metadata)
         data_readable_as_graph(out / "model.onnx")
 
@@ -61,9 +62,8 @@ def write_merged_graph(out: Path, model: Path, adapter: tuple[str, PeraAdapter] 
                 return load_model(folder, torch.float32), nullcontext()
             return load_unmerged_model(model, adapter[1], torch.float32)
 
-        stage("check")
         check = validate(out / "model.onnx", reference, [("merged", None, nullcontext)], dtype == "float16",
-                         config=model_class(folder)[0])
+                         config=model_class(folder)[0], stage=stage)
         if folder != model:
             shutil.rmtree(folder)
         sections = {"graph": "merged", "task": task, "metadata": metadata, **write_genai_config(out, model, genai)}
@@ -119,10 +119,12 @@ def write_branch_graph(out: Path, branch: BranchExport, task: str, opset: int | 
                        stage: Stage = lambda name: None) -> tuple[OnnxOutputsCheck, dict[str, Any]]:
     """model.onnx with the branch inputs and NAME.onnx_adapter for each adapter in `out`,
     validated with no adapter and with each; returns the check and the manifest sections."""
+    stage("trace")
     export_branch_graph(branch.base, out, task, opset, branch.modules, branch.model)
     if dtype == "float16":
         stage("float16")
         to_float16(out / "model.onnx")
+    stage("write")
     files, ranks = {}, {}
     for name, adapter in branch.adapters.items():
         files[name] = out / f"{name}.onnx_adapter"
@@ -143,8 +145,7 @@ def write_branch_graph(out: Path, branch: BranchExport, task: str, opset: int | 
         (f"adapter {name}", files[name], lambda adapter=adapter: PeraBranch(branch.model, adapter))
         for name, adapter in branch.adapters.items()
     ]
-    stage("check")
-    check = validate(out / "model.onnx", branch.model, runs, dtype == "float16")
+    check = validate(out / "model.onnx", branch.model, runs, dtype == "float16", stage=stage)
     sections = {"graph": "branch", "task": task, "metadata": metadata,
                 "adapter_files": {name: {"file": files[name].name, "rank": ranks[name],
                                          "modules": sorted(branch.targets[name].values())}
@@ -159,7 +160,7 @@ def write_branch(out: Path, base: Path, adapters: dict[str, PeraAdapter], weight
     `NAME.onnx_adapter` per adapter, in `out`; validated with no adapter and with each."""
     inputs = {"base": model_record(base, weight_files, digests),
               "adapters": {name: adapter_record(a, digests) for name, a in adapters.items()}}
-    stage("trace")
+    stage("load")
     check, sections = write_branch_graph(out, prepare_branch(base, adapters), task, opset, dtype,
                                          inputs["base"]["sha256"], genai, stage)
     return Written([check], inputs, sections)
