@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -257,3 +258,27 @@ def test_a_trained_tensor_the_base_lacks_needs_transformers(fx, tmp_path, monkey
     for needle in ("score.weight", "needs the check extra", "pip install 'pera-deploy[check]'"):
         assert needle in str(refusal.value)
     assert not (tmp_path / "m").exists()
+
+
+def test_an_optimum_that_does_not_import_beside_this_transformers_is_bad_input(cli, fx, tmp_path, monkeypatch):
+    """optimum-onnx imports lazily; beside transformers 5 its model configs fail with an
+    ImportError (measured: "cannot import name '_CAN_RECORD_REGISTRY' from
+    'transformers.utils.generic'"), which export-onnx reported as an internal error, exit 3.
+    Now: one line naming the module, its error and the fix (a venv of the extra's own), exit 2,
+    nothing written, whether or not the real extra is installed here."""
+    real = importlib.import_module
+
+    def as_beside_transformers_5(name, *args, **kwargs):
+        if name in ("torch", "transformers", "onnx", "onnxruntime", "optimum.exporters.onnx"):
+            return types.ModuleType(name)  # installed (or standing in for it)
+        if name == "optimum.exporters.onnx.model_configs":
+            raise ImportError("cannot import name '_CAN_RECORD_REGISTRY' from 'transformers.utils.generic'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", as_beside_transformers_5)
+    out = tmp_path / "onnx"
+    line = refused(cli("export-onnx", fx["llama-base"], "--adapter", fx["llama-pera"], "-o", out),
+                   "needs the onnx extra", "optimum.exporters.onnx.model_configs fails to import",
+                   "_CAN_RECORD_REGISTRY", "fresh venv", "pip install 'pera-deploy[onnx]'")
+    assert "internal error" not in line
+    assert list(tmp_path.iterdir()) == []
