@@ -16,7 +16,7 @@ from .checks.base import Report
 from .core.adapter import PeraAdapter
 from .driver import digests_scope, drive
 from .errors import InputError
-from .export.contract import load
+from .export.contract import load, load_weighted
 from .extras import require
 from .formats import load_adapter
 from .io.digests import Digests
@@ -80,8 +80,9 @@ def merge(adapter: AdapterLike | Sequence[AdapterLike], base: str | Path, output
                  jobs=threads)
 
 
-def verify(merged: str | Path, adapter: AdapterLike | None = None, base: str | Path | None = None, *,
-           forward: bool = True, precision: str | None = None, untie_embeddings: bool | None = None, seed: int = 0,
+def verify(merged: str | Path, adapter: AdapterLike | Sequence[AdapterLike] | None = None,
+           base: str | Path | None = None, *, weights: Sequence[float] | None = None, forward: bool = True,
+           precision: str | None = None, untie_embeddings: bool | None = None, seed: int = 0,
            progress: bool | None = None, runtime: str | None = None, prompts: str | Path | None = None,
            max_new_tokens: int | None = None, use: str | None = None, base_gguf: str | Path | None = None,
            record: bool = False, **load_options: Any) -> Report:
@@ -99,6 +100,9 @@ def verify(merged: str | Path, adapter: AdapterLike | None = None, base: str | P
     line; by default a few fixed ones) and compared step by step with the unmerged model
     (`report.check("runtime")`). `use` names the adapter of a bundle or branch ONNX folder;
     `record` joins a passed report to the artifact's manifest (otherwise nothing is written).
+
+    Several adapters (a list) are checked as their weighted sum Σ wᵢ ΔWᵢ (`weights`, default
+    all 1), as `merge` merges them.
     """
     from .checks.bundle import is_bundle
 
@@ -106,13 +110,16 @@ def verify(merged: str | Path, adapter: AdapterLike | None = None, base: str | P
     option_seed(seed)
     merged = Path(merged)
     if runtime is not None:
-        return _verify_runtime(merged, adapter, base, runtime, prompts, max_new_tokens, use, base_gguf, record, seed,
-                               load_options)
+        return _verify_runtime(merged, adapter, weights, base, runtime, prompts, max_new_tokens, use, base_gguf,
+                               record, seed, load_options)
     given = [flag for flag, value in (("--prompts", prompts), ("--max-new-tokens", max_new_tokens), ("--use", use),
                                       ("--base-gguf", base_gguf), ("--record", record or None)) if value is not None]
     if given:
         raise InputError(f"{', '.join(given)}: only with --runtime (they say how a runtime runs the artifact)")
     if is_bundle(merged):
+        if adapter is not None or weights is not None:
+            raise InputError(f"{merged}: a bundle is checked against the sources it records; --adapter and "
+                             "--weights are for a merged folder")
         return _verify_bundle(merged, seed, load_options, forward=forward)
     if adapter is None or base is None:
         raise InputError(f"{merged}: not a bundle, so verify needs the adapter and the base (--adapter, --base)")
@@ -121,13 +128,14 @@ def verify(merged: str | Path, adapter: AdapterLike | None = None, base: str | P
                 "pass --no-forward to check the weights alone")
     from .checks.verify import verify_merged
 
-    loaded = _load(adapter, load_options)
+    loaded = load_weighted(_sources(adapter), weights, load_options)
     with offline():
         return verify_merged(merged, loaded, Path(base), forward=forward,
                              untie_embeddings=untie_embeddings, seed=seed, progress=progress)
 
 
-def _verify_runtime(artifact: Path, adapter: AdapterLike | None, base: str | Path | None, runtime: str,
+def _verify_runtime(artifact: Path, adapter: AdapterLike | Sequence[AdapterLike] | None,
+                    weights: Sequence[float] | None, base: str | Path | None, runtime: str,
                     prompts: str | Path | None, max_new_tokens: int | None, use: str | None,
                     base_gguf: str | Path | None, record: bool, seed: int, load_options: dict[str, Any]) -> Report:
     from .checks.runtime.check import verify_runtime
@@ -141,7 +149,7 @@ def _verify_runtime(artifact: Path, adapter: AdapterLike | None, base: str | Pat
         from .publish.runtime_record import record_file
 
         target = record_file(artifact)
-    loaded = _load(adapter, load_options)
+    loaded = load_weighted(_sources(adapter), weights, load_options)
     with offline():
         report = verify_runtime(artifact, loaded, Path(base), runtime,
                                 prompts_file=Path(prompts) if prompts is not None else None,

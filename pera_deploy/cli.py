@@ -583,8 +583,11 @@ def _merge_timed(adapters: list[Path], base: Path, dry_run: bool, load: dict[str
 
 @main.command()
 @click.argument("merged", type=click.Path(path_type=Path))
-@click.option("--adapter", "adapter", type=click.Path(path_type=Path), default=None,
-              help="The adapter that was merged (not for a bundle).")
+@click.option("--adapter", "adapter", type=click.Path(path_type=Path), multiple=True,
+              help="The adapter that was merged (not for a bundle); repeated for a merge of several, checked as "
+              "their weighted sum.")
+@click.option("--weights", default=None, metavar="W1,W2,...",
+              help="With several --adapter: the weights they were merged with (merge --weights; default all 1).")
 @click.option("--base", "base", type=click.Path(path_type=Path), default=None,
               help="The base model it was merged into (not for a bundle).")
 @adapter_options
@@ -609,7 +612,8 @@ def _merge_timed(adapters: list[Path], base: Path, dry_run: bool, load: dict[str
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
 @json_option
 @debug_option
-def verify(merged: Path, adapter: Path | None, base: Path | None, format_: str | None, adapter_name: str | None,
+def verify(merged: Path, adapter: tuple[Path, ...], weights: str | None, base: Path | None, format_: str | None,
+           adapter_name: str | None,
            missing_coefficients: str | None, config: Path | None, forward: bool, seed: int, runtime: str | None,
            prompts: Path | None, max_new_tokens: int | None, use: str | None, base_gguf: Path | None, record: bool,
            progress: bool | None) -> None:
@@ -641,6 +645,8 @@ def verify(merged: Path, adapter: Path | None, base: Path | None, format_: str |
     \b
     Examples:
       pera-deploy verify merged --adapter fixtures/examples/llama-pera --base fixtures/examples/llama-base
+      pera-deploy verify merged-sum --adapter fixtures/examples/llama-pera --adapter fixtures/examples/llama-pera-2 \
+          --weights 0.7,0.3 --base fixtures/examples/llama-base
       pera-deploy verify bundle
       pera-deploy verify onnx --runtime ort-genai --adapter ADAPTER --base BASE
     """
@@ -664,7 +670,8 @@ def verify(merged: Path, adapter: Path | None, base: Path | None, format_: str |
             lines.append(f"forward: {'ok' if fwd.passed else 'FAILED'} — {forward_line(fwd)}")
         return "\n".join(lines)
 
-    _run(lambda: run_verify(merged, adapter, base, forward=forward, seed=seed, progress=progress, runtime=runtime,
+    _run(lambda: run_verify(merged, list(adapter) or None, base, weights=parse_weights(weights), forward=forward,
+                            seed=seed, progress=progress, runtime=runtime,
                             prompts=prompts, max_new_tokens=max_new_tokens, use=use, base_gguf=base_gguf,
                             record=record, **_load_options(format_, adapter_name, missing_coefficients, config)),
          render)

@@ -765,3 +765,26 @@ def test_bundle_adapter_through_peft_with_use_and_record(cli, tmp_path):
     assert json.loads((bundle / "bundle.json").read_text())["runtime_checks"]["transformers:pera"] == check
     assert cli("verify", bundle).exit_code == 0  # the bundle's own check still reads its bundle.json
     failed(verify(cli, bundle, "transformers", SMALL_PERA, SMALL_BASE, "--use", "second", "--max-new-tokens", "6"))
+
+
+# -- a merge of several adapters --------------------------------------------------------------------------
+
+
+def test_a_weighted_merge_is_verified_against_the_same_weighted_sum(cli, fx, tmp_path):
+    """`merge A B --weights 0.7,0.3` is checked with the same adapters and weights: its weights
+    pass; the weights swapped fail (exit 1); a weight count that does not match is bad input.
+    Where torch is, --runtime transformers runs it against base + the weighted PERA branch."""
+    merged = tmp_path / "merged"
+    a, b, base = fx["llama-pera"], fx["llama-pera-2"], fx["llama-base"]
+    cli.json("merge", a, b, base, "-o", merged, "--weights", "0.7,0.3")
+    line = ["verify", merged, "--adapter", a, "--adapter", b, "--base", base, "--no-forward"]
+    data = cli.json(*line, "--weights", "0.7,0.3")
+    assert data["checks"]["weights"]["passed"]
+    swapped = cli(*line, "--weights", "0.3,0.7", "--json")
+    assert swapped.exit_code == 1 and json.loads(swapped.stdout)["error"]["kind"] == "check_failed"
+    refused(cli(*line, "--weights", "0.7"), "--weights", "1 weight(s) for 2 adapter(s)")
+    if not installed("torch") or not installed("transformers"):
+        return
+    check = passed(verify(cli, merged, "transformers", a, base, "--adapter", b, "--weights", "0.7,0.3"))
+    assert check["dtype"] == "BF16" and check["max_rel_diff"] < check["tolerance"]
+    failed(verify(cli, merged, "transformers", a, base, "--adapter", b, "--weights", "0.3,0.7"), "transformers: prompt")
