@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
-from tqdm import tqdm
 
 from ..core.adapter import LayerUpdate
 from ..core.dtypes import NUMPY, TORCH_NAMES, carrier, itemsize
@@ -215,6 +214,29 @@ def _produce(plan: MergePlan, t: TensorPlan) -> np.ndarray:
     return convert(plan.adapter.extra_tensors[t.needs(t.extra, "extra")], t.dtype)  # replace / add
 
 
+class _NoBar:
+    """A progress bar that shows nothing."""
+
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _bar(total: int, progress: bool | None) -> Any:
+    """The merge's byte bar on stderr: with progress None, tqdm's own choice (a bar on a
+    terminal, silence in a pipe), decided here so that a merge in a pipe does not import tqdm
+    (60 ms, most of a small merge's import time: it reads its version from package metadata)."""
+    import sys
+
+    if progress is False or (progress is None and not sys.stderr.isatty()):
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, desc="merge", disable=None if progress is None else not progress)
+
+
 def execute_plan(plan: MergePlan, folder: Path, metadata: dict[str, str], progress: bool | None = None,
                  on_written: Callable[[TensorEntry], None] | None = None, workers: Workers | None = None) -> None:
     """Write every shard of the plan into `folder`.
@@ -233,9 +255,7 @@ def execute_plan(plan: MergePlan, folder: Path, metadata: dict[str, str], progre
         notify(method(*args))
 
     checkpoint = plan.checkpoint
-    # progress=None: tqdm's own choice, a bar on a terminal and silence in a pipe
-    bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="merge",
-               disable=None if progress is None else not progress)
+    bar = _bar(plan.total_bytes, progress)
     # The publication must fsync every file. That is done in a thread of its own while the
     # merge goes on: what is written is synced every SYNC_EVERY bytes, one sync at a time
     # (otherwise the kernel holds gigabytes of dirty pages and the disk idles until the
