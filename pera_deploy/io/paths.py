@@ -70,7 +70,19 @@ def require_folder(path: Path, what: str) -> Path:
         return path
     if kind == "missing":
         raise InputError(f"{path}: {what} not found")
-    raise InputError(f"{path}: is {kind}, expected a {what}")
+    raise InputError(f"{path}: is {kind}, not a folder; expected a {what}{parent_hint(path)}")
+
+
+def parent_hint(path: Path) -> str:
+    """", give its folder PARENT" when `path` is a file of a model or adapter folder (its
+    config.json, a shard, adapter_config.json): the folder is what was meant; "" otherwise."""
+    parent = path.parent
+    if kind_of(path) == "a file" and any((parent / name).is_file() for name in FOLDER_MARKERS):
+        return f" (give the folder it lies in: {parent})"
+    return ""
+
+
+FOLDER_MARKERS = ("config.json", "adapter_config.json")  # what makes a model or an adapter folder one
 
 
 def require_readable_file(path: Path) -> None:
