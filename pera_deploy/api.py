@@ -8,17 +8,18 @@ when a check fails and `EnvironmentFailure` when writing fails; nothing is left 
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar, cast
 
+from . import formats
 from .checks.base import Report
 from .core.adapter import PeraAdapter
 from .driver import digests_scope, drive
-from .errors import InputError
+from .errors import InputError, PeraDeployError, speak_python
 from .export.contract import load
 from .extras import require
-from .formats import load_adapter
 from .io.digests import Digests
 from .options import jobs as option_jobs
 from .options import (
@@ -28,6 +29,24 @@ from .options import seed as option_seed
 from .scoped import offline
 
 AdapterLike = str | Path | PeraAdapter
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _speaks_python(function: F) -> F:
+    """A public API function whose errors name its parameters, not the CLI's options: "pass
+    force=True", not "pass --force" (errors.speak_python; the CLI prints its own wording)."""
+    @functools.wraps(function)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except PeraDeployError as exc:
+            speak_python(exc)
+            raise
+
+    return cast(F, call)
+
+
+load_adapter = _speaks_python(formats.load_adapter)
 
 __all__ = ["load_adapter", "inspect_adapter", "merge", "verify", "export_lora", "keep_branch", "unmerge",
            "export_onnx", "extract", "combine", "bundle", "load_bundle", "export_gguf", "reproduce"]
@@ -42,6 +61,7 @@ def _sources(adapter: AdapterLike | Sequence[AdapterLike]) -> list[AdapterLike]:
     return list(adapter)
 
 
+@_speaks_python
 def inspect_adapter(adapter: AdapterLike, **load_options: Any) -> dict[str, Any]:
     """What an adapter is: format, ranks, R', scaling, layout, modules, size, per-layer ‖ΔW‖.
 
@@ -55,6 +75,7 @@ def inspect_adapter(adapter: AdapterLike, **load_options: Any) -> dict[str, Any]
         return loaded.describe()
 
 
+@_speaks_python
 def merge(adapter: AdapterLike | Sequence[AdapterLike], base: str | Path, output: str | Path, *,
           weights: Sequence[float] | None = None, dtype: str = "auto", precision: str | None = None,
           max_shard_size: str | int | None = None, untie_embeddings: bool = False, check_forward_pass: bool = False,
@@ -82,6 +103,7 @@ def merge(adapter: AdapterLike | Sequence[AdapterLike], base: str | Path, output
                  jobs=threads)
 
 
+@_speaks_python
 def verify(merged: str | Path, adapter: AdapterLike | None = None, base: str | Path | None = None, *,
            forward: bool = True, precision: str | None = None, untie_embeddings: bool | None = None, seed: int = 0,
            progress: bool | None = None, runtime: str | None = None, prompts: str | Path | None = None,
@@ -202,6 +224,7 @@ def _verify_bundle(folder: Path, seed: int, load_options: dict[str, Any], forwar
     return report
 
 
+@_speaks_python
 def bundle(base: str | Path, output: str | Path, adapters: dict[str, AdapterLike], *, base_files: str = "copy",
            onnx: bool = False, task: str | None = None, opset: int | None = None, genai: bool | None = None,
            force: bool = False, dry_run: bool = False, progress: bool | None = None, digests: Digests | None = None,
@@ -219,6 +242,7 @@ def bundle(base: str | Path, output: str | Path, adapters: dict[str, AdapterLike
         return drive("bundle", bundle, opts, force=force, dry_run=dry_run, progress=progress, digests=digests)
 
 
+@_speaks_python
 def load_bundle(folder: str | Path) -> Any:
     """A bundle's base model with every adapter loaded into PEFT under its own name (needs peft)."""
     from .export.bundle import load_bundle as load
@@ -227,6 +251,7 @@ def load_bundle(folder: str | Path) -> Any:
         return load(Path(folder))
 
 
+@_speaks_python
 def export_lora(adapter: AdapterLike, output: str | Path, *, rank: int | None = None, tol: float | None = None,
                 max_rank: int | None = None, pad: bool = True, dtype: str = "float32", base: str | Path | None = None,
                 force: bool = False, dry_run: bool = False, progress: bool | None = None,
@@ -246,6 +271,7 @@ def export_lora(adapter: AdapterLike, output: str | Path, *, rank: int | None = 
     return drive("export-lora", export_lora, opts, force=force, dry_run=dry_run, progress=progress, digests=digests)
 
 
+@_speaks_python
 def keep_branch(adapter: AdapterLike, base: str | Path, output: str | Path, *, base_files: str = "copy",
                 dtype: str = "float32", force: bool = False, dry_run: bool = False, progress: bool | None = None,
                 digests: Digests | None = None, **load_options: Any) -> Any:
@@ -260,6 +286,7 @@ def keep_branch(adapter: AdapterLike, base: str | Path, output: str | Path, *, b
                  digests=digests)
 
 
+@_speaks_python
 def unmerge(merged: str | Path, adapter: AdapterLike, output: str | Path, *, check_against: str | Path | None = None,
             precision: str | None = None, full_check: bool = False, force: bool = False, dry_run: bool = False,
             progress: bool | None = None, digests: Digests | None = None, jobs: int | None = None,
@@ -283,6 +310,7 @@ def unmerge(merged: str | Path, adapter: AdapterLike, output: str | Path, *, che
                  jobs=threads)
 
 
+@_speaks_python
 def export_onnx(model: str | Path, output: str | Path, *, adapters: dict[str, AdapterLike] | None = None,
                 branch: bool = False, task: str | None = None, opset: int | None = None, dtype: str = "float32",
                 genai: bool | None = None, force: bool = False, dry_run: bool = False, progress: bool | None = None,
@@ -313,6 +341,7 @@ def export_onnx(model: str | Path, output: str | Path, *, adapters: dict[str, Ad
                      dry_run=dry_run, progress=progress, digests=digests)
 
 
+@_speaks_python
 def extract(checkpoint: AdapterLike, output: str | Path, *, base: str | Path | None = None, force: bool = False,
             dry_run: bool = False, progress: bool | None = None, digests: Digests | None = None,
             **load_options: Any) -> Any:
@@ -327,6 +356,7 @@ def extract(checkpoint: AdapterLike, output: str | Path, *, base: str | Path | N
     return drive("extract", extract, opts, force=force, dry_run=dry_run, progress=progress, digests=digests)
 
 
+@_speaks_python
 def combine(adapters: Sequence[AdapterLike], output: str | Path, *, weights: Sequence[float] | None = None,
             rank: int | None = None, tol: float | None = None, max_rank: int | None = None, pad: bool = True,
             dtype: str = "float32", base: str | Path | None = None, force: bool = False, dry_run: bool = False,
@@ -345,6 +375,7 @@ def combine(adapters: Sequence[AdapterLike], output: str | Path, *, weights: Seq
     return drive("combine", combine, opts, force=force, dry_run=dry_run, progress=progress, digests=digests)
 
 
+@_speaks_python
 def export_gguf(adapter: AdapterLike, output: str | Path, *, base: str | Path, rank: int | None = None,
                 tol: float | None = None, max_rank: int | None = None, pad: bool = True, dtype: str = "float32",
                 force: bool = False, dry_run: bool = False, progress: bool | None = None,
@@ -365,6 +396,7 @@ def export_gguf(adapter: AdapterLike, output: str | Path, *, base: str | Path, r
     return drive("export-gguf", export_gguf, opts, force=force, dry_run=dry_run, progress=progress, digests=digests)
 
 
+@_speaks_python
 def reproduce(output: str | Path, *, adapters: Sequence[str | Path] = (), base: str | Path | None = None,
               check_against: str | Path | None = None, config: str | Path | None = None) -> Report:
     """Re-derive `output` (a folder or GGUF pera-deploy wrote) from what its manifest records,

@@ -304,8 +304,8 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
-        except PeraDeployError as exc:
-            _fail(ctx, exc, exc.exit_code, exc.kind, str(exc))
+        except PeraDeployError as exc:  # in the CLI's words, which the API rewords for Python callers
+            _fail(ctx, exc, exc.exit_code, exc.kind, exc.cli_message or str(exc))
         except OSError as exc:
             error = classify_os_error(exc)
             _fail(ctx, exc, error.exit_code, error.kind, str(error))
