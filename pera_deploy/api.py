@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence, TypeVar, cast
 from . import formats
 from .checks.base import Report
 from .core.adapter import PeraAdapter
-from .driver import digests_scope, drive
+from .driver import digests_scope, drive, swapped_arguments
 from .errors import InputError, PeraDeployError, speak_python
 from .export.contract import load
 from .extras import require
@@ -51,8 +51,14 @@ load_adapter = _speaks_python(formats.load_adapter)
 __all__ = ["load_adapter", "inspect_adapter", "merge", "verify", "export_lora", "keep_branch", "unmerge",
            "export_onnx", "extract", "combine", "bundle", "load_bundle", "export_gguf", "reproduce"]
 
-def _load(adapter: AdapterLike, load_options: dict[str, Any]) -> PeraAdapter:
-    return load(adapter, load_options)
+def _load(adapter: AdapterLike, load_options: dict[str, Any], command: str = "inspect",
+          models: dict[str, Any] | None = None) -> PeraAdapter:
+    """The adapter, read; a model folder given in its place (and an adapter among `models`,
+    the paths given as model folders) is said to be one (driver.swapped_arguments)."""
+    try:
+        return load(adapter, load_options)
+    except InputError as exc:
+        raise swapped_arguments(command, [adapter], models or {}, exc) or exc from None
 
 
 def _sources(adapter: AdapterLike | Sequence[AdapterLike]) -> list[AdapterLike]:
@@ -145,7 +151,7 @@ def verify(merged: str | Path, adapter: AdapterLike | None = None, base: str | P
                 "pass --no-forward to check the weights alone")
     from .checks.verify import verify_merged
 
-    loaded = _load(adapter, load_options)
+    loaded = _load(adapter, load_options, "verify", {"merged": merged, "base": base})
     with offline():
         return verify_merged(merged, loaded, Path(base), forward=forward,
                              untie_embeddings=untie_embeddings, seed=seed, progress=progress)
@@ -165,7 +171,7 @@ def _verify_runtime(artifact: Path, adapter: AdapterLike | None, base: str | Pat
         from .publish.runtime_record import record_file
 
         target = record_file(artifact)
-    loaded = _load(adapter, load_options)
+    loaded = _load(adapter, load_options, "verify", {"merged": artifact, "base": base})
     with offline():
         report = verify_runtime(artifact, loaded, Path(base), runtime,
                                 prompts_file=Path(prompts) if prompts is not None else None,

@@ -271,3 +271,48 @@ def protected_roots(roots: tuple[Path, ...]) -> tuple[Path, ...]:
     a Hub cache `blobs/` the whole repository (its snapshots and refs too)."""
     return tuple(root.parent if root.name == "blobs" and root.parent.name.startswith("models--") else root
                  for root in roots)
+
+
+# What a path a user gave looks like, model folder or adapter, for the message that says two
+# arguments are swapped (issue 24: `merge BASE ADAPTER` said only "found 21 tensors, none of
+# them PERA factors"). Only asked once reading the path as what it was given as has failed,
+# so a folder that looks like both is never refused on looks alone.
+CONFIG, ADAPTER_CONFIG = "config.json", "adapter_config.json"
+WEIGHTS = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def _small_json(path: Path) -> dict | None:
+    """The JSON object in `path`, or None: anything unreadable, large or not an object."""
+    try:
+        if not path.is_file() or path.stat().st_size > MAX_RECORD_BYTES:
+            return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def looks_like_model_folder(path: Path) -> str | None:
+    """How `path` looks like a Hugging Face model folder (a config.json naming a model_type or
+    an architecture, and weight files, and no adapter_config.json), in words; None if it does not."""
+    try:
+        if not path.is_dir() or (path / ADAPTER_CONFIG).exists():
+            return None
+        weights = [p.name for p in path.iterdir() if p.name.endswith(WEIGHTS)]
+    except OSError:
+        return None
+    config = _small_json(path / CONFIG)
+    if config is None or not weights or not (config.get("model_type") or config.get("architectures")):
+        return None
+    kind = config.get("model_type") or config["architectures"][0]
+    return f"a {CONFIG} of a {kind} model, {len(weights)} weight file(s)"
+
+
+def looks_like_adapter(path: Path) -> str | None:
+    """How `path` looks like an adapter (a folder with an adapter_config.json, or such a
+    folder's weights file), in words; None if it does not."""
+    folder = path if path.is_dir() else path.parent
+    config = _small_json(folder / ADAPTER_CONFIG)
+    if config is None:
+        return None
+    return f"it holds an {ADAPTER_CONFIG}"
