@@ -71,14 +71,29 @@ def _sources(adapter: AdapterLike | Sequence[AdapterLike]) -> list[AdapterLike]:
 def inspect_adapter(adapter: AdapterLike, **load_options: Any) -> dict[str, Any]:
     """What an adapter is: format, ranks, R', scaling, layout, modules, size, per-layer ‖ΔW‖.
 
+    An output of pera-deploy that is no adapter (a merged folder, a bundle, an ONNX export:
+    its pera_deploy_manifest.json says so) is described from its manifest instead
+    (`publish.manifest.describe_output`: the command, its inputs, options and checks); an
+    adapter pera-deploy wrote (extract, export-lora, combine) gets that description as `made_by`.
+
     Loaded as every other command loads it (torch is never imported); each ‖ΔW‖ comes from two
     QRs of tall, narrow factors, which run on one BLAS thread (`lowrank.one_blas_thread`).
     """
     from .core.lowrank import one_blas_thread
+    from .publish.manifest import ADAPTER_OUTPUTS, describe_output
 
-    loaded = _load(adapter, load_options)
+    made = describe_output(Path(adapter)) if isinstance(adapter, (str, Path)) else None
+    try:
+        loaded = _load(adapter, load_options)
+    except InputError:
+        if made is not None and made["command"] not in ADAPTER_OUTPUTS:
+            return made  # a merged folder, a bundle, ...: what its manifest says it is
+        raise
     with one_blas_thread():
-        return loaded.describe()
+        info = loaded.describe()
+    if made is not None:
+        info["made_by"] = made
+    return info
 
 
 @_speaks_python

@@ -414,6 +414,8 @@ def inspect(adapter: Path, format_: str | None, adapter_name: str | None, missin
     """Describe a PERA adapter: format, r, R', scaling, coefficient layout, modules, size and ‖ΔW‖ per layer.
 
     ADAPTER is a folder or a file (with --config when it comes without its adapter_config.json).
+    An output of pera-deploy that is no adapter (a merged folder, a bundle, an ONNX export) is
+    described from its pera_deploy_manifest.json: the command, its inputs, options and checks.
 
     \b
     Example:
@@ -422,6 +424,8 @@ def inspect(adapter: Path, format_: str | None, adapter_name: str | None, missin
     from .api import inspect_adapter
 
     def render(info: dict[str, Any]) -> str:
+        if "layers" not in info:  # an output of pera-deploy that is no adapter: its manifest
+            return "\n".join(_output_lines(info))
         lines = [
             f"adapter      {info['path']}" + (f" (adapter {info['adapter_name']!r})" if info["adapter_name"] else ""),
             f"format       {info['format']}"
@@ -436,6 +440,11 @@ def inspect(adapter: Path, format_: str | None, adapter_name: str | None, missin
         if info["extra_tensors"]:
             lines.append(f"full tensors {_fmt_list(info['extra_tensors'])}")
         lines += [f"note         {n}" for n in info["notes"]]
+        if info.get("made_by"):
+            made = info["made_by"]
+            lines.append(f"made by      pera-deploy {made['pera_deploy_version']} {made['command']} "
+                         f"({made['manifest']})")
+            lines += [f"  {line}" for line in _output_lines(made)[2:-1]]
         source = info.get("source") or {}
         if source:
             lines.append(f"container    {source.get('container')}")
@@ -462,6 +471,33 @@ def inspect(adapter: Path, format_: str | None, adapter_name: str | None, missin
 
     _run(lambda: inspect_adapter(adapter, **_load_options(format_, adapter_name, missing_coefficients, config)),
          render, to_dict=dict)
+
+
+def _output_lines(made: dict[str, Any]) -> list[str]:
+    """An output of pera-deploy as its manifest describes it (publish.manifest.describe_output)."""
+    def record(value: Any) -> str:
+        if isinstance(value, list):
+            return "; ".join(record(v) for v in value)
+        if not isinstance(value, dict) or not ("source" in value or "sha256" in value):
+            return "; ".join(f"{name}: {record(v)}" for name, v in value.items()) if isinstance(value, dict) \
+                else str(value)
+        facts = [value["format"]] if value.get("format") else []
+        facts += [f"r {_fmt_list(value['r'])}"] if value.get("r") else []
+        facts += [f"{value['modules']} modules"] if value.get("modules") else []
+        facts += [f"weight {value['weight']:g}"] if value.get("weight") is not None else []
+        facts += [f"sha256 {value['sha256'][:12]}…"] if value.get("sha256") else []
+        return f"{value.get('source', '?')} ({', '.join(facts)})"
+
+    lines = [f"output       {made['path']}: {made['what']}",
+             f"made by      pera-deploy {made['pera_deploy_version']} {made['command']}"]
+    lines += [f"{name:<12} {record(value)}" for name, value in made["inputs"].items()]
+    options = ", ".join(f"{k}={v}" for k, v in made["options"].items())
+    lines.append(f"options      {options or 'the defaults'}")
+    checks = ", ".join(f"{kind}: {'passed' if ok else 'FAILED' if ok is False else '?'}"
+                       for kind, ok in made["checks"].items())
+    lines.append(f"checks       {checks or 'none recorded'}")
+    lines.append(f"manifest     {made['manifest']}")
+    return lines
 
 
 @main.command()
