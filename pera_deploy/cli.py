@@ -685,9 +685,10 @@ def verify(merged: Path, adapter: Path | None, base: Path | None, format_: str |
 
         if report.check("runtime") is not None:
             return _runtime_lines(report.check("runtime"), report.manifest.get("recorded_in"))
-        if report.check("bundle base") is not None:
+        if report.check("bundle base") is not None:  # a failed check says what failed
             return "\n".join(
-                f"{c.kind}: {'ok' if c.passed else 'FAILED'}" + (
+                f"{c.kind}: FAILED — {c.failure()}" if not c.passed else
+                f"{c.kind}: ok" + (
                     f" — source unchanged: {c.source_unchanged}; base + LoRA vs base + PERA: " + (
                         f"max rel diff {c.max_rel_diff:.2g} (tolerance {c.tolerance:.0e})" if c.forward else
                         "not run (--no-forward)") if hasattr(c, "source") else "")

@@ -190,6 +190,19 @@ def test_a_failed_verify_names_every_kind_of_problem(cli, fx, tmp_path):
                     "100% of their rows recomputed; 6 untouched tensors identical)"), line
 
 
+def test_a_failed_bundle_verify_states_what_failed(cli, fx, tmp_path):
+    """A bundle whose adapter source changed: its line says so, not "source unchanged: False; ..."."""
+    source = shutil.copytree(fx["llama-pera"], tmp_path / "pera")
+    bundle = tmp_path / "bundle"
+    assert cli("bundle", fx["llama-base"], "-o", bundle, "--adapter", f"one={source}").exit_code == 0
+    config = source / "adapter_config.json"
+    config.write_text(config.read_text() + "\n")
+    result = cli("verify", bundle, "--no-forward")
+    assert result.exit_code == 1
+    assert f"bundle[one]: FAILED — bundle adapter one: its source {source} has changed since the bundle was made " \
+           "(sha256)" in result.stdout.splitlines(), result.stdout
+
+
 def test_failed_check_exits_1_and_writes_nothing(cli, fx, tmp_path, monkeypatch):
     """A merge whose result does not match (simulated: ΔW dropped) is caught and not published."""
     import pera_deploy.merging.execute as merge_module
