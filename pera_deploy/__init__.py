@@ -19,7 +19,7 @@ _EXPORTS = {
     "PeraAdapter": "core.adapter",
     "PeraLayer": "core.adapter",
     "Report": "checks.base",
-    "load_adapter": "formats",
+    "load_adapter": "api",
     "FORMATS": "formats",
     "inspect_adapter": "api",
     "merge": "api",

@@ -8,17 +8,18 @@ when a check fails and `EnvironmentFailure` when writing fails; nothing is left 
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar, cast
 
+from . import formats
 from .checks.base import Report
 from .core.adapter import PeraAdapter
-from .driver import digests_scope, drive
-from .errors import InputError
+from .driver import digests_scope, drive, swapped_arguments
+from .errors import InputError, PeraDeployError, speak_python
 from .export.contract import load, load_weighted
 from .extras import require
-from .formats import load_adapter
 from .io.digests import Digests
 from .options import jobs as option_jobs
 from .options import no_precision
@@ -26,12 +27,47 @@ from .options import seed as option_seed
 from .scoped import offline
 
 AdapterLike = str | Path | PeraAdapter
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _speaks_python(function: F) -> F:
+    """A public API function whose errors name its parameters, not the CLI's options: "pass
+    force=True", not "pass --force" (errors.speak_python; the CLI prints its own wording)."""
+    @functools.wraps(function)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except PeraDeployError as exc:
+            speak_python(exc)
+            raise
+
+    return cast(F, call)
+
+
+load_adapter = _speaks_python(formats.load_adapter)
 
 __all__ = ["load_adapter", "inspect_adapter", "merge", "verify", "export_lora", "keep_branch", "unmerge",
            "export_onnx", "extract", "combine", "bundle", "load_bundle", "export_gguf", "reproduce"]
 
-def _load(adapter: AdapterLike, load_options: dict[str, Any]) -> PeraAdapter:
-    return load(adapter, load_options)
+def _load(adapter: AdapterLike, load_options: dict[str, Any], command: str = "inspect",
+          models: dict[str, Any] | None = None) -> PeraAdapter:
+    """The adapter, read; a model folder given in its place (and an adapter among `models`,
+    the paths given as model folders) is said to be one (driver.swapped_arguments)."""
+    try:
+        return load(adapter, load_options)
+    except InputError as exc:
+        raise swapped_arguments(command, [adapter], models or {}, exc) or exc from None
+
+
+def _load_weighted(adapter: AdapterLike | Sequence[AdapterLike], weights: Sequence[float] | None,
+                   load_options: dict[str, Any], command: str, models: dict[str, Any]) -> PeraAdapter:
+    """One adapter, or several as their weighted sum (export.contract.load_weighted), with a
+    model folder given in an adapter's place said to be one, as `_load` does."""
+    sources = _sources(adapter)
+    try:
+        return load_weighted(sources, weights, load_options)
+    except InputError as exc:
+        raise swapped_arguments(command, sources, models, exc) or exc from None
 
 
 def _sources(adapter: AdapterLike | Sequence[AdapterLike]) -> list[AdapterLike]:
@@ -40,19 +76,36 @@ def _sources(adapter: AdapterLike | Sequence[AdapterLike]) -> list[AdapterLike]:
     return list(adapter)
 
 
+@_speaks_python
 def inspect_adapter(adapter: AdapterLike, **load_options: Any) -> dict[str, Any]:
     """What an adapter is: format, ranks, R', scaling, layout, modules, size, per-layer ‖ΔW‖.
+
+    An output of pera-deploy that is no adapter (a merged folder, a bundle, an ONNX export:
+    its pera_deploy_manifest.json says so) is described from its manifest instead
+    (`publish.manifest.describe_output`: the command, its inputs, options and checks); an
+    adapter pera-deploy wrote (extract, export-lora, combine) gets that description as `made_by`.
 
     Loaded as every other command loads it (torch is never imported); each ‖ΔW‖ comes from two
     QRs of tall, narrow factors, which run on one BLAS thread (`lowrank.one_blas_thread`).
     """
     from .core.lowrank import one_blas_thread
+    from .publish.manifest import ADAPTER_OUTPUTS, describe_output
 
-    loaded = _load(adapter, load_options)
+    made = describe_output(Path(adapter)) if isinstance(adapter, (str, Path)) else None
+    try:
+        loaded = _load(adapter, load_options)
+    except InputError:
+        if made is not None and made["command"] not in ADAPTER_OUTPUTS:
+            return made  # a merged folder, a bundle, ...: what its manifest says it is
+        raise
     with one_blas_thread():
-        return loaded.describe()
+        info = loaded.describe()
+    if made is not None:
+        info["made_by"] = made
+    return info
 
 
+@_speaks_python
 def merge(adapter: AdapterLike | Sequence[AdapterLike], base: str | Path, output: str | Path, *,
           weights: Sequence[float] | None = None, dtype: str = "auto", precision: str | None = None,
           max_shard_size: str | int | None = None, untie_embeddings: bool = False, check_forward_pass: bool = False,
@@ -80,6 +133,7 @@ def merge(adapter: AdapterLike | Sequence[AdapterLike], base: str | Path, output
                  jobs=threads)
 
 
+@_speaks_python
 def verify(merged: str | Path, adapter: AdapterLike | Sequence[AdapterLike] | None = None,
            base: str | Path | None = None, *, weights: Sequence[float] | None = None, forward: bool = True,
            precision: str | None = None, untie_embeddings: bool | None = None, seed: int = 0,
@@ -128,7 +182,7 @@ def verify(merged: str | Path, adapter: AdapterLike | Sequence[AdapterLike] | No
                 "pass --no-forward to check the weights alone")
     from .checks.verify import verify_merged
 
-    loaded = load_weighted(_sources(adapter), weights, load_options)
+    loaded = _load_weighted(adapter, weights, load_options, "verify", {"merged": merged, "base": base})
     with offline():
         return verify_merged(merged, loaded, Path(base), forward=forward,
                              untie_embeddings=untie_embeddings, seed=seed, progress=progress)
@@ -149,7 +203,7 @@ def _verify_runtime(artifact: Path, adapter: AdapterLike | Sequence[AdapterLike]
         from .publish.runtime_record import record_file
 
         target = record_file(artifact)
-    loaded = load_weighted(_sources(adapter), weights, load_options)
+    loaded = _load_weighted(adapter, weights, load_options, "verify", {"merged": artifact, "base": base})
     with offline():
         report = verify_runtime(artifact, loaded, Path(base), runtime,
                                 prompts_file=Path(prompts) if prompts is not None else None,
@@ -208,6 +262,7 @@ def _verify_bundle(folder: Path, seed: int, load_options: dict[str, Any], forwar
     return report
 
 
+@_speaks_python
 def bundle(base: str | Path, output: str | Path, adapters: dict[str, AdapterLike], *, base_files: str = "copy",
            onnx: bool = False, task: str | None = None, opset: int | None = None, genai: bool | None = None,
            force: bool = False, dry_run: bool = False, progress: bool | None = None, digests: Digests | None = None,
@@ -225,6 +280,7 @@ def bundle(base: str | Path, output: str | Path, adapters: dict[str, AdapterLike
         return drive("bundle", bundle, opts, force=force, dry_run=dry_run, progress=progress, digests=digests)
 
 
+@_speaks_python
 def load_bundle(folder: str | Path) -> Any:
     """A bundle's base model with every adapter loaded into PEFT under its own name (needs peft)."""
     from .export.bundle import load_bundle as load
@@ -233,6 +289,7 @@ def load_bundle(folder: str | Path) -> Any:
         return load(Path(folder))
 
 
+@_speaks_python
 def export_lora(adapter: AdapterLike, output: str | Path, *, rank: int | None = None, tol: float | None = None,
                 max_rank: int | None = None, pad: bool = True, dtype: str = "float32", base: str | Path | None = None,
                 force: bool = False, dry_run: bool = False, progress: bool | None = None,
@@ -252,6 +309,7 @@ def export_lora(adapter: AdapterLike, output: str | Path, *, rank: int | None = 
     return drive("export-lora", export_lora, opts, force=force, dry_run=dry_run, progress=progress, digests=digests)
 
 
+@_speaks_python
 def keep_branch(adapter: AdapterLike, base: str | Path, output: str | Path, *, base_files: str = "copy",
                 dtype: str = "float32", force: bool = False, dry_run: bool = False, progress: bool | None = None,
                 digests: Digests | None = None, **load_options: Any) -> Any:
@@ -266,6 +324,7 @@ def keep_branch(adapter: AdapterLike, base: str | Path, output: str | Path, *, b
                  digests=digests)
 
 
+@_speaks_python
 def unmerge(merged: str | Path, adapter: AdapterLike, output: str | Path, *, check_against: str | Path | None = None,
             precision: str | None = None, full_check: bool = False, force: bool = False, dry_run: bool = False,
             progress: bool | None = None, digests: Digests | None = None, jobs: int | None = None,
@@ -289,6 +348,7 @@ def unmerge(merged: str | Path, adapter: AdapterLike, output: str | Path, *, che
                  jobs=threads)
 
 
+@_speaks_python
 def export_onnx(model: str | Path, output: str | Path, *, adapters: dict[str, AdapterLike] | None = None,
                 branch: bool = False, task: str | None = None, opset: int | None = None, dtype: str = "float32",
                 genai: bool | None = None, force: bool = False, dry_run: bool = False, progress: bool | None = None,
@@ -319,6 +379,7 @@ def export_onnx(model: str | Path, output: str | Path, *, adapters: dict[str, Ad
                      dry_run=dry_run, progress=progress, digests=digests)
 
 
+@_speaks_python
 def extract(checkpoint: AdapterLike, output: str | Path, *, base: str | Path | None = None, force: bool = False,
             dry_run: bool = False, progress: bool | None = None, digests: Digests | None = None,
             **load_options: Any) -> Any:
@@ -333,6 +394,7 @@ def extract(checkpoint: AdapterLike, output: str | Path, *, base: str | Path | N
     return drive("extract", extract, opts, force=force, dry_run=dry_run, progress=progress, digests=digests)
 
 
+@_speaks_python
 def combine(adapters: Sequence[AdapterLike], output: str | Path, *, weights: Sequence[float] | None = None,
             rank: int | None = None, tol: float | None = None, max_rank: int | None = None, pad: bool = True,
             dtype: str = "float32", base: str | Path | None = None, force: bool = False, dry_run: bool = False,
@@ -351,6 +413,7 @@ def combine(adapters: Sequence[AdapterLike], output: str | Path, *, weights: Seq
     return drive("combine", combine, opts, force=force, dry_run=dry_run, progress=progress, digests=digests)
 
 
+@_speaks_python
 def export_gguf(adapter: AdapterLike, output: str | Path, *, base: str | Path, rank: int | None = None,
                 tol: float | None = None, max_rank: int | None = None, pad: bool = True, dtype: str = "float32",
                 force: bool = False, dry_run: bool = False, progress: bool | None = None,
@@ -371,6 +434,7 @@ def export_gguf(adapter: AdapterLike, output: str | Path, *, base: str | Path, r
     return drive("export-gguf", export_gguf, opts, force=force, dry_run=dry_run, progress=progress, digests=digests)
 
 
+@_speaks_python
 def reproduce(output: str | Path, *, adapters: Sequence[str | Path] = (), base: str | Path | None = None,
               check_against: str | Path | None = None, config: str | Path | None = None) -> Report:
     """Re-derive `output` (a folder or GGUF pera-deploy wrote) from what its manifest records,

@@ -304,8 +304,8 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
-        except PeraDeployError as exc:
-            _fail(ctx, exc, exc.exit_code, exc.kind, str(exc))
+        except PeraDeployError as exc:  # in the CLI's words, which the API rewords for Python callers
+            _fail(ctx, exc, exc.exit_code, exc.kind, exc.cli_message or str(exc))
         except OSError as exc:
             error = classify_os_error(exc)
             _fail(ctx, exc, error.exit_code, error.kind, str(error))
@@ -416,6 +416,8 @@ def inspect(adapter: Path, format_: str | None, adapter_name: str | None, missin
     """Describe a PERA adapter: format, r, R', scaling, coefficient layout, modules, size and ‖ΔW‖ per layer.
 
     ADAPTER is a folder or a file (with --config when it comes without its adapter_config.json).
+    An output of pera-deploy that is no adapter (a merged folder, a bundle, an ONNX export) is
+    described from its pera_deploy_manifest.json: the command, its inputs, options and checks.
 
     \b
     Example:
@@ -424,6 +426,8 @@ def inspect(adapter: Path, format_: str | None, adapter_name: str | None, missin
     from .api import inspect_adapter
 
     def render(info: dict[str, Any]) -> str:
+        if "layers" not in info:  # an output of pera-deploy that is no adapter: its manifest
+            return "\n".join(_output_lines(info))
         lines = [
             f"adapter      {info['path']}" + (f" (adapter {info['adapter_name']!r})" if info["adapter_name"] else ""),
             f"format       {info['format']}"
@@ -438,6 +442,11 @@ def inspect(adapter: Path, format_: str | None, adapter_name: str | None, missin
         if info["extra_tensors"]:
             lines.append(f"full tensors {_fmt_list(info['extra_tensors'])}")
         lines += [f"note         {n}" for n in info["notes"]]
+        if info.get("made_by"):
+            made = info["made_by"]
+            lines.append(f"made by      pera-deploy {made['pera_deploy_version']} {made['command']} "
+                         f"({made['manifest']})")
+            lines += [f"  {line}" for line in _output_lines(made)[2:-1]]
         source = info.get("source") or {}
         if source:
             lines.append(f"container    {source.get('container')}")
@@ -464,6 +473,33 @@ def inspect(adapter: Path, format_: str | None, adapter_name: str | None, missin
 
     _run(lambda: inspect_adapter(adapter, **_load_options(format_, adapter_name, missing_coefficients, config)),
          render, to_dict=dict)
+
+
+def _output_lines(made: dict[str, Any]) -> list[str]:
+    """An output of pera-deploy as its manifest describes it (publish.manifest.describe_output)."""
+    def record(value: Any) -> str:
+        if isinstance(value, list):
+            return "; ".join(record(v) for v in value)
+        if not isinstance(value, dict) or not ("source" in value or "sha256" in value):
+            return "; ".join(f"{name}: {record(v)}" for name, v in value.items()) if isinstance(value, dict) \
+                else str(value)
+        facts = [value["format"]] if value.get("format") else []
+        facts += [f"r {_fmt_list(value['r'])}"] if value.get("r") else []
+        facts += [f"{value['modules']} modules"] if value.get("modules") else []
+        facts += [f"weight {value['weight']:g}"] if value.get("weight") is not None else []
+        facts += [f"sha256 {value['sha256'][:12]}…"] if value.get("sha256") else []
+        return f"{value.get('source', '?')} ({', '.join(facts)})"
+
+    lines = [f"output       {made['path']}: {made['what']}",
+             f"made by      pera-deploy {made['pera_deploy_version']} {made['command']}"]
+    lines += [f"{name:<12} {record(value)}" for name, value in made["inputs"].items()]
+    options = ", ".join(f"{k}={v}" for k, v in made["options"].items())
+    lines.append(f"options      {options or 'the defaults'}")
+    checks = ", ".join(f"{kind}: {'passed' if ok else 'FAILED' if ok is False else '?'}"
+                       for kind, ok in made["checks"].items())
+    lines.append(f"checks       {checks or 'none recorded'}")
+    lines.append(f"manifest     {made['manifest']}")
+    return lines
 
 
 @main.command()
@@ -657,9 +693,10 @@ def verify(merged: Path, adapter: tuple[Path, ...], weights: str | None, base: P
 
         if report.check("runtime") is not None:
             return _runtime_lines(report.check("runtime"), report.manifest.get("recorded_in"))
-        if report.check("bundle base") is not None:
+        if report.check("bundle base") is not None:  # a failed check says what failed
             return "\n".join(
-                f"{c.kind}: {'ok' if c.passed else 'FAILED'}" + (
+                f"{c.kind}: FAILED — {c.failure()}" if not c.passed else
+                f"{c.kind}: ok" + (
                     f" — source unchanged: {c.source_unchanged}; base + LoRA vs base + PERA: " + (
                         f"max rel diff {c.max_rel_diff:.2g} (tolerance {c.tolerance:.0e})" if c.forward else
                         "not run (--no-forward)") if hasattr(c, "source") else "")

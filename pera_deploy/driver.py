@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .checks.base import Report
-from .errors import InternalError
+from .errors import InputError, InternalError, in_python_terms
 from .export.contract import Exporter, Plan, PlannedFile, WriteContext, WriterOptions
 from .io.digests import Digests
+from .io.paths import looks_like_adapter, looks_like_model_folder
 from .publish import publish
 from .publish.manifest import MANIFEST
 from .publish.output_folder import listing
@@ -74,7 +75,11 @@ def drive(command: str, function: Callable[..., Any], opts: WriterOptions, *, fo
 def _planned(writer: Exporter[Any, Any], opts: WriterOptions, target: Path, force: bool) -> Plan:
     """The writer's plan, with what the driver knows: the command, the target, the manifest
     file of a folder, and what --force would replace there."""
-    plan = writer.plan(opts, writer.load(opts))
+    try:
+        loaded = writer.load(opts)
+    except InputError as exc:
+        raise swapped_arguments(writer.name, _given_adapters(opts), _given_models(opts), exc) or exc from None
+    plan = writer.plan(opts, loaded)
     files = [*plan.files, *([PlannedFile(MANIFEST)] if writer.folder else [])]
     return replace(plan, files=files, command=writer.name, target=target, folder=writer.folder,
                    replaces=_replaced(target, force))
@@ -115,3 +120,83 @@ def digests_scope(given: Digests | None) -> Iterator[Digests]:
     finally:
         own.close()
 
+
+
+# -- two arguments swapped (issue 24) ---------------------------------------------------------------------
+
+# How each command takes its adapter and its model folder: the CLI's usage, the same filled in
+# with the paths given (A the adapter, M the model folder), and the API call. {M} and {A} are
+# the paths (shell-quoted for the CLI, repr for Python).
+ORDER = {
+    "merge": ("pera-deploy merge ADAPTER... BASE", "pera-deploy merge {A} {M} -o OUTPUT", "merge({A}, {M}, output)"),
+    "merge --keep-branch": ("pera-deploy merge ADAPTER BASE --keep-branch",
+                            "pera-deploy merge {A} {M} -o OUTPUT --keep-branch", "keep_branch({A}, {M}, output)"),
+    "unmerge": ("pera-deploy unmerge MERGED --adapter ADAPTER", "pera-deploy unmerge {M} --adapter {A} -o OUTPUT",
+                "unmerge({M}, {A}, output)"),
+    "export-lora": ("pera-deploy export-lora ADAPTER --base BASE", "pera-deploy export-lora {A} --base {M} -o OUTPUT",
+                    "export_lora({A}, output, base={M})"),
+    "export-gguf": ("pera-deploy export-gguf ADAPTER --base BASE", "pera-deploy export-gguf {A} --base {M} -o OUTPUT",
+                    "export_gguf({A}, output, base={M})"),
+    "combine": ("pera-deploy combine ADAPTER... --base BASE", "pera-deploy combine {A} ... --base {M} -o OUTPUT",
+                "combine([{A}, ...], output, base={M})"),
+    "extract": ("pera-deploy extract CHECKPOINT --base BASE", "pera-deploy extract {A} --base {M} -o OUTPUT",
+                "extract({A}, output, base={M})"),
+    "bundle": ("pera-deploy bundle BASE --adapter NAME=ADAPTER", "pera-deploy bundle {M} --adapter NAME={A} -o OUTPUT",
+               "bundle({M}, output, {{NAME: {A}}})"),
+    "export-onnx": ("pera-deploy export-onnx MODEL --adapter ADAPTER", "pera-deploy export-onnx {M} --adapter {A} -o OUTPUT",
+                    "export_onnx({M}, output, adapters={{NAME: {A}}})"),
+    "export-onnx --branch": ("pera-deploy export-onnx MODEL --branch --adapter NAME=ADAPTER",
+                             "pera-deploy export-onnx {M} --branch --adapter NAME={A} -o OUTPUT",
+                             "export_onnx({M}, output, adapters={{NAME: {A}}}, branch=True)"),
+    "verify --base": ("pera-deploy verify MERGED --adapter ADAPTER --base BASE",
+                      "pera-deploy verify MERGED --adapter {A} --base {M}", "verify(merged, {A}, {M})"),
+    "verify": ("pera-deploy verify MERGED --adapter ADAPTER --base BASE",
+               "pera-deploy verify {M} --adapter {A} --base BASE", "verify({M}, {A}, base)"),
+}
+# The options fields that name adapters and model folders, and how the CLI calls each field.
+ADAPTER_FIELDS = ("adapter", "adapters", "checkpoint")
+MODEL_FIELDS = {"base": "BASE", "merged": "MERGED", "model": "MODEL"}
+
+
+def _given_adapters(opts: WriterOptions) -> list[Any]:
+    found: list[Any] = []
+    for name in ADAPTER_FIELDS:
+        value = getattr(opts, name, None)
+        found += list(value.values()) if isinstance(value, dict) else \
+            list(value) if isinstance(value, (list, tuple)) else [value]
+    return found
+
+
+def _given_models(opts: WriterOptions) -> dict[str, Any]:
+    return {name: getattr(opts, name, None) for name in MODEL_FIELDS}
+
+
+def swapped_arguments(command: str, adapters: list[Any], models: dict[str, Any], exc: InputError) -> InputError | None:
+    """The error for an adapter that could not be read because it is a model folder: the
+    model folder and the adapter swapped (the path given as the base, merged or model folder
+    is an adapter), with the order the command takes them and the call filled in; or a model
+    folder given as the adapter. None when no path given as an adapter is a model folder."""
+    import shlex
+
+    for adapter in adapters:
+        if not isinstance(adapter, (str, Path)) or (model_words := looks_like_model_folder(Path(adapter))) is None:
+            continue
+        for field, model in models.items():
+            if not isinstance(model, (str, Path)) or (adapter_words := looks_like_adapter(Path(model))) is None:
+                continue
+            usage, cli_call, python_call = ORDER[f"{command} --base" if command == "verify" and field == "base"
+                                                 else command]
+            cli_role, python_role = (f"the {MODEL_FIELDS[field].lower()}" if field == "base" else MODEL_FIELDS[field],
+                                     field)
+            right = {"A": str(model), "M": str(adapter)}  # the order the command takes them
+            head = (f"{adapter}, given as the adapter, is a model folder ({model_words}), and {model}, given as "
+                    f"{{role}}, is an adapter ({adapter_words}): they are swapped; ")
+            return InputError(
+                head.format(role=cli_role) + f"`{usage}`, here `"
+                + cli_call.format(**{k: shlex.quote(v) for k, v in right.items()}) + "`",
+                python=head.format(role=python_role) + "call `"
+                + python_call.format(**{k: repr(v) for k, v in right.items()}) + "`")
+        message = str(exc).removeprefix(f"{adapter}: ")
+        head = f"{adapter}, given as the adapter, is a model folder ({model_words}), not a PERA adapter: "
+        return InputError(head + message, python=head + in_python_terms(message))
+    return None

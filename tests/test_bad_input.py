@@ -278,3 +278,74 @@ def test_bad_shard_size(cli, fx, tmp_path):
 
 def test_tied_weights_refused_without_untie(cli, fx, tmp_path):
     assert_refused(cli, tmp_path, [fx["gpt2-lm-head"], fx["gpt2-base"]], "lm_head.weight", "tied", "--untie-embeddings")
+
+
+# -- ADAPTER and BASE swapped (issue 24) -------------------------------------------------------------------
+
+# Each command given the model folder where the adapter goes and the adapter where the model
+# folder goes (A: the adapter, M: the model folder), and the order its message must give back.
+SWAPPED = {
+    "merge": (lambda a, m, o: ["merge", m, a, "-o", o], "given as the base",
+              "`pera-deploy merge ADAPTER... BASE`, here `pera-deploy merge {a} {m} -o OUTPUT`"),
+    "merge --adapter --base": (lambda a, m, o: ["merge", "--adapter", m, "--base", a, "-o", o], "given as the base",
+                               "`pera-deploy merge ADAPTER... BASE`, here `pera-deploy merge {a} {m} -o OUTPUT`"),
+    "merge --keep-branch": (lambda a, m, o: ["merge", m, a, "-o", o, "--keep-branch"], "given as the base",
+                            "here `pera-deploy merge {a} {m} -o OUTPUT --keep-branch`"),
+    "unmerge": (lambda a, m, o: ["unmerge", a, "--adapter", m, "-o", o], "given as MERGED",
+                "`pera-deploy unmerge MERGED --adapter ADAPTER`, here `pera-deploy unmerge {m} --adapter {a} -o OUTPUT`"),
+    "export-lora": (lambda a, m, o: ["export-lora", m, "--base", a, "-o", o], "given as the base",
+                    "here `pera-deploy export-lora {a} --base {m} -o OUTPUT`"),
+    "export-gguf": (lambda a, m, o: ["export-gguf", m, "--base", a, "-o", o], "given as the base",
+                    "`pera-deploy export-gguf ADAPTER --base BASE`, "
+                    "here `pera-deploy export-gguf {a} --base {m} -o OUTPUT`"),
+    "export-onnx": (lambda a, m, o: ["export-onnx", a, "--adapter", m, "-o", o], "given as MODEL",
+                    "`pera-deploy export-onnx MODEL --adapter ADAPTER`, "
+                    "here `pera-deploy export-onnx {m} --adapter {a} -o OUTPUT`"),
+    "bundle": (lambda a, m, o: ["bundle", a, "--adapter", f"x={m}", "-o", o], "given as the base",
+               "here `pera-deploy bundle {m} --adapter NAME={a} -o OUTPUT`"),
+    "extract": (lambda a, m, o: ["extract", m, "--base", a, "-o", o], "given as the base",
+                "here `pera-deploy extract {a} --base {m} -o OUTPUT`"),
+    "verify": (lambda a, m, o: ["verify", m, "--adapter", m, "--base", a, "--no-forward"], "given as the base",
+               "here `pera-deploy verify MERGED --adapter {a} --base {m}`"),
+}
+
+
+@pytest.mark.parametrize("command", SWAPPED)
+def test_swapped_adapter_and_base_say_which_is_which_and_the_order(cli, fx, tmp_path, command):
+    """Issue 24: the model folder given as the adapter said only "found 21 tensors, none of them
+    PERA factors". The line names the model folder and the adapter, and gives the command back
+    in its right order."""
+    if command == "export-gguf":
+        pytest.importorskip("gguf")
+    if command == "export-onnx":
+        pytest.importorskip("optimum.exporters.onnx")
+    args, role, order = SWAPPED[command]
+    adapter, model = fx["llama-pera"], fx["llama-base"]
+    line = refused(cli(*args(adapter, model, tmp_path / "out")))
+    assert line.startswith(f"pera-deploy: error: {model}, given as the adapter, is a model folder (a config.json of a "
+                           f"llama model, 3 weight file(s)), and {adapter}, {role}, is an adapter (it holds an "
+                           "adapter_config.json): they are swapped; "), line
+    assert line.endswith(order.format(a=adapter, m=model)), line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_folder_given_as_the_adapter_says_so(cli, fx, tmp_path):
+    """A model folder where the adapter goes, with no adapter among the other paths: it is not
+    an adapter, said first, then what reading it found."""
+    line = refused(cli("merge", fx["llama-base"], fx["llama-base"], "-o", tmp_path / "out"))
+    assert line == (f"pera-deploy: error: {fx['llama-base']}, given as the adapter, is a model folder (a config.json of "
+                    "a llama model, 3 weight file(s)), not a PERA adapter: found 21 tensors, none of them PERA factors "
+                    "(lm_head.weight, model.embed_tokens.weight, model.layers.0.input_layernorm.weight, ...)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_swapped_arguments_in_the_api_give_the_call_in_its_order(fx, tmp_path):
+    """The same from Python: the call with its arguments in their order, not a command line."""
+    import pera_deploy
+
+    adapter, model = fx["llama-pera"], fx["llama-base"]
+    with pytest.raises(pera_deploy.InputError) as caught:
+        pera_deploy.merge(model, adapter, tmp_path / "out")
+    assert str(caught.value).endswith(f"they are swapped; call `merge({str(adapter)!r}, {str(model)!r}, output)`")
+    assert "pera-deploy merge" not in str(caught.value)
+    assert not (tmp_path / "out").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import shutil
 from pathlib import Path
@@ -158,6 +159,48 @@ def test_verify_catches_an_unmerged_model(cli, fx):
     result = cli("verify", fx["llama-base"], "--adapter", fx["llama-pera"], "--base", fx["llama-base"])
     assert result.exit_code == 1
     assert "weights: FAILED" in result.stdout and "forward: FAILED" in result.stdout
+
+
+def test_a_failed_verify_states_what_failed_not_what_passes(cli, fx):
+    """Issue 24: a failed weight check's line leads with what is wrong (how many elements of how
+    many merged tensors), never "N merged tensors are W0 + ΔW ..." beside the word FAILED."""
+    result = cli("verify", fx["llama-base"], "--adapter", fx["llama-pera"], "--base", fx["llama-base"], "--no-forward")
+    assert result.exit_code == 1
+    line = next(l for l in result.stdout.splitlines() if l.startswith("weights:"))
+    assert line.startswith("weights: FAILED — "), line
+    assert re.match(r"weights: FAILED — \d+ elements of 14 merged tensor\(s\) are further from W0 \+ ΔW than a "
+                    r"float32 merge's rounding allows \(the worst \d+ step\(s\) away\) \(checked: 14 merged "
+                    r"tensors, 100% of their rows recomputed; 7 untouched tensors identical\)$", line), line
+    assert " are W0 + ΔW" not in line and "correctly rounded, every element" not in line
+
+
+def test_a_failed_verify_names_every_kind_of_problem(cli, fx, tmp_path):
+    """An untouched tensor changed: the failure line says so first, not that the merged tensors are right."""
+    assert cli("merge", fx["llama-pera"], fx["llama-base"], "-o", tmp_path / "m").exit_code == 0
+    name = "model.layers.0.input_layernorm.weight"
+
+    def flip(t):
+        t.view(np.int16)[0] ^= 1
+
+    _tamper(tmp_path / "m", name, flip)
+    result = cli("verify", tmp_path / "m", "--adapter", fx["llama-pera"], "--base", fx["llama-base"], "--no-forward")
+    assert result.exit_code == 1
+    line = next(l for l in result.stdout.splitlines() if l.startswith("weights:"))
+    assert line == (f"weights: FAILED — 1 tensor(s) that differ from the base ({name}) (checked: 14 merged tensors, "
+                    "100% of their rows recomputed; 6 untouched tensors identical)"), line
+
+
+def test_a_failed_bundle_verify_states_what_failed(cli, fx, tmp_path):
+    """A bundle whose adapter source changed: its line says so, not "source unchanged: False; ..."."""
+    source = shutil.copytree(fx["llama-pera"], tmp_path / "pera")
+    bundle = tmp_path / "bundle"
+    assert cli("bundle", fx["llama-base"], "-o", bundle, "--adapter", f"one={source}").exit_code == 0
+    config = source / "adapter_config.json"
+    config.write_text(config.read_text() + "\n")
+    result = cli("verify", bundle, "--no-forward")
+    assert result.exit_code == 1
+    assert f"bundle[one]: FAILED — bundle adapter one: its source {source} has changed since the bundle was made " \
+           "(sha256)" in result.stdout.splitlines(), result.stdout
 
 
 def test_failed_check_exits_1_and_writes_nothing(cli, fx, tmp_path, monkeypatch):

@@ -8,8 +8,10 @@ failure. Exit statuses do not depend on --debug, which only adds the traceback.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +21,7 @@ import pytest
 
 import pera_deploy
 from pera_deploy.errors import InputError
+from tests.helpers import refused
 
 KIND = {0: None, 1: "check_failed", 2: "bad_input", 3: "internal_error", 4: "environment_error"}
 
@@ -225,6 +228,100 @@ def test_api_validates_its_options(fx, tmp_path, call):
     with pytest.raises(InputError):
         call(fx, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# -- the API's errors name its parameters, the CLI's its options (issue 24) --------------------------------
+
+
+@pytest.mark.parametrize("case", ["force", "tol", "prompts", "format"])
+def test_api_errors_name_python_parameters_and_the_cli_keeps_its_flags(cli, fx, tmp_path, case):
+    """"pass --force" read so from Python too; the API says force=True, the CLI still --force."""
+    out = tmp_path / "out"
+    if case == "force":
+        assert cli("export-lora", fx["llama-pera"], "-o", out).exit_code == 0
+    python, flags, words, cli_words = {
+        "force": (lambda: pera_deploy.export_lora(fx["llama-pera"], out), ["export-lora", fx["llama-pera"], "-o", out],
+                  "pass force=True to replace it (an earlier output of pera-deploy: force=True deletes",
+                  "pass --force to replace it (an earlier output of pera-deploy: --force deletes"),
+        "tol": (lambda: pera_deploy.export_lora(fx["llama-pera"], out, tol=1.5),
+                ["export-lora", fx["llama-pera"], "-o", out, "--tol", "1.5"],
+                "tol 1.5: must be in [0, 1)", "--tol 1.5: must be in [0, 1)"),
+        "prompts": (lambda: pera_deploy.verify(out, fx["llama-pera"], fx["llama-base"], prompts="p.txt"),
+                    ["verify", out, "--adapter", fx["llama-pera"], "--base", fx["llama-base"], "--prompts", "p.txt"],
+                    "prompts: only with runtime (", "--prompts: only with --runtime ("),
+        "format": (lambda: pera_deploy.load_adapter(fx["llama-pera"], format="nope"),
+                   ["inspect", fx["llama-pera"], "--format", "nope"],
+                   "format 'nope': unknown format", "--format 'nope': unknown format"),
+    }[case]
+    with pytest.raises(InputError) as caught:
+        python()
+    assert words in str(caught.value) and " --" not in str(caught.value), str(caught.value)
+    assert caught.value.cli_message is not None and cli_words in caught.value.cli_message
+    line = refused(cli(*flags))
+    assert cli_words in line, line
+
+
+def test_an_api_call_inside_another_rewords_once(fx, tmp_path):
+    """reproduce calls the writer's API function again: its error is reworded once, and the
+    CLI's reproduce still prints the flags."""
+    out = tmp_path / "lora"
+    pera_deploy.export_lora(fx["llama-pera"], out)
+    with pytest.raises(InputError, match=r"^config: the export-lora recorded in .* read no such input"):
+        pera_deploy.reproduce(out, config=tmp_path / "c.json")
+
+
+def _message_strings() -> dict[str, set[str]]:
+    """Every option-like word (`--name`) in a string of pera_deploy's code that is not a
+    docstring, outside backquotes, but in cli.py (whose messages the API never raises) → where."""
+    pattern = re.compile(r"`[^`]*`|(?<![\w-])--[a-z][a-z0-9-]*(?![\w-])")
+    found: dict[str, set[str]] = {}
+    package = Path(pera_deploy.__file__).parent
+    for path in package.rglob("*.py"):
+        if path.name == "cli.py":
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                      and node.body and isinstance(node.body[0], ast.Expr)
+                      and isinstance(node.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                for word in pattern.findall(node.value):
+                    if not word.startswith("`"):
+                        found.setdefault(word, set()).add(path.name)
+    return found
+
+
+# Other programs' options that messages quote as those programs take them: never reworded.
+OTHER_PROGRAMS = {"--max-lora-rank", "--enable-lora", "--lora-modules", "--max-loras",  # vLLM
+                  "--lora", "--outtype"}  # llama.cpp
+
+
+def test_every_option_a_message_names_has_its_python_name():
+    """A new message naming a new option must say how Python names it (errors.PYTHON_NAMES),
+    or the API would speak CLI again."""
+    from pera_deploy.errors import CLI_ONLY, PYTHON_NAMES
+
+    unnamed = {word: sorted(where) for word, where in _message_strings().items()
+               if word not in PYTHON_NAMES and word not in OTHER_PROGRAMS and word not in CLI_ONLY}
+    assert not unnamed, f"options named in messages with no Python name in errors.PYTHON_NAMES: {unnamed}"
+
+
+def test_python_names_are_the_clis_options_and_the_apis_parameters():
+    """Each entry maps a real option of some command to a real parameter of the API."""
+    import inspect
+
+    from pera_deploy import api
+    from pera_deploy.cli import main
+    from pera_deploy.errors import PYTHON_NAMES
+
+    options = {opt for command in main.commands.values() for param in command.params
+               for opt in [*getattr(param, "opts", []), *getattr(param, "secondary_opts", [])]}
+    parameters = {name for function in (getattr(api, n) for n in api.__all__)
+                  for name in inspect.signature(function).parameters} | set(api.__all__)
+    for flag, python in PYTHON_NAMES.items():
+        assert flag in options, f"{flag} is no option of pera-deploy"
+        assert re.split(r"[=(]", python)[0] in parameters, f"{flag} → {python}: no such API parameter"
 
 
 def test_library_calls_leave_process_state_as_they_found_it(fx, tmp_path):

@@ -615,12 +615,39 @@ def fifo(tmp_path) -> Path:
 def test_a_base_that_is_not_a_folder_says_what_it_is(cli, fx, tmp_path, fifo, what):
     path = {"/dev/null": Path("/dev/null"), "fifo": fifo, "config.json": fx["llama-base"] / "config.json",
             "shard": fx["llama-base"] / "model-00001-of-00003.safetensors", "missing": tmp_path / "nowhere"}[what]
-    expected = {"/dev/null": "is a character device, expected a model folder",
-                "fifo": "is a FIFO (named pipe), expected a model folder",
-                "config.json": "is a file, expected a model folder", "shard": "is a file, expected a model folder",
-                "missing": "model folder not found"}[what]
+    folder = f"is a file, not a folder; expected a model folder (give the folder it lies in: {fx['llama-base']})"
+    expected = {"/dev/null": "is a character device, not a folder; expected a model folder",
+                "fifo": "is a FIFO (named pipe), not a folder; expected a model folder",
+                "config.json": folder, "shard": folder, "missing": "model folder not found"}[what]
     line = refused(cli("merge", fx["llama-pera"], path, "-o", tmp_path / "out"), str(path), expected)
     assert "Not a directory" not in line
+
+
+COMMANDS_TAKING_A_MODEL_FOLDER = {
+    "merge": lambda a, m, o: ["merge", a, m, "-o", o],
+    "merge --keep-branch": lambda a, m, o: ["merge", a, m, "-o", o, "--keep-branch"],
+    "unmerge": lambda a, m, o: ["unmerge", m, "--adapter", a, "-o", o],
+    "export-onnx": lambda a, m, o: ["export-onnx", m, "--adapter", a, "-o", o],
+    "export-lora --base": lambda a, m, o: ["export-lora", a, "--base", m, "-o", o],
+    "extract --base": lambda a, m, o: ["extract", a, "--base", m, "-o", o],
+    "bundle": lambda a, m, o: ["bundle", m, "--adapter", f"a={a}", "-o", o],
+    "verify --base": lambda a, m, o: ["verify", o, "--adapter", a, "--base", m, "--no-forward"],
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS_TAKING_A_MODEL_FOLDER)
+def test_a_model_folders_file_given_for_the_folder_says_it_is_a_file_and_names_the_folder(cli, fx, tmp_path, command):
+    """Issue 24: `.../config.json` where a model folder is expected said "model folder not
+    found" (export-onnx) although it exists: every command says it is a file, and names its folder."""
+    given = fx["llama-base"] / "config.json"
+    if command == "verify --base":
+        assert cli("merge", fx["llama-pera"], fx["llama-base"], "-o", tmp_path / "out").exit_code == 0
+    args = COMMANDS_TAKING_A_MODEL_FOLDER[command](fx["llama-pera"], given, tmp_path / "out")
+    line = refused(cli(*args), f"{given}: is a file, not a folder; expected a model folder",
+                   f"(give the folder it lies in: {fx['llama-base']})")
+    assert "not found" not in line
+    if command != "verify --base":
+        assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("what", ["/dev/null", "fifo"])

@@ -122,10 +122,12 @@ def test_bad_adapters_are_refused_as_the_loader_refuses_them(cli, fx, tmp_path, 
     adapter = rewrite(fx["llama-peft-rslora"], tmp_path / case, edit, config)
     with pytest.raises(InputError) as expected:
         pera_deploy.load_adapter(adapter)
+    words = expected.value.cli_message  # the CLI's wording of the API's error (which names parameters)
+    assert words is not None
     line = refused(cli("inspect", adapter))
-    assert line == f"pera-deploy: error: {expected.value}"
+    assert line == f"pera-deploy: error: {words}"
     result = cli("inspect", adapter, "--json")
-    assert refused(result) == line and json.loads(result.stdout)["error"]["message"] == str(expected.value)
+    assert refused(result) == line and json.loads(result.stdout)["error"]["message"] == words
 
 
 def test_broken_files_are_refused_as_the_loader_refuses_them(cli, fx, tmp_path):
@@ -278,3 +280,55 @@ def test_a_legacy_bin_reads_as_its_zip_does(fx, tmp_path):
             ours, theirs = getattr(legacy.layers[module], part), getattr(layer, part)
             assert ours.dtype == theirs.dtype and ours.tobytes() == theirs.tobytes(), (module, part)
     assert_same_report(pera_deploy.inspect_adapter(adapter), canonical(fx["small-llama-pera"]) | {"path": str(adapter)})
+
+
+# -- an output of pera-deploy, described from its manifest (issue 24) -----------------------------------------
+
+
+def test_inspect_of_a_merged_folder_describes_it_from_its_manifest(cli, fx, tmp_path):
+    """inspect of a merged folder said "found 21 tensors, none of them PERA factors", although
+    its manifest records what it is: now what made it, from what, with which options, checked how."""
+    merged = tmp_path / "merged"
+    assert cli("merge", fx["llama-pera"], fx["llama-base"], "-o", merged, "--dtype", "float32").exit_code == 0
+    result = cli("inspect", merged)
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[:2] == [f"output       {merged}: a merged model folder (the adapter's update is in its weights; "
+                         "it holds no PERA factors)", f"made by      pera-deploy {pera_deploy.__version__} merge"]
+    assert lines[2].startswith("adapter      llama-pera (reference, r 4, 14 modules, sha256 ") and \
+        lines[3].startswith("base         llama-base (sha256 "), lines
+    assert f"options      adapter={fx['llama-pera']}, base={fx['llama-base']}, dtype=float32" in lines
+    assert "checks       weights: passed" in lines and f"manifest     {merged / 'pera_deploy_manifest.json'}" in lines
+    assert "PERA factors)" not in result.stderr and result.stderr == ""
+    data = cli.json("inspect", merged)
+    assert data["pera_deploy_output"] is True and data["command"] == "merge" and data["checks"] == {"weights": True}
+    assert data["inputs"]["adapter"]["source"] == "llama-pera" and data["inputs"]["adapter"]["r"] == [4]
+    assert data["options"]["dtype"] == "float32" and "output" not in data["options"]
+    assert pera_deploy.inspect_adapter(merged)["command"] == "merge"
+
+
+def test_inspect_of_a_bundle_names_its_adapters(cli, fx, tmp_path):
+    bundle = tmp_path / "bundle"
+    assert cli("bundle", fx["llama-base"], "-o", bundle, "--adapter", f"one={fx['llama-pera']}",
+               "--adapter", f"two={fx['llama-pera-2']}").exit_code == 0
+    data = cli.json("inspect", bundle)
+    assert data["command"] == "bundle" and set(data["inputs"]["adapters"]) == {"one", "two"}
+    assert "adapters     one: llama-pera (reference, r 4" in cli("inspect", bundle).stdout
+
+
+def test_inspect_of_an_adapter_pera_deploy_wrote_adds_how_it_was_made(cli, fx, tmp_path):
+    lora = tmp_path / "lora"
+    assert cli("export-lora", fx["llama-pera"], "-o", lora, "--rank", "4").exit_code == 0
+    data = cli.json("inspect", lora)
+    assert data["format"] == "peft-lora" and data["made_by"]["command"] == "export-lora"
+    assert data["made_by"]["options"]["rank"] == 4 and data["made_by"]["inputs"]["adapter"]["source"] == "llama-pera"
+    assert "made by      pera-deploy" in cli("inspect", lora).stdout
+
+
+def test_a_damaged_adapter_output_is_still_refused_not_described(cli, fx, tmp_path):
+    """The manifest never stands in for an adapter that cannot be read: an export-lora folder
+    without its weights is bad input, as any adapter folder without them."""
+    lora = tmp_path / "lora"
+    assert cli("export-lora", fx["llama-pera"], "-o", lora).exit_code == 0
+    (lora / "adapter_model.safetensors").unlink()
+    refused(cli("inspect", lora), str(lora))

@@ -230,6 +230,35 @@ def test_rank_above_exact_warns_and_stays_exact(cli, fx, tmp_path):
     assert json.loads(result.stdout)["lora"]["exact"] is True
 
 
+def test_tol_whose_savings_padding_erases_warns_and_names_no_pad(cli, fx, tmp_path):
+    """Issue 24: `--tol 0.01` keeps ranks 9 to 14 of 14 per module; padded to 14 the LoRA is as
+    large as the exact one, with an error. It still writes (padding stays the default: scaling
+    exactly 1 everywhere), and says so on stderr and in the manifest, naming --no-pad."""
+    result = cli("export-lora", fx["llama-pera"], "-o", tmp_path / "padded", "--tol", "0.01", "--json")
+    assert result.exit_code == 0, result.stderr
+    warning = [l for l in result.stderr.splitlines() if "padding (the default)" in l]
+    assert len(warning) == 1, result.stderr
+    assert warning[0].startswith("pera-deploy: warning: --tol 0.01 keeps ranks 9 to 14 per module, but padding "
+                                 "(the default) writes every module at rank 14: as large as the exact LoRA ("), warning
+    assert "--no-pad writes each module at its own rank" in warning[0]
+    lora = json.loads(result.stdout)["lora"]
+    assert lora["warnings"] == [warning[0].removeprefix("pera-deploy: warning: ")]
+    unpadded = cli("export-lora", fx["llama-pera"], "-o", tmp_path / "unpadded", "--tol", "0.01", "--json")
+    exact = cli("export-lora", fx["llama-pera"], "-o", tmp_path / "exact")
+    assert exact.exit_code == 0 and unpadded.exit_code == 0
+    size = {name: (tmp_path / name / "adapter_model.safetensors").stat().st_size for name in ("padded", "exact")}
+    assert size["padded"] == size["exact"]  # what the warning is about
+    no_pad = cli("export-lora", fx["llama-pera"], "-o", tmp_path / "no-pad", "--tol", "0.01", "--no-pad")
+    assert no_pad.exit_code == 0 and "warning" not in no_pad.stderr
+    assert (tmp_path / "no-pad" / "adapter_model.safetensors").stat().st_size < size["exact"]
+
+
+def test_a_reduction_padding_keeps_does_not_warn(cli, fx, tmp_path):
+    """--max-rank 8 pads every module to 8: the savings stand, so no warning."""
+    result = cli("export-lora", fx["llama-pera"], "-o", tmp_path / "out", "--max-rank", "8")
+    assert result.exit_code == 0 and "warning" not in result.stderr, result.stderr
+
+
 def test_export_lora_cli_reports_errors(cli, fx, tmp_path):
     result = cli("export-lora", fx["gpt2-ref"], "-o", tmp_path / "out", "--rank", "4")
     assert result.exit_code == 0

@@ -135,6 +135,8 @@ def plan_lora_export(adapter: PeraAdapter, *, rank: int | None = None, tol: floa
         exact = max(m.full_rank for m in modules if m.source in above)
         warnings.append(f"--rank {rank} is more than the exact rank of {len(above)} module(s) (up to {exact}, e.g. "
                         f"{above[0]}); they are kept at their exact rank, with no approximation")
+    if pad and (rank is not None or tol is not None or max_rank is not None):
+        warnings += padding_erases_savings(modules, rank=rank, tol=tol, max_rank=max_rank)
     targeted = {m.module for m in modules}
     extras: dict[str, np.ndarray] = {}
     to_save: set[str] = set()
@@ -162,6 +164,33 @@ def plan_lora_export(adapter: PeraAdapter, *, rank: int | None = None, tol: floa
                         "classification head, and this adapter has none")
         task_type = None
     return LoraExport(modules, extras, sorted(to_save), bias, pad, task_type, warnings)
+
+
+def padding_erases_savings(modules: list[LoraModule], *, rank: int | None, tol: float | None,
+                           max_rank: int | None) -> list[str]:
+    """A warning when padding every module to the largest kept rank gives back most of what
+    the reduction saved (issue 24: `--tol 0.01` kept ranks 9 to 14 of 14, padding made them
+    all 14: as large as the exact LoRA, with an error). Padding stays the default, since it
+    makes the scaling exactly 1 in every runtime; --no-pad keeps each module's own rank."""
+    def parameters(ranks: list[int]) -> int:
+        return sum(k * (m.lora_A.shape[1] + m.lora_B.shape[0]) for m, k in zip(modules, ranks))
+
+    kept = [m.rank for m in modules]
+    exact, reduced = parameters([m.full_rank for m in modules]), parameters(kept)
+    padded_to = max(kept, default=0)
+    padded_size = parameters([padded_to] * len(modules))
+    saved = exact - reduced
+    if saved <= 0 or padded_size - reduced <= saved / 2:
+        return []
+    given = " ".join(f"--{name.replace('_', '-')} {value:g}" for name, value in
+                     (("rank", rank), ("tol", tol), ("max_rank", max_rank)) if value is not None)
+    size = ("as large as the exact LoRA" if padded_size == exact else "larger than the exact LoRA"
+            if padded_size > exact else f"{1 - padded_size / exact:.0%} smaller than the exact LoRA")
+    error = total_relative_error([m.delta_norm for m in modules], [m.rel_error for m in modules])
+    return [f"{given} keeps ranks {min(kept)} to {padded_to} per module, but padding (the default) writes every "
+            f"module at rank {padded_to}: {size} ({padded_size:,} parameters, exact {exact:,}), with a total "
+            f"relative error of {error:.3g}; --no-pad writes each module at its own rank ({reduced:,} parameters, "
+            f"{saved / exact:.0%} fewer than exact)"]
 
 
 def padded(lora_b: np.ndarray, lora_a: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:

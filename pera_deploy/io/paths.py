@@ -70,7 +70,19 @@ def require_folder(path: Path, what: str) -> Path:
         return path
     if kind == "missing":
         raise InputError(f"{path}: {what} not found")
-    raise InputError(f"{path}: is {kind}, expected a {what}")
+    raise InputError(f"{path}: is {kind}, not a folder; expected a {what}{parent_hint(path)}")
+
+
+def parent_hint(path: Path) -> str:
+    """", give its folder PARENT" when `path` is a file of a model or adapter folder (its
+    config.json, a shard, adapter_config.json): the folder is what was meant; "" otherwise."""
+    parent = path.parent
+    if kind_of(path) == "a file" and any((parent / name).is_file() for name in FOLDER_MARKERS):
+        return f" (give the folder it lies in: {parent})"
+    return ""
+
+
+FOLDER_MARKERS = ("config.json", "adapter_config.json")  # what makes a model or an adapter folder one
 
 
 def require_readable_file(path: Path) -> None:
@@ -259,3 +271,48 @@ def protected_roots(roots: tuple[Path, ...]) -> tuple[Path, ...]:
     a Hub cache `blobs/` the whole repository (its snapshots and refs too)."""
     return tuple(root.parent if root.name == "blobs" and root.parent.name.startswith("models--") else root
                  for root in roots)
+
+
+# What a path a user gave looks like, model folder or adapter, for the message that says two
+# arguments are swapped (issue 24: `merge BASE ADAPTER` said only "found 21 tensors, none of
+# them PERA factors"). Only asked once reading the path as what it was given as has failed,
+# so a folder that looks like both is never refused on looks alone.
+CONFIG, ADAPTER_CONFIG = "config.json", "adapter_config.json"
+WEIGHTS = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def _small_json(path: Path) -> dict | None:
+    """The JSON object in `path`, or None: anything unreadable, large or not an object."""
+    try:
+        if not path.is_file() or path.stat().st_size > MAX_RECORD_BYTES:
+            return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def looks_like_model_folder(path: Path) -> str | None:
+    """How `path` looks like a Hugging Face model folder (a config.json naming a model_type or
+    an architecture, and weight files, and no adapter_config.json), in words; None if it does not."""
+    try:
+        if not path.is_dir() or (path / ADAPTER_CONFIG).exists():
+            return None
+        weights = [p.name for p in path.iterdir() if p.name.endswith(WEIGHTS)]
+    except OSError:
+        return None
+    config = _small_json(path / CONFIG)
+    if config is None or not weights or not (config.get("model_type") or config.get("architectures")):
+        return None
+    kind = config.get("model_type") or config["architectures"][0]
+    return f"a {CONFIG} of a {kind} model, {len(weights)} weight file(s)"
+
+
+def looks_like_adapter(path: Path) -> str | None:
+    """How `path` looks like an adapter (a folder with an adapter_config.json, or such a
+    folder's weights file), in words; None if it does not."""
+    folder = path if path.is_dir() else path.parent
+    config = _small_json(folder / ADAPTER_CONFIG)
+    if config is None:
+        return None
+    return f"it holds an {ADAPTER_CONFIG}"

@@ -221,3 +221,70 @@ def _verdicts(a: dict[str, Any], b: dict[str, Any], at: str, found: list[str]) -
         passed = [c.get("passed") if isinstance(c, dict) else c for c in (a[kind], b[kind])]
         if passed[0] != passed[1]:
             found.append(f"{at}.{kind}: passed {shown(passed[0])} recorded, {shown(passed[1])} re-derived")
+
+
+# -- what an output is, from its manifest (inspect, issue 24) ------------------------------------------------
+
+# What each command writes, as inspect describes an output of it.
+WRITES = {
+    "merge": "a merged model folder (the adapter's update is in its weights; it holds no PERA factors)",
+    "merge --keep-branch": "a base model (base/) beside the adapter as an exact plain LoRA (adapter/)",
+    "unmerge": "a model folder with a PERA update taken back out of a merged model",
+    "export-lora": "a plain PEFT LoRA adapter",
+    "combine": "a plain PEFT LoRA adapter: the weighted sum of several adapters",
+    "extract": "a PERA adapter folder, extracted from a checkpoint",
+    "bundle": "a bundle: one base and several adapters, packaged for serving",
+    "export-gguf": "a llama.cpp LoRA adapter (GGUF)",
+    "export-onnx": "an ONNX export",
+    "export-onnx --branch": "an ONNX export with a swappable PERA branch per adapter",
+}
+# The commands whose output is itself an adapter (inspect reads it as one).
+ADAPTER_OUTPUTS = ("export-lora", "combine", "extract")
+# Options inspect leaves out (the output's own name); so it does those unset (None, False).
+UNSHOWN = {"output"}
+
+
+def describe_output(path: Path) -> dict[str, Any] | None:
+    """What a folder pera-deploy wrote is, from its pera_deploy_manifest.json: the command
+    that made it, from which inputs (each as its manifest record names it: source, format, r,
+    sha256), with which options, and the checks it passed. None when `path` holds no readable
+    manifest of pera-deploy (then it is not an output, or a damaged one, and says so elsewhere)."""
+    from ..io.strict_json import read_json
+
+    record = path / MANIFEST
+    try:
+        if not path.is_dir() or record.is_symlink() or not record.is_file() or \
+                record.stat().st_size > MAX_MANIFEST_BYTES:
+            return None
+        manifest = read_json(record)
+    except (OSError, InputError):
+        return None
+    command = manifest.get("command")
+    if not isinstance(command, str) or not isinstance(manifest.get("pera_deploy_version"), str):
+        return None
+    options: dict[str, Any] = manifest["options"] if isinstance(manifest.get("options"), dict) else {}
+    checks: dict[str, Any] = manifest["checks"] if isinstance(manifest.get("checks"), dict) else {}
+    return {
+        "path": str(path),
+        "pera_deploy_output": True,
+        "command": command,
+        "what": WRITES.get(command, f"an output of pera-deploy {command}"),
+        "pera_deploy_version": manifest["pera_deploy_version"],
+        "manifest": str(record),
+        "inputs": {name: _input(manifest[name]) for name in INPUT_RECORDS if name in manifest},
+        "options": {k: v for k, v in options.items() if k not in UNSHOWN and v not in (None, False)},
+        "checks": {kind: bool(check.get("passed")) if isinstance(check, dict) else None
+                   for kind, check in checks.items()},
+    }
+
+
+def _input(record: Any) -> Any:
+    """An input's record as inspect shows it: the fields that say what it was."""
+    keep = ("source", "adapter_name", "format", "base_model_name_or_path", "r", "modules", "sha256", "weight")
+    if isinstance(record, dict) and ("sha256" in record or "source" in record):
+        return {k: record[k] for k in keep if record.get(k) is not None}
+    if isinstance(record, dict):  # name → record (a bundle's adapters, export-onnx --branch)
+        return {name: _input(item) for name, item in record.items()}
+    if isinstance(record, list):  # a weighted sum's adapters
+        return [_input(item) for item in record]
+    return record

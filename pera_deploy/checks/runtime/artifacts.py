@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import InputError
+from ...io.paths import parent_hint
 
 RUNTIME_KINDS = {
     "transformers": ("merged", "lora", "kept", "bundle"),
@@ -52,7 +53,7 @@ def kind_of(path: Path) -> str:
         if path.suffix == ".gguf":
             return "gguf"
         raise InputError(f"{path}: a file that is not a GGUF (.gguf); verify --runtime takes a model, LoRA, ONNX or "
-                         "bundle folder, or an export-gguf file")
+                         f"bundle folder, or an export-gguf file{parent_hint(path)}")
     if not path.is_dir():
         raise InputError(f"{path}: no such file or folder")
     if (path / "bundle.json").is_file():

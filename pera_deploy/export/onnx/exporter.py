@@ -17,6 +17,7 @@ from ...core.adapter import PeraAdapter
 from ...errors import InputError
 from ...io.model_files import side_file_names
 from ...io.model_folder import ModelFolder
+from ...io.paths import require_folder
 from ...options import ONNX_DTYPES, adapter_name, choose
 from ...publish import Written, adapter_inputs
 from ..contract import AdapterLike, Exporter, Plan, PlannedFile, WriteContext, WriterOptions, load, paths
@@ -52,8 +53,7 @@ def _validate(opts: ExportOnnxOptions) -> None:
     """--dtype, the model folder, the adapters --branch needs, the extra and --opset: before
     anything is read."""
     choose("--dtype", opts.dtype, ONNX_DTYPES)
-    if not Path(opts.model).is_dir():
-        raise InputError(f"{opts.model}: model folder not found")
+    require_folder(Path(opts.model), "model folder")
     if opts.branch and not opts.adapters:
         raise InputError("--branch needs at least one --adapter NAME=PATH")
     if not opts.branch and len(opts.adapters or {}) > 1:
