@@ -14,6 +14,9 @@ T = TypeVar("T")
 OUTPUT_DTYPES = ("auto", "float32", "float16", "bfloat16")
 LORA_DTYPES = ("float32", "float16", "bfloat16")
 ONNX_DTYPES = ("float32", "float16")
+# export-onnx --engine: Optimum's exporter (the default), or ONNX Runtime GenAI's model builder
+ONNX_ENGINES = ("optimum", "genai")
+GENAI_DTYPES = ("float32", "float16", "int4")
 MISSING_COEFFICIENTS = (None, "zero", "one")
 BASE_FILE_MODES = ("copy", "hardlink", "symlink")
 
