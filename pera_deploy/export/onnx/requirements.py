@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from ... import extras
 from ...errors import InputError
-from ...extras import missing, require
+from ...extras import require
 from ...scoped import environment
 
 # the model builder of ONNX Runtime GenAI loads models with transformers 5 (its llama builder reads
@@ -30,7 +31,7 @@ def require_genai(what: str = "export-onnx --engine genai") -> None:
     install that brings it when one is missing, or when transformers is 4.x (as beside the
     onnx extra)."""
     with environment(ORT_DISABLE_TELEMETRY="1"):
-        absent = missing("genai")
+        absent = extras.missing("genai")
     if absent is not None:
         raise InputError(f"{what} needs the genai extra ({absent.split('.')[0]} is not installed): {GENAI_INSTALL}")
     import transformers
