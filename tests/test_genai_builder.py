@@ -130,9 +130,9 @@ def test_the_float32_graph_generates_what_the_unmerged_model_does(cli, models, t
     """Independently of the check: og on the float32 folder against PyTorch's unmerged model."""
     import torch
 
-    from pera_deploy.checks.genai_graphs import forced_logits, prompts
     from pera_deploy.checks.reference_model import load_unmerged_model
     from pera_deploy.export.onnx.builder import torch_reference
+    from pera_deploy.export.onnx.builder_checks import forced_logits, prompts
     from pera_deploy.formats import load_adapter
 
     out = tmp_path / "fp32"

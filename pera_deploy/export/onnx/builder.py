@@ -23,15 +23,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ...checks.genai_graphs import (
-    NEW_TOKENS,
-    GenaiMergeCheck,
-    GenaiQuantization,
-    compare,
-    forced_logits,
-    prompts,
-    release,
-)
 from ...checks.reference_model import load_unmerged_model
 from ...core.adapter import PeraAdapter
 from ...errors import InputError
@@ -42,6 +33,15 @@ from ...publish import Written
 from ...publish.manifest import model_record
 from ...scoped import environment
 from ..merged import merge_folder
+from .builder_checks import (
+    NEW_TOKENS,
+    GenaiMergeCheck,
+    GenaiQuantization,
+    compare,
+    forced_logits,
+    prompts,
+    release,
+)
 from .folders import named_as
 
 Stage = Callable[[str], None]

@@ -113,6 +113,18 @@ def builder_limits(config_path: Path, config: dict[str, Any]) -> None:
                          "GroupQueryAttention (the builder's attention on the CPU) needs; use --engine optimum")
 
 
+def require_tokenizer(folder: Path) -> None:
+    """The builder loads the model's tokenizer (AutoTokenizer) and saves it beside the graph,
+    where ONNX Runtime GenAI reads tokenizer.json and tokenizer_config.json: a folder without
+    them is bad input, as it is for the Optimum engine's genai_config.json."""
+    has_json, has_model = (folder / "tokenizer.json").is_file(), (folder / "tokenizer.model").is_file()
+    missing = [] if has_json or has_model else ["tokenizer.json (nor a tokenizer.model to make it from)"]
+    missing += [] if (folder / "tokenizer_config.json").is_file() else ["tokenizer_config.json"]
+    if missing:
+        raise InputError(f"{folder}: no {' and no '.join(missing)}: ONNX Runtime GenAI's model builder saves the "
+                         "model's tokenizer beside the graph, where GenAI reads it")
+
+
 def _other_engines(model_type: Any) -> str:
     """Which engine exports a model the builder does not build: Optimum's, where it is installed
     and exports the model type; said as a condition where it is not installed (the genai extra
@@ -141,6 +153,7 @@ def _plan(opts: ExportOnnxOptions, adapters: dict[str, PeraAdapter]) -> Plan:
             plan_merge(next(iter(adapters.values())), checkpoint, dtype="float32")
         weight_files, folder = checkpoint.weight_files, checkpoint.folder
     require_buildable(folder)
+    require_tokenizer(folder)
     tokenizer = [name for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
                  if (folder / name).is_file()]
     names = [*BUILDER_FILES, *tokenizer]
