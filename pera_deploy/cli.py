@@ -879,7 +879,7 @@ def unmerge(merged: Path, adapter: Path, output: Path, format_: str | None, adap
                    "from); elsewhere the graph alone, the report saying why. --genai: elsewhere is an error.")
 @click.option("--engine", type=click.Choice(["optimum", "genai"]), default="optimum", show_default=True,
               help="optimum: Optimum's exporter (encoders too, --branch). genai: ONNX Runtime GenAI's own model builder "
-                   "on the merged model (decoders it builds; float32, float16 or int4), in the genai extra's "
+                   "on the merged model (decoders it builds; float32 or int4), in the genai extra's "
                    "environment (transformers 5).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "int4"]), default="float32", show_default=True,
               help="float16 converts the float32 graph (and adapter files) after export; checked with a wider tolerance. "

@@ -199,6 +199,7 @@ def test_a_model_the_builder_cannot_build_is_bad_input(cli, fx, tmp_path, fixtur
     (["--branch", "--adapter", "a=ADAPTER"], ["--branch is not available with --engine genai", ".onnx_adapter"]),
     (["--opset", "17"], ["--opset is an option of the Optimum engine"]),
     (["--no-genai"], ["--no-genai with --engine genai"]),
+    (["--dtype", "float16"], ["--dtype float16 with --engine genai", "GPU", "--engine optimum --dtype float16"]),
 ])
 def test_options_the_builder_does_not_take_are_bad_input(cli, models, tmp_path, extra, needles):
     out = tmp_path / "out"

@@ -25,7 +25,7 @@ import torch
 
 from ...checks.reference_model import load_unmerged_model
 from ...core.adapter import PeraAdapter
-from ...errors import InputError
+from ...errors import CheckFailed, InputError
 from ...io.digests import Digests
 from ...io.files import read_json
 from ...io.hf_model import load_model
@@ -64,6 +64,16 @@ def build(folder: Path, out: Path, dtype: str, cache: Path) -> None:
         raise InputError(f"ONNX Runtime GenAI's model builder cannot build {dtype} from this model: {last}") from None
     finally:
         shutil.rmtree(cache, ignore_errors=True)
+
+
+def run_graph(folder: Path, dtype: str, prompt: list[int], tokens: list[int]) -> np.ndarray:
+    """forced_logits, a graph ONNX Runtime GenAI cannot run being a failed check (exit 1)."""
+    try:
+        return forced_logits(folder, prompt, tokens)
+    except RuntimeError as exc:
+        release()
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise CheckFailed(f"ONNX Runtime GenAI cannot run the builder's {dtype} graph: {first}") from None
 
 
 def torch_reference(model: torch.nn.Module, prompt: list[int]) -> tuple[list[int], np.ndarray]:
@@ -109,7 +119,7 @@ def write_builder_graph(out: Path, model: Path, adapter: tuple[str, PeraAdapter]
             references = [torch_reference(reference, p) for p in runs]
     finally:
         del reference
-    fp32_logits = [forced_logits(fp32, p, tokens) for p, (tokens, _) in zip(runs, references)]
+    fp32_logits = [run_graph(fp32, "float32", p, tokens) for p, (tokens, _) in zip(runs, references)]
     merge_check = GenaiMergeCheck([compare(got, want, i) for i, (got, (_, want)) in
                                    enumerate(zip(fp32_logits, references))])
     checks: list[Any] = [merge_check]
@@ -117,7 +127,7 @@ def write_builder_graph(out: Path, model: Path, adapter: tuple[str, PeraAdapter]
         stage(f"build {dtype}")
         build(folder, out, dtype, cache)
         stage("compare with float32")
-        checks.append(GenaiQuantization(dtype, [compare(forced_logits(out, p, tokens), want, i) for i, (p, (tokens, _),
+        checks.append(GenaiQuantization(dtype, [compare(run_graph(out, dtype, p, tokens), want, i) for i, (p, (tokens, _),
                                                 want) in enumerate(zip(runs, references, fp32_logits))]))
     release()
     for scratch in (scratch_merge, scratch_fp32):

@@ -1,6 +1,6 @@
 """export-onnx --engine genai as a writer on the driver (export/contract.py): the model (or
 the base with one adapter merged by pera-deploy's exact merge) built by ONNX Runtime GenAI's
-own model builder, in float32, float16 or int4 (MatMulNBits).
+own model builder, in float32 or int4 (MatMulNBits; its float16 graphs are for GPUs, refused).
 
 Torch-free until the write step (export/onnx/builder.py): the driver imports this module
 before the options are checked, and a missing `genai` extra must be one line naming it.
@@ -30,6 +30,10 @@ BUILDER_FILES = ("model.onnx", "model.onnx.data", "genai_config.json")
 def _validate(opts: ExportOnnxOptions) -> None:
     """The options the builder takes, then the extra: before anything is read."""
     choose("--engine", opts.engine, ONNX_ENGINES)
+    if opts.dtype == "float16":
+        raise InputError("--dtype float16 with --engine genai: ONNX Runtime GenAI's model builder makes float16 graphs "
+                         "for GPU execution providers, which ONNX Runtime cannot run on the CPU (where pera-deploy "
+                         "checks them); use --dtype int4 or float32, or --engine optimum --dtype float16")
     choose("--dtype", opts.dtype, GENAI_DTYPES)
     if not Path(opts.model).is_dir():
         raise InputError(f"{opts.model}: model folder not found")
