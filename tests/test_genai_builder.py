@@ -137,9 +137,10 @@ def test_the_float32_graph_generates_what_the_unmerged_model_does(cli, models, t
 
     out = tmp_path / "fp32"
     result = cli("export-onnx", models["genai-llama-base"], "--adapter", models["genai-llama-pera"], "-o", out,
-                 "--engine", "genai")
+                 "--engine", "genai", "--progress")
     assert result.exit_code == 0, result.stderr
     assert "tokens identical" in result.stdout and "quantization" not in result.stdout
+    assert all(stage in result.stderr for stage in ("merge", "build float32", "check merge"))  # the stage bar
     model, branch = load_unmerged_model(models["genai-llama-base"], load_adapter(models["genai-llama-pera"]),
                                         torch.float32)
     runs = prompts(384, seed=7)[:2]
@@ -166,6 +167,15 @@ def test_int4_is_the_builders_int4_of_an_independently_merged_folder(int4, model
                    env={**os.environ, "HF_HUB_OFFLINE": "1"})
     for name in ("model.onnx", "model.onnx.data", "genai_config.json"):
         assert (built / name).read_bytes() == (out / name).read_bytes(), name
+
+
+@needs_builder
+def test_reproduce_rebuilds_the_same_bytes(cli, int4):
+    """The builder is deterministic: the recorded command, run again, writes every file the same."""
+    out, _ = int4
+    result = cli("reproduce", out)
+    assert result.exit_code == 0, result.stderr
+    assert "writes every file the same" in result.stdout
 
 
 @needs_builder
