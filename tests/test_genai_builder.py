@@ -83,6 +83,20 @@ def test_the_genai_extra_missing_names_it_and_the_install(cli, models, tmp_path,
     assert not out.exists()
 
 
+def test_transformers_4_beside_the_genai_extra_says_which_install(cli, models, tmp_path, monkeypatch):
+    """The onnx extra's environment (transformers 4.x, as optimum-onnx pins it) with the builder's
+    other modules installed: still the genai extra's install, in an environment of its own."""
+    transformers = pytest.importorskip("transformers")
+    import pera_deploy.extras as extras
+
+    monkeypatch.setattr(extras, "missing", lambda extra: None)
+    monkeypatch.setattr(transformers, "__version__", "4.57.6")
+    out = tmp_path / "out"
+    refused(cli("export-onnx", models["genai-llama-base"], "-o", out, "--engine", "genai"),
+            "transformers 4.57.6 is installed", "pip install 'pera-deploy[genai]' in an environment of its own")
+    assert not out.exists()
+
+
 # -- the builder ------------------------------------------------------------------------------------
 
 
