@@ -156,6 +156,15 @@ def main() -> None:
         print(f"{dtype}: pera-deploy's graph {'is' if same else 'is NOT'} byte-identical to the builder's own on "
               f"the merged folder", flush=True)
         row(f"--engine genai, {dtype}", out, export, builder_only[0])
+        checks = json.loads((out / "pera_deploy_manifest.json").read_text())["checks"]
+        rows[-1]["checks"] = checks
+        merge = checks["genai_merge"]
+        print(f"  merge: fp32 graph vs the unmerged model: greedy tokens identical {merge['greedy_tokens_identical']}, "
+              f"logits {merge['max_rel_diff']:.2g} relative", flush=True)
+        if "genai_quantization" in checks:
+            quant = checks["genai_quantization"]
+            print(f"  quantization: {dtype} vs fp32: top-1 agreement {quant['top1_agreement']:.1%}, worst logit "
+                  f"difference {quant['max_abs_diff']:.3g} ({quant['max_rel_diff']:.2g} relative)", flush=True)
         shutil.rmtree(bare)
         shutil.rmtree(out)
 
