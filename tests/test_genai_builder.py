@@ -230,3 +230,20 @@ def test_options_the_builder_does_not_take_are_bad_input(cli, models, tmp_path, 
     args = [f"a={models['genai-llama-pera']}" if a == "a=ADAPTER" else a for a in extra]
     refused(cli("export-onnx", models["genai-llama-base"], "-o", out, "--engine", "genai", *args), *needles)
     assert not out.exists()
+
+
+@needs_builder
+def test_the_builder_failing_on_a_model_is_one_line_and_nothing_written(cli, models, tmp_path, monkeypatch):
+    """Whatever the builder raises on a model it claims (here a KeyError) is bad input naming
+    the model, never an exit 3, and no scratch merge or half-built graph is left behind."""
+    import onnxruntime_genai.models.builder as builder
+
+    def fails(*args, **kwargs):
+        raise KeyError("model.layers.0.self_attn.q_proj.weight")
+
+    monkeypatch.setattr(builder, "create_model", fails)
+    out = tmp_path / "out"
+    refused(cli("export-onnx", models["genai-llama-base"], "--adapter", models["genai-llama-pera"], "-o", out,
+                "--engine", "genai"), "model builder cannot build float32", "with adapter genai-llama-pera merged",
+            "KeyError", "--engine optimum")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -48,9 +48,10 @@ Stage = Callable[[str], None]
 PRECISION = {"float32": "fp32", "float16": "fp16", "int4": "int4"}  # --dtype → the builder's -p
 
 
-def build(folder: Path, out: Path, dtype: str, cache: Path) -> None:
+def build(folder: Path, out: Path, dtype: str, cache: Path, shown: str = "") -> None:
     """`python -m onnxruntime_genai.models.builder -i FOLDER -o OUT -p PRECISION -e cpu -c CACHE`,
-    in this process, offline, its prints kept off stdout (shown only if it fails)."""
+    in this process, offline, its prints kept off stdout. `shown` names the folder in an error
+    (the scratch merge by what it is made of)."""
     import onnxruntime_genai.models.builder as builder
 
     log = io.StringIO()
@@ -59,9 +60,12 @@ def build(folder: Path, out: Path, dtype: str, cache: Path) -> None:
         with environment(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"), redirect_stdout(log), redirect_stderr(log):
             extra = builder.parse_extra_options(None, str(folder), str(out), precision, "cpu", str(cache), [])
             builder.create_model(None, str(folder), str(out), precision, "cpu", str(cache), **extra)
-    except (NotImplementedError, ValueError) as exc:
-        last = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
-        raise InputError(f"ONNX Runtime GenAI's model builder cannot build {dtype} from this model: {last}") from None
+    except OSError:
+        raise  # a full disk or a permission: the driver's exit 4
+    except Exception as exc:  # noqa: BLE001 - the builder refusing or failing on this model, in whatever words
+        last = (str(exc).strip().splitlines() or [""])[-1][:200]
+        raise InputError(f"ONNX Runtime GenAI's model builder cannot build {dtype} from {shown or folder} "
+                         f"({type(exc).__name__}: {last}); use --engine optimum") from None
     finally:
         shutil.rmtree(cache, ignore_errors=True)
 
@@ -103,8 +107,9 @@ def write_builder_graph(out: Path, model: Path, adapter: tuple[str, PeraAdapter]
         folder = model
         inputs = {"model": model_record(model, weight_files, digests)}
     fp32 = out if dtype == "float32" else scratch_fp32
+    shown = f"{model} (with adapter {adapter[0]} merged)" if adapter is not None else str(model)
     stage("build float32")
-    build(folder, fp32, "float32", cache)
+    build(folder, fp32, "float32", cache, shown)
 
     stage("check merge")
     vocab = int(read_json(folder / "config.json")["vocab_size"])
@@ -125,7 +130,7 @@ def write_builder_graph(out: Path, model: Path, adapter: tuple[str, PeraAdapter]
     checks: list[Any] = [merge_check]
     if dtype != "float32" and merge_check.passed:
         stage(f"build {dtype}")
-        build(folder, out, dtype, cache)
+        build(folder, out, dtype, cache, shown)
         stage("compare with float32")
         checks.append(GenaiQuantization(dtype, [compare(run_graph(out, dtype, p, tokens), want, i) for i, (p, (tokens, _),
                                                 want) in enumerate(zip(runs, references, fp32_logits))]))
