@@ -351,9 +351,10 @@ def unmerge(merged: str | Path, adapter: AdapterLike, output: str | Path, *, che
 @_speaks_python
 def export_onnx(model: str | Path, output: str | Path, *, adapters: dict[str, AdapterLike] | None = None,
                 branch: bool = False, task: str | None = None, opset: int | None = None, dtype: str = "float32",
-                genai: bool | None = None, force: bool = False, dry_run: bool = False, progress: bool | None = None,
-                digests: Digests | None = None, **load_options: Any) -> Any:
-    """Export to ONNX through Optimum and check the graph with ONNX Runtime against PyTorch.
+                genai: bool | None = None, engine: str = "optimum", force: bool = False, dry_run: bool = False,
+                progress: bool | None = None, digests: Digests | None = None, **load_options: Any) -> Any:
+    """Export to ONNX through Optimum (or ONNX Runtime GenAI's model builder) and check the
+    graph against PyTorch.
 
     * `model` alone: a (merged) model folder as it is.
     * `model` = base and one adapter: merged on the fly (in a temporary folder beside the
@@ -368,15 +369,22 @@ def export_onnx(model: str | Path, output: str | Path, *, adapters: dict[str, Ad
     saying why not elsewhere; True: or bad input; False: never); a SentencePiece
     `tokenizer.model` without `tokenizer.json` gets the `tokenizer.json` transformers makes.
     On the driver (export/onnx/exporter.py): `dry_run` returns the plan and writes nothing.
+
+    `engine="genai"`: the model (or the base with the adapter merged by pera-deploy's exact
+    merge) built by ONNX Runtime GenAI's model builder, `dtype` float32 or int4
+    (export/onnx/builder_exporter.py); its float32 graph is checked against the unmerged
+    model in PyTorch (the merge error), an int4 graph compared with it (the
+    quantization error, reported). Needs the `genai` extra, in an environment without `onnx`.
     """
     from .export.onnx.exporter import ExportOnnxOptions
     from .scoped import quiet_transformers
 
     opts = ExportOnnxOptions(model=model, output=output, adapters=dict(adapters) if adapters is not None else None,
-                             branch=branch, task=task, opset=opset, dtype=dtype, genai=genai, **load_options)
+                             branch=branch, task=task, opset=opset, dtype=dtype, genai=genai, engine=engine,
+                             **load_options)
+    command = "export-onnx --engine genai" if engine == "genai" else "export-onnx --branch" if branch else "export-onnx"
     with quiet_transformers():
-        return drive("export-onnx --branch" if branch else "export-onnx", export_onnx, opts, force=force,
-                     dry_run=dry_run, progress=progress, digests=digests)
+        return drive(command, export_onnx, opts, force=force, dry_run=dry_run, progress=progress, digests=digests)
 
 
 @_speaks_python
@@ -462,4 +470,5 @@ COMMANDS: dict[str, Callable[..., Report]] = {
     "export-gguf": export_gguf,
     "export-onnx": export_onnx,
     "export-onnx --branch": export_onnx,
+    "export-onnx --engine genai": export_onnx,
 }

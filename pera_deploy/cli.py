@@ -924,16 +924,21 @@ def unmerge(merged: Path, adapter: Path, output: Path, format_: str | None, adap
               help="Write genai_config.json for ONNX Runtime GenAI. Default: where GenAI can run the export "
                    "(a decoder of a type it runs, with tokenizer.json or a SentencePiece tokenizer.model to make it "
                    "from); elsewhere the graph alone, the report saying why. --genai: elsewhere is an error.")
-@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
-              help="float16 converts the float32 graph (and adapter files) after export; checked with a wider tolerance.")
+@click.option("--engine", type=click.Choice(["optimum", "genai"]), default="optimum", show_default=True,
+              help="optimum: Optimum's exporter (encoders too, --branch). genai: ONNX Runtime GenAI's own model builder "
+                   "on the merged model (decoders it builds; float32 or int4), in the genai extra's "
+                   "environment (transformers 5).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "int4"]), default="float32", show_default=True,
+              help="float16 converts the float32 graph (and adapter files) after export; checked with a wider tolerance. "
+                   "int4 (MatMulNBits): --engine genai only.")
 @adapter_options
 @writer_options
 @force_option
 @json_option
 @debug_option
 def export_onnx(model: Path, output: Path, adapter_specs: tuple[str, ...], branch: bool, task: str | None,
-                opset: int | None, genai: bool | None, dtype: str, format_: str | None, adapter_name: str | None,
-                missing_coefficients: str | None, config: Path | None, force: bool, dry_run: bool,
+                opset: int | None, genai: bool | None, engine: str, dtype: str, format_: str | None,
+                adapter_name: str | None, missing_coefficients: str | None, config: Path | None, force: bool, dry_run: bool,
                 progress: bool | None) -> None:
     """Export to ONNX, checked with ONNX Runtime against the unmerged PyTorch model.
 
@@ -970,9 +975,9 @@ def export_onnx(model: Path, output: Path, adapter_specs: tuple[str, ...], branc
         adapters[name] = Path(path)
 
     _run(lambda: run_export(model, output, adapters=adapters, branch=branch, task=task, opset=opset, dtype=dtype,
-                            genai=genai, force=force, dry_run=dry_run, progress=_progress(progress),
+                            genai=genai, engine=engine, force=force, dry_run=dry_run, progress=_progress(progress),
                             **_load_options(format_, adapter_name, missing_coefficients, config)),
-         _render_with("export-onnx"))
+         _render_with("export-onnx --engine genai" if engine == "genai" else "export-onnx"))
 
 
 @main.command()

@@ -38,6 +38,7 @@ EXPORTERS = {
     "bundle": "pera_deploy.export.bundle:BUNDLE",
     "export-onnx": "pera_deploy.export.onnx.exporter:EXPORT_ONNX",
     "export-onnx --branch": "pera_deploy.export.onnx.exporter:EXPORT_ONNX_BRANCH",
+    "export-onnx --engine genai": "pera_deploy.export.onnx.builder_exporter:EXPORT_ONNX_GENAI",
 }
 
 

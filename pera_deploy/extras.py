@@ -5,7 +5,10 @@ exports and reproduces without torch or transformers. What runs a model needs an
 
 * `check`: torch and transformers, for the forward check (merge --check-forward, verify)
   and anything else that builds a transformers model;
-* `onnx`: `check` plus onnx, onnxruntime and optimum-onnx, for export-onnx and bundle --onnx.
+* `onnx`: `check` plus onnx, onnxruntime and optimum-onnx, for export-onnx and bundle --onnx;
+* `genai`: `check` plus onnxruntime-genai (whose wheel ships ONNX Runtime GenAI's model builder),
+  onnx_ir and transformers 5, for export-onnx --engine genai. optimum-onnx pins transformers
+  below 4.58, so `genai` and `onnx` are installed in separate environments.
 
 A command that needs a missing extra stops before it does anything: bad input (exit 2),
 one line naming what needed it and the pip command that installs it.
@@ -24,6 +27,7 @@ MODULES = {
     "check": ("torch", "transformers"),
     "onnx": ("torch", "transformers", "onnx", "onnxruntime", "optimum.exporters.onnx",
              "optimum.exporters.onnx.model_configs"),
+    "genai": ("torch", "transformers", "onnx_ir", "onnxruntime", "onnxruntime_genai"),
 }
 
 

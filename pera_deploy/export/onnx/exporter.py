@@ -18,7 +18,7 @@ from ...errors import InputError
 from ...io.model_files import side_file_names
 from ...io.model_folder import ModelFolder
 from ...io.paths import require_folder
-from ...options import ONNX_DTYPES, adapter_name, choose
+from ...options import ONNX_DTYPES, ONNX_ENGINES, adapter_name, choose
 from ...publish import Written, adapter_inputs
 from ..contract import AdapterLike, Exporter, Plan, PlannedFile, WriteContext, WriterOptions, load, paths
 from .genai import GenaiPlan
@@ -35,6 +35,7 @@ class ExportOnnxOptions(WriterOptions):
     opset: int | None = None
     dtype: str = "float32"
     genai: bool | None = None
+    engine: str = "optimum"  # or "genai": ONNX Runtime GenAI's model builder (export/onnx/builder_exporter.py)
 
 
 @dataclass
@@ -52,6 +53,10 @@ class _OnnxState:
 def _validate(opts: ExportOnnxOptions) -> None:
     """--dtype, the model folder, the adapters --branch needs, the extra and --opset: before
     anything is read."""
+    choose("--engine", opts.engine, ONNX_ENGINES)
+    if opts.dtype == "int4":
+        raise InputError("--dtype int4: the Optimum engine writes float32 and float16; int4 (MatMulNBits) is built by "
+                         "ONNX Runtime GenAI's model builder: --engine genai")
     choose("--dtype", opts.dtype, ONNX_DTYPES)
     require_folder(Path(opts.model), "model folder")
     if opts.branch and not opts.adapters:
