@@ -111,7 +111,7 @@ PYTHON_NAMES = {
     "--adapter": "adapter", "--adapter-name": "adapter_name", "--base": "base", "--base-files": "base_files",
     "--base-gguf": "base_gguf", "--branch": "branch=True", "--check-against": "check_against",
     "--check-forward": "check_forward_pass=True", "--config": "config", "--dry-run": "dry_run=True",
-    "--dtype": "dtype", "--force": "force=True", "--format": "format", "--forward": "forward=True",
+    "--dtype": "dtype", "--engine": "engine", "--force": "force=True", "--format": "format", "--forward": "forward=True",
     "--full-check": "full_check=True", "--genai": "genai=True", "--jobs": "jobs", "--keep-branch": "keep_branch()",
     "--max-new-tokens": "max_new_tokens", "--max-rank": "max_rank", "--max-shard-size": "max_shard_size",
     "--missing-coefficients": "missing_coefficients", "--no-forward": "forward=False", "--no-genai": "genai=False",

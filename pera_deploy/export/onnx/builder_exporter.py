@@ -18,6 +18,7 @@ from ...core.adapter import PeraAdapter
 from ...errors import InputError
 from ...io.files import read_json
 from ...io.model_folder import ModelFolder
+from ...io.paths import require_folder
 from ...options import GENAI_DTYPES, ONNX_ENGINES, adapter_name, choose
 from ...publish import Written, adapter_inputs
 from ..contract import Exporter, Plan, PlannedFile, WriteContext
@@ -35,8 +36,7 @@ def _validate(opts: ExportOnnxOptions) -> None:
                          "for GPU execution providers, which ONNX Runtime cannot run on the CPU (where pera-deploy "
                          "checks them); use --dtype int4 or float32, or --engine optimum --dtype float16")
     choose("--dtype", opts.dtype, GENAI_DTYPES)
-    if not Path(opts.model).is_dir():
-        raise InputError(f"{opts.model}: model folder not found")
+    require_folder(Path(opts.model), "model folder")
     if opts.branch:
         raise InputError("--branch is not available with --engine genai: ONNX Runtime GenAI's model builder bakes one "
                          "PEFT LoRA into the graph as fixed weights and writes no .onnx_adapter file; use --engine "
