@@ -18,7 +18,7 @@ from .checks.base import Report
 from .core.adapter import PeraAdapter
 from .driver import digests_scope, drive, swapped_arguments
 from .errors import InputError, PeraDeployError, speak_python
-from .export.contract import load, load_weighted
+from .export.contract import load_weighted
 from .extras import require
 from .io.digests import Digests
 from .options import jobs as option_jobs
@@ -49,25 +49,16 @@ load_adapter = _speaks_python(formats.load_adapter)
 __all__ = ["load_adapter", "inspect_adapter", "merge", "verify", "export_lora", "keep_branch", "unmerge",
            "export_onnx", "extract", "combine", "bundle", "load_bundle", "export_gguf", "reproduce"]
 
-def _load(adapter: AdapterLike, load_options: dict[str, Any], command: str = "inspect",
-          models: dict[str, Any] | None = None) -> PeraAdapter:
-    """The adapter, read; a model folder given in its place (and an adapter among `models`,
-    the paths given as model folders) is said to be one (driver.swapped_arguments)."""
-    try:
-        return load(adapter, load_options)
-    except InputError as exc:
-        raise swapped_arguments(command, [adapter], models or {}, exc) or exc from None
-
-
-def _load_weighted(adapter: AdapterLike | Sequence[AdapterLike], weights: Sequence[float] | None,
-                   load_options: dict[str, Any], command: str, models: dict[str, Any]) -> PeraAdapter:
-    """One adapter, or several as their weighted sum (export.contract.load_weighted), with a
-    model folder given in an adapter's place said to be one, as `_load` does."""
+def _load(adapter: AdapterLike | Sequence[AdapterLike], load_options: dict[str, Any], command: str = "inspect",
+          models: dict[str, Any] | None = None, weights: Sequence[float] | None = None) -> PeraAdapter:
+    """The adapter, read, or several as their weighted sum (export.contract.load_weighted); a
+    model folder given in an adapter's place (and an adapter among `models`, the paths given
+    as model folders) is said to be one (driver.swapped_arguments)."""
     sources = _sources(adapter)
     try:
         return load_weighted(sources, weights, load_options)
     except InputError as exc:
-        raise swapped_arguments(command, sources, models, exc) or exc from None
+        raise swapped_arguments(command, sources, models or {}, exc) or exc from None
 
 
 def _sources(adapter: AdapterLike | Sequence[AdapterLike]) -> list[AdapterLike]:
@@ -182,7 +173,7 @@ def verify(merged: str | Path, adapter: AdapterLike | Sequence[AdapterLike] | No
                 "pass --no-forward to check the weights alone")
     from .checks.verify import verify_merged
 
-    loaded = _load_weighted(adapter, weights, load_options, "verify", {"merged": merged, "base": base})
+    loaded = _load(adapter, load_options, "verify", {"merged": merged, "base": base}, weights)
     with offline():
         return verify_merged(merged, loaded, Path(base), forward=forward,
                              untie_embeddings=untie_embeddings, seed=seed, progress=progress)
@@ -203,7 +194,7 @@ def _verify_runtime(artifact: Path, adapter: AdapterLike | Sequence[AdapterLike]
         from .publish.runtime_record import record_file
 
         target = record_file(artifact)
-    loaded = _load_weighted(adapter, weights, load_options, "verify", {"merged": artifact, "base": base})
+    loaded = _load(adapter, load_options, "verify", {"merged": artifact, "base": base}, weights)
     with offline():
         report = verify_runtime(artifact, loaded, Path(base), runtime,
                                 prompts_file=Path(prompts) if prompts is not None else None,
@@ -283,10 +274,10 @@ def bundle(base: str | Path, output: str | Path, adapters: dict[str, AdapterLike
 @_speaks_python
 def load_bundle(folder: str | Path) -> Any:
     """A bundle's base model with every adapter loaded into PEFT under its own name (needs peft)."""
-    from .export.bundle import load_bundle as load
+    from .export.bundle import load_bundle as load_folder
 
     with offline():
-        return load(Path(folder))
+        return load_folder(Path(folder))
 
 
 @_speaks_python
