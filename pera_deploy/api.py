@@ -19,6 +19,7 @@ from .core.adapter import PeraAdapter
 from .driver import digests_scope, drive, swapped_arguments
 from .errors import InputError, PeraDeployError, speak_python
 from .export.contract import load_weighted
+from .export.registry import WRITERS
 from .extras import require
 from .io.digests import Digests
 from .options import jobs as option_jobs
@@ -450,16 +451,4 @@ def reproduce(output: str | Path, *, adapters: Sequence[str | Path] = (), base: 
 
 
 # The command a manifest names → the API function that wrote it (what reproduce calls again).
-COMMANDS: dict[str, Callable[..., Report]] = {
-    "merge": merge,
-    "merge --keep-branch": keep_branch,
-    "unmerge": unmerge,
-    "export-lora": export_lora,
-    "combine": combine,
-    "extract": extract,
-    "bundle": bundle,
-    "export-gguf": export_gguf,
-    "export-onnx": export_onnx,
-    "export-onnx --branch": export_onnx,
-    "export-onnx --engine genai": export_onnx,
-}
+COMMANDS: dict[str, Callable[..., Report]] = {name: globals()[writer.api] for name, writer in WRITERS.items()}

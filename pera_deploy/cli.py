@@ -30,11 +30,12 @@ from .errors import (
     EXIT_INTERNAL,
     EXIT_OK,
     CheckFailed,
-    InputError,
+    InternalError,
     Interrupted,
     PeraDeployError,
     classify_os_error,
 )
+from .export.command import LOAD, PRECISION, Command, Param, parse_weights
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
@@ -77,35 +78,6 @@ def adapter_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-def rank_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """Which rank a LoRA export keeps: the same options on export-lora, combine and export-gguf."""
-    for option in reversed([
-        click.option("--rank", type=int, default=None, help="Keep the best rank-K approximation, per module."),
-        click.option("--tol", type=float, default=None,
-                     help="Per module, the smallest rank whose relative Frobenius error is at most T."),
-        click.option("--max-rank", type=int, default=None, help="Cap every module's rank at M."),
-    ]):
-        f = option(f)
-    return f
-
-
-def lora_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """How to write a plain LoRA: the same options on export-lora and combine."""
-    for option in reversed([
-        rank_options,
-        click.option("--pad/--no-pad", default=True, show_default=True,
-                     help="Pad all modules to one rank (scaling exactly 1 in PEFT, vLLM and llama.cpp); --no-pad "
-                     "writes each at its own rank with rank_pattern / alpha_pattern."),
-        click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
-                     show_default=True, help="Storage dtype of the LoRA factors."),
-        click.option("--base", type=click.Path(path_type=Path), default=None,
-                     help="Name modules as this base model's transformers class does (what PEFT matches), and check "
-                     "shapes."),
-    ]):
-        f = option(f)
-    return f
-
-
 jobs_option = click.option(
     "--jobs", "-j", type=click.IntRange(min=1), default=None, metavar="N",
     help="Threads that share out the arithmetic (default: the cores available); the output is byte-identical "
@@ -123,32 +95,10 @@ def _no_precision(value: str | None) -> None:
                    "computed exactly and rounded once to the output dtype", err=True)
 
 
-force_option = click.option(
-    "--force", is_flag=True,
-    help="Replace OUTPUT if it is an earlier output of pera-deploy (or an empty folder); nothing else is replaced.")
-
-
-def writer_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """What every writer takes from the driver: --dry-run and --progress/--no-progress."""
-    f = click.option("--progress/--no-progress", default=None,
-                     help="Progress on stderr (default: on a terminal; never with --json).")(f)
-    f = click.option("--dry-run", is_flag=True,
-                     help="Print what would be written (files, sizes, ranks, modules, checks, what --force would "
-                     "replace) and write nothing; bad input still exits 2.")(f)
-    return f
-
-
 def _progress(progress: bool | None) -> bool | None:
     """--progress as the driver takes it: never under --json (stdout holds one JSON object,
     and a caller reading it wants no bar on stderr either)."""
     return False if click.get_current_context().meta.get(JSON_KEY) else progress
-
-
-def _render_with(command: str) -> Callable[[Any], str]:
-    """The registered writer's renderer, for its report."""
-    from .driver import exporter
-
-    return lambda report: exporter(command).render(report)
 
 
 def _load_options(format_: str | None, adapter_name: str | None, missing_coefficients: str | None,
@@ -264,6 +214,31 @@ class _Group(click.Group):
     def get_help_option(self, ctx: click.Context) -> click.Option | None:
         return _help_option(super().get_help_option(ctx))
 
+    # The writers' commands come from export/registry.py, built when one is asked for: listing
+    # them (--help) imports none of their modules.
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        from .export.registry import COMMAND_LINES
+
+        return sorted({*self.commands, *COMMAND_LINES})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        from .export.registry import COMMAND_LINES
+
+        if cmd_name not in self.commands and cmd_name in COMMAND_LINES:
+            self.add_command(writer_command(cmd_name))
+        return self.commands.get(cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from .export.registry import COMMAND_LINES
+
+        names = [n for n in self.list_commands(ctx) if n in COMMAND_LINES or not self.commands[n].hidden]
+        limit = formatter.width - 6 - max(map(len, names))
+        # a writer not built yet: its summary, shortened as click shortens a command's help
+        rows = [(n, (self.commands.get(n) or click.Command(n, help=COMMAND_LINES[n])).get_short_help_str(limit))
+                for n in names]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         ctx.meta.update(_flags(args))  # ctx.meta is shared by the group and its command
         return super().parse_args(ctx, args)
@@ -378,28 +353,111 @@ def _run(call: Callable[[], Any], render: Callable[[Any], str],
     _echo(json.dumps({**to_dict(result), "exit_code": EXIT_OK}, indent=2, default=str) if as_json else render(result))
 
 
-def parse_weights(text: str | None) -> list[float] | None:
-    """--weights 0.7,0.3 → [0.7, 0.3]; anything else is an InputError naming it."""
-    if text is None:
-        return None
-    values = []
-    for part in text.split(","):
-        try:
-            values.append(float(part))
-        except ValueError:
-            raise InputError(f"--weights {text!r}: {part.strip()!r} is not a number") from None
-    return values
+# -- the writers' commands, built from their declarations (export/command.py) -----------------------------
+
+_PATH = click.Path(path_type=Path)
+_TYPES: dict[str, Any] = {"path": _PATH, "text": None, "int": int, "float": float}
 
 
-def _adapters_and_base(paths: tuple[Path, ...], adapter_opts: tuple[Path, ...],
-                       base_opt: Path | None) -> tuple[list[Path], Path]:
-    """ADAPTER... BASE, or --adapter ... --base ..., or a mix: the adapters and the base."""
-    positional = list(paths)
-    base = base_opt if base_opt is not None else (positional.pop() if positional else None)
-    adapters = [*adapter_opts, *positional]
-    if base is None or not adapters:
-        raise click.UsageError("give the adapter(s) and the base: ADAPTER... BASE, or --adapter PATH --base BASE")
-    return adapters, base
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def _click_parameter(param: Param) -> Decorator:
+    """The click decorator for one declared parameter."""
+    kind = param.kind
+    type_ = click.Choice(list(kind)) if isinstance(kind, tuple) else _TYPES.get(kind)
+    if not param.flags:
+        return click.argument(param.name, type=type_, nargs=-1 if param.multiple else 1,
+                              required=param.required if param.multiple else True, metavar=param.metavar)
+    given: dict[str, Any] = {"is_flag": True} if kind == "flag" else {}
+    # click 8.3 takes an explicit default=None as a value, which meets `required`; a --x/--no-x
+    # switch needs it, or it defaults to False (None: neither given, the writer decides)
+    if param.default is not None or kind == "switch":
+        given["default"] = param.default
+    return click.option(*param.flags, param.name, type=None if kind in ("flag", "switch") else type_,
+                        required=param.required, multiple=param.multiple, metavar=param.metavar,
+                        show_default=param.show_default, help=param.help, **given)
+
+
+def _force_option(folder: bool) -> Decorator:
+    replaced = "an earlier output of pera-deploy (or an empty folder)" if folder else "a file pera-deploy wrote"
+    return click.option("--force", is_flag=True, help=f"Replace OUTPUT if it is {replaced}; nothing else is replaced.")
+
+
+dry_run_option = click.option(
+    "--dry-run", is_flag=True, help="Print what would be written (files, sizes, ranks, modules, checks, what --force "
+    "would replace) and write nothing; bad input still exits 2.")
+progress_option = click.option("--progress/--no-progress", default=None,
+                               help="Progress on stderr (default: on a terminal; never with --json).")
+
+
+def writer_command(name: str) -> click.Command:
+    """The command `name` of export/registry.py, from its writer's declaration: its own
+    parameters, then the ones every writer takes, all handed to its API function."""
+    from .driver import exporter
+
+    writer = exporter(name)
+    spec = writer.command
+    if spec is None:
+        raise InternalError(f"{name}: its writer declares no command line")
+    shared: dict[str, Decorator] = {LOAD: adapter_options, PRECISION: precision_option}
+    decorators = [shared[p] if isinstance(p, str) else _click_parameter(p) for p in spec.params]
+    decorators += [*([jobs_option] if spec.jobs else []), _force_option(writer.folder), dry_run_option,
+                   progress_option, json_option, debug_option]
+
+    def callback(*, format_: str | None, adapter_name: str | None, missing_coefficients: str | None,
+                 config: Path | None, force: bool, dry_run: bool, progress: bool | None, **params: Any) -> None:
+        _run_writer(spec, params, _load_options(format_, adapter_name, missing_coefficients, config), force=force,
+                    dry_run=dry_run, progress=_progress(progress))
+
+    run: Callable[..., Any] = callback
+    for decorate in reversed(decorators):
+        run = decorate(run)
+    return click.command(name, cls=_Command, help=spec.help)(run)
+
+
+def _run_writer(spec: Command, params: dict[str, Any], load: dict[str, Any], *, force: bool, dry_run: bool,
+                progress: bool | None) -> None:
+    """Call the writer's API function with what its command line asked for. The inputs its
+    call names are hashed from the start, while the rest of the tool is still being imported
+    (a dry run hashes, and caches, nothing); the report renders as its writer renders it."""
+    from .driver import exporter
+    from .io.digests import Digests, likely_inputs
+
+    started = time.perf_counter()
+    call = spec.arguments(params)
+    digests = Digests()
+    if call.prefetch and not dry_run:
+        from .formats.peft_folder import check_adapter_name
+
+        check_adapter_name(load["adapter_name"])  # first: a path there would have a sibling folder's files read
+        *adapters, base = call.prefetch
+        for path in adapters:
+            digests.prefetch(likely_inputs(path / load["adapter_name"] if load["adapter_name"] else path, base))
+
+    def result() -> Any:
+        from . import api
+
+        made = getattr(api, call.function)(**call.arguments, force=force, dry_run=dry_run, progress=progress,
+                                           digests=digests, **load)
+        for warning in spec.warnings(made) if spec.warnings is not None else ():
+            _echo(f"pera-deploy: warning: {warning}", err=True)
+        return made
+
+    def render(report: Any) -> str:
+        text = exporter(report.command).render(report)
+        return text + (f" in {time.perf_counter() - started:.1f} s" if spec.timed and report.passed else "")
+
+    try:
+        _run(result, render, to_dict=lambda report: {**report.to_dict(), "seconds": time.perf_counter() - started})
+    finally:
+        digests.close()
+
+
+def all_commands() -> dict[str, click.Command]:
+    """Every command, the writers' built: what tests and the docs check walk."""
+    ctx = click.Context(main)
+    return {name: command for name in main.list_commands(ctx) if (command := main.get_command(ctx, name))}
 
 
 def _fmt_list(values: list[Any]) -> str:
@@ -500,121 +558,6 @@ def _output_lines(made: dict[str, Any]) -> list[str]:
     lines.append(f"checks       {checks or 'none recorded'}")
     lines.append(f"manifest     {made['manifest']}")
     return lines
-
-
-@main.command()
-@click.argument("paths", nargs=-1, type=click.Path(path_type=Path), metavar="ADAPTER... BASE")
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="The merged model folder to write.")
-@click.option("--adapter", "adapter_opts", multiple=True, type=click.Path(path_type=Path), metavar="PATH",
-              help="An adapter, as an option (repeatable); the positional form ADAPTER... BASE works too.")
-@click.option("--base", "base_opt", type=click.Path(path_type=Path), default=None,
-              help="The base model folder, as an option (then every positional path is an adapter).")
-@click.option("--weights", default=None, metavar="W1,W2,...",
-              help="Merge the adapters' weighted sum Σ wᵢ ΔWᵢ (one weight per adapter; negative subtracts); "
-              "several adapters default to all 1.")
-@adapter_options
-@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True,
-              help="Storage dtype of the output's float tensors; auto keeps each tensor's own.")
-@precision_option
-@click.option("--max-shard-size", default=None, metavar="SIZE",
-              help="Re-shard the output (e.g. 2GB, 500MB); by default the base's shard layout is kept.")
-@click.option("--untie-embeddings", is_flag=True,
-              help="Allow merging into a tied embedding by giving the tied pair separate weights.")
-@click.option("--check-forward", is_flag=True,
-              help="Also run the merged and the unmerged model on seeded inputs and compare outputs.")
-@click.option("--full-check", is_flag=True,
-              help="Recompute every merged element independently (by default a sample: about 1/8 of the "
-              "rows of a large weight, with rows from every block the merge wrote, and every row of a weight "
-              "of at most 2^17 elements; about 1.5x the merge's time).")
-@click.option("--keep-branch", is_flag=True,
-              help="Do not merge: write OUTPUT/base (the base, untouched) and OUTPUT/adapter (the adapter as an "
-              "exact plain PEFT LoRA) for multi-adapter serving with PEFT or vLLM.")
-@click.option("--base-files", type=click.Choice(["copy", "hardlink", "symlink"]), default="copy", show_default=True,
-              help="With --keep-branch: how OUTPUT/base holds the base's files.")
-@jobs_option
-@force_option
-@writer_options
-@json_option
-@debug_option
-def merge(paths: tuple[Path, ...], output: Path, adapter_opts: tuple[Path, ...], base_opt: Path | None,
-          weights: str | None, format_: str | None, adapter_name: str | None,
-          missing_coefficients: str | None, config: Path | None, dtype: str,
-          max_shard_size: str | None, untie_embeddings: bool, check_forward: bool, full_check: bool,
-          keep_branch: bool, base_files: str, jobs: int | None, force: bool, dry_run: bool,
-          progress: bool | None) -> None:
-    """Merge the PERA adapter ADAPTER into the model folder BASE, writing a new model folder.
-
-    Several adapters are merged as their weighted sum (--weights, default all 1), exactly, in
-    the same single pass and single rounding as one.
-
-    \b
-    The output is a plain Hugging Face model folder: the base's shards and index (each merged
-    element W0 + ΔW evaluated in float64 and rounded once, correctly, the same bytes on any
-    machine; every other tensor bit-identical), its config, tokenizer and generation files,
-    and pera_deploy_manifest.json with the sha256 of the inputs, each merged layer and the
-    check results. It appears only once every check has passed.
-
-    \b
-    With --keep-branch nothing is merged: OUTPUT/base is the base as it is and
-    OUTPUT/adapter the exact plain LoRA (see export-lora), the pair multi-adapter servers load.
-
-    \b
-    Examples:
-      pera-deploy merge fixtures/examples/llama-pera fixtures/examples/llama-base -o merged
-      pera-deploy merge fixtures/examples/llama-pera fixtures/examples/llama-pera-2 fixtures/examples/llama-base \\
-          -o merged-sum --weights 0.7,0.3
-      pera-deploy merge fixtures/examples/llama-pera fixtures/examples/llama-base -o served --keep-branch
-    """
-    adapters, base = _adapters_and_base(paths, adapter_opts, base_opt)
-    weight_list = parse_weights(weights)
-    load = _load_options(format_, adapter_name, missing_coefficients, config)
-    adapter: Any = adapters[0] if len(adapters) == 1 else list(adapters)
-    if keep_branch:
-        if len(adapters) > 1 or weight_list is not None:
-            raise InputError("--keep-branch writes one adapter; for several, see `pera-deploy bundle`")
-        given = [flag for flag, on in (("--dtype", dtype != "auto"), ("--max-shard-size", max_shard_size is not None),
-                                       ("--untie-embeddings", untie_embeddings), ("--check-forward", check_forward),
-                                       ("--full-check", full_check),
-                                       ("--jobs", jobs is not None)) if on]
-        if given:
-            raise InputError(f"{', '.join(given)} do(es) not apply with --keep-branch: the base is written untouched")
-        from .api import keep_branch as run_keep_branch
-
-        _run(lambda: run_keep_branch(adapter, base, output, base_files=base_files, force=force, dry_run=dry_run,
-                                     progress=_progress(progress), **load), _render_with("merge --keep-branch"))
-        return
-    _merge_timed(adapters, base, dry_run, load, lambda digests: dict(
-        adapter=adapter, base=base, output=output, weights=weight_list, dtype=dtype, max_shard_size=max_shard_size,
-        untie_embeddings=untie_embeddings, check_forward_pass=check_forward, full_check=full_check, force=force,
-        dry_run=dry_run, progress=_progress(progress), digests=digests, jobs=jobs, **load))
-
-
-def _merge_timed(adapters: list[Path], base: Path, dry_run: bool, load: dict[str, Any],
-                 arguments: Callable[[Any], dict[str, Any]]) -> None:
-    """api.merge with `arguments(digests)`, the inputs hashed from the start (while the rest of
-    the tool is still being imported), and the time the command took in its report."""
-    from .io.digests import Digests, likely_inputs
-
-    started = time.perf_counter()
-    # the adapter name checked first: a path there would have a sibling folder's files read
-    from .formats.peft_folder import check_adapter_name
-
-    check_adapter_name(load["adapter_name"])
-    digests = Digests()
-    for path in adapters if not dry_run else ():  # a dry run hashes (and caches) nothing
-        digests.prefetch(likely_inputs(path / load["adapter_name"] if load["adapter_name"] else path, base))
-
-    def render(report: Any) -> str:  # the writer's report, and the time the command took
-        text = _render_with("merge")(report)
-        return text + (f" in {time.perf_counter() - started:.1f} s" if report.passed else "")
-
-    try:
-        from .api import merge as run_merge
-
-        _run(lambda: run_merge(**arguments(digests)), render,
-             to_dict=lambda report: {**report.to_dict(), "seconds": time.perf_counter() - started})
-    finally:
-        digests.close()
 
 
 @main.command()
@@ -732,339 +675,6 @@ def _runtime_lines(check: Any, recorded_in: str | None) -> str:
     if recorded_in:
         lines.append(f"recorded in {recorded_in}")
     return "\n".join(lines)
-
-
-@main.command("export-lora")
-@click.argument("adapter", type=click.Path(path_type=Path))
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="The LoRA adapter folder to write.")
-@adapter_options
-@lora_options
-@force_option
-@writer_options
-@json_option
-@debug_option
-def export_lora(adapter: Path, output: Path, format_: str | None, adapter_name: str | None,
-                missing_coefficients: str | None, config: Path | None, rank: int | None, tol: float | None,
-                max_rank: int | None, pad: bool, dtype: str, base: Path | None, force: bool, dry_run: bool,
-                progress: bool | None) -> None:
-    """Write a PERA adapter as a plain PEFT LoRA adapter, which every LoRA runtime serves.
-
-    \b
-    ΔW = (s·B̂)·Â exactly, so lora_B = s·B̂ and lora_A = Â is an exact LoRA of rank
-    R' = r + r(r+1)/2 (44 for r = 8). --rank / --tol / --max-rank keep instead the best
-    approximation per module (a truncated SVD computed from the factors) and report its
-    relative error per module and in total. Each module's stored factors are checked
-    against ΔW before the folder is published.
-
-    \b
-    Examples:
-      pera-deploy export-lora fixtures/examples/llama-pera -o lora-exact
-      pera-deploy export-lora fixtures/examples/llama-pera -o lora-r8 --rank 8
-    """
-    from .api import export_lora as run_export
-
-    def call() -> Any:
-        return _warned(run_export(adapter, output, rank=rank, tol=tol, max_rank=max_rank, pad=pad, dtype=dtype,
-                                  base=base, force=force, dry_run=dry_run, progress=_progress(progress),
-                                  **_load_options(format_, adapter_name, missing_coefficients, config)))
-
-    _run(call, _render_with("export-lora"))
-
-
-def _warned(result: Any) -> Any:
-    """A LoRA export's warnings on stderr (a plan's, or the report's), then the result."""
-    lora = result.summary if hasattr(result, "summary") else result.manifest["lora"]
-    for warning in lora["warnings"]:
-        _echo(f"pera-deploy: warning: {warning}", err=True)
-    return result
-
-
-@main.command("export-gguf")
-@click.argument("adapter", type=click.Path(path_type=Path))
-@click.option("--base", required=True, type=click.Path(path_type=Path),
-              help="The base model folder the adapter is for: its architecture names the tensors and orders the q/k "
-              "rows; the adapter's shapes are checked against it.")
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
-              help="The .gguf file to write.")
-@adapter_options
-@rank_options
-@click.option("--pad/--no-pad", default=True, show_default=True,
-              help="Pad all modules to one rank, so llama.cpp's alpha / rank is exactly 1; --no-pad keeps each "
-              "module's rank and folds rank / r into its lora_b instead.")
-@click.option("--dtype", default="float32", show_default=True, metavar="float32|float16|q8_0",
-              help="Storage type of lora_a and lora_b: GGUF F32, F16, or Q8_0 as llama.cpp's converter writes it "
-              "(blocks of 32 along each row; rows of another length, such as lora_b's, in F16).")
-@click.option("--force", is_flag=True,
-              help="Replace OUTPUT if it is a GGUF written by pera-deploy; nothing else is replaced.")
-@writer_options
-@json_option
-@debug_option
-def export_gguf(adapter: Path, base: Path, output: Path, format_: str | None, adapter_name: str | None,
-                missing_coefficients: str | None, config: Path | None, rank: int | None, tol: float | None,
-                max_rank: int | None, pad: bool, dtype: str, force: bool, dry_run: bool, progress: bool | None) -> None:
-    """Write a PERA adapter as a llama.cpp LoRA adapter file (GGUF), for `llama-cli --lora`.
-
-    \b
-    The tensors are the exact plain LoRA of export-lora (lora_B = s·B̂, lora_A = Â, rank
-    R' = 44 for r = 8; or --rank / --tol / --max-rank), named as llama.cpp names the base's
-    tensors (blk.0.attn_q.weight.lora_a / .lora_b, from the gguf package's name map), with
-    q/k rows in llama.cpp's rotary order and adapter.lora.alpha = the rank, so llama.cpp's
-    scale alpha / rank is 1: tensor for tensor what llama.cpp's convert_lora_to_gguf.py
-    writes from `export-lora --base BASE`. The file is read back and every tensor checked,
-    and ΔW as llama.cpp computes it, before it appears. Bases: Llama, Mistral, Qwen2, Qwen3.
-    Needs the gguf extra: pip install 'pera-deploy[gguf]'.
-
-    \b
-    Examples:
-      pera-deploy export-gguf fixtures/examples/small-llama-pera --base fixtures/examples/small-llama-base \\
-          -o small-llama-pera.gguf
-      pera-deploy export-gguf fixtures/examples/small-llama-pera --base fixtures/examples/small-llama-base \\
-          -o small-llama-pera-r8-f16.gguf --rank 8 --dtype float16
-    \b
-    Then, with the base converted by llama.cpp's convert_hf_to_gguf.py:
-      llama-cli -m small-llama-base.gguf --lora small-llama-pera.gguf
-    """
-    from .api import export_gguf as run_export
-
-    _run(lambda: _warned(run_export(adapter, output, base=base, rank=rank, tol=tol, max_rank=max_rank, pad=pad,
-                                    dtype=dtype, force=force, dry_run=dry_run, progress=_progress(progress),
-                                    **_load_options(format_, adapter_name, missing_coefficients, config))),
-         _render_with("export-gguf"))
-
-
-@main.command()
-@click.argument("adapters", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="ADAPTER...")
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="The LoRA adapter folder to write.")
-@click.option("--weights", default=None, metavar="W1,W2,...",
-              help="One weight per adapter (default all 1; negative subtracts an adapter).")
-@adapter_options
-@lora_options
-@force_option
-@writer_options
-@json_option
-@debug_option
-def combine(adapters: tuple[Path, ...], output: Path, weights: str | None, format_: str | None,
-            adapter_name: str | None, missing_coefficients: str | None, config: Path | None, rank: int | None,
-            tol: float | None, max_rank: int | None, pad: bool, dtype: str, base: Path | None, force: bool,
-            dry_run: bool, progress: bool | None) -> None:
-    """Write the weighted sum of several adapters (PERA or LoRA) as one plain PEFT LoRA.
-
-    \b
-    Σ wᵢ ΔWᵢ is exactly the LoRA whose factors are the stacked wᵢ·sᵢ·B̂ᵢ and Âᵢ (rank ΣR′ᵢ):
-    that is what is written, with no approximation, unless --rank, --tol or --max-rank ask
-    for the best approximation of the sum per module (a factored SVD; each module's error
-    is reported). Modules targeted by only some adapters are fine.
-
-    \b
-    Example:
-      pera-deploy combine fixtures/examples/llama-pera fixtures/examples/llama-pera-2 -o combined \\
-          --weights 0.7,0.3
-    """
-    from .api import combine as run_combine
-
-    _run(lambda: _warned(run_combine(list(adapters), output, weights=parse_weights(weights), rank=rank, tol=tol,
-                                     max_rank=max_rank, pad=pad, dtype=dtype, base=base, force=force,
-                                     dry_run=dry_run, progress=_progress(progress),
-                                     **_load_options(format_, adapter_name, missing_coefficients, config))),
-         _render_with("combine"))
-
-
-@main.command()
-@click.argument("merged", type=click.Path(path_type=Path))
-@click.option("--adapter", "adapter", required=True, type=click.Path(path_type=Path), help="The adapter that was merged.")
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="The recovered model folder to write.")
-@adapter_options
-@click.option("--check-against", type=click.Path(path_type=Path), default=None,
-              help="The original base: compare the recovered weights with it (exit 1 if clearly further off than "
-              "the merge's rounding explains).")
-@precision_option
-@click.option("--full-check", is_flag=True,
-              help="Recompute every recovered element independently (default: a sample of rows).")
-@jobs_option
-@force_option
-@writer_options
-@json_option
-@debug_option
-def unmerge(merged: Path, adapter: Path, output: Path, format_: str | None, adapter_name: str | None,
-            missing_coefficients: str | None, config: Path | None, check_against: Path | None,
-            full_check: bool, jobs: int | None, force: bool, dry_run: bool, progress: bool | None) -> None:
-    """Take a PERA update back out of a merged model: W0 = W' − ΔW, streamed like a merge.
-
-    \b
-    The merge rounded W0 + ΔW once to its dtype, and that cannot be undone: each recovered
-    weight can be off by about two roundings (in bfloat16, 2·2⁻⁸ relative per element).
-    With --check-against the recovered model is compared with the original base and the
-    figures reported. Tensors the merge replaced (modules_to_save, trained biases) cannot be
-    recovered; they are kept as merged and listed.
-
-    \b
-    Example:
-      pera-deploy unmerge merged --adapter fixtures/examples/llama-pera -o recovered \\
-          --check-against fixtures/examples/llama-base
-    """
-    from .api import unmerge as run_unmerge
-
-    _run(lambda: run_unmerge(merged, adapter, output, check_against=check_against, full_check=full_check,
-                             force=force, dry_run=dry_run, progress=_progress(progress), jobs=jobs,
-                             **_load_options(format_, adapter_name, missing_coefficients, config)),
-         _render_with("unmerge"))
-
-
-@main.command("export-onnx")
-@click.argument("model", type=click.Path(path_type=Path))
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="The ONNX folder to write.")
-@click.option("--adapter", "adapter_specs", multiple=True, metavar="[NAME=]PATH",
-              help="A PERA adapter: merged into MODEL before export, or with --branch, one swappable adapter file "
-              "NAME.onnx_adapter (repeat for several).")
-@click.option("--branch", is_flag=True,
-              help="Export MODEL (the base) with a swappable PERA branch at every targeted layer instead of merging.")
-@click.option("--task", default=None, help="Optimum task (default: from the config's architecture; decoders with past).")
-@click.option("--opset", type=int, default=None, help="ONNX opset (default: Optimum's for the architecture).")
-@click.option("--genai/--no-genai", default=None,
-              help="Write genai_config.json for ONNX Runtime GenAI. Default: where GenAI can run the export "
-                   "(a decoder of a type it runs, with tokenizer.json or a SentencePiece tokenizer.model to make it "
-                   "from); elsewhere the graph alone, the report saying why. --genai: elsewhere is an error.")
-@click.option("--engine", type=click.Choice(["optimum", "genai"]), default="optimum", show_default=True,
-              help="optimum: Optimum's exporter (encoders too, --branch). genai: ONNX Runtime GenAI's own model builder "
-                   "on the merged model (decoders it builds; float32 or int4), in the genai extra's "
-                   "environment (transformers 5).")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "int4"]), default="float32", show_default=True,
-              help="float16 converts the float32 graph (and adapter files) after export; checked with a wider tolerance. "
-                   "int4 (MatMulNBits): --engine genai only.")
-@adapter_options
-@writer_options
-@force_option
-@json_option
-@debug_option
-def export_onnx(model: Path, output: Path, adapter_specs: tuple[str, ...], branch: bool, task: str | None,
-                opset: int | None, genai: bool | None, engine: str, dtype: str, format_: str | None,
-                adapter_name: str | None, missing_coefficients: str | None, config: Path | None, force: bool, dry_run: bool,
-                progress: bool | None) -> None:
-    """Export to ONNX, checked with ONNX Runtime against the unmerged PyTorch model.
-
-    \b
-    MODEL alone is a (merged) model folder, exported as it is. With one --adapter, MODEL is
-    the base: the adapter is merged on the fly (nothing but the ONNX folder is left behind).
-    With --branch, MODEL is the base and every --adapter NAME=PATH becomes NAME.onnx_adapter:
-    the graph computes x·W0ᵀ + (x·Âᵀ)·(s·B̂)ᵀ at each targeted layer, with the factors as
-    inputs of rank 0 by default (so with no adapter it is the base model), and ONNX Runtime
-    swaps adapters per request (RunOptions.add_active_adapter). Decoders get the KV-cache
-    graph. Every graph is run in ONNX Runtime (prefill and one decoding step for decoders)
-    and compared with PyTorch, output by output: float32 within 1e-4 relative, float16
-    within 1e-2, or exit 1. Decoders get genai_config.json beside the graph and tokenizer,
-    so onnxruntime_genai.Model(ONNX) runs the folder as written (og.Adapters loads the
-    .onnx_adapter files); a SentencePiece tokenizer.model without tokenizer.json gets the
-    tokenizer.json transformers makes from it. A folder GenAI cannot run (no tokenizer, a
-    model type it does not run) is exported without genai_config.json, and the report says why.
-
-    \b
-    Examples:
-      pera-deploy export-onnx fixtures/examples/llama-base --adapter fixtures/examples/llama-pera -o onnx-merged
-      pera-deploy export-onnx fixtures/examples/llama-base --branch -o onnx-branch \\
-          --adapter pera=fixtures/examples/llama-pera --adapter second=fixtures/examples/llama-pera-2
-    """
-    from .api import export_onnx as run_export
-
-    adapters: dict[str, Any] = {}
-    for spec in adapter_specs:
-        name, sep, path = spec.partition("=")
-        if not sep:
-            name, path = Path(spec).name, spec
-        if name in adapters:
-            raise InputError(f"--adapter {name}: the name is given twice")
-        adapters[name] = Path(path)
-
-    _run(lambda: run_export(model, output, adapters=adapters, branch=branch, task=task, opset=opset, dtype=dtype,
-                            genai=genai, engine=engine, force=force, dry_run=dry_run, progress=_progress(progress),
-                            **_load_options(format_, adapter_name, missing_coefficients, config)),
-         _render_with("export-onnx --engine genai" if engine == "genai" else "export-onnx"))
-
-
-@main.command()
-@click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="The adapter folder to write.")
-@adapter_options
-@click.option("--base", type=click.Path(path_type=Path), default=None,
-              help="Name modules as this base model's transformers class does (what PEFT matches), and check shapes.")
-@force_option
-@writer_options
-@json_option
-@debug_option
-def extract(checkpoint: Path, output: Path, format_: str | None, adapter_name: str | None,
-            missing_coefficients: str | None, config: Path | None, base: Path | None, force: bool, dry_run: bool,
-            progress: bool | None) -> None:
-    """Write the PERA adapter found in a training checkpoint as a canonical PEFT-style PERA folder.
-
-    \b
-    CHECKPOINT is anything pera-deploy reads (see `pera-deploy formats`): a DeepSpeed folder
-    (ZeRO 0-3, the root with `latest` or one global_stepN), a Lightning .ckpt, a
-    torch.distributed.checkpoint folder, an HF Trainer checkpoint-N, a state dict file, or an
-    adapter folder. OUTPUT gets adapter_model.safetensors and adapter_config.json (peft_type
-    PERA), the tensors bit for bit as taken, the scaling of every module kept, and where they
-    came from (container, step, tensor count, sha256 of the source files) in the config and the
-    manifest. It is read back and compared before it is published.
-
-    \b
-    Examples:
-      pera-deploy extract checkpoints/ -o adapter            (DeepSpeed: the folder with 'latest')
-      pera-deploy extract lightning_logs/step1.ckpt -o adapter --config adapter_config.json
-    """
-    from .api import extract as run_extract
-
-    _run(lambda: run_extract(checkpoint, output, base=base, force=force, dry_run=dry_run, progress=_progress(progress),
-                             **_load_options(format_, adapter_name, missing_coefficients, config)),
-         _render_with("extract"))
-
-
-@main.command()
-@click.argument("base", type=click.Path(path_type=Path))
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="The bundle folder to write.")
-@click.option("--adapter", "adapter_specs", multiple=True, required=True, metavar="NAME=PATH",
-              help="An adapter and the name it is served under (repeat for each).")
-@click.option("--base-files", type=click.Choice(["copy", "hardlink", "symlink"]), default="copy", show_default=True,
-              help="How BUNDLE/base holds the base's files.")
-@click.option("--onnx", is_flag=True, help="Also BUNDLE/onnx: one branch graph and NAME.onnx_adapter per adapter.")
-@click.option("--task", default=None, help="With --onnx: the Optimum task (default: from the architecture).")
-@click.option("--genai/--no-genai", default=None,
-              help="With --onnx: genai_config.json for ONNX Runtime GenAI, as export-onnx: by default where GenAI "
-                   "can run the graph (else the report says why not); --genai: elsewhere is an error.")
-@adapter_options
-@writer_options
-@force_option
-@json_option
-@debug_option
-def bundle(base: Path, output: Path, adapter_specs: tuple[str, ...], base_files: str, onnx: bool, task: str | None,
-           genai: bool | None, format_: str | None, adapter_name: str | None, missing_coefficients: str | None,
-           config: Path | None, force: bool, dry_run: bool, progress: bool | None) -> None:
-    """Package one base and several PERA (or LoRA) adapters for PEFT, vLLM and ONNX Runtime.
-
-    \b
-    BUNDLE/base/            the base (--base-files copy, hardlink or symlink)
-    BUNDLE/adapters/NAME/   each adapter as an exact plain PEFT LoRA named for the base
-    BUNDLE/onnx/            with --onnx: one branch graph, NAME.onnx_adapter each
-                            (and genai_config.json for decoders: ONNX Runtime GenAI)
-    BUNDLE/bundle.json      sources, sha256, ranks, modules, ‖ΔW‖, checks, vLLM's --max-lora-rank
-    BUNDLE/README.md        how to serve it, with these names
-
-    \b
-    Example:
-      pera-deploy bundle fixtures/examples/llama-base -o bundle \\
-          --adapter pera=fixtures/examples/llama-pera --adapter second=fixtures/examples/llama-pera-2
-    """
-    from .api import bundle as run_bundle
-
-    adapters: dict[str, Any] = {}
-    for spec in adapter_specs:
-        name, sep, path = spec.partition("=")
-        if not sep:
-            raise InputError(f"--adapter {spec!r}: expected NAME=PATH")
-        if name in adapters:
-            raise InputError(f"--adapter {name}: the name is given twice")
-        adapters[name] = Path(path)
-    _run(lambda: run_bundle(base, output, adapters, base_files=base_files, onnx=onnx, task=task, genai=genai,
-                            force=force, dry_run=dry_run, progress=_progress(progress),
-                            **_load_options(format_, adapter_name, missing_coefficients, config)),
-         _render_with("bundle"))
 
 
 @main.command()

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator
 from .checks.base import Report
 from .errors import InputError, InternalError, in_python_terms
 from .export.contract import Exporter, Plan, PlannedFile, WriteContext, WriterOptions
+from .export.registry import WRITERS
 from .io.digests import Digests
 from .io.paths import looks_like_adapter, looks_like_model_folder
 from .publish import publish
@@ -26,20 +27,8 @@ from .publish.output_folder import listing
 from .recording import plain, recorded_names
 from .scoped import offline
 
-# The writers on the driver: command → "module:attribute" of its Exporter (imported when it runs).
-EXPORTERS = {
-    "merge": "pera_deploy.export.merged:MERGE",
-    "unmerge": "pera_deploy.export.merged:UNMERGE",
-    "merge --keep-branch": "pera_deploy.export.keep_branch:KEEP_BRANCH",
-    "export-lora": "pera_deploy.export.lora:EXPORT_LORA",
-    "combine": "pera_deploy.export.lora:COMBINE",
-    "extract": "pera_deploy.export.extract:EXTRACT",
-    "export-gguf": "pera_deploy.export.gguf:EXPORT_GGUF",
-    "bundle": "pera_deploy.export.bundle:BUNDLE",
-    "export-onnx": "pera_deploy.export.onnx.exporter:EXPORT_ONNX",
-    "export-onnx --branch": "pera_deploy.export.onnx.exporter:EXPORT_ONNX_BRANCH",
-    "export-onnx --engine genai": "pera_deploy.export.onnx.builder_exporter:EXPORT_ONNX_GENAI",
-}
+# The writers on the driver: command → "module:attribute" of its Exporter (export/registry.py).
+EXPORTERS = {name: writer.exporter for name, writer in WRITERS.items()}
 
 
 def exporter(command: str) -> Exporter[Any, Any]:

@@ -20,7 +20,6 @@ ONNX_ENGINES = ("optimum", "genai")
 # the CPU (onnxruntime-genai 0.18: a buffer shape error in the decode step), so it is refused
 GENAI_DTYPES = ("float32", "int4")
 MISSING_COEFFICIENTS = (None, "zero", "one")
-BASE_FILE_MODES = ("copy", "hardlink", "symlink")
 
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 

@@ -232,10 +232,12 @@ ADAPTER_READERS = ("inspect", "merge", "verify", "unmerge", "export-lora", "expo
 def test_every_command_that_reads_adapters_takes_the_same_adapter_options():
     """Issue 21, item 4: --format, --config, --adapter-name and --missing-coefficients on every
     command that reads an adapter, from one decorator (the same name, type and help)."""
-    from pera_deploy.cli import main
+    from pera_deploy.cli import all_commands
+
+    commands = all_commands()
 
     def adapter_params(command: str) -> dict[str, tuple]:
-        params = {p.name: p for p in main.commands[command].params}
+        params = {p.name: p for p in commands[command].params}
         return {name: (tuple(params[name].opts), params[name].help, params[name].type.to_info_dict())
                 for name in ("format_", "config", "adapter_name", "missing_coefficients") if name in params}
 

@@ -312,10 +312,10 @@ def test_python_names_are_the_clis_options_and_the_apis_parameters():
     import inspect
 
     from pera_deploy import api
-    from pera_deploy.cli import main
+    from pera_deploy.cli import all_commands
     from pera_deploy.errors import PYTHON_NAMES
 
-    options = {opt for command in main.commands.values() for param in command.params
+    options = {opt for command in all_commands().values() for param in command.params
                for opt in [*getattr(param, "opts", []), *getattr(param, "secondary_opts", [])]}
     parameters = {name for function in (getattr(api, n) for n in api.__all__)
                   for name in inspect.signature(function).parameters} | set(api.__all__)

@@ -525,3 +525,49 @@ def test_the_export_package_docstring_names_every_writer_module():
     folder = Path(export.__file__).parent
     named = set(re.findall(r"`([a-z_]+/?)`", export.__doc__ or ""))  # (modules, not classes)
     assert named == {m.removesuffix(".py") for m in _modules(folder)}
+
+
+# -- the writers: a module and its registry line (issue 21) ----------------------------------------------
+
+
+def test_every_writer_is_its_module_and_its_registry_line():
+    """A writer is its module (its Exporter, its options, its command line declared as data) and
+    its line in export/registry.py: its summary is the first line of its --help, its API
+    function records exactly its options' fields, and a variant has no command line of its own."""
+    import dataclasses
+    import inspect
+
+    from pera_deploy import api
+    from pera_deploy.driver import exporter
+    from pera_deploy.export.registry import COMMAND_LINES, WRITERS
+    from pera_deploy.recording import recorded_names
+
+    for name, line in WRITERS.items():
+        writer = exporter(name)
+        assert writer.name == name
+        fields = sorted(f.name for f in dataclasses.fields(writer.options))
+        assert sorted(recorded_names(getattr(api, line.api))) == fields, name
+        if line.summary is None:
+            assert writer.command is None and name.split()[0] in COMMAND_LINES, name
+        else:
+            assert writer.command is not None and writer.command.api == line.api, name
+            assert inspect.cleandoc(writer.command.help).splitlines()[0] == line.summary, name
+
+
+def test_cli_py_writes_no_writer_command_and_help_imports_none():
+    """cli.py's own commands are the ones that write nothing; the writers' are built from their
+    declarations, and `pera-deploy --help` lists them without importing their modules."""
+    import subprocess
+    import sys
+
+    from pera_deploy.export.registry import COMMAND_LINES
+
+    tree = ast.parse((PACKAGE / "cli.py").read_text())
+    own = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)
+           and any("main.command" in ast.unparse(d) for d in node.decorator_list)}
+    assert own == {"inspect", "verify", "reproduce", "formats"}
+    script = ("import sys; from pera_deploy.cli import main; main.main(['--help'], standalone_mode=False); "
+              "print(sorted(m for m in sys.modules if m.startswith('pera_deploy.export.')), file=sys.stderr)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert all(f"\n  {name} " in result.stdout for name in COMMAND_LINES)
+    assert result.stderr.strip() == "['pera_deploy.export.command', 'pera_deploy.export.registry']"

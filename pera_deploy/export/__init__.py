@@ -1,4 +1,5 @@
-"""What pera-deploy writes: each writer an `Exporter` (`contract`), run by `pera_deploy.driver`.
+"""What pera-deploy writes: each writer an `Exporter` (`contract`), run by `pera_deploy.driver`,
+listed once in `registry`, its command line declared as data (`command`) that cli.py builds.
 
 * `merged`: merged (W0 + ΔW) and unmerged (W' − ΔW) model folders;
 * `keep_branch`: the base untouched beside the exact LoRA (merge --keep-branch);

@@ -32,6 +32,7 @@ from ..options import adapter_name, choose
 from ..publish import Written, adapter_inputs
 from ..publish.manifest import adapter_record, file_digests, model_record
 from ..publish.model_card import ModelCard
+from .command import LOAD, Command, Param, named_paths, output
 from .contract import AdapterLike, Exporter, Plan, PlannedFile, WriteContext, WriterOptions, load, paths
 from .lora import LORA_CODES, export_summary, lora_files, lora_metadata, peft_names, plan_lora_export, write_lora_folder
 
@@ -255,9 +256,42 @@ def _card(title: str, names: list[str], ranks: dict[str, int], max_rank: int, on
     return ModelCard(title, body, tags=["lora", "bundle"])
 
 
+BUNDLE_COMMAND = Command(
+    help="""Package one base and several PERA (or LoRA) adapters for PEFT, vLLM and ONNX Runtime.
+
+    \b
+    BUNDLE/base/            the base (--base-files copy, hardlink or symlink)
+    BUNDLE/adapters/NAME/   each adapter as an exact plain PEFT LoRA named for the base
+    BUNDLE/onnx/            with --onnx: one branch graph, NAME.onnx_adapter each
+                            (and genai_config.json for decoders: ONNX Runtime GenAI)
+    BUNDLE/bundle.json      sources, sha256, ranks, modules, ‖ΔW‖, checks, vLLM's --max-lora-rank
+    BUNDLE/README.md        how to serve it, with these names
+
+    \b
+    Example:
+      pera-deploy bundle fixtures/examples/llama-base -o bundle \\
+          --adapter pera=fixtures/examples/llama-pera --adapter second=fixtures/examples/llama-pera-2
+    """,
+    params=(
+        Param("base", (), kind="path"),
+        output("The bundle folder to write."),
+        Param("adapters", ("--adapter",), "An adapter and the name it is served under (repeat for each).",
+              required=True, multiple=True, metavar="NAME=PATH", parse=named_paths),
+        Param("base_files", ("--base-files",), "How BUNDLE/base holds the base's files.", BASE_FILE_MODES, "copy",
+              show_default=True),
+        Param("onnx", ("--onnx",), "Also BUNDLE/onnx: one branch graph and NAME.onnx_adapter per adapter.", "flag"),
+        Param("task", ("--task",), "With --onnx: the Optimum task (default: from the architecture)."),
+        Param("genai", ("--genai/--no-genai",), "With --onnx: genai_config.json for ONNX Runtime GenAI, as export-onnx: "
+              "by default where GenAI can run the graph (else the report says why not); --genai: elsewhere is an "
+              "error.", "switch"),
+        LOAD,
+    ),
+    api="bundle")
+
+
 BUNDLE: Exporter[BundleOptions, dict[str, PeraAdapter]] = Exporter(
     "bundle", BundleOptions, folder=True, given=lambda o: paths(o.base, *o.adapters.values(), o.config),
-    validate=_validate, load=_load, plan=_plan, write=_write, render=_render)
+    validate=_validate, load=_load, plan=_plan, write=_write, render=_render, command=BUNDLE_COMMAND)
 
 
 def load_bundle(folder: Path, dtype: Any = None) -> Any:

@@ -22,6 +22,7 @@ from ..formats.registry import MissingCoefficients
 from ..io.digests import Digests
 from ..publish import Written
 from ..publish.output_folder import TargetCheck, check_target
+from .command import Command
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -160,6 +161,7 @@ class Exporter(Generic[O, Loaded]):
     write: Callable[[Plan, Path, WriteContext], Written]
     render: Callable[[Report], str]  # the report as text (its output is report.output)
     check: TargetCheck = check_target  # what may be replaced at the target (a file output brings its own)
+    command: Command | None = None  # its command line (cli.py builds it); a variant has none: its command's is it
 
 
 def paths(*values: Any) -> list[Path]:

@@ -36,6 +36,7 @@ from ..io.safetensors_stream import file_size, save_tensors
 from ..publish import Written, adapter_inputs
 from ..publish.manifest import adapter_record
 from ..publish.model_card import ModelCard
+from .command import LOAD, NAMED_BY_BASE, Command, Param, output
 from .contract import AdapterLike, Exporter, Plan, PlannedFile, WriteContext, WriterOptions, load, paths
 from .lora import peft_names
 
@@ -213,7 +214,28 @@ def _render(report: Report) -> str:
     return "\n".join(lines)
 
 
+EXTRACT_COMMAND = Command(
+    help="""Write the PERA adapter found in a training checkpoint as a canonical PEFT-style PERA folder.
+
+    \b
+    CHECKPOINT is anything pera-deploy reads (see `pera-deploy formats`): a DeepSpeed folder
+    (ZeRO 0-3, the root with `latest` or one global_stepN), a Lightning .ckpt, a
+    torch.distributed.checkpoint folder, an HF Trainer checkpoint-N, a state dict file, or an
+    adapter folder. OUTPUT gets adapter_model.safetensors and adapter_config.json (peft_type
+    PERA), the tensors bit for bit as taken, the scaling of every module kept, and where they
+    came from (container, step, tensor count, sha256 of the source files) in the config and the
+    manifest. It is read back and compared before it is published.
+
+    \b
+    Examples:
+      pera-deploy extract checkpoints/ -o adapter            (DeepSpeed: the folder with 'latest')
+      pera-deploy extract lightning_logs/step1.ckpt -o adapter --config adapter_config.json
+    """,
+    params=(Param("checkpoint", (), kind="path"), output("The adapter folder to write."), LOAD, NAMED_BY_BASE),
+    api="extract")
+
+
 EXTRACT: Exporter[ExtractOptions, PeraAdapter] = Exporter(
     "extract", ExtractOptions, folder=True, given=lambda o: paths(o.checkpoint, o.base, o.config),
     validate=lambda o: None, load=lambda o: load(o.checkpoint, o.load_options()), plan=_plan, write=_write,
-    render=_render)
+    render=_render, command=EXTRACT_COMMAND)

@@ -60,8 +60,9 @@ from ..options import rank_options
 from ..publish import Written, adapter_inputs
 from ..publish.manifest import GGUF_MANIFEST_KEY, adapter_record, model_record, recipe_json
 from ..publish.output_folder import refuse_overlap
+from .command import LOAD, RANK, Command, Param, output
 from .contract import AdapterLike, Exporter, Plan, PlannedFile, WriteContext, WriterOptions, load, paths
-from .lora import LoraExport, LoraModule, export_summary, padded, peft_names, plan_lora_export
+from .lora import LoraExport, LoraModule, export_summary, lora_warnings, padded, peft_names, plan_lora_export
 
 # --dtype → the float the factors are rounded to once (a safetensors code). q8_0 then stores them as
 # llama.cpp's converter does from the float32 export (`quantized`).
@@ -598,7 +599,47 @@ def _render(report: Report) -> str:
     return "\n".join(rows)
 
 
+EXPORT_GGUF_COMMAND = Command(
+    help="""Write a PERA adapter as a llama.cpp LoRA adapter file (GGUF), for `llama-cli --lora`.
+
+    \b
+    The tensors are the exact plain LoRA of export-lora (lora_B = s·B̂, lora_A = Â, rank
+    R' = 44 for r = 8; or --rank / --tol / --max-rank), named as llama.cpp names the base's
+    tensors (blk.0.attn_q.weight.lora_a / .lora_b, from the gguf package's name map), with
+    q/k rows in llama.cpp's rotary order and adapter.lora.alpha = the rank, so llama.cpp's
+    scale alpha / rank is 1: tensor for tensor what llama.cpp's convert_lora_to_gguf.py
+    writes from `export-lora --base BASE`. The file is read back and every tensor checked,
+    and ΔW as llama.cpp computes it, before it appears. Bases: Llama, Mistral, Qwen2, Qwen3.
+    Needs the gguf extra: pip install 'pera-deploy[gguf]'.
+
+    \b
+    Examples:
+      pera-deploy export-gguf fixtures/examples/small-llama-pera --base fixtures/examples/small-llama-base \\
+          -o small-llama-pera.gguf
+      pera-deploy export-gguf fixtures/examples/small-llama-pera --base fixtures/examples/small-llama-base \\
+          -o small-llama-pera-r8-f16.gguf --rank 8 --dtype float16
+    \b
+    Then, with the base converted by llama.cpp's convert_hf_to_gguf.py:
+      llama-cli -m small-llama-base.gguf --lora small-llama-pera.gguf
+    """,
+    params=(
+        Param("adapter", (), kind="path"),
+        Param("base", ("--base",), "The base model folder the adapter is for: its architecture names the tensors and "
+              "orders the q/k rows; the adapter's shapes are checked against it.", "path", required=True),
+        output("The .gguf file to write."),
+        LOAD,
+        *RANK,
+        Param("pad", ("--pad/--no-pad",), "Pad all modules to one rank, so llama.cpp's alpha / rank is exactly 1; "
+              "--no-pad keeps each module's rank and folds rank / r into its lora_b instead.", "switch", True,
+              show_default=True),
+        Param("dtype", ("--dtype",), "Storage type of lora_a and lora_b: GGUF F32, F16, or Q8_0 as llama.cpp's "
+              "converter writes it (blocks of 32 along each row; rows of another length, such as lora_b's, in F16).",
+              default="float32", metavar="float32|float16|q8_0", show_default=True),
+    ),
+    api="export_gguf", warnings=lora_warnings)
+
+
 EXPORT_GGUF: Exporter[ExportGgufOptions, PeraAdapter] = Exporter(
     "export-gguf", ExportGgufOptions, folder=False, given=lambda o: paths(o.adapter, o.base, o.config),
     validate=_validate, load=lambda o: load(o.adapter, o.load_options()), plan=_plan, write=_write, render=_render,
-    check=check_output_file)
+    check=check_output_file, command=EXPORT_GGUF_COMMAND)

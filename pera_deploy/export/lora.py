@@ -34,6 +34,7 @@ from ..options import LORA_DTYPES, choose, rank_options
 from ..publish import Written, adapter_inputs
 from ..publish.manifest import adapter_record, model_record
 from ..publish.model_card import ModelCard
+from .command import LOAD, LORA, WEIGHTS, Command, Param, output
 from .contract import AdapterLike, Exporter, Plan, PlannedFile, WriteContext, WriterOptions, load, load_weighted, paths
 
 # PEFT task types whose model wraps a task head as modules_to_save, expecting its weights.
@@ -461,12 +462,58 @@ def _render_combine(report: Report) -> str:
     return f"wrote {report.output}: {what} as a plain LoRA of rank {lora['r']}, {exact}"
 
 
+
+# -- the command lines (cli.py builds them) ---------------------------------------------------------------
+
+
+def lora_warnings(result: Plan | Report) -> list[str]:
+    """A LoRA export's warnings: its plan's (--dry-run), or its report's."""
+    return list(result.summary["warnings"] if isinstance(result, Plan) else result.manifest["lora"]["warnings"])
+
+
+EXPORT_LORA_COMMAND = Command(
+    help="""Write a PERA adapter as a plain PEFT LoRA adapter, which every LoRA runtime serves.
+
+    \b
+    ΔW = (s·B̂)·Â exactly, so lora_B = s·B̂ and lora_A = Â is an exact LoRA of rank
+    R' = r + r(r+1)/2 (44 for r = 8). --rank / --tol / --max-rank keep instead the best
+    approximation per module (a truncated SVD computed from the factors) and report its
+    relative error per module and in total. Each module's stored factors are checked
+    against ΔW before the folder is published.
+
+    \b
+    Examples:
+      pera-deploy export-lora fixtures/examples/llama-pera -o lora-exact
+      pera-deploy export-lora fixtures/examples/llama-pera -o lora-r8 --rank 8
+    """,
+    params=(Param("adapter", (), kind="path"), output("The LoRA adapter folder to write."), LOAD, *LORA),
+    api="export_lora", warnings=lora_warnings)
+
+COMBINE_COMMAND = Command(
+    help="""Write the weighted sum of several adapters (PERA or LoRA) as one plain PEFT LoRA.
+
+    \b
+    Σ wᵢ ΔWᵢ is exactly the LoRA whose factors are the stacked wᵢ·sᵢ·B̂ᵢ and Âᵢ (rank ΣR′ᵢ):
+    that is what is written, with no approximation, unless --rank, --tol or --max-rank ask
+    for the best approximation of the sum per module (a factored SVD; each module's error
+    is reported). Modules targeted by only some adapters are fine.
+
+    \b
+    Example:
+      pera-deploy combine fixtures/examples/llama-pera fixtures/examples/llama-pera-2 -o combined \\
+          --weights 0.7,0.3
+    """,
+    params=(Param("adapters", (), kind="path", required=True, multiple=True, metavar="ADAPTER...", parse=list),
+            output("The LoRA adapter folder to write."), WEIGHTS, LOAD, *LORA),
+    api="combine", warnings=lora_warnings)
+
 EXPORT_LORA: Exporter[ExportLoraOptions, PeraAdapter] = Exporter(
     "export-lora", ExportLoraOptions, folder=True,
     given=lambda o: paths(o.adapter, o.base, o.config), validate=_validate_lora,
-    load=lambda o: load(o.adapter, o.load_options()), plan=_plan_lora, write=_write_lora, render=_render_lora)
+    load=lambda o: load(o.adapter, o.load_options()), plan=_plan_lora, write=_write_lora, render=_render_lora,
+    command=EXPORT_LORA_COMMAND)
 
 COMBINE: Exporter[CombineOptions, PeraAdapter] = Exporter(
     "combine", CombineOptions, folder=True,
     given=lambda o: paths(*o.adapters, o.base, o.config), validate=_validate_combine,
-    load=_load_combined, plan=_plan_lora, write=_write_lora, render=_render_combine)
+    load=_load_combined, plan=_plan_lora, write=_write_lora, render=_render_combine, command=COMBINE_COMMAND)

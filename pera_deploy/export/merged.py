@@ -21,9 +21,10 @@ from ..checks.lines import forward_line, weights_line
 from ..checks.reconstruction import EXPECTED, check_reconstruction, not_restored, require_comparable
 from ..checks.weights import WeightCheck, check_tensors, expected_names
 from ..core.adapter import PeraAdapter
+from ..errors import InputError
 from ..extras import require
 from ..io.digests import Digests
-from ..io.model_files import copy_side_files, side_file_names, write_index
+from ..io.model_files import BASE_FILE_MODES, copy_side_files, side_file_names, write_index
 from ..io.model_folder import SAFETENSORS_INDEX, ModelFolder, WrittenTensors
 from ..io.safetensors_stream import TensorEntry, file_size, read_header, rewrite_metadata
 from ..merging.execute import Workers, execute_plan
@@ -33,6 +34,7 @@ from ..publish import Written, adapter_inputs, publish
 from ..publish.manifest import MANIFEST, adapter_record, model_record
 from ..publish.model_card import ModelCard
 from ..scoped import blas_threads
+from .command import LOAD, PRECISION, Call, Command, Param, output, parse_weights
 from .contract import AdapterLike, Exporter, Plan, PlannedFile, WriteContext, WriterOptions, load, load_weighted, paths
 
 PLACEHOLDER_DIGEST = "0" * 64
@@ -315,12 +317,131 @@ def _render_unmerge(report: Report) -> str:
     return "\n".join(lines)
 
 
+
+# -- the command lines (cli.py builds them) ---------------------------------------------------------------
+
+
+def _adapters_and_base(paths: tuple[Path, ...], adapter_opts: tuple[Path, ...],
+                       base_opt: Path | None) -> tuple[list[Path], Path]:
+    """ADAPTER... BASE, or --adapter ... --base ..., or a mix: the adapters and the base."""
+    positional = list(paths)
+    base = base_opt if base_opt is not None else (positional.pop() if positional else None)
+    adapters = [*adapter_opts, *positional]
+    if base is None or not adapters:
+        raise InputError("give the adapter(s) and the base: ADAPTER... BASE, or --adapter PATH --base BASE")
+    return adapters, base
+
+
+def _merge_call(p: dict[str, Any]) -> Call:
+    """merge's command line: one adapter or several, positional or as options; with
+    --keep-branch, the keep-branch writer (which takes none of the merge's own options)."""
+    adapters, base = _adapters_and_base(p["paths"], p["adapter_opts"], p["base_opt"])
+    adapter: Any = adapters[0] if len(adapters) == 1 else list(adapters)
+    if p["keep_branch"]:
+        if len(adapters) > 1 or p["weights"] is not None:
+            raise InputError("--keep-branch writes one adapter; for several, see `pera-deploy bundle`")
+        given = [flag for flag, on in (("--dtype", p["dtype"] != "auto"),
+                                       ("--max-shard-size", p["max_shard_size"] is not None),
+                                       ("--untie-embeddings", p["untie_embeddings"]),
+                                       ("--check-forward", p["check_forward"]), ("--full-check", p["full_check"]),
+                                       ("--jobs", p["jobs"] is not None)) if on]
+        if given:
+            raise InputError(f"{', '.join(given)} do(es) not apply with --keep-branch: the base is written untouched")
+        return Call("keep_branch", dict(adapter=adapter, base=base, output=p["output"], base_files=p["base_files"]))
+    return Call("merge", dict(adapter=adapter, base=base, output=p["output"], weights=p["weights"], dtype=p["dtype"],
+                              max_shard_size=p["max_shard_size"], untie_embeddings=p["untie_embeddings"],
+                              check_forward_pass=p["check_forward"], full_check=p["full_check"], jobs=p["jobs"]),
+                prefetch=(*adapters, base))
+
+
+MERGE_COMMAND = Command(
+    help="""Merge the PERA adapter ADAPTER into the model folder BASE, writing a new model folder.
+
+    Several adapters are merged as their weighted sum (--weights, default all 1), exactly, in
+    the same single pass and single rounding as one.
+
+    \b
+    The output is a plain Hugging Face model folder: the base's shards and index (each merged
+    element W0 + ΔW evaluated in float64 and rounded once, correctly, the same bytes on any
+    machine; every other tensor bit-identical), its config, tokenizer and generation files,
+    and pera_deploy_manifest.json with the sha256 of the inputs, each merged layer and the
+    check results. It appears only once every check has passed.
+
+    \b
+    With --keep-branch nothing is merged: OUTPUT/base is the base as it is and
+    OUTPUT/adapter the exact plain LoRA (see export-lora), the pair multi-adapter servers load.
+
+    \b
+    Examples:
+      pera-deploy merge fixtures/examples/llama-pera fixtures/examples/llama-base -o merged
+      pera-deploy merge fixtures/examples/llama-pera fixtures/examples/llama-pera-2 fixtures/examples/llama-base \\
+          -o merged-sum --weights 0.7,0.3
+      pera-deploy merge fixtures/examples/llama-pera fixtures/examples/llama-base -o served --keep-branch
+    """,
+    params=(
+        Param("paths", (), kind="path", multiple=True, metavar="ADAPTER... BASE"),
+        output("The merged model folder to write."),
+        Param("adapter_opts", ("--adapter",), "An adapter, as an option (repeatable); the positional form ADAPTER... "
+              "BASE works too.", "path", multiple=True, metavar="PATH"),
+        Param("base_opt", ("--base",), "The base model folder, as an option (then every positional path is an "
+              "adapter).", "path"),
+        Param("weights", ("--weights",), "Merge the adapters' weighted sum Σ wᵢ ΔWᵢ (one weight per adapter; negative "
+              "subtracts); several adapters default to all 1.", metavar="W1,W2,...", parse=parse_weights),
+        LOAD,
+        Param("dtype", ("--dtype",), "Storage dtype of the output's float tensors; auto keeps each tensor's own.",
+              OUTPUT_DTYPES, "auto", show_default=True),
+        PRECISION,
+        Param("max_shard_size", ("--max-shard-size",), "Re-shard the output (e.g. 2GB, 500MB); by default the base's "
+              "shard layout is kept.", metavar="SIZE"),
+        Param("untie_embeddings", ("--untie-embeddings",), "Allow merging into a tied embedding by giving the tied "
+              "pair separate weights.", "flag"),
+        Param("check_forward", ("--check-forward",), "Also run the merged and the unmerged model on seeded inputs and "
+              "compare outputs.", "flag"),
+        Param("full_check", ("--full-check",), "Recompute every merged element independently (by default a sample: "
+              "about 1/8 of the rows of a large weight, with rows from every block the merge wrote, and every row of a "
+              "weight of at most 2^17 elements; about 1.5x the merge's time).", "flag"),
+        Param("keep_branch", ("--keep-branch",), "Do not merge: write OUTPUT/base (the base, untouched) and "
+              "OUTPUT/adapter (the adapter as an exact plain PEFT LoRA) for multi-adapter serving with PEFT or vLLM.",
+              "flag"),
+        Param("base_files", ("--base-files",), "With --keep-branch: how OUTPUT/base holds the base's files.",
+              BASE_FILE_MODES, "copy", show_default=True),
+    ),
+    api="merge", call=_merge_call, jobs=True, timed=True)
+
+UNMERGE_COMMAND = Command(
+    help="""Take a PERA update back out of a merged model: W0 = W' − ΔW, streamed like a merge.
+
+    \b
+    The merge rounded W0 + ΔW once to its dtype, and that cannot be undone: each recovered
+    weight can be off by about two roundings (in bfloat16, 2·2⁻⁸ relative per element).
+    With --check-against the recovered model is compared with the original base and the
+    figures reported. Tensors the merge replaced (modules_to_save, trained biases) cannot be
+    recovered; they are kept as merged and listed.
+
+    \b
+    Example:
+      pera-deploy unmerge merged --adapter fixtures/examples/llama-pera -o recovered \\
+          --check-against fixtures/examples/llama-base
+    """,
+    params=(
+        Param("merged", (), kind="path", required=True),
+        Param("adapter", ("--adapter",), "The adapter that was merged.", "path", required=True),
+        output("The recovered model folder to write."),
+        LOAD,
+        Param("check_against", ("--check-against",), "The original base: compare the recovered weights with it (exit "
+              "1 if clearly further off than the merge's rounding explains).", "path"),
+        PRECISION,
+        Param("full_check", ("--full-check",), "Recompute every recovered element independently (default: a sample of "
+              "rows).", "flag"),
+    ),
+    api="unmerge", jobs=True)
+
 MERGE: Exporter[MergeOptions, PeraAdapter] = Exporter(
     "merge", MergeOptions, folder=True, given=lambda o: paths(*o.sources(), o.base, o.config),
     validate=_validate_merge, load=lambda o: load_weighted(o.sources(), o.weights, o.load_options()),
-    plan=_plan_merge, write=_write_merge, render=_render_merge)
+    plan=_plan_merge, write=_write_merge, render=_render_merge, command=MERGE_COMMAND)
 
 UNMERGE: Exporter[UnmergeOptions, PeraAdapter] = Exporter(
     "unmerge", UnmergeOptions, folder=True, given=lambda o: paths(o.adapter, o.merged, o.check_against, o.config),
     validate=lambda o: None, load=lambda o: load(o.adapter, o.load_options()), plan=_plan_unmerge,
-    write=_write_unmerge, render=_render_unmerge)
+    write=_write_unmerge, render=_render_unmerge, command=UNMERGE_COMMAND)

@@ -20,6 +20,7 @@ from ...io.model_folder import ModelFolder
 from ...io.paths import require_folder
 from ...options import ONNX_DTYPES, ONNX_ENGINES, adapter_name, choose
 from ...publish import Written, adapter_inputs
+from ..command import LOAD, Command, Param, named_paths, output
 from ..contract import AdapterLike, Exporter, Plan, PlannedFile, WriteContext, WriterOptions, load, paths
 from .genai import GenaiPlan
 
@@ -169,9 +170,58 @@ def _given(opts: ExportOnnxOptions) -> list[Path]:
     return paths(opts.model, *(opts.adapters or {}).values(), opts.config)
 
 
+EXPORT_ONNX_COMMAND = Command(
+    help="""Export to ONNX, checked with ONNX Runtime against the unmerged PyTorch model.
+
+    \b
+    MODEL alone is a (merged) model folder, exported as it is. With one --adapter, MODEL is
+    the base: the adapter is merged on the fly (nothing but the ONNX folder is left behind).
+    With --branch, MODEL is the base and every --adapter NAME=PATH becomes NAME.onnx_adapter:
+    the graph computes x·W0ᵀ + (x·Âᵀ)·(s·B̂)ᵀ at each targeted layer, with the factors as
+    inputs of rank 0 by default (so with no adapter it is the base model), and ONNX Runtime
+    swaps adapters per request (RunOptions.add_active_adapter). Decoders get the KV-cache
+    graph. Every graph is run in ONNX Runtime (prefill and one decoding step for decoders)
+    and compared with PyTorch, output by output: float32 within 1e-4 relative, float16
+    within 1e-2, or exit 1. Decoders get genai_config.json beside the graph and tokenizer,
+    so onnxruntime_genai.Model(ONNX) runs the folder as written (og.Adapters loads the
+    .onnx_adapter files); a SentencePiece tokenizer.model without tokenizer.json gets the
+    tokenizer.json transformers makes from it. A folder GenAI cannot run (no tokenizer, a
+    model type it does not run) is exported without genai_config.json, and the report says why.
+
+    \b
+    Examples:
+      pera-deploy export-onnx fixtures/examples/llama-base --adapter fixtures/examples/llama-pera -o onnx-merged
+      pera-deploy export-onnx fixtures/examples/llama-base --branch -o onnx-branch \\
+          --adapter pera=fixtures/examples/llama-pera --adapter second=fixtures/examples/llama-pera-2
+    """,
+    params=(
+        Param("model", (), kind="path"),
+        output("The ONNX folder to write."),
+        Param("adapters", ("--adapter",), "A PERA adapter: merged into MODEL before export, or with --branch, one "
+              "swappable adapter file NAME.onnx_adapter (repeat for several).", multiple=True, metavar="[NAME=]PATH",
+              parse=lambda specs: named_paths(specs, names_required=False)),
+        Param("branch", ("--branch",), "Export MODEL (the base) with a swappable PERA branch at every targeted layer "
+              "instead of merging.", "flag"),
+        Param("task", ("--task",), "Optimum task (default: from the config's architecture; decoders with past)."),
+        Param("opset", ("--opset",), "ONNX opset (default: Optimum's for the architecture).", "int"),
+        Param("genai", ("--genai/--no-genai",), "Write genai_config.json for ONNX Runtime GenAI. Default: where GenAI "
+              "can run the export (a decoder of a type it runs, with tokenizer.json or a SentencePiece tokenizer.model "
+              "to make it from); elsewhere the graph alone, the report saying why. --genai: elsewhere is an error.",
+              "switch"),
+        Param("engine", ("--engine",), "optimum: Optimum's exporter (encoders too, --branch). genai: ONNX Runtime "
+              "GenAI's own model builder on the merged model (decoders it builds; float32 or int4), in the genai "
+              "extra's environment (transformers 5).", ONNX_ENGINES, "optimum", show_default=True),
+        Param("dtype", ("--dtype",), "float16 converts the float32 graph (and adapter files) after export; checked "
+              "with a wider tolerance. int4 (MatMulNBits): --engine genai only.", ("float32", "float16", "int4"),
+              "float32", show_default=True),
+        LOAD,
+    ),
+    api="export_onnx")
+
+
 EXPORT_ONNX: Exporter[ExportOnnxOptions, dict[str, PeraAdapter]] = Exporter(
     "export-onnx", ExportOnnxOptions, folder=True, given=_given, validate=_validate, load=_load, plan=_plan,
-    write=_write, render=_render)
+    write=_write, render=_render, command=EXPORT_ONNX_COMMAND)
 
 # the same writer; its manifest names the kind of graph (reproduce calls export_onnx for both)
 EXPORT_ONNX_BRANCH: Exporter[ExportOnnxOptions, dict[str, PeraAdapter]] = Exporter(
