@@ -38,14 +38,13 @@ from ..io.files import describe_value, load_pickle_bytes, tensor_problem
 from ..io.paths import contained_file, real_path
 from ..io.safe_unpickle import Inert, inert_name
 from ..io.schema import shown
-from ..io.torch_save import StoredTensor, TorchDtype, is_tensor, loads_safely
+from ..io.torch_save import ZIP_MAGIC, StoredTensor, TorchDtype, is_tensor, loads_safely
 from .registry import AdapterFormat, LoadOptions
 from .training_keys import FACTOR_KEY, Found, Tensor, normalize, read_adapter
 
 NAME = "dcp"
 METADATA = ".metadata"
 MAX_DIMS = 32
-ZIP_MAGIC = b"PK\x03\x04"  # every record torch.save writes is a zip
 
 
 DCP_MODULE = "torch.distributed.checkpoint.metadata"

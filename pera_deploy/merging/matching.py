@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Sequence
 
-from ..core.adapter import PeraAdapter
+from ..core.adapter import LayerUpdate, PeraAdapter
 from ..core.names import NameIndex
 from ..errors import InputError
 from ..extras import require
@@ -131,33 +131,12 @@ def match_adapter(adapter: PeraAdapter, checkpoint: ModelFolder, *, untie_embedd
         if not hits:
             unmatched.append(module)
             continue
-        if len(hits) > 1:
-            raise InputError(
-                f"adapter module {module} matches several base tensors in {base}: "
-                + ", ".join(h + ".weight" for h in hits)
-            )
-        tensor = hits[0] + ".weight"
-        if tensor in claimed:
-            raise InputError(f"adapter modules {claimed[tensor]} and {module} both match base tensor {tensor}")
-        claimed[tensor] = module
-        source = ties[tensor] if tensor not in checkpoint or tensor in ignored else tensor
-        entry = checkpoint.entries[source]
-        if entry.dtype not in FLOAT_CODES:
-            raise InputError(
-                f"base tensor {tensor} in {base} has dtype {entry.dtype}; "
-                "merging needs a float weight (is the base quantized?)"
-            )
-        want = layer.base_shape
-        if entry.shape != want:
-            hint = ""
-            if entry.shape == want[::-1]:
-                flipped = str(not layer.fan_in_fan_out).lower()
-                hint = f" (it would fit with fan_in_fan_out={flipped}; check the adapter config)"
-            raise InputError(
-                f"adapter module {module} (in={layer.in_features}, out={layer.out_features}) does not fit base tensor "
-                f"{tensor} of shape {entry.shape} in {base}{hint}; was the adapter made for another base?"
-            )
-        layers.append(LayerMatch(module, tensor, source, layer.fan_in_fan_out))
+        match = _match_layer(module, layer, hits, checkpoint, ties, ignored)
+        if match.tensor in claimed:
+            raise InputError(f"adapter modules {claimed[match.tensor]} and {module} both match base tensor "
+                             f"{match.tensor}")
+        claimed[match.tensor] = module
+        layers.append(match)
     if unmatched:
         sample = next((n for n in checkpoint.names if n.endswith(".weight")), "none")
         more = f" (and {len(unmatched) - 1} more)" if len(unmatched) > 1 else ""
@@ -169,6 +148,42 @@ def match_adapter(adapter: PeraAdapter, checkpoint: ModelFolder, *, untie_embedd
     extras = _match_extras(adapter, checkpoint, {m.tensor for m in layers})
 
     matching = Matching(layers, extras)
+    _settle_ties(matching, checkpoint, ties, contradicted, ignored, untie_embeddings)
+    return matching
+
+
+def _match_layer(module: str, layer: LayerUpdate, hits: list[str], checkpoint: ModelFolder, ties: dict[str, str],
+                 ignored: set[str]) -> LayerMatch:
+    """The base tensor one adapter module merges into, its dtype and shape checked from the header."""
+    base = checkpoint.folder
+    if len(hits) > 1:
+        raise InputError(f"adapter module {module} matches several base tensors in {base}: "
+                         + ", ".join(h + ".weight" for h in hits))
+    tensor = hits[0] + ".weight"
+    source = ties[tensor] if tensor not in checkpoint or tensor in ignored else tensor
+    entry = checkpoint.entries[source]
+    if entry.dtype not in FLOAT_CODES:
+        raise InputError(f"base tensor {tensor} in {base} has dtype {entry.dtype}; "
+                         "merging needs a float weight (is the base quantized?)")
+    want = layer.base_shape
+    if entry.shape != want:
+        hint = ""
+        if entry.shape == want[::-1]:
+            flipped = str(not layer.fan_in_fan_out).lower()
+            hint = f" (it would fit with fan_in_fan_out={flipped}; check the adapter config)"
+        raise InputError(
+            f"adapter module {module} (in={layer.in_features}, out={layer.out_features}) does not fit base tensor "
+            f"{tensor} of shape {entry.shape} in {base}{hint}; was the adapter made for another base?"
+        )
+    return LayerMatch(module, tensor, source, layer.fan_in_fan_out)
+
+
+def _settle_ties(matching: Matching, checkpoint: ModelFolder, ties: dict[str, str], contradicted: set[str],
+                 ignored: set[str], untie_embeddings: bool) -> None:
+    """Refuse changing one of a tied pair of embeddings unless --untie-embeddings, which gives
+    each its own weight (in `matching`: the config update, the weights to write, the prefix)."""
+    base = checkpoint.folder
+    layers, extras = matching.layers, matching.extras
     touched = {m.tensor for m in layers} | {e.tensor for e in extras}
     tied = [(out, inp) for out, inp in ties.items() if out in touched or inp in touched]
     for out, inp in tied:
@@ -197,7 +212,6 @@ def match_adapter(adapter: PeraAdapter, checkpoint: ModelFolder, *, untie_embedd
                 matching.base_prefix = prefix
                 matching.layers = [replace(m, tensor=prefix + m.tensor) if m.tensor in checkpoint else m for m in layers]
                 matching.extras = [replace(e, tensor=prefix + e.tensor) if e.action == "replace" else e for e in extras]
-    return matching
 
 
 def base_model_prefix(architecture: str) -> str | None:
