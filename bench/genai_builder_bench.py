@@ -12,8 +12,8 @@ The model is `onnx_bench.py`'s mid-size one (the 1.5 GB benchmark base's widths:
 the work folder) with its r = 8 PERA adapter on all seven projections, plus a tokenizer (the
 builder saves one; GenAI reads it; its vocabulary does not matter to the timings).
 
-float16 is the builder's alone: export-onnx --engine genai refuses it (the builder makes float16
-graphs for GPU execution providers, and ONNX Runtime GenAI fails on them on the CPU).
+float16 is the builder's CPU float16 graph with its `--runtime_config` (ONNX Runtime's parallel
+executor: the graph fails in the sequential one, export/onnx/builder.py says why).
 
 For each graph: `export` is the pera-deploy command's wall time and peak RSS (merge, build or
 trace, and its checks included); `builder only` the builder's own command line on an already
@@ -129,29 +129,19 @@ def main() -> None:
     merged = work / "genai-bench-merged"
     if not merged.exists():
         measure([exe, "merge", str(adapter), str(base), "-o", str(merged), "--dtype", "float32"], env)
-    # float16: export-onnx --engine genai refuses it (the builder's float16 graphs are for GPUs; ONNX
-    # Runtime GenAI fails on them on the CPU); the builder's own float16 build is measured, and its run tried
-    bare = work / "genai-bench-builder-float16"
-    shutil.rmtree(bare, ignore_errors=True)
-    seconds = measure([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(merged), "-o", str(bare),
-                       "-p", "fp16", "-e", "cpu", "-c", str(work / "builder-cache")], env)
-    try:
-        row("builder alone, float16 (refused by --engine genai)", bare, None, seconds[0])
-    except RuntimeError as exc:
-        print(f"float16: ONNX Runtime GenAI cannot run the builder's float16 graph on the CPU: {str(exc)[:160]}")
-        rows.append({"graph": "builder alone, float16 (refused by --engine genai)", "decode_ms_per_token": None,
-                     "prefill_ms": None, "size_mb": size_mb(bare), "export_s": None, "export_peak_mb": None,
-                     "builder_only_s": seconds[0]})
-    shutil.rmtree(bare)
-    for dtype, precision in (("float32", "fp32"), ("int4", "int4")):
+    from pera_deploy.export.onnx.builder import RUNTIME_CONFIG
+
+    for dtype, precision in (("float32", "fp32"), ("float16", "fp16"), ("int4", "int4")):
         out = work / f"genai-bench-{dtype}"
         shutil.rmtree(out, ignore_errors=True)
         export = measure([exe, "export-onnx", str(base), "--adapter", str(adapter), "-o", str(out), "--engine", "genai",
                           "--dtype", dtype], env)
         bare = work / f"genai-bench-builder-{dtype}"
         shutil.rmtree(bare, ignore_errors=True)
+        runtime = ["--runtime_config", json.dumps(RUNTIME_CONFIG[dtype])] if dtype in RUNTIME_CONFIG else []
         builder_only = measure([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(merged), "-o",
-                                str(bare), "-p", precision, "-e", "cpu", "-c", str(work / "builder-cache")], env)
+                                str(bare), "-p", precision, "-e", "cpu", "-c", str(work / "builder-cache"), *runtime],
+                               env)
         same = all((bare / n).read_bytes() == (out / n).read_bytes() for n in ("model.onnx", "model.onnx.data"))
         print(f"{dtype}: pera-deploy's graph {'is' if same else 'is NOT'} byte-identical to the builder's own on "
               f"the merged folder", flush=True)

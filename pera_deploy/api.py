@@ -363,9 +363,9 @@ def export_onnx(model: str | Path, output: str | Path, *, adapters: dict[str, Ad
     On the driver (export/onnx/exporter.py): `dry_run` returns the plan and writes nothing.
 
     `engine="genai"`: the model (or the base with the adapter merged by pera-deploy's exact
-    merge) built by ONNX Runtime GenAI's model builder, `dtype` float32 or int4
+    merge) built by ONNX Runtime GenAI's model builder, `dtype` float32, float16 or int4
     (export/onnx/builder_exporter.py); its float32 graph is checked against the unmerged
-    model in PyTorch (the merge error), an int4 graph compared with it (the
+    model in PyTorch (the merge error), a float16 or int4 graph compared with it (the
     quantization error, reported). Needs the `genai` extra, in an environment without `onnx`.
     """
     from .export.onnx.exporter import ExportOnnxOptions

@@ -16,9 +16,8 @@ LORA_DTYPES = ("float32", "float16", "bfloat16")
 ONNX_DTYPES = ("float32", "float16")
 # export-onnx --engine: Optimum's exporter (the default), or ONNX Runtime GenAI's model builder
 ONNX_ENGINES = ("optimum", "genai")
-# float16: the builder builds it for GPU execution providers only; ONNX Runtime cannot run it on
-# the CPU (onnxruntime-genai 0.18: a buffer shape error in the decode step), so it is refused
-GENAI_DTYPES = ("float32", "int4")
+# float16: the builder's CPU float16 graph, run by ONNX Runtime's parallel executor (export/onnx/builder.py)
+GENAI_DTYPES = ("float32", "float16", "int4")
 MISSING_COEFFICIENTS = (None, "zero", "one")
 
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")

@@ -1,9 +1,10 @@
 """export-onnx --engine genai: ONNX Runtime GenAI's own model builder on pera-deploy's exact merge.
 
-The int4 folder runs in `og.Model` as written; the builder's float32 graph of the merged model
-generates what the unmerged model does in PyTorch (the merge error); the int4 graph is byte
-for byte the builder's int4 graph of an independently merged folder (nothing but the
-builder's quantization differs); the bad input is one line, exit 2, nothing written.
+The int4 and float16 folders run in `og.Model` as written; the builder's float32 graph of the
+merged model generates what the unmerged model does in PyTorch (the merge error), its float16
+graph too, within float16's rounding; the int4 and float16 graphs are byte for byte the
+builder's of an independently merged folder (nothing but the builder's quantization or rounding
+differs); the bad input is one line, exit 2, nothing written.
 
 The builder needs the genai extra (onnxruntime-genai, onnx_ir, transformers 5), which cannot
 share an environment with the onnx extra: these tests run in CI's transformers 5 leg and skip
@@ -60,6 +61,28 @@ def int4(models, tmp_path_factory) -> tuple[Path, dict]:
                                        "--dtype", "int4", "--json"], catch_exceptions=False)
     assert result.exit_code == 0, result.stderr
     return out, json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def float16(models, tmp_path_factory) -> tuple[Path, dict]:
+    """One float16 export through the CLI: the folder and its --json report."""
+    from click.testing import CliRunner
+
+    from pera_deploy.cli import main
+
+    out = tmp_path_factory.mktemp("float16") / "onnx-float16"
+    result = CliRunner().invoke(main, ["export-onnx", str(models["genai-llama-base"]), "--adapter",
+                                       str(models["genai-llama-pera"]), "-o", str(out), "--engine", "genai",
+                                       "--dtype", "float16", "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.stderr
+    return out, json.loads(result.stdout)
+
+
+# float16 against float32 numbers: float16 keeps 11 significant bits (a rounding is within 2^-11 ≈ 4.9e-4
+# relative), and the graph rounds every weight, activation and cached key/value, through 2 layers and
+# the LM head: a few roundings' worth, 7e-4..1e-3 of the largest logit on this model. 5e-3 leaves room
+# for some more, and is still a hundredth of what the adapter itself changes (0.5 relative).
+FLOAT16_TOLERANCE = 5e-3
 
 
 # -- bad input that needs no builder ---------------------------------------------------------------
@@ -184,9 +207,101 @@ def test_int4_is_the_builders_int4_of_an_independently_merged_folder(int4, model
 
 
 @needs_builder
-def test_reproduce_rebuilds_the_same_bytes(cli, int4):
-    """The builder is deterministic: the recorded command, run again, writes every file the same."""
-    out, _ = int4
+def test_the_float16_folder_runs_in_og_model_as_written(float16):
+    import onnx
+    import onnxruntime_genai as og
+
+    out, report = float16
+    assert sorted(p.name for p in out.iterdir()) == ["genai_config.json", "model.onnx", "model.onnx.data",
+                                                    "pera_deploy_manifest.json", "tokenizer.json",
+                                                    "tokenizer_config.json"]
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert {i.data_type for i in graph.graph.initializer if i.name.endswith(".weight")} == {onnx.TensorProto.FLOAT16}
+    assert graph.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16  # the logits
+    config = json.loads((out / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["session_options"]["session.execution_mode"] == "parallel"
+    model = og.Model(str(out))
+    tokenizer = og.Tokenizer(model)
+    ids = list(tokenizer.encode("The quick model reads the river"))
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(ids) + 6)
+    generator = og.Generator(model, params)
+    generator.append_tokens(ids)
+    while not generator.is_done():  # past the first decode step, where the builder's graph alone fails
+        generator.generate_next_token()
+    assert len(generator.get_sequence(0)) == len(ids) + 6
+    manifest = json.loads((out / "pera_deploy_manifest.json").read_text())
+    assert manifest["options"]["engine"] == "genai" and manifest["options"]["dtype"] == "float16"
+    merge, rounding = report["checks"]["genai_merge"], report["checks"]["genai_quantization"]
+    assert merge["passed"] and merge["greedy_tokens_identical"] and merge["max_rel_diff"] <= 1e-4
+    assert rounding["dtype"] == "float16" and rounding["top1_agreement"] == 1.0
+    assert 0 < rounding["max_rel_diff"] <= FLOAT16_TOLERANCE  # float16, and no more than its rounding
+
+
+@needs_builder
+def test_the_float16_graph_generates_what_the_unmerged_model_does(float16, models):
+    """Independently of the check: og on the float16 folder against PyTorch's unmerged model
+    in float32: the same greedy tokens, logits within float16's rounding (FLOAT16_TOLERANCE)."""
+    import torch
+
+    from pera_deploy.checks.reference_model import load_unmerged_model
+    from pera_deploy.export.onnx.builder import torch_reference
+    from pera_deploy.export.onnx.builder_checks import forced_logits, prompts, release
+    from pera_deploy.formats import load_adapter
+
+    out, _ = float16
+    model, branch = load_unmerged_model(models["genai-llama-base"], load_adapter(models["genai-llama-pera"]),
+                                        torch.float32)
+    runs = prompts(384, seed=7)[:2]
+    with branch:
+        references = [torch_reference(model, prompt) for prompt in runs]
+    try:
+        for prompt, (tokens, want) in zip(runs, references):
+            got = forced_logits(out, prompt, tokens)
+            assert list(np.argmax(got, axis=-1)) == tokens
+            relative = np.max(np.abs(got - want)) / np.max(np.abs(want))
+            assert 1e-5 < relative <= FLOAT16_TOLERANCE  # rounded (not a float32 graph), within float16's rounding
+    finally:
+        release()
+
+
+@needs_builder
+def test_float16_is_the_builders_float16_of_an_independently_merged_folder(float16, models, tmp_path):
+    """`pera-deploy merge` then the builder's own command line, `--runtime_config` included: the
+    same bytes. Without it, the same graph, and ONNX Runtime GenAI fails on it at the first decode
+    step (onnxruntime-genai 0.18; if this part fails, the builder is fixed and the option can go)."""
+    from pera_deploy import api
+    from pera_deploy.export.onnx.builder import FLOAT16_RUNTIME
+    from pera_deploy.export.onnx.builder_checks import forced_logits, release
+
+    out, _ = float16
+    merged = tmp_path / "merged"
+    api.merge(models["genai-llama-pera"], models["genai-llama-base"], merged, dtype="float32")
+    line = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(merged), "-p", "fp16", "-e", "cpu"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    built, bare = tmp_path / "built", tmp_path / "bare"
+    subprocess.run([*line, "-o", str(built), "-c", str(tmp_path / "cache"), "--runtime_config",
+                    json.dumps(FLOAT16_RUNTIME)], check=True, capture_output=True, env=env)
+    for name in ("model.onnx", "model.onnx.data", "genai_config.json"):
+        assert (built / name).read_bytes() == (out / name).read_bytes(), name
+    subprocess.run([*line, "-o", str(bare), "-c", str(tmp_path / "cache-bare")], check=True, capture_output=True,
+                   env=env)
+    for name in ("model.onnx", "model.onnx.data"):
+        assert (bare / name).read_bytes() == (out / name).read_bytes(), name
+    assert "session.execution_mode" not in (bare / "genai_config.json").read_text()
+    try:
+        with pytest.raises(RuntimeError, match="re-use buffer"):
+            forced_logits(bare, [5, 17, 99, 200], [102, 309])
+    finally:
+        release()
+
+
+@needs_builder
+@pytest.mark.parametrize("export", ["int4", "float16"])
+def test_reproduce_rebuilds_the_same_bytes(cli, request, export):
+    """The builder is deterministic: the recorded command, run again, writes every file the same
+    (float16: its --runtime_config too)."""
+    out, _ = request.getfixturevalue(export)
     result = cli("reproduce", out)
     assert result.exit_code == 0, result.stderr
     assert "writes every file the same" in result.stdout
@@ -223,7 +338,6 @@ def test_a_model_the_builder_cannot_build_is_bad_input(cli, fx, tmp_path, fixtur
     (["--branch", "--adapter", "a=ADAPTER"], ["--branch is not available with --engine genai", ".onnx_adapter"]),
     (["--opset", "17"], ["--opset is an option of the Optimum engine"]),
     (["--no-genai"], ["--no-genai with --engine genai"]),
-    (["--dtype", "float16"], ["--dtype float16 with --engine genai", "GPU", "--engine optimum --dtype float16"]),
 ])
 def test_options_the_builder_does_not_take_are_bad_input(cli, models, tmp_path, extra, needles):
     out = tmp_path / "out"

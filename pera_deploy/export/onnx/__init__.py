@@ -11,7 +11,7 @@ Needs the `onnx` extra (onnx, onnxruntime, optimum-onnx); `--engine genai` the `
   folder, and why not elsewhere;
 * `requirements`: the extras (`onnx`, `genai`), imported with a clear message when one is missing;
 * `builder_exporter`, `builder`, `builder_checks`: `--engine genai`, ONNX Runtime GenAI's own model
-  builder on the merged model (float32, int4), its float32 graph checked against the
+  builder on the merged model (float32, float16, int4), its float32 graph checked against the
   unmerged model (the merge error) and the others compared with it (the quantization error).
 
 The graphs are validated by `checks.onnx_outputs`.

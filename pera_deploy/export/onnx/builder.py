@@ -6,8 +6,16 @@ inside the staging output); the builder then builds the float32 graph of that fo
 is checked against the unmerged model in PyTorch (the merge error), and, for float16 or
 int4, the graph asked for, compared with the float32 one (the quantization error, reported).
 The output is the builder's folder as it wrote it (model.onnx, model.onnx.data,
-genai_config.json and the tokenizer files): nothing in model.onnx is edited afterwards, so
-it is byte for byte what the builder writes for the same merged folder.
+genai_config.json and the tokenizer files): nothing in it is edited afterwards, so it is
+byte for byte what the builder's command line (with the same options) writes for the same
+merged folder.
+
+float16 needs one builder option, `--runtime_config` FLOAT16_RUNTIME (the builder writes it
+into genai_config.json): its CPU float16 graph repeats the grouped key/value heads with
+tensors annotated `sequence_length` long that are `total_sequence_length` long (make_repeat_kv
+in onnxruntime_genai/models/builders/base.py), so ONNX Runtime's sequential executor plans one
+buffer for two tensors of different lengths and fails at the first decode step ("Shape
+mismatch attempting to re-use buffer"); its parallel executor plans no such reuse.
 
 Imported only by the write step (torch, transformers 5, onnx_ir, onnxruntime_genai).
 """
@@ -46,19 +54,25 @@ from .folders import named_as
 
 Stage = Callable[[str], None]
 PRECISION = {"float32": "fp32", "float16": "fp16", "int4": "int4"}  # --dtype → the builder's -p
+# --dtype float16: the builder's --runtime_config, a session option of the decoder in genai_config.json
+# (see the module's docstring; onnxruntime-genai 0.18 reads it, ONNX Runtime then runs its parallel executor)
+FLOAT16_RUNTIME = {"model": {"decoder": {"session_options": {"session.execution_mode": "parallel"}}}}
+RUNTIME_CONFIG = {"float16": FLOAT16_RUNTIME}
 
 
 def build(folder: Path, out: Path, dtype: str, cache: Path, shown: str = "") -> None:
-    """`python -m onnxruntime_genai.models.builder -i FOLDER -o OUT -p PRECISION -e cpu -c CACHE`,
-    in this process, offline, its prints kept off stdout. `shown` names the folder in an error
-    (the scratch merge by what it is made of)."""
+    """`python -m onnxruntime_genai.models.builder -i FOLDER -o OUT -p PRECISION -e cpu -c CACHE`
+    (float16: with `--runtime_config` FLOAT16_RUNTIME), in this process, offline, its prints
+    kept off stdout. `shown` names the folder in an error (the scratch merge by what it is
+    made of)."""
     import onnxruntime_genai.models.builder as builder
 
     log = io.StringIO()
     precision = PRECISION[dtype]
     try:
         with environment(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"), redirect_stdout(log), redirect_stderr(log):
-            extra = builder.parse_extra_options(None, str(folder), str(out), precision, "cpu", str(cache), [])
+            extra = builder.parse_extra_options(None, str(folder), str(out), precision, "cpu", str(cache), [],
+                                                runtime_config=RUNTIME_CONFIG.get(dtype))
             builder.create_model(None, str(folder), str(out), precision, "cpu", str(cache), **extra)
     except OSError:
         raise  # a full disk or a permission: the driver's exit 4

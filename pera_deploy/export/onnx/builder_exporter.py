@@ -1,6 +1,6 @@
 """export-onnx --engine genai as a writer on the driver (export/contract.py): the model (or
 the base with one adapter merged by pera-deploy's exact merge) built by ONNX Runtime GenAI's
-own model builder, in float32 or int4 (MatMulNBits; its float16 graphs are for GPUs, refused).
+own model builder, in float32, float16 or int4 (MatMulNBits).
 
 Torch-free until the write step (export/onnx/builder.py): the driver imports this module
 before the options are checked, and a missing `genai` extra must be one line naming it.
@@ -31,10 +31,6 @@ BUILDER_FILES = ("model.onnx", "model.onnx.data", "genai_config.json")
 def _validate(opts: ExportOnnxOptions) -> None:
     """The options the builder takes, then the extra: before anything is read."""
     choose("--engine", opts.engine, ONNX_ENGINES)
-    if opts.dtype == "float16":
-        raise InputError("--dtype float16 with --engine genai: ONNX Runtime GenAI's model builder makes float16 graphs "
-                         "for GPU execution providers, which ONNX Runtime cannot run on the CPU (where pera-deploy "
-                         "checks them); use --dtype int4 or float32, or --engine optimum --dtype float16")
     choose("--dtype", opts.dtype, GENAI_DTYPES)
     require_folder(Path(opts.model), "model folder")
     if opts.branch:
@@ -86,8 +82,9 @@ def require_buildable(folder: Path) -> None:
                      f"{_other_engines(model_type)}")
 
 
-# GroupQueryAttention, the attention of every graph the builder makes for the CPU, runs head sizes
-# that are multiples of 16 only (ONNX Runtime: "head_size shall be a multiple of 16")
+# GroupQueryAttention, the attention of the builder's float32 and int4 graphs for the CPU (the float32
+# one is built for every --dtype, for the merge check), runs head sizes that are multiples of 16 only
+# (ONNX Runtime: "head_size shall be a multiple of 16")
 GQA_HEAD_SIZE = 16
 
 
