@@ -209,11 +209,11 @@ EXPORT_ONNX_COMMAND = Command(
               "to make it from); elsewhere the graph alone, the report saying why. --genai: elsewhere is an error.",
               "switch"),
         Param("engine", ("--engine",), "optimum: Optimum's exporter (encoders too, --branch). genai: ONNX Runtime "
-              "GenAI's own model builder on the merged model (decoders it builds; float32 or int4), in the genai "
-              "extra's environment (transformers 5).", ONNX_ENGINES, "optimum", show_default=True),
-        Param("dtype", ("--dtype",), "float16 converts the float32 graph (and adapter files) after export; checked "
-              "with a wider tolerance. int4 (MatMulNBits): --engine genai only.", ("float32", "float16", "int4"),
-              "float32", show_default=True),
+              "GenAI's own model builder on the merged model (decoders it builds; float32, float16 or int4), in the "
+              "genai extra's environment (transformers 5).", ONNX_ENGINES, "optimum", show_default=True),
+        Param("dtype", ("--dtype",), "float16: Optimum's float32 graph (and adapter files) converted after export, "
+              "checked with a wider tolerance; with --engine genai, the builder's float16 graph. int4 (MatMulNBits): "
+              "--engine genai only.", ("float32", "float16", "int4"), "float32", show_default=True),
         LOAD,
     ),
     api="export_onnx")
