@@ -7,11 +7,13 @@ arithmetic), and lora_b @ lora_a * alpha / rank against ΔW in float64 from the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -459,10 +461,58 @@ def test_equals_convert_lora_to_gguf(fx, tmp_path, dtype, outtype):
         assert kvs[key] == ref_kvs[key], key
 
 
+def ggml_operand(x: np.ndarray, kind: str) -> np.ndarray:
+    """x (float32, rows along the last axis) as ggml's CPU backend multiplies it with a factor
+    stored as `kind`: first converted to that type's vec_dot_type (ggml-cpu.c's type traits),
+    Q8_0 blocks for a Q8_0 factor, float16 for an F16 one; float32 for float32 as it is. (gguf's
+    Q8_0 is ggml's reference quantize_row_q8_0; x86's AVX one can differ on exact ties only.)"""
+    if kind == "Q8_0":
+        q8_0 = gguf.GGMLQuantizationType.Q8_0
+        return gguf.quants.dequantize(gguf.quants.quantize(x, q8_0), q8_0)
+    return x.astype(np.float16).astype(np.float32) if kind == "F16" else x
+
+
+@contextlib.contextmanager
+def stored_branch(model: Any, adapter: Any, path: Path, heads: dict[str, int], operands: bool = True) -> Iterator[None]:
+    """Inside the block, `model` computes with the LoRA the GGUF at `path` holds, as llama.cpp
+    applies it: scale·B(A·x) in float32 with the factors gguf reads back (Q8_0 dequantized as
+    ggml does, B's q/k rows back in Hugging Face order), scale = alpha / rank in float32; with
+    `operands`, each product's input first rounded as ggml's CPU backend rounds it (`ggml_operand`)."""
+    from pera_deploy.checks.reference_model import targets_in_model
+
+    kvs, tensors = read(path)
+    kinds = {name: kind for name, kind, _ in tensors}
+    data = values(path)
+    modules = dict(model.named_modules())
+    handles = []
+    for module, target in targets_in_model(model, adapter).items():
+        name = gguf_name(module)
+        a = data[f"{name}.lora_a"].astype(np.float32)
+        b = hf_lora_b(name, data[f"{name}.lora_b"], heads).astype(np.float32)
+        scale = np.float32(kvs["adapter.lora.alpha"]) / np.float32(a.shape[0])
+        kind_a, kind_b = (kinds[f"{name}.{part}"] if operands else "F32" for part in ("lora_a", "lora_b"))
+
+        def hook(_module: Any, args: tuple[Any, ...], output: Any, a=a, b=b, scale=scale, kind_a=kind_a,
+                 kind_b=kind_b) -> Any:
+            x = args[0].detach().numpy().astype(np.float32)
+            return output + output.new_tensor((ggml_operand(ggml_operand(x, kind_a) @ a.T, kind_b) @ b.T) * scale)
+
+        handles.append(modules[target].register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @pytest.mark.slow
-def test_llama_cpp_runs_it(fx, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "float16", "q8_0"])
+def test_llama_cpp_runs_it(fx, tmp_path, dtype):
     """llama.cpp (llama-cpp-python) with the base converted by convert_hf_to_gguf.py and our
-    file as --lora gives the logits of the base with the PERA branch live (PyTorch)."""
+    file as --lora gives the logits of the base with the PERA branch live (PyTorch), within
+    what the file's dtype costs. That cost is measured in PyTorch, not assumed: the same model
+    with the LoRA the file holds (`stored_branch`), its factors as read back and dequantized,
+    with and without ggml's rounding of the products' inputs."""
     llama_cpp = pytest.importorskip("llama_cpp")
     torch = pytest.importorskip("torch")  # the reference: the unmerged PERA model in PyTorch
     source = llama_cpp_source()
@@ -470,7 +520,8 @@ def test_llama_cpp_runs_it(fx, tmp_path):
 
     base, adapter_path = fx["small-llama-base"], fx["small-llama-pera"]
     convert(source / "convert_hf_to_gguf.py", base, "--outfile", tmp_path / "base.gguf", "--outtype", "f32")
-    export_gguf(adapter_path, tmp_path / "lora.gguf", base=base)
+    lora = tmp_path / "lora.gguf"
+    export_gguf(adapter_path, lora, base=base, dtype=dtype)
     ids = [1, 17, 99, 230, 5, 64, 311, 42]
 
     def llama_cpp_logits(lora: Path | None) -> Any:
@@ -480,17 +531,53 @@ def test_llama_cpp_runs_it(fx, tmp_path):
         llm.eval(ids)
         return torch.tensor(np.array(llm.scores[:len(ids)]), dtype=torch.float64)
 
-    model, branch = load_unmerged_model(base, pera_deploy.load_adapter(adapter_path), torch.float32)
+    adapter = pera_deploy.load_adapter(adapter_path)
+    model, branch = load_unmerged_model(base, adapter, torch.float32)
+    heads = llama_heads(base)
+
+    def logits() -> Any:
+        return model(torch.tensor([ids])).logits[0].double()
+
     with torch.no_grad():
         with branch:  # live from the start; leaving the block removes it
-            adapted = model(torch.tensor([ids])).logits[0].double()
-        plain = model(torch.tensor([ids])).logits[0].double()
-    # float32 throughout, so only evaluation order differs: 5.2e-7 (base) and 4.9e-7 (with the
-    # LoRA) measured with llama-cpp-python 0.3.36; the adapter itself moves the logits 0.38
-    assert (llama_cpp_logits(None) - plain).abs().max() / plain.abs().max() < 1e-5  # the harness itself
-    ours = llama_cpp_logits(tmp_path / "lora.gguf")
-    assert (ours - adapted).abs().max() / adapted.abs().max() < 1e-5
-    assert (ours - plain).abs().max() > 10 * (ours - adapted).abs().max()  # the adapter really acted
+            adapted = logits()
+        plain = logits()
+        with stored_branch(model, adapter, lora, heads, operands=False):
+            factors = logits()  # the file's factors, exact products
+        with stored_branch(model, adapter, lora, heads):
+            stored = logits()  # and the products' inputs rounded as ggml rounds them
+
+    def rel(x: Any, y: Any) -> float:
+        return float((x - y).abs().max() / y.abs().max())
+
+    ours = llama_cpp_logits(lora)
+    # Measured with llama-cpp-python 0.3.36 (built from its sdist, x86-64 AVX-512), relative to
+    # the largest logit; the adapter itself moves the logits 0.27 (ours against the base):
+    #            ours-adapted  ours-stored  factors-adapted  stored-factors  max ΔW error
+    #   float32  5.9e-7        5.9e-7       4.2e-7           0               1.1e-10
+    #   float16  1.1e-4        2.9e-6       8.8e-5           8.6e-5          3.0e-4
+    #   q8_0     2.1e-3        3.2e-4       1.5e-3           1.6e-3          5.6e-3
+    # (the base alone, without the LoRA: 5.8e-7)
+    float32_order = 1e-5  # float32 throughout, so only the order of evaluation differs (measured 5.9e-7)
+    assert rel(llama_cpp_logits(None), plain) < float32_order  # the harness itself
+    # 1. What storing the factors costs, from the ΔW error the file's factors make (max over the
+    # modules of ‖scale·BA − ΔW‖ / ‖ΔW‖, the dtype's rounding): to first order the logits move
+    # linearly with ΔW, so an error ε in every module moves them by about ε times what ΔW moves
+    # them (measured 1.06ε for float16, 0.99ε for q8_0); twice that for the errors' other directions.
+    delta_w_error = max(runtime_errors(lora, adapter_path, heads).values())
+    assert rel(factors, adapted) < 2 * delta_w_error * rel(adapted, plain) + float32_order
+    # 2. llama.cpp computes what the file holds: ggml's CPU backend converts each product's input
+    # to the factor's vec_dot_type first (Q8_0 blocks for a Q8_0 lora_a, float16 for an F16
+    # factor), which `stored` does too. Beyond float32's evaluation order, the two can only
+    # differ where an input lies so near a rounding boundary of that conversion that float32's
+    # order puts it on the other side (measured: inputs moved by 1e-7 relative move q8_0's
+    # logits by up to 2.7e-4): such an input is off by at most one step instead of half a step,
+    # so all of them together cost less than the rounding of every input does (stored-factors).
+    assert rel(ours, stored) < rel(stored, factors) + float32_order
+    # 3. and so the unmerged model's logits, within what the file (its factors and ggml's
+    # rounding of their inputs) costs, as measured above
+    assert rel(ours, adapted) < rel(stored, adapted) + rel(stored, factors) + float32_order
+    assert rel(ours, plain) > 10 * rel(ours, adapted)  # the adapter really acted
 
 
 def test_readme_gguf_example_runs_as_written(cli, tmp_path, monkeypatch):
