@@ -13,6 +13,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from .export.registry import WRITERS
+
 __version__ = "0.2.0.dev0"  # moves with CHANGELOG.md's topmost version
 
 _EXPORTS = {
@@ -22,18 +24,10 @@ _EXPORTS = {
     "load_adapter": "api",
     "FORMATS": "formats",
     "inspect_adapter": "api",
-    "merge": "api",
     "verify": "api",
-    "export_lora": "api",
-    "export_gguf": "api",
-    "keep_branch": "api",
-    "unmerge": "api",
-    "export_onnx": "api",
-    "extract": "api",
-    "combine": "api",
-    "bundle": "api",
     "load_bundle": "api",
     "reproduce": "api",
+    **{writer.function: "api" for writer in WRITERS.values()},  # each writer's, from its module
     "PeraDeployError": "errors",
     "InputError": "errors",
     "CheckFailed": "errors",

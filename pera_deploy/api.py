@@ -8,47 +8,45 @@ when a check fails and `EnvironmentFailure` when writing fails; nothing is left 
 
 from __future__ import annotations
 
-import functools
+import importlib
 import json
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar, cast
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from . import formats
 from .checks.base import Report
 from .core.adapter import PeraAdapter
-from .driver import digests_scope, drive, swapped_arguments
-from .errors import InputError, PeraDeployError, speak_python
+from .errors import InputError, speaks_python
 from .export.contract import load_weighted
-from .export.registry import WRITERS
+from .export.driver import digests_scope, swapped_arguments
+from .export.registry import WRITERS, located
 from .extras import require
-from .io.digests import Digests
-from .options import jobs as option_jobs
 from .options import no_precision
 from .options import seed as option_seed
 from .scoped import offline
 
 AdapterLike = str | Path | PeraAdapter
-F = TypeVar("F", bound=Callable[..., Any])
+
+load_adapter = speaks_python(formats.load_adapter)
+
+# The writers' functions live beside their writers (export/registry.py says where) and are
+# imported on first use: `api.merge` is pera_deploy.export.merged.merge.
+WRITER_FUNCTIONS = tuple(dict.fromkeys(writer.function for writer in WRITERS.values()))
+__all__ = ["load_adapter", "inspect_adapter", "verify", *WRITER_FUNCTIONS, "load_bundle", "reproduce"]
 
 
-def _speaks_python(function: F) -> F:
-    """A public API function whose errors name its parameters, not the CLI's options: "pass
-    force=True", not "pass --force" (errors.speak_python; the CLI prints its own wording)."""
-    @functools.wraps(function)
-    def call(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return function(*args, **kwargs)
-        except PeraDeployError as exc:
-            speak_python(exc)
-            raise
-
-    return cast(F, call)
+def __getattr__(name: str) -> Any:
+    """A writer's API function, from its module (PEP 562)."""
+    for writer in WRITERS.values():
+        if writer.function == name:
+            module, function = located(writer.api)
+            return getattr(importlib.import_module(module), function)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-load_adapter = _speaks_python(formats.load_adapter)
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
 
-__all__ = ["load_adapter", "inspect_adapter", "merge", "verify", "export_lora", "keep_branch", "unmerge",
-           "export_onnx", "extract", "combine", "bundle", "load_bundle", "export_gguf", "reproduce"]
 
 def _load(adapter: AdapterLike | Sequence[AdapterLike], load_options: dict[str, Any], command: str = "inspect",
           models: dict[str, Any] | None = None, weights: Sequence[float] | None = None) -> PeraAdapter:
@@ -68,7 +66,7 @@ def _sources(adapter: AdapterLike | Sequence[AdapterLike]) -> list[AdapterLike]:
     return list(adapter)
 
 
-@_speaks_python
+@speaks_python
 def inspect_adapter(adapter: AdapterLike, **load_options: Any) -> dict[str, Any]:
     """What an adapter is: format, ranks, R', scaling, layout, modules, size, per-layer ‖ΔW‖.
 
@@ -97,35 +95,7 @@ def inspect_adapter(adapter: AdapterLike, **load_options: Any) -> dict[str, Any]
     return info
 
 
-@_speaks_python
-def merge(adapter: AdapterLike | Sequence[AdapterLike], base: str | Path, output: str | Path, *,
-          weights: Sequence[float] | None = None, dtype: str = "auto", precision: str | None = None,
-          max_shard_size: str | int | None = None, untie_embeddings: bool = False, check_forward_pass: bool = False,
-          full_check: bool = False, force: bool = False, dry_run: bool = False, progress: bool | None = None,
-          digests: Digests | None = None, jobs: int | None = None, **load_options: Any) -> Any:
-    """Merge `adapter` into the model folder `base`, writing a new model folder `output`
-    (export/merged.py, on the driver).
-
-    Several adapters (a list) are merged as their weighted sum Σ wᵢ ΔWᵢ (`weights`, default
-    all 1, negative allowed), in the same single streaming pass and single rounding.
-    Streams tensor by tensor. The weight check recomputes W0 + ΔW independently for a sample
-    of every merged weight's rows (about 1/8, from every block the merge wrote), or all of them
-    with `full_check`; `check_forward_pass` also compares the outputs with the unmerged model.
-    `jobs` threads share out the arithmetic (default: the cores available); the output is
-    byte-identical whatever their number. `dry_run` returns the plan and writes nothing.
-    """
-    from .export.merged import MergeOptions
-
-    no_precision(precision)
-    threads = option_jobs(jobs)
-    opts = MergeOptions(adapter=adapter, base=base, output=output, weights=weights, dtype=dtype,
-                        max_shard_size=max_shard_size, untie_embeddings=untie_embeddings,
-                        check_forward_pass=check_forward_pass, full_check=full_check, **load_options)
-    return drive("merge", merge, opts, force=force, dry_run=dry_run, progress=progress, digests=digests,
-                 jobs=threads)
-
-
-@_speaks_python
+@speaks_python
 def verify(merged: str | Path, adapter: AdapterLike | Sequence[AdapterLike] | None = None,
            base: str | Path | None = None, *, weights: Sequence[float] | None = None, forward: bool = True,
            precision: str | None = None, untie_embeddings: bool | None = None, seed: int = 0,
@@ -254,25 +224,7 @@ def _verify_bundle(folder: Path, seed: int, load_options: dict[str, Any], forwar
     return report
 
 
-@_speaks_python
-def bundle(base: str | Path, output: str | Path, adapters: dict[str, AdapterLike], *, base_files: str = "copy",
-           onnx: bool = False, task: str | None = None, opset: int | None = None, genai: bool | None = None,
-           force: bool = False, dry_run: bool = False, progress: bool | None = None, digests: Digests | None = None,
-           **load_options: Any) -> Any:
-    """One base and several adapters, packaged for every runtime (export/bundle.py, on the
-    driver): `base/`, `adapters/NAME/` (exact plain PEFT LoRAs named for the base), `onnx/`
-    with `onnx`, `bundle.json` and a README with the real names. Names must be
-    filesystem-safe and unique. `dry_run` returns the plan and writes nothing."""
-    from .export.bundle import BundleOptions
-    from .scoped import quiet_transformers
-
-    opts = BundleOptions(base=base, output=output, adapters=dict(adapters), base_files=base_files, onnx=onnx, task=task,
-                         opset=opset, genai=genai, **load_options)
-    with quiet_transformers():
-        return drive("bundle", bundle, opts, force=force, dry_run=dry_run, progress=progress, digests=digests)
-
-
-@_speaks_python
+@speaks_python
 def load_bundle(folder: str | Path) -> Any:
     """A bundle's base model with every adapter loaded into PEFT under its own name (needs peft)."""
     from .export.bundle import load_bundle as load_folder
@@ -281,160 +233,7 @@ def load_bundle(folder: str | Path) -> Any:
         return load_folder(Path(folder))
 
 
-@_speaks_python
-def export_lora(adapter: AdapterLike, output: str | Path, *, rank: int | None = None, tol: float | None = None,
-                max_rank: int | None = None, pad: bool = True, dtype: str = "float32", base: str | Path | None = None,
-                force: bool = False, dry_run: bool = False, progress: bool | None = None,
-                digests: Digests | None = None, **load_options: Any) -> Any:
-    """Write `adapter` as a plain PEFT LoRA adapter folder (export/lora.py, on the driver).
-
-    Exact (rank R') by default; `rank`, `tol` (relative Frobenius error) and `max_rank`
-    choose a best low-rank approximation per module instead (`report.plan` holds each
-    module's rank and error). `base` renames modules to the base model's own module names
-    (and checks the shapes). Every module's stored factors are checked against ΔW.
-    `dry_run` returns the plan (export.contract.Plan) and writes nothing.
-    """
-    from .export.lora import ExportLoraOptions
-
-    opts = ExportLoraOptions(adapter=adapter, output=output, rank=rank, tol=tol, max_rank=max_rank, pad=pad,
-                             dtype=dtype, base=base, **load_options)
-    return drive("export-lora", export_lora, opts, force=force, dry_run=dry_run, progress=progress, digests=digests)
-
-
-@_speaks_python
-def keep_branch(adapter: AdapterLike, base: str | Path, output: str | Path, *, base_files: str = "copy",
-                dtype: str = "float32", force: bool = False, dry_run: bool = False, progress: bool | None = None,
-                digests: Digests | None = None, **load_options: Any) -> Any:
-    """`output/base` (the base untouched: copied, hard-linked or symlinked) and
-    `output/adapter` (the exact plain LoRA, named as the base model names its modules), on
-    the driver (export/keep_branch.py). `dry_run` returns the plan and writes nothing."""
-    from .export.keep_branch import KeepBranchOptions
-
-    opts = KeepBranchOptions(adapter=adapter, base=base, output=output, base_files=base_files, dtype=dtype,
-                             **load_options)
-    return drive("merge --keep-branch", keep_branch, opts, force=force, dry_run=dry_run, progress=progress,
-                 digests=digests)
-
-
-@_speaks_python
-def unmerge(merged: str | Path, adapter: AdapterLike, output: str | Path, *, check_against: str | Path | None = None,
-            precision: str | None = None, full_check: bool = False, force: bool = False, dry_run: bool = False,
-            progress: bool | None = None, digests: Digests | None = None, jobs: int | None = None,
-            **load_options: Any) -> Any:
-    """Recover W0 = round(W' − ΔW) from a merged model folder, streamed like a merge
-    (export/merged.py, on the driver).
-
-    The merge's own rounding cannot be undone: each recovered element can be about two
-    storage steps from the original. With `check_against` (the original base) the recovered
-    model is compared with it, and an unmerge further off than that fails (CheckFailed).
-    Tensors the merge replaced (modules_to_save, biases) are kept as merged and listed.
-    `dry_run` returns the plan and writes nothing.
-    """
-    from .export.merged import UnmergeOptions
-
-    no_precision(precision)
-    threads = option_jobs(jobs)
-    opts = UnmergeOptions(merged=merged, adapter=adapter, output=output, check_against=check_against,
-                          full_check=full_check, **load_options)
-    return drive("unmerge", unmerge, opts, force=force, dry_run=dry_run, progress=progress, digests=digests,
-                 jobs=threads)
-
-
-@_speaks_python
-def export_onnx(model: str | Path, output: str | Path, *, adapters: dict[str, AdapterLike] | None = None,
-                branch: bool = False, task: str | None = None, opset: int | None = None, dtype: str = "float32",
-                genai: bool | None = None, engine: str = "optimum", force: bool = False, dry_run: bool = False,
-                progress: bool | None = None, digests: Digests | None = None, **load_options: Any) -> Any:
-    """Export to ONNX through Optimum (or ONNX Runtime GenAI's model builder) and check the
-    graph against PyTorch.
-
-    * `model` alone: a (merged) model folder as it is.
-    * `model` = base and one adapter: merged on the fly (in a temporary folder beside the
-      output, removed afterwards) and exported; checked against the unmerged model.
-    * `branch=True`: the base graph with a swappable PERA branch at every targeted layer,
-      and one `NAME.onnx_adapter` per adapter; checked with no adapter (= the base) and
-      with each adapter (= base + that adapter's live branch).
-
-    The graph is exported in float32; `dtype="float16"` converts it afterwards (and checks
-    it with its own wider tolerance). Decoders ONNX Runtime GenAI runs get `genai_config.json`
-    beside the graph and tokenizer (`genai=None`: where it can, the manifest's `genai_skipped`
-    saying why not elsewhere; True: or bad input; False: never); a SentencePiece
-    `tokenizer.model` without `tokenizer.json` gets the `tokenizer.json` transformers makes.
-    On the driver (export/onnx/exporter.py): `dry_run` returns the plan and writes nothing.
-
-    `engine="genai"`: the model (or the base with the adapter merged by pera-deploy's exact
-    merge) built by ONNX Runtime GenAI's model builder, `dtype` float32, float16 or int4
-    (export/onnx/builder_exporter.py); its float32 graph is checked against the unmerged
-    model in PyTorch (the merge error), a float16 or int4 graph compared with it (the
-    quantization error, reported). Needs the `genai` extra, in an environment without `onnx`.
-    """
-    from .export.onnx.exporter import ExportOnnxOptions
-    from .scoped import quiet_transformers
-
-    opts = ExportOnnxOptions(model=model, output=output, adapters=dict(adapters) if adapters is not None else None,
-                             branch=branch, task=task, opset=opset, dtype=dtype, genai=genai, engine=engine,
-                             **load_options)
-    command = "export-onnx --engine genai" if engine == "genai" else "export-onnx --branch" if branch else "export-onnx"
-    with quiet_transformers():
-        return drive(command, export_onnx, opts, force=force, dry_run=dry_run, progress=progress, digests=digests)
-
-
-@_speaks_python
-def extract(checkpoint: AdapterLike, output: str | Path, *, base: str | Path | None = None, force: bool = False,
-            dry_run: bool = False, progress: bool | None = None, digests: Digests | None = None,
-            **load_options: Any) -> Any:
-    """Write the adapter found in any container (a training checkpoint, a state dict, an
-    adapter folder of any format) as a canonical PEFT-style PERA folder, bit-exact to the
-    tensors taken, with where they came from in its config and manifest. `base` renames the
-    modules to the base model's own module names (what PEFT matches). On the driver:
-    `dry_run` returns the plan."""
-    from .export.extract import ExtractOptions
-
-    opts = ExtractOptions(checkpoint=checkpoint, output=output, base=base, **load_options)
-    return drive("extract", extract, opts, force=force, dry_run=dry_run, progress=progress, digests=digests)
-
-
-@_speaks_python
-def combine(adapters: Sequence[AdapterLike], output: str | Path, *, weights: Sequence[float] | None = None,
-            rank: int | None = None, tol: float | None = None, max_rank: int | None = None, pad: bool = True,
-            dtype: str = "float32", base: str | Path | None = None, force: bool = False, dry_run: bool = False,
-            progress: bool | None = None, digests: Digests | None = None, **load_options: Any) -> Any:
-    """Σᵢ wᵢ ΔWᵢ of several adapters (PERA or LoRA) as one plain PEFT LoRA (on the driver).
-
-    Exactly, by default: its factors are the stacked wᵢsᵢB̂ᵢ and Âᵢ, of rank ΣR′ᵢ. With `rank`,
-    `tol` or `max_rank`, the best approximation of the sum per module instead (the factored
-    SVD of export_lora), each module's error reported. Modules only some adapters target are
-    fine; adapters for different bases are refused. `dry_run` returns the plan.
-    """
-    from .export.lora import CombineOptions
-
-    opts = CombineOptions(adapters=_sources(adapters), output=output, weights=weights, rank=rank, tol=tol,
-                          max_rank=max_rank, pad=pad, dtype=dtype, base=base, **load_options)
-    return drive("combine", combine, opts, force=force, dry_run=dry_run, progress=progress, digests=digests)
-
-
-@_speaks_python
-def export_gguf(adapter: AdapterLike, output: str | Path, *, base: str | Path, rank: int | None = None,
-                tol: float | None = None, max_rank: int | None = None, pad: bool = True, dtype: str = "float32",
-                force: bool = False, dry_run: bool = False, progress: bool | None = None,
-                digests: Digests | None = None, **load_options: Any) -> Any:
-    """Write `adapter` as a llama.cpp LoRA adapter file (GGUF) for the model folder `base`.
-
-    The factors are export_lora's (exact by default; `rank`, `tol`, `max_rank` and `pad` as
-    there), named by the gguf package for the base's architecture, q/k rows in llama.cpp's
-    rotary order, `adapter.lora.alpha` = the rank. The file is read back and every tensor
-    checked (and ΔW as llama.cpp computes it) before it appears, through the one publish
-    path (a single-file output); `force` replaces only an earlier pera-deploy GGUF. Needs the
-    `gguf` extra. `dry_run` returns the plan.
-    """
-    from .export.gguf import ExportGgufOptions
-
-    opts = ExportGgufOptions(adapter=adapter, output=output, base=base, rank=rank, tol=tol, max_rank=max_rank,
-                             pad=pad, dtype=dtype, **load_options)
-    return drive("export-gguf", export_gguf, opts, force=force, dry_run=dry_run, progress=progress, digests=digests)
-
-
-@_speaks_python
+@speaks_python
 def reproduce(output: str | Path, *, adapters: Sequence[str | Path] = (), base: str | Path | None = None,
               check_against: str | Path | None = None, config: str | Path | None = None) -> Report:
     """Re-derive `output` (a folder or GGUF pera-deploy wrote) from what its manifest records,
@@ -450,5 +249,19 @@ def reproduce(output: str | Path, *, adapters: Sequence[str | Path] = (), base: 
                                 config=config)
 
 
-# The command a manifest names → the API function that wrote it (what reproduce calls again).
-COMMANDS: dict[str, Callable[..., Report]] = {name: globals()[writer.api] for name, writer in WRITERS.items()}
+class _Commands(Mapping[str, Callable[..., Report]]):
+    """The command a manifest names → the API function that wrote it (what reproduce calls
+    again), each imported when it is asked for."""
+
+    def __getitem__(self, command: str) -> Callable[..., Report]:
+        function: Callable[..., Report] = __getattr__(WRITERS[command].function)
+        return function
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(WRITERS)
+
+    def __len__(self) -> int:
+        return len(WRITERS)
+
+
+COMMANDS = _Commands()

@@ -394,7 +394,7 @@ progress_option = click.option("--progress/--no-progress", default=None,
 def writer_command(name: str) -> click.Command:
     """The command `name` of export/registry.py, from its writer's declaration: its own
     parameters, then the ones every writer takes, all handed to its API function."""
-    from .driver import exporter
+    from .export.driver import exporter
 
     writer = exporter(name)
     spec = writer.command
@@ -407,7 +407,7 @@ def writer_command(name: str) -> click.Command:
 
     def callback(*, format_: str | None, adapter_name: str | None, missing_coefficients: str | None,
                  config: Path | None, force: bool, dry_run: bool, progress: bool | None, **params: Any) -> None:
-        _run_writer(spec, params, _load_options(format_, adapter_name, missing_coefficients, config), force=force,
+        _run_writer(name, spec, params, _load_options(format_, adapter_name, missing_coefficients, config), force=force,
                     dry_run=dry_run, progress=_progress(progress))
 
     run: Callable[..., Any] = callback
@@ -416,12 +416,12 @@ def writer_command(name: str) -> click.Command:
     return click.command(name, cls=_Command, help=spec.help)(run)
 
 
-def _run_writer(spec: Command, params: dict[str, Any], load: dict[str, Any], *, force: bool, dry_run: bool,
+def _run_writer(name: str, spec: Command, params: dict[str, Any], load: dict[str, Any], *, force: bool, dry_run: bool,
                 progress: bool | None) -> None:
     """Call the writer's API function with what its command line asked for. The inputs its
     call names are hashed from the start, while the rest of the tool is still being imported
     (a dry run hashes, and caches, nothing); the report renders as its writer renders it."""
-    from .driver import exporter
+    from .export.driver import exporter
     from .io.digests import Digests, likely_inputs
 
     started = time.perf_counter()
@@ -446,7 +446,8 @@ def _run_writer(spec: Command, params: dict[str, Any], load: dict[str, Any], *, 
 
     def render(report: Any) -> str:
         text = exporter(report.command).render(report)
-        return text + (f" in {time.perf_counter() - started:.1f} s" if spec.timed and report.passed else "")
+        timed = spec.timed and report.command == name and report.passed  # (not a variant's: keep-branch's ends in a command)
+        return text + (f" in {time.perf_counter() - started:.1f} s" if timed else "")
 
     try:
         _run(result, render, to_dict=lambda report: {**report.to_dict(), "seconds": time.perf_counter() - started})

@@ -15,7 +15,9 @@ from __future__ import annotations
 import errno
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar, cast
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
@@ -140,6 +142,22 @@ def speak_python(exc: PeraDeployError) -> None:
         return
     exc.cli_message = exc.args[0]
     exc.args = (exc.python or in_python_terms(exc.args[0]), *exc.args[1:])
+
+
+def speaks_python(function: F) -> F:
+    """A public API function whose errors name its parameters, not the CLI's options: "pass
+    force=True", not "pass --force" (speak_python; the CLI prints its own wording)."""
+    import functools
+
+    @functools.wraps(function)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except PeraDeployError as exc:
+            speak_python(exc)
+            raise
+
+    return cast(F, call)
 
 
 class Interrupted(BaseException):

@@ -36,12 +36,13 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 from . import __version__
 from .checks.base import Report
 from .core.adapter import PeraAdapter
 from .errors import CheckFailed, InputError, environment_failure
+from .export.recording import recorded_names
 from .formats import load_adapter
 from .io.digests import Digests
 from .io.safetensors_stream import TensorEntry, itemsize, read_header
@@ -57,7 +58,6 @@ from .publish.manifest import (
     record_differences,
 )
 from .publish.output_folder import scratch_outputs
-from .recording import recorded_names
 
 # Which argument of those functions is which input, and the option of reproduce that moves it.
 INPUT_ARGUMENTS = {"adapter": "--adapter", "adapters": "--adapter", "checkpoint": "--adapter", "base": "--base",
@@ -96,7 +96,7 @@ class ReproduceCheck:
                 "differences": self.differences, "notes": self.notes}
 
 
-def reproduce_output(output: Path, commands: dict[str, Callable[..., Report]], *,
+def reproduce_output(output: Path, commands: Mapping[str, Callable[..., Report]], *,
                      adapters: Sequence[str | Path] = (), base: str | Path | None = None,
                      check_against: str | Path | None = None, config: str | Path | None = None) -> Report:
     """Re-derive `output` from its manifest and compare (see the module docstring); raises

@@ -145,6 +145,22 @@ def _help(cli, command: str) -> str:
     return result.stdout
 
 
+def test_the_api_page_documents_every_public_function():
+    """docs/api.md renders every function `pera_deploy.api` lists, the writers' from their modules
+    (export/registry.py), so a new writer's function is on the page or this fails."""
+    from pera_deploy import api
+    from pera_deploy.export.registry import WRITERS, located
+
+    page = (ROOT / "docs" / "api.md").read_text()
+    members = re.search(r"::: pera_deploy.api\n    options:\n      members:\n((?:        - \w+\n)+)", page)
+    assert members is not None
+    listed = set(re.findall(r"- (\w+)", members.group(1)))
+    writers = {writer.function: ".".join(located(writer.api)) for writer in WRITERS.values()}
+    assert listed | set(writers) | {"load_adapter"} == set(api.__all__)
+    for function, where in writers.items():
+        assert f"::: {where}\n" in page, function
+
+
 def test_command_pages_show_the_current_help(cli):
     pages = {p.stem for p in (ROOT / "docs" / "commands").glob("*.md")} - {"index"}
     from pera_deploy.cli import all_commands

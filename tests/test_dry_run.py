@@ -1,4 +1,4 @@
-"""The writers on the driver (pera_deploy/driver.py): --dry-run writes nothing anywhere (not
+"""The writers on the driver (pera_deploy/export/driver.py): --dry-run writes nothing anywhere (not
 beside the output, not in the digest cache) and its plan names what the real run then
 writes; bad input under --dry-run is refused as the real run refuses it; progress goes to
 stderr with --progress and never with --json; the manifest records the options dataclass."""
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from pera_deploy import api
-from pera_deploy.driver import EXPORTERS, exporter
-from pera_deploy.recording import recorded_names
+from pera_deploy.export.driver import EXPORTERS, exporter
+from pera_deploy.export.recording import recorded_names
 from tests.test_bundles import installed
 from tests.test_reproduce import WRITERS
 

@@ -21,9 +21,9 @@ from click.testing import CliRunner
 import pera_deploy
 from pera_deploy import api
 from pera_deploy.cli import main
+from pera_deploy.export.recording import recorded_names
 from pera_deploy.io.safetensors_stream import read_header
 from pera_deploy.publish.manifest import FIGURE_TOLERANCE, GGUF_MANIFEST_KEY, MANIFEST, SCHEMA_VERSION
-from pera_deploy.recording import recorded_names
 from tests.helpers import refused
 
 # name → (the command line, with A = llama-pera, A2 = llama-pera-2, B = llama-base, SA / SB the

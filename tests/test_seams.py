@@ -538,19 +538,19 @@ def test_every_writer_is_its_module_and_its_registry_line():
     import inspect
 
     from pera_deploy import api
-    from pera_deploy.driver import exporter
+    from pera_deploy.export.driver import exporter
+    from pera_deploy.export.recording import recorded_names
     from pera_deploy.export.registry import COMMAND_LINES, WRITERS
-    from pera_deploy.recording import recorded_names
 
     for name, line in WRITERS.items():
         writer = exporter(name)
         assert writer.name == name
         fields = sorted(f.name for f in dataclasses.fields(writer.options))
-        assert sorted(recorded_names(getattr(api, line.api))) == fields, name
+        assert sorted(recorded_names(getattr(api, line.function))) == fields, name
         if line.summary is None:
             assert writer.command is None and name.split()[0] in COMMAND_LINES, name
         else:
-            assert writer.command is not None and writer.command.api == line.api, name
+            assert writer.command is not None and writer.command.api == line.function, name
             assert inspect.cleandoc(writer.command.help).splitlines()[0] == line.summary, name
 
 

@@ -1,4 +1,5 @@
-"""What pera-deploy writes: each writer an `Exporter` (`contract`), run by `pera_deploy.driver`,
+"""What pera-deploy writes: each writer an `Exporter` (`contract`) with its API function beside
+it, run by the one `driver` (the manifest recording every argument of the call: `recording`),
 listed once in `registry`, its command line declared as data (`command`) that cli.py builds.
 
 * `merged`: merged (W0 + ΔW) and unmerged (W' − ΔW) model folders;

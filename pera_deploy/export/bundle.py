@@ -25,15 +25,18 @@ from ..checks.base import Check, Report
 from ..checks.bundle import BUNDLE_FILE
 from ..checks.runtime.vllm_ranks import vllm_rank
 from ..core.adapter import PeraAdapter
-from ..errors import InputError
+from ..errors import InputError, speaks_python
+from ..io.digests import Digests
 from ..io.model_files import BASE_FILE_MODES, place_files, placed_names, side_file_names, write_json
 from ..io.model_folder import ModelFolder
 from ..options import adapter_name, choose
 from ..publish import Written, adapter_inputs
 from ..publish.manifest import adapter_record, file_digests, model_record
 from ..publish.model_card import ModelCard
+from ..scoped import quiet_transformers
 from .command import LOAD, Command, Param, named_paths, output
 from .contract import AdapterLike, Exporter, Plan, PlannedFile, WriteContext, WriterOptions, load, paths
+from .driver import drive
 from .lora import LORA_CODES, export_summary, lora_files, lora_metadata, peft_names, plan_lora_export, write_lora_folder
 
 FACTORS = LORA_CODES["float32"]  # a bundle's LoRAs are exact, stored in float32
@@ -169,7 +172,7 @@ def _write(plan: Plan, folder: Path, context: WriteContext) -> Written:
         checks.append(graph_check)
         sections["onnx"] = onnx_sections
     max_rank = vllm_rank(max(summary["r"] for summary in summaries.values()))
-    bundle = {
+    contents = {
         "base": {"path": str(state.base), "files": file_digests([state.config, *state.weight_files], state.base, digests),
                  "sha256": base_record["sha256"], "placed_as": state.mode, "placed": placed},
         "adapters": {
@@ -191,7 +194,7 @@ def _write(plan: Plan, folder: Path, context: WriteContext) -> Written:
         "vllm_max_lora_rank": max_rank,
         "checks": {c.kind: c.to_dict() for c in checks},
     }
-    write_json(folder / BUNDLE_FILE, bundle)
+    write_json(folder / BUNDLE_FILE, contents)
     card = _card(plan.target.name, list(state.adapters), {n: summary["r"] for n, summary in summaries.items()},
                  max_rank, state.onnx is not None)
     return Written(checks, {"base": base_record, "adapters": records}, sections, card=card)
@@ -318,3 +321,22 @@ def load_bundle(folder: Path, dtype: Any = None) -> Any:
     model.set_adapter(names[0])
     model.eval()
     return model
+
+
+# -- the API function (pera_deploy.api lists it; reproduce calls it again) ---------------------------
+
+
+@speaks_python
+def bundle(base: str | Path, output: str | Path, adapters: dict[str, AdapterLike], *, base_files: str = "copy",
+           onnx: bool = False, task: str | None = None, opset: int | None = None, genai: bool | None = None,
+           force: bool = False, dry_run: bool = False, progress: bool | None = None, digests: Digests | None = None,
+           **load_options: Any) -> Any:
+    """One base and several adapters, packaged for every runtime (export/bundle.py, on the
+    driver): `base/`, `adapters/NAME/` (exact plain PEFT LoRAs named for the base), `onnx/`
+    with `onnx`, `bundle.json` and a README with the real names. Names must be
+    filesystem-safe and unique. `dry_run` returns the plan and writes nothing."""
+
+    opts = BundleOptions(base=base, output=output, adapters=dict(adapters), base_files=base_files, onnx=onnx, task=task,
+                         opset=opset, genai=genai, **load_options)
+    with quiet_transformers():
+        return drive("bundle", bundle, opts, force=force, dry_run=dry_run, progress=progress, digests=digests)

@@ -5,7 +5,7 @@ or one file, and three steps: `plan` reads headers and configs, writes nothing, 
 what would be written (`Plan`); `write` writes that plan into the staging place the driver
 gives it and returns what it wrote and checked (`Written`); `render` turns the report into
 text. Everything else (target checks and --force, loading, digests, the offline scope,
-publishing, the manifest, --dry-run, --json, progress) is the driver's (pera_deploy/driver.py),
+publishing, the manifest, --dry-run, --json, progress) is the driver's (export/driver.py),
 written once, so no writer can forget a step or do one its own way.
 """
 

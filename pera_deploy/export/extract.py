@@ -28,7 +28,7 @@ from ..checks.numerics import same_bits
 from ..core.adapter import PeraAdapter, trained
 from ..core.dtypes import code_of
 from ..core.names import PEFT_PREFIX
-from ..errors import InputError
+from ..errors import InputError, speaks_python
 from ..io.digests import Digests
 from ..io.model_files import write_json
 from ..io.model_folder import ModelFolder
@@ -38,6 +38,7 @@ from ..publish.manifest import adapter_record
 from ..publish.model_card import ModelCard
 from .command import LOAD, NAMED_BY_BASE, Command, Param, output
 from .contract import AdapterLike, Exporter, Plan, PlannedFile, WriteContext, WriterOptions, load, paths
+from .driver import drive
 from .lora import peft_names
 
 PROVENANCE = "pera_deploy"
@@ -239,3 +240,20 @@ EXTRACT: Exporter[ExtractOptions, PeraAdapter] = Exporter(
     "extract", ExtractOptions, folder=True, given=lambda o: paths(o.checkpoint, o.base, o.config),
     validate=lambda o: None, load=lambda o: load(o.checkpoint, o.load_options()), plan=_plan, write=_write,
     render=_render, command=EXTRACT_COMMAND)
+
+
+# -- the API function (pera_deploy.api lists it; reproduce calls it again) ---------------------------
+
+
+@speaks_python
+def extract(checkpoint: AdapterLike, output: str | Path, *, base: str | Path | None = None, force: bool = False,
+            dry_run: bool = False, progress: bool | None = None, digests: Digests | None = None,
+            **load_options: Any) -> Any:
+    """Write the adapter found in any container (a training checkpoint, a state dict, an
+    adapter folder of any format) as a canonical PEFT-style PERA folder, bit-exact to the
+    tensors taken, with where they came from in its config and manifest. `base` renames the
+    modules to the base model's own module names (what PEFT matches). On the driver:
+    `dry_run` returns the plan."""
+
+    opts = ExtractOptions(checkpoint=checkpoint, output=output, base=base, **load_options)
+    return drive("extract", extract, opts, force=force, dry_run=dry_run, progress=progress, digests=digests)

@@ -54,7 +54,8 @@ from ..checks.numerics import UNIT_ROUNDOFF, unit_roundoff
 from ..core.adapter import LayerUpdate, PeraAdapter
 from ..core.limits import require_storable
 from ..core.lowrank import factored_norm, one_blas_thread
-from ..errors import InputError
+from ..errors import InputError, speaks_python
+from ..io.digests import Digests
 from ..io.model_folder import ModelFolder
 from ..options import rank_options
 from ..publish import Written, adapter_inputs
@@ -62,6 +63,7 @@ from ..publish.manifest import GGUF_MANIFEST_KEY, adapter_record, model_record, 
 from ..publish.output_folder import refuse_overlap
 from .command import LOAD, RANK, Command, Param, output
 from .contract import AdapterLike, Exporter, Plan, PlannedFile, WriteContext, WriterOptions, load, paths
+from .driver import drive
 from .lora import LoraExport, LoraModule, export_summary, lora_warnings, padded, peft_names, plan_lora_export
 
 # --dtype → the float the factors are rounded to once (a safetensors code). q8_0 then stores them as
@@ -643,3 +645,25 @@ EXPORT_GGUF: Exporter[ExportGgufOptions, PeraAdapter] = Exporter(
     "export-gguf", ExportGgufOptions, folder=False, given=lambda o: paths(o.adapter, o.base, o.config),
     validate=_validate, load=lambda o: load(o.adapter, o.load_options()), plan=_plan, write=_write, render=_render,
     check=check_output_file, command=EXPORT_GGUF_COMMAND)
+
+
+# -- the API function (pera_deploy.api lists it; reproduce calls it again) ---------------------------
+
+
+@speaks_python
+def export_gguf(adapter: AdapterLike, output: str | Path, *, base: str | Path, rank: int | None = None,
+                tol: float | None = None, max_rank: int | None = None, pad: bool = True, dtype: str = "float32",
+                force: bool = False, dry_run: bool = False, progress: bool | None = None,
+                digests: Digests | None = None, **load_options: Any) -> Any:
+    """Write `adapter` as a llama.cpp LoRA adapter file (GGUF) for the model folder `base`.
+
+    The factors are export_lora's (exact by default; `rank`, `tol`, `max_rank` and `pad` as
+    there), named by the gguf package for the base's architecture, q/k rows in llama.cpp's
+    rotary order, `adapter.lora.alpha` = the rank. The file is read back and every tensor
+    checked (and ΔW as llama.cpp computes it) before it appears, through the one publish
+    path (a single-file output); `force` replaces only an earlier pera-deploy GGUF. Needs the
+    `gguf` extra. `dry_run` returns the plan.
+    """
+    opts = ExportGgufOptions(adapter=adapter, output=output, base=base, rank=rank, tol=tol, max_rank=max_rank,
+                             pad=pad, dtype=dtype, **load_options)
+    return drive("export-gguf", export_gguf, opts, force=force, dry_run=dry_run, progress=progress, digests=digests)

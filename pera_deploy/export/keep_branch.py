@@ -6,11 +6,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .. import __version__
 from ..checks.base import Report
 from ..checks.runtime.vllm_ranks import vllm_rank
 from ..core.adapter import PeraAdapter
+from ..errors import speaks_python
+from ..io.digests import Digests
 from ..io.model_files import BASE_FILE_MODES, place_files, placed_names
 from ..io.model_folder import ModelFolder
 from ..options import LORA_DTYPES, choose
@@ -18,6 +21,7 @@ from ..publish import Written, adapter_inputs
 from ..publish.manifest import adapter_record, model_record
 from ..publish.model_card import ModelCard
 from .contract import AdapterLike, Exporter, Plan, PlannedFile, WriteContext, WriterOptions, load, paths
+from .driver import drive
 from .lora import (
     LORA_CODES,
     LoraExport,
@@ -127,3 +131,20 @@ def _card(title: str, export: LoraExport) -> ModelCard:
 KEEP_BRANCH: Exporter[KeepBranchOptions, PeraAdapter] = Exporter(
     "merge --keep-branch", KeepBranchOptions, folder=True, given=lambda o: paths(o.adapter, o.base, o.config),
     validate=_validate, load=lambda o: load(o.adapter, o.load_options()), plan=_plan, write=_write, render=_render)
+
+
+# -- the API function (pera_deploy.api lists it; reproduce calls it again) ---------------------------
+
+
+@speaks_python
+def keep_branch(adapter: AdapterLike, base: str | Path, output: str | Path, *, base_files: str = "copy",
+                dtype: str = "float32", force: bool = False, dry_run: bool = False, progress: bool | None = None,
+                digests: Digests | None = None, **load_options: Any) -> Any:
+    """`output/base` (the base untouched: copied, hard-linked or symlinked) and
+    `output/adapter` (the exact plain LoRA, named as the base model names its modules), on
+    the driver (export/keep_branch.py). `dry_run` returns the plan and writes nothing."""
+
+    opts = KeepBranchOptions(adapter=adapter, base=base, output=output, base_files=base_files, dtype=dtype,
+                             **load_options)
+    return drive("merge --keep-branch", keep_branch, opts, force=force, dry_run=dry_run, progress=progress,
+                 digests=digests)

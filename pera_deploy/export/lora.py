@@ -25,7 +25,8 @@ from ..core.dtypes import OUTPUT_CODES, code_of
 from ..core.limits import require_storable
 from ..core.lowrank import choose_rank, factored_norm, factored_svd, one_blas_thread, total_relative_error
 from ..core.names import PEFT_PREFIX
-from ..errors import InputError
+from ..errors import InputError, speaks_python
+from ..io.digests import Digests
 from ..io.model_files import write_json
 from ..io.model_folder import ModelFolder
 from ..io.safetensors_stream import file_size, save_tensors
@@ -36,6 +37,7 @@ from ..publish.manifest import adapter_record, model_record
 from ..publish.model_card import ModelCard
 from .command import LOAD, LORA, WEIGHTS, Command, Param, output
 from .contract import AdapterLike, Exporter, Plan, PlannedFile, WriteContext, WriterOptions, load, load_weighted, paths
+from .driver import drive
 
 # PEFT task types whose model wraps a task head as modules_to_save, expecting its weights.
 HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
@@ -517,3 +519,42 @@ COMBINE: Exporter[CombineOptions, PeraAdapter] = Exporter(
     "combine", CombineOptions, folder=True,
     given=lambda o: paths(*o.adapters, o.base, o.config), validate=_validate_combine,
     load=_load_combined, plan=_plan_lora, write=_write_lora, render=_render_combine, command=COMBINE_COMMAND)
+
+
+# -- the API function (pera_deploy.api lists it; reproduce calls it again) ---------------------------
+
+
+@speaks_python
+def export_lora(adapter: AdapterLike, output: str | Path, *, rank: int | None = None, tol: float | None = None,
+                max_rank: int | None = None, pad: bool = True, dtype: str = "float32", base: str | Path | None = None,
+                force: bool = False, dry_run: bool = False, progress: bool | None = None,
+                digests: Digests | None = None, **load_options: Any) -> Any:
+    """Write `adapter` as a plain PEFT LoRA adapter folder (export/lora.py, on the driver).
+
+    Exact (rank R') by default; `rank`, `tol` (relative Frobenius error) and `max_rank`
+    choose a best low-rank approximation per module instead (`report.plan` holds each
+    module's rank and error). `base` renames modules to the base model's own module names
+    (and checks the shapes). Every module's stored factors are checked against ΔW.
+    `dry_run` returns the plan (export.contract.Plan) and writes nothing.
+    """
+    opts = ExportLoraOptions(adapter=adapter, output=output, rank=rank, tol=tol, max_rank=max_rank, pad=pad,
+                             dtype=dtype, base=base, **load_options)
+    return drive("export-lora", export_lora, opts, force=force, dry_run=dry_run, progress=progress, digests=digests)
+
+
+@speaks_python
+def combine(adapters: Sequence[AdapterLike], output: str | Path, *, weights: Sequence[float] | None = None,
+            rank: int | None = None, tol: float | None = None, max_rank: int | None = None, pad: bool = True,
+            dtype: str = "float32", base: str | Path | None = None, force: bool = False, dry_run: bool = False,
+            progress: bool | None = None, digests: Digests | None = None, **load_options: Any) -> Any:
+    """Σᵢ wᵢ ΔWᵢ of several adapters (PERA or LoRA) as one plain PEFT LoRA (on the driver).
+
+    Exactly, by default: its factors are the stacked wᵢsᵢB̂ᵢ and Âᵢ, of rank ΣR′ᵢ. With `rank`,
+    `tol` or `max_rank`, the best approximation of the sum per module instead (the factored
+    SVD of export_lora), each module's error reported. Modules only some adapters target are
+    fine; adapters for different bases are refused. `dry_run` returns the plan.
+    """
+    sources = [adapters] if isinstance(adapters, (str, Path, PeraAdapter)) else list(adapters)
+    opts = CombineOptions(adapters=sources, output=output, weights=weights, rank=rank, tol=tol, max_rank=max_rank,
+                          pad=pad, dtype=dtype, base=base, **load_options)
+    return drive("combine", combine, opts, force=force, dry_run=dry_run, progress=progress, digests=digests)

@@ -21,7 +21,7 @@ from ..checks.lines import forward_line, weights_line
 from ..checks.reconstruction import EXPECTED, check_reconstruction, not_restored, require_comparable
 from ..checks.weights import WeightCheck, check_tensors, expected_names
 from ..core.adapter import PeraAdapter
-from ..errors import InputError
+from ..errors import InputError, speaks_python
 from ..extras import require
 from ..io.digests import Digests
 from ..io.model_files import BASE_FILE_MODES, copy_side_files, side_file_names, write_index
@@ -29,13 +29,15 @@ from ..io.model_folder import SAFETENSORS_INDEX, ModelFolder, WrittenTensors
 from ..io.safetensors_stream import TensorEntry, file_size, read_header, rewrite_metadata
 from ..merging.execute import Workers, execute_plan
 from ..merging.plan import MergePlan, plan_merge
-from ..options import OUTPUT_DTYPES, choose, parse_size
+from ..options import OUTPUT_DTYPES, choose, no_precision, parse_size
+from ..options import jobs as option_jobs
 from ..publish import Written, adapter_inputs, publish
 from ..publish.manifest import MANIFEST, adapter_record, model_record
 from ..publish.model_card import ModelCard
 from ..scoped import blas_threads
 from .command import LOAD, PRECISION, Call, Command, Param, output, parse_weights
 from .contract import AdapterLike, Exporter, Plan, PlannedFile, WriteContext, WriterOptions, load, load_weighted, paths
+from .driver import drive
 
 PLACEHOLDER_DIGEST = "0" * 64
 SAMPLED_CHECK_EVERY = 8  # the merge's own check recomputes 1/8 of the rows (checks.weights.check_merged_layer)
@@ -445,3 +447,54 @@ UNMERGE: Exporter[UnmergeOptions, PeraAdapter] = Exporter(
     "unmerge", UnmergeOptions, folder=True, given=lambda o: paths(o.adapter, o.merged, o.check_against, o.config),
     validate=lambda o: None, load=lambda o: load(o.adapter, o.load_options()), plan=_plan_unmerge,
     write=_write_unmerge, render=_render_unmerge, command=UNMERGE_COMMAND)
+
+
+# -- the API function (pera_deploy.api lists it; reproduce calls it again) ---------------------------
+
+
+@speaks_python
+def merge(adapter: AdapterLike | Sequence[AdapterLike], base: str | Path, output: str | Path, *,
+          weights: Sequence[float] | None = None, dtype: str = "auto", precision: str | None = None,
+          max_shard_size: str | int | None = None, untie_embeddings: bool = False, check_forward_pass: bool = False,
+          full_check: bool = False, force: bool = False, dry_run: bool = False, progress: bool | None = None,
+          digests: Digests | None = None, jobs: int | None = None, **load_options: Any) -> Any:
+    """Merge `adapter` into the model folder `base`, writing a new model folder `output`
+    (export/merged.py, on the driver).
+
+    Several adapters (a list) are merged as their weighted sum Σ wᵢ ΔWᵢ (`weights`, default
+    all 1, negative allowed), in the same single streaming pass and single rounding.
+    Streams tensor by tensor. The weight check recomputes W0 + ΔW independently for a sample
+    of every merged weight's rows (about 1/8, from every block the merge wrote), or all of them
+    with `full_check`; `check_forward_pass` also compares the outputs with the unmerged model.
+    `jobs` threads share out the arithmetic (default: the cores available); the output is
+    byte-identical whatever their number. `dry_run` returns the plan and writes nothing.
+    """
+    no_precision(precision)
+    threads = option_jobs(jobs)
+    opts = MergeOptions(adapter=adapter, base=base, output=output, weights=weights, dtype=dtype,
+                        max_shard_size=max_shard_size, untie_embeddings=untie_embeddings,
+                        check_forward_pass=check_forward_pass, full_check=full_check, **load_options)
+    return drive("merge", merge, opts, force=force, dry_run=dry_run, progress=progress, digests=digests,
+                 jobs=threads)
+
+
+@speaks_python
+def unmerge(merged: str | Path, adapter: AdapterLike, output: str | Path, *, check_against: str | Path | None = None,
+            precision: str | None = None, full_check: bool = False, force: bool = False, dry_run: bool = False,
+            progress: bool | None = None, digests: Digests | None = None, jobs: int | None = None,
+            **load_options: Any) -> Any:
+    """Recover W0 = round(W' − ΔW) from a merged model folder, streamed like a merge
+    (export/merged.py, on the driver).
+
+    The merge's own rounding cannot be undone: each recovered element can be about two
+    storage steps from the original. With `check_against` (the original base) the recovered
+    model is compared with it, and an unmerge further off than that fails (CheckFailed).
+    Tensors the merge replaced (modules_to_save, biases) are kept as merged and listed.
+    `dry_run` returns the plan and writes nothing.
+    """
+    no_precision(precision)
+    threads = option_jobs(jobs)
+    opts = UnmergeOptions(merged=merged, adapter=adapter, output=output, check_against=check_against,
+                          full_check=full_check, **load_options)
+    return drive("unmerge", unmerge, opts, force=force, dry_run=dry_run, progress=progress, digests=digests,
+                 jobs=threads)

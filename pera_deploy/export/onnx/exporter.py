@@ -14,14 +14,17 @@ from typing import Any
 
 from ...checks.base import Report
 from ...core.adapter import PeraAdapter
-from ...errors import InputError
+from ...errors import InputError, speaks_python
+from ...io.digests import Digests
 from ...io.model_files import side_file_names
 from ...io.model_folder import ModelFolder
 from ...io.paths import require_folder
 from ...options import ONNX_DTYPES, ONNX_ENGINES, adapter_name, choose
 from ...publish import Written, adapter_inputs
+from ...scoped import quiet_transformers
 from ..command import LOAD, Command, Param, named_paths, output
 from ..contract import AdapterLike, Exporter, Plan, PlannedFile, WriteContext, WriterOptions, load, paths
+from ..driver import drive
 from .genai import GenaiPlan
 
 
@@ -227,3 +230,42 @@ EXPORT_ONNX: Exporter[ExportOnnxOptions, dict[str, PeraAdapter]] = Exporter(
 EXPORT_ONNX_BRANCH: Exporter[ExportOnnxOptions, dict[str, PeraAdapter]] = Exporter(
     "export-onnx --branch", ExportOnnxOptions, folder=True, given=_given, validate=_validate, load=_load,
     plan=_plan, write=_write, render=_render)
+
+
+# -- the API function (pera_deploy.api lists it; reproduce calls it again) ---------------------------
+
+
+@speaks_python
+def export_onnx(model: str | Path, output: str | Path, *, adapters: dict[str, AdapterLike] | None = None,
+                branch: bool = False, task: str | None = None, opset: int | None = None, dtype: str = "float32",
+                genai: bool | None = None, engine: str = "optimum", force: bool = False, dry_run: bool = False,
+                progress: bool | None = None, digests: Digests | None = None, **load_options: Any) -> Any:
+    """Export to ONNX through Optimum (or ONNX Runtime GenAI's model builder) and check the
+    graph against PyTorch.
+
+    * `model` alone: a (merged) model folder as it is.
+    * `model` = base and one adapter: merged on the fly (in a temporary folder beside the
+      output, removed afterwards) and exported; checked against the unmerged model.
+    * `branch=True`: the base graph with a swappable PERA branch at every targeted layer,
+      and one `NAME.onnx_adapter` per adapter; checked with no adapter (= the base) and
+      with each adapter (= base + that adapter's live branch).
+
+    The graph is exported in float32; `dtype="float16"` converts it afterwards (and checks
+    it with its own wider tolerance). Decoders ONNX Runtime GenAI runs get `genai_config.json`
+    beside the graph and tokenizer (`genai=None`: where it can, the manifest's `genai_skipped`
+    saying why not elsewhere; True: or bad input; False: never); a SentencePiece
+    `tokenizer.model` without `tokenizer.json` gets the `tokenizer.json` transformers makes.
+    On the driver (export/onnx/exporter.py): `dry_run` returns the plan and writes nothing.
+
+    `engine="genai"`: the model (or the base with the adapter merged by pera-deploy's exact
+    merge) built by ONNX Runtime GenAI's model builder, `dtype` float32, float16 or int4
+    (export/onnx/builder_exporter.py); its float32 graph is checked against the unmerged
+    model in PyTorch (the merge error), a float16 or int4 graph compared with it (the
+    quantization error, reported). Needs the `genai` extra, in an environment without `onnx`.
+    """
+    opts = ExportOnnxOptions(model=model, output=output, adapters=dict(adapters) if adapters is not None else None,
+                             branch=branch, task=task, opset=opset, dtype=dtype, genai=genai, engine=engine,
+                             **load_options)
+    command = "export-onnx --engine genai" if engine == "genai" else "export-onnx --branch" if branch else "export-onnx"
+    with quiet_transformers():
+        return drive(command, export_onnx, opts, force=force, dry_run=dry_run, progress=progress, digests=digests)

@@ -15,20 +15,20 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .checks.base import Report
-from .errors import InputError, InternalError, in_python_terms
-from .export.contract import Exporter, Plan, PlannedFile, WriteContext, WriterOptions
-from .export.registry import WRITERS
-from .io.digests import Digests
-from .io.paths import looks_like_adapter, looks_like_model_folder
-from .publish import publish
-from .publish.manifest import MANIFEST
-from .publish.output_folder import listing
+from ..checks.base import Report
+from ..errors import InputError, InternalError, in_python_terms
+from ..io.digests import Digests
+from ..io.paths import looks_like_adapter, looks_like_model_folder
+from ..publish import publish
+from ..publish.manifest import MANIFEST
+from ..publish.output_folder import listing
+from ..scoped import offline
+from .contract import Exporter, Plan, PlannedFile, WriteContext, WriterOptions
 from .recording import plain, recorded_names
-from .scoped import offline
+from .registry import WRITERS, located
 
 # The writers on the driver: command → "module:attribute" of its Exporter (export/registry.py).
-EXPORTERS = {name: writer.exporter for name, writer in WRITERS.items()}
+EXPORTERS = {name: ":".join(located(writer.exporter)) for name, writer in WRITERS.items()}
 
 
 def exporter(command: str) -> Exporter[Any, Any]:

@@ -9,8 +9,8 @@ import numbers
 from pathlib import Path
 from typing import Any, Callable
 
-from .core.adapter import PeraAdapter
-from .formats import load_adapter
+from ..core.adapter import PeraAdapter
+from ..formats import load_adapter
 
 # Arguments that steer a run but not what it writes: not recorded (`precision` does nothing any more).
 RUN_ONLY = frozenset({"force", "progress", "digests", "jobs", "precision", "dry_run"})
