@@ -1,4 +1,6 @@
-"""The Python API the CLI wraps, one function per command.
+"""The Python API the CLI wraps, one function per command: the writers' from their modules in
+export/ (listed by export/registry.py, imported on first use), and here the commands that write
+nothing (inspect_adapter, verify, reproduce) and load_bundle.
 
 Each call validates its options and inputs before it writes anything, publishes its
 output folder only after the numerical checks pass, and returns a `Report` (see

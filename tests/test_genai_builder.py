@@ -48,34 +48,28 @@ def models(tmp_path_factory) -> dict[str, Path]:
     return build_genai_examples(tmp_path_factory.mktemp("genai-fixtures"))
 
 
-@pytest.fixture(scope="module")
-def int4(models, tmp_path_factory) -> tuple[Path, dict]:
-    """One int4 export through the CLI: the folder and its --json report."""
+def _exported(models: dict[str, Path], folder: Path, dtype: str) -> tuple[Path, dict]:
+    """One export of the adapted example through the CLI at `dtype`: the folder and its --json report."""
     from click.testing import CliRunner
 
     from pera_deploy.cli import main
 
-    out = tmp_path_factory.mktemp("int4") / "onnx-int4"
+    out = folder / f"onnx-{dtype}"
     result = CliRunner().invoke(main, ["export-onnx", str(models["genai-llama-base"]), "--adapter",
                                        str(models["genai-llama-pera"]), "-o", str(out), "--engine", "genai",
-                                       "--dtype", "int4", "--json"], catch_exceptions=False)
+                                       "--dtype", dtype, "--json"], catch_exceptions=False)
     assert result.exit_code == 0, result.stderr
     return out, json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def int4(models, tmp_path_factory) -> tuple[Path, dict]:
+    return _exported(models, tmp_path_factory.mktemp("int4"), "int4")
 
 
 @pytest.fixture(scope="module")
 def float16(models, tmp_path_factory) -> tuple[Path, dict]:
-    """One float16 export through the CLI: the folder and its --json report."""
-    from click.testing import CliRunner
-
-    from pera_deploy.cli import main
-
-    out = tmp_path_factory.mktemp("float16") / "onnx-float16"
-    result = CliRunner().invoke(main, ["export-onnx", str(models["genai-llama-base"]), "--adapter",
-                                       str(models["genai-llama-pera"]), "-o", str(out), "--engine", "genai",
-                                       "--dtype", "float16", "--json"], catch_exceptions=False)
-    assert result.exit_code == 0, result.stderr
-    return out, json.loads(result.stdout)
+    return _exported(models, tmp_path_factory.mktemp("float16"), "float16")
 
 
 # float16 against float32 numbers: float16 keeps 11 significant bits (a rounding is within 2^-11 ≈ 4.9e-4

@@ -48,7 +48,8 @@ class Param:
 @dataclass(frozen=True)
 class Call:
     """What a command line asks for: the API function (by its name in pera_deploy.api), its
-    arguments, and the paths whose digests may be computed while the tool is still importing."""
+    arguments, and `prefetch`: the adapters and, last, the model folder, whose files' digests
+    may be computed while the tool is still importing (merge's)."""
 
     function: str
     arguments: dict[str, Any]
@@ -110,6 +111,7 @@ def named_paths(specs: tuple[str, ...], *, names_required: bool = True) -> dict[
 
 
 def output(help: str) -> Param:
+    """-o/--output, which every writer requires."""
     return Param("output", ("-o", "--output"), help, "path", required=True)
 
 
@@ -130,13 +132,3 @@ LORA = (
           show_default=True),
     NAMED_BY_BASE,
 )
-FULL_CHECK = "Recompute every {} element independently (default: a sample of rows)."
-BASE_FILES = Param("base_files", ("--base-files",), "How {} holds the base's files.", ("copy", "hardlink", "symlink"),
-                   "copy", show_default=True)
-
-
-def described(param: Param, *what: str) -> Param:
-    """`param` with its help's {} filled in."""
-    from dataclasses import replace
-
-    return replace(param, help=param.help.format(*what))
