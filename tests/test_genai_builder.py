@@ -341,6 +341,18 @@ def test_options_the_builder_does_not_take_are_bad_input(cli, models, tmp_path, 
 
 
 @needs_builder
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]])
+def test_swapped_model_and_adapter_are_bad_input_in_the_commands_order(cli, models, tmp_path, dry_run):
+    """The adapter given as MODEL and the base as --adapter: one line giving the command back in
+    its order, --engine genai kept (it was an internal error: the engine had no usage line)."""
+    out = tmp_path / "out"
+    base, adapter = models["genai-llama-base"], models["genai-llama-pera"]
+    refused(cli("export-onnx", adapter, "--adapter", base, "-o", out, "--engine", "genai", *dry_run),
+            "they are swapped", f"pera-deploy export-onnx {base} --adapter {adapter} -o OUTPUT --engine genai")
+    assert not out.exists()
+
+
+@needs_builder
 def test_the_builder_failing_on_a_model_is_one_line_and_nothing_written(cli, models, tmp_path, monkeypatch):
     """Whatever the builder raises on a model it claims (here a KeyError) is bad input naming
     the model, never an exit 3, and no scratch merge or half-built graph is left behind."""

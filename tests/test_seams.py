@@ -533,7 +533,8 @@ def test_the_export_package_docstring_names_every_writer_module():
 def test_every_writer_is_its_module_and_its_registry_line():
     """A writer is its module (its Exporter, its options, its command line declared as data) and
     its line in export/registry.py: its summary is the first line of its --help, its API
-    function records exactly its options' fields, and a variant has no command line of its own."""
+    function records exactly its options' fields, it says how it takes its adapter and its model
+    folder (for the message when the two are swapped), and a variant has no command line of its own."""
     import dataclasses
     import inspect
 
@@ -545,6 +546,7 @@ def test_every_writer_is_its_module_and_its_registry_line():
     for name, line in WRITERS.items():
         writer = exporter(name)
         assert writer.name == name
+        assert writer.order is not None and all("{A}" in text and "{M}" in text for text in writer.order[1:]), name
         fields = sorted(f.name for f in dataclasses.fields(writer.options))
         assert sorted(recorded_names(getattr(api, line.function))) == fields, name
         if line.summary is None:

@@ -294,7 +294,10 @@ BUNDLE_COMMAND = Command(
 
 BUNDLE: Exporter[BundleOptions, dict[str, PeraAdapter]] = Exporter(
     "bundle", BundleOptions, folder=True, given=lambda o: paths(o.base, *o.adapters.values(), o.config),
-    validate=_validate, load=_load, plan=_plan, write=_write, render=_render, command=BUNDLE_COMMAND)
+    validate=_validate, load=_load, plan=_plan, write=_write, render=_render, command=BUNDLE_COMMAND,
+    order=("pera-deploy bundle BASE --adapter NAME=ADAPTER",
+           "pera-deploy bundle {M} --adapter NAME={A} -o OUTPUT",
+           "bundle({M}, output, {{NAME: {A}}})"))
 
 
 def load_bundle(folder: Path, dtype: Any = None) -> Any:

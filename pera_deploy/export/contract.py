@@ -162,6 +162,9 @@ class Exporter(Generic[O, Loaded]):
     render: Callable[[Report], str]  # the report as text (its output is report.output)
     check: TargetCheck = check_target  # what may be replaced at the target (a file output brings its own)
     command: Command | None = None  # its command line (cli.py builds it); a variant has none: its command's is it
+    # how it takes its adapter and its model folder, for the message when the two are swapped:
+    # the CLI's usage, the same with the paths ({A} the adapter, {M} the model folder), the API call
+    order: tuple[str, str, str] | None = None
 
 
 def paths(*values: Any) -> list[Path]:

@@ -114,30 +114,11 @@ def digests_scope(given: Digests | None) -> Iterator[Digests]:
 
 # -- two arguments swapped (issue 24) ---------------------------------------------------------------------
 
-# How each command takes its adapter and its model folder: the CLI's usage, the same filled in
-# with the paths given (A the adapter, M the model folder), and the API call. {M} and {A} are
-# the paths (shell-quoted for the CLI, repr for Python).
+# How verify takes its adapter and its model folder (a writer's Exporter says it for itself:
+# Exporter.order): the CLI's usage, the same filled in with the paths given (A the adapter, M
+# the model folder), and the API call. {M} and {A} are the paths (shell-quoted for the CLI,
+# repr for Python).
 ORDER = {
-    "merge": ("pera-deploy merge ADAPTER... BASE", "pera-deploy merge {A} {M} -o OUTPUT", "merge({A}, {M}, output)"),
-    "merge --keep-branch": ("pera-deploy merge ADAPTER BASE --keep-branch",
-                            "pera-deploy merge {A} {M} -o OUTPUT --keep-branch", "keep_branch({A}, {M}, output)"),
-    "unmerge": ("pera-deploy unmerge MERGED --adapter ADAPTER", "pera-deploy unmerge {M} --adapter {A} -o OUTPUT",
-                "unmerge({M}, {A}, output)"),
-    "export-lora": ("pera-deploy export-lora ADAPTER --base BASE", "pera-deploy export-lora {A} --base {M} -o OUTPUT",
-                    "export_lora({A}, output, base={M})"),
-    "export-gguf": ("pera-deploy export-gguf ADAPTER --base BASE", "pera-deploy export-gguf {A} --base {M} -o OUTPUT",
-                    "export_gguf({A}, output, base={M})"),
-    "combine": ("pera-deploy combine ADAPTER... --base BASE", "pera-deploy combine {A} ... --base {M} -o OUTPUT",
-                "combine([{A}, ...], output, base={M})"),
-    "extract": ("pera-deploy extract CHECKPOINT --base BASE", "pera-deploy extract {A} --base {M} -o OUTPUT",
-                "extract({A}, output, base={M})"),
-    "bundle": ("pera-deploy bundle BASE --adapter NAME=ADAPTER", "pera-deploy bundle {M} --adapter NAME={A} -o OUTPUT",
-               "bundle({M}, output, {{NAME: {A}}})"),
-    "export-onnx": ("pera-deploy export-onnx MODEL --adapter ADAPTER", "pera-deploy export-onnx {M} --adapter {A} -o OUTPUT",
-                    "export_onnx({M}, output, adapters={{NAME: {A}}})"),
-    "export-onnx --branch": ("pera-deploy export-onnx MODEL --branch --adapter NAME=ADAPTER",
-                             "pera-deploy export-onnx {M} --branch --adapter NAME={A} -o OUTPUT",
-                             "export_onnx({M}, output, adapters={{NAME: {A}}}, branch=True)"),
     "verify --base": ("pera-deploy verify MERGED --adapter ADAPTER --base BASE",
                       "pera-deploy verify MERGED --adapter {A} --base {M}", "verify(merged, {A}, {M})"),
     "verify": ("pera-deploy verify MERGED --adapter ADAPTER --base BASE",
@@ -174,8 +155,11 @@ def swapped_arguments(command: str, adapters: list[Any], models: dict[str, Any],
         for field, model in models.items():
             if not isinstance(model, (str, Path)) or (adapter_words := looks_like_adapter(Path(model))) is None:
                 continue
-            usage, cli_call, python_call = ORDER[f"{command} --base" if command == "verify" and field == "base"
-                                                 else command]
+            order = ORDER.get(f"{command} --base" if command == "verify" and field == "base" else command) or \
+                (exporter(command).order if command in WRITERS else None)
+            if order is None:
+                continue
+            usage, cli_call, python_call = order
             cli_role, python_role = (f"the {MODEL_FIELDS[field].lower()}" if field == "base" else MODEL_FIELDS[field],
                                      field)
             right = {"A": str(model), "M": str(adapter)}  # the order the command takes them

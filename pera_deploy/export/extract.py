@@ -239,7 +239,10 @@ EXTRACT_COMMAND = Command(
 EXTRACT: Exporter[ExtractOptions, PeraAdapter] = Exporter(
     "extract", ExtractOptions, folder=True, given=lambda o: paths(o.checkpoint, o.base, o.config),
     validate=lambda o: None, load=lambda o: load(o.checkpoint, o.load_options()), plan=_plan, write=_write,
-    render=_render, command=EXTRACT_COMMAND)
+    render=_render, command=EXTRACT_COMMAND,
+    order=("pera-deploy extract CHECKPOINT --base BASE",
+           "pera-deploy extract {A} --base {M} -o OUTPUT",
+           "extract({A}, output, base={M})"))
 
 
 # -- the API function (pera_deploy.api lists it; reproduce calls it again) ---------------------------

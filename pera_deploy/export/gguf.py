@@ -644,7 +644,10 @@ EXPORT_GGUF_COMMAND = Command(
 EXPORT_GGUF: Exporter[ExportGgufOptions, PeraAdapter] = Exporter(
     "export-gguf", ExportGgufOptions, folder=False, given=lambda o: paths(o.adapter, o.base, o.config),
     validate=_validate, load=lambda o: load(o.adapter, o.load_options()), plan=_plan, write=_write, render=_render,
-    check=check_output_file, command=EXPORT_GGUF_COMMAND)
+    check=check_output_file, command=EXPORT_GGUF_COMMAND,
+    order=("pera-deploy export-gguf ADAPTER --base BASE",
+           "pera-deploy export-gguf {A} --base {M} -o OUTPUT",
+           "export_gguf({A}, output, base={M})"))
 
 
 # -- the API function (pera_deploy.api lists it; reproduce calls it again) ---------------------------

@@ -130,7 +130,10 @@ def _card(title: str, export: LoraExport) -> ModelCard:
 
 KEEP_BRANCH: Exporter[KeepBranchOptions, PeraAdapter] = Exporter(
     "merge --keep-branch", KeepBranchOptions, folder=True, given=lambda o: paths(o.adapter, o.base, o.config),
-    validate=_validate, load=lambda o: load(o.adapter, o.load_options()), plan=_plan, write=_write, render=_render)
+    validate=_validate, load=lambda o: load(o.adapter, o.load_options()), plan=_plan, write=_write, render=_render,
+    order=("pera-deploy merge ADAPTER BASE --keep-branch",
+           "pera-deploy merge {A} {M} -o OUTPUT --keep-branch",
+           "keep_branch({A}, {M}, output)"))
 
 
 # -- the API function (pera_deploy.api lists it; reproduce calls it again) ---------------------------

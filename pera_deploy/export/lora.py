@@ -513,12 +513,18 @@ EXPORT_LORA: Exporter[ExportLoraOptions, PeraAdapter] = Exporter(
     "export-lora", ExportLoraOptions, folder=True,
     given=lambda o: paths(o.adapter, o.base, o.config), validate=_validate_lora,
     load=lambda o: load(o.adapter, o.load_options()), plan=_plan_lora, write=_write_lora, render=_render_lora,
-    command=EXPORT_LORA_COMMAND)
+    command=EXPORT_LORA_COMMAND,
+    order=("pera-deploy export-lora ADAPTER --base BASE",
+           "pera-deploy export-lora {A} --base {M} -o OUTPUT",
+           "export_lora({A}, output, base={M})"))
 
 COMBINE: Exporter[CombineOptions, PeraAdapter] = Exporter(
     "combine", CombineOptions, folder=True,
     given=lambda o: paths(*o.adapters, o.base, o.config), validate=_validate_combine,
-    load=_load_combined, plan=_plan_lora, write=_write_lora, render=_render_combine, command=COMBINE_COMMAND)
+    load=_load_combined, plan=_plan_lora, write=_write_lora, render=_render_combine, command=COMBINE_COMMAND,
+    order=("pera-deploy combine ADAPTER... --base BASE",
+           "pera-deploy combine {A} ... --base {M} -o OUTPUT",
+           "combine([{A}, ...], output, base={M})"))
 
 
 # -- the API function (pera_deploy.api lists it; reproduce calls it again) ---------------------------

@@ -441,12 +441,18 @@ UNMERGE_COMMAND = Command(
 MERGE: Exporter[MergeOptions, PeraAdapter] = Exporter(
     "merge", MergeOptions, folder=True, given=lambda o: paths(*o.sources(), o.base, o.config),
     validate=_validate_merge, load=lambda o: load_weighted(o.sources(), o.weights, o.load_options()),
-    plan=_plan_merge, write=_write_merge, render=_render_merge, command=MERGE_COMMAND)
+    plan=_plan_merge, write=_write_merge, render=_render_merge, command=MERGE_COMMAND,
+    order=("pera-deploy merge ADAPTER... BASE",
+           "pera-deploy merge {A} {M} -o OUTPUT",
+           "merge({A}, {M}, output)"))
 
 UNMERGE: Exporter[UnmergeOptions, PeraAdapter] = Exporter(
     "unmerge", UnmergeOptions, folder=True, given=lambda o: paths(o.adapter, o.merged, o.check_against, o.config),
     validate=lambda o: None, load=lambda o: load(o.adapter, o.load_options()), plan=_plan_unmerge,
-    write=_write_unmerge, render=_render_unmerge, command=UNMERGE_COMMAND)
+    write=_write_unmerge, render=_render_unmerge, command=UNMERGE_COMMAND,
+    order=("pera-deploy unmerge MERGED --adapter ADAPTER",
+           "pera-deploy unmerge {M} --adapter {A} -o OUTPUT",
+           "unmerge({M}, {A}, output)"))
 
 
 # -- the API function (pera_deploy.api lists it; reproduce calls it again) ---------------------------

@@ -224,4 +224,7 @@ def _render(report: Report) -> str:
 
 EXPORT_ONNX_GENAI: Exporter[ExportOnnxOptions, dict[str, PeraAdapter]] = Exporter(
     "export-onnx --engine genai", ExportOnnxOptions, folder=True, given=_given, validate=_validate, load=_load,
-    plan=_plan, write=_write, render=_render)
+    plan=_plan, write=_write, render=_render,
+    order=("pera-deploy export-onnx MODEL --adapter ADAPTER --engine genai",
+           "pera-deploy export-onnx {M} --adapter {A} -o OUTPUT --engine genai",
+           "export_onnx({M}, output, adapters={{NAME: {A}}}, engine='genai')"))

@@ -224,12 +224,18 @@ EXPORT_ONNX_COMMAND = Command(
 
 EXPORT_ONNX: Exporter[ExportOnnxOptions, dict[str, PeraAdapter]] = Exporter(
     "export-onnx", ExportOnnxOptions, folder=True, given=_given, validate=_validate, load=_load, plan=_plan,
-    write=_write, render=_render, command=EXPORT_ONNX_COMMAND)
+    write=_write, render=_render, command=EXPORT_ONNX_COMMAND,
+    order=("pera-deploy export-onnx MODEL --adapter ADAPTER",
+           "pera-deploy export-onnx {M} --adapter {A} -o OUTPUT",
+           "export_onnx({M}, output, adapters={{NAME: {A}}})"))
 
 # the same writer; its manifest names the kind of graph (reproduce calls export_onnx for both)
 EXPORT_ONNX_BRANCH: Exporter[ExportOnnxOptions, dict[str, PeraAdapter]] = Exporter(
     "export-onnx --branch", ExportOnnxOptions, folder=True, given=_given, validate=_validate, load=_load,
-    plan=_plan, write=_write, render=_render)
+    plan=_plan, write=_write, render=_render,
+    order=("pera-deploy export-onnx MODEL --branch --adapter NAME=ADAPTER",
+           "pera-deploy export-onnx {M} --branch --adapter NAME={A} -o OUTPUT",
+           "export_onnx({M}, output, adapters={{NAME: {A}}}, branch=True)"))
 
 
 # -- the API function (pera_deploy.api lists it; reproduce calls it again) ---------------------------
