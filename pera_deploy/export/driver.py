@@ -111,7 +111,6 @@ def digests_scope(given: Digests | None) -> Iterator[Digests]:
         own.close()
 
 
-
 # -- two arguments swapped (issue 24) ---------------------------------------------------------------------
 
 # How verify takes its adapter and its model folder (a writer's Exporter says it for itself:

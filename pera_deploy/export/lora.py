@@ -464,7 +464,6 @@ def _render_combine(report: Report) -> str:
     return f"wrote {report.output}: {what} as a plain LoRA of rank {lora['r']}, {exact}"
 
 
-
 # -- the command lines (cli.py builds them) ---------------------------------------------------------------
 
 

@@ -319,7 +319,6 @@ def _render_unmerge(report: Report) -> str:
     return "\n".join(lines)
 
 
-
 # -- the command lines (cli.py builds them) ---------------------------------------------------------------
 
 
