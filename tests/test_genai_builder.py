@@ -117,18 +117,14 @@ def test_transformers_4_beside_the_genai_extra_says_which_install(cli, models, t
 # -- the builder ------------------------------------------------------------------------------------
 
 
-@needs_builder
-def test_the_int4_folder_runs_in_og_model_as_written(int4):
+def generates_as_written(out: Path, dtype: str) -> None:
+    """`out` is the folder the builder's graph needs, and og.Model runs it as written: greedy,
+    6 tokens past a prompt (past the first decode step); its manifest names the engine and dtype."""
     import onnxruntime_genai as og
 
-    out, report = int4
     assert sorted(p.name for p in out.iterdir()) == ["genai_config.json", "model.onnx", "model.onnx.data",
                                                     "pera_deploy_manifest.json", "tokenizer.json",
                                                     "tokenizer_config.json"]
-    import onnx
-
-    graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
-    assert any(node.op_type == "MatMulNBits" for node in graph.graph.node)  # int4 weights, not a float graph
     model = og.Model(str(out))
     tokenizer = og.Tokenizer(model)
     ids = list(tokenizer.encode("The quick model reads the river"))
@@ -141,7 +137,17 @@ def test_the_int4_folder_runs_in_og_model_as_written(int4):
     assert len(generator.get_sequence(0)) == len(ids) + 6
     manifest = json.loads((out / "pera_deploy_manifest.json").read_text())
     assert manifest["command"] == "export-onnx --engine genai"
-    assert manifest["options"]["engine"] == "genai" and manifest["options"]["dtype"] == "int4"
+    assert manifest["options"]["engine"] == "genai" and manifest["options"]["dtype"] == dtype
+
+
+@needs_builder
+def test_the_int4_folder_runs_in_og_model_as_written(int4):
+    import onnx
+
+    out, report = int4
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert any(node.op_type == "MatMulNBits" for node in graph.graph.node)  # int4 weights, not a float graph
+    generates_as_written(out, "int4")
 
 
 @needs_builder
@@ -203,29 +209,14 @@ def test_int4_is_the_builders_int4_of_an_independently_merged_folder(int4, model
 @needs_builder
 def test_the_float16_folder_runs_in_og_model_as_written(float16):
     import onnx
-    import onnxruntime_genai as og
 
     out, report = float16
-    assert sorted(p.name for p in out.iterdir()) == ["genai_config.json", "model.onnx", "model.onnx.data",
-                                                    "pera_deploy_manifest.json", "tokenizer.json",
-                                                    "tokenizer_config.json"]
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
     assert {i.data_type for i in graph.graph.initializer if i.name.endswith(".weight")} == {onnx.TensorProto.FLOAT16}
     assert graph.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16  # the logits
     config = json.loads((out / "genai_config.json").read_text())
     assert config["model"]["decoder"]["session_options"]["session.execution_mode"] == "parallel"
-    model = og.Model(str(out))
-    tokenizer = og.Tokenizer(model)
-    ids = list(tokenizer.encode("The quick model reads the river"))
-    params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=len(ids) + 6)
-    generator = og.Generator(model, params)
-    generator.append_tokens(ids)
-    while not generator.is_done():  # past the first decode step, where the builder's graph alone fails
-        generator.generate_next_token()
-    assert len(generator.get_sequence(0)) == len(ids) + 6
-    manifest = json.loads((out / "pera_deploy_manifest.json").read_text())
-    assert manifest["options"]["engine"] == "genai" and manifest["options"]["dtype"] == "float16"
+    generates_as_written(out, "float16")  # past the first decode step, where the builder's graph alone fails
     merge, rounding = report["checks"]["genai_merge"], report["checks"]["genai_quantization"]
     assert merge["passed"] and merge["greedy_tokens_identical"] and merge["max_rel_diff"] <= 1e-4
     assert rounding["dtype"] == "float16" and rounding["top1_agreement"] == 1.0
