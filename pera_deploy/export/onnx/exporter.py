@@ -8,7 +8,7 @@ checked, and a missing `onnx` extra must be one line naming it, not an ImportErr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -230,9 +230,8 @@ EXPORT_ONNX: Exporter[ExportOnnxOptions, dict[str, PeraAdapter]] = Exporter(
            "export_onnx({M}, output, adapters={{NAME: {A}}})"))
 
 # the same writer; its manifest names the kind of graph (reproduce calls export_onnx for both)
-EXPORT_ONNX_BRANCH: Exporter[ExportOnnxOptions, dict[str, PeraAdapter]] = Exporter(
-    "export-onnx --branch", ExportOnnxOptions, folder=True, given=_given, validate=_validate, load=_load,
-    plan=_plan, write=_write, render=_render,
+EXPORT_ONNX_BRANCH: Exporter[ExportOnnxOptions, dict[str, PeraAdapter]] = replace(
+    EXPORT_ONNX, name="export-onnx --branch", command=None,
     order=("pera-deploy export-onnx MODEL --branch --adapter NAME=ADAPTER",
            "pera-deploy export-onnx {M} --branch --adapter NAME={A} -o OUTPUT",
            "export_onnx({M}, output, adapters={{NAME: {A}}}, branch=True)"))
